@@ -1,0 +1,261 @@
+"""The official Photon CT preparation, done on the fly in torch, with the geometry it implies.
+
+Official pipeline (two stages in the reference; both reproduced here):
+
+1. Offline prep (the dataset scripts): reorient to **RAI**, resample to 1×1×1 mm (linear), centre
+   crop/pad to 364³ (pad value −1000 HU), clip HU to [−1000, 1000].
+2. Load step (`PhotonTemplate.load_volume`): read the SimpleITK array, trilinear resize to
+   (D, H, W) = (140, 280, 280) with ``align_corners=False``, global min-max to [0, 1], flip the
+   **last** axis (W), permute to frames-first ``(140, 1, 280, 280)``.
+
+Axis conventions (written down because every step depends on them)
+-------------------------------------------------------------------
+* SimpleITK's ``GetArrayFromImage`` returns ``(z, y, x)``: the array is the nibabel array
+  transposed ``(2, 1, 0)``. The load step works on that order: D = z, H = y, W = x.
+* "RAI" is SimpleITK ``DICOMOrient`` notation: the letter says where each ITK axis *points to*
+  (identity direction = "LPS"). RAI therefore means +x → patient Right, +y → Anterior,
+  +z → Inferior. As a (z, y, x) array: D runs head→feet, H back→front, W patient-left→right.
+  After the load step's flip of W, W runs patient right→left (radiological display order).
+* Model voxel ``(d, h, w)`` of the (140, 280, 280) grid; the vision tower cuts it into 14×14×14
+  patches (grid t, h, w = 10, 20, 20) and the 2×2 merger makes the 10×10×10 **token grid**:
+  token ``(a, b, c)`` (sequence index ``a·100 + b·10 + c``) covers d ∈ [14a, 14a+14),
+  h ∈ [28b, 28b+28), w ∈ [28c, 28c+28) — a ≈36.4 mm cube of the 364 mm field of view.
+
+`Geometry` composes every step (reorientation, resampling, crop/pad, resize, flip) into one affine
+from model voxel to ORIGINAL voxel index, so kept token blocks can be drawn on (and exported onto)
+the scan the user loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .volume import Volume
+
+PREP_SIZE = 364                   # mm, = voxels after 1 mm resampling and crop/pad
+MODEL_SHAPE = (140, 280, 280)     # (D, H, W) of the model input
+HU_MIN, HU_MAX = -1000.0, 1000.0
+PATCH = 14                        # spatial and temporal patch size
+MERGE = 2                         # spatial merge (2×2)
+TOKEN_GRID = (MODEL_SHAPE[0] // PATCH, MODEL_SHAPE[1] // PATCH // MERGE, MODEL_SHAPE[2] // PATCH // MERGE)
+TOKEN_VOXELS = (PATCH, PATCH * MERGE, PATCH * MERGE)   # model voxels per token block (d, h, w)
+RAI_AXCODES = ("I", "A", "R")     # nibabel codes of the (z, y, x) array axes after RAI reorientation
+
+
+@dataclass
+class Geometry:
+    """Maps model voxels and token blocks back to the original scan.
+
+    ``model_to_orig`` (4×4): model voxel (d, h, w, 1) → original voxel index (i, j, k, 1).
+    ``orig_affine`` (4×4): original voxel index → world RAS mm. Continuous index convention:
+    integer indices are voxel centres.
+    """
+
+    model_to_orig: np.ndarray
+    orig_affine: np.ndarray
+    orig_shape: tuple[int, int, int]
+
+    @property
+    def model_to_world(self) -> np.ndarray:
+        return self.orig_affine @ self.model_to_orig
+
+    def model_to_original(self, dhw: np.ndarray) -> np.ndarray:
+        """(N, 3) model voxel coordinates → (N, 3) original voxel indices (float)."""
+        dhw = np.atleast_2d(np.asarray(dhw, dtype=np.float64))
+        return dhw @ self.model_to_orig[:3, :3].T + self.model_to_orig[:3, 3]
+
+    def original_to_model(self, ijk: np.ndarray) -> np.ndarray:
+        """(N, 3) original voxel indices → (N, 3) model voxel coordinates (float)."""
+        inv = np.linalg.inv(self.model_to_orig)
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
+        return ijk @ inv[:3, :3].T + inv[:3, 3]
+
+    def world_to_model(self, xyz: np.ndarray) -> np.ndarray:
+        inv = np.linalg.inv(self.model_to_world)
+        xyz = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
+        return xyz @ inv[:3, :3].T + inv[:3, 3]
+
+    @staticmethod
+    def token_of_model_voxel(dhw: np.ndarray) -> np.ndarray:
+        """(N, 3) model voxel coordinates → (N, 3) integer token cell (a, b, c); -1 if outside."""
+        dhw = np.atleast_2d(np.asarray(dhw, dtype=np.float64))
+        cell = np.floor((dhw + 0.5) / np.asarray(TOKEN_VOXELS)).astype(np.int64)
+        inside = np.all((cell >= 0) & (cell < np.asarray(TOKEN_GRID)), axis=1)
+        cell[~inside] = -1
+        return cell
+
+    def token_of_original_voxel(self, ijk: np.ndarray) -> np.ndarray:
+        return self.token_of_model_voxel(self.original_to_model(ijk))
+
+    def token_block_corners(self, a: int, b: int, c: int) -> np.ndarray:
+        """(8, 3) world RAS corners of token block (a, b, c) (voxel-edge bounds)."""
+        lo = np.array([a, b, c]) * np.asarray(TOKEN_VOXELS) - 0.5
+        hi = lo + np.asarray(TOKEN_VOXELS)
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        m = self.model_to_world
+        return corners @ m[:3, :3].T + m[:3, 3]
+
+    def token_index_volume(self, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+        """For every ORIGINAL voxel, the flat token index (a·100+b·10+c) it falls in, or -1."""
+        shape = shape or self.orig_shape
+        inv = np.linalg.inv(self.model_to_orig)
+        grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+        ijk = np.stack([g.ravel() for g in grids], axis=1)
+        dhw = ijk @ inv[:3, :3].T.astype(np.float32) + inv[:3, 3].astype(np.float32)
+        cell = self.token_of_model_voxel(dhw)
+        flat = cell[:, 0] * TOKEN_GRID[1] * TOKEN_GRID[2] + cell[:, 1] * TOKEN_GRID[2] + cell[:, 2]
+        flat[cell[:, 0] < 0] = -1
+        return flat.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: offline prep (reorient, 1 mm, crop/pad 364, clip)
+# --------------------------------------------------------------------------------------------
+
+def _resample_axis(x: torch.Tensor, axis: int, src: torch.Tensor, fill: float) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``axis`` at fractional source indices ``src``.
+
+    Samples outside [0, n−1] take ``fill`` (ITK's default pixel value for points outside the image).
+    """
+    n = x.shape[axis]
+    inside = (src >= -1e-4) & (src <= n - 1 + 1e-4)
+    s = src.clamp(0, n - 1)
+    lo = s.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = (s - lo.to(s.dtype))
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    a = x.index_select(axis, lo)
+    b = x.index_select(axis, hi)
+    out = torch.lerp(a, b, frac.to(x.dtype).view(shape))
+    if not bool(inside.all()):
+        out = torch.where(inside.view(shape), out, torch.full_like(out, fill))
+    return out
+
+
+def reorient_rai(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Return the (z, y, x) RAI array and the affine from its indices to ORIGINAL voxel indices."""
+    import nibabel as nib
+    from nibabel import orientations as ornt
+
+    src = ornt.io_orientation(vol.affine)
+    dst = ornt.axcodes2ornt(RAI_AXCODES)
+    trans = ornt.ornt_transform(src, dst)
+    arr = ornt.apply_orientation(vol.hu, trans)
+    new_to_orig = ornt.inv_ornt_aff(trans, vol.hu.shape)
+    del nib
+    return np.ascontiguousarray(arr), new_to_orig
+
+
+def offline_prep(vol: Volume, device: str | torch.device = "cpu") -> tuple[torch.Tensor, np.ndarray]:
+    """Official offline prep: RAI, 1 mm, centre crop/pad to 364³ (−1000), clip to [−1000, 1000].
+
+    Returns the (364, 364, 364) float32 tensor in (z, y, x) order and the affine from its indices to
+    ORIGINAL voxel indices. Oblique scans are handled by the nearest axis permutation (as a DICOM
+    reorientation filter does); the residual obliquity is kept in the affine for display.
+    """
+    arr, rai_to_orig = reorient_rai(vol)
+    spacing = np.linalg.norm((vol.affine[:3, :3] @ rai_to_orig[:3, :3]), axis=0)  # mm per RAI axis
+    x = torch.as_tensor(arr, dtype=torch.float32, device=device)
+    prep_to_rai = np.eye(4)
+    for axis in range(3):
+        n_res = int(round(arr.shape[axis] * spacing[axis]))          # size after 1 mm resampling
+        if n_res >= PREP_SIZE:
+            off = (n_res - PREP_SIZE) // 2                           # crop start
+        else:
+            off = -((PREP_SIZE - n_res) // 2)                        # pad before (negative start)
+        out_idx = torch.arange(PREP_SIZE, dtype=torch.float64, device=device)
+        src = (out_idx + off) / spacing[axis]                        # 1 mm index -> RAI index
+        x = _resample_axis(x, axis, src.to(torch.float32), HU_MIN)
+        prep_to_rai[axis, axis] = 1.0 / spacing[axis]
+        prep_to_rai[axis, 3] = off / spacing[axis]
+    x = x.clamp_(HU_MIN, HU_MAX)
+    return x, rai_to_orig @ prep_to_rai
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: the official load step
+# --------------------------------------------------------------------------------------------
+
+def load_step(array_dhw: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """`PhotonTemplate.load_volume` after reading: (D, H, W) → (140, 1, 280, 280) in [0, 1].
+
+    Trilinear resize with align_corners=False (what monai ``Resize`` does without anti-aliasing),
+    global min-max, flip of the last axis (W), frames first.
+    """
+    x = torch.as_tensor(array_dhw).to(torch.float32)
+    x = F.interpolate(x[None, None], size=MODEL_SHAPE, mode="trilinear", align_corners=False)[0]
+    lo, hi = x.min(), x.max()
+    x = (x - lo) / (hi - lo) if float(hi - lo) > 0 else torch.zeros_like(x)
+    x = torch.flip(x, dims=[-1])
+    return x.permute(1, 0, 2, 3).contiguous()  # (1, D, H, W) -> (D, 1, H, W)
+
+
+def _load_step_to_prep(prep_shape: tuple[int, int, int]) -> np.ndarray:
+    """Affine from model voxel (d, h, w) to the (z, y, x) index of the array fed to `load_step`."""
+    m = np.eye(4)
+    for axis, (n_in, n_out) in enumerate(zip(prep_shape, MODEL_SHAPE)):
+        scale = n_in / n_out
+        m[axis, axis] = scale                     # align_corners=False: src = (dst + 0.5)·s − 0.5
+        m[axis, 3] = 0.5 * scale - 0.5
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1.0, MODEL_SHAPE[2] - 1   # the W flip happens after the resize
+    return m @ flip
+
+
+# --------------------------------------------------------------------------------------------
+# Patches (what Qwen2VLImageProcessor does for a video with do_resize/rescale/normalize off)
+# --------------------------------------------------------------------------------------------
+
+def patchify(frames: torch.Tensor, patch: int = PATCH, temporal_patch: int = PATCH,
+             merge: int = MERGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, C, H, W) frames → (N, C·tp·p·p) patch rows and grid (1, 3) = (t, h, w).
+
+    Row order: t, h//merge, w//merge, h%merge, w%merge; inside a row: channel, temporal, y, x
+    — the order of the Qwen2-VL processor, so merged 2×2 groups are consecutive rows.
+    """
+    T, C, H, W = frames.shape
+    gt, gh, gw = T // temporal_patch, H // patch, W // patch
+    if (gt * temporal_patch, gh * patch, gw * patch) != (T, H, W) or gh % merge or gw % merge:
+        raise ValueError(f"frames {tuple(frames.shape)} do not tile into {temporal_patch}×{patch}×{patch} "
+                         f"patches with a {merge}×{merge} merge")
+    x = frames.reshape(gt, temporal_patch, C, gh // merge, merge, patch, gw // merge, merge, patch)
+    # (gt, tp, C, bh, mh, p, bw, mw, p) -> (gt, bh, bw, mh, mw, C, tp, p, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    rows = x.reshape(gt * gh * gw, C * temporal_patch * patch * patch)
+    return rows, torch.tensor([[gt, gh, gw]], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole thing
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """What the model needs for one scan, and how to map it back."""
+
+    frames: torch.Tensor          # (140, 1, 280, 280) float32 in [0, 1]
+    pixel_values: torch.Tensor    # (4000, 2744) patch rows
+    grid_thw: torch.Tensor        # (1, 3) = [[10, 20, 20]]
+    geometry: Geometry
+
+
+def prepare(vol: Volume, device: str | torch.device | None = None) -> Prepared:
+    """Volume → official Photon input plus `Geometry`. Runs on CUDA when available."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.no_grad():
+        prep, prep_to_orig = offline_prep(vol, device)
+        frames = load_step(prep)
+    pixel_values, grid = patchify(frames)
+    model_to_orig = prep_to_orig @ _load_step_to_prep(tuple(prep.shape))
+    geom = Geometry(model_to_orig=model_to_orig, orig_affine=np.asarray(vol.affine, dtype=np.float64),
+                    orig_shape=vol.shape)
+    return Prepared(frames=frames, pixel_values=pixel_values, grid_thw=grid, geometry=geom)
+
+
+def frames_to_model_volume(frames: torch.Tensor) -> np.ndarray:
+    """(140, 1, 280, 280) → (140, 280, 280) numpy, indexed by model voxel (d, h, w)."""
+    return frames[:, 0].detach().float().cpu().numpy()
