@@ -392,7 +392,7 @@ class PhotonModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = MRoPE(cfg)
         self.phase = 3               # training phase used in train mode (1, 2, 3)
-        self.flip_prob = 0.0         # probability of the complement-mask loss (training, phase 3)
+        self.band = (0.3, 0.8)       # retention band (official values) for the mean keep probability
 
     @property
     def its_layer(self) -> int:
@@ -571,7 +571,7 @@ class PhotonModel(nn.Module):
             p_full = torch.zeros(B, L, dtype=state.p.dtype, device=h.device)
             p_full = p_full.masked_scatter(vision, state.p)
             if not flip:
-                losses["band"] = band_loss(state.p)
+                losses["band"] = band_loss(state.p, lo=self.band[0], hi=self.band[1])
             if phase == 2:
                 scale = torch.where(vision, p_full, torch.ones_like(p_full)).to(h.dtype)
                 return h * scale[..., None], None
@@ -590,7 +590,8 @@ class PhotonModel(nn.Module):
     def generate(self, input_ids, attention_mask=None, features=None, grid_thw=None, budget=None,
                  max_new_tokens: int = 32, eos_token_id: int | None = None, use_its: bool = True,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, return_step_logits: bool = False):
+                 generator: torch.Generator | None = None, return_step_logits: bool = False,
+                 on_prefill=None):
         """Greedy (or sampled) decoding with a KV cache that holds only the surviving tokens.
 
         Returns (tokens (B, T), prefill Output, step logits (B, T, vocab) or None). Rows that hit
@@ -598,6 +599,8 @@ class PhotonModel(nn.Module):
         """
         out = self.forward(input_ids, attention_mask, features=features, grid_thw=grid_thw, budget=budget,
                            use_cache=True, use_its=use_its)
+        if on_prefill is not None:
+            on_prefill(out)
         B = input_ids.shape[0]
         cache, key_valid = out.cache, out.key_valid
         logits = out.logits[:, -1]

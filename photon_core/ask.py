@@ -1,0 +1,51 @@
+"""Ask Photon a question about a CT from the command line.
+
+    python -m photon_core.ask --scan sample_cases/abdomen_ct/ct.nii.gz --question "Is there a lesion in the liver?"
+    python -m photon_core.ask --scan series.zip --question "..." --budget 25% --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Ask Photon a question about a CT scan.")
+    ap.add_argument("--scan", required=True, help="NIfTI/NRRD file, DICOM folder or .zip")
+    ap.add_argument("--question", required=True)
+    ap.add_argument("--budget", default="auto", help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4")
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    from .predictor import Predictor
+    from .volume import load_volume
+
+    try:
+        t = time.perf_counter()
+        vol = load_volume(args.scan)
+        pred = Predictor(args.model, args.device)
+        pred.set_volume(vol)
+        prep_s = time.perf_counter() - t
+        ans = pred.ask(args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        d = ans.to_dict()
+        d.pop("kept_indices")
+        d.update(model=pred.name, load_prepare_encode_s=round(prep_s, 3))
+        print(json.dumps(d))
+    else:
+        print(ans.text)
+        print(f"visual tokens kept: {ans.kept}/{ans.total} ({100 * ans.keep_fraction:.1f}%), budget {ans.budget}, "
+              f"θ={ans.theta:.3f}, prefill {ans.prefill_s * 1000:.0f} ms, decode {ans.decode_s * 1000:.0f} ms, "
+              f"model: {pred.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Demo training data: real anatomy from the sample CTs, synthetic findings with exact ground truth.
+
+Everything happens in MODEL space (the (140, 280, 280) grid the model sees, voxel 2.6×1.3×1.3 mm),
+after the official preparation of each background, so generation is cheap enough to feed training
+on a CPU and runs on the GPU when one is given (all tensor ops take ``device``).
+
+* Backgrounds: each sample case with a label map is prepared once; a pool of new bodies is made
+  from it by random affine deformation (scale, small rotation, shift = field-of-view change),
+  with labels carried along (nearest neighbour).
+* Per sample: optional left-right mirror (label sides swapped), intensity jitter and noise, then
+  0–3 findings: cysts (water, round), solid lesions (hypo/hyper-dense), lung nodules, pleural
+  effusion — each with organ, side, diameter (mm) and volume (ml) known exactly.
+* Questions: 3D-RAD-style families (existence, anomaly detection, image observation, measurement)
+  and DeepTumorVQA-style counting/size questions, several phrasings each; the organ in the question
+  decides the answer, so the model has a reason to keep instruction-dependent regions.
+
+Splits are disjoint by seed and by background deformation: ``train`` and ``test`` draw different
+pool bodies and lesions; ``report`` uses a background never used in training (dicom_ct).
+Records follow an open JSONL layout: {image, question, answer, family, answer_type, organ, meta}.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import MODEL_SHAPE, prepare
+from .volume import load_label_map, load_volume
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_cases"
+VOXEL_MM = (364 / 140, 364 / 280, 364 / 280)      # model voxel size (d, h, w) in mm
+TRAIN_CASES = ("abdomen_ct", "chest_aorta_ct")
+REPORT_CASES = ("dicom_ct",)
+
+# Organs the questions talk about: name -> TotalSegmentator label ids (total class map).
+ORGANS = {
+    "liver": [5], "spleen": [1], "left kidney": [3], "right kidney": [2], "stomach": [6],
+    "pancreas": [7], "gallbladder": [4], "urinary bladder": [21], "left lung": [10, 11],
+    "right lung": [12, 13, 14], "aorta": [52],
+}
+MIRROR = {"left kidney": "right kidney", "right kidney": "left kidney", "left lung": "right lung",
+          "right lung": "left lung"}
+PAIRED = {"kidney": ("left kidney", "right kidney"), "lung": ("left lung", "right lung")}
+
+
+def hu_to_unit(hu: float) -> float:
+    """HU → the model's [0, 1] intensity (clip to ±1000, min-max; the prepared scans span the range)."""
+    return (min(max(hu, -1000.0), 1000.0) + 1000.0) / 2000.0
+
+
+@dataclass
+class Finding:
+    kind: str          # cyst | hypodense | hyperdense | nodule | effusion
+    organ: str
+    center: tuple      # model voxel (d, h, w)
+    diameter_mm: float
+    volume_ml: float
+
+    @property
+    def side(self) -> str | None:
+        return "left" if self.organ.startswith("left") else "right" if self.organ.startswith("right") else None
+
+
+@dataclass
+class Background:
+    name: str
+    frames: torch.Tensor                     # (140, 280, 280) float in [0, 1]
+    organs: dict = field(default_factory=dict)  # organ name -> bool mask (140, 280, 280)
+
+
+def _organ_masks(labels: torch.Tensor) -> dict:
+    out = {}
+    for name, ids in ORGANS.items():
+        m = torch.zeros_like(labels, dtype=torch.bool)
+        for i in ids:
+            m |= labels == i
+        if int(m.sum()) > 200:
+            out[name] = m
+    return out
+
+
+def load_background(case: str, device="cpu") -> Background:
+    """Prepare a sample case and carry its label map into model space (nearest neighbour)."""
+    manifest = json.loads((SAMPLES / "cases.json").read_text())
+    entry = next(c for c in manifest["cases"] if c["id"] == case)
+    vol = load_volume(SAMPLES / entry["file"])
+    prep = prepare(vol, device=device)
+    labels, _ = load_label_map(SAMPLES / entry["label_map"])
+    geom = prep.geometry
+    d, h, w = MODEL_SHAPE
+    grid = torch.stack(torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    m = torch.as_tensor(geom.model_to_orig, dtype=torch.float32)
+    ijk = torch.round(grid.reshape(-1, 3).float() @ m[:3, :3].T + m[:3, 3]).long()
+    lab = torch.as_tensor(labels.astype(np.int64))
+    inside = ((ijk >= 0) & (ijk < torch.tensor(lab.shape))).all(-1)
+    ijk = ijk.clamp(min=0)
+    ijk = torch.minimum(ijk, torch.tensor(lab.shape) - 1)
+    model_labels = torch.where(inside, lab[ijk[:, 0], ijk[:, 1], ijk[:, 2]], torch.zeros_like(ijk[:, 0]))
+    model_labels = model_labels.reshape(d, h, w).to(device)
+    return Background(case, prep.frames[:, 0].to(device), _organ_masks(model_labels))
+
+
+def deform(bg: Background, rng: random.Random) -> Background:
+    """A new body: random anisotropic scale (±10%), rotation (±8° in-plane), shift (±8% FOV)."""
+    dev = bg.frames.device
+    ang = math.radians(rng.uniform(-8, 8))
+    s = [rng.uniform(0.9, 1.1) for _ in range(3)]
+    t = [rng.uniform(-0.08, 0.08) for _ in range(3)]
+    # affine_grid works in (x, y, z) = (w, h, d) normalised coordinates.
+    rot = torch.tensor([[math.cos(ang), -math.sin(ang), 0], [math.sin(ang), math.cos(ang), 0], [0, 0, 1]])
+    A = rot @ torch.diag(torch.tensor([s[2], s[1], s[0]]))
+    theta = torch.cat([A, torch.tensor([[t[2]], [t[1]], [t[0]]])], 1)[None].to(dev)
+    grid = F.affine_grid(theta, (1, 1, *MODEL_SHAPE), align_corners=False)
+    frames = F.grid_sample(bg.frames[None, None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[0, 0]
+    organs = {}
+    if bg.organs:
+        names = list(bg.organs)
+        stack = torch.stack([bg.organs[n].half() for n in names])[None]
+        warped = F.grid_sample(stack, grid.half() if dev.type == "cuda" else grid, mode="nearest",
+                               padding_mode="zeros", align_corners=False)[0] if dev.type == "cuda" else \
+            F.grid_sample(stack.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+        organs = {n: warped[i] > 0.5 for i, n in enumerate(names) if int((warped[i] > 0.5).sum()) > 200}
+    return Background(bg.name + "*", frames, organs)
+
+
+def _sphere(shape, center, radius_mm, device):
+    """Bool ellipsoid (in voxels) of a sphere of radius_mm, and its bounding slices."""
+    r = [radius_mm / v for v in VOXEL_MM]
+    lo = [max(0, int(math.floor(c - ri))) for c, ri in zip(center, r)]
+    hi = [min(n, int(math.ceil(c + ri)) + 1) for n, c, ri in zip(shape, center, r)]
+    axes = [((torch.arange(a, b, device=device).float() - c) / ri) ** 2 for a, b, c, ri in zip(lo, hi, center, r)]
+    ball = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :] <= 1.0
+    return ball, tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+class FindingSampler:
+    """Makes one scan with findings and its ground truth."""
+
+    KINDS = {"cyst": 0.0, "hypodense": None, "hyperdense": None}
+
+    def __init__(self, rng: random.Random, device="cpu"):
+        self.rng, self.device = rng, device
+
+    def add_lesion(self, frames, organs, organ, kind) -> Finding | None:
+        mask = organs[organ]
+        idx = mask.nonzero()
+        rng = self.rng
+        for _ in range(12):
+            c = idx[rng.randrange(len(idx))].tolist()
+            diam = rng.uniform(8, 14) if kind == "nodule" else rng.uniform(12, 40)
+            ball, sl = _sphere(frames.shape, c, diam / 2, frames.device)
+            inside = float((ball & mask[sl]).sum()) / max(1, int(ball.sum()))
+            if inside >= 0.8:
+                region = frames[sl]
+                if kind == "cyst":
+                    val = hu_to_unit(rng.uniform(-5, 15))
+                elif kind == "hypodense":
+                    val = float(region[ball].mean()) - rng.uniform(0.06, 0.12)
+                elif kind == "nodule":
+                    val = hu_to_unit(rng.uniform(20, 80))
+                else:
+                    val = float(region[ball].mean()) + rng.uniform(0.08, 0.15)
+                noise = torch.randn(ball.shape, device=frames.device) * 0.004
+                region[ball] = (val + noise[ball]).clamp(0, 1)
+                vol_ml = float(ball.sum()) * VOXEL_MM[0] * VOXEL_MM[1] * VOXEL_MM[2] / 1000
+                return Finding(kind, organ, tuple(c), round(diam), round(vol_ml, 1))
+        return None
+
+    def add_effusion(self, frames, organs, lung) -> Finding | None:
+        mask = organs[lung]
+        hs = mask.nonzero()[:, 1]
+        if len(hs) == 0:
+            return None
+        lo, hi = int(hs.min()), int(hs.max())
+        cut = lo + int((hi - lo) * self.rng.uniform(0.2, 0.35))   # dependent (posterior) part
+        region = mask.clone()
+        region[:, cut:, :] = False
+        if int(region.sum()) < 500:
+            return None
+        frames[region] = hu_to_unit(self.rng.uniform(5, 20))
+        vol_ml = float(region.sum()) * VOXEL_MM[0] * VOXEL_MM[1] * VOXEL_MM[2] / 1000
+        c = region.nonzero().float().mean(0).tolist()
+        return Finding("effusion", lung, tuple(c), 0.0, round(vol_ml, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Questions
+# ----------------------------------------------------------------------------------------------
+
+EXIST = ["Is there a lesion in the {o}?", "Does the {o} contain a lesion?", "Is any focal lesion seen in the {o}?",
+         "Are there lesions in the {o}?"]
+ANOMALY = ["Is there any abnormality in this scan?", "Does this CT show an abnormal finding?",
+           "Is this scan normal?"]
+WHICH = ["Which organ contains the lesion?", "Where is the lesion located?", "In which organ is the abnormality?"]
+SIDE = ["Which side is the {p} lesion on?", "Is the {p} lesion on the left or the right?"]
+SIZE = ["What is the diameter of the lesion in the {o} in mm?", "How large is the {o} lesion in millimetres?",
+        "Measure the largest {o} lesion (mm)."]
+COUNT = ["How many lesions are in the {o}?", "Count the lesions in the {o}.", "What is the number of {o} lesions?"]
+TYPE = ["Is the {o} lesion a cyst or a solid lesion?", "Is the lesion in the {o} cystic or solid?"]
+EFFUSION = ["Is there a pleural effusion?", "Is pleural fluid present?"]
+EFFUSION_SIDE = ["Which side is the pleural effusion on?"]
+
+
+def make_questions(findings: list[Finding], organs: dict, rng: random.Random) -> list[dict]:
+    """All question/answer records that the findings and the visible organs support (one scan)."""
+    qa = []
+    lesions = [f for f in findings if f.kind != "effusion"]
+    effusions = [f for f in findings if f.kind == "effusion"]
+    by_organ: dict[str, list[Finding]] = {}
+    for f in lesions:
+        by_organ.setdefault(f.organ, []).append(f)
+    visible = [o for o in organs if not o.endswith("lung") or True]
+    for o in visible:
+        yes = o in by_organ
+        qa.append(dict(family="existence", answer_type="closed", organ=o,
+                       question=rng.choice(EXIST).format(o=o), answer="yes" if yes else "no"))
+    if "lung" in " ".join(organs):
+        qa.append(dict(family="existence", answer_type="closed", organ="lung",
+                       question=rng.choice(EFFUSION), answer="yes" if effusions else "no"))
+    normal_q = rng.choice(ANOMALY)
+    abnormal = bool(findings)
+    ans = ("no" if abnormal else "yes") if normal_q == "Is this scan normal?" else ("yes" if abnormal else "no")
+    qa.append(dict(family="anomaly_detection", answer_type="closed", organ=None, question=normal_q, answer=ans))
+    if len(by_organ) == 1:
+        o = next(iter(by_organ))
+        qa.append(dict(family="image_observation", answer_type="open", organ=o, question=rng.choice(WHICH),
+                       answer=o))
+    for pair, (left, right) in PAIRED.items():
+        hits = [s for s in (left, right) if s in by_organ]
+        if len(hits) == 1:
+            qa.append(dict(family="image_observation", answer_type="open", organ=hits[0],
+                           question=rng.choice(SIDE).format(p=pair), answer=hits[0].split()[0]))
+    if len(effusions) == 1:
+        qa.append(dict(family="image_observation", answer_type="open", organ=effusions[0].organ,
+                       question=EFFUSION_SIDE[0], answer=effusions[0].side))
+    for o, fs in by_organ.items():
+        qa.append(dict(family="counting", answer_type="numeric", organ=o,
+                       question=rng.choice(COUNT).format(o=o), answer=str(len(fs))))
+        big = max(fs, key=lambda f: f.diameter_mm)
+        qa.append(dict(family="measurement", answer_type="numeric", organ=o,
+                       question=rng.choice(SIZE).format(o=o), answer=f"{int(big.diameter_mm)} mm"))
+        if len(fs) == 1 and fs[0].kind in ("cyst", "hypodense", "hyperdense"):
+            qa.append(dict(family="image_observation", answer_type="choice", organ=o,
+                           question=rng.choice(TYPE).format(o=o), answer="cyst" if fs[0].kind == "cyst" else "solid"))
+    return qa
+
+
+def all_template_text() -> list[str]:
+    """Every phrasing and answer word, to train the demo tokenizer."""
+    words = list(ORGANS) + ["lung", "kidney", "yes", "no", "left", "right", "cyst", "solid", "mm"] + \
+        [str(i) for i in range(100)]
+    texts = EXIST + ANOMALY + WHICH + SIDE + SIZE + COUNT + TYPE + EFFUSION + EFFUSION_SIDE + words
+    return [t.format(o=o, p=p) for t in texts for o in ORGANS for p in PAIRED]
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator
+# ----------------------------------------------------------------------------------------------
+
+class DemoGenerator:
+    """Deterministic stream of (frames, record) for a split; backgrounds deformed into a pool."""
+
+    def __init__(self, split: str = "train", seed: int = 0, pool: int = 6, device="cpu",
+                 backgrounds: dict | None = None):
+        self.split, self.device = split, torch.device(device)
+        base = {"train": 0, "test": 1_000_003, "report": 2_000_003}[split]
+        self.rng = random.Random(seed + base)
+        torch.manual_seed(seed + base)
+        cases = REPORT_CASES if split == "report" else TRAIN_CASES
+        bgs = backgrounds or {c: load_background(c, self.device) for c in cases}
+        self.pool = []
+        for c in cases:
+            self.pool.append(bgs[c])
+            for _ in range(pool if split != "report" else 0):
+                self.pool.append(deform(bgs[c], self.rng))
+
+    def sample(self, with_findings: float = 0.65):
+        rng = self.rng
+        bg = rng.choice(self.pool)
+        frames = bg.frames.clone()
+        organs = dict(bg.organs)
+        mirrored = rng.random() < 0.5
+        if mirrored:
+            frames = frames.flip(-1)
+            organs = {MIRROR.get(n, n): m.flip(-1) for n, m in organs.items()}
+        frames = (frames * rng.uniform(0.95, 1.05) + rng.uniform(-0.02, 0.02)).clamp(0, 1)
+        frames = (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01)).clamp(0, 1)
+        sampler = FindingSampler(rng, self.device)
+        findings: list[Finding] = []
+        if organs and rng.random() < with_findings:
+            for _ in range(rng.choice([1, 1, 1, 2, 3])):
+                lungs = [o for o in organs if o.endswith("lung")]
+                solid = [o for o in organs if not o.endswith("lung") and o != "aorta"]
+                r = rng.random()
+                if lungs and r < 0.2:
+                    f = sampler.add_lesion(frames, organs, rng.choice(lungs), "nodule")
+                elif lungs and r < 0.3 and not any(x.kind == "effusion" for x in findings):
+                    f = sampler.add_effusion(frames, organs, rng.choice(lungs))
+                elif solid:
+                    o = rng.choice(solid)
+                    if findings and rng.random() < 0.5 and findings[0].kind != "effusion":
+                        o = findings[0].organ if findings[0].organ in solid else o
+                    f = sampler.add_lesion(frames, organs, o, rng.choice(["cyst", "hypodense", "hyperdense"]))
+                else:
+                    f = None
+                if f:
+                    findings.append(f)
+        qa = make_questions(findings, organs, rng)
+        meta = dict(background=bg.name, mirrored=mirrored,
+                    findings=[dict(kind=f.kind, organ=f.organ, side=f.side, diameter_mm=f.diameter_mm,
+                                   volume_ml=f.volume_ml, center_model_voxel=[round(x, 1) for x in f.center])
+                              for f in findings])
+        return frames, qa, meta, organs
+
+    def records(self, n_scans: int, out_dir: Path | None = None, per_scan: int = 3):
+        """Write ``n_scans`` scans (float16 .npy in model space) and their QA as JSONL records."""
+        recs = []
+        for i in range(n_scans):
+            frames, qa, meta, _ = self.sample()
+            name = f"{self.split}_{i:05d}.npy"
+            if out_dir is not None:
+                np.save(out_dir / name, frames.cpu().numpy().astype(np.float16))
+            for q in self.rng.sample(qa, min(per_scan, len(qa))):
+                recs.append(dict(image=name, space="model", question=q["question"], answer=q["answer"],
+                                 family=q["family"], answer_type=q["answer_type"], organ=q["organ"], meta=meta))
+        return recs

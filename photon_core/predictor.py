@@ -1,0 +1,195 @@
+"""`Predictor`: encode a volume once, ask many questions under any keep budget.
+
+    p = Predictor()                       # the embedded demo model, CPU or CUDA
+    p.set_volume(load_volume("scan.nii.gz"))
+    a = p.ask("Is there a lesion in the liver?", budget="auto")
+    a.text, a.kept, a.total, a.keep_grid    # answer, token counts, (10, 10, 10) kept mask
+
+What the app, the CLI, the evaluator and the benchmark all call.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
+from .prompt import Tokenizer, batch_prompts, clean_question
+from .scheduler import Budget
+from .volume import Volume
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+MAX_NEW_TOKENS_LIMIT = 256
+
+
+@dataclass
+class Answer:
+    text: str
+    budget: str                      # label of the budget mode that produced it
+    keep_grid: np.ndarray            # (10, 10, 10) bool, token (a, b, c) over model (d, h, w)
+    kept_indices: list[int]          # flat token indices a·100 + b·10 + c
+    rho: np.ndarray                  # (10, 10, 10) saliency ρ in [0, 1]
+    theta: float                     # the model's own threshold θ
+    total: int                       # visual tokens before the drop
+    kept: int                        # visual tokens kept
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_s: float
+    decode_s: float
+    peak_memory_mb: float
+    device: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def keep_fraction(self) -> float:
+        return self.kept / max(1, self.total)
+
+    def to_dict(self) -> dict:
+        return dict(text=self.text, budget=self.budget, theta=round(self.theta, 4), total=self.total,
+                    kept=self.kept, keep_fraction=round(self.keep_fraction, 4), prompt_tokens=self.prompt_tokens,
+                    generated_tokens=self.generated_tokens, prefill_s=round(self.prefill_s, 4),
+                    decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
+                    device=self.device, kept_indices=self.kept_indices)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no GPU is available; use --device cpu.")
+    return torch.device(device)
+
+
+class Predictor:
+    def __init__(self, model_dir: str | Path | None = None, device: str | None = "auto",
+                 dtype: torch.dtype | None = None):
+        self.model_dir = Path(model_dir) if model_dir else DEMO_MODEL
+        self.device = resolve_device(device)
+        self.model = load_model(self.model_dir, self.device, dtype)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.tokenizer.check_config(self.model.config)
+        self.features: torch.Tensor | None = None
+        self.grid_thw: torch.Tensor | None = None
+        self.geometry: Geometry | None = None
+        self.encode_calls = 0
+        self.encode_s = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.model.config.model_name
+
+    # ------------------------------------------------------------------ volume
+    def prepare(self, volume: Volume) -> Prepared:
+        return prepare(volume, self.device)
+
+    def set_volume(self, volume: Volume | Prepared | torch.Tensor) -> None:
+        """Encode a volume once; later asks reuse the cached visual features.
+
+        Accepts a `Volume` (prepared here), a `Prepared`, or model frames (140, 1, 280, 280) / (140, 280, 280).
+        """
+        if isinstance(volume, Volume):
+            volume = self.prepare(volume)
+        if isinstance(volume, Prepared):
+            pv, grid, self.geometry = volume.pixel_values, volume.grid_thw, volume.geometry
+        else:
+            frames = volume if volume.ndim == 4 else volume[:, None]
+            pv, grid = patchify(frames.float())
+            self.geometry = None
+        t = time.perf_counter()
+        with torch.inference_mode():
+            self.features = self.model.encode_volume(pv.to(self.device), grid.to(self.device))
+        self.grid_thw = grid.to(self.device)
+        self.encode_calls += 1
+        self.encode_s = time.perf_counter() - t
+
+    def set_features(self, features: torch.Tensor, grid_thw: torch.Tensor, geometry: Geometry | None = None):
+        """Reuse features encoded earlier (e.g. a per-session cache)."""
+        self.features, self.grid_thw, self.geometry = features, grid_thw.to(self.device), geometry
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, question: str, budget: str | Budget = "auto", max_new_tokens: int = 32,
+            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Answer:
+        return self.ask_many([question], [budget], max_new_tokens, do_sample, temperature, top_p, seed)[0]
+
+    def ask_many(self, questions: list[str] | str, budgets: list | str | Budget = "auto",
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0) -> list[Answer]:
+        """Several questions and/or budgets on the current volume in ONE batched forward.
+
+        ``questions`` and ``budgets`` broadcast: one question × many budgets (the Compare view),
+        many questions × one budget, or pairwise lists of equal length.
+        """
+        if self.features is None:
+            raise ValueError("No volume is loaded; call set_volume() first.")
+        if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
+        qs = [questions] if isinstance(questions, str) else list(questions)
+        bs = budgets if isinstance(budgets, list) else [budgets]
+        n = max(len(qs), len(bs))
+        if len(qs) not in (1, n) or len(bs) not in (1, n):
+            raise ValueError("questions and budgets must have equal lengths or length 1")
+        qs = [clean_question(q) for q in (qs * n if len(qs) == 1 else qs)]
+        bs = [Budget.parse(b) for b in (bs * n if len(bs) == 1 else bs)]
+        V = self.features.shape[0]
+        prompts = [self.tokenizer.prompt(q, V)[0] for q in qs]
+        ids, mask, _ = batch_prompts(prompts, self.model.config.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        feats = self.features.repeat(n, 1)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            timing = {}
+            toks, out, _ = self._generate(ids, mask, feats, bs, max_new_tokens, do_sample, temperature, top_p, gen,
+                                          timing)
+        total_s = time.perf_counter() - t0
+        prefill_s = timing.get("prefill", total_s)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else _rss_mb()
+        answers = []
+        st = out.its
+        for b in range(n):
+            row = toks[b].tolist()
+            eos = self.model.config.eos_token_id
+            gen_ids = row[:row.index(eos)] if eos in row else row
+            if st is not None:
+                keep = st.keep[b].cpu().numpy().astype(bool)
+                rho = st.rho[b].float().cpu().numpy()
+                theta = float(st.theta[b])
+            else:
+                keep, rho, theta = np.ones(V, bool), np.zeros(V, np.float32), 0.0
+            answers.append(Answer(
+                text=self.tokenizer.decode(gen_ids), budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
+                kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta, total=V,
+                kept=int(keep.sum()), prompt_tokens=int(mask[b].sum()), generated_tokens=len(gen_ids) + (eos in row),
+                prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device),
+                extra={"batch": n}))
+        return answers
+
+    def _generate(self, ids, mask, feats, budgets, max_new_tokens, do_sample, temperature, top_p, gen, timing):
+        t0 = time.perf_counter()
+
+        def mark(_out):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timing["prefill"] = time.perf_counter() - t0
+
+        m = self.model
+        return m.generate(ids, mask, features=feats, grid_thw=self.grid_thw, budget=budgets,
+                          max_new_tokens=max_new_tokens, eos_token_id=m.config.eos_token_id, do_sample=do_sample,
+                          temperature=temperature, top_p=top_p, generator=gen, on_prefill=mark)
+
+
+def _rss_mb() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:  # pragma: no cover
+        return float("nan")

@@ -1,0 +1,296 @@
+"""Three-phase Photon training: no drop → soft scaling → hard drop with SGP, plus regularisers.
+
+    python -m photon_core.train --out runs/demo --steps 3000            # one process, CPU or GPU
+    torchrun --nproc_per_node 2 -m photon_core.train --out runs/demo    # DDP (gloo on CPU, nccl on GPU)
+
+Checkpoints (safetensors model folder + optimiser state) go to ``--out`` every ``save_every``
+steps; ``--resume`` continues from the last one. Progress lines report loss, keep rate and
+throughput. The final folder is a complete model folder (config, weights, tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import load_model, save_model
+from .config import PhotonConfig, VisionConfig
+from .model import PhotonModel
+from .preprocess import patchify
+from .prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/demo"                 # output folder (checkpoints, final model)
+    preset: str = "demo"                   # model size: demo | tiny
+    steps: int = 3000                      # optimiser steps
+    scans_per_step: int = 2                # scans encoded per step (per process)
+    questions_per_scan: int = 2            # questions asked on each scan
+    lr: float = 1e-3
+    its_lr: float = 3e-3                   # threshold MLP learning rate
+    weight_decay: float = 0.01
+    warmup: int = 100
+    phase2_start: float = 0.45             # fraction of steps: soft scaling from here
+    phase3_start: float = 0.65             # hard drop with SGP from here
+    flip_start: float = 0.85               # complement-mask loss allowed from here
+    flip_prob: float = 0.05
+    robust_prob: float = 0.15
+    band: tuple = (0.15, 0.45)             # retention band for the mean keep probability
+    pool: int = 6                          # deformed bodies per background
+    seed: int = 0
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    save_every: int = 250
+    log_every: int = 10
+    resume: bool = False
+
+
+def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
+    ids = tok.ids
+    common = dict(vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                  eos_token_id=ids["<|im_end|>"], vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"], vision_token_id=ids["<|vision_pad|>"],
+                  image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  max_position_embeddings=4096, model_name="Photon demo (synthetic findings)")
+    if preset == "tiny":
+        return PhotonConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                            num_key_value_heads=1, mrope_section=[2, 3, 3],
+                            vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                                                out_hidden_size=32, fullatt_block_indexes=[1]), **common)
+    return PhotonConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+                        num_key_value_heads=2, mrope_section=[4, 6, 6],
+                        vision=VisionConfig(depth=4, hidden_size=96, num_heads=4, intermediate_size=192,
+                                            out_hidden_size=128, fullatt_block_indexes=[1, 3]), **common)
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
+    """A byte-level BPE (Qwen-style) trained on the question templates, with ChatML/vision specials."""
+    from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+
+    from .data import all_template_text
+
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = all_template_text() + ["system", "user", "assistant", "You are a helpful assistant.", "\n"]
+    tok.train_from_iterator(corpus * 4, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "model_max_length": 4096}, indent=1))
+    return Tokenizer(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int]:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def phase_at(step: int, cfg: TrainConfig) -> int:
+    f = step / max(1, cfg.steps)
+    return 1 if f < cfg.phase2_start else 2 if f < cfg.phase3_start else 3
+
+
+def perturb(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """Robustness input: shuffle patches, drop 20% patches, zero 10% voxels, add noise, or zeros."""
+    kind = rng.choice(["shuffle", "drop", "voxels", "noise", "zeros"])
+    x = frames.clone()
+    if kind == "zeros":
+        return torch.zeros_like(x)
+    if kind == "noise":
+        return torch.rand_like(x)
+    if kind == "voxels":
+        return x * (torch.rand_like(x) > 0.1)
+    p = x.reshape(10, 14, 20, 14, 20, 14).permute(0, 2, 4, 1, 3, 5).reshape(4000, -1)
+    if kind == "shuffle":
+        p = p[torch.randperm(4000)]
+    else:
+        p = p * (torch.rand(4000, 1) > 0.2).to(p.dtype)
+    return p.reshape(10, 20, 20, 14, 14, 14).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+
+
+def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
+    """Balance families: choose a family first, then a question of it."""
+    fams: dict[str, list] = {}
+    for q in qa:
+        fams.setdefault(q["family"], []).append(q)
+    out = []
+    for _ in range(k):
+        fam = rng.choice(sorted(fams))
+        out.append(rng.choice(fams[fam]))
+    return out
+
+
+def train(cfg: TrainConfig) -> Path:
+    from .data import DemoGenerator
+
+    rank, world = _dist()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    out = Path(cfg.out)
+    final = out / "model"
+    torch.manual_seed(cfg.seed + rank)
+    rng = random.Random(cfg.seed * 7919 + rank)
+    ckpt = out / "last"
+    if cfg.resume and (ckpt / "config.json").is_file():
+        model = load_model(ckpt, "cpu", torch.float32)
+        tok = Tokenizer(ckpt)
+        state = json.loads((ckpt / "train_state.json").read_text())
+        start = state["step"]
+    else:
+        if rank == 0:
+            build_tokenizer(final)
+        if world > 1:
+            dist.barrier()
+        tok = Tokenizer(final)
+        mcfg = model_config(cfg.preset, tok.vocab_size, tok)
+        torch.manual_seed(cfg.seed)
+        model = PhotonModel(mcfg)
+        model.init_weights(0.02)
+        start, state = 0, {}
+    model.to(device).train()
+    model.reset_buffers()
+    its_params = list(model.its_module.predictor.parameters())
+    its_ids = {id(p) for p in its_params}
+    other = [p for p in model.parameters() if id(p) not in its_ids]
+    opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr}, {"params": its_params, "lr": cfg.its_lr}],
+                            weight_decay=cfg.weight_decay)
+    if start and (ckpt / "optimizer.safetensors").is_file():
+        _load_optimizer(opt, ckpt / "optimizer.safetensors", state["optimizer_layout"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    t0, seen, log = time.time(), 0, []
+    model.band = cfg.band
+    for step in range(start, cfg.steps):
+        model.phase = phase_at(step, cfg)
+        lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g, base in zip(opt.param_groups, (cfg.lr, cfg.its_lr)):
+            g["lr"] = base * max(lr_scale, 0.05)
+        rows, labels_list, feats, robust_flags = [], [], [], []
+        robust = rng.random() < cfg.robust_prob
+        flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
+                and not robust)
+        for _ in range(cfg.scans_per_step):
+            frames, qa, meta, _ = gen.sample()
+            if robust:
+                frames = perturb(frames, rng)
+            pv, grid = patchify(frames[:, None])
+            for q in pick_questions(qa, cfg.questions_per_scan, rng):
+                ids, a0 = tok.prompt(q["question"], 1000, q["answer"])
+                rows.append(ids)
+                labels_list.append([-100] * a0 + ids[a0:])
+                feats.append((pv, grid))
+        ids, mask, labels = batch_prompts(rows, model.config.pad_token_id, labels_list)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            uniq = {}
+            features = []
+            for pv, grid in feats:
+                key = id(pv)
+                if key not in uniq:
+                    uniq[key] = model.encode_volume(pv.to(device), grid.to(device))
+                features.append(uniq[key])
+            outp = ddp(ids.to(device), mask.to(device), features=torch.cat(features), grid_thw=grid.to(device),
+                       labels=labels.to(device), flip=flip, robust=robust)
+        loss = outp.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seen += len(rows)
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            keep = float(outp.its.keep.float().mean()) if outp.its is not None else 1.0
+            soft = float(outp.its.p.mean()) if outp.its is not None else 1.0
+            rate = seen / (time.time() - t0)
+            line = dict(step=step, phase=model.phase, loss=round(float(loss), 4),
+                        **{k: round(float(v), 4) for k, v in outp.losses.items()},
+                        keep=round(keep, 3), p_mean=round(soft, 3), robust=robust, flip=flip,
+                        samples_per_s=round(rate, 2), lr=round(opt.param_groups[0]["lr"], 6))
+            print(json.dumps(line), flush=True)
+            log.append(line)
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
+            _save(model, tok, opt, ckpt, step + 1, cfg)
+    if rank == 0:
+        model.eval()
+        save_model(model, final)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (final / f).write_bytes((ckpt / f).read_bytes()) if (ckpt / f).exists() else None
+        with open(out / "train_log.jsonl", "a") as f:
+            for line in log:
+                f.write(json.dumps(line) + "\n")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def _save(model, tok: Tokenizer, opt, folder: Path, step: int, cfg: TrainConfig) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    save_model(model, tmp)
+    tok.tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                           "eos_token": "<|im_end|>"}))
+    tensors, layout = {}, []
+    for gi, g in enumerate(opt.param_groups):
+        for pi, p in enumerate(g["params"]):
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{gi}.{pi}.{k}"] = v.detach().cpu().contiguous()
+            layout.append([gi, pi])
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg),
+                                                      "optimizer_layout": layout}))
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    tmp.rename(folder)
+
+
+def _load_optimizer(opt, path: Path, layout) -> None:
+    tensors = load_file(str(path))
+    for gi, g in enumerate(opt.param_groups):
+        for pi, p in enumerate(g["params"]):
+            st = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"{gi}.{pi}.")}
+            if st:
+                opt.state[p] = st
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        if f.type in ("bool", bool):
+            ap.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=f.default)
+        elif f.name == "band":
+            ap.add_argument("--band", type=float, nargs=2, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=f.default)
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
+    print(train(cfg))
+
+
+if __name__ == "__main__":
+    main()

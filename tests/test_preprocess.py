@@ -1,0 +1,99 @@
+"""The official preparation (reproduced against the reference's fixture) and Geometry round trips."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SAMPLES
+from photon_core.preprocess import MODEL_SHAPE, Geometry, load_step, patchify, prepare
+from photon_core.volume import load_volume, volume_from_array
+
+
+def test_load_step_reproduces_official_fixture(parity_dir, abdomen):
+    """Reference: SimpleITK array (z,y,x) of example_ct -> monai Resize/ScaleIntensity -> flip W.
+
+    Tolerance stated by the fixture: 1e-5 (we measure exact equality on this CPU)."""
+    fx = load_file(str(parity_dir / "preprocess" / "preprocess.safetensors"))
+    frames = load_step(abdomen.hu.transpose(2, 1, 0))          # nibabel (i,j,k) -> SimpleITK (z,y,x)
+    assert frames.shape == (140, 1, 280, 280)
+    rows, grid = patchify(frames)
+    assert grid.tolist() == fx["video_grid_thw"].tolist() == [[10, 20, 20]]
+    idx = fx["pixel_values_videos.sample_indices"]
+    assert torch.allclose(rows[idx], fx["pixel_values_videos.sample_patches"], atol=1e-5)
+    stats = torch.stack([rows.mean(1), rows.std(1), rows.min(1).values, rows.max(1).values], 1)
+    assert torch.allclose(stats, fx["pixel_values_videos.patch_stats"], atol=1e-5)
+    s = frames[:, 0].flatten(1)
+    sl = torch.stack([s.mean(1), s.std(1), s.min(1).values, s.max(1).values], 1)
+    assert torch.allclose(sl, fx["volume.slice_stats"], atol=1e-5)
+    assert torch.allclose(frames[70, 0, ::4, ::4], fx["volume.center_slice_downsampled"], atol=1e-5)
+
+
+def test_patchify_row_order():
+    """Rows: t, h/2, w/2, h%2, w%2; inside a row: channel, temporal, y, x (Qwen2-VL processor)."""
+    frames = torch.arange(28 * 56 * 56, dtype=torch.float32).reshape(28, 1, 56, 56)
+    rows, grid = patchify(frames)
+    assert grid.tolist() == [[2, 4, 4]] and rows.shape == (32, 2744)
+    # row 1 = (t0, bh0, bw0, mh0, mw1): the patch at y 0..13, x 14..27
+    assert torch.equal(rows[1].reshape(14, 14, 14), frames[:14, 0, :14, 14:28])
+    # row 4 = (t0, bh0, bw1, mh0, mw0): x 28..41
+    assert torch.equal(rows[4].reshape(14, 14, 14), frames[:14, 0, :14, 28:42])
+
+
+def test_prepare_shapes_and_range(abdomen):
+    p = prepare(abdomen, "cpu")
+    assert p.frames.shape == (140, 1, 280, 280) and p.pixel_values.shape == (4000, 2744)
+    assert float(p.frames.min()) == 0.0 and float(p.frames.max()) == 1.0
+
+
+@pytest.mark.parametrize("axcodes_affine", [
+    np.diag([3.0, 3.0, 3.0, 1.0]),                                   # RAS, 3 mm
+    np.array([[-1.5, 0, 0, 10], [0, -1.5, 0, 20], [0, 0, 2.0, -30], [0, 0, 0, 1]]),   # LPS-like
+    np.array([[0, 0, 2.5, 0], [1.2, 0, 0, 0], [0, -0.9, 0, 0], [0, 0, 0, 1]]),        # permuted axes
+])
+def test_geometry_round_trip_point_lands_in_right_block(axcodes_affine):
+    """A bright point marked in the ORIGINAL scan lands in the token block Geometry predicts."""
+    shape = (90, 100, 70)
+    hu = np.full(shape, -1000.0, np.float32)
+    ijk = np.array([60, 30, 41])
+    hu[ijk[0] - 1:ijk[0] + 2, ijk[1] - 1:ijk[1] + 2, ijk[2] - 1:ijk[2] + 2] = 1000.0
+    vol = volume_from_array(hu, axcodes_affine)
+    p = prepare(vol, "cpu")
+    g = p.geometry
+    # the brightest model voxel maps back onto the marked original voxel (within a voxel)
+    f = p.frames[:, 0]
+    dhw = np.unravel_index(int(torch.argmax(f)), f.shape)
+    back = g.model_to_original(np.array(dhw))[0]
+    assert np.abs(back - ijk).max() <= 2.5
+    # original -> model -> original is the identity
+    pts = np.array([[0, 0, 0], [10.5, 20.25, 30], [89, 99, 69]], float)
+    assert np.allclose(g.model_to_original(g.original_to_model(pts)), pts, atol=1e-6)
+    # the block predicted for the marked voxel holds the brightest patch rows
+    cell = g.token_of_original_voxel(ijk)[0]
+    tok = cell[0] * 100 + cell[1] * 10 + cell[2]
+    merged = p.pixel_values.reshape(1000, 4, -1).amax((1, 2))
+    assert int(torch.argmax(merged)) == tok
+    # the token index volume agrees
+    assert g.token_index_volume()[tuple(ijk)] == tok
+
+
+def test_geometry_world_coordinates(abdomen):
+    p = prepare(abdomen, "cpu")
+    g = p.geometry
+    x = np.array([[12.0, 40.0, 60.0]])
+    world = x @ abdomen.affine[:3, :3].T + abdomen.affine[:3, 3]
+    assert np.allclose(g.world_to_model(world), g.original_to_model(x), atol=1e-6)
+    # 1 model voxel = 2.6 mm along d and 1.3 mm along h, w (364 mm field of view)
+    col = np.linalg.norm(g.model_to_world[:3, :3], axis=0)
+    assert np.allclose(col, [2.6, 1.3, 1.3], atol=1e-6)
+    corners = g.token_block_corners(0, 0, 0)
+    ext = corners.max(0) - corners.min(0)
+    assert np.allclose(sorted(ext), [36.4, 36.4, 36.4], atol=1e-6)
+
+
+def test_rai_orientation_convention():
+    """After prep: d runs superior->inferior, h posterior->anterior, w (after the flip) right->left."""
+    vol = volume_from_array(np.zeros((40, 40, 40), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    m = prepare(vol, "cpu").geometry.model_to_world
+    assert m[2, 0] < 0      # +d -> -z (inferior)
+    assert m[1, 1] > 0      # +h -> +y (anterior)
+    assert m[0, 2] < 0      # +w -> -x (patient left, radiological display)
