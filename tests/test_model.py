@@ -1,0 +1,238 @@
+"""Model behaviour on a tiny random Photon: hard drop, budgets, SGP formula, training, loading."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from photon_core.checkpoint import CheckpointError, load_model, save_model
+from photon_core.config import PhotonConfig
+from photon_core.predictor import Predictor
+from photon_core.prompt import Tokenizer, batch_prompts
+from photon_core.scheduler import Budget
+from photon_core.sgp import pack_indices, surrogate_gather
+
+
+def _frames(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(140, 1, 280, 280, generator=g) * 0.2
+    x[40:80, :, 100:180, 60:140] += 0.6
+    return x.clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def pred(tiny_model_dir):
+    p = Predictor(tiny_model_dir, "cpu")
+    p.set_volume(_frames())
+    return p
+
+
+def test_dropped_tokens_are_absent_from_the_cache(pred):
+    m, tok = pred.model, pred.tokenizer
+    ids, _ = tok.prompt("Is there a lesion in the liver?", 1000)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = m(ids, features=pred.features, grid_thw=pred.grid_thw, use_cache=True, budget="ratio:0.3")
+    kept = int(out.its.kept_count)
+    assert kept == 300
+    L, dropped = ids.shape[1], 1000 - kept
+    for layer_kv in out.cache:                            # every layer, including those before ITS
+        assert layer_kv[0].shape[2] == L - dropped
+    # attention length per layer: full up to and including the ITS layer, then prompt − dropped
+    s = m.its_layer
+    assert out.seq_len_per_layer[: s + 1] == [L] * (s + 1)
+    assert out.seq_len_per_layer[s + 1:] == [L - dropped] * (len(m.model.layers) - s - 1)
+    # attention FLOPs of the later layers fall by (L−dropped)²/L²
+    assert (L - dropped) ** 2 / L ** 2 < 0.2
+
+
+@pytest.mark.parametrize("budget,expected", [("top_k:123", 123), ("ratio:0.25", 250), ("full", 1000),
+                                             ("fastv:77", 77), ("random:200", 200), ("0", 0)])
+def test_budget_modes_keep_what_they_promise(pred, budget, expected):
+    a = pred.ask("Is the spleen enlarged?", budget=budget, max_new_tokens=2)
+    assert a.kept == expected and a.keep_grid.sum() == expected and a.total == 1000
+
+
+def test_topk_keeps_the_most_salient(pred):
+    a = pred.ask("Is the spleen enlarged?", budget="top_k:100", max_new_tokens=1)
+    rho = a.rho.ravel()
+    assert rho[a.keep_grid.ravel()].min() >= rho[~a.keep_grid.ravel()].max()
+
+
+def test_threshold_and_auto(pred):
+    a = pred.ask("Is the spleen enlarged?", budget="threshold:0.5", max_new_tokens=1)
+    assert a.kept == int((a.rho > 0.5).sum())
+    auto = pred.ask("Is the spleen enlarged?", budget="auto", max_new_tokens=1)
+    assert auto.kept == int((auto.rho > auto.theta).sum())
+
+
+def test_full_equals_model_without_its(pred):
+    m, tok = pred.model, pred.tokenizer
+    ids = torch.tensor([tok.prompt("Which kidney is larger?", 1000)[0]])
+    with torch.no_grad():
+        a = m(ids, features=pred.features, grid_thw=pred.grid_thw, budget="full").logits
+        b = m(ids, features=pred.features, grid_thw=pred.grid_thw, use_its=False).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_two_asks_encode_once(tiny_model_dir):
+    p = Predictor(tiny_model_dir, "cpu")
+    calls = []
+    p.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    p.set_volume(_frames(1))
+    p.ask("Is there a lesion in the liver?", max_new_tokens=2)
+    p.ask("Is there a lesion in the liver?", budget="25%", max_new_tokens=2)
+    assert len(calls) == 1 and p.encode_calls == 1
+
+
+def test_ask_many_rows_equal_single_asks(pred):
+    qs = ["Is there a lesion in the liver?", "How many lesions are in the left kidney?"]
+    many = pred.ask_many(qs, ["auto", "top_k:100"], max_new_tokens=4)
+    one = [pred.ask(qs[0], "auto", max_new_tokens=4), pred.ask(qs[1], "top_k:100", max_new_tokens=4)]
+    for a, b in zip(many, one):
+        assert a.text == b.text and a.kept_indices == b.kept_indices
+        assert np.allclose(a.rho, b.rho, atol=1e-5)
+
+
+def test_deterministic_greedy(pred):
+    a = pred.ask("Is there a lesion in the liver?", max_new_tokens=6)
+    b = pred.ask("Is there a lesion in the liver?", max_new_tokens=6)
+    assert a.text == b.text and a.kept_indices == b.kept_indices
+
+
+def test_visual_count_mismatch_is_a_clear_error(pred):
+    m, tok = pred.model, pred.tokenizer
+    ids = torch.tensor([tok.prompt("Is it?", 999)[0]])
+    with pytest.raises(ValueError, match="999 <\\|video_pad\\|> tokens but the volume gives 1000"):
+        m(ids, features=pred.features, grid_thw=pred.grid_thw)
+
+
+def test_budget_parse_errors():
+    assert Budget.parse("25%") == Budget("ratio", 0.25)
+    assert Budget.parse("300") == Budget("top_k", 300)
+    for bad in ("ratio:2", "banana", "top_k:-1"):
+        with pytest.raises(ValueError):
+            Budget.parse(bad)
+
+
+def test_sgp_backward_matches_the_formula_by_hand():
+    torch.manual_seed(3)
+    B, L, D = 1, 7, 4
+    x = torch.randn(B, L, D, requires_grad=True)
+    vis = torch.tensor([[0, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    p = torch.tensor([[0.0, 0.9, 0.2, 0.7, 0.6, 0.1, 0.0]], requires_grad=True)
+    presence = ~vis | (p > 0.5)
+    idx, valid = pack_indices(presence, "left")
+    out = surrogate_gather(x, p, vis, idx, valid)
+    go = torch.randn_like(out)
+    out.backward(go)
+    # by hand
+    g = torch.zeros(L, D)
+    for n, j in enumerate(idx[0].tolist()):
+        if valid[0, n]:
+            g[j] = go[0, n]
+    xv = x.detach()[0]
+    js = [1, 2, 3, 4, 5]
+    imp = [float((xv[j] * g[j]).sum()) for j in js]
+    mag = [float((xv[j] * g[j]).abs().sum()) for j in js]
+    mu = sum(imp) / 5
+    sd = max(math.sqrt(sum((i - mu) ** 2 for i in imp) / 5), 3e-3)
+    z = [max(-1.5, min(1.5, (i - mu) / sd)) for i in imp]
+    d = [0.5 - (0.5 + 0.5 * math.tanh(v)) for v in z]
+    dm = sum(d) / 5
+    mm = sum(mag) / 5
+    expected = torch.zeros(L)
+    for n, j in enumerate(js):
+        pj = float(p[0, j])
+        scale = max(0.5, min(2.0, mag[n] / (mm + 1e-6)))
+        expected[j] = 0.8 * (d[n] - dm) * scale * max(pj * (1 - pj), 5e-3)
+    assert torch.allclose(p.grad[0], expected, atol=1e-6)
+    assert torch.allclose(x.grad[0], g, atol=1e-7)
+    assert float(x.grad[0, 2].abs().sum()) == 0.0          # dropped token: no gradient
+
+
+@pytest.mark.parametrize("phase", [1, 2, 3])
+@pytest.mark.parametrize("reg", ["none", "robust", "flip"])
+def test_training_step_each_phase_and_regulariser(tiny_model_dir, phase, reg):
+    m = load_model(tiny_model_dir, "cpu")
+    tok = Tokenizer(tiny_model_dir)
+    m.train()
+    m.phase = phase
+    m.band = (0.3, 0.8)
+    rows, labs = [], []
+    for q, a in [("Is there a lesion in the liver?", "yes"), ("How many lesions are in the spleen?", "2")]:
+        ids, a0 = tok.prompt(q, 1000, a)
+        rows.append(ids)
+        labs.append([-100] * a0 + ids[a0:])
+    ids, mask, labels = batch_prompts(rows, m.config.pad_token_id, labs)
+    from photon_core.preprocess import patchify
+
+    pv, grid = patchify(_frames(2))
+    feats = m.encode_volume(pv, grid)
+    out = m(ids, mask, features=torch.cat([feats, feats]), grid_thw=grid, labels=labels,
+            flip=reg == "flip" and phase == 3, robust=reg == "robust")
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    mlp_grad = m.its_module.predictor.mlp[2].bias.grad
+    if phase == 1:
+        assert mlp_grad is None
+    else:
+        assert "band" in out.losses or reg == "flip"
+        assert mlp_grad is not None and torch.isfinite(mlp_grad).all() and float(mlp_grad.abs().sum()) > 0
+    assert m.visual.vision_patch_embed.proj.weight.grad is not None
+
+
+def test_checkpoint_round_trip_and_shards(tiny_model_dir, tmp_path):
+    m = load_model(tiny_model_dir, "cpu")
+    files = save_model(m, tmp_path / "out", max_shard_bytes=200_000)
+    assert len(files) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    m2 = load_model(tmp_path / "out", "cpu")
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_refuses_pickles_and_strangers(tiny_model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(d)
+    (d / "pytorch_model.bin").unlink()
+    (d / "run.sh").write_text("echo hi")
+    with pytest.raises(CheckpointError, match="unexpected file"):
+        load_model(d)
+    (d / "run.sh").unlink()
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["hidden_size"] = 33
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="divisible"):
+        load_model(d)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_is_an_error_not_a_reinit(tiny_model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vision_config"]["in_chans"] = 3
+    cfg["vision_config"]["in_channels"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(d)
+
+
+def test_official_config_keys():
+    c = PhotonConfig.from_hf_dict({"model_type": "qwen2_5_vl", "hidden_size": 2048, "num_hidden_layers": 36,
+                                   "num_attention_heads": 16, "num_key_value_heads": 2,
+                                   "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+                                   "vision_config": {"in_channels": 3, "in_chans": 1, "depth": 32,
+                                                     "out_hidden_size": 2048}})
+    assert c.vision.in_chans == 1 and c.its_layer == 8 and c.head_dim == 128
+    with pytest.raises(ValueError, match="model_type"):
+        PhotonConfig.from_hf_dict({"model_type": "llama"})
