@@ -395,12 +395,20 @@ def load_label_map(path: str | os.PathLike, like: Volume | None = None,
         raise
     except Exception as e:
         raise VolumeError(f"'{path.name}' is not a readable NIfTI label map ({type(e).__name__}).") from None
-    if like is not None:
-        if labels.shape != like.shape or not np.allclose(img.affine, like.affine, atol=1e-2):
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if like is not None and not (labels.shape == like.shape and np.allclose(affine, like.affine, atol=1e-2)):
+        # Same voxels stored in another axis order (e.g. LAS vs LPS): permute/flip onto the scan grid.
+        from nibabel import orientations as ornt
+
+        t = ornt.ornt_transform(ornt.io_orientation(affine), ornt.io_orientation(like.affine))
+        moved = ornt.apply_orientation(labels, t)
+        moved_aff = affine @ ornt.inv_ornt_aff(t, labels.shape)
+        if moved.shape != like.shape or not np.allclose(moved_aff, like.affine, atol=1e-2):
             raise VolumeError(f"The label map grid ({'×'.join(map(str, labels.shape))}) does not match "
                               f"the scan ({'×'.join(map(str, like.shape))}); expected a label map "
                               f"on the same voxel grid.")
-    return labels, np.asarray(img.affine, dtype=np.float64)
+        labels, affine = np.ascontiguousarray(moved), moved_aff
+    return labels, affine
 
 
 def volume_from_array(hu: np.ndarray, affine: np.ndarray | None = None,

@@ -1,0 +1,58 @@
+"""Photon CT — ask a question about a CT scan and audit which parts of it the model kept.
+
+    python app.py [--model DIR] [--device auto|cpu|cuda] [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
+
+Analytics are off, nothing is fetched from the network, no share link is ever created.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: no outbound calls
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app.handlers import build_ui  # noqa: E402
+from app.service import Engine, Settings  # noqa: E402
+
+log = logging.getLogger("photon_ct")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Photon CT: question answering on CT with a token-retention audit.")
+    ap.add_argument("--model", default=None, help="Photon checkpoint folder (default: the embedded demo model)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--auth", default=None, help="USER:PASS to require a login")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-upload-mb", type=int, default=1000)
+    ap.add_argument("--cache-volumes", type=int, default=4, help="encoded volumes kept in memory (LRU)")
+    args = ap.parse_args(argv)
+    if args.auth is not None and (":" not in args.auth or args.auth.startswith(":") or args.auth.endswith(":")):
+        ap.error("--auth must look like USER:PASS")
+    return args
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    engine = Engine(Settings(model_dir=args.model, device=args.device, max_new_tokens=args.max_new_tokens,
+                             cache_volumes=args.cache_volumes))
+    demo = build_ui(engine)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    log.info("Photon CT on http://%s:%d (model: %s)", args.host, args.port, args.model or "embedded demo model")
+    demo.queue(default_concurrency_limit=2).launch(
+        server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
+        max_file_size=f"{args.max_upload_mb}mb", footer_links=[])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Plain functions behind the app: load a case, ask, compare, export. No Gradio in here.
+
+One `Engine` per server holds the model (loaded lazily, once) and an LRU cache of encoded volumes;
+each browser session holds a `Session` (in `gr.State`): its volume, geometry, label map, cached
+surfaces and answers. A lock serialises model calls (the Predictor holds the current volume).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from photon_core.audit import export_audit, organ_blocks, organ_retention, organs_in_question
+from photon_core.preprocess import TOKEN_GRID, prepare
+from photon_core.prompt import clean_question
+from photon_core.scheduler import Budget
+from photon_core.volume import Limits, Volume, VolumeError, load_label_map, load_volume
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_cases"
+DEMO_NOTICE = "demo model trained on synthetic findings — not for clinical use"
+
+
+def cases() -> list[dict]:
+    return json.loads((SAMPLES / "cases.json").read_text())["cases"]
+
+
+def case_by_title(title: str) -> dict:
+    for c in cases():
+        if c["title"] == title or c["id"] == title:
+            return c
+    raise ValueError(f"Unknown sample case {title!r}.")
+
+
+@dataclass
+class Settings:
+    model_dir: str | None = None
+    device: str = "auto"
+    max_new_tokens: int = 32
+    cache_volumes: int = 4                 # encoded volumes kept in memory (LRU, whole server)
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class Session:
+    """Everything one user has loaded. Lives in gr.State; holds no patient identifiers."""
+
+    key: str = ""                          # content hash of the volume (cache key)
+    title: str = ""
+    volume: Volume | None = None
+    geometry: object = None
+    token_index: np.ndarray | None = None  # (I, J, K) flat token per original voxel
+    labels: np.ndarray | None = None
+    label_names: dict = field(default_factory=dict)
+    blocks: dict = field(default_factory=dict)   # organ -> (1000,) bool blocks
+    surfaces: list = field(default_factory=list)
+    corners: np.ndarray | None = None      # (1000, 8, 3) world corners of the token blocks
+    hu_ras: np.ndarray | None = None
+    labels_ras: np.ndarray | None = None
+    token_ras: np.ndarray | None = None
+    spacing_ras: np.ndarray | None = None
+    answer: object = None
+    question: str = ""
+    workdir: str = ""
+
+    def cleanup(self) -> None:
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = ""
+
+
+class Engine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._predictor = None
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[str, tuple] = OrderedDict()
+
+    @property
+    def predictor(self):
+        with self._lock:
+            if self._predictor is None:
+                from photon_core.predictor import Predictor
+
+                self._predictor = Predictor(self.settings.model_dir, self.settings.device)
+            return self._predictor
+
+    @property
+    def model_name(self) -> str:
+        p = self.predictor
+        name = p.name
+        return f"{name} — {DEMO_NOTICE}" if "demo" in name.lower() or "synthetic" in name.lower() else name
+
+    # ------------------------------------------------------------------ loading
+    def open_session(self, vol: Volume, title: str, labels_path: Path | None, label_names: dict | None,
+                     progress=lambda *a, **k: None) -> Session:
+        from viz.scene import anatomy_surfaces
+        from viz.slices import to_ras
+
+        s = Session(title=title, volume=vol, workdir=tempfile.mkdtemp(prefix="photon_session_"))
+        s.key = hashlib.sha1(vol.hu.tobytes()[:: max(1, vol.hu.nbytes // 4_000_000)] +
+                             vol.affine.tobytes() + str(vol.shape).encode()).hexdigest()
+        progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
+        prepared = self._encode(s, vol)
+        s.geometry = prepared
+        s.token_index = s.geometry.token_index_volume()
+        if labels_path is not None:
+            s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
+            s.label_names = label_names or {str(int(i)): f"label_{int(i)}" for i in np.unique(s.labels) if i}
+            s.blocks = organ_blocks(s.token_index, s.labels, s.label_names)
+        progress(0.7, desc="Building 3-D surfaces")
+        s.surfaces = anatomy_surfaces(vol.hu, vol.affine, s.labels, s.label_names)
+        s.corners = np.stack([s.geometry.token_block_corners(a, b, c) for a in range(TOKEN_GRID[0])
+                              for b in range(TOKEN_GRID[1]) for c in range(TOKEN_GRID[2])])
+        s.hu_ras, s.spacing_ras = to_ras(vol.hu, vol.affine)
+        s.token_ras, _ = to_ras(s.token_index, vol.affine)
+        if s.labels is not None:
+            s.labels_ras, _ = to_ras(s.labels, vol.affine)
+        return s
+
+    def _encode(self, s: Session, vol: Volume):
+        """Prepare + encode once per volume (LRU over the whole server); returns the Geometry."""
+        with self._lock:
+            if s.key in self._cache:
+                self._cache.move_to_end(s.key)
+                return self._cache[s.key][2]
+            pred = self.predictor
+            prep = prepare(vol, pred.device)
+            pred.set_volume(prep)
+            self._cache[s.key] = (pred.features, pred.grid_thw, prep.geometry)
+            while len(self._cache) > self.settings.cache_volumes:
+                self._cache.popitem(last=False)
+            return prep.geometry
+
+    def _activate(self, s: Session) -> None:
+        if s.key not in self._cache:
+            self._encode(s, s.volume)
+        feats, grid, geom = self._cache[s.key]
+        self._cache.move_to_end(s.key)
+        self.predictor.set_features(feats, grid, geom)
+
+    def load_case(self, title: str, progress=lambda *a, **k: None) -> Session:
+        c = case_by_title(title)
+        progress(0.05, desc=f"Loading {c['title']}")
+        vol = load_volume(SAMPLES / c["file"], self.settings.limits)
+        lab = SAMPLES / c["label_map"] if c.get("label_map") else None
+        return self.open_session(vol, c["title"], lab, c.get("labels"), progress)
+
+    def load_upload(self, files: list[str], label_file: str | None, progress=lambda *a, **k: None) -> Session:
+        if not files:
+            raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series (files or .zip).")
+        volumes = [f for f in files if str(f).lower().endswith((".nii", ".nii.gz", ".nrrd", ".zip", ".gz"))]
+        if len(files) > 1 and volumes:
+            raise VolumeError(f"{len(files)} files were uploaded, including {Path(volumes[0]).name}; upload one "
+                              f"NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
+        progress(0.05, desc="Reading the upload")
+        vol = load_volume(files if len(files) > 1 else files[0], self.settings.limits)
+        return self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress)
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):
+        if s is None or s.volume is None:
+            raise ValueError("Load a sample case or upload a scan first.")
+        question = clean_question(question)
+        with self._lock:
+            self._activate(s)
+            ans = self.predictor.ask(question, budget=budget,
+                                     max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
+        s.answer, s.question = ans, question
+        return ans
+
+    def compare(self, s: Session, question: str, budgets: list[Budget]):
+        if s is None or s.volume is None:
+            raise ValueError("Load a sample case or upload a scan first.")
+        question = clean_question(question)
+        with self._lock:
+            self._activate(s)
+            return self.predictor.ask_many(question, budgets, max_new_tokens=self.settings.max_new_tokens)
+
+    def retention(self, s: Session, ans) -> dict[str, float]:
+        return organ_retention(s.blocks, ans.keep_grid.ravel()) if s.blocks else {}
+
+    def warning(self, s: Session, question: str, ans) -> str:
+        """Visible warning when the asked organ kept less than half of its blocks."""
+        if not s.blocks:
+            return ""
+        ret = self.retention(s, ans)
+        low = [(n, ret[n]) for n in organs_in_question(question, list(s.blocks)) if ret.get(n, 1.0) < 0.5]
+        return "; ".join(f"only {100 * r:.0f}% of the {n.replace('_', ' ')} blocks were kept" for n, r in low)
+
+    def export(self, s: Session, pngs: dict[str, bytes]) -> list[Path]:
+        if s is None or s.answer is None:
+            raise ValueError("Ask a question first; the export holds the audit of an answer.")
+        folder = Path(s.workdir) / f"export_{int(time.time() * 1000)}"
+        return export_audit(folder, s.geometry, s.token_index, s.answer, s.question, self.model_name,
+                            self.retention(s, s.answer), pngs, s.title)

@@ -1,0 +1,113 @@
+"""The retention audit: what the model kept, on the ORIGINAL scan, per organ, and as files.
+
+* `kept_mask_original` — the kept token blocks as a mask on the original voxel grid (Geometry).
+* `organ_retention` — per organ, the share of its token blocks that were kept; a block counts
+  for an organ when ≥ 25% of its voxels belong to it (the paper's retention analysis).
+* `export_audit` — NIfTI mask (opens over the scan in 3D Slicer), JSON report, and given PNGs.
+Nothing here writes a patient identifier or an original file path.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import Geometry
+
+BLOCK_FRACTION = 0.25
+
+
+def kept_mask_original(token_index: np.ndarray, keep_flat: np.ndarray) -> np.ndarray:
+    """token_index: (I, J, K) flat token per original voxel (−1 outside); keep_flat (1000,) → uint8 mask."""
+    keep_flat = np.asarray(keep_flat, bool).ravel()
+    lut = np.concatenate([keep_flat, [False]])          # index −1 → False
+    return lut[token_index].astype(np.uint8)
+
+
+def organ_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
+                 fraction: float = BLOCK_FRACTION) -> dict[str, np.ndarray]:
+    """Per organ name: bool (1000,) of the blocks where ≥ ``fraction`` of the block's voxels are that organ."""
+    valid = token_index >= 0
+    tok = token_index[valid]
+    lab = labels[valid]
+    per_block = np.bincount(tok, minlength=1000).astype(np.float64)
+    out = {}
+    for lid, name in names.items():
+        hits = np.bincount(tok[lab == int(lid)], minlength=1000)
+        blocks = hits >= fraction * np.maximum(per_block, 1)
+        blocks &= hits > 0
+        if blocks.any():
+            out[name] = blocks
+    return out
+
+
+def organ_retention(blocks: dict[str, np.ndarray], keep_flat: np.ndarray) -> dict[str, float]:
+    keep = np.asarray(keep_flat, bool).ravel()
+    return {n: float(keep[b].mean()) for n, b in blocks.items()}
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool).ravel(), np.asarray(b, bool).ravel()
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+_ORGAN_WORDS = {"kidney": ["kidney_left", "kidney_right"], "lung": ["lung_upper_lobe_left", "lung_lower_lobe_left",
+                "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right"]}
+
+
+def organs_in_question(question: str, names: list[str]) -> list[str]:
+    """Label names the question talks about ('left kidney' → kidney_left, 'liver' → liver, ...)."""
+    q = question.lower()
+    found = []
+    for n in names:
+        words = n.replace("_", " ")
+        parts = words.split()
+        side = next((s for s in ("left", "right") if s in parts), None)
+        base = " ".join(p for p in parts if p not in ("left", "right"))
+        if base and re.search(rf"\b{re.escape(base)}s?\b", q):
+            if side is None or side in q or not re.search(r"\b(left|right)\b", q):
+                found.append(n)
+    return found
+
+
+def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answer, question: str, model_name: str,
+                 retention: dict | None = None, pngs: dict[str, bytes] | None = None, case_title: str = "scan") -> list[Path]:
+    """Write kept_blocks.nii.gz (uint8 on the original grid), report.json and PNG views; return paths."""
+    import nibabel as nib
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = np.asarray(answer.keep_grid, bool).ravel()
+    mask = kept_mask_original(token_index, keep)
+    img = nib.Nifti1Image(mask, geometry.orig_affine)
+    img.set_data_dtype(np.uint8)
+    img.header["descrip"] = b"Photon kept token blocks (1 = kept)"
+    paths = [folder / "kept_blocks.nii.gz"]
+    nib.save(img, str(paths[0]))
+    import photon_core
+
+    report = {
+        "case": re.sub(r"[^A-Za-z0-9 _().,-]", "", case_title)[:80],
+        "question": question, "answer": answer.text, "budget": answer.budget,
+        "visual_tokens_total": answer.total, "visual_tokens_kept": answer.kept,
+        "keep_fraction": round(answer.keep_fraction, 4), "theta": round(float(answer.theta), 4),
+        "kept_token_indices": answer.kept_indices, "per_organ_retention": retention or {},
+        "latency_s": {"prefill": round(answer.prefill_s, 4), "decode": round(answer.decode_s, 4)},
+        "model": model_name, "device": answer.device,
+        "mask_file": "kept_blocks.nii.gz (uint8, original scan grid, 1 = voxel inside a kept token block)",
+        "versions": {"photon_ct": getattr(photon_core, "__version__", "0"), "torch": torch.__version__,
+                     "nibabel": nib.__version__, "python": platform.python_version()},
+        "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
+    }
+    paths.append(folder / "report.json")
+    paths[-1].write_text(json.dumps(report, indent=1))
+    for name, data in (pngs or {}).items():
+        p = folder / f"{re.sub(r'[^a-z0-9_]', '', name.lower())}.png"
+        p.write_bytes(data)
+        paths.append(p)
+    return paths

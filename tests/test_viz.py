@@ -1,0 +1,127 @@
+"""viz: valid GLB with BLEND materials, off-screen PNG, overlays and exports on the original grid."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import SAMPLES
+from photon_core.audit import export_audit, kept_mask_original, organ_blocks, organ_retention, organs_in_question
+from photon_core.preprocess import TOKEN_GRID, prepare
+from photon_core.volume import load_label_map, volume_from_array
+from viz.glb import read_glb
+from viz.scene import anatomy_surfaces, render_png, scene_glb, token_blocks
+from viz.slices import slice_rgb, to_ras
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A 3 mm LPS phantom: body cylinder with a bright 'organ' at a known place."""
+    hu = np.full((100, 90, 80), -1000.0, np.float32)
+    ii, jj = np.meshgrid(np.arange(100), np.arange(90), indexing="ij")
+    body = (ii - 50) ** 2 + (jj - 45) ** 2 < 35 ** 2
+    hu[body] = 40.0
+    hu[60:75, 30:45, 20:40] = 600.0
+    labels = np.zeros(hu.shape, np.int16)
+    labels[60:75, 30:45, 20:40] = 5
+    aff = np.array([[-3.0, 0, 0, 150], [0, -3.0, 0, 140], [0, 0, 3.0, -100], [0, 0, 0, 1]])
+    vol = volume_from_array(hu, aff)
+    prep = prepare(vol, "cpu")
+    return vol, labels, prep
+
+
+def _corners(geom):
+    return np.stack([geom.token_block_corners(a, b, c) for a in range(10) for b in range(10) for c in range(10)])
+
+
+def test_glb_is_binary_gltf_with_blend(phantom):
+    vol, labels, prep = phantom
+    surf = anatomy_surfaces(vol.hu, vol.affine, labels, {"5": "liver"})
+    keep = np.zeros(1000, bool)
+    keep[[5, 123, 456]] = True
+    rho = np.linspace(0, 1, 1000)
+    blocks = token_blocks(_corners(prep.geometry), keep, rho)
+    js, binary = read_glb(scene_glb(surf, blocks))
+    assert js["asset"]["version"] == "2.0"
+    names = [m["name"] for m in js["meshes"]]
+    assert "body" in names and "bone" in names and "liver" in names and any(n.startswith("kept") for n in names)
+    kept_mats = [m for m in js["materials"] if m["name"].startswith("kept")]
+    assert kept_mats and all(m["alphaMode"] == "BLEND" for m in kept_mats)
+    assert js["buffers"][0]["byteLength"] == len(binary)
+    # three kept blocks = 3 boxes × 12 triangles
+    tri = sum(js["accessors"][p["indices"]]["count"] // 3 for m in js["meshes"] if m["name"].startswith("kept")
+              for p in m["primitives"])
+    assert tri == 36
+
+
+def test_png_renders_offscreen(phantom):
+    vol, labels, prep = phantom
+    png = render_png(anatomy_surfaces(vol.hu, vol.affine), [], size=(200, 150))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    import io
+
+    im = np.asarray(Image.open(io.BytesIO(png)))
+    assert im.shape[:2] == (150, 200) and im.std() > 5          # something was drawn
+
+
+def test_overlay_lands_on_the_right_voxels(phantom):
+    """Keep only the block holding the bright organ: the overlay covers the organ, not the far corner."""
+    vol, labels, prep = phantom
+    g = prep.geometry
+    tok = g.token_index_volume()
+    organ_tokens = np.unique(tok[labels == 5])
+    keep = np.zeros(1000, bool)
+    keep[organ_tokens] = True
+    mask = kept_mask_original(tok, keep)
+    assert mask[labels == 5].all()
+    assert mask.mean() < 0.5
+    # the slice overlay uses the same mask reoriented like the scan
+    hu_ras, sp = to_ras(vol.hu, vol.affine)
+    m_ras, _ = to_ras(mask, vol.affine)
+    img = slice_rgb(hu_ras, sp, "axial", 30 / 79, "Soft tissue", m_ras, opacity=1.0, colour=(0, 1, 0), out_px=300)
+    assert img.shape[2] == 3 and (img[..., 1] > 200).any()
+
+
+def test_retention_and_organ_words(phantom):
+    vol, labels, prep = phantom
+    tok = prep.geometry.token_index_volume()
+    blocks = organ_blocks(tok, labels, {"5": "liver"})
+    keep = np.zeros(1000, bool)
+    keep[np.flatnonzero(blocks["liver"])[:1]] = True
+    r = organ_retention(blocks, keep)["liver"]
+    assert 0 < r < 1 and abs(r - 1 / blocks["liver"].sum()) < 1e-9
+    names = ["liver", "kidney_left", "kidney_right", "lung_upper_lobe_left"]
+    assert organs_in_question("Is there a lesion in the liver?", names) == ["liver"]
+    assert organs_in_question("Which kidney is larger?", names) == ["kidney_left", "kidney_right"]
+    assert organs_in_question("Cyst in the left kidney?", names) == ["kidney_left"]
+
+
+def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):
+    vol, labels, prep = phantom
+    tok = prep.geometry.token_index_volume()
+
+    class A:  # minimal answer
+        text, budget, total, theta, prefill_s, decode_s, device = "yes", "auto", 1000, 0.4, 0.1, 0.2, "cpu"
+        keep_grid = np.zeros(TOKEN_GRID, bool)
+    A.keep_grid.ravel()[np.unique(tok[labels == 5])] = True
+    A.kept = int(A.keep_grid.sum())
+    A.keep_fraction = A.kept / 1000
+    A.kept_indices = np.flatnonzero(A.keep_grid).tolist()
+    paths = export_audit(tmp_path, prep.geometry, tok, A, "Is there a lesion in the liver?", "demo", {"liver": 1.0},
+                         {"view3d": b"\x89PNG"}, case_title="/home/someone/patient_jane.nii.gz")
+    img = nib.load(str(tmp_path / "kept_blocks.nii.gz"))
+    assert img.shape == vol.shape and np.allclose(img.affine, vol.affine)
+    assert np.asarray(img.dataobj)[labels == 5].all()
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["visual_tokens_kept"] == A.kept and rep["per_organ_retention"] == {"liver": 1.0}
+    assert "/home" not in json.dumps(rep)
+    assert {p.name for p in paths} == {"kept_blocks.nii.gz", "report.json", "view3d.png"}
+
+
+def test_label_map_in_another_axis_order_is_moved_onto_the_scan():
+    from photon_core.volume import load_volume
+
+    dcm = load_volume(SAMPLES / "dicom_ct/series")
+    labels, aff = load_label_map(SAMPLES / "dicom_ct/labels.nii.gz", like=dcm)
+    assert labels.shape == dcm.shape and np.allclose(aff, dcm.affine, atol=1e-2)

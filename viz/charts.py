@@ -1,0 +1,44 @@
+"""Plotly charts for the audit: saliency histogram, per-organ retention, kept tokens vs budget."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = None):
+    import plotly.graph_objects as go
+
+    rho = np.asarray(rho).ravel()
+    fig = go.Figure()
+    if keep is not None:
+        keep = np.asarray(keep).ravel().astype(bool)
+        fig.add_histogram(x=rho[~keep], nbinsx=40, name="dropped", marker_color="#9aa5b1")
+        fig.add_histogram(x=rho[keep], nbinsx=40, name="kept", marker_color="#2ca05a")
+    else:
+        fig.add_histogram(x=rho, nbinsx=40, name="ρ")
+    fig.add_vline(x=float(theta), line_dash="dash", line_color="#d62728", annotation_text=f"θ = {theta:.3f}")
+    fig.update_layout(barmode="stack", title="Saliency ρ of the 1,000 visual tokens", xaxis_title="ρ",
+                      yaxis_title="tokens", height=300, margin=dict(l=40, r=10, t=40, b=40))
+    return fig
+
+
+def retention_bars(retention: dict[str, float], asked: str | None = None):
+    import plotly.graph_objects as go
+
+    names = list(retention)
+    vals = [retention[n] for n in names]
+    colours = ["#d62728" if asked and n == asked and v < 0.5 else "#1f77b4" if n != asked else "#2ca05a"
+               for n, v in zip(names, vals)]
+    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", marker_color=colours))
+    fig.update_layout(title="Share of each organ's token blocks kept", xaxis=dict(range=[0, 1], title="kept"),
+                      height=max(220, 22 * len(names) + 80), margin=dict(l=150, r=10, t=40, b=40))
+    return fig
+
+
+def kept_vs_budget(rows: list[dict]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[r["budget"] for r in rows], y=[r["kept"] for r in rows], mode="lines+markers",
+                               text=[r["answer"] for r in rows]))
+    fig.update_layout(title="Visual tokens kept per budget", yaxis=dict(title="kept tokens", range=[0, 1050]),
+                      height=300, margin=dict(l=40, r=10, t=40, b=40))
+    return fig
