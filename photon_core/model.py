@@ -475,7 +475,9 @@ class PhotonModel(nn.Module):
             raise ValueError("every sample in a batch must carry the same number of visual tokens")
         u = torch.stack(us)
         rho = its.minmax(u)
-        theta, desc = self.its_module.threshold(rho, u)
+        # Phase 1 measures ITS without training it: keep the threshold MLP out of the graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not (self.training and self.phase == 1)):
+            theta, desc = self.its_module.threshold(rho, u)
         p = torch.sigmoid((rho - theta[:, None]) / its.TEMPERATURE)
         fv = torch.stack(fastv)
         keep = torch.stack([its.decide(budgets[b], rho[b], theta[b], fv[b]) for b in range(B)])
@@ -486,13 +488,16 @@ class PhotonModel(nn.Module):
                 features: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 budget: its.Budget | list | None = None, use_cache: bool = False,
-                use_its: bool = True, flip: bool = False, robust: bool = False) -> Output:
+                use_its: bool = True, flip: bool = False, robust: bool = False,
+                row_scan: list[int] | None = None) -> Output:
         """Prefill (eval) or training forward. ``features`` = cached `encode_volume` output for the
         whole batch (concatenated in row order); else ``pixel_values``/``grid_thw`` are encoded.
 
         ``budget``: one Budget or one per row (eval only). ``use_its=False`` runs without ITS.
         ``flip``: keep the complement of the decision and use the flip loss (training).
         ``robust``: the volume was perturbed; the loss is −entropy of the answer (training).
+        ``row_scan``: with ``pixel_values``/``grid_thw`` of S distinct scans, the scan of each row
+        (several questions on one scan encode it once, inside this forward, as DDP needs).
         """
         c = self.config
         B, L = input_ids.shape
@@ -500,6 +505,11 @@ class PhotonModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if features is None and pixel_values is not None:
             features = self.encode_volume(pixel_values, grid_thw)
+            if row_scan is not None:
+                m2 = self.config.vision.spatial_merge_size ** 2
+                per_scan = features.split([int(n) // m2 for n in grid_thw.prod(-1).tolist()])
+                features = torch.cat([per_scan[i] for i in row_scan])
+                grid_thw = grid_thw[torch.as_tensor(row_scan, device=grid_thw.device)]
         if grid_thw is None and features is not None:
             raise ValueError("grid_thw is needed to place the visual tokens")
         if grid_thw is not None and grid_thw.shape[0] == 1 and B > 1:

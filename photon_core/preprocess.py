@@ -108,7 +108,7 @@ class Geometry:
         cell = self.token_of_model_voxel(dhw)
         flat = cell[:, 0] * TOKEN_GRID[1] * TOKEN_GRID[2] + cell[:, 1] * TOKEN_GRID[2] + cell[:, 2]
         flat[cell[:, 0] < 0] = -1
-        return flat.reshape(shape)
+        return flat.reshape(shape).astype(np.int16)
 
 
 # --------------------------------------------------------------------------------------------

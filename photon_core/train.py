@@ -128,14 +128,15 @@ def perturb(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
 
 
 def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
-    """Balance families: choose a family first, then a question of it."""
-    fams: dict[str, list] = {}
+    """Balance families, then answers: choose a family, then an answer value, then a question with it
+    (so 'no' existence questions, one per visible organ, do not drown the 'yes' ones)."""
+    fams: dict[str, dict[str, list]] = {}
     for q in qa:
-        fams.setdefault(q["family"], []).append(q)
+        fams.setdefault(q["family"], {}).setdefault(q["answer"], []).append(q)
     out = []
     for _ in range(k):
-        fam = rng.choice(sorted(fams))
-        out.append(rng.choice(fams[fam]))
+        by_answer = fams[rng.choice(sorted(fams))]
+        out.append(rng.choice(by_answer[rng.choice(sorted(by_answer))]))
     return out
 
 
@@ -186,7 +187,7 @@ def train(cfg: TrainConfig) -> Path:
         lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.its_lr)):
             g["lr"] = base * max(lr_scale, 0.05)
-        rows, labels_list, feats, robust_flags = [], [], [], []
+        rows, labels_list, row_scan, scans = [], [], [], []
         robust = rng.random() < cfg.robust_prob
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
@@ -194,22 +195,17 @@ def train(cfg: TrainConfig) -> Path:
             frames, qa, meta, _ = gen.sample()
             if robust:
                 frames = perturb(frames, rng)
-            pv, grid = patchify(frames[:, None])
+            scans.append(patchify(frames[:, None]))
             for q in pick_questions(qa, cfg.questions_per_scan, rng):
                 ids, a0 = tok.prompt(q["question"], 1000, q["answer"])
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])
-                feats.append((pv, grid))
+                row_scan.append(len(scans) - 1)
         ids, mask, labels = batch_prompts(rows, model.config.pad_token_id, labels_list)
+        pv = torch.cat([p for p, _ in scans]).to(device)
+        grid = torch.cat([g for _, g in scans]).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            uniq = {}
-            features = []
-            for pv, grid in feats:
-                key = id(pv)
-                if key not in uniq:
-                    uniq[key] = model.encode_volume(pv.to(device), grid.to(device))
-                features.append(uniq[key])
-            outp = ddp(ids.to(device), mask.to(device), features=torch.cat(features), grid_thw=grid.to(device),
+            outp = ddp(ids.to(device), mask.to(device), pixel_values=pv, grid_thw=grid, row_scan=row_scan,
                        labels=labels.to(device), flip=flip, robust=robust)
         loss = outp.loss
         opt.zero_grad(set_to_none=True)
@@ -219,7 +215,7 @@ def train(cfg: TrainConfig) -> Path:
         seen += len(rows)
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             keep = float(outp.its.keep.float().mean()) if outp.its is not None else 1.0
-            soft = float(outp.its.p.mean()) if outp.its is not None else 1.0
+            soft = float(outp.its.p.detach().mean()) if outp.its is not None else 1.0
             rate = seen / (time.time() - t0)
             line = dict(step=step, phase=model.phase, loss=round(float(loss), 4),
                         **{k: round(float(v), 4) for k, v in outp.losses.items()},

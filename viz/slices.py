@@ -16,13 +16,13 @@ LABELS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagit
 
 
 def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Permute/flip an array to the closest RAS orientation; returns it and its spacing (mm)."""
+    """Permute/flip an array to the closest RAS orientation (a view, no copy); returns it and its spacing (mm)."""
     from nibabel import orientations as ornt
 
     t = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
     out = ornt.apply_orientation(arr, t)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(t[:, 0])]   # output axis k <- input axis
-    return np.ascontiguousarray(out), spacing
+    return out, spacing
 
 
 def window(hu: np.ndarray, name_or_wl) -> np.ndarray:

@@ -1,0 +1,202 @@
+"""Evaluate a Photon model: accuracy per task family, MRA, keep rate, retention audit, baselines.
+
+    python -m photon_core.evaluate --demo-split test --scans 60 --out reports/demo_test
+    python -m photon_core.evaluate --data my_set.jsonl --out reports/mine        # open JSONL layout
+    torchrun --nproc_per_node 2 -m photon_core.evaluate ...                       # sharded by scan
+
+JSONL records: {"image": path (NIfTI/DICOM/NRRD, or a model-space .npy with "space": "model"),
+"question", "answer", "family", "answer_type": closed|choice|open|numeric, "organ", "meta"}.
+Writes predictions.jsonl, metrics.json and metrics.md. With organ masks (the demo split) it also
+reports per-organ coverage of the asked organ, Jaccard between kept sets of two organ prompts on
+the same scan, accuracy when the volume is replaced by noise, and the same questions under
+FastV and random-k at the kept count ITS chose (matched budgets).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .audit import jaccard
+from .metrics import aggregate, score
+from .predictor import Predictor
+from .preprocess import TOKEN_GRID, TOKEN_VOXELS
+from .scheduler import Budget
+from .volume import load_volume
+
+
+def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
+    """Model-space organ mask (140, 280, 280) → (1000,) blocks with ≥ fraction of their voxels in the organ."""
+    a, b, c = TOKEN_GRID
+    pd, ph, pw = TOKEN_VOXELS
+    m = mask.float().reshape(a, pd, b, ph, c, pw).mean((1, 3, 5))
+    return (m >= fraction).flatten().cpu().numpy()
+
+
+def _rank_world():
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,
+                  baselines: bool = True, noise: bool = True) -> list[dict]:
+    """Generate ``scans`` scans of the demo split and ask every supported question on each."""
+    from .data import DemoGenerator
+
+    gen = DemoGenerator(split, seed=seed, pool=3)
+    rows = []
+    for i in range(scans):
+        frames, qa, meta, organs = gen.sample()
+        if i % world != rank:
+            continue
+        t0 = time.perf_counter()
+        pred.set_volume(frames)
+        set_s = time.perf_counter() - t0
+        covers = {o: organ_block_cover(m) for o, m in organs.items()}
+        kept_by_organ = {}
+        for j, q in enumerate(qa):
+            t1 = time.perf_counter()
+            a = pred.ask(q["question"], budget="auto", max_new_tokens=8)
+            ask_s = time.perf_counter() - t1
+            row = dict(scan=i, **{k: q[k] for k in ("question", "answer", "family", "answer_type", "organ")},
+                       prediction=a.text, kept=a.kept, theta=a.theta, scores=score(a.text, q["answer"], q["answer_type"]),
+                       latency_first_s=set_s + ask_s if j == 0 else None, latency_ask_s=ask_s)
+            if q["organ"] in covers and covers[q["organ"]].any():
+                cov = covers[q["organ"]]
+                row["organ_coverage"] = float(a.keep_grid.ravel()[cov].mean())
+                if q["family"] == "existence":
+                    kept_by_organ[q["organ"]] = a.keep_grid.ravel()
+            if baselines and a.kept > 0:
+                for mode in ("fastv", "random"):
+                    b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j), max_new_tokens=8)
+                    row[f"{mode}_scores"] = score(b.text, q["answer"], q["answer_type"])
+            rows.append(row)
+        names = sorted(kept_by_organ)
+        for x in range(len(names)):
+            for y in range(x + 1, len(names)):
+                rows.append(dict(scan=i, family="_pair", jaccard=jaccard(kept_by_organ[names[x]], kept_by_organ[names[y]]),
+                                 organs=[names[x], names[y]]))
+        if noise:
+            pred.set_volume(torch.rand_like(frames))
+            for q in qa:
+                if q["answer_type"] in ("closed", "choice"):
+                    n = pred.ask(q["question"], budget="auto", max_new_tokens=8)
+                    rows.append(dict(scan=i, family="_noise", answer_type=q["answer_type"],
+                                     source_family=q["family"], scores=score(n.text, q["answer"], q["answer_type"])))
+    return rows
+
+
+def evaluate_jsonl(pred: Predictor, path: Path, rank: int = 0, world: int = 1) -> list[dict]:
+    base = path.parent
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, current = [], None
+    for k, r in enumerate(recs):
+        if k % world != rank:
+            continue
+        img = base / r["image"] if not Path(r["image"]).is_absolute() else Path(r["image"])
+        if img != current:
+            if r.get("space") == "model":
+                pred.set_volume(torch.from_numpy(np.load(img).astype(np.float32)))
+            else:
+                pred.set_volume(load_volume(img))
+            current = img
+        a = pred.ask(r["question"], budget=r.get("budget", "auto"), max_new_tokens=16)
+        rows.append(dict(question=r["question"], answer=r["answer"], family=r.get("family", "all"),
+                         answer_type=r.get("answer_type", "open"), organ=r.get("organ"), prediction=a.text,
+                         kept=a.kept, scores=score(a.text, r["answer"], r.get("answer_type", "open"))))
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    qa = [r for r in rows if not r["family"].startswith("_")]
+    out = {"families": aggregate(qa), "n_questions": len(qa)}
+    kept = [r["kept"] for r in qa]
+    out["keep_fraction_mean"] = float(np.mean(kept) / 1000) if kept else None
+    out["keep_fraction_by_family"] = {f: float(np.mean([r["kept"] for r in qa if r["family"] == f]) / 1000)
+                                      for f in sorted({r["family"] for r in qa})}
+    cov = [r["organ_coverage"] for r in qa if r.get("organ_coverage") is not None]
+    if cov:
+        out["asked_organ_coverage_mean"] = float(np.mean(cov))
+    pairs = [r["jaccard"] for r in rows if r["family"] == "_pair"]
+    if pairs:
+        out["jaccard_two_organ_prompts_mean"] = float(np.mean(pairs))
+    noise = [r for r in rows if r["family"] == "_noise"]
+    if noise:
+        out["noise_closed_accuracy"] = float(np.mean([r["scores"]["accuracy"] for r in noise]))
+        clean = [r for r in qa if r["answer_type"] in ("closed", "choice")]
+        out["clean_closed_accuracy"] = float(np.mean([r["scores"]["accuracy"] for r in clean])) if clean else None
+    for mode in ("fastv", "random"):
+        b = [dict(family=r["family"], scores=r[f"{mode}_scores"]) for r in qa if f"{mode}_scores" in r]
+        if b:
+            out[f"{mode}_matched"] = aggregate(b)
+    first = [r["latency_first_s"] for r in qa if r.get("latency_first_s") is not None]
+    if first:
+        out["cpu_latency_set_volume_plus_first_ask_s_median"] = float(np.median(first))
+        out["cpu_latency_ask_s_median"] = float(np.median([r["latency_ask_s"] for r in qa]))
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| family | n | accuracy | MRA | exact | BLEU-1 | ROUGE-1 |", "|---|---|---|---|---|---|---|"]
+    for f, d in summary["families"].items():
+        if f == "macro":
+            continue
+        cell = lambda k: f"{d[k]:.3f}" if k in d else ""  # noqa: E731
+        lines.append(f"| {f} | {d['n']} | {cell('accuracy')} | {cell('mra')} | {cell('exact')} | {cell('bleu1')} | "
+                     f"{cell('rouge1')} |")
+    lines.append(f"\nmacro average: {summary['families']['macro']:.3f}")
+    for k, v in summary.items():
+        if k not in ("families",) and not isinstance(v, dict):
+            lines.append(f"- {k}: {v if not isinstance(v, float) else round(v, 4)}")
+        elif k.endswith("_matched"):
+            lines.append(f"- {k}: macro {v['macro']:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--data", type=Path, help="JSONL dataset")
+    ap.add_argument("--demo-split", choices=["test", "report", "train"])
+    ap.add_argument("--scans", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    rank, world = _rank_world()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    pred = Predictor(args.model, args.device)
+    if args.data:
+        rows = evaluate_jsonl(pred, args.data, rank, world)
+    else:
+        rows = evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
+                             baselines=not args.no_baselines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"predictions.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        allrows = []
+        for r in range(world):
+            p = args.out / f"predictions.rank{r}.jsonl"
+            allrows += [json.loads(x) for x in p.read_text().splitlines()]
+            p.unlink()
+        (args.out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in allrows))
+        summary = summarise(allrows) | {"model": pred.name, "device": str(pred.device), "world_size": world}
+        (args.out / "metrics.json").write_text(json.dumps(summary, indent=1))
+        (args.out / "metrics.md").write_text(markdown(summary))
+        print(markdown(summary))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

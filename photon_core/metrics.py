@@ -1,0 +1,86 @@
+"""VQA metrics: closed accuracy, BLEU-1 / ROUGE-1 for open answers, DeepTumorVQA's MRA for numbers.
+
+* closed (yes/no, choice): exact match after normalisation (lower case, punctuation stripped,
+  a leading yes/no taken as the answer).
+* open: BLEU-1 (clipped unigram precision × brevity penalty) and ROUGE-1 F1 on whitespace tokens.
+* numeric: mean relative accuracy, MRA = mean over θ ∈ {0.50, 0.55, …, 0.95} of
+  1[|pred − gt| / |gt| < 1 − θ]; a prediction without a number scores 0.
+Per-family scores are averaged; the report's macro average is the mean of the family means.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+THRESHOLDS = [0.5 + 0.05 * i for i in range(10)]
+
+
+def normalise(text: str) -> str:
+    t = re.sub(r"[^\w\s.%-]", " ", str(text).lower())
+    return " ".join(t.replace(".", " ").split()) if not re.search(r"\d\.\d", t) else " ".join(t.split())
+
+
+def closed_correct(pred: str, gt: str) -> bool:
+    p, g = normalise(pred), normalise(gt)
+    if g in ("yes", "no"):
+        first = p.split()[0] if p.split() else ""
+        return first == g
+    return p == g or p.split()[:len(g.split())] == g.split()
+
+
+def first_number(text: str) -> float | None:
+    m = re.search(r"-?\d+(?:\.\d+)?", str(text))
+    return float(m.group()) if m else None
+
+
+def mra(pred: str, gt: str) -> float:
+    p, g = first_number(pred), first_number(gt)
+    if p is None or g is None:
+        return 0.0
+    if g == 0:
+        return float(p == 0)
+    err = abs(p - g) / abs(g)
+    return sum(err < 1 - t for t in THRESHOLDS) / len(THRESHOLDS)
+
+
+def bleu1(pred: str, gt: str) -> float:
+    p, g = normalise(pred).split(), normalise(gt).split()
+    if not p or not g:
+        return 0.0
+    overlap = sum((Counter(p) & Counter(g)).values())
+    precision = overlap / len(p)
+    bp = 1.0 if len(p) > len(g) else math.exp(1 - len(g) / len(p))
+    return bp * precision
+
+
+def rouge1(pred: str, gt: str) -> float:
+    p, g = normalise(pred).split(), normalise(gt).split()
+    overlap = sum((Counter(p) & Counter(g)).values())
+    if not overlap:
+        return 0.0
+    prec, rec = overlap / len(p), overlap / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+def score(pred: str, gt: str, answer_type: str) -> dict:
+    if answer_type == "numeric":
+        return {"mra": mra(pred, gt), "exact": float(normalise(pred) == normalise(gt))}
+    if answer_type in ("closed", "choice"):
+        return {"accuracy": float(closed_correct(pred, gt))}
+    return {"exact": float(normalise(pred) == normalise(gt)), "bleu1": bleu1(pred, gt), "rouge1": rouge1(pred, gt)}
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """rows: {family, answer_type, scores} → per-family means and the macro average of the main metric."""
+    fam: dict[str, dict[str, list]] = {}
+    for r in rows:
+        d = fam.setdefault(r["family"], {})
+        for k, v in r["scores"].items():
+            d.setdefault(k, []).append(v)
+    out = {f: {k: sum(v) / len(v) for k, v in d.items()} | {"n": len(next(iter(d.values())))} for f, d in fam.items()}
+    main = []
+    for f, d in out.items():
+        main.append(d.get("accuracy", d.get("mra", d.get("exact", 0.0))))
+    out["macro"] = sum(main) / len(main) if main else 0.0
+    return out

@@ -1,0 +1,182 @@
+"""Reliability and security through the app's service layer and the server process."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SAMPLES
+from photon_core.scheduler import Budget
+from photon_core.volume import VolumeError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from app.service import Engine, Settings
+
+    return Engine(Settings(model_dir=str(tiny_model_dir), device="cpu", max_new_tokens=4, cache_volumes=2))
+
+
+@pytest.fixture(scope="module")
+def session(engine):
+    return engine.load_case("abdomen_ct")
+
+
+@pytest.mark.parametrize("question,msg", [("", "type a question"), ("   \n ", "type a question"),
+                                          ("x" * 10_000, "limit is 1000"), (b"\xff\xfe bad \xff", None)])
+def test_bad_questions_get_readable_errors_and_the_next_request_works(engine, session, question, msg):
+    if msg is None:   # non-UTF-8 bytes are decoded with replacement and answered
+        a = engine.ask(session, question, Budget("auto"))
+        assert a.total == 1000
+    else:
+        with pytest.raises(ValueError, match=msg):
+            engine.ask(session, question, Budget("auto"))
+    assert engine.ask(session, "Is there a lesion in the liver?", Budget("top_k", 50)).kept == 50
+
+
+def test_encoded_volume_cache_is_lru_bounded(engine):
+    sessions = [engine.load_case(c) for c in ("abdomen_ct", "chest_aorta_ct", "dicom_ct")]
+    assert len(engine._cache) == 2                    # cache_volumes=2
+    a = engine.ask(sessions[0], "Is the spleen enlarged?", Budget("auto"))   # evicted one is re-encoded
+    assert a.total == 1000 and len(engine._cache) == 2
+    for s in sessions:
+        d = Path(s.workdir)
+        assert d.is_dir()
+        s.cleanup()
+        assert not d.exists()                         # temp files go with the session
+
+
+def test_budget_change_does_not_re_encode(engine, session):
+    p = engine.predictor
+    before = p.encode_calls
+    engine.ask(session, "Is there a lesion in the liver?", Budget("ratio", 0.1))
+    engine.ask(session, "Is there a lesion in the liver?", Budget("ratio", 0.5))
+    assert p.encode_calls == before
+
+
+def test_max_new_tokens_is_bounded(engine, session):
+    engine._activate(session)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.predictor.ask("Is there a lesion?", max_new_tokens=100_000)
+
+
+def test_patient_identifiers_never_leak(engine, tmp_path, caplog):
+    from test_volume import _dicom_series
+
+    folder = _dicom_series(tmp_path / "Doe_Jane_series", n=20, name="Doe^Jane")
+    with caplog.at_level("DEBUG"):
+        s = engine.load_upload([str(p) for p in sorted(folder.iterdir())], None)
+        a = engine.ask(s, "Is there a lesion in the liver?", Budget("auto"))
+        files = engine.export(s, {"view3d": b"\x89PNG"})
+    blob = caplog.text + a.text + json.dumps(a.to_dict()) + repr(s.volume.meta)
+    for f in files:
+        blob += f.name + (f.read_text() if f.suffix == ".json" else "")
+        assert "Doe" not in f.name and "Jane" not in f.name
+    import nibabel as nib
+
+    hdr = nib.load(str([f for f in files if f.name.endswith(".nii.gz")][0])).header
+    blob += hdr["descrip"].tobytes().decode(errors="ignore") + hdr["db_name"].tobytes().decode(errors="ignore")
+    for secret in ("Doe", "Jane", "ID-12345", "19700101", str(tmp_path)):
+        assert secret not in blob
+    s.cleanup()
+
+
+def test_bad_upload_through_the_service_keeps_working(engine, tmp_path):
+    bad = tmp_path / "x.nii.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(VolumeError):
+        engine.load_upload([str(bad)], None)
+    with pytest.raises(VolumeError, match="one NIfTI"):
+        engine.load_upload([str(bad), str(bad)], None)
+    with pytest.raises(VolumeError, match="Choose a file"):
+        engine.load_upload([], None)
+    s = engine.load_case("chest_aorta_ct")
+    assert engine.ask(s, "Is there an abnormality of the aorta?", Budget("auto")).total == 1000
+
+
+AUDIT = r'''
+import socket, sys
+def hook(event, args):
+    if event == "socket.connect":
+        addr = args[1]
+        host = addr[0] if isinstance(addr, tuple) else str(addr)
+        if not (host.startswith("127.") or host in ("localhost", "::1")):
+            print("OUTBOUND", addr, flush=True)
+            raise OSError("outbound network blocked by test")
+    if event == "socket.getaddrinfo":
+        host = args[0]
+        if host not in (None, "localhost", "127.0.0.1", "::1") and not str(host).startswith("127."):
+            print("DNS", host, flush=True)
+            raise OSError("DNS blocked by test")
+sys.addaudithook(hook)
+sys.argv = ["app.py", "--model", sys.argv[1], "--device", "cpu", "--port", sys.argv[2]] + sys.argv[3:]
+import runpy
+runpy.run_path(sys.argv[0] if False else "app.py", run_name="__main__")
+'''
+
+
+def _start(tiny_model_dir, port, *extra):
+    env = dict(os.environ)
+    env.pop("GRADIO_ANALYTICS_ENABLED", None)   # the app must turn analytics off by itself
+    return subprocess.Popen([sys.executable, "-c", AUDIT, str(tiny_model_dir), str(port), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_http(port, proc, auth=None, timeout=120):
+    import urllib.request
+
+    for _ in range(timeout * 2):
+        if proc.poll() is not None:
+            break
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+        except Exception:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("server did not start:\n" + proc.stdout.read())
+
+
+def test_no_outbound_network_at_import_or_launch_and_loopback_bind(tiny_model_dir):
+    from test_browser import _free_port
+
+    port = _free_port()
+    proc = _start(tiny_model_dir, port)
+    try:
+        _wait_http(port, proc)
+        time.sleep(3)   # give any background telemetry a chance to fire
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert "OUTBOUND" not in out and "DNS" not in out, out
+    assert f"127.0.0.1:{port}" in out
+    assert "share=True" in out or "gradio.live" not in out
+
+
+def test_auth_is_enforced(tiny_model_dir):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from test_browser import _free_port
+
+    port = _free_port()
+    proc = _start(tiny_model_dir, port, "--auth", "clinician:s3cret")
+    try:
+        _wait_http(port, proc)
+        data = urllib.parse.urlencode({"username": "clinician", "password": "wrong"}).encode()
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/login", data=data, timeout=5)
+        ok = urllib.parse.urlencode({"username": "clinician", "password": "s3cret"}).encode()
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/login", data=ok, timeout=5).status == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def test_cli_rejects_malformed_auth():
+    r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "USER:PASS" in r.stderr
