@@ -110,9 +110,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
     @_guard
     def on_upload(files, label_file, old, progress=gr.Progress()):
-        paths = [f if isinstance(f, str) else f.name for f in (files or [])]
-        s = engine.load_upload(paths, label_file if isinstance(label_file, (str, type(None))) else label_file.name,
-                               progress)
+        paths = [str(f) for f in (files or [])]                 # gr.File gives file paths
+        s = engine.load_upload(paths, str(label_file) if label_file else None, progress)
         if old is not None:
             old.cleanup()
         return (s, status_md(s), gr.update(choices=[], value=None), "",
@@ -184,7 +183,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title="Photon CT", analytics_enabled=False) as demo:
         state = gr.State(None, delete_callback=lambda s: s.cleanup() if s is not None else None)
         gr.Markdown("## Photon CT — ask a CT scan, audit what the model kept\n"
-                    f"<small>Model: {html.escape(engine.settings.model_dir or 'embedded demo model')} · "
+                    f"<small>Model: {html.escape(Path(engine.settings.model_dir).name if engine.settings.model_dir else 'embedded demo model')} · "
                     "research software, not for clinical use</small>")
         with gr.Row():
             with gr.Column(scale=4, min_width=330):

@@ -535,13 +535,14 @@ class PhotonModel(nn.Module):
             if i == self.its_layer and run_its:
                 qk: list = []
                 h, kv = layer(h, cos, sin, allowed, plain, qkv_out=qk)
-                caches.append(kv)
+                if use_cache:
+                    caches.append(kv)
                 state = self._its(qk[0], qk[1], vision, question, key_valid, budget)
                 h, kv_state = self._apply_its(h, state, vision, key_valid, flip, losses)
                 if kv_state is not None:
                     idx, valid = kv_state
                     caches = [tuple(gather_tokens(t.transpose(1, 2), idx, valid).transpose(1, 2) for t in kv)
-                              for kv in caches] if use_cache else []
+                              for kv in caches]
                     pos = torch.stack([gather_tokens(pp, idx, valid) for pp in pos])
                     cos, sin = self.rope(pos, h.dtype)
                     key_valid = valid

@@ -180,3 +180,40 @@ def test_auth_is_enforced(tiny_model_dir):
 def test_cli_rejects_malformed_auth():
     r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "USER:PASS" in r.stderr
+
+
+def test_cuda_oom_during_a_request_is_reported_and_the_server_goes_on(monkeypatch):
+    import gradio as gr
+    import torch
+
+    from app.handlers import _guard
+
+    freed = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
+    calls = {"n": 0}
+
+    @_guard
+    def handler():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "ok"
+
+    with pytest.raises(gr.Error, match="ran out of memory"):
+        handler()
+    assert freed == [1]
+    assert handler() == "ok"
+
+
+def test_unexpected_errors_are_readable_and_do_not_leak_internals():
+    import gradio as gr
+
+    from app.handlers import _guard
+
+    @_guard
+    def handler():
+        raise KeyError("/secret/path/patient_Jane")
+
+    with pytest.raises(gr.Error) as e:
+        handler()
+    assert "still running" in str(e.value) and "secret" not in str(e.value)

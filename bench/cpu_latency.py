@@ -1,0 +1,91 @@
+"""CPU (or GPU) latency of the demo model through the Predictor: set_volume, ask, re-ask at another budget,
+and the app's path (sample case → first answer + 3-D; budget change → new answer + 3-D).
+
+    python bench/cpu_latency.py [--model DIR] [--device cpu] [--repeats 5]
+
+Measures and prints (medians); it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def med(xs):
+    return round(statistics.median(xs), 3)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    import torch
+
+    from app.service import Engine, Settings
+    from photon_core.predictor import Predictor
+    from photon_core.preprocess import prepare
+    from photon_core.scheduler import Budget
+    from photon_core.volume import load_volume
+    from viz.scene import render_png, scene_glb, token_blocks
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    q = "Is there a lesion in the liver?"
+    rows = {}
+    pred = Predictor(args.model, args.device)
+    vol = load_volume(ROOT / "sample_cases/abdomen_ct/ct.nii.gz")
+    prep = prepare(vol, pred.device)
+    t_set, t_first, t_again, t_budget = [], [], [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        pred.set_volume(prep)
+        t_set.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pred.ask(q)
+        t_first.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pred.ask(q)
+        t_again.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pred.ask(q, budget="25%")
+        t_budget.append(time.perf_counter() - t)
+    rows["predictor"] = dict(set_volume_s=med(t_set), first_ask_s=med(t_first),
+                             set_volume_plus_first_ask_s=med([a + b for a, b in zip(t_set, t_first)]),
+                             ask_again_s=med(t_again), reask_other_budget_s=med(t_budget))
+    eng = Engine(Settings(model_dir=args.model, device=args.device))
+    eng.predictor
+    first, change = [], []
+    for i in range(args.repeats):
+        eng._cache.clear()
+        t = time.perf_counter()
+        s = eng.load_case("abdomen_ct")
+        a = eng.ask(s, q, Budget("auto"))
+        blocks = token_blocks(s.corners, a.keep_grid.ravel(), a.rho.ravel())
+        scene_glb(s.surfaces, blocks)
+        render_png(s.surfaces, blocks)
+        first.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        a = eng.ask(s, q, Budget("ratio", 0.1 + 0.05 * i))
+        blocks = token_blocks(s.corners, a.keep_grid.ravel(), a.rho.ravel())
+        scene_glb(s.surfaces, blocks)
+        render_png(s.surfaces, blocks)
+        change.append(time.perf_counter() - t)
+        s.cleanup()
+    rows["app_path"] = dict(sample_case_to_first_answer_and_3d_s=med(first), budget_change_to_answer_and_3d_s=med(change))
+    rows["machine"] = dict(device=str(pred.device), cpu_threads=torch.get_num_threads(), torch=torch.__version__,
+                           python=platform.python_version(), processor=platform.processor() or platform.machine(),
+                           model=pred.name, repeats=args.repeats)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
