@@ -235,6 +235,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         answer_outputs = [state, card, model3d, png3d, slice_img, hist, ret]
         load_outputs = [state, status, suggested, question, slice_img, model3d, png3d, hist, ret, cmp_plot, cmp_table]
         load_btn.click(on_load_case, [case, state], load_outputs)
+        demo.load(on_load_case, [case, state], load_outputs)          # open on the first sample case
         upload_btn.click(on_upload, [files, labels_file, state], load_outputs)
         suggested.change(lambda q: q or gr.update(), suggested, question)
         mode.input(on_mode_change, [state, question, mode, *slice_inputs], answer_outputs + [value],

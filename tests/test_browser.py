@@ -78,7 +78,8 @@ def _card(page):
 
 
 def test_sample_ask_budget_compare_upload_export(page, tmp_path):
-    # pick the sample case and load it
+    # the first sample case is shown on opening; loading it again by hand works too
+    page.wait_for_function("document.querySelector('#status').innerText.includes('voxels')")
     page.click("#load_case")
     page.wait_for_function("document.querySelector('#status').innerText.includes('voxels')")
     assert "Abdomen" in page.locator("#status").inner_text()

@@ -252,3 +252,16 @@ def test_single_dicom_file(tmp_path):
     f = sorted(_dicom_series(tmp_path / "one").iterdir())[0]
     with pytest.raises(VolumeError, match="single DICOM image"):
         load_volume(f)
+
+
+def test_zero_size_dimension(tmp_path):
+    with pytest.raises(VolumeError, match="empty dimension"):
+        load_volume(_nifti(tmp_path, np.zeros((0, 32, 32), np.int16)))
+
+
+def test_huge_upload_is_refused_before_reading(tmp_path):
+    p = tmp_path / "big.nii"
+    with open(p, "wb") as f:
+        f.truncate(50_000_000)                      # sparse 50 MB file
+    with pytest.raises(VolumeError, match="upload limit"):
+        load_volume(p, Limits(max_file_bytes=10_000_000))
