@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .audit import jaccard
+from .distributed import init_distributed
 from .metrics import aggregate, score
 from .predictor import Predictor
 from .preprocess import TOKEN_GRID, TOKEN_VOXELS
@@ -37,12 +38,6 @@ def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
     pd, ph, pw = TOKEN_VOXELS
     m = mask.float().reshape(a, pd, b, ph, c, pw).mean((1, 3, 5))
     return (m >= fraction).flatten().cpu().numpy()
-
-
-def _rank_world():
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,
@@ -171,7 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    rank, world = _rank_world()
+    rank, world = init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     pred = Predictor(args.model, args.device)
     if args.data:

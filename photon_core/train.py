@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_model, save_model
 from .config import PhotonConfig, VisionConfig
+from .distributed import init_distributed
 from .model import PhotonModel
 from .preprocess import patchify
 from .prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
@@ -96,14 +97,6 @@ def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
 
 # ----------------------------------------------------------------------------------------------
 
-def _dist() -> tuple[int, int]:
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def phase_at(step: int, cfg: TrainConfig) -> int:
     f = step / max(1, cfg.steps)
     return 1 if f < cfg.phase2_start else 2 if f < cfg.phase3_start else 3
@@ -143,7 +136,7 @@ def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
 def train(cfg: TrainConfig) -> Path:
     from .data import DemoGenerator
 
-    rank, world = _dist()
+    rank, world = init_distributed()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", rank % torch.cuda.device_count())

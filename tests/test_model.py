@@ -236,3 +236,21 @@ def test_official_config_keys():
     assert c.vision.in_chans == 1 and c.its_layer == 8 and c.head_dim == 128
     with pytest.raises(ValueError, match="model_type"):
         PhotonConfig.from_hf_dict({"model_type": "llama"})
+
+
+def test_ask_cli_json(tiny_model_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SAMPLES
+
+    r = subprocess.run([sys.executable, "-m", "photon_core.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
+                        "--question", "Is there a lesion in the liver?", "--budget", "25%", "--model",
+                        str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["kept"] == 250 and d["total"] == 1000 and d["budget"] == "25%"
+    bad = subprocess.run([sys.executable, "-m", "photon_core.ask", "--scan", "/nonexistent.nii.gz", "--question",
+                          "x?", "--model", str(tiny_model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
