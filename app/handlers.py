@@ -72,6 +72,9 @@ def _guard(fn):
 
 
 def build_ui(engine: Engine) -> gr.Blocks:
+    from viz.scene import warm_up
+
+    warm_up()
     titles = [c["title"] for c in cases()]
 
     # ---------------------------------------------------------------- renderers
@@ -161,9 +164,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="PNG")
             pngs[f"slice_{view}"] = buf.getvalue()
-        p3d = Path(s.workdir) / "view3d.png" if s is not None and s.workdir else None
-        if p3d is not None and p3d.is_file():
-            pngs["view3d"] = p3d.read_bytes()
+        if s is not None and s.answer is not None:   # the 3-D view of the answer being exported
+            blocks = token_blocks(s.corners, s.answer.keep_grid.ravel(), s.answer.rho.ravel())
+            pngs["view3d"] = render_png(s.surfaces, blocks, size=(800, 600))
         return [str(p) for p in engine.export(s, pngs)]
 
     def on_budget_change(s, question, mode, value, view, position, window_name, opacity):

@@ -76,6 +76,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--warmup", type=float, default=30, help="seconds before the RSS baseline is taken")
+    ap.add_argument("--server-log", default=None, help="with --start: write the server's output here")
     args = ap.parse_args(argv)
     if args.seconds > 600:
         ap.error("--seconds is capped at 600")
@@ -86,7 +87,8 @@ def main(argv=None) -> dict:
         cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu", "--max-new-tokens", "8"]
         if args.model:
             cmd += ["--model", args.model]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
         url = f"http://127.0.0.1:{port}/"
         for _ in range(240):

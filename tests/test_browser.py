@@ -78,9 +78,8 @@ def _card(page):
 
 
 def test_sample_ask_budget_compare_upload_export(page, tmp_path):
-    # the first sample case is shown on opening; loading it again by hand works too
-    page.wait_for_function("document.querySelector('#status').innerText.includes('voxels')")
-    page.click("#load_case")
+    # the first sample case is shown on opening
+    page.wait_for_selector("#status")
     page.wait_for_function("document.querySelector('#status').innerText.includes('voxels')")
     assert "Abdomen" in page.locator("#status").inner_text()
     # the first suggested question is filled in; ask it
@@ -130,6 +129,13 @@ def test_sample_ask_budget_compare_upload_export(page, tmp_path):
     dl.value.save_as(str(target))
     img = nib.load(str(target))
     assert img.shape == (122, 101, 112) and set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+
+    # the case picker loads another sample
+    page.get_by_role("tab", name="Sample case").click()
+    page.locator("#case input").click()
+    page.get_by_role("option", name="Chest/abdomen CT angiography, aortic dissection (1.5 mm)").click()
+    page.click("#load_case")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Chest')")
 
     # upload a bad file: a readable error, and the app keeps working
     bad = tmp_path / "broken.nii.gz"

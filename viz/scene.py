@@ -7,6 +7,7 @@ change with the budget. Outputs: a GLB for the browser (`scene_glb`) and a PNG r
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 
@@ -16,11 +17,21 @@ ORGAN_COLOURS = [(0.85, 0.37, 0.33), (0.36, 0.62, 0.85), (0.55, 0.78, 0.42), (0.
                  (0.65, 0.48, 0.80), (0.40, 0.80, 0.78), (0.90, 0.55, 0.70), (0.70, 0.70, 0.35)]
 
 
+_RENDER_LOCK = threading.Lock()   # VTK rendering is not thread-safe; the app serves several users
+
+
 def _pv():
     import pyvista as pv
+    import pyvista.plotting  # noqa: F401  (pyvista loads this lazily, which is not thread-safe)
 
     pv.OFF_SCREEN = True
     return pv
+
+
+def warm_up() -> None:
+    """Import PyVista/VTK fully in the calling (main) thread before requests arrive."""
+    pv = _pv()
+    assert pv.Plotter is not None
 
 
 def _contour(mask_or_hu: np.ndarray, level: float, affine: np.ndarray, max_dim: int = 128, smooth: int = 15,
@@ -100,6 +111,11 @@ def scene_glb(surfaces: list[dict], blocks: list[dict]) -> bytes:
 def render_png(surfaces: list[dict], blocks: list[dict], size=(640, 480), view: str = "iso") -> bytes:
     """Off-screen PNG of the scene (no depth peeling: it is unreliable off-screen)."""
     pv = _pv()
+    with _RENDER_LOCK:
+        return _render_png_locked(pv, surfaces, blocks, size, view)
+
+
+def _render_png_locked(pv, surfaces, blocks, size, view) -> bytes:
     from PIL import Image
 
     p = pv.Plotter(off_screen=True, window_size=size)
