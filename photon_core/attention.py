@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +58,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         n = lengths[0]
         qb, kb, vb = (t.reshape(-1, n, H, d).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(N, H, d)
-    nb, m = len(lengths), max(lengths)
+    m = max(lengths)
     starts = cu_seqlens[:-1].to(q.device)
     lens = torch.tensor(lengths, device=q.device)
     pos = torch.arange(m, device=q.device)
@@ -71,6 +69,3 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)    # (nb, H, m, d)
     return out.transpose(1, 2)[valid]                                   # (N, H, d) in block order
 
-
-def softmax_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

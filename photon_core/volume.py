@@ -20,16 +20,14 @@ is expected, in words a clinician can act on.
 from __future__ import annotations
 
 import gzip
-import io
 import os
-import shutil
 import stat
 import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLES
-from photon_core.preprocess import MODEL_SHAPE, Geometry, load_step, patchify, prepare
-from photon_core.volume import load_volume, volume_from_array
+from photon_core.preprocess import load_step, patchify, prepare
+from photon_core.volume import volume_from_array
 
 
 def test_load_step_reproduces_official_fixture(parity_dir, abdomen):

@@ -6,10 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT
 from photon_core.scheduler import Budget
 from photon_core.volume import VolumeError
 
@@ -115,7 +114,7 @@ def hook(event, args):
 sys.addaudithook(hook)
 sys.argv = ["app.py", "--model", sys.argv[1], "--device", "cpu", "--port", sys.argv[2]] + sys.argv[3:]
 import runpy
-runpy.run_path(sys.argv[0] if False else "app.py", run_name="__main__")
+runpy.run_path("app.py", run_name="__main__")
 '''
 
 

@@ -1,6 +1,5 @@
 """Loading every sample, and a clear error for every kind of bad input."""
 import gzip
-import io
 import json
 import zipfile
 
@@ -151,7 +150,6 @@ def test_configurable_limits():
 # ------------------------------------------------------------------ DICOM
 
 def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(), name="Doe^Jane"):
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
