@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Ask Photon a question about a CT scan.")
     ap.add_argument("--scan", required=True, help="NIfTI/NRRD file, DICOM folder or .zip")
     ap.add_argument("--question", required=True)
-    ap.add_argument("--budget", default="auto", help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4")
+    ap.add_argument("--budget", default="auto", help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4 | fastv:300 | visionzip:300 | random:300")
     ap.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--max-new-tokens", type=int, default=32)

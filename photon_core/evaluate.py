@@ -2,6 +2,8 @@
 
     python -m photon_core.evaluate --demo-split test --scans 60 --out reports/demo_test
     python -m photon_core.evaluate --data my_set.jsonl --out reports/mine        # open JSONL layout
+    python -m photon_core.evaluate --data 3D-RAD/test_csvs --images 3D-RAD/volumes --out reports/3drad
+    python -m photon_core.evaluate --data DeepTumorVQA/test.json --columns image=image_path --dry-run
     torchrun --nproc_per_node 2 -m photon_core.evaluate ...                       # sharded by scan
 
 JSONL records: {"image": path (NIfTI/DICOM/NRRD, or a model-space .npy with "space": "model"),
@@ -9,7 +11,8 @@ JSONL records: {"image": path (NIfTI/DICOM/NRRD, or a model-space .npy with "spa
 Writes predictions.jsonl, metrics.json and metrics.md. With organ masks (the demo split) it also
 reports per-organ coverage of the asked organ, Jaccard between kept sets of two organ prompts on
 the same scan, accuracy when the volume is replaced by noise, and the same questions under
-FastV and random-k at the kept count ITS chose (matched budgets).
+FastV, VisionZip-style and random-k at the kept count ITS chose (matched budgets); ``--curve``
+adds accuracy-vs-kept-tokens curves for ITS top-k and the three baselines.
 """
 from __future__ import annotations
 
@@ -24,12 +27,16 @@ import torch
 import torch.distributed as dist
 
 from .audit import jaccard
+from .datasets import parse_columns, read_records
 from .distributed import init_distributed
 from .metrics import aggregate, score
 from .predictor import Predictor
 from .preprocess import TOKEN_GRID, TOKEN_VOXELS
 from .scheduler import Budget
 from .volume import load_volume
+
+
+BASELINES = ("fastv", "visionzip", "random")
 
 
 def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
@@ -41,7 +48,7 @@ def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
 
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,
-                  baselines: bool = True, noise: bool = True) -> list[dict]:
+                  baselines: bool = True, noise: bool = True, curve: tuple = ()) -> list[dict]:
     """Generate ``scans`` scans of the demo split and ask every supported question on each."""
     from .data import DemoGenerator
 
@@ -69,9 +76,15 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                 if q["family"] == "existence":
                     kept_by_organ[q["organ"]] = a.keep_grid.ravel()
             if baselines and a.kept > 0:
-                for mode in ("fastv", "random"):
+                for mode in BASELINES:
                     b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j), max_new_tokens=8)
                     row[f"{mode}_scores"] = score(b.text, q["answer"], q["answer_type"])
+            if curve:
+                row["curve"] = {}
+                for k in curve:
+                    for mode in ("top_k",) + BASELINES:
+                        b = pred.ask(q["question"], budget=Budget(mode, float(k), seed=i * 100 + j), max_new_tokens=8)
+                        row["curve"][f"{mode}:{k}"] = score(b.text, q["answer"], q["answer_type"])
             rows.append(row)
         names = sorted(kept_by_organ)
         for x in range(len(names)):
@@ -88,24 +101,34 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
     return rows
 
 
-def evaluate_jsonl(pred: Predictor, path: Path, rank: int = 0, world: int = 1) -> list[dict]:
-    base = path.parent
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows, current = [], None
-    for k, r in enumerate(recs):
-        if k % world != rank:
+def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: int = 1,
+                     max_new_tokens: int = 16) -> list[dict]:
+    """Ask every record (see `datasets.read_records`); sharded by image, each volume encoded once.
+    A volume that cannot be read is reported on its rows (error, score 0), not fatal."""
+    by_image: dict[str, list[dict]] = {}
+    for r in recs:
+        by_image.setdefault(r["image"], []).append(r)
+    rows = []
+    for n, (image, group) in enumerate(by_image.items()):
+        if n % world != rank:
             continue
-        img = base / r["image"] if not Path(r["image"]).is_absolute() else Path(r["image"])
-        if img != current:
-            if r.get("space") == "model":
-                pred.set_volume(torch.from_numpy(np.load(img).astype(np.float32)))
+        try:
+            if group[0].get("space") == "model":
+                pred.set_volume(torch.from_numpy(np.load(image).astype(np.float32)))
             else:
-                pred.set_volume(load_volume(img))
-            current = img
-        a = pred.ask(r["question"], budget=r.get("budget", "auto"), max_new_tokens=16)
-        rows.append(dict(question=r["question"], answer=r["answer"], family=r.get("family", "all"),
-                         answer_type=r.get("answer_type", "open"), organ=r.get("organ"), prediction=a.text,
-                         kept=a.kept, scores=score(a.text, r["answer"], r.get("answer_type", "open"))))
+                pred.set_volume(load_volume(image))
+            error = None
+        except (ValueError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+        for r in group:
+            base = dict(question=r["question"], answer=r["answer"], family=r.get("family", "all"),
+                        answer_type=r.get("answer_type", "open"), organ=r.get("organ"), image=Path(image).name)
+            if error:
+                rows.append(base | dict(prediction="", kept=0, error=error, scores=score("", r["answer"], base["answer_type"])))
+                continue
+            a = pred.ask(r["question"], budget=r.get("budget", "auto"), max_new_tokens=max_new_tokens)
+            rows.append(base | dict(prediction=a.text, kept=a.kept,
+                                    scores=score(a.text, r["answer"], base["answer_type"])))
     return rows
 
 
@@ -127,10 +150,15 @@ def summarise(rows: list[dict]) -> dict:
         out["noise_closed_accuracy"] = float(np.mean([r["scores"]["accuracy"] for r in noise]))
         clean = [r for r in qa if r["answer_type"] in ("closed", "choice")]
         out["clean_closed_accuracy"] = float(np.mean([r["scores"]["accuracy"] for r in clean])) if clean else None
-    for mode in ("fastv", "random"):
+    for mode in BASELINES:
         b = [dict(family=r["family"], scores=r[f"{mode}_scores"]) for r in qa if f"{mode}_scores" in r]
         if b:
             out[f"{mode}_matched"] = aggregate(b)
+    curve_rows = [r for r in qa if "curve" in r]
+    if curve_rows:
+        keys = list(curve_rows[0]["curve"])
+        out["curve_macro"] = {key: aggregate([dict(family=r["family"], scores=r["curve"][key]) for r in curve_rows])["macro"]
+                              for key in keys}
     first = [r["latency_first_s"] for r in qa if r.get("latency_first_s") is not None]
     if first:
         out["cpu_latency_set_volume_plus_first_ask_s_median"] = float(np.median(first))
@@ -147,8 +175,16 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {f} | {d['n']} | {cell('accuracy')} | {cell('mra')} | {cell('exact')} | {cell('bleu1')} | "
                      f"{cell('rouge1')} |")
     lines.append(f"\nmacro average: {summary['families']['macro']:.3f}")
+    if summary.get("curve_macro"):
+        ks = sorted({int(k.split(":")[1]) for k in summary["curve_macro"]})
+        modes = list(dict.fromkeys(k.split(":")[0] for k in summary["curve_macro"]))
+        lines += ["", "macro score vs kept tokens:", "", "| kept | " + " | ".join(modes) + " |",
+                  "|---|" + "---|" * len(modes)]
+        for k in ks:
+            lines.append(f"| {k} | " + " | ".join(f"{summary['curve_macro'][f'{m}:{k}']:.3f}" for m in modes) + " |")
+        lines.append("")
     for k, v in summary.items():
-        if k not in ("families",) and not isinstance(v, dict):
+        if k not in ("families", "curve_macro") and not isinstance(v, dict):
             lines.append(f"- {k}: {v if not isinstance(v, float) else round(v, 4)}")
         elif k.endswith("_matched"):
             lines.append(f"- {k}: macro {v['macro']:.3f}")
@@ -159,21 +195,33 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--data", type=Path, help="JSONL dataset")
+    ap.add_argument("--data", type=Path, help="our JSONL, a CSV or folder of CSVs (3D-RAD-style), a JSON list "
+                                              "(DeepTumorVQA-style)")
+    ap.add_argument("--images", type=Path, help="folder the records' image paths are relative to")
+    ap.add_argument("--columns", nargs="*", default=[], help="field=COLUMN overrides, e.g. image=VolumeName")
+    ap.add_argument("--dry-run", action="store_true", help="print the first records as read, then stop")
     ap.add_argument("--demo-split", choices=["test", "report", "train"])
     ap.add_argument("--scans", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--curve", type=int, nargs="*", default=[],
+                    help="kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the baselines)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.data and args.dry_run:
+        recs = read_records(args.data, parse_columns(args.columns), args.images)
+        print(f"{len(recs)} records")
+        for r in recs[:5]:
+            print(json.dumps(r))
+        return
     rank, world = init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     pred = Predictor(args.model, args.device)
     if args.data:
-        rows = evaluate_jsonl(pred, args.data, rank, world)
+        rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images), rank, world)
     else:
         rows = evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
-                             baselines=not args.no_baselines)
+                             baselines=not args.no_baselines, curve=tuple(args.curve))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"predictions.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if world > 1:

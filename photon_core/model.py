@@ -348,6 +348,7 @@ class ITSState:
     keep: torch.Tensor         # (B, V) bool: the applied decision
     descriptor: torch.Tensor   # (B, 12)
     fastv: torch.Tensor | None = None  # (B, V) attention of the last instruction token (baseline)
+    merge: list | None = None  # per row: (V,) kept token each dropped token merges into (visionzip), or None
 
     @property
     def kept_count(self) -> torch.Tensor:
@@ -366,6 +367,7 @@ class Output:
     cache: list | None = None                 # per layer (k, v): (B, Hkv, N, d)
     next_position: torch.Tensor | None = None  # (B,) position id of the first generated token
     seq_len_per_layer: list = field(default_factory=list)  # attention length each layer saw
+    scan_features: torch.Tensor | None = None  # (S·V, D) visual tokens encoded in this forward
 
 
 def _allowed(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -393,6 +395,7 @@ class PhotonModel(nn.Module):
         self.rope = MRoPE(cfg)
         self.phase = 3               # training phase used in train mode (1, 2, 3)
         self.band = (0.3, 0.8)       # retention band (official values) for the mean keep probability
+        self.guide_weight = 0.1      # weight of the optional training-only saliency guidance
 
     @property
     def its_layer(self) -> int:
@@ -480,8 +483,22 @@ class PhotonModel(nn.Module):
             theta, desc = self.its_module.threshold(rho, u)
         p = torch.sigmoid((rho - theta[:, None]) / its.TEMPERATURE)
         fv = torch.stack(fastv)
-        keep = torch.stack([its.decide(budgets[b], rho[b], theta[b], fv[b]) for b in range(B)])
-        return ITSState(u=u, rho=rho, theta=theta, p=p, keep=keep, descriptor=desc, fastv=fv)
+        keeps, merges = [], []
+        for b in range(B):
+            if budgets[b].mode == "visionzip":
+                vi = vision[b].nonzero().flatten()
+                kb = k[b].repeat_interleave(rep, 0)[:, vi].float()               # (H, V, d)
+                att = ((q[b][:, vi].float() @ kb.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1)
+                keep_b, merge_b = its.visionzip_plan(int(budgets[b].value), att.mean((0, 1)),
+                                                     k[b][:, vi].float().transpose(0, 1).flatten(1))
+                keeps.append(keep_b)
+                merges.append(merge_b)
+            else:
+                keeps.append(its.decide(budgets[b], rho[b], theta[b], fv[b]))
+                merges.append(None)
+        keep = torch.stack(keeps)
+        merge = merges if any(m is not None for m in merges) else None
+        return ITSState(u=u, rho=rho, theta=theta, p=p, keep=keep, descriptor=desc, fastv=fv, merge=merge)
 
     # ------------------------------------------------------------------ prefill / training forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -489,7 +506,7 @@ class PhotonModel(nn.Module):
                 grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 budget: its.Budget | list | None = None, use_cache: bool = False,
                 use_its: bool = True, flip: bool = False, robust: bool = False,
-                row_scan: list[int] | None = None) -> Output:
+                row_scan: list[int] | None = None, saliency_target: torch.Tensor | None = None) -> Output:
         """Prefill (eval) or training forward. ``features`` = cached `encode_volume` output for the
         whole batch (concatenated in row order); else ``pixel_values``/``grid_thw`` are encoded.
 
@@ -503,8 +520,9 @@ class PhotonModel(nn.Module):
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        scan_features = None
         if features is None and pixel_values is not None:
-            features = self.encode_volume(pixel_values, grid_thw)
+            features = scan_features = self.encode_volume(pixel_values, grid_thw)
             if row_scan is not None:
                 m2 = self.config.vision.spatial_merge_size ** 2
                 per_scan = features.split([int(n) // m2 for n in grid_thw.prod(-1).tolist()])
@@ -538,6 +556,8 @@ class PhotonModel(nn.Module):
                 if use_cache:
                     caches.append(kv)
                 state = self._its(qk[0], qk[1], vision, question, key_valid, budget)
+                if saliency_target is not None and self.training:
+                    losses["guide"] = self._guide_loss(qk[0], qk[1], vision, question, saliency_target)
                 h, kv_state = self._apply_its(h, state, vision, key_valid, flip, losses)
                 if kv_state is not None:
                     idx, valid = kv_state
@@ -557,7 +577,8 @@ class PhotonModel(nn.Module):
                     caches.append(kv)
         logits = self.lm_head(self.model.norm(h))
         out = Output(logits=logits, its=state, key_valid=key_valid, orig_index=orig_index, labels=labels,
-                     cache=caches if use_cache else None, next_position=next_pos, seq_len_per_layer=seq_lens)
+                     cache=caches if use_cache else None, next_position=next_pos, seq_len_per_layer=seq_lens,
+                     scan_features=scan_features)
         if labels is not None:
             if robust:
                 main = neg_entropy_loss(logits, labels)
@@ -568,8 +589,46 @@ class PhotonModel(nn.Module):
                                        ignore_index=-100)
             losses["lm"] = main
             out.loss = main + sum(v for k, v in losses.items() if k != "lm")
-            out.losses = losses
+        out.losses = losses
         return out
+
+    @staticmethod
+    def _merge(h, vision, merges):
+        """VisionZip-style merge: a contextual token's hidden state becomes the mean of itself and the
+        dropped tokens assigned to it (from the ITS layer on; earlier layers' cache keeps its own)."""
+        h = h.clone()
+        for b, m in enumerate(merges):
+            if m is None:
+                continue
+            vi = vision[b].nonzero().flatten()
+            src = (m >= 0).nonzero().flatten()
+            if not src.numel():
+                continue
+            hv = h[b, vi]
+            total = hv.clone()
+            count = torch.ones(hv.shape[0], 1, dtype=hv.dtype, device=hv.device)
+            total.index_add_(0, m[src], hv[src])
+            count.index_add_(0, m[src], torch.ones(src.numel(), 1, dtype=hv.dtype, device=hv.device))
+            targets = torch.unique(m[src])
+            hv[targets] = total[targets] / count[targets]
+            h[b, vi] = hv
+        return h
+
+    def _guide_loss(self, q, k, vision, question, target) -> torch.Tensor:
+        """Cross-entropy of softmax(u) against a target distribution over visual tokens (training only)."""
+        rep = q.shape[1] // k.shape[1]
+        terms = []
+        for b in range(q.shape[0]):
+            t = target[b].float()
+            if float(t.sum()) <= 0:
+                continue
+            vi = vision[b].nonzero().flatten()
+            qi = question[b].nonzero().flatten()
+            kb = k[b].repeat_interleave(rep, 0)
+            u = its.saliency(q[b][:, qi], kb[:, qi], kb[:, vi])
+            terms.append(-(t / t.sum() * u.log_softmax(-1)).sum())
+        loss = torch.stack(terms).mean() if terms else q.new_zeros((), dtype=torch.float32)
+        return self.guide_weight * loss
 
     def _apply_its(self, h, state: ITSState, vision, key_valid, flip, losses):
         """Apply the decision at the ITS layer output. Returns h and (idx, valid) if tokens dropped."""
@@ -592,6 +651,8 @@ class PhotonModel(nn.Module):
             idx, valid = pack_indices(presence, "right")
             return surrogate_gather(h, p_full.to(h.dtype), vision, idx, valid), (idx, valid)
         keep_full = keep_full.masked_scatter(vision, state.keep)
+        if state.merge is not None:
+            h = self._merge(h, vision, state.merge)
         presence = key_valid & (~vision | keep_full)
         idx, valid = pack_indices(presence, "right")
         return gather_tokens(h, idx, valid), (idx, valid)

@@ -99,7 +99,10 @@ class ITSModule(nn.Module):
 # Budgets: which tokens to keep at inference
 # --------------------------------------------------------------------------------------------
 
-BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "random"]
+BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random"]
+MODES = ("auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random")
+COUNT_MODES = ("top_k", "fastv", "visionzip", "random")
+VISIONZIP_DOMINANT = 54 / 64     # VisionZip's dominant : contextual split (54 + 10 tokens of 64)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,10 @@ class Budget:
 
     auto: the model's own θ (what Photon does). top_k: the k most salient tokens. ratio: a fraction
     of the visual tokens (top by ρ). threshold: keep ρ > value (a user θ). full: keep everything.
-    fastv / random: pruning baselines at k tokens (attention of the last instruction token; random).
+    fastv / visionzip / random: pruning baselines at k tokens — FastV (attention of the last
+    instruction token), VisionZip-style (text-agnostic: dominant tokens by attention received from
+    the other visual tokens, plus contextual tokens that each merge the remaining tokens most similar
+    to them), random.
     """
 
     mode: BudgetMode = "auto"
@@ -116,10 +122,9 @@ class Budget:
     seed: int = 0
 
     def __post_init__(self):
-        if self.mode not in ("auto", "top_k", "ratio", "threshold", "full", "fastv", "random"):
-            raise ValueError(f"unknown budget mode {self.mode!r}; expected auto, top_k, ratio, threshold, "
-                             f"full, fastv or random")
-        if self.mode in ("top_k", "fastv", "random") and (self.value is None or self.value < 0):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown budget mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.mode in COUNT_MODES and (self.value is None or self.value < 0):
             raise ValueError(f"budget mode {self.mode!r} needs a token count >= 0")
         if self.mode == "ratio" and (self.value is None or not 0 <= self.value <= 1):
             raise ValueError("budget mode 'ratio' needs a fraction in [0, 1]")
@@ -165,9 +170,39 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def visionzip_plan(k: int, dominance: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip-style selection of k of V tokens for one sample.
+
+    dominance (V,): attention each visual token receives from the visual tokens; keys (V, d).
+    Returns keep (V,) bool and merge_into (V,) long: for every dropped token, the kept contextual
+    token whose hidden state absorbs it (mean), −1 for tokens not merged. Dominant tokens are the
+    top ``round(k·54/64)`` by dominance; contextual targets are spread evenly over the remaining
+    tokens in index order, and every other remaining token joins its most similar target (cosine
+    of keys), as VisionZip merges the remainder into a few contextual tokens.
+    """
+    V = dominance.numel()
+    k = int(max(0, min(k, V)))
+    n_dom = int(round(k * VISIONZIP_DOMINANT)) if k > 1 else k
+    keep = _top(dominance, n_dom)
+    merge_into = torch.full((V,), -1, dtype=torch.long, device=dominance.device)
+    rest = (~keep).nonzero().flatten()
+    n_ctx = min(k - n_dom, rest.numel())
+    if n_ctx <= 0:
+        return keep, merge_into
+    targets = rest[torch.linspace(0, rest.numel() - 1, n_ctx, device=rest.device).round().long()]
+    keep[targets] = True
+    others = rest[~torch.isin(rest, targets)]
+    if others.numel():
+        kn = torch.nn.functional.normalize(keys.float(), dim=-1)
+        sim = kn[others] @ kn[targets].T
+        merge_into[others] = targets[sim.argmax(-1)]
+    return keep, merge_into
+
+
 def decide(budget: Budget, rho: torch.Tensor, theta: torch.Tensor,
            fastv_score: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep mask (V,) for one sample under ``budget`` (ρ (V,), θ scalar tensor)."""
+    """Keep mask (V,) for one sample under ``budget`` (ρ (V,), θ scalar tensor).
+    (``visionzip`` is planned by `visionzip_plan`, which also says how dropped tokens merge.)"""
     V = rho.numel()
     if budget.mode == "auto":
         return torch.sigmoid((rho - theta) / TEMPERATURE) > 0.5
