@@ -148,6 +148,13 @@ class FindingSampler:
 
     def __init__(self, rng: random.Random, device="cpu"):
         self.rng, self.device = rng, device
+        self.truth: torch.Tensor | None = None   # (140, 280, 280) finding diameter in mm (0 = none)
+
+    def _mark(self, frames, sl, ball, value: float) -> None:
+        if self.truth is None:
+            self.truth = torch.zeros(frames.shape, device=frames.device)
+        region = self.truth[sl] if sl is not None else self.truth
+        region[ball] = value
 
     def add_lesion(self, frames, organs, organ, kind) -> Finding | None:
         mask = organs[organ]
@@ -170,6 +177,7 @@ class FindingSampler:
                     val = float(region[ball].mean()) + rng.uniform(0.08, 0.15)
                 noise = torch.randn(ball.shape, device=frames.device) * 0.004
                 region[ball] = (val + noise[ball]).clamp(0, 1)
+                self._mark(frames, sl, ball, diam)
                 vol_ml = float(ball.sum()) * VOXEL_MM[0] * VOXEL_MM[1] * VOXEL_MM[2] / 1000
                 return Finding(kind, organ, tuple(c), round(diam), round(vol_ml, 1))
         return None
@@ -186,6 +194,7 @@ class FindingSampler:
         if int(region.sum()) < 500:
             return None
         frames[region] = hu_to_unit(self.rng.uniform(5, 20))
+        self._mark(frames, None, region, 1.0)
         vol_ml = float(region.sum()) * VOXEL_MM[0] * VOXEL_MM[1] * VOXEL_MM[2] / 1000
         c = region.nonzero().float().mean(0).tolist()
         return Finding("effusion", lung, tuple(c), 0.0, round(vol_ml, 1))
@@ -314,6 +323,7 @@ class DemoGenerator:
                 if f:
                     findings.append(f)
         qa = make_questions(findings, organs, rng)
+        self.last_truth = sampler.truth   # finding map of this scan (training-only supervision)
         meta = dict(background=bg.name, mirrored=mirrored,
                     findings=[dict(kind=f.kind, organ=f.organ, side=f.side, diameter_mm=f.diameter_mm,
                                    volume_ml=f.volume_ml, center_model_voxel=[round(x, 1) for x in f.center])

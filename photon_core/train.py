@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_model, save_model
@@ -54,6 +55,8 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 10
     resume: bool = False
+    guide: float = 0.1                     # training-only saliency guidance weight (0 = off)
+    aux: float = 0.5                       # training-only token supervision weight (0 = off)
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
@@ -133,6 +136,111 @@ def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Training-only supervision (not part of official Photon training; nothing of it is saved).
+#
+# A from-scratch demo model on a CPU budget sees a few thousand questions: one answer token each
+# is too little signal to teach a vision tower what organs and lesions look like. The generator
+# knows the exact organ and finding maps, so two extra signals are used while training:
+#  * token supervision: a linear head on the visual tokens predicts, per token block, the share
+#    of each organ and of findings in it, and the finding diameter (the head is discarded);
+#  * saliency guidance: the ITS saliency u of a question is pulled (cross-entropy of softmax u)
+#    toward the blocks of the organs the question names (or the findings, if it names none),
+#    so that what ITS keeps depends on the instruction from the start.
+# ----------------------------------------------------------------------------------------------
+
+def block_fractions(mask: torch.Tensor) -> torch.Tensor:
+    """Model-space mask (140, 280, 280) → (1000,) share of each token block's voxels in it."""
+    from .preprocess import TOKEN_GRID, TOKEN_VOXELS
+    a, b, c = TOKEN_GRID
+    pd, ph, pw = TOKEN_VOXELS
+    return mask.float().reshape(a, pd, b, ph, c, pw).mean((1, 3, 5)).flatten()
+
+
+def token_targets(organs: dict, truth: torch.Tensor | None) -> dict:
+    """Per-token targets of one scan: organ shares (1000, n_organs), finding share, diameter (mm)."""
+    from .data import ORGANS
+    fr = {o: block_fractions(organs[o]) if o in organs else None for o in ORGANS}
+    ref = next(v for v in fr.values() if v is not None) if any(v is not None for v in fr.values()) else None
+    n = 1000 if ref is None else ref.numel()
+    dev = truth.device if truth is not None else (ref.device if ref is not None else "cpu")
+    organ = torch.stack([fr[o] if fr[o] is not None else torch.zeros(n, device=dev) for o in ORGANS], -1)
+    organ_known = torch.tensor([fr[o] is not None for o in ORGANS], device=dev)
+    if truth is None:
+        lesion = torch.zeros(n, device=dev)
+        diam = torch.zeros(n, device=dev)
+    else:
+        lesion = block_fractions(truth > 0)
+        from .preprocess import TOKEN_GRID, TOKEN_VOXELS
+        a, b, c = TOKEN_GRID
+        pd, ph, pw = TOKEN_VOXELS
+        diam = truth.reshape(a, pd, b, ph, c, pw).amax((1, 3, 5)).flatten()
+    return dict(organ=organ, organ_known=organ_known, lesion=lesion, diameter=diam)
+
+
+def guide_target(question: str, targets: dict) -> torch.Tensor:
+    """Distribution over token blocks a question should look at (zeros = no guidance)."""
+    from .data import ORGANS, PAIRED
+    from .audit import organs_in_question
+    names = list(ORGANS)
+    q = question.lower()
+    asked = set(organs_in_question(question, names))
+    for word, pair in PAIRED.items():
+        if word in q and not asked & set(pair):
+            asked |= set(pair)
+    if "pleural" in q:
+        asked |= set(PAIRED["lung"])
+    organ = targets["organ"]
+    if asked:
+        cols = [names.index(o) for o in asked if bool(targets["organ_known"][names.index(o)])]
+        if not cols:
+            return torch.zeros(organ.shape[0], device=organ.device)
+        share = organ[:, cols].sum(-1)
+        blocks = share >= 0.25
+        if not bool(blocks.any()):
+            blocks = share >= 0.5 * float(share.max())
+        return (blocks & (share > 0)).float()
+    return (targets["lesion"] > 0).float()
+
+
+class AuxHead(torch.nn.Module):
+    """Training-only linear read-out of the visual tokens (organ shares, finding share, diameter)."""
+
+    def __init__(self, dim: int, n_organs: int):
+        super().__init__()
+        self.n = n_organs
+        self.proj = torch.nn.Linear(dim, n_organs + 2)
+
+    def loss(self, feats: torch.Tensor, tg: list[dict]) -> torch.Tensor:
+        y = self.proj(feats.float()).reshape(len(tg), -1, self.n + 2)
+        organ = torch.stack([t["organ"] for t in tg])
+        known = torch.stack([t["organ_known"] for t in tg])[:, None, :].expand_as(organ)
+        lesion = torch.stack([t["lesion"] for t in tg])
+        diam = torch.stack([t["diameter"] for t in tg])
+        bce = F.binary_cross_entropy_with_logits
+        lo = bce(y[..., :self.n][known], organ[known]) if bool(known.any()) else y.sum() * 0
+        le = bce(y[..., self.n], (lesion * 8).clamp(max=1.0), pos_weight=torch.tensor(20.0, device=y.device))
+        has = diam > 1.0
+        ld = F.mse_loss(y[..., self.n + 1][has], diam[has] / 40.0) if bool(has.any()) else y.sum() * 0
+        return lo + le + ld
+
+
+class Trainee(torch.nn.Module):
+    """The model plus the training-only head, as one module for DDP."""
+
+    def __init__(self, model: PhotonModel, aux: AuxHead | None, aux_weight: float):
+        super().__init__()
+        self.model, self.aux, self.aux_weight = model, aux, aux_weight
+
+    def forward(self, *args, token_targets=None, **kw):
+        out = self.model(*args, **kw)
+        if self.aux is not None and token_targets is not None and out.scan_features is not None:
+            aux = self.aux_weight * self.aux.loss(out.scan_features, token_targets)
+            out.losses["aux"] = aux
+            out.loss = out.loss + aux
+        return out
+
+
 def train(cfg: TrainConfig) -> Path:
     from .data import DemoGenerator
 
@@ -170,7 +278,13 @@ def train(cfg: TrainConfig) -> Path:
                             weight_decay=cfg.weight_decay)
     if start and (ckpt / "optimizer.safetensors").is_file():
         _load_optimizer(opt, ckpt / "optimizer.safetensors", state["optimizer_layout"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    from .data import ORGANS
+    aux = AuxHead(model.config.hidden_size, len(ORGANS)).to(device) if cfg.aux > 0 else None
+    if aux is not None:
+        opt.add_param_group({"params": list(aux.parameters()), "lr": cfg.lr})
+    model.guide_weight = cfg.guide
+    trainee = Trainee(model, aux, cfg.aux)
+    ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
     gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     t0, seen, log = time.time(), 0, []
@@ -178,18 +292,23 @@ def train(cfg: TrainConfig) -> Path:
     for step in range(start, cfg.steps):
         model.phase = phase_at(step, cfg)
         lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for g, base in zip(opt.param_groups, (cfg.lr, cfg.its_lr)):
+        for g, base in zip(opt.param_groups, (cfg.lr, cfg.its_lr, cfg.lr)):
             g["lr"] = base * max(lr_scale, 0.05)
-        rows, labels_list, row_scan, scans = [], [], [], []
+        rows, labels_list, row_scan, scans, tgs, guides = [], [], [], [], [], []
         robust = rng.random() < cfg.robust_prob
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
         for _ in range(cfg.scans_per_step):
-            frames, qa, meta, _ = gen.sample()
+            frames, qa, meta, organs = gen.sample()
+            tg = token_targets(organs, gen.last_truth) if (cfg.aux > 0 or cfg.guide > 0) else None
             if robust:
                 frames = perturb(frames, rng)
+            elif tg is not None:
+                tgs.append(tg)
             scans.append(patchify(frames[:, None]))
             for q in pick_questions(qa, cfg.questions_per_scan, rng):
+                if tg is not None and not robust:
+                    guides.append(guide_target(q["question"], tg))
                 ids, a0 = tok.prompt(q["question"], 1000, q["answer"])
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])
@@ -199,7 +318,9 @@ def train(cfg: TrainConfig) -> Path:
         grid = torch.cat([g for _, g in scans]).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outp = ddp(ids.to(device), mask.to(device), pixel_values=pv, grid_thw=grid, row_scan=row_scan,
-                       labels=labels.to(device), flip=flip, robust=robust)
+                       labels=labels.to(device), flip=flip, robust=robust,
+                       saliency_target=torch.stack(guides).to(device) if guides and cfg.guide > 0 else None,
+                       token_targets=tgs if len(tgs) == len(scans) and aux is not None else None)
         loss = outp.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

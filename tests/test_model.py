@@ -48,7 +48,8 @@ def test_dropped_tokens_are_absent_from_the_cache(pred):
 
 
 @pytest.mark.parametrize("budget,expected", [("top_k:123", 123), ("ratio:0.25", 250), ("full", 1000),
-                                             ("fastv:77", 77), ("random:200", 200), ("0", 0)])
+                                             ("fastv:77", 77), ("visionzip:150", 150), ("random:200", 200),
+                                             ("0", 0)])
 def test_budget_modes_keep_what_they_promise(pred, budget, expected):
     a = pred.ask("Is the spleen enlarged?", budget=budget, max_new_tokens=2)
     assert a.kept == expected and a.keep_grid.sum() == expected and a.total == 1000
@@ -254,3 +255,98 @@ def test_ask_cli_json(tiny_model_dir):
     bad = subprocess.run([sys.executable, "-m", "photon_core.ask", "--scan", "/nonexistent.nii.gz", "--question",
                           "x?", "--model", str(tiny_model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):
+    """Training-only guidance: a few steps on the guide loss alone make ρ of the target blocks exceed
+    the rest; the gradient reaches only layers up to the ITS layer (plus embeddings and vision)."""
+    m = load_model(tiny_model_dir, "cpu", torch.float32)
+    tok = Tokenizer(tiny_model_dir)
+    m.train()
+    m.phase, m.guide_weight = 1, 1.0
+    ids, _ = tok.prompt("Is there a lesion in the liver?", 1000)
+    ids = torch.tensor([ids])
+    from photon_core.preprocess import patchify
+    pv, grid = patchify(_frames())
+    target = torch.zeros(1, 1000)
+    target[0, 100:130] = 1.0
+    with torch.no_grad():
+        feats = m.encode_volume(pv, grid)
+    before = m(ids, features=feats, grid_thw=grid, saliency_target=target).its.rho[0]
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(15):
+        out = m(ids, features=feats, grid_thw=grid, saliency_target=target)
+        opt.zero_grad()
+        out.losses["guide"].backward()
+        later = [p.grad for p in m.model.layers[m.its_layer + 1].parameters()]
+        assert all(g is None or float(g.abs().sum()) == 0 for g in later)
+        opt.step()
+    rho = m(ids, features=feats, grid_thw=grid, saliency_target=target).its.rho[0]
+    gain = lambda r: float(r[100:130].mean() - torch.cat([r[:100], r[130:]]).mean())
+    assert gain(rho) > gain(before) + 0.2
+    # no target → no guidance term
+    assert "guide" not in m(ids, features=feats, grid_thw=grid).losses
+
+
+def test_token_targets_and_guide_targets_follow_the_question():
+    from photon_core.train import AuxHead, guide_target, token_targets
+    from photon_core.data import ORGANS
+    organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
+              "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool),
+              "right kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
+    organs["liver"][:14, :28, :56] = True                  # token blocks 0 and 1
+    organs["left kidney"][14:28, 28:56, :28] = True        # block 110
+    organs["right kidney"][14:28, 28:56, 28:56] = True     # block 111
+    truth = torch.zeros(140, 280, 280)
+    truth[2:6, 2:6, 30:34] = 12.0                          # a 12 mm finding in block 1
+    tg = token_targets(organs, truth)
+    assert tg["organ"].shape == (1000, len(ORGANS)) and tg["organ"][0, 0] == 1.0
+    assert tg["lesion"].nonzero().flatten().tolist() == [1] and float(tg["diameter"][1]) == 12.0
+    assert guide_target("Is there a lesion in the liver?", tg).nonzero().flatten().tolist() == [0, 1]
+    assert guide_target("Which side is the kidney lesion on?", tg).nonzero().flatten().tolist() == [110, 111]
+    assert guide_target("Is the left kidney lesion a cyst?", tg).nonzero().flatten().tolist() == [110]
+    assert guide_target("Is there any abnormality in this scan?", tg).nonzero().flatten().tolist() == [1]
+    head = AuxHead(16, len(ORGANS))
+    loss = head.loss(torch.randn(1000, 16, requires_grad=True), [tg])
+    assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_visionzip_plan_dominant_plus_merged_contextual_tokens():
+    from photon_core.scheduler import visionzip_plan
+    g = torch.Generator().manual_seed(0)
+    dominance = torch.rand(1000, generator=g)
+    keys = torch.randn(1000, 8, generator=g)
+    keep, merge = visionzip_plan(128, dominance, keys)
+    assert int(keep.sum()) == 128
+    n_dom = round(128 * 54 / 64)
+    top = torch.sort(dominance, descending=True).indices[:n_dom]
+    assert bool(keep[top].all())                                  # the dominant tokens
+    dropped = (~keep).nonzero().flatten()
+    assert bool((merge[dropped] >= 0).all()) and bool(keep[merge[dropped]].all())   # each merges into a kept token
+    assert set(merge[dropped].unique().tolist()).isdisjoint(top.tolist())           # ... a contextual one
+    assert bool((merge[keep] == -1).all())
+    # a dropped token joins its most similar contextual token
+    ctx = merge[dropped].unique()
+    j = int(dropped[0])
+    sims = torch.nn.functional.normalize(keys, dim=-1)[ctx] @ torch.nn.functional.normalize(keys[j], dim=-1)
+    assert int(merge[j]) == int(ctx[sims.argmax()])
+
+
+def test_visionzip_merges_hidden_states(pred):
+    """A visionzip budget carries a merge plan; merging changes exactly the contextual tokens."""
+    m, tok = pred.model, pred.tokenizer
+    ids = torch.tensor([tok.prompt("Is there a lesion in the liver?", 1000)[0]])
+    with torch.no_grad():
+        vz = m(ids, features=pred.features, grid_thw=pred.grid_thw, budget="visionzip:100")
+        kept = vz.its.keep[0].nonzero().flatten().tolist()
+        from photon_core.scheduler import Budget
+        same = m(ids, features=pred.features, grid_thw=pred.grid_thw, budget=Budget("top_k", 100))
+    assert int(vz.its.keep.sum()) == 100 and vz.its.merge is not None and same.its.merge is None
+    h = torch.randn(1, ids.shape[1], 8)
+    vision, _ = m.masks(ids, torch.ones_like(ids))
+    merged = m._merge(h, vision, vz.its.merge)
+    vi = vision[0].nonzero().flatten()
+    ctx = vz.its.merge[0][vz.its.merge[0] >= 0].unique()
+    assert not torch.allclose(merged[0, vi[ctx]], h[0, vi[ctx]])
+    others = [t for t in kept if t not in set(ctx.tolist())]
+    assert torch.equal(merged[0, vi[others]], h[0, vi[others]])      # dominant tokens untouched
