@@ -27,7 +27,7 @@ from .checkpoint import load_model, save_model
 from .config import PhotonConfig, VisionConfig
 from .distributed import init_distributed
 from .model import PhotonModel
-from .preprocess import patchify
+from .preprocess import MODEL_SHAPE, TOKEN_GRID, patchify
 from .prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
 
 
@@ -55,8 +55,11 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 10
     resume: bool = False
-    guide: float = 0.1                     # training-only saliency guidance weight (0 = off)
-    aux: float = 0.5                       # training-only token supervision weight (0 = off)
+    guide: float = 0.0                     # training-only saliency guidance weight (0 = off; 0.1 tried)
+    aux: float = 0.0                       # training-only token supervision weight (0 = off; 0.5 tried)
+    downsample: float = 1.0                # curriculum: shrink the model-space volume by this factor
+                                           # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
+    init_from: str = ""                    # start from this model folder's weights (fresh optimiser)
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
@@ -115,12 +118,13 @@ def perturb(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
         return torch.rand_like(x)
     if kind == "voxels":
         return x * (torch.rand_like(x) > 0.1)
-    p = x.reshape(10, 14, 20, 14, 20, 14).permute(0, 2, 4, 1, 3, 5).reshape(4000, -1)
+    a, b, c = (n // 14 for n in x.shape)
+    p = x.reshape(a, 14, b, 14, c, 14).permute(0, 2, 4, 1, 3, 5).reshape(a * b * c, -1)
     if kind == "shuffle":
-        p = p[torch.randperm(4000)]
+        p = p[torch.randperm(p.shape[0])]
     else:
-        p = p * (torch.rand(4000, 1) > 0.2).to(p.dtype)
-    return p.reshape(10, 20, 20, 14, 14, 14).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+        p = p * (torch.rand(p.shape[0], 1) > 0.2).to(p.dtype)
+    return p.reshape(a, b, c, 14, 14, 14).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
 
 
 def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
@@ -149,32 +153,31 @@ def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
 #    so that what ITS keeps depends on the instruction from the start.
 # ----------------------------------------------------------------------------------------------
 
-def block_fractions(mask: torch.Tensor) -> torch.Tensor:
-    """Model-space mask (140, 280, 280) → (1000,) share of each token block's voxels in it."""
-    from .preprocess import TOKEN_GRID, TOKEN_VOXELS
-    a, b, c = TOKEN_GRID
-    pd, ph, pw = TOKEN_VOXELS
-    return mask.float().reshape(a, pd, b, ph, c, pw).mean((1, 3, 5)).flatten()
+def _blocks(x: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """(140, 280, 280) → (a, d, b, h, c, w) view with ``grid`` = (a, b, c) token blocks."""
+    (D, H, W), (a, b, c) = x.shape, grid
+    return x.reshape(a, D // a, b, H // b, c, W // c)
 
 
-def token_targets(organs: dict, truth: torch.Tensor | None) -> dict:
-    """Per-token targets of one scan: organ shares (1000, n_organs), finding share, diameter (mm)."""
+def block_fractions(mask: torch.Tensor, grid: tuple = TOKEN_GRID) -> torch.Tensor:
+    """Model-space mask (140, 280, 280) → (a·b·c,) share of each token block's voxels in it."""
+    return _blocks(mask.float(), grid).mean((1, 3, 5)).flatten()
+
+
+def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_GRID) -> dict:
+    """Per-token targets of one scan: organ shares (V, n_organs), finding share, diameter (mm)."""
     from .data import ORGANS
-    fr = {o: block_fractions(organs[o]) if o in organs else None for o in ORGANS}
-    ref = next(v for v in fr.values() if v is not None) if any(v is not None for v in fr.values()) else None
-    n = 1000 if ref is None else ref.numel()
-    dev = truth.device if truth is not None else (ref.device if ref is not None else "cpu")
+    fr = {o: block_fractions(organs[o], grid) if o in organs else None for o in ORGANS}
+    n = grid[0] * grid[1] * grid[2]
+    dev = truth.device if truth is not None else next((m.device for m in organs.values()), torch.device("cpu"))
     organ = torch.stack([fr[o] if fr[o] is not None else torch.zeros(n, device=dev) for o in ORGANS], -1)
     organ_known = torch.tensor([fr[o] is not None for o in ORGANS], device=dev)
     if truth is None:
         lesion = torch.zeros(n, device=dev)
         diam = torch.zeros(n, device=dev)
     else:
-        lesion = block_fractions(truth > 0)
-        from .preprocess import TOKEN_GRID, TOKEN_VOXELS
-        a, b, c = TOKEN_GRID
-        pd, ph, pw = TOKEN_VOXELS
-        diam = truth.reshape(a, pd, b, ph, c, pw).amax((1, 3, 5)).flatten()
+        lesion = block_fractions(truth > 0, grid)
+        diam = _blocks(truth, grid).amax((1, 3, 5)).flatten()
     return dict(organ=organ, organ_known=organ_known, lesion=lesion, diameter=diam)
 
 
@@ -259,7 +262,11 @@ def train(cfg: TrainConfig) -> Path:
         state = json.loads((ckpt / "train_state.json").read_text())
         start = state["step"]
     else:
-        if rank == 0:
+        if rank == 0 and cfg.init_from:
+            final.mkdir(parents=True, exist_ok=True)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                (final / f).write_bytes((Path(cfg.init_from) / f).read_bytes())
+        elif rank == 0:
             build_tokenizer(final)
         if world > 1:
             dist.barrier()
@@ -268,6 +275,8 @@ def train(cfg: TrainConfig) -> Path:
         torch.manual_seed(cfg.seed)
         model = PhotonModel(mcfg)
         model.init_weights(0.02)
+        if cfg.init_from:
+            model.load_state_dict(load_model(Path(cfg.init_from), "cpu", torch.float32).state_dict())
         start, state = 0, {}
     model.to(device).train()
     model.reset_buffers()
@@ -288,6 +297,9 @@ def train(cfg: TrainConfig) -> Path:
     gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     t0, seen, log = time.time(), 0, []
+    shape = tuple(int(round(n / cfg.downsample / m)) * m for n, m in zip(MODEL_SHAPE, (14, 28, 28)))
+    token_grid = (shape[0] // 14, shape[1] // 28, shape[2] // 28)
+    n_visual = token_grid[0] * token_grid[1] * token_grid[2]
     model.band = cfg.band
     for step in range(start, cfg.steps):
         model.phase = phase_at(step, cfg)
@@ -300,7 +312,9 @@ def train(cfg: TrainConfig) -> Path:
                 and not robust)
         for _ in range(cfg.scans_per_step):
             frames, qa, meta, organs = gen.sample()
-            tg = token_targets(organs, gen.last_truth) if (cfg.aux > 0 or cfg.guide > 0) else None
+            tg = token_targets(organs, gen.last_truth, token_grid) if (cfg.aux > 0 or cfg.guide > 0) else None
+            if shape != MODEL_SHAPE:
+                frames = F.interpolate(frames[None, None], size=shape, mode="area")[0, 0]
             if robust:
                 frames = perturb(frames, rng)
             elif tg is not None:
@@ -309,7 +323,7 @@ def train(cfg: TrainConfig) -> Path:
             for q in pick_questions(qa, cfg.questions_per_scan, rng):
                 if tg is not None and not robust:
                     guides.append(guide_target(q["question"], tg))
-                ids, a0 = tok.prompt(q["question"], 1000, q["answer"])
+                ids, a0 = tok.prompt(q["question"], n_visual, q["answer"])
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])
                 row_scan.append(len(scans) - 1)
@@ -331,8 +345,8 @@ def train(cfg: TrainConfig) -> Path:
             keep = float(outp.its.keep.float().mean()) if outp.its is not None else 1.0
             soft = float(outp.its.p.detach().mean()) if outp.its is not None else 1.0
             rate = seen / (time.time() - t0)
-            line = dict(step=step, phase=model.phase, loss=round(float(loss), 4),
-                        **{k: round(float(v), 4) for k, v in outp.losses.items()},
+            line = dict(step=step, phase=model.phase, loss=round(loss.item(), 4),
+                        **{k: round(v.item(), 4) for k, v in outp.losses.items()},
                         keep=round(keep, 3), p_mean=round(soft, 3), robust=robust, flip=flip,
                         samples_per_s=round(rate, 2), lr=round(opt.param_groups[0]["lr"], 6))
             print(json.dumps(line), flush=True)

@@ -61,3 +61,28 @@ def test_metrics():
     agg = aggregate([dict(family="a", scores={"accuracy": 1.0}), dict(family="a", scores={"accuracy": 0.0}),
                      dict(family="b", scores={"mra": 0.5})])
     assert agg["a"]["accuracy"] == 0.5 and agg["macro"] == 0.5
+
+
+def test_low_resolution_curriculum_then_init_from(tmp_path):
+    """Stage A at 64 visual tokens (downsample 2.5), stage B from its weights at the real 1,000 tokens."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    common = ["--preset", "tiny", "--scans-per-step", "1", "--questions-per-scan", "2", "--pool", "0", "--warmup", "1",
+              "--log-every", "1", "--device", "cpu", "--guide", "0.1", "--aux", "0.5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(a), "--steps", "2", "--downsample", "2.5",
+                        *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(b), "--steps", "2", "--init-from",
+                        str(a / "model"), "--phase2-start", "0", "--phase3-start", "0.5", *common],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert [x["phase"] for x in lines] == [2, 3] and all(x["loss"] == x["loss"] for x in lines)
+    assert all("aux" in x and "guide" in x for x in lines if not x["robust"])   # the training-only terms ran
+    from safetensors.torch import load_file
+    wa = load_file(str(a / "model" / "model.safetensors"))
+    assert (b / "model" / "tokenizer.json").read_bytes() == (a / "model" / "tokenizer.json").read_bytes()
+    # stage B started from stage A: after 2 small steps its weights are still close to A's, far from a fresh init
+    wb = load_file(str(b / "model" / "model.safetensors"))
+    k = "visual.vision_patch_embed.proj.weight"
+    assert (wb[k] - wa[k]).abs().mean() < 0.5 * wa[k].abs().mean()
