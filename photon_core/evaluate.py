@@ -31,7 +31,7 @@ from .datasets import parse_columns, read_records
 from .distributed import init_distributed
 from .metrics import aggregate, score
 from .predictor import Predictor
-from .preprocess import TOKEN_GRID, TOKEN_VOXELS
+from .preprocess import block_fractions
 from .scheduler import Budget
 from .volume import load_volume
 
@@ -41,10 +41,7 @@ BASELINES = ("fastv", "visionzip", "random")
 
 def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
     """Model-space organ mask (140, 280, 280) → (1000,) blocks with ≥ fraction of their voxels in the organ."""
-    a, b, c = TOKEN_GRID
-    pd, ph, pw = TOKEN_VOXELS
-    m = mask.float().reshape(a, pd, b, ph, c, pw).mean((1, 3, 5))
-    return (m >= fraction).flatten().cpu().numpy()
+    return (block_fractions(mask) >= fraction).cpu().numpy()
 
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,

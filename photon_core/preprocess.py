@@ -262,3 +262,14 @@ def prepare(vol: Volume, device: str | torch.device | None = None) -> Prepared:
 def frames_to_model_volume(frames: torch.Tensor) -> np.ndarray:
     """(140, 1, 280, 280) → (140, 280, 280) numpy, indexed by model voxel (d, h, w)."""
     return frames[:, 0].detach().float().cpu().numpy()
+
+
+def blocks(x: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """(140, 280, 280) → (a, d, b, h, c, w) view with ``grid`` = (a, b, c) token blocks."""
+    (D, H, W), (a, b, c) = x.shape, grid
+    return x.reshape(a, D // a, b, H // b, c, W // c)
+
+
+def block_fractions(mask: torch.Tensor, grid: tuple = TOKEN_GRID) -> torch.Tensor:
+    """Model-space mask (140, 280, 280) → (a·b·c,) share of each token block's voxels in it."""
+    return blocks(mask.float(), grid).mean((1, 3, 5)).flatten()

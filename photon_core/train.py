@@ -27,7 +27,7 @@ from .checkpoint import load_model, save_model
 from .config import PhotonConfig, VisionConfig
 from .distributed import init_distributed
 from .model import PhotonModel
-from .preprocess import MODEL_SHAPE, TOKEN_GRID, patchify
+from .preprocess import MODEL_SHAPE, TOKEN_GRID, block_fractions, blocks, patchify
 from .prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
 
 
@@ -153,17 +153,6 @@ def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
 #    so that what ITS keeps depends on the instruction from the start.
 # ----------------------------------------------------------------------------------------------
 
-def _blocks(x: torch.Tensor, grid: tuple) -> torch.Tensor:
-    """(140, 280, 280) → (a, d, b, h, c, w) view with ``grid`` = (a, b, c) token blocks."""
-    (D, H, W), (a, b, c) = x.shape, grid
-    return x.reshape(a, D // a, b, H // b, c, W // c)
-
-
-def block_fractions(mask: torch.Tensor, grid: tuple = TOKEN_GRID) -> torch.Tensor:
-    """Model-space mask (140, 280, 280) → (a·b·c,) share of each token block's voxels in it."""
-    return _blocks(mask.float(), grid).mean((1, 3, 5)).flatten()
-
-
 def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_GRID) -> dict:
     """Per-token targets of one scan: organ shares (V, n_organs), finding share, diameter (mm)."""
     from .data import ORGANS
@@ -177,7 +166,7 @@ def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_
         diam = torch.zeros(n, device=dev)
     else:
         lesion = block_fractions(truth > 0, grid)
-        diam = _blocks(truth, grid).amax((1, 3, 5)).flatten()
+        diam = blocks(truth, grid).amax((1, 3, 5)).flatten()
     return dict(organ=organ, organ_known=organ_known, lesion=lesion, diameter=diam)
 
 
