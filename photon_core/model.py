@@ -349,6 +349,7 @@ class ITSState:
     descriptor: torch.Tensor   # (B, 12)
     fastv: torch.Tensor | None = None  # (B, V) attention of the last instruction token (baseline)
     merge: list | None = None  # per row: (V,) kept token each dropped token merges into (visionzip), or None
+    u_graph: torch.Tensor | None = None  # (B, V) u with its graph (training-only guidance), else None
 
     @property
     def kept_count(self) -> torch.Tensor:
@@ -457,26 +458,35 @@ class PhotonModel(nn.Module):
         return x
 
     # ------------------------------------------------------------------ ITS
-    def _its(self, q, k, vision, question, key_valid, budgets) -> ITSState:
+    def _its(self, q, k, vision, question, key_valid, budgets, saliency_graph: bool = False) -> ITSState:
         # Saliency is a measurement, not a path for gradients: the loss reaches ITS only through θ
-        # (the threshold MLP), as in the reference.
-        q, k = q.detach(), k.detach()
+        # (the threshold MLP), as in the reference. ``saliency_graph`` keeps a differentiable copy
+        # (``u_graph``) for the optional training-only guidance; the decision uses the detached u.
+        if not saliency_graph:
+            q, k = q.detach(), k.detach()
         B = q.shape[0]
         rep = q.shape[1] // k.shape[1]
-        us, fastv = [], []
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        us, fastv, dominance = [], [], []
         for b in range(B):
             vi = vision[b].nonzero().flatten()
             qi = question[b].nonzero().flatten()
             kb = k[b].repeat_interleave(rep, 0)                               # (H, L, d)
             us.append(its.saliency(q[b][:, qi], kb[:, qi], kb[:, vi]))
+            qb, kb = q[b].detach().float(), kb.detach().float()
             last = qi[-1:] if len(qi) else key_valid[b].nonzero().flatten()[-1:]
-            a = (q[b][:, last].float() @ kb[:, :, :].float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            a = (qb[:, last] @ kb.transpose(-1, -2)) * scale
             allowed = torch.arange(kb.shape[1], device=q.device) <= last
             a = a.masked_fill(~(allowed & key_valid[b]), float("-inf")).softmax(-1)
             fastv.append(a[:, 0, vi].mean(0))
+            if budgets[b].mode == "visionzip":     # attention each visual token receives from the others
+                dominance.append(((qb[:, vi] @ kb[:, vi].transpose(-1, -2)) * scale).softmax(-1).mean((0, 1)))
+            else:
+                dominance.append(None)
         if len({u.numel() for u in us}) != 1:
             raise ValueError("every sample in a batch must carry the same number of visual tokens")
-        u = torch.stack(us)
+        u_graph = torch.stack(us) if saliency_graph else None
+        u = torch.stack(us).detach()
         rho = its.minmax(u)
         # Phase 1 measures ITS without training it: keep the threshold MLP out of the graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not (self.training and self.phase == 1)):
@@ -485,20 +495,17 @@ class PhotonModel(nn.Module):
         fv = torch.stack(fastv)
         keeps, merges = [], []
         for b in range(B):
-            if budgets[b].mode == "visionzip":
+            if dominance[b] is not None:
                 vi = vision[b].nonzero().flatten()
-                kb = k[b].repeat_interleave(rep, 0)[:, vi].float()               # (H, V, d)
-                att = ((q[b][:, vi].float() @ kb.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1)
-                keep_b, merge_b = its.visionzip_plan(int(budgets[b].value), att.mean((0, 1)),
-                                                     k[b][:, vi].float().transpose(0, 1).flatten(1))
-                keeps.append(keep_b)
-                merges.append(merge_b)
+                keys = k[b][:, vi].detach().float().transpose(0, 1).flatten(1)          # (V, Hkv·d)
+                keep_b, merge_b = its.visionzip_plan(int(budgets[b].value), dominance[b], keys)
             else:
-                keeps.append(its.decide(budgets[b], rho[b], theta[b], fv[b]))
-                merges.append(None)
-        keep = torch.stack(keeps)
+                keep_b, merge_b = its.decide(budgets[b], rho[b], theta[b], fv[b]), None
+            keeps.append(keep_b)
+            merges.append(merge_b)
         merge = merges if any(m is not None for m in merges) else None
-        return ITSState(u=u, rho=rho, theta=theta, p=p, keep=keep, descriptor=desc, fastv=fv, merge=merge)
+        return ITSState(u=u, rho=rho, theta=theta, p=p, keep=torch.stack(keeps), descriptor=desc, fastv=fv,
+                        merge=merge, u_graph=u_graph)
 
     # ------------------------------------------------------------------ prefill / training forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -555,9 +562,10 @@ class PhotonModel(nn.Module):
                 h, kv = layer(h, cos, sin, allowed, plain, qkv_out=qk)
                 if use_cache:
                     caches.append(kv)
-                state = self._its(qk[0], qk[1], vision, question, key_valid, budget)
-                if saliency_target is not None and self.training:
-                    losses["guide"] = self._guide_loss(qk[0], qk[1], vision, question, saliency_target)
+                guide = saliency_target is not None and self.training
+                state = self._its(qk[0], qk[1], vision, question, key_valid, budget, saliency_graph=guide)
+                if guide:
+                    losses["guide"] = self._guide_loss(state.u_graph, saliency_target)
                 h, kv_state = self._apply_its(h, state, vision, key_valid, flip, losses)
                 if kv_state is not None:
                     idx, valid = kv_state
@@ -614,21 +622,15 @@ class PhotonModel(nn.Module):
             h[b, vi] = hv
         return h
 
-    def _guide_loss(self, q, k, vision, question, target) -> torch.Tensor:
-        """Cross-entropy of softmax(u) against a target distribution over visual tokens (training only)."""
-        rep = q.shape[1] // k.shape[1]
-        terms = []
-        for b in range(q.shape[0]):
-            t = target[b].float()
-            if float(t.sum()) <= 0:
-                continue
-            vi = vision[b].nonzero().flatten()
-            qi = question[b].nonzero().flatten()
-            kb = k[b].repeat_interleave(rep, 0)
-            u = its.saliency(q[b][:, qi], kb[:, qi], kb[:, vi])
-            terms.append(-(t / t.sum() * u.log_softmax(-1)).sum())
-        loss = torch.stack(terms).mean() if terms else q.new_zeros((), dtype=torch.float32)
-        return self.guide_weight * loss
+    def _guide_loss(self, u: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of softmax(u) against a target distribution over visual tokens (training only);
+        rows with an all-zero target are skipped."""
+        t = target.to(u.device).float()
+        rows = t.sum(-1) > 0
+        if not bool(rows.any()):
+            return u.new_zeros(())
+        t = t[rows] / t[rows].sum(-1, keepdim=True)
+        return self.guide_weight * -(t * u[rows].float().log_softmax(-1)).sum(-1).mean()
 
     def _apply_its(self, h, state: ITSState, vision, key_valid, flip, losses):
         """Apply the decision at the ITS layer output. Returns h and (idx, valid) if tokens dropped."""

@@ -172,15 +172,11 @@ def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_
 
 def guide_target(question: str, targets: dict) -> torch.Tensor:
     """Distribution over token blocks a question should look at (zeros = no guidance)."""
-    from .data import ORGANS, PAIRED
     from .audit import organs_in_question
+    from .data import ORGANS, PAIRED
     names = list(ORGANS)
-    q = question.lower()
-    asked = set(organs_in_question(question, names))
-    for word, pair in PAIRED.items():
-        if word in q and not asked & set(pair):
-            asked |= set(pair)
-    if "pleural" in q:
+    asked = set(organs_in_question(question, names))     # 'kidney' with no side → both kidneys
+    if "pleural" in question.lower():
         asked |= set(PAIRED["lung"])
     organ = targets["organ"]
     if asked:
@@ -188,10 +184,10 @@ def guide_target(question: str, targets: dict) -> torch.Tensor:
         if not cols:
             return torch.zeros(organ.shape[0], device=organ.device)
         share = organ[:, cols].sum(-1)
-        blocks = share >= 0.25
-        if not bool(blocks.any()):
-            blocks = share >= 0.5 * float(share.max())
-        return (blocks & (share > 0)).float()
+        chosen = share >= 0.25
+        if not bool(chosen.any()):
+            chosen = share >= 0.5 * float(share.max())
+        return (chosen & (share > 0)).float()
     return (targets["lesion"] > 0).float()
 
 
