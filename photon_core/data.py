@@ -71,8 +71,33 @@ class Finding:
 @dataclass
 class Background:
     name: str
-    frames: torch.Tensor                     # (140, 280, 280) float in [0, 1]
-    organs: dict = field(default_factory=dict)  # organ name -> bool mask (140, 280, 280)
+    frames: torch.Tensor                     # (140, 280, 280) float in [0, 1] (smaller if downsampled)
+    organs: dict = field(default_factory=dict)  # organ name -> bool mask, same shape as frames
+    voxel_mm: tuple = VOXEL_MM               # voxel size (d, h, w) of this grid in mm
+
+    @property
+    def min_voxels(self) -> int:
+        """Smallest organ kept, in voxels: 200 model voxels, scaled to this grid."""
+        return max(4, int(200 * math.prod(VOXEL_MM) / math.prod(self.voxel_mm)))
+
+
+def downsample_shape(factor: float) -> tuple:
+    """Model-space shape shrunk by ``factor``, kept divisible into whole tokens (14 × 28 × 28)."""
+    return tuple(int(round(n / factor / m)) * m for n, m in zip(MODEL_SHAPE, (14, 28, 28)))
+
+
+def shrink(bg: Background, shape: tuple) -> Background:
+    """The same body on a coarser grid: intensities area-averaged, organs by majority."""
+    if tuple(bg.frames.shape) == tuple(shape):
+        return bg
+    frames = F.interpolate(bg.frames[None, None], size=shape, mode="area")[0, 0]
+    voxel = tuple(v * n / m for v, n, m in zip(bg.voxel_mm, bg.frames.shape, shape))
+    out = Background(bg.name, frames, {}, voxel)
+    for name, m in bg.organs.items():
+        small = F.interpolate(m[None, None].float(), size=shape, mode="area")[0, 0] > 0.5
+        if int(small.sum()) > out.min_voxels:
+            out.organs[name] = small
+    return out
 
 
 def _organ_masks(labels: torch.Tensor) -> dict:
@@ -117,7 +142,7 @@ def deform(bg: Background, rng: random.Random) -> Background:
     rot = torch.tensor([[math.cos(ang), -math.sin(ang), 0], [math.sin(ang), math.cos(ang), 0], [0, 0, 1]])
     A = rot @ torch.diag(torch.tensor([s[2], s[1], s[0]]))
     theta = torch.cat([A, torch.tensor([[t[2]], [t[1]], [t[0]]])], 1)[None].to(dev)
-    grid = F.affine_grid(theta, (1, 1, *MODEL_SHAPE), align_corners=False)
+    grid = F.affine_grid(theta, (1, 1, *bg.frames.shape), align_corners=False)
     frames = F.grid_sample(bg.frames[None, None], grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)[0, 0]
     organs = {}
@@ -127,13 +152,14 @@ def deform(bg: Background, rng: random.Random) -> Background:
         warped = F.grid_sample(stack, grid.half() if dev.type == "cuda" else grid, mode="nearest",
                                padding_mode="zeros", align_corners=False)[0] if dev.type == "cuda" else \
             F.grid_sample(stack.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-        organs = {n: warped[i] > 0.5 for i, n in enumerate(names) if int((warped[i] > 0.5).sum()) > 200}
-    return Background(bg.name + "*", frames, organs)
+        organs = {n: warped[i] > 0.5 for i, n in enumerate(names)
+                  if int((warped[i] > 0.5).sum()) > bg.min_voxels}
+    return Background(bg.name + "*", frames, organs, bg.voxel_mm)
 
 
-def _sphere(shape, center, radius_mm, device):
+def _sphere(shape, center, radius_mm, device, voxel_mm=VOXEL_MM):
     """Bool ellipsoid (in voxels) of a sphere of radius_mm, and its bounding slices."""
-    r = [radius_mm / v for v in VOXEL_MM]
+    r = [radius_mm / v for v in voxel_mm]
     lo = [max(0, int(math.floor(c - ri))) for c, ri in zip(center, r)]
     hi = [min(n, int(math.ceil(c + ri)) + 1) for n, c, ri in zip(shape, center, r)]
     axes = [((torch.arange(a, b, device=device).float() - c) / ri) ** 2 for a, b, c, ri in zip(lo, hi, center, r)]
@@ -146,8 +172,9 @@ class FindingSampler:
 
     KINDS = {"cyst": 0.0, "hypodense": None, "hyperdense": None}
 
-    def __init__(self, rng: random.Random, device="cpu"):
-        self.rng, self.device = rng, device
+    def __init__(self, rng: random.Random, device="cpu", voxel_mm: tuple = VOXEL_MM):
+        self.rng, self.device, self.voxel_mm = rng, device, voxel_mm
+        self.voxel_ml = math.prod(voxel_mm) / 1000
         self.truth: torch.Tensor | None = None   # (140, 280, 280) finding diameter in mm (0 = none)
 
     def _mark(self, frames, sl, ball, value: float) -> None:
@@ -163,7 +190,7 @@ class FindingSampler:
         for _ in range(12):
             c = idx[rng.randrange(len(idx))].tolist()
             diam = rng.uniform(8, 14) if kind == "nodule" else rng.uniform(12, 40)
-            ball, sl = _sphere(frames.shape, c, diam / 2, frames.device)
+            ball, sl = _sphere(frames.shape, c, diam / 2, frames.device, self.voxel_mm)
             inside = float((ball & mask[sl]).sum()) / max(1, int(ball.sum()))
             if inside >= 0.8:
                 region = frames[sl]
@@ -178,7 +205,7 @@ class FindingSampler:
                 noise = torch.randn(ball.shape, device=frames.device) * 0.004
                 region[ball] = (val + noise[ball]).clamp(0, 1)
                 self._mark(frames, sl, ball, diam)
-                vol_ml = float(ball.sum()) * VOXEL_MM[0] * VOXEL_MM[1] * VOXEL_MM[2] / 1000
+                vol_ml = float(ball.sum()) * self.voxel_ml
                 return Finding(kind, organ, tuple(c), round(diam), round(vol_ml, 1))
         return None
 
@@ -191,11 +218,11 @@ class FindingSampler:
         cut = lo + int((hi - lo) * self.rng.uniform(0.2, 0.35))   # dependent (posterior) part
         region = mask.clone()
         region[:, cut:, :] = False
-        if int(region.sum()) < 500:
+        if float(region.sum()) * self.voxel_ml < 500 * math.prod(VOXEL_MM) / 1000:   # ≈ 2 ml
             return None
         frames[region] = hu_to_unit(self.rng.uniform(5, 20))
         self._mark(frames, None, region, 1.0)
-        vol_ml = float(region.sum()) * VOXEL_MM[0] * VOXEL_MM[1] * VOXEL_MM[2] / 1000
+        vol_ml = float(region.sum()) * self.voxel_ml
         c = region.nonzero().float().mean(0).tolist()
         return Finding("effusion", lung, tuple(c), 0.0, round(vol_ml, 1))
 
@@ -278,13 +305,17 @@ class DemoGenerator:
     """Deterministic stream of (frames, record) for a split; backgrounds deformed into a pool."""
 
     def __init__(self, split: str = "train", seed: int = 0, pool: int = 6, device="cpu",
-                 backgrounds: dict | None = None):
+                 backgrounds: dict | None = None, downsample: float = 1.0):
         self.split, self.device = split, torch.device(device)
         base = {"train": 0, "test": 1_000_003, "report": 2_000_003}[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
         cases = REPORT_CASES if split == "report" else TRAIN_CASES
         bgs = backgrounds or {c: load_background(c, self.device) for c in cases}
+        # Curriculum: the whole stream on a coarser grid (bodies shrunk once, findings drawn there),
+        # so a 64-token stage costs little more than the model itself.
+        self.shape = downsample_shape(downsample) if downsample != 1 else MODEL_SHAPE
+        bgs = {c: shrink(bgs[c], self.shape) for c in cases}
         self.pool = []
         for c in cases:
             self.pool.append(bgs[c])
@@ -301,8 +332,10 @@ class DemoGenerator:
             frames = frames.flip(-1)
             organs = {MIRROR.get(n, n): m.flip(-1) for n, m in organs.items()}
         frames = (frames * rng.uniform(0.95, 1.05) + rng.uniform(-0.02, 0.02)).clamp(0, 1)
-        frames = (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01)).clamp(0, 1)
-        sampler = FindingSampler(rng, self.device)
+        # Noise as it would survive area-averaging onto a coarser grid (1 on the model grid).
+        fine = math.sqrt(math.prod(VOXEL_MM) / math.prod(bg.voxel_mm))
+        frames = (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01) * fine).clamp(0, 1)
+        sampler = FindingSampler(rng, self.device, bg.voxel_mm)
         findings: list[Finding] = []
         if organs and rng.random() < with_findings:
             for _ in range(rng.choice([1, 1, 1, 2, 3])):

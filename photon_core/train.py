@@ -56,6 +56,8 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     guide: float = 0.0                     # training-only saliency guidance weight (0 = off; 0.1 tried)
+    guide_floor: float = 0.0               # weight of every other block in the guidance target, so the
+                                           # pull toward the asked organ stays bounded (ρ not too peaky)
     aux: float = 0.0                       # training-only token supervision weight (0 = off; 0.5 tried)
     downsample: float = 1.0                # curriculum: shrink the model-space volume by this factor
                                            # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
@@ -170,8 +172,14 @@ def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_
     return dict(organ=organ, organ_known=organ_known, lesion=lesion, diameter=diam)
 
 
-def guide_target(question: str, targets: dict) -> torch.Tensor:
-    """Distribution over token blocks a question should look at (zeros = no guidance)."""
+def guide_target(question: str, targets: dict, floor: float = 0.0) -> torch.Tensor:
+    """Weights over token blocks a question should look at (1 on the target blocks, ``floor``
+    elsewhere; zeros = no guidance)."""
+    t = _guide_blocks(question, targets)
+    return t + floor * (t > 0).any().float() * (t == 0).float()
+
+
+def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
     from .audit import organs_in_question
     from .data import ORGANS, PAIRED
     names = list(ORGANS)
@@ -279,10 +287,11 @@ def train(cfg: TrainConfig) -> Path:
     model.guide_weight = cfg.guide
     trainee = Trainee(model, aux, cfg.aux)
     ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
-    gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device)
+    gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device,
+                        downsample=cfg.downsample)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     t0, seen, log = time.time(), 0, []
-    shape = tuple(int(round(n / cfg.downsample / m)) * m for n, m in zip(MODEL_SHAPE, (14, 28, 28)))
+    shape = gen.shape
     token_grid = (shape[0] // 14, shape[1] // 28, shape[2] // 28)
     n_visual = token_grid[0] * token_grid[1] * token_grid[2]
     model.band = cfg.band
@@ -307,7 +316,7 @@ def train(cfg: TrainConfig) -> Path:
             scans.append(patchify(frames[:, None]))
             for q in pick_questions(qa, cfg.questions_per_scan, rng):
                 if tg is not None and not robust:
-                    guides.append(guide_target(q["question"], tg))
+                    guides.append(guide_target(q["question"], tg, cfg.guide_floor))
                 ids, a0 = tok.prompt(q["question"], n_visual, q["answer"])
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])

@@ -306,6 +306,10 @@ def test_token_targets_and_guide_targets_follow_the_question():
     assert guide_target("Which side is the kidney lesion on?", tg).nonzero().flatten().tolist() == [110, 111]
     assert guide_target("Is the left kidney lesion a cyst?", tg).nonzero().flatten().tolist() == [110]
     assert guide_target("Is there any abnormality in this scan?", tg).nonzero().flatten().tolist() == [1]
+    soft = guide_target("Is there a lesion in the liver?", tg, floor=0.05)
+    assert soft[:2].tolist() == [1.0, 1.0] and torch.allclose(soft[2:], torch.full((998,), 0.05))
+    none = {**tg, "organ_known": torch.zeros_like(tg["organ_known"])}
+    assert not guide_target("Is there a lesion in the liver?", none, floor=0.05).any()   # still no guidance
     head = AuxHead(16, len(ORGANS))
     loss = head.loss(torch.randn(1000, 16, requires_grad=True), [tg])
     assert torch.isfinite(loss) and loss.requires_grad
