@@ -129,9 +129,22 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
     return rows
 
 
+def balanced_accuracy(rows: list[dict]) -> dict:
+    """Per family of closed questions: the mean over answer values of the accuracy on that value,
+    so a model that always says "no" scores 0.5 however few "yes" questions a set has."""
+    by: dict[str, dict[str, list]] = {}
+    for r in rows:
+        if r.get("answer_type") in ("closed", "choice") and "accuracy" in r.get("scores", {}):
+            by.setdefault(r["family"], {}).setdefault(str(r["answer"]).strip().lower(), []).append(
+                r["scores"]["accuracy"])
+    return {f: float(np.mean([np.mean(v) for v in d.values()])) for f, d in by.items()}
+
+
 def summarise(rows: list[dict]) -> dict:
     qa = [r for r in rows if not r["family"].startswith("_")]
     out = {"families": aggregate(qa), "n_questions": len(qa)}
+    for f, bal in balanced_accuracy(qa).items():
+        out["families"][f]["balanced_accuracy"] = bal
     kept = [r["kept"] for r in qa]
     out["keep_fraction_mean"] = float(np.mean(kept) / 1000) if kept else None
     out["keep_fraction_by_family"] = {f: float(np.mean([r["kept"] for r in qa if r["family"] == f]) / 1000)
@@ -164,12 +177,14 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| family | n | accuracy | MRA | exact | BLEU-1 | ROUGE-1 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| family | n | accuracy | balanced acc. | MRA | exact | BLEU-1 | ROUGE-1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for f, d in summary["families"].items():
         if f == "macro":
             continue
         cell = lambda k: f"{d[k]:.3f}" if k in d else ""  # noqa: E731
-        lines.append(f"| {f} | {d['n']} | {cell('accuracy')} | {cell('mra')} | {cell('exact')} | {cell('bleu1')} | "
+        lines.append(f"| {f} | {d['n']} | {cell('accuracy')} | {cell('balanced_accuracy')} | {cell('mra')} | "
+                     f"{cell('exact')} | {cell('bleu1')} | "
                      f"{cell('rouge1')} |")
     lines.append(f"\nmacro average: {summary['families']['macro']:.3f}")
     if summary.get("curve_macro"):
