@@ -96,3 +96,14 @@ def test_rai_orientation_convention():
     assert m[2, 0] < 0      # +d -> -z (inferior)
     assert m[1, 1] > 0      # +h -> +y (anterior)
     assert m[0, 2] < 0      # +w -> -x (patient left, radiological display)
+
+
+@pytest.mark.parametrize("shape,grid", [((140, 280, 280), (10, 10, 10)), ((56, 112, 112), (4, 4, 4))])
+def test_block_fractions_bool_fast_path_equals_the_mean(shape, grid):
+    from photon_core.preprocess import block_fractions
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(shape, generator=g) > 0.8
+    mask[:14] = True                                   # a full first slab of blocks
+    fast, slow = block_fractions(mask, grid), block_fractions(mask.float(), grid)
+    assert fast.shape == (grid[0] * grid[1] * grid[2],) and torch.allclose(fast, slow, atol=1e-6)
+    assert torch.all(fast[: grid[1] * grid[2]] == 1.0)
