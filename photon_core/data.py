@@ -14,6 +14,10 @@ on a CPU and runs on the GPU when one is given (all tensor ops take ``device``).
   and DeepTumorVQA-style counting/size questions, several phrasings each; the organ in the question
   decides the answer, so the model has a reason to keep instruction-dependent regions.
 
+``downsample`` > 1 runs the whole stream on a coarser grid (a training curriculum: 2.5 → 56×112×112,
+64 visual tokens): each body is shrunk once and findings are drawn there with the voxel size scaled,
+so sizes in mm and volumes in ml stay exact and a sample costs milliseconds.
+
 Splits are disjoint by seed and by background deformation: ``train`` and ``test`` draw different
 pool bodies and lesions; ``report`` uses a background never used in training (dicom_ct).
 Records follow an open JSONL layout: {image, question, answer, family, answer_type, organ, meta}.
@@ -175,7 +179,7 @@ class FindingSampler:
     def __init__(self, rng: random.Random, device="cpu", voxel_mm: tuple = VOXEL_MM):
         self.rng, self.device, self.voxel_mm = rng, device, voxel_mm
         self.voxel_ml = math.prod(voxel_mm) / 1000
-        self.truth: torch.Tensor | None = None   # (140, 280, 280) finding diameter in mm (0 = none)
+        self.truth: torch.Tensor | None = None   # frames-shaped finding diameter in mm (0 = none)
 
     def _mark(self, frames, sl, ball, value: float) -> None:
         if self.truth is None:
