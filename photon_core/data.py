@@ -9,7 +9,9 @@ on a CPU and runs on the GPU when one is given (all tensor ops take ``device``).
   with labels carried along (nearest neighbour).
 * Per sample: optional left-right mirror (label sides swapped), intensity jitter and noise, then
   0–3 findings: cysts (water, round), solid lesions (hypo/hyper-dense), lung nodules, pleural
-  effusion — each with organ, side, diameter (mm) and volume (ml) known exactly.
+  effusion — each with organ, side, diameter (mm) and volume (ml) known exactly; optionally
+  (``enlargement`` > 0) an enlarged liver, spleen or kidney, asked about with yes/no and volume (ml)
+  questions. Off by default: the shipped demo model was trained and evaluated without it.
 * Questions: 3D-RAD-style families (existence, anomaly detection, image observation, measurement)
   and DeepTumorVQA-style counting/size questions, several phrasings each; the organ in the question
   decides the answer, so the model has a reason to keep instruction-dependent regions.
@@ -230,6 +232,39 @@ class FindingSampler:
         c = region.nonzero().float().mean(0).tolist()
         return Finding("effusion", lung, tuple(c), 0.0, round(vol_ml, 1))
 
+    def add_enlargement(self, frames, organs, organ) -> Finding | None:
+        """Organ enlargement: the organ grown about its centroid by a linear factor 1.15–1.3 (volume
+        ×1.5–2.2, beyond the ±10% per-axis body deformation); the tissue it grows into is overwritten.
+        Call before adding lesions (it resamples the organ's voxels). ``organs`` gets new masks
+        (the pool's masks are shared, never edited in place); volume_ml is the enlarged organ's."""
+        mask = organs[organ]
+        idx = mask.nonzero()
+        if len(idx) == 0:
+            return None
+        s = self.rng.uniform(1.15, 1.3)
+        c = idx.float().mean(0)
+        shape = torch.tensor(frames.shape, device=idx.device)
+        lo = (c + (idx.min(0).values - c) * s).floor().long().clamp(min=0)
+        hi = torch.minimum((c + (idx.max(0).values - c) * s).ceil().long() + 1, shape)
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        axes = [torch.arange(int(a), int(b), device=frames.device).float() for a, b in zip(lo, hi)]
+        src = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+        src = c.to(frames.device) + (src - c.to(frames.device)) / s          # voxel each one comes from
+        grid = (src / (shape.to(frames.device) - 1) * 2 - 1).flip(-1)[None]   # grid_sample wants (x, y, z)
+        vals = F.grid_sample(frames[None, None], grid, mode="bilinear", align_corners=True)[0, 0]
+        inside = F.grid_sample(mask[None, None].float(), grid, mode="nearest", align_corners=True)[0, 0] > 0.5
+        inside &= mask[sl] | (frames[sl] > hu_to_unit(-500))          # it displaces tissue, not air or lung
+        frames[sl][inside] = vals[inside]
+        for name in list(organs):
+            if name != organ and bool(organs[name][sl][inside].any()):
+                organs[name] = organs[name].clone()
+                organs[name][sl] &= ~inside
+        grown = mask.clone()
+        grown[sl] |= inside
+        organs[organ] = grown
+        vol_ml = float(grown.sum()) * self.voxel_ml
+        return Finding("enlargement", organ, tuple(c.tolist()), 0.0, round(vol_ml, 1))
+
 
 # ----------------------------------------------------------------------------------------------
 # Questions
@@ -247,12 +282,17 @@ COUNT = ["How many lesions are in the {o}?", "Count the lesions in the {o}.", "W
 TYPE = ["Is the {o} lesion a cyst or a solid lesion?", "Is the lesion in the {o} cystic or solid?"]
 EFFUSION = ["Is there a pleural effusion?", "Is pleural fluid present?"]
 EFFUSION_SIDE = ["Which side is the pleural effusion on?"]
+ENLARGED = ["Is the {o} enlarged?", "Does the {o} look enlarged?", "Is there enlargement of the {o}?"]
+ORGAN_VOLUME = ["What is the volume of the {o} in ml?", "Estimate the {o} volume (ml)."]
+ENLARGE_ORGANS = ("liver", "spleen", "left kidney", "right kidney")
 
 
-def make_questions(findings: list[Finding], organs: dict, rng: random.Random) -> list[dict]:
-    """All question/answer records that the findings and the visible organs support (one scan)."""
+def make_questions(findings: list[Finding], organs: dict, rng: random.Random, enlargement: bool = False,
+                   voxel_ml: float = math.prod(VOXEL_MM) / 1000) -> list[dict]:
+    """All question/answer records that the findings and the visible organs support (one scan).
+    ``enlargement``: also ask whether organs are enlarged and their volumes (ml)."""
     qa = []
-    lesions = [f for f in findings if f.kind != "effusion"]
+    lesions = [f for f in findings if f.kind not in ("effusion", "enlargement")]
     effusions = [f for f in findings if f.kind == "effusion"]
     by_organ: dict[str, list[Finding]] = {}
     for f in lesions:
@@ -290,14 +330,24 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random) ->
         if len(fs) == 1 and fs[0].kind in ("cyst", "hypodense", "hyperdense"):
             qa.append(dict(family="image_observation", answer_type="choice", organ=o,
                            question=rng.choice(TYPE).format(o=o), answer="cyst" if fs[0].kind == "cyst" else "solid"))
+    if enlargement:
+        grown = {f.organ for f in findings if f.kind == "enlargement"}
+        for o in (o for o in ENLARGE_ORGANS if o in organs):
+            qa.append(dict(family="existence", answer_type="closed", organ=o,
+                           question=rng.choice(ENLARGED).format(o=o), answer="yes" if o in grown else "no"))
+            if o in grown or rng.random() < 0.25:
+                ml = float(organs[o].sum()) * voxel_ml
+                qa.append(dict(family="measurement", answer_type="numeric", organ=o,
+                               question=rng.choice(ORGAN_VOLUME).format(o=o), answer=f"{round(ml)} ml"))
     return qa
 
 
 def all_template_text() -> list[str]:
     """Every phrasing and answer word, to train the demo tokenizer."""
-    words = list(ORGANS) + ["lung", "kidney", "yes", "no", "left", "right", "cyst", "solid", "mm"] + \
+    words = list(ORGANS) + ["lung", "kidney", "yes", "no", "left", "right", "cyst", "solid", "mm", "ml"] + \
         [str(i) for i in range(100)]
-    texts = EXIST + ANOMALY + WHICH + SIDE + SIZE + COUNT + TYPE + EFFUSION + EFFUSION_SIDE + words
+    texts = EXIST + ANOMALY + WHICH + SIDE + SIZE + COUNT + TYPE + EFFUSION + EFFUSION_SIDE + ENLARGED + \
+        ORGAN_VOLUME + words
     return [t.format(o=o, p=p) for t in texts for o in ORGANS for p in PAIRED]
 
 
@@ -309,8 +359,9 @@ class DemoGenerator:
     """Deterministic stream of (frames, record) for a split; backgrounds deformed into a pool."""
 
     def __init__(self, split: str = "train", seed: int = 0, pool: int = 6, device="cpu",
-                 backgrounds: dict | None = None, downsample: float = 1.0):
+                 backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0):
         self.split, self.device = split, torch.device(device)
+        self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
         base = {"train": 0, "test": 1_000_003, "report": 2_000_003}[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
@@ -341,6 +392,11 @@ class DemoGenerator:
         frames = (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01) * fine).clamp(0, 1)
         sampler = FindingSampler(rng, self.device, bg.voxel_mm)
         findings: list[Finding] = []
+        if self.enlargement and rng.random() < self.enlargement:      # first: it resamples the organ
+            grow = [o for o in ENLARGE_ORGANS if o in organs]
+            f = sampler.add_enlargement(frames, organs, rng.choice(grow)) if grow else None
+            if f:
+                findings.append(f)
         if organs and rng.random() < with_findings:
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
                 lungs = [o for o in organs if o.endswith("lung")]
@@ -352,14 +408,14 @@ class DemoGenerator:
                     f = sampler.add_effusion(frames, organs, rng.choice(lungs))
                 elif solid:
                     o = rng.choice(solid)
-                    if findings and rng.random() < 0.5 and findings[0].kind != "effusion":
+                    if findings and rng.random() < 0.5 and findings[0].kind not in ("effusion", "enlargement"):
                         o = findings[0].organ if findings[0].organ in solid else o
                     f = sampler.add_lesion(frames, organs, o, rng.choice(["cyst", "hypodense", "hyperdense"]))
                 else:
                     f = None
                 if f:
                     findings.append(f)
-        qa = make_questions(findings, organs, rng)
+        qa = make_questions(findings, organs, rng, bool(self.enlargement), sampler.voxel_ml)
         self.last_truth = sampler.truth   # finding map of this scan (training-only supervision)
         meta = dict(background=bg.name, mirrored=mirrored,
                     findings=[dict(kind=f.kind, organ=f.organ, side=f.side, diameter_mm=f.diameter_mm,

@@ -45,11 +45,11 @@ def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
 
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,
-                  baselines: bool = True, noise: bool = True, curve: tuple = ()) -> list[dict]:
+                  baselines: bool = True, noise: bool = True, curve: tuple = (), enlargement: float = 0.0) -> list[dict]:
     """Generate ``scans`` scans of the demo split and ask every supported question on each."""
     from .data import DemoGenerator
 
-    gen = DemoGenerator(split, seed=seed, pool=3)
+    gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
     rows = []
     for i in range(scans):
         frames, qa, meta, organs = gen.sample()
@@ -215,6 +215,8 @@ def main(argv=None) -> None:
     ap.add_argument("--demo-split", choices=["test", "report", "train"])
     ap.add_argument("--scans", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--enlargement", type=float, default=0.0,
+                    help="demo split: share of scans with an enlarged organ, and its questions (0 = off)")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--curve", type=int, nargs="*", default=[],
                     help="kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the baselines)")
@@ -233,7 +235,7 @@ def main(argv=None) -> None:
         rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images), rank, world)
     else:
         rows = evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
-                             baselines=not args.no_baselines, curve=tuple(args.curve))
+                             baselines=not args.no_baselines, curve=tuple(args.curve), enlargement=args.enlargement)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"predictions.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if world > 1:

@@ -62,6 +62,7 @@ class TrainConfig:
     downsample: float = 1.0                # curriculum: shrink the model-space volume by this factor
                                            # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
     init_from: str = ""                    # start from this model folder's weights (fresh optimiser)
+    enlargement: float = 0.0               # share of scans with an enlarged organ (+ its questions; 0 = off)
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
@@ -288,7 +289,7 @@ def train(cfg: TrainConfig) -> Path:
     trainee = Trainee(model, aux, cfg.aux)
     ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
     gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device,
-                        downsample=cfg.downsample)
+                        downsample=cfg.downsample, enlargement=cfg.enlargement)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     t0, seen, log = time.time(), 0, []
     shape = gen.shape

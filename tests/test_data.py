@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from photon_core.data import VOXEL_MM, DemoGenerator, load_background, shrink, downsample_shape
+from photon_core.data import MIRROR, VOXEL_MM, DemoGenerator, downsample_shape, load_background, shrink
 from photon_core.preprocess import MODEL_SHAPE
 
 pytestmark = pytest.mark.slow
@@ -70,3 +70,31 @@ def test_model_grid_stream_is_deterministic(abdomen):
     assert a.shape == MODEL_SHAPE
     assert torch.equal(fa, fb) and qa == qb and ma == mb
     _check_stream(a, 3)
+
+
+def test_organ_enlargement_grows_the_organ_and_is_asked_about(abdomen):
+    bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}
+    before = {o: int(m.sum()) for o, m in abdomen.organs.items()}
+    gen = DemoGenerator("train", seed=2, pool=0, backgrounds=bgs, downsample=2.5, enlargement=1.0)
+    seen = 0
+    for _ in range(6):
+        frames, qa, meta, organs = gen.sample(with_findings=0.0)
+        grown = [f for f in meta["findings"] if f["kind"] == "enlargement"]
+        assert len(grown) == 1
+        o = grown[0]["organ"]
+        small = shrink(abdomen, gen.shape)
+        src = MIRROR.get(o, o) if meta["mirrored"] else o          # mirroring swaps the sides' labels
+        ratio = float(organs[o].sum()) / float(small.organs[src].sum())
+        assert 1.3 < ratio < 2.6, (o, ratio)                  # linear 1.15–1.3 → volume ×1.5–2.2 (± voxelisation)
+        ml = float(organs[o].sum()) * math.prod(small.voxel_mm) / 1000
+        assert grown[0]["volume_ml"] == pytest.approx(ml, abs=0.1)
+        asked = {q["organ"]: q["answer"] for q in qa if "enlarge" in q["question"]}
+        assert asked[o] == "yes" and all(a == "no" for k, a in asked.items() if k != o)
+        vol = [q for q in qa if q["question"].endswith(("in ml?", "(ml).")) and q["organ"] == o]
+        assert vol and vol[0]["answer"] == f"{round(ml)} ml"
+        seen += 1
+    assert {o: int(m.sum()) for o, m in abdomen.organs.items()} == before   # the pool's masks are untouched
+    # off by default: the same seed gives the stream the shipped model was evaluated on
+    plain = DemoGenerator("train", seed=2, pool=0, backgrounds=bgs, downsample=2.5)
+    _, qa, meta, _ = plain.sample(with_findings=0.0)
+    assert not meta["findings"] and not any("enlarge" in q["question"] or "ml" in q["answer"] for q in qa)
