@@ -74,11 +74,15 @@ def score(pred: str, gt: str, answer_type: str) -> dict:
 def aggregate(rows: list[dict]) -> dict:
     """rows: {family, answer_type, scores} → per-family means and the macro average of the main metric."""
     fam: dict[str, dict[str, list]] = {}
+    count: dict[str, int] = {}
     for r in rows:
         d = fam.setdefault(r["family"], {})
+        count[r["family"]] = count.get(r["family"], 0) + 1
         for k, v in r["scores"].items():
             d.setdefault(k, []).append(v)
-    out = {f: {k: sum(v) / len(v) for k, v in d.items()} | {"n": len(next(iter(d.values())))} for f, d in fam.items()}
+    # n = questions in the family (a family may mix closed and open questions; each metric is the
+    # mean over the questions that have it)
+    out = {f: {k: sum(v) / len(v) for k, v in d.items()} | {"n": count[f]} for f, d in fam.items()}
     main = []
     for f, d in out.items():
         main.append(d.get("accuracy", d.get("mra", d.get("exact", 0.0))))

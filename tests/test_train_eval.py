@@ -66,6 +66,9 @@ def test_metrics():
                  for a in ["no"] * 9 + ["yes"]]
     assert aggregate(always_no)["existence"]["accuracy"] == 0.9
     assert balanced_accuracy(always_no) == {"existence": 0.5}      # the prior alone scores chance
+    mixed = aggregate([dict(family="obs", scores={"exact": 1.0}), dict(family="obs", scores={"accuracy": 0.0}),
+                       dict(family="obs", scores={"accuracy": 1.0})])
+    assert mixed["obs"]["n"] == 3 and mixed["obs"]["accuracy"] == 0.5 and mixed["obs"]["exact"] == 1.0
 
 
 def test_low_resolution_curriculum_then_init_from(tmp_path):
