@@ -27,7 +27,7 @@ from .checkpoint import load_model, save_model
 from .config import PhotonConfig, VisionConfig
 from .distributed import init_distributed
 from .model import PhotonModel
-from .preprocess import MODEL_SHAPE, TOKEN_GRID, block_fractions, blocks, patchify
+from .preprocess import TOKEN_GRID, block_fractions, blocks, patchify
 from .prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
 
 
@@ -55,10 +55,10 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 10
     resume: bool = False
-    guide: float = 0.0                     # training-only saliency guidance weight (0 = off; 0.1 tried)
+    guide: float = 0.0                     # training-only saliency guidance weight (0 = off; demo: 0.1)
     guide_floor: float = 0.0               # weight of every other block in the guidance target, so the
                                            # pull toward the asked organ stays bounded (ρ not too peaky)
-    aux: float = 0.0                       # training-only token supervision weight (0 = off; 0.5 tried)
+    aux: float = 0.0                       # training-only token supervision weight (0 = off; demo: 0.5)
     downsample: float = 1.0                # curriculum: shrink the model-space volume by this factor
                                            # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
     init_from: str = ""                    # start from this model folder's weights (fresh optimiser)
@@ -292,8 +292,7 @@ def train(cfg: TrainConfig) -> Path:
                         downsample=cfg.downsample, enlargement=cfg.enlargement)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     t0, seen, log = time.time(), 0, []
-    shape = gen.shape
-    token_grid = (shape[0] // 14, shape[1] // 28, shape[2] // 28)
+    token_grid = (gen.shape[0] // 14, gen.shape[1] // 28, gen.shape[2] // 28)   # the stream's grid (curriculum)
     n_visual = token_grid[0] * token_grid[1] * token_grid[2]
     model.band = cfg.band
     for step in range(start, cfg.steps):
@@ -308,8 +307,6 @@ def train(cfg: TrainConfig) -> Path:
         for _ in range(cfg.scans_per_step):
             frames, qa, meta, organs = gen.sample()
             tg = token_targets(organs, gen.last_truth, token_grid) if (cfg.aux > 0 or cfg.guide > 0) else None
-            if shape != MODEL_SHAPE:
-                frames = F.interpolate(frames[None, None], size=shape, mode="area")[0, 0]
             if robust:
                 frames = perturb(frames, rng)
             elif tg is not None:
