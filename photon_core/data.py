@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import MODEL_SHAPE, prepare
+from .preprocess import MODEL_SHAPE, TOKEN_VOXELS, prepare
 from .volume import load_label_map, load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +70,11 @@ class Finding:
     volume_ml: float
 
     @property
+    def focal(self) -> bool:
+        """A lesion (asked about by existence, organ, side, count, size and type questions)."""
+        return self.kind not in ("effusion", "enlargement")
+
+    @property
     def side(self) -> str | None:
         return "left" if self.organ.startswith("left") else "right" if self.organ.startswith("right") else None
 
@@ -88,8 +93,8 @@ class Background:
 
 
 def downsample_shape(factor: float) -> tuple:
-    """Model-space shape shrunk by ``factor``, kept divisible into whole tokens (14 × 28 × 28)."""
-    return tuple(int(round(n / factor / m)) * m for n, m in zip(MODEL_SHAPE, (14, 28, 28)))
+    """Model-space shape shrunk by ``factor``, kept divisible into whole token blocks."""
+    return tuple(int(round(n / factor / m)) * m for n, m in zip(MODEL_SHAPE, TOKEN_VOXELS))
 
 
 def shrink(bg: Background, shape: tuple) -> Background:
@@ -292,7 +297,7 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
     """All question/answer records that the findings and the visible organs support (one scan).
     ``enlargement``: also ask whether organs are enlarged and their volumes (ml)."""
     qa = []
-    lesions = [f for f in findings if f.kind not in ("effusion", "enlargement")]
+    lesions = [f for f in findings if f.focal]
     effusions = [f for f in findings if f.kind == "effusion"]
     by_organ: dict[str, list[Finding]] = {}
     for f in lesions:
@@ -408,7 +413,7 @@ class DemoGenerator:
                     f = sampler.add_effusion(frames, organs, rng.choice(lungs))
                 elif solid:
                     o = rng.choice(solid)
-                    if findings and rng.random() < 0.5 and findings[0].kind not in ("effusion", "enlargement"):
+                    if findings and rng.random() < 0.5 and findings[0].focal:
                         o = findings[0].organ if findings[0].organ in solid else o
                     f = sampler.add_lesion(frames, organs, o, rng.choice(["cyst", "hypodense", "hyperdense"]))
                 else:

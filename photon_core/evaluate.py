@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .audit import jaccard
 from .datasets import parse_columns, read_records
 from .distributed import init_distributed
-from .metrics import aggregate, score
+from .metrics import aggregate, balanced_accuracy, score
 from .predictor import Predictor
 from .preprocess import block_fractions
 from .scheduler import Budget
@@ -127,17 +127,6 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
             rows.append(base | dict(prediction=a.text, kept=a.kept,
                                     scores=score(a.text, r["answer"], base["answer_type"])))
     return rows
-
-
-def balanced_accuracy(rows: list[dict]) -> dict:
-    """Per family of closed questions: the mean over answer values of the accuracy on that value,
-    so a model that always says "no" scores 0.5 however few "yes" questions a set has."""
-    by: dict[str, dict[str, list]] = {}
-    for r in rows:
-        if r.get("answer_type") in ("closed", "choice") and "accuracy" in r.get("scores", {}):
-            by.setdefault(r["family"], {}).setdefault(str(r["answer"]).strip().lower(), []).append(
-                r["scores"]["accuracy"])
-    return {f: float(np.mean([np.mean(v) for v in d.values()])) for f, d in by.items()}
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -6,6 +6,7 @@
 * numeric: mean relative accuracy, MRA = mean over θ ∈ {0.50, 0.55, …, 0.95} of
   1[|pred − gt| / |gt| < 1 − θ]; a prediction without a number scores 0.
 Per-family scores are averaged; the report's macro average is the mean of the family means.
+Closed families also get a balanced accuracy (mean over answer values).
 """
 from __future__ import annotations
 
@@ -88,3 +89,14 @@ def aggregate(rows: list[dict]) -> dict:
         main.append(d.get("accuracy", d.get("mra", d.get("exact", 0.0))))
     out["macro"] = sum(main) / len(main) if main else 0.0
     return out
+
+
+def balanced_accuracy(rows: list[dict]) -> dict:
+    """Per family of closed questions: the mean over answer values of the accuracy on that value,
+    so a model that always says "no" scores 0.5 however few "yes" questions a set has."""
+    by: dict[str, dict[str, list]] = {}
+    for r in rows:
+        if r.get("answer_type") in ("closed", "choice") and "accuracy" in r.get("scores", {}):
+            by.setdefault(r["family"], {}).setdefault(str(r["answer"]).strip().lower(), []).append(
+                r["scores"]["accuracy"])
+    return {f: sum(sum(v) / len(v) for v in d.values()) / len(d) for f, d in by.items()}

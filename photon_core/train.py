@@ -27,7 +27,7 @@ from .checkpoint import load_model, save_model
 from .config import PhotonConfig, VisionConfig
 from .distributed import init_distributed
 from .model import PhotonModel
-from .preprocess import TOKEN_GRID, block_fractions, blocks, patchify
+from .preprocess import TOKEN_GRID, TOKEN_VOXELS, block_fractions, blocks, patchify
 from .prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
 
 
@@ -292,7 +292,7 @@ def train(cfg: TrainConfig) -> Path:
                         downsample=cfg.downsample, enlargement=cfg.enlargement)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     t0, seen, log = time.time(), 0, []
-    token_grid = (gen.shape[0] // 14, gen.shape[1] // 28, gen.shape[2] // 28)   # the stream's grid (curriculum)
+    token_grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))   # the stream's grid (curriculum)
     n_visual = token_grid[0] * token_grid[1] * token_grid[2]
     model.band = cfg.band
     for step in range(start, cfg.steps):

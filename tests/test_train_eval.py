@@ -61,7 +61,7 @@ def test_metrics():
     agg = aggregate([dict(family="a", scores={"accuracy": 1.0}), dict(family="a", scores={"accuracy": 0.0}),
                      dict(family="b", scores={"mra": 0.5})])
     assert agg["a"]["accuracy"] == 0.5 and agg["macro"] == 0.5
-    from photon_core.evaluate import balanced_accuracy
+    from photon_core.metrics import balanced_accuracy
     always_no = [dict(family="existence", answer_type="closed", answer=a, scores={"accuracy": float(a == "no")})
                  for a in ["no"] * 9 + ["yes"]]
     assert aggregate(always_no)["existence"]["accuracy"] == 0.9
