@@ -432,7 +432,11 @@ class PhotonModel(nn.Module):
         return self.visual(pixel_values.to(dtype), grid_thw)
 
     def masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """vision_mask: image/video pads; question_mask: strictly between <|vision_end|> and <|im_end|>."""
+        """vision_mask: image/video pads; question_mask: strictly between <|vision_end|> and <|im_end|>.
+
+        With several volumes in one turn (prior + current) the question is the text after the turn's
+        last <|vision_end|>: a span that holds another volume is not instruction. With one volume this
+        is the reference's rule unchanged."""
         c = self.config
         valid = attention_mask.bool()
         vision = ((input_ids == c.video_token_id) | (input_ids == c.image_token_id)) & valid
@@ -442,7 +446,8 @@ class PhotonModel(nn.Module):
             for e in ends:
                 stop = (input_ids[b, e + 1:] == c.eos_token_id).nonzero()
                 last = e + 1 + int(stop[0]) if len(stop) else input_ids.shape[1]
-                question[b, e + 1:last] = True
+                if not bool(vision[b, e + 1:last].any()):
+                    question[b, e + 1:last] = True
         return vision, question & valid
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
@@ -513,15 +518,16 @@ class PhotonModel(nn.Module):
                 grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 budget: its.Budget | list | None = None, use_cache: bool = False,
                 use_its: bool = True, flip: bool = False, robust: bool = False,
-                row_scan: list[int] | None = None, saliency_target: torch.Tensor | None = None) -> Output:
+                row_scan: list | None = None, saliency_target: torch.Tensor | None = None) -> Output:
         """Prefill (eval) or training forward. ``features`` = cached `encode_volume` output for the
         whole batch (concatenated in row order); else ``pixel_values``/``grid_thw`` are encoded.
 
         ``budget``: one Budget or one per row (eval only). ``use_its=False`` runs without ITS.
         ``flip``: keep the complement of the decision and use the flip loss (training).
         ``robust``: the volume was perturbed; the loss is −entropy of the answer (training).
-        ``row_scan``: with ``pixel_values``/``grid_thw`` of S distinct scans, the scan of each row
-        (several questions on one scan encode it once, inside this forward, as DDP needs).
+        ``row_scan``: with ``pixel_values``/``grid_thw`` of S distinct scans, the scan of each row, or
+        the scans of each row in prompt order (prior, current) (several questions on one scan encode
+        it once, inside this forward, as DDP needs).
         """
         c = self.config
         B, L = input_ids.shape
@@ -533,8 +539,9 @@ class PhotonModel(nn.Module):
             if row_scan is not None:
                 m2 = self.config.vision.spatial_merge_size ** 2
                 per_scan = features.split([int(n) // m2 for n in grid_thw.prod(-1).tolist()])
-                features = torch.cat([per_scan[i] for i in row_scan])
-                grid_thw = grid_thw[torch.as_tensor(row_scan, device=grid_thw.device)]
+                order = [i for r in row_scan for i in ([r] if isinstance(r, int) else r)]
+                features = torch.cat([per_scan[i] for i in order])
+                grid_thw = grid_thw[torch.as_tensor(order, device=grid_thw.device)]
         if grid_thw is None and features is not None:
             raise ValueError("grid_thw is needed to place the visual tokens")
         if grid_thw is not None and grid_thw.shape[0] == 1 and B > 1:

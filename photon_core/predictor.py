@@ -4,6 +4,8 @@
     p.set_volume(load_volume("scan.nii.gz"))
     a = p.ask("Is there a lesion in the liver?", budget="auto")
     a.text, a.kept, a.total, a.keep_grid    # answer, token counts, (10, 10, 10) kept mask
+    p.set_volume(current, prior=earlier)  # a follow-up: both scans in one prompt (prior first)
+    p.ask("Has the liver lesion grown since the prior scan?").prior_kept
 
 What the app, the CLI, the evaluator and the benchmark all call.
 """
@@ -43,6 +45,9 @@ class Answer:
     peak_memory_mb: float
     device: str
     extra: dict = field(default_factory=dict)
+    prior_keep_grid: np.ndarray | None = None   # the prior scan's kept mask, when one was given
+    prior_kept: int = 0                          # of ``kept``, tokens of the prior scan
+    prior_total: int = 0                         # of ``total``, tokens of the prior scan
 
     @property
     def keep_fraction(self) -> float:
@@ -53,7 +58,8 @@ class Answer:
                     kept=self.kept, keep_fraction=round(self.keep_fraction, 4), prompt_tokens=self.prompt_tokens,
                     generated_tokens=self.generated_tokens, prefill_s=round(self.prefill_s, 4),
                     decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
-                    device=self.device, kept_indices=self.kept_indices)
+                    device=self.device, kept_indices=self.kept_indices,
+                    **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total else {}))
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -75,6 +81,7 @@ class Predictor:
         self.features: torch.Tensor | None = None
         self.grid_thw: torch.Tensor | None = None
         self.geometry: Geometry | None = None
+        self.prior: tuple[torch.Tensor, torch.Tensor] | None = None   # (features, grid_thw) of a prior scan
         self.encode_calls = 0
         self.encode_s = 0.0
 
@@ -86,29 +93,38 @@ class Predictor:
     def prepare(self, volume: Volume) -> Prepared:
         return prepare(volume, self.device)
 
-    def set_volume(self, volume: Volume | Prepared | torch.Tensor) -> None:
+    def set_volume(self, volume: Volume | Prepared | torch.Tensor,
+                   prior: Volume | Prepared | torch.Tensor | None = None) -> None:
         """Encode a volume once; later asks reuse the cached visual features.
 
         Accepts a `Volume` (prepared here), a `Prepared`, or model frames (140, 1, 280, 280) / (140, 280, 280).
+        ``prior``: an earlier scan of the same patient, for questions about change; every question
+        then sees both (prior first). Setting a volume without a prior clears the prior.
         """
+        t = time.perf_counter()
+        self.prior = self.encode(prior)[:2] if prior is not None else None
+        self.features, self.grid_thw, self.geometry = self.encode(volume)
+        self.encode_s = time.perf_counter() - t
+
+    def encode(self, volume: Volume | Prepared | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Geometry | None]:
+        """(visual features, grid_thw, geometry or None) of one volume."""
         if isinstance(volume, Volume):
             volume = self.prepare(volume)
         if isinstance(volume, Prepared):
-            pv, grid, self.geometry = volume.pixel_values, volume.grid_thw, volume.geometry
+            pv, grid, geometry = volume.pixel_values, volume.grid_thw, volume.geometry
         else:
             frames = volume if volume.ndim == 4 else volume[:, None]
-            pv, grid = patchify(frames.float())
-            self.geometry = None
-        t = time.perf_counter()
+            (pv, grid), geometry = patchify(frames.float()), None
         with torch.inference_mode():
-            self.features = self.model.encode_volume(pv.to(self.device), grid.to(self.device))
-        self.grid_thw = grid.to(self.device)
+            features = self.model.encode_volume(pv.to(self.device), grid.to(self.device))
         self.encode_calls += 1
-        self.encode_s = time.perf_counter() - t
+        return features, grid.to(self.device), geometry
 
-    def set_features(self, features: torch.Tensor, grid_thw: torch.Tensor, geometry: Geometry | None = None):
-        """Reuse features encoded earlier (e.g. a per-session cache)."""
+    def set_features(self, features: torch.Tensor, grid_thw: torch.Tensor, geometry: Geometry | None = None,
+                     prior: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Reuse features encoded earlier (e.g. a per-session cache); ``prior`` = (features, grid_thw)."""
         self.features, self.grid_thw, self.geometry = features, grid_thw.to(self.device), geometry
+        self.prior = (prior[0], prior[1].to(self.device)) if prior is not None else None
 
     # ------------------------------------------------------------------ asking
     def ask(self, question: str, budget: str | Budget = "auto", max_new_tokens: int = 32,
@@ -135,10 +151,15 @@ class Predictor:
         qs = [clean_question(q) for q in (qs * n if len(qs) == 1 else qs)]
         bs = [Budget.parse(b) for b in (bs * n if len(bs) == 1 else bs)]
         V = self.features.shape[0]
-        prompts = [self.tokenizer.prompt(q, V)[0] for q in qs]
+        P = self.prior[0].shape[0] if self.prior is not None else 0
+        prompts = [self.tokenizer.prompt(q, V, prior_visual=P)[0] for q in qs]
         ids, mask, _ = batch_prompts(prompts, self.model.config.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        feats = self.features.repeat(n, 1)
+        if self.prior is not None:      # each row: the prior's tokens, then the current's
+            feats = torch.cat([self.prior[0], self.features]).repeat(n, 1)
+            grid = torch.cat([self.prior[1], self.grid_thw]).repeat(n, 1)
+        else:
+            feats, grid = self.features.repeat(n, 1), self.grid_thw
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -147,8 +168,8 @@ class Predictor:
         t0 = time.perf_counter()
         with torch.inference_mode():
             timing = {}
-            toks, out, _ = self._generate(ids, mask, feats, bs, max_new_tokens, do_sample, temperature, top_p, gen,
-                                          timing)
+            toks, out, _ = self._generate(ids, mask, feats, grid, bs, max_new_tokens, do_sample, temperature,
+                                          top_p, gen, timing)
         total_s = time.perf_counter() - t0
         prefill_s = timing.get("prefill", total_s)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else _rss_mb()
@@ -159,20 +180,23 @@ class Predictor:
             eos = self.model.config.eos_token_id
             gen_ids = row[:row.index(eos)] if eos in row else row
             if st is not None:
-                keep = st.keep[b].cpu().numpy().astype(bool)
-                rho = st.rho[b].float().cpu().numpy()
+                keep_all = st.keep[b].cpu().numpy().astype(bool)
+                rho = st.rho[b].float().cpu().numpy()[P:]
                 theta = float(st.theta[b])
             else:
-                keep, rho, theta = np.ones(V, bool), np.zeros(V, np.float32), 0.0
+                keep_all, rho, theta = np.ones(P + V, bool), np.zeros(V, np.float32), 0.0
+            keep, prior_keep = keep_all[P:], keep_all[:P]
             answers.append(Answer(
                 text=self.tokenizer.decode(gen_ids), budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
-                kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta, total=V,
-                kept=int(keep.sum()), prompt_tokens=int(mask[b].sum()), generated_tokens=len(gen_ids) + (eos in row),
+                kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta, total=P + V,
+                kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()), generated_tokens=len(gen_ids) + (eos in row),
                 prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device),
-                extra={"batch": n}))
+                extra={"batch": n}, prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
+                prior_kept=int(prior_keep.sum()), prior_total=P))
         return answers
 
-    def _generate(self, ids, mask, feats, budgets, max_new_tokens, do_sample, temperature, top_p, gen, timing):
+    def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, do_sample, temperature, top_p, gen,
+                  timing):
         t0 = time.perf_counter()
 
         def mark(_out):
@@ -181,7 +205,7 @@ class Predictor:
             timing["prefill"] = time.perf_counter() - t0
 
         m = self.model
-        return m.generate(ids, mask, features=feats, grid_thw=self.grid_thw, budget=budgets,
+        return m.generate(ids, mask, features=feats, grid_thw=grid, budget=budgets,
                           max_new_tokens=max_new_tokens, eos_token_id=m.config.eos_token_id, do_sample=do_sample,
                           temperature=temperature, top_p=top_p, generator=gen, on_prefill=mark)
 

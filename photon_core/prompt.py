@@ -4,6 +4,9 @@
     <|im_start|>user\\n<|vision_start|><|video_pad|>×N<|vision_end|>{question}<|im_end|>\\n
     <|im_start|>assistant\\n{answer}<|im_end|>
 
+A question about change since a prior scan of the same patient puts the prior's vision span first:
+``<|vision_start|>…prior…<|vision_end|><|vision_start|>…current…<|vision_end|>{question}``.
+
 Any folder with a ``tokenizer.json`` (official Qwen2 folders ship one; so does our demo model) is
 read with the `tokenizers` library — no network, no remote code.
 """
@@ -54,13 +57,18 @@ class Tokenizer:
         if self.vocab_size > cfg.vocab_size:
             raise ValueError(f"Tokenizer has {self.vocab_size} tokens but the model only {cfg.vocab_size}.")
 
-    def prompt(self, question: str, n_visual: int, answer: str | None = None) -> tuple[list[int], int]:
-        """Token ids of the ChatML prompt (and the answer, for training); returns (ids, answer_start)."""
+    def prompt(self, question: str, n_visual: int, answer: str | None = None,
+               prior_visual: int = 0) -> tuple[list[int], int]:
+        """Token ids of the ChatML prompt (and the answer, for training); returns (ids, answer_start).
+
+        ``prior_visual`` > 0: a prior scan of the same patient goes first, as its own vision span
+        right before the current one (the question still follows the last volume)."""
         i = self.ids
         nl = self.encode("\n")
+        span = lambda n: [i["<|vision_start|>"]] + [i["<|video_pad|>"]] * n + [i["<|vision_end|>"]]  # noqa: E731
         ids = ([i["<|im_start|>"]] + self.encode("system") + nl + self.encode(SYSTEM) + [i["<|im_end|>"]] + nl
                + [i["<|im_start|>"]] + self.encode("user") + nl
-               + [i["<|vision_start|>"]] + [i["<|video_pad|>"]] * n_visual + [i["<|vision_end|>"]]
+               + (span(prior_visual) if prior_visual else []) + span(n_visual)
                + self.encode(question) + [i["<|im_end|>"]] + nl
                + [i["<|im_start|>"]] + self.encode("assistant") + nl)
         start = len(ids)
