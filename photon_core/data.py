@@ -15,6 +15,9 @@ on a CPU and runs on the GPU when one is given (all tensor ops take ``device``).
 * Questions: 3D-RAD-style families (existence, anomaly detection, image observation, measurement)
   and DeepTumorVQA-style counting/size questions, several phrasings each; the organ in the question
   decides the answer, so the model has a reason to keep instruction-dependent regions.
+* Temporal pairs (`DemoGenerator.pair`): a prior and a current scan of one body (independent
+  jitter and noise), each lesion grown, shrunk, stable, new or resolved between them, with
+  3D-RAD-style longitudinal questions (change, growth, new lesion, prior size).
 
 ``downsample`` > 1 runs the whole stream on a coarser grid (a training curriculum: 2.5 → 56×112×112,
 64 visual tokens): each body is shrunk once and findings are drawn there with the voxel size scaled,
@@ -22,7 +25,8 @@ so sizes in mm and volumes in ml stay exact and a sample costs milliseconds.
 
 Splits are disjoint by seed and by background deformation: ``train`` and ``test`` draw different
 pool bodies and lesions; ``report`` uses a background never used in training (dicom_ct).
-Records follow an open JSONL layout: {image, question, answer, family, answer_type, organ, meta}.
+Records follow an open JSONL layout: {image, question, answer, family, answer_type, organ, meta}
+(+ ``prior_image`` for a temporal question).
 """
 from __future__ import annotations
 
@@ -204,20 +208,58 @@ class FindingSampler:
             ball, sl = _sphere(frames.shape, c, diam / 2, frames.device, self.voxel_mm)
             inside = float((ball & mask[sl]).sum()) / max(1, int(ball.sum()))
             if inside >= 0.8:
-                region = frames[sl]
-                if kind == "cyst":
-                    val = hu_to_unit(rng.uniform(-5, 15))
-                elif kind == "hypodense":
-                    val = float(region[ball].mean()) - rng.uniform(0.06, 0.12)
-                elif kind == "nodule":
-                    val = hu_to_unit(rng.uniform(20, 80))
-                else:
-                    val = float(region[ball].mean()) + rng.uniform(0.08, 0.15)
-                noise = torch.randn(ball.shape, device=frames.device) * 0.004
-                region[ball] = (val + noise[ball]).clamp(0, 1)
-                self._mark(frames, sl, ball, diam)
-                vol_ml = float(ball.sum()) * self.voxel_ml
+                vol_ml = self.paint(frames, sl, ball, diam, kind, self.level(kind))
                 return Finding(kind, organ, tuple(c), round(diam), round(vol_ml, 1))
+        return None
+
+    def level(self, kind: str) -> float:
+        """A lesion's intensity: absolute for cysts and nodules, an offset from the organ for solid ones."""
+        rng = self.rng
+        if kind == "cyst":
+            return hu_to_unit(rng.uniform(-5, 15))
+        if kind == "hypodense":
+            return -rng.uniform(0.06, 0.12)
+        if kind == "nodule":
+            return hu_to_unit(rng.uniform(20, 80))
+        return rng.uniform(0.08, 0.15)
+
+    def paint(self, frames, sl, ball, diam: float, kind: str, level: float) -> float:
+        """Draw a lesion into ``frames`` at ``ball`` (within slices ``sl``); returns its volume (ml)."""
+        region = frames[sl]
+        val = float(region[ball].mean()) + level if kind in ("hypodense", "hyperdense") else level
+        noise = torch.randn(ball.shape, device=frames.device) * 0.004
+        region[ball] = (val + noise[ball]).clamp(0, 1)
+        self._mark(frames, sl, ball, diam)
+        return float(ball.sum()) * self.voxel_ml
+
+    def add_changing_lesion(self, prior, current, later: "FindingSampler", organs, organ, kind,
+                            change: str) -> tuple:
+        """One lesion seen at two times: ``change`` is larger | smaller | stable | new | resolved.
+        ``self`` marks the prior's truth, ``later`` the current's. Returns (prior Finding or None,
+        current Finding or None), or None if no site fits the larger of the two sizes."""
+        mask = organs[organ]
+        idx = mask.nonzero()
+        rng = self.rng
+        shape = prior.shape
+        for _ in range(12):
+            c = idx[rng.randrange(len(idx))].tolist()
+            base = rng.uniform(6, 12) if kind == "nodule" else rng.uniform(12, 26)
+            factor = {"larger": rng.uniform(1.3, 1.7), "smaller": rng.uniform(0.5, 0.75),
+                      "stable": rng.uniform(0.97, 1.03)}.get(change, 1.0)
+            d0, d1 = (0.0, base) if change == "new" else (base, 0.0) if change == "resolved" else (base, base * factor)
+            ball, sl = _sphere(shape, c, max(d0, d1) / 2, prior.device, self.voxel_mm)
+            if float((ball & mask[sl]).sum()) / max(1, int(ball.sum())) < 0.8:
+                continue
+            lvl = self.level(kind)
+            out = []
+            for frames, sampler, d in ((prior, self, d0), (current, later, d1)):
+                if d <= 0:
+                    out.append(None)
+                    continue
+                ball, sl = _sphere(shape, c, d / 2, frames.device, self.voxel_mm)
+                ml = sampler.paint(frames, sl, ball, d, kind, lvl)
+                out.append(Finding(kind, organ, tuple(c), round(d), round(ml, 1)))
+            return tuple(out)
         return None
 
     def add_effusion(self, frames, organs, lung) -> Finding | None:
@@ -290,6 +332,14 @@ EFFUSION_SIDE = ["Which side is the pleural effusion on?"]
 ENLARGED = ["Is the {o} enlarged?", "Does the {o} look enlarged?", "Is there enlargement of the {o}?"]
 ORGAN_VOLUME = ["What is the volume of the {o} in ml?", "Estimate the {o} volume (ml)."]
 ENLARGE_ORGANS = ("liver", "spleen", "left kidney", "right kidney")
+# Longitudinal (prior + current scan)
+CHANGE = ["Compared with the prior scan, is the {o} lesion larger, smaller or stable?",
+          "How has the {o} lesion changed since the prior scan: larger, smaller or stable?"]
+GROWN = ["Has the {o} lesion grown since the prior scan?", "Is the {o} lesion larger than on the prior scan?"]
+NEW = ["Is there a new lesion in the {o} since the prior scan?", "Has a new {o} lesion appeared since the prior?"]
+RESOLVED = ["Has the {o} lesion seen on the prior scan resolved?"]
+PRIOR_SIZE = ["What was the diameter of the {o} lesion on the prior scan in mm?"]
+CHANGES = ("larger", "smaller", "stable", "new", "resolved")
 
 
 def make_questions(findings: list[Finding], organs: dict, rng: random.Random, enlargement: bool = False,
@@ -347,12 +397,42 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
     return qa
 
 
+def make_temporal_questions(changes: list[dict], organs: dict, rng: random.Random) -> list[dict]:
+    """Longitudinal questions (3D-RAD's temporal family) about lesions seen on a prior and a current
+    scan; ``changes``: {organ, change, prior_mm, current_mm} per lesion. Asked only where the answer
+    is unambiguous (one lesion in the organ)."""
+    qa = []
+    by_organ: dict[str, list[dict]] = {}
+    for c in changes:
+        by_organ.setdefault(c["organ"], []).append(c)
+    q = lambda templates, o, answer, atype: dict(family="temporal", answer_type=atype, organ=o,  # noqa: E731
+                                                 question=rng.choice(templates).format(o=o), answer=answer)
+    for o in organs:
+        cs = by_organ.get(o, [])
+        if not cs:
+            if o not in ("aorta",) and rng.random() < 0.3:
+                qa.append(q(NEW, o, "no", "closed"))
+            continue
+        qa.append(q(NEW, o, "yes" if any(c["change"] == "new" for c in cs) else "no", "closed"))
+        if len(cs) != 1:
+            continue
+        c = cs[0]
+        if c["change"] in ("larger", "smaller", "stable"):
+            qa.append(q(CHANGE, o, c["change"], "choice"))
+            qa.append(q(GROWN, o, "yes" if c["change"] == "larger" else "no", "closed"))
+            qa.append(q(PRIOR_SIZE, o, f"{int(c['prior_mm'])} mm", "numeric"))
+        elif c["change"] == "resolved":
+            qa.append(q(RESOLVED, o, "yes", "closed"))
+            qa.append(q(PRIOR_SIZE, o, f"{int(c['prior_mm'])} mm", "numeric"))
+    return qa
+
+
 def all_template_text() -> list[str]:
     """Every phrasing and answer word, to train the demo tokenizer."""
     words = list(ORGANS) + ["lung", "kidney", "yes", "no", "left", "right", "cyst", "solid", "mm", "ml"] + \
         [str(i) for i in range(100)]
     texts = EXIST + ANOMALY + WHICH + SIDE + SIZE + COUNT + TYPE + EFFUSION + EFFUSION_SIDE + ENLARGED + \
-        ORGAN_VOLUME + words
+        ORGAN_VOLUME + CHANGE + GROWN + NEW + RESOLVED + PRIOR_SIZE + list(CHANGES) + words
     return [t.format(o=o, p=p) for t in texts for o in ORGANS for p in PAIRED]
 
 
@@ -382,19 +462,31 @@ class DemoGenerator:
             for _ in range(pool if split != "report" else 0):
                 self.pool.append(deform(bgs[c], self.rng))
 
-    def sample(self, with_findings: float = 0.65):
+    def _body(self, lesion_sites: bool = False):
+        """A pool body (with an organ a lesion can sit in, if asked), mirrored left-right half of the
+        time (label sides swapped)."""
         rng = self.rng
-        bg = rng.choice(self.pool)
+        bg = rng.choice([b for b in self.pool if set(b.organs) - {"aorta"}] if lesion_sites else self.pool)
         frames = bg.frames.clone()
         organs = dict(bg.organs)
         mirrored = rng.random() < 0.5
         if mirrored:
             frames = frames.flip(-1)
             organs = {MIRROR.get(n, n): m.flip(-1) for n, m in organs.items()}
+        return bg, frames, organs, mirrored
+
+    def _acquire(self, frames, bg: Background):
+        """One acquisition of a body: intensity jitter and noise."""
+        rng = self.rng
         frames = (frames * rng.uniform(0.95, 1.05) + rng.uniform(-0.02, 0.02)).clamp(0, 1)
         # Noise as it would survive area-averaging onto a coarser grid (1 on the model grid).
         fine = math.sqrt(math.prod(VOXEL_MM) / math.prod(bg.voxel_mm))
-        frames = (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01) * fine).clamp(0, 1)
+        return (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01) * fine).clamp(0, 1)
+
+    def sample(self, with_findings: float = 0.65):
+        rng = self.rng
+        bg, frames, organs, mirrored = self._body()
+        frames = self._acquire(frames, bg)
         sampler = FindingSampler(rng, self.device, bg.voxel_mm)
         findings: list[Finding] = []
         if self.enlargement and rng.random() < self.enlargement:      # first: it resamples the organ
@@ -428,15 +520,53 @@ class DemoGenerator:
                               for f in findings])
         return frames, qa, meta, organs
 
-    def records(self, n_scans: int, out_dir: Path | None = None, per_scan: int = 3):
-        """Write ``n_scans`` scans (float16 .npy in model space) and their QA as JSONL records."""
+    def pair(self, with_findings: float = 0.85):
+        """A temporal pair: (prior, current, qa, meta, organs) of one body acquired twice, 1–2 lesions
+        each grown, shrunk, stable, new or resolved in between. ``qa`` holds the longitudinal
+        questions and a few about the current scan alone. Training-only maps: ``last_truths``."""
+        rng = self.rng
+        bg, frames, organs, mirrored = self._body(lesion_sites=True)
+        prior, current = self._acquire(frames, bg), self._acquire(frames, bg)
+        early, late = FindingSampler(rng, self.device, bg.voxel_mm), FindingSampler(rng, self.device, bg.voxel_mm)
+        changes, now = [], []
+        sites = [o for o in organs if o != "aorta"]
+        if sites and rng.random() < with_findings:
+            for _ in range(rng.choice([1, 1, 2])):
+                o = rng.choice(sites)
+                kind = "nodule" if o.endswith("lung") else rng.choice(["cyst", "hypodense", "hyperdense"])
+                change = rng.choice(CHANGES)
+                got = early.add_changing_lesion(prior, current, late, organs, o, kind, change)
+                if got:
+                    before, after = got
+                    changes.append(dict(organ=o, kind=kind, change=change,
+                                        prior_mm=before.diameter_mm if before else 0,
+                                        current_mm=after.diameter_mm if after else 0,
+                                        center_model_voxel=list((before or after).center)))
+                    now += [after] if after else []
+        qa = make_temporal_questions(changes, organs, rng)
+        current_qa = make_questions(now, organs, rng)
+        qa += rng.sample(current_qa, min(2, len(current_qa)))
+        self.last_truths = (early.truth, late.truth)
+        self.last_truth = late.truth
+        meta = dict(background=bg.name, mirrored=mirrored, changes=changes)
+        return prior, current, qa, meta, organs
+
+    def records(self, n_scans: int, out_dir: Path | None = None, per_scan: int = 3, pairs: int = 0):
+        """Write ``n_scans`` scans (float16 .npy in model space), then ``pairs`` temporal pairs (prior and
+        current files), and their QA as JSONL records (``prior_image`` on a pair's questions)."""
         recs = []
-        for i in range(n_scans):
-            frames, qa, meta, _ = self.sample()
+        for i in range(n_scans + pairs):
             name = f"{self.split}_{i:05d}.npy"
+            if i < n_scans:
+                (frames, qa, meta, _), prior, files = self.sample(), None, {"image": name}
+            else:
+                prior, frames, qa, meta, _ = self.pair()
+                files = {"image": name, "prior_image": f"{self.split}_{i:05d}_prior.npy"}
             if out_dir is not None:
-                np.save(out_dir / name, frames.cpu().numpy().astype(np.float16))
+                for key, vol in (("image", frames), ("prior_image", prior)):
+                    if key in files:
+                        np.save(out_dir / files[key], vol.cpu().numpy().astype(np.float16))
             for q in self.rng.sample(qa, min(per_scan, len(qa))):
-                recs.append(dict(image=name, space="model", question=q["question"], answer=q["answer"],
+                recs.append(dict(**files, space="model", question=q["question"], answer=q["answer"],
                                  family=q["family"], answer_type=q["answer_type"], organ=q["organ"], meta=meta))
         return recs
