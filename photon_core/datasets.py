@@ -1,7 +1,8 @@
 """Read VQA sets into the open record layout the evaluator uses.
 
 Our JSONL: one record per line, {"image", "question", "answer", "family", "answer_type", "organ",
-"meta"}; ``image`` relative to the file (or absolute); ``"space": "model"`` marks a model-space .npy.
+"meta"}; ``image`` relative to the file (or absolute); ``"space": "model"`` marks a model-space .npy;
+``prior_image`` (optional) an earlier scan of the same patient for a question about change.
 
 External sets a user has locally (nothing is downloaded):
 * a CSV file, or a folder of CSV files, one per task (3D-RAD's layout: the task is the file name);
@@ -30,6 +31,7 @@ ALIASES = {
     "answer_type": ("answer_type", "question_format", "format", "closed_open", "answer_format"),
     "organ": ("organ", "target_organ", "anatomy"),
     "options": ("options", "choices", "choice", "candidates"),
+    "prior_image": ("prior_image", "prior", "prior_volume", "previous_image", "baseline_image", "image_prior"),
 }
 _NUMBER = re.compile(r"^\s*[-+]?\d+(\.\d+)?\s*(mm|cm|ml|cc|%|hu)?\s*$", re.I)
 
@@ -82,10 +84,13 @@ def _normalise(row: dict, columns: dict, base: Path, family_default: str) -> dic
         atype = row.get("answer_type") or _answer_type(answer, options, None)
     else:
         atype = _answer_type(answer, options, _pick(row, "answer_type", columns))
-    img = Path(str(image))
-    rec = dict(image=str(img if img.is_absolute() else base / img), question=str(question), answer=str(answer),
+    resolve = lambda p: str(Path(str(p)) if Path(str(p)).is_absolute() else base / str(p))  # noqa: E731
+    rec = dict(image=resolve(image), question=str(question), answer=str(answer),
                family=str(_pick(row, "family", columns) or family_default), answer_type=atype,
                organ=_pick(row, "organ", columns))
+    prior = _pick(row, "prior_image", columns)
+    if prior not in (None, ""):
+        rec["prior_image"] = resolve(prior)
     if options:
         rec["question"] += f" Options: {options if isinstance(options, str) else ', '.join(map(str, options))}"
     if row.get("space"):

@@ -7,7 +7,8 @@
     torchrun --nproc_per_node 2 -m photon_core.evaluate ...                       # sharded by scan
 
 JSONL records: {"image": path (NIfTI/DICOM/NRRD, or a model-space .npy with "space": "model"),
-"question", "answer", "family", "answer_type": closed|choice|open|numeric, "organ", "meta"}.
+"question", "answer", "family", "answer_type": closed|choice|open|numeric, "organ", "meta"}, and
+"prior_image" for a question about change since an earlier scan (both go in the prompt).
 Writes predictions.jsonl, metrics.json and metrics.md. With organ masks (the demo split) it also
 reports per-organ coverage of the asked organ, Jaccard between kept sets of two organ prompts on
 the same scan, accuracy when the volume is replaced by noise, and the same questions under
@@ -45,18 +46,23 @@ def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
 
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,
-                  baselines: bool = True, noise: bool = True, curve: tuple = (), enlargement: float = 0.0) -> list[dict]:
-    """Generate ``scans`` scans of the demo split and ask every supported question on each."""
+                  baselines: bool = True, noise: bool = True, curve: tuple = (), enlargement: float = 0.0,
+                  pairs: int = 0) -> list[dict]:
+    """Generate ``scans`` scans of the demo split and ask every supported question on each; then
+    ``pairs`` temporal pairs (prior + current in each prompt) with their longitudinal questions."""
     from .data import DemoGenerator
 
     gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
     rows = []
-    for i in range(scans):
-        frames, qa, meta, organs = gen.sample()
+    for i in range(scans + pairs):
+        if i < scans:
+            (frames, qa, meta, organs), prior = gen.sample(), None
+        else:
+            prior, frames, qa, meta, organs = gen.pair()
         if i % world != rank:
             continue
         t0 = time.perf_counter()
-        pred.set_volume(frames)
+        pred.set_volume(frames, prior=prior)
         set_s = time.perf_counter() - t0
         covers = {o: organ_block_cover(m) for o, m in organs.items()}
         kept_by_organ = {}
@@ -65,8 +71,11 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             a = pred.ask(q["question"], budget="auto", max_new_tokens=8)
             ask_s = time.perf_counter() - t1
             row = dict(scan=i, **{k: q[k] for k in ("question", "answer", "family", "answer_type", "organ")},
-                       prediction=a.text, kept=a.kept, theta=a.theta, scores=score(a.text, q["answer"], q["answer_type"]),
-                       latency_first_s=set_s + ask_s if j == 0 else None, latency_ask_s=ask_s)
+                       prediction=a.text, kept=a.kept, total=a.total, theta=a.theta,
+                       scores=score(a.text, q["answer"], q["answer_type"]),
+                       latency_first_s=set_s + ask_s if j == 0 and prior is None else None, latency_ask_s=ask_s)
+            if prior is not None:
+                row["pair"] = True
             if q["organ"] in covers and covers[q["organ"]].any():
                 cov = covers[q["organ"]]
                 row["organ_coverage"] = float(a.keep_grid.ravel()[cov].mean())
@@ -89,7 +98,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                 rows.append(dict(scan=i, family="_pair", jaccard=jaccard(kept_by_organ[names[x]], kept_by_organ[names[y]]),
                                  organs=[names[x], names[y]]))
         if noise:
-            pred.set_volume(torch.rand_like(frames))
+            pred.set_volume(torch.rand_like(frames), prior=None if prior is None else torch.rand_like(prior))
             for q in qa:
                 if q["answer_type"] in ("closed", "choice"):
                     n = pred.ask(q["question"], budget="auto", max_new_tokens=8)
@@ -101,19 +110,19 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
 def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: int = 1,
                      max_new_tokens: int = 16) -> list[dict]:
     """Ask every record (see `datasets.read_records`); sharded by image, each volume encoded once.
-    A volume that cannot be read is reported on its rows (error, score 0), not fatal."""
-    by_image: dict[str, list[dict]] = {}
+    A volume that cannot be read is reported on its rows (error, score 0), not fatal. A record with
+    a ``prior_image`` is asked with that prior scan in the prompt too."""
+    by_image: dict[tuple, list[dict]] = {}
     for r in recs:
-        by_image.setdefault(r["image"], []).append(r)
+        by_image.setdefault((r["image"], r.get("prior_image")), []).append(r)
+    model_space = lambda path: torch.from_numpy(np.load(path).astype(np.float32))  # noqa: E731
     rows = []
-    for n, (image, group) in enumerate(by_image.items()):
+    for n, ((image, prior), group) in enumerate(by_image.items()):
         if n % world != rank:
             continue
+        read = model_space if group[0].get("space") == "model" else load_volume
         try:
-            if group[0].get("space") == "model":
-                pred.set_volume(torch.from_numpy(np.load(image).astype(np.float32)))
-            else:
-                pred.set_volume(load_volume(image))
+            pred.set_volume(read(image), prior=read(prior) if prior else None)
             error = None
         except (ValueError, OSError) as e:
             error = f"{type(e).__name__}: {e}"
@@ -124,7 +133,7 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
                 rows.append(base | dict(prediction="", kept=0, error=error, scores=score("", r["answer"], base["answer_type"])))
                 continue
             a = pred.ask(r["question"], budget=r.get("budget", "auto"), max_new_tokens=max_new_tokens)
-            rows.append(base | dict(prediction=a.text, kept=a.kept,
+            rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total,
                                     scores=score(a.text, r["answer"], base["answer_type"])))
     return rows
 
@@ -134,10 +143,9 @@ def summarise(rows: list[dict]) -> dict:
     out = {"families": aggregate(qa), "n_questions": len(qa)}
     for f, bal in balanced_accuracy(qa).items():
         out["families"][f]["balanced_accuracy"] = bal
-    kept = [r["kept"] for r in qa]
-    out["keep_fraction_mean"] = float(np.mean(kept) / 1000) if kept else None
-    out["keep_fraction_by_family"] = {f: float(np.mean([r["kept"] for r in qa if r["family"] == f]) / 1000)
-                                      for f in sorted({r["family"] for r in qa})}
+    frac = lambda rs: float(np.mean([r["kept"] / r.get("total", 1000) for r in rs]))  # noqa: E731
+    out["keep_fraction_mean"] = frac(qa) if qa else None
+    out["keep_fraction_by_family"] = {f: frac([r for r in qa if r["family"] == f]) for f in sorted({r["family"] for r in qa})}
     cov = [r["organ_coverage"] for r in qa if r.get("organ_coverage") is not None]
     if cov:
         out["asked_organ_coverage_mean"] = float(np.mean(cov))
@@ -206,6 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--enlargement", type=float, default=0.0,
                     help="demo split: share of scans with an enlarged organ, and its questions (0 = off)")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="demo split: temporal pairs (prior + current) after the scans, with longitudinal questions")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--curve", type=int, nargs="*", default=[],
                     help="kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the baselines)")
@@ -224,7 +234,8 @@ def main(argv=None) -> None:
         rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images), rank, world)
     else:
         rows = evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
-                             baselines=not args.no_baselines, curve=tuple(args.curve), enlargement=args.enlargement)
+                             baselines=not args.no_baselines, curve=tuple(args.curve), enlargement=args.enlargement,
+                             pairs=args.pairs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"predictions.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if world > 1:

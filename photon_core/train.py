@@ -63,6 +63,8 @@ class TrainConfig:
                                            # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
     init_from: str = ""                    # start from this model folder's weights (fresh optimiser)
     enlargement: float = 0.0               # share of scans with an enlarged organ (+ its questions; 0 = off)
+    temporal: float = 0.0                  # share of steps on temporal pairs (prior + current in each
+                                           # prompt, longitudinal questions; 0 = off)
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
@@ -304,21 +306,29 @@ def train(cfg: TrainConfig) -> Path:
         robust = rng.random() < cfg.robust_prob
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
+        temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs (equal token counts)
+        supervise = cfg.aux > 0 or cfg.guide > 0
         for _ in range(cfg.scans_per_step):
-            frames, qa, meta, organs = gen.sample()
-            tg = token_targets(organs, gen.last_truth, token_grid) if (cfg.aux > 0 or cfg.guide > 0) else None
+            if temporal:
+                prior, frames, qa, meta, organs = gen.pair()
+                times, truths = [prior, frames], gen.last_truths
+            else:
+                frames, qa, meta, organs = gen.sample()
+                times, truths = [frames], [gen.last_truth]
+            tg = [token_targets(organs, t, token_grid) for t in truths] if supervise else None
             if robust:
-                frames = perturb(frames, rng)
+                times = [perturb(f, rng) for f in times]
             elif tg is not None:
-                tgs.append(tg)
-            scans.append(patchify(frames[:, None]))
+                tgs += tg
+            first = len(scans)
+            scans += [patchify(f[:, None]) for f in times]
             for q in pick_questions(qa, cfg.questions_per_scan, rng):
                 if tg is not None and not robust:
-                    guides.append(guide_target(q["question"], tg, cfg.guide_floor))
-                ids, a0 = tok.prompt(q["question"], n_visual, q["answer"])
+                    guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor) for t in tg]))
+                ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=n_visual if temporal else 0)
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])
-                row_scan.append(len(scans) - 1)
+                row_scan.append(list(range(first, len(scans))))
         ids, mask, labels = batch_prompts(rows, model.config.pad_token_id, labels_list)
         pv = torch.cat([p for p, _ in scans]).to(device)
         grid = torch.cat([g for _, g in scans]).to(device)
@@ -339,7 +349,7 @@ def train(cfg: TrainConfig) -> Path:
             rate = seen / (time.time() - t0)
             line = dict(step=step, phase=model.phase, loss=round(loss.item(), 4),
                         **{k: round(v.item(), 4) for k, v in outp.losses.items()},
-                        keep=round(keep, 3), p_mean=round(soft, 3), robust=robust, flip=flip,
+                        keep=round(keep, 3), p_mean=round(soft, 3), robust=robust, flip=flip, temporal=temporal,
                         samples_per_s=round(rate, 2), lr=round(opt.param_groups[0]["lr"], 6))
             print(json.dumps(line), flush=True)
             log.append(line)
