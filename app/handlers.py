@@ -37,14 +37,14 @@ def budget_from(mode: str, value: float) -> Budget:
     raise gr.Error(f"Unknown budget mode {mode!r}.")
 
 
-def slider_for(mode: str, kept: int | None = None):
+def slider_for(mode: str, kept: int | None = None, total: int = 1000):
     if mode == "Tokens":
-        return gr.update(minimum=0, maximum=1000, step=10, value=kept or 390, label="Tokens to keep", interactive=True)
+        return gr.update(minimum=0, maximum=total, step=10, value=kept or 390, label="Tokens to keep", interactive=True)
     if mode == "Percent":
         return gr.update(minimum=0, maximum=100, step=1, value=25, label="Percent of visual tokens", interactive=True)
     if mode == "Threshold":
         return gr.update(minimum=0, maximum=1, step=0.01, value=0.5, label="Threshold θ on ρ", interactive=True)
-    return gr.update(label="(the model decides)" if mode == "Auto" else "(all 1,000 tokens)", interactive=False)
+    return gr.update(label="(the model decides)" if mode == "Auto" else f"(all {total:,} tokens)", interactive=False)
 
 
 def _guard(fn):
@@ -112,9 +112,10 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 render_slices(s, "Axial", 0.5, "Soft tissue", 0.35), None, None, None, None, None, "")
 
     @_guard
-    def on_upload(files, label_file, old, progress=gr.Progress()):
+    def on_upload(files, label_file, prior_file, old, progress=gr.Progress()):
         paths = [str(f) for f in (files or [])]                 # gr.File gives file paths
-        s = engine.load_upload(paths, str(label_file) if label_file else None, progress)
+        s = engine.load_upload(paths, str(label_file) if label_file else None, progress,
+                               prior_file=str(prior_file) if prior_file else None)
         if old is not None:
             old.cleanup()
         return (s, status_md(s), gr.update(choices=[], value=None), "",
@@ -131,12 +132,11 @@ def build_ui(engine: Engine) -> gr.Blocks:
     @_guard
     def on_review(s, question, view, position, window_name, opacity):
         auto = engine.ask(s, question, Budget("auto"))
-        k = int(min(1000, max(2 * auto.kept, 100)))
+        k = int(min(auto.total, max(2 * auto.kept, 100)))
         ans = engine.ask(s, question, Budget("top_k", float(k)))
         card, glb, png, hist, ret = render_answer(s, ans)
         return (s, card, glb, png, render_slices(s, view, position, window_name, opacity), hist, ret,
-                gr.update(value="Tokens"), gr.update(minimum=0, maximum=1000, step=10, value=k,
-                                                     label="Tokens to keep", interactive=True))
+                gr.update(value="Tokens"), slider_for("Tokens", k, ans.total))
 
     @_guard
     def on_compare(s, question, progress=gr.Progress()):
@@ -178,7 +178,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
     def on_mode_change(s, question, mode, view, position, window_name, opacity):
         """A new mode: set the slider to that mode's default and re-ask under it."""
         kept = s.answer.kept if s is not None and s.answer is not None else None
-        upd = slider_for(mode, kept)
+        upd = slider_for(mode, kept, 2000 if s is not None and s.prior is not None else 1000)
         default = upd.get("value", 0)
         return (*on_budget_change(s, question, mode, default, view, position, window_name, opacity), upd)
 
@@ -197,6 +197,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
                     files = gr.File(label="CT: NIfTI / NRRD file, or the files / .zip of a DICOM series",
                                     file_count="multiple", elem_id="upload")
                     labels_file = gr.File(label="Optional label map (NIfTI, same grid)", file_count="single")
+                    prior_file = gr.File(label="Optional prior scan of the same patient, for questions about "
+                                               "change (NIfTI / NRRD, or a DICOM .zip)", file_count="single",
+                                         elem_id="prior_upload")
                     upload_btn = gr.Button("Load upload", elem_id="load_upload")
                 status = gr.Markdown("No scan loaded.", elem_id="status")
                 suggested = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
@@ -239,7 +242,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         load_outputs = [state, status, suggested, question, slice_img, model3d, png3d, hist, ret, cmp_plot, cmp_table]
         load_btn.click(on_load_case, [case, state], load_outputs)
         demo.load(on_load_case, [case, state], load_outputs)          # open on the first sample case
-        upload_btn.click(on_upload, [files, labels_file, state], load_outputs)
+        upload_btn.click(on_upload, [files, labels_file, prior_file, state], load_outputs)
         suggested.change(lambda q: q or gr.update(), suggested, question)
         mode.input(on_mode_change, [state, question, mode, *slice_inputs], answer_outputs + [value],
                    trigger_mode="always_last")
@@ -260,17 +263,21 @@ def build_ui(engine: Engine) -> gr.Blocks:
 def status_md(s: Session) -> str:
     v = s.volume
     organs = f" · label map: {len(s.blocks)} organs" if s.blocks else ""
-    return f"**{html.escape(s.title)}** — {html.escape(v.summary())}{organs}"
+    prior = f"<br>Prior scan (asked together, first): {html.escape(s.prior.summary())}" if s.prior is not None else ""
+    return f"**{html.escape(s.title)}** — {html.escape(v.summary())}{organs}{prior}"
 
 
 def answer_card(ans, model_name: str, warning: str) -> str:
     warn = (f"<div id='retention-warning' style='background:#fde2e1;border-left:4px solid #d62728;padding:6px;"
             f"margin-top:6px'>⚠ Retention warning: {html.escape(warning)}. Small lesions and rare anatomy are "
             f"Photon's known failure cases; check the slices before trusting this answer.</div>") if warning else ""
+    split = (f"<div id='prior-count'>prior scan {ans.prior_kept} / {ans.prior_total} · current scan "
+             f"{ans.kept - ans.prior_kept} / {ans.total - ans.prior_total} (the views show the current scan)</div>"
+             if ans.prior_total else "")
     return (f"<div id='answer-card' style='border:1px solid #ccc;border-radius:6px;padding:10px'>"
             f"<div style='font-size:1.3em'><b>Answer:</b> <span id='answer-text'>{html.escape(ans.text) or '(empty)'}</span></div>"
             f"<div id='token-count'>Visual tokens kept: <b>{ans.kept}</b> / {ans.total} ({100 * ans.keep_fraction:.1f}%)"
-            f" · budget <b>{html.escape(ans.budget)}</b> · θ = {ans.theta:.3f}</div>"
+            f" · budget <b>{html.escape(ans.budget)}</b> · θ = {ans.theta:.3f}</div>{split}"
             f"<div>Latency: prefill {1000 * ans.prefill_s:.0f} ms · decode {1000 * ans.decode_s:.0f} ms "
             f"({ans.generated_tokens} tokens) · device {html.escape(ans.device)}</div>"
             f"<div style='color:#666'>Model: {html.escape(model_name)}</div>{warn}</div>")

@@ -29,6 +29,12 @@ SAMPLES = ROOT / "sample_cases"
 DEMO_NOTICE = "demo model trained on synthetic findings — not for clinical use"
 
 
+def volume_key(vol: Volume) -> str:
+    """Content hash of a volume (the encoded-feature cache key)."""
+    return hashlib.sha1(vol.hu.tobytes()[:: max(1, vol.hu.nbytes // 4_000_000)] +
+                        vol.affine.tobytes() + str(vol.shape).encode()).hexdigest()
+
+
 def cases() -> list[dict]:
     return json.loads((SAMPLES / "cases.json").read_text())["cases"]
 
@@ -70,6 +76,8 @@ class Session:
     answer: object = None
     question: str = ""
     workdir: str = ""
+    prior: Volume | None = None            # an earlier scan of the same patient (questions about change)
+    prior_key: str = ""
 
     def cleanup(self) -> None:
         if self.workdir:
@@ -106,11 +114,9 @@ class Engine:
         from viz.slices import to_ras
 
         s = Session(title=title, volume=vol, workdir=tempfile.mkdtemp(prefix="photon_session_"))
-        s.key = hashlib.sha1(vol.hu.tobytes()[:: max(1, vol.hu.nbytes // 4_000_000)] +
-                             vol.affine.tobytes() + str(vol.shape).encode()).hexdigest()
+        s.key = volume_key(vol)
         progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
-        prepared = self._encode(s, vol)
-        s.geometry = prepared
+        s.geometry = self._encode(s.key, vol)
         s.token_index = s.geometry.token_index_volume()
         if labels_path is not None:
             s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
@@ -126,26 +132,26 @@ class Engine:
             s.labels_ras, _ = to_ras(s.labels, vol.affine)
         return s
 
-    def _encode(self, s: Session, vol: Volume):
+    def _encode(self, key: str, vol: Volume):
         """Prepare + encode once per volume (LRU over the whole server); returns the Geometry."""
         with self._lock:
-            if s.key in self._cache:
-                self._cache.move_to_end(s.key)
-                return self._cache[s.key][2]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key][2]
             pred = self.predictor
-            prep = prepare(vol, pred.device)
-            pred.set_volume(prep)
-            self._cache[s.key] = (pred.features, pred.grid_thw, prep.geometry)
+            self._cache[key] = pred.encode(prepare(vol, pred.device))
             while len(self._cache) > self.settings.cache_volumes:
                 self._cache.popitem(last=False)
-            return prep.geometry
+            return self._cache[key][2]
 
     def _activate(self, s: Session) -> None:
-        if s.key not in self._cache:
-            self._encode(s, s.volume)
+        prior = None
+        if s.prior is not None:
+            self._encode(s.prior_key, s.prior)
+            prior = self._cache[s.prior_key][:2]
+        self._encode(s.key, s.volume)
         feats, grid, geom = self._cache[s.key]
-        self._cache.move_to_end(s.key)
-        self.predictor.set_features(feats, grid, geom)
+        self.predictor.set_features(feats, grid, geom, prior=prior)
 
     def load_case(self, title: str, progress=lambda *a, **k: None) -> Session:
         c = case_by_title(title)
@@ -154,7 +160,10 @@ class Engine:
         lab = SAMPLES / c["label_map"] if c.get("label_map") else None
         return self.open_session(vol, c["title"], lab, c.get("labels"), progress)
 
-    def load_upload(self, files: list[str], label_file: str | None, progress=lambda *a, **k: None) -> Session:
+    def load_upload(self, files: list[str], label_file: str | None, progress=lambda *a, **k: None,
+                    prior_file: str | None = None) -> Session:
+        """An uploaded scan (and, optionally, a prior scan of the same patient: every question is
+        then asked with both, prior first, so questions about change can be answered)."""
         if not files:
             raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series (files or .zip).")
         volumes = [f for f in files if str(f).lower().endswith((".nii", ".nii.gz", ".nrrd", ".zip", ".gz"))]
@@ -163,7 +172,19 @@ class Engine:
                               f"NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
         progress(0.05, desc="Reading the upload")
         vol = load_volume(files if len(files) > 1 else files[0], self.settings.limits)
-        return self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress)
+        prior = None
+        if prior_file:
+            progress(0.1, desc="Reading the prior scan")
+            try:
+                prior = load_volume(prior_file, self.settings.limits)
+            except VolumeError as e:
+                raise VolumeError(f"The prior scan could not be read: {e}") from None
+        s = self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress)
+        if prior is not None:
+            progress(0.9, desc="Encoding the prior scan")
+            s.prior, s.prior_key = prior, volume_key(prior)
+            self._encode(s.prior_key, prior)
+        return s
 
     # ------------------------------------------------------------------ asking
     def ask(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):

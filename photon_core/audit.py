@@ -104,6 +104,9 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
                      "nibabel": nib.__version__, "python": platform.python_version()},
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
     }
+    if answer.prior_total:     # asked with a prior scan: the counts above hold both, the mask the current
+        report["prior_scan"] = {"visual_tokens_total": answer.prior_total, "visual_tokens_kept": answer.prior_kept,
+                                "note": "kept_token_indices and the mask are the current scan's"}
     paths.append(folder / "report.json")
     paths[-1].write_text(json.dumps(report, indent=1))
     for name, data in (pngs or {}).items():
