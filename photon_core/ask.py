@@ -2,6 +2,7 @@
 
     python -m photon_core.ask --scan sample_cases/abdomen_ct/ct.nii.gz --question "Is there a lesion in the liver?"
     python -m photon_core.ask --scan series.zip --question "..." --budget 25% --json
+    python -m photon_core.ask --scan now.nii.gz --prior before.nii.gz --question "Has the liver lesion grown?"
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Ask Photon a question about a CT scan.")
     ap.add_argument("--scan", required=True, help="NIfTI/NRRD file, DICOM folder or .zip")
+    ap.add_argument("--prior", help="an earlier scan of the same patient, asked together (questions about change)")
     ap.add_argument("--question", required=True)
     ap.add_argument("--budget", default="auto", help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4 | fastv:300 | visionzip:300 | random:300")
     ap.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         vol = load_volume(args.scan)
         pred = Predictor(args.model, args.device)
-        pred.set_volume(vol)
+        pred.set_volume(vol, prior=load_volume(args.prior) if args.prior else None)
         prep_s = time.perf_counter() - t
         ans = pred.ask(args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
     except ValueError as e:
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
         print(f"visual tokens kept: {ans.kept}/{ans.total} ({100 * ans.keep_fraction:.1f}%), budget {ans.budget}, "
               f"θ={ans.theta:.3f}, prefill {ans.prefill_s * 1000:.0f} ms, decode {ans.decode_s * 1000:.0f} ms, "
               f"model: {pred.name}")
+        if ans.prior_total:
+            print(f"of which the prior scan: {ans.prior_kept}/{ans.prior_total}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Open, pick a sample, ask a suggested question, see an answer and a token count; change the budget
 and see the card and the 3-D view update; Compare; upload a NIfTI; upload a bad file and see the
-error while the app keeps working; download the export. Screenshots go to artifacts/screenshots/.
+error while the app keeps working; download the export; add a prior scan and ask about change.
+Screenshots go to artifacts/screenshots/
 """
 import os
 import shutil
@@ -160,3 +161,16 @@ def test_sample_ask_budget_compare_upload_export(page, tmp_path):
     page.click("#ask")
     page.wait_for_function("document.querySelector('#token-count').innerText.includes('budget auto')")
     page.screenshot(path=str(SHOTS / "05_uploaded_nifti.png"), full_page=True)
+
+    # the same scan with a prior (an earlier crop): both go in the prompt, the card counts each
+    prior = tmp_path / "prior.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(vol.dataobj)[12:112, 8:108, 20:140], vol.affine), str(prior))
+    page.set_input_files("#prior_upload input[type=file]", str(prior))
+    page.click("#load_upload")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Prior scan')")
+    page.locator("#question textarea").fill("Has the aortic lesion grown since the prior scan?")
+    page.click("#ask")
+    page.wait_for_selector("#prior-count")
+    assert "/ 2000" in page.locator("#token-count").inner_text()
+    assert "prior scan" in page.locator("#prior-count").inner_text()
+    page.screenshot(path=str(SHOTS / "06_prior_and_current.png"), full_page=True)

@@ -166,3 +166,13 @@ def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
         engine.load_upload([ct], None, prior_file=str(bad))
     for x in (s, other):
         x.cleanup()
+
+
+def test_ask_cli_with_a_prior(tiny_model_dir):
+    r = subprocess.run([sys.executable, "-m", "photon_core.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
+                        "--prior", str(SAMPLES / "chest_aorta_ct/ct.nii.gz"), "--question", "Has the lesion grown?",
+                        "--budget", "25%", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2",
+                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (d["total"], d["kept"], d["prior_total"]) == (2000, 500, 1000)
