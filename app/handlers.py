@@ -109,7 +109,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         c = next(c for c in cases() if c["title"] == s.title)
         progress(0.95, desc="Rendering slices")
         return (s, status_md(s), gr.update(choices=c["questions"], value=None), c["questions"][0],
-                render_slices(s, "Axial", 0.5, "Soft tissue", 0.35), None, None, None, None, None, "")
+                render_slices(s, "Axial", 0.5, "Soft tissue", 0.35), None, None, None, None, None, "", None)
 
     @_guard
     def on_upload(files, label_file, prior_file, old, progress=gr.Progress()):
@@ -119,7 +119,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         if old is not None:
             old.cleanup()
         return (s, status_md(s), gr.update(choices=[], value=None), "",
-                render_slices(s, "Axial", 0.5, "Soft tissue", 0.35), None, None, None, None, None, "")
+                render_slices(s, "Axial", 0.5, "Soft tissue", 0.35), None, None, None, None, None, "", None)
 
     @_guard
     def on_ask(s, question, mode, value, view, position, window_name, opacity, progress=gr.Progress()):
@@ -239,7 +239,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
         slice_inputs = [view, position, window_name, opacity]
         answer_outputs = [state, card, model3d, png3d, slice_img, hist, ret]
-        load_outputs = [state, status, suggested, question, slice_img, model3d, png3d, hist, ret, cmp_plot, cmp_table]
+        load_outputs = [state, status, suggested, question, slice_img, model3d, png3d, hist, ret, cmp_plot, cmp_table,
+                        exp_files]                     # a new scan clears the previous scan's export
         load_btn.click(on_load_case, [case, state], load_outputs)
         demo.load(on_load_case, [case, state], load_outputs)          # open on the first sample case
         upload_btn.click(on_upload, [files, labels_file, prior_file, state], load_outputs)

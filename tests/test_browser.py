@@ -168,6 +168,7 @@ def test_sample_ask_budget_compare_upload_export(page, tmp_path):
     page.set_input_files("#prior_upload input[type=file]", str(prior))
     page.click("#load_upload")
     page.wait_for_function("document.querySelector('#status').innerText.includes('Prior scan')")
+    assert page.locator("#export_files a").count() == 0          # the previous scan's export is gone
     page.locator("#question textarea").fill("Has the aortic lesion grown since the prior scan?")
     page.click("#ask")
     page.wait_for_selector("#prior-count")
