@@ -1,5 +1,5 @@
 """CPU (or GPU) latency of the demo model through the Predictor: set_volume, ask, re-ask at another budget,
-and the app's path (sample case → first answer + 3-D; budget change → new answer + 3-D).
+the same with a prior scan in the prompt, and the app's path (sample case → first answer + 3-D; budget change → new answer + 3-D).
 
     python bench/cpu_latency.py [--model DIR] [--device cpu] [--repeats 5]
 
@@ -61,6 +61,16 @@ def main(argv=None):
     rows["predictor"] = dict(set_volume_s=med(t_set), first_ask_s=med(t_first),
                              set_volume_plus_first_ask_s=med([a + b for a, b in zip(t_set, t_first)]),
                              ask_again_s=med(t_again), reask_other_budget_s=med(t_budget))
+    prior = prepare(load_volume(ROOT / "sample_cases/chest_aorta_ct/ct.nii.gz"), pred.device)
+    t_pair, t_pair_ask = [], []
+    for _ in range(args.repeats):          # a follow-up: prior + current (2,000 visual tokens) per question
+        t = time.perf_counter()
+        pred.set_volume(prep, prior=prior)
+        t_pair.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pred.ask("Has the liver lesion grown since the prior scan?")
+        t_pair_ask.append(time.perf_counter() - t)
+    rows["with_prior"] = dict(set_volume_with_prior_s=med(t_pair), ask_s=med(t_pair_ask))
     eng = Engine(Settings(model_dir=args.model, device=args.device))
     eng.predictor
     first, change = [], []
