@@ -421,6 +421,8 @@ def make_temporal_questions(changes: list[dict], organs: dict, rng: random.Rando
             qa.append(q(CHANGE, o, c["change"], "choice"))
             qa.append(q(GROWN, o, "yes" if c["change"] == "larger" else "no", "closed"))
             qa.append(q(PRIOR_SIZE, o, f"{int(c['prior_mm'])} mm", "numeric"))
+            if rng.random() < 0.5:                      # "resolved?" is asked of lesions that persist too
+                qa.append(q(RESOLVED, o, "no", "closed"))
         elif c["change"] == "resolved":
             qa.append(q(RESOLVED, o, "yes", "closed"))
             qa.append(q(PRIOR_SIZE, o, f"{int(c['prior_mm'])} mm", "numeric"))

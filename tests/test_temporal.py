@@ -75,14 +75,14 @@ def test_the_prior_reaches_the_model(tiny_model_dir):
 
 
 def test_generator_pairs_have_exact_change_truth():
-    from photon_core.data import CHANGE, GROWN, DemoGenerator
+    from photon_core.data import CHANGE, GROWN, RESOLVED, DemoGenerator
 
     def stream(n=10):      # the generator seeds torch's global stream: one generator at a time
         g = DemoGenerator("test", seed=3, pool=1, downsample=2.5)
         return [(*g.pair(), g.last_truths) for _ in range(n)]
 
     first, again = stream(), stream()
-    seen = set()
+    seen, answers = set(), set()
     for (prior, cur, qa, meta, organs, truths), (prior2, cur2, qa2, *_) in zip(first, again):
         assert torch.equal(prior, prior2) and torch.equal(cur, cur2) and qa == qa2      # deterministic
         for c in meta["changes"]:
@@ -105,7 +105,10 @@ def test_generator_pairs_have_exact_change_truth():
                 assert q["answer"] == c["change"]
             if q["question"] in [t.format(o=q["organ"]) for t in GROWN]:
                 assert q["answer"] == ("yes" if c["change"] == "larger" else "no")
-    assert len(seen) >= 3
+            if q["question"] in [t.format(o=q["organ"]) for t in RESOLVED]:
+                answers.add(q["answer"])
+                assert q["answer"] == ("yes" if c["change"] == "resolved" else "no")
+    assert len(seen) >= 3 and answers == {"yes", "no"}        # no question whose answer is a constant
 
 
 def test_temporal_training_steps(tmp_path):
