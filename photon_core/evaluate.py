@@ -1,6 +1,7 @@
 """Evaluate a Photon model: accuracy per task family, MRA, keep rate, retention audit, baselines.
 
     python -m photon_core.evaluate --demo-split test --scans 60 --out reports/demo_test
+    python -m photon_core.evaluate --demo-split test --scans 0 --pairs 12 --out reports/demo_temporal   # prior + current
     python -m photon_core.evaluate --data my_set.jsonl --out reports/mine        # open JSONL layout
     python -m photon_core.evaluate --data 3D-RAD/test_csvs --images 3D-RAD/volumes --out reports/3drad
     python -m photon_core.evaluate --data DeepTumorVQA/test.json --columns image=image_path --dry-run
