@@ -103,6 +103,7 @@ def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):
 
     class A:  # minimal answer
         text, budget, total, theta, prefill_s, decode_s, device = "yes", "auto", 1000, 0.4, 0.1, 0.2, "cpu"
+        prior_total = 0                                   # no prior scan
         keep_grid = np.zeros(TOKEN_GRID, bool)
     A.keep_grid.ravel()[np.unique(tok[labels == 5])] = True
     A.kept = int(A.keep_grid.sum())
