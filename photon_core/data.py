@@ -58,6 +58,7 @@ ORGANS = {
 MIRROR = {"left kidney": "right kidney", "right kidney": "left kidney", "left lung": "right lung",
           "right lung": "left lung"}
 PAIRED = {"kidney": ("left kidney", "right kidney"), "lung": ("left lung", "right lung")}
+NO_LESIONS = {"aorta"}                       # organs the generator draws no lesions into
 
 
 def hu_to_unit(hu: float) -> float:
@@ -198,19 +199,27 @@ class FindingSampler:
         region = self.truth[sl] if sl is not None else self.truth
         region[ball] = value
 
-    def add_lesion(self, frames, organs, organ, kind) -> Finding | None:
-        mask = organs[organ]
+    def site(self, mask, shape, device, sizes):
+        """Up to 12 tries: a voxel of ``mask`` and diameters from ``sizes()`` whose largest ball lies
+        ≥ 80% inside the mask. Returns (centre, diameters, ball, slices of the largest) or None."""
         idx = mask.nonzero()
-        rng = self.rng
         for _ in range(12):
-            c = idx[rng.randrange(len(idx))].tolist()
-            diam = rng.uniform(8, 14) if kind == "nodule" else rng.uniform(12, 40)
-            ball, sl = _sphere(frames.shape, c, diam / 2, frames.device, self.voxel_mm)
-            inside = float((ball & mask[sl]).sum()) / max(1, int(ball.sum()))
-            if inside >= 0.8:
-                vol_ml = self.paint(frames, sl, ball, diam, kind, self.level(kind))
-                return Finding(kind, organ, tuple(c), round(diam), round(vol_ml, 1))
+            c = idx[self.rng.randrange(len(idx))].tolist()
+            d = sizes()
+            ball, sl = _sphere(shape, c, max(d) / 2, device, self.voxel_mm)
+            if float((ball & mask[sl]).sum()) / max(1, int(ball.sum())) >= 0.8:
+                return c, d, ball, sl
         return None
+
+    def add_lesion(self, frames, organs, organ, kind) -> Finding | None:
+        rng = self.rng
+        got = self.site(organs[organ], frames.shape, frames.device,
+                        lambda: (rng.uniform(8, 14) if kind == "nodule" else rng.uniform(12, 40),))
+        if got is None:
+            return None
+        c, (diam,), ball, sl = got
+        vol_ml = self.paint(frames, sl, ball, diam, kind, self.level(kind))
+        return Finding(kind, organ, tuple(c), round(diam), round(vol_ml, 1))
 
     def level(self, kind: str) -> float:
         """A lesion's intensity: absolute for cysts and nodules, an offset from the organ for solid ones."""
@@ -237,30 +246,28 @@ class FindingSampler:
         """One lesion seen at two times: ``change`` is larger | smaller | stable | new | resolved.
         ``self`` marks the prior's truth, ``later`` the current's. Returns (prior Finding or None,
         current Finding or None), or None if no site fits the larger of the two sizes."""
-        mask = organs[organ]
-        idx = mask.nonzero()
         rng = self.rng
-        shape = prior.shape
-        for _ in range(12):
-            c = idx[rng.randrange(len(idx))].tolist()
+
+        def sizes():
             base = rng.uniform(6, 12) if kind == "nodule" else rng.uniform(12, 26)
             factor = {"larger": rng.uniform(1.3, 1.7), "smaller": rng.uniform(0.5, 0.75),
                       "stable": rng.uniform(0.97, 1.03)}.get(change, 1.0)
-            d0, d1 = (0.0, base) if change == "new" else (base, 0.0) if change == "resolved" else (base, base * factor)
-            ball, sl = _sphere(shape, c, max(d0, d1) / 2, prior.device, self.voxel_mm)
-            if float((ball & mask[sl]).sum()) / max(1, int(ball.sum())) < 0.8:
+            return (0.0, base) if change == "new" else (base, 0.0) if change == "resolved" else (base, base * factor)
+
+        got = self.site(organs[organ], prior.shape, prior.device, sizes)
+        if got is None:
+            return None
+        c, diameters, _, _ = got
+        lvl = self.level(kind)
+        out = []
+        for frames, sampler, d in ((prior, self, diameters[0]), (current, later, diameters[1])):
+            if d <= 0:
+                out.append(None)
                 continue
-            lvl = self.level(kind)
-            out = []
-            for frames, sampler, d in ((prior, self, d0), (current, later, d1)):
-                if d <= 0:
-                    out.append(None)
-                    continue
-                ball, sl = _sphere(shape, c, d / 2, frames.device, self.voxel_mm)
-                ml = sampler.paint(frames, sl, ball, d, kind, lvl)
-                out.append(Finding(kind, organ, tuple(c), round(d), round(ml, 1)))
-            return tuple(out)
-        return None
+            ball, sl = _sphere(frames.shape, c, d / 2, frames.device, self.voxel_mm)
+            ml = sampler.paint(frames, sl, ball, d, kind, lvl)
+            out.append(Finding(kind, organ, tuple(c), round(d), round(ml, 1)))
+        return tuple(out)
 
     def add_effusion(self, frames, organs, lung) -> Finding | None:
         mask = organs[lung]
@@ -410,7 +417,7 @@ def make_temporal_questions(changes: list[dict], organs: dict, rng: random.Rando
     for o in organs:
         cs = by_organ.get(o, [])
         if not cs:
-            if o not in ("aorta",) and rng.random() < 0.3:
+            if o not in NO_LESIONS and rng.random() < 0.3:
                 qa.append(q(NEW, o, "no", "closed"))
             continue
         qa.append(q(NEW, o, "yes" if any(c["change"] == "new" for c in cs) else "no", "closed"))
@@ -468,7 +475,7 @@ class DemoGenerator:
         """A pool body (with an organ a lesion can sit in, if asked), mirrored left-right half of the
         time (label sides swapped)."""
         rng = self.rng
-        bg = rng.choice([b for b in self.pool if set(b.organs) - {"aorta"}] if lesion_sites else self.pool)
+        bg = rng.choice([b for b in self.pool if set(b.organs) - NO_LESIONS] if lesion_sites else self.pool)
         frames = bg.frames.clone()
         organs = dict(bg.organs)
         mirrored = rng.random() < 0.5
@@ -499,7 +506,7 @@ class DemoGenerator:
         if organs and rng.random() < with_findings:
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
                 lungs = [o for o in organs if o.endswith("lung")]
-                solid = [o for o in organs if not o.endswith("lung") and o != "aorta"]
+                solid = [o for o in organs if not o.endswith("lung") and o not in NO_LESIONS]
                 r = rng.random()
                 if lungs and r < 0.2:
                     f = sampler.add_lesion(frames, organs, rng.choice(lungs), "nodule")
@@ -531,7 +538,7 @@ class DemoGenerator:
         prior, current = self._acquire(frames, bg), self._acquire(frames, bg)
         early, late = FindingSampler(rng, self.device, bg.voxel_mm), FindingSampler(rng, self.device, bg.voxel_mm)
         changes, now = [], []
-        sites = [o for o in organs if o != "aorta"]
+        sites = [o for o in organs if o not in NO_LESIONS]
         if sites and rng.random() < with_findings:
             for _ in range(rng.choice([1, 1, 2])):
                 o = rng.choice(sites)
