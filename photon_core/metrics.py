@@ -100,3 +100,14 @@ def balanced_accuracy(rows: list[dict]) -> dict:
             by.setdefault(r["family"], {}).setdefault(str(r["answer"]).strip().lower(), []).append(
                 r["scores"]["accuracy"])
     return {f: sum(sum(v) / len(v) for v in d.values()) / len(d) for f, d in by.items()}
+
+
+def auroc(scores: list[float], positive: list[bool]) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positive`` labels (Mann–Whitney, ties count
+    half): 0.5 when the scores carry no information, 1 when every positive outranks every negative."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        raise ValueError("AUROC needs at least one positive and one negative")
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))

@@ -69,6 +69,13 @@ def test_metrics():
     mixed = aggregate([dict(family="obs", scores={"exact": 1.0}), dict(family="obs", scores={"accuracy": 0.0}),
                        dict(family="obs", scores={"accuracy": 1.0})])
     assert mixed["obs"]["n"] == 3 and mixed["obs"]["accuracy"] == 0.5 and mixed["obs"]["exact"] == 1.0
+    from photon_core.metrics import auroc
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.9], [True, False]) == 0.0
+    assert auroc([0.5, 0.5, 0.5], [True, False, False]) == 0.5        # a constant score: chance
+    assert auroc([3, 1, 2, 0], [True, True, False, False]) == 0.75
+    with pytest.raises(ValueError):
+        auroc([1.0, 2.0], [True, True])
 
 
 def test_low_resolution_curriculum_then_init_from(tmp_path):
@@ -94,3 +101,38 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
     wb = load_file(str(b / "model" / "model.safetensors"))
     k = "visual.vision_patch_embed.proj.weight"
     assert (wb[k] - wa[k]).abs().mean() < 0.5 * wa[k].abs().mean()
+
+
+def test_closed_auroc_margins_are_per_question(tiny_model_dir):
+    """scripts/closed_auroc.py reads the first answer token of each left-padded row: a question's
+    margin in the batch equals its margin asked alone, and every yes/no question gets one."""
+    import importlib.util
+
+    from photon_core.data import DemoGenerator
+    from photon_core.predictor import Predictor
+    spec = importlib.util.spec_from_file_location("closed_auroc", ROOT / "scripts" / "closed_auroc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p = Predictor(tiny_model_dir, device="cpu")
+    batched = mod.margins(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
+    gen = DemoGenerator("test", seed=0, downsample=2.5)
+    seen = {f: 0 for f in mod.FAMILIES}
+    for _ in range(2):
+        frames, qa, _, _ = gen.sample()
+        for q in [q for q in qa if q["family"] in mod.FAMILIES]:
+            (m,), (y,) = mod.margins(p, _OneQuestion(frames, q), 1, "full")[q["family"]]
+            k = seen[q["family"]]
+            assert y == (q["answer"] == "yes") == batched[q["family"]][1][k]
+            assert m == pytest.approx(batched[q["family"]][0][k], abs=1e-4)
+            seen[q["family"]] += 1
+    assert seen == {f: len(m) for f, (m, _) in batched.items()} and sum(seen.values()) > 0
+
+
+class _OneQuestion:
+    """A generator stand-in: one scan, one question."""
+
+    def __init__(self, frames, q):
+        self.frames, self.q = frames, q
+
+    def sample(self):
+        return self.frames, [self.q], {}, {}
