@@ -503,6 +503,7 @@ class DemoGenerator:
             f = sampler.add_enlargement(frames, organs, rng.choice(grow)) if grow else None
             if f:
                 findings.append(f)
+        self.last_clean = (frames.clone(), organs, list(findings), sampler.voxel_ml)   # before lesions
         if organs and rng.random() < with_findings:
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
                 lungs = [o for o in organs if o.endswith("lung")]
@@ -521,6 +522,7 @@ class DemoGenerator:
                     f = None
                 if f:
                     findings.append(f)
+        self._qa_state = rng.getstate()
         qa = make_questions(findings, organs, rng, bool(self.enlargement), sampler.voxel_ml)
         self.last_truth = sampler.truth   # finding map of this scan (training-only supervision)
         meta = dict(background=bg.name, mirrored=mirrored,
@@ -528,6 +530,17 @@ class DemoGenerator:
                                    volume_ml=f.volume_ml, center_model_voxel=[round(x, 1) for x in f.center])
                               for f in findings])
         return frames, qa, meta, organs
+
+    def counterfactual(self) -> tuple:
+        """The last `sample()` without its lesions and effusion (same body, acquisition and any
+        enlargement): (frames, qa). ``qa`` holds the last sample's existence and anomaly questions,
+        word for word (its question draws are replayed, so the main stream is untouched), answered
+        for the clean scan — asked of both scans, only the image tells the answers apart."""
+        frames, organs, kept, voxel_ml = self.last_clean
+        replay = random.Random()
+        replay.setstate(self._qa_state)
+        qa = make_questions(kept, organs, replay, bool(self.enlargement), voxel_ml)
+        return frames, [q for q in qa if q["family"] in ("existence", "anomaly_detection")]
 
     def pair(self, with_findings: float = 0.85):
         """A temporal pair: (prior, current, qa, meta, organs) of one body acquired twice, 1–2 lesions

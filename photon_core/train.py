@@ -65,6 +65,8 @@ class TrainConfig:
     enlargement: float = 0.0               # share of scans with an enlarged organ (+ its questions; 0 = off)
     temporal: float = 0.0                  # share of steps on temporal pairs (prior + current in each
                                            # prompt, longitudinal questions; 0 = off)
+    counterfactual: float = 0.0            # share of steps on counterfactual pairs: a scan with findings and
+                                           # the same scan without, asked the same yes/no questions (0 = off)
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
@@ -143,6 +145,15 @@ def pick_questions(qa: list[dict], k: int, rng: random.Random) -> list[dict]:
         by_answer = fams[rng.choice(sorted(fams))]
         out.append(rng.choice(by_answer[rng.choice(sorted(by_answer))]))
     return out
+
+
+def counterfactual_questions(qa: list[dict], clean_qa: list[dict], k: int, rng: random.Random) -> list[tuple]:
+    """``k`` (question on the scan with findings, same question on the clean scan) pairs: every other
+    one, where there is one, a question whose answer the findings change."""
+    clean = {q["question"]: q for q in clean_qa}
+    both = [(q, clean[q["question"]]) for q in qa if q["question"] in clean]
+    differ = [p for p in both if p[0]["answer"] != p[1]["answer"]]
+    return [rng.choice(differ if differ and i % 2 == 0 else both) for i in range(k)] if both else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,14 +318,32 @@ def train(cfg: TrainConfig) -> Path:
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
         temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs (equal token counts)
+        counterfactual = (cfg.counterfactual > 0 and not (temporal or robust)
+                          and rng.random() < cfg.counterfactual)
         supervise = cfg.aux > 0 or cfg.guide > 0
-        for _ in range(cfg.scans_per_step):
-            if temporal:
-                prior, frames, qa, meta, organs = gen.pair()
-                times, truths = [prior, frames], gen.last_truths
-            else:
-                frames, qa, meta, organs = gen.sample()
-                times, truths = [frames], [gen.last_truth]
+
+        def units():
+            """(scans of one prompt, their finding maps, organs, qa to pick from or the questions),
+            made one at a time (the stream's random draws keep their order)."""
+            for _ in range(max(1, cfg.scans_per_step // 2) if counterfactual else cfg.scans_per_step):
+                if temporal:
+                    prior, frames, qa, meta, organs = gen.pair()
+                    yield [prior, frames], gen.last_truths, organs, qa, None
+                elif counterfactual:   # one scan with findings and the same scan without: same questions
+                    frames, qa, meta, organs = gen.sample(with_findings=1.0)
+                    truth = gen.last_truth
+                    clean, clean_qa = gen.counterfactual()
+                    asked = counterfactual_questions(qa, clean_qa, cfg.questions_per_scan, rng)
+                    if not asked:
+                        yield [frames], [truth], organs, qa, None
+                        continue
+                    yield [frames], [truth], organs, None, [a for a, _ in asked]
+                    yield [clean], [None], organs, None, [b for _, b in asked]
+                else:
+                    frames, qa, meta, organs = gen.sample()
+                    yield [frames], [gen.last_truth], organs, qa, None
+
+        for times, truths, organs, qa, questions in units():
             tg = [token_targets(organs, t, token_grid) for t in truths] if supervise else None
             if robust:
                 times = [perturb(f, rng) for f in times]
@@ -322,7 +351,7 @@ def train(cfg: TrainConfig) -> Path:
                 tgs += tg
             first = len(scans)
             scans += [patchify(f[:, None]) for f in times]
-            for q in pick_questions(qa, cfg.questions_per_scan, rng):
+            for q in questions if questions is not None else pick_questions(qa, cfg.questions_per_scan, rng):
                 if tg is not None and not robust:
                     guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor) for t in tg]))
                 ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=n_visual if temporal else 0)
@@ -350,6 +379,7 @@ def train(cfg: TrainConfig) -> Path:
             line = dict(step=step, phase=model.phase, loss=round(loss.item(), 4),
                         **{k: round(v.item(), 4) for k, v in outp.losses.items()},
                         keep=round(keep, 3), p_mean=round(soft, 3), robust=robust, flip=flip, temporal=temporal,
+                        counterfactual=counterfactual,
                         samples_per_s=round(rate, 2), lr=round(opt.param_groups[0]["lr"], 6))
             print(json.dumps(line), flush=True)
             log.append(line)

@@ -98,3 +98,32 @@ def test_organ_enlargement_grows_the_organ_and_is_asked_about(abdomen):
     plain = DemoGenerator("train", seed=2, pool=0, backgrounds=bgs, downsample=2.5)
     _, qa, meta, _ = plain.sample(with_findings=0.0)
     assert not meta["findings"] and not any("enlarge" in q["question"] or "ml" in q["answer"] for q in qa)
+
+
+def test_counterfactual_is_the_same_scan_without_findings(abdomen):
+    """`counterfactual()` returns the last sample minus its lesions/effusion, asked the same yes/no
+    questions word for word with the answers of a clean scan; the main stream is untouched."""
+    bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}
+    a = DemoGenerator("test", seed=2, pool=0, backgrounds=bgs, downsample=2.5)
+    changed, stream = 0, []
+    for _ in range(4):
+        frames, qa, meta, organs = a.sample(with_findings=1.0)
+        clean, clean_qa = a.counterfactual()
+        stream.append((frames, qa))
+        truth = a.last_truth
+        inside = truth > 0 if truth is not None else torch.zeros_like(frames, dtype=torch.bool)
+        assert torch.equal(clean[~inside], frames[~inside])            # only the findings' voxels differ
+        assert {q["family"] for q in clean_qa} <= {"existence", "anomaly_detection"}
+        asked = {q["question"]: q["answer"] for q in qa}
+        for q in clean_qa:
+            assert q["question"] in asked                               # same wording as on the lesion scan
+            normal = q["question"] == "Is this scan normal?"
+            assert q["answer"] == ("yes" if normal else "no")          # a clean scan (no enlargement here)
+            changed += asked[q["question"]] != q["answer"]
+        if meta["findings"]:
+            assert not torch.equal(clean, frames)
+    assert changed > 0
+    b = DemoGenerator("test", seed=2, pool=0, backgrounds=bgs, downsample=2.5)   # (re-seeds torch's generator)
+    for frames, qa in stream:                                          # calling counterfactual() drew nothing
+        fb, qb, _, _ = b.sample(with_findings=1.0)
+        assert torch.equal(fb, frames) and qb == qa

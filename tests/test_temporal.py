@@ -179,3 +179,16 @@ def test_ask_cli_with_a_prior(tiny_model_dir):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert (d["total"], d["kept"], d["prior_total"]) == (2000, 500, 1000)
+
+
+def test_counterfactual_training_steps(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), "--preset", "tiny", "--steps", "2",
+                        "--downsample", "2.5", "--counterfactual", "1", "--scans-per-step", "2",
+                        "--questions-per-scan", "2", "--pool", "0", "--warmup", "1", "--log-every", "1", "--device",
+                        "cpu", "--guide", "0.1", "--aux", "0.5", "--robust-prob", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert [x["counterfactual"] for x in lines] == [True, True]
+    assert all(x["loss"] == x["loss"] and "guide" in x and "aux" in x for x in lines)
