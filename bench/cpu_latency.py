@@ -3,7 +3,8 @@ the same with a prior scan in the prompt, and the app's path (sample case → fi
 
     python bench/cpu_latency.py [--model DIR] [--device cpu] [--repeats 5]
 
-Measures and prints (medians); it asserts nothing.
+Measures and prints (medians; memory as the process's peak resident set size after each part,
+so each figure includes the parts before it); it asserts nothing.
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)   # KiB on Linux
 
 
 def med(xs):
@@ -39,6 +46,7 @@ def main(argv=None):
     from viz.scene import render_png, scene_glb, token_blocks
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    memory = dict(after_imports_mb=peak_rss_mb())
     q = "Is there a lesion in the liver?"
     rows = {}
     pred = Predictor(args.model, args.device)
@@ -61,6 +69,7 @@ def main(argv=None):
     rows["predictor"] = dict(set_volume_s=med(t_set), first_ask_s=med(t_first),
                              set_volume_plus_first_ask_s=med([a + b for a, b in zip(t_set, t_first)]),
                              ask_again_s=med(t_again), reask_other_budget_s=med(t_budget))
+    memory["after_predictor_rows_mb"] = peak_rss_mb()
     prior = prepare(load_volume(ROOT / "sample_cases/chest_aorta_ct/ct.nii.gz"), pred.device)
     t_pair, t_pair_ask = [], []
     for _ in range(args.repeats):          # a follow-up: prior + current (2,000 visual tokens) per question
@@ -71,6 +80,7 @@ def main(argv=None):
         pred.ask("Has the liver lesion grown since the prior scan?")
         t_pair_ask.append(time.perf_counter() - t)
     rows["with_prior"] = dict(set_volume_with_prior_s=med(t_pair), ask_s=med(t_pair_ask))
+    memory["after_prior_rows_mb"] = peak_rss_mb()
     eng = Engine(Settings(model_dir=args.model, device=args.device))
     eng.predictor
     first, change = [], []
@@ -91,6 +101,8 @@ def main(argv=None):
         change.append(time.perf_counter() - t)
         s.cleanup()
     rows["app_path"] = dict(sample_case_to_first_answer_and_3d_s=med(first), budget_change_to_answer_and_3d_s=med(change))
+    memory["after_app_path_mb"] = peak_rss_mb()
+    rows["peak_rss"] = memory
     rows["machine"] = dict(device=str(pred.device), cpu_threads=torch.get_num_threads(), torch=torch.__version__,
                            python=platform.python_version(), processor=platform.processor() or platform.machine(),
                            model=pred.name, repeats=args.repeats)

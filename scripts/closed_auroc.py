@@ -1,9 +1,14 @@
 """Does the model read the image for yes/no questions? A diagnostic that measures and prints.
 
 For every existence / anomaly-detection question of the demo generator's scans, the margin
-log P("yes") − log P("no") of the first answer token, and the AUROC of that margin against the
-truth. Accuracy alone hides a model that answers the prior ("no" everywhere scores 0.91 on an
-unbalanced set); AUROC 0.5 means the answer does not depend on the scan at all.
+log P("yes") − log P("no") of the first answer token, turned toward "finding present" (its sign
+flipped for "Is this scan normal?"), and the AUROC of that score against the truth. Accuracy alone
+hides a model that answers the prior ("no" everywhere scores 0.91 on an unbalanced set).
+
+An AUROC can still come from the words (which organ is asked) rather than the pixels, so the script
+also asks every question whose answer the findings decide of the same scan without its findings
+(`DemoGenerator.counterfactual`): the paired win rate is the share of such questions whose score is
+higher on the scan with the finding — 0.5 when the image does not move the answer.
 
     python scripts/closed_auroc.py --scans 24                       # shipped model, test split
     python scripts/closed_auroc.py --model runs/x/model --downsample 2.5
@@ -21,27 +26,52 @@ from photon_core.prompt import batch_prompts
 from photon_core.scheduler import Budget
 
 FAMILIES = ("existence", "anomaly_detection")
+NORMAL = "Is this scan normal?"          # the one closed question whose "yes" means no finding
+
+
+def _scores(predictor: Predictor, frames, qs: list[dict], budget: str) -> list[float]:
+    """Margin toward "finding present" of each question, asked (batched) about ``frames``."""
+    tok, model = predictor.tokenizer, predictor.model
+    yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+    predictor.set_volume(frames)
+    V = predictor.features.shape[0]
+    ids, mask, _ = batch_prompts([tok.prompt(q["question"], V)[0] for q in qs], model.config.pad_token_id)
+    with torch.inference_mode():
+        res = model(ids, mask, features=predictor.features.repeat(len(qs), 1), grid_thw=predictor.grid_thw,
+                    budget=[Budget.parse(budget)] * len(qs))
+    lp = res.logits[:, -1].float().log_softmax(-1)          # left-padded: the last position answers
+    return [m * (-1 if q["question"] == NORMAL else 1) for q, m in zip(qs, (lp[:, yes] - lp[:, no]).tolist())]
+
+
+def present(q: dict) -> bool:
+    """Is the finding the question asks about present (its 'yes' flipped for the normal question)?"""
+    return (q["answer"] == "yes") != (q["question"] == NORMAL)
 
 
 def margins(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) -> dict:
-    tok, model = predictor.tokenizer, predictor.model
-    yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+    """{family: (scores, finding present?)} over ``scans`` scans of the stream."""
     out = {f: ([], []) for f in FAMILIES}
     for _ in range(scans):
         frames, qa, _, _ = gen.sample()
-        predictor.set_volume(frames)
         qs = [q for q in qa if q["family"] in FAMILIES]
+        for q, m in zip(qs, _scores(predictor, frames, qs, budget) if qs else []):
+            out[q["family"]][0].append(m)
+            out[q["family"]][1].append(present(q))
+    return out
+
+
+def paired(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) -> dict:
+    """{family: [1 if the score is higher with the finding than without it (0.5 on a tie), ...]}."""
+    out = {f: [] for f in FAMILIES}
+    for _ in range(scans):
+        frames, qa, _, _ = gen.sample(with_findings=1.0)
+        clean, clean_qa = gen.counterfactual()
+        before = {q["question"]: q for q in clean_qa}
+        qs = [q for q in qa if q["question"] in before and present(q) and not present(before[q["question"]])]
         if not qs:
             continue
-        V = predictor.features.shape[0]
-        ids, mask, _ = batch_prompts([tok.prompt(q["question"], V)[0] for q in qs], model.config.pad_token_id)
-        with torch.inference_mode():
-            res = model(ids, mask, features=predictor.features.repeat(len(qs), 1), grid_thw=predictor.grid_thw,
-                        budget=[Budget.parse(budget)] * len(qs))
-        lp = res.logits[:, -1].float().log_softmax(-1)        # left-padded: the last position answers
-        for q, m in zip(qs, (lp[:, yes] - lp[:, no]).tolist()):
-            out[q["family"]][0].append(m)
-            out[q["family"]][1].append(q["answer"] == "yes")
+        for q, a, b in zip(qs, _scores(predictor, frames, qs, budget), _scores(predictor, clean, qs, budget)):
+            out[q["family"]].append(1.0 if a > b else 0.5 if a == b else 0.0)
     return out
 
 
@@ -61,9 +91,13 @@ def main(argv=None):
             print(f"{fam}: {len(y)} questions, one answer only — AUROC undefined")
             continue
         mean = lambda v: sum(v) / len(v)  # noqa: E731
-        print(f"{fam}: {len(y)} questions ({pos} yes); AUROC {auroc(m, y):.3f}; mean margin "
-              f"yes {mean([a for a, b in zip(m, y) if b]):+.2f}, no {mean([a for a, b in zip(m, y) if not b]):+.2f}")
-
+        print(f"{fam}: {len(y)} questions ({pos} with the finding); AUROC {auroc(m, y):.3f}; mean score "
+              f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
+    gen = DemoGenerator(args.split, seed=1, downsample=args.downsample)
+    for fam, wins in paired(predictor, gen, args.scans, args.budget).items():
+        if wins:
+            print(f"{fam}: paired win rate {sum(wins) / len(wins):.3f} over {len(wins)} questions "
+                  "(same scan with and without its finding)")
 
 if __name__ == "__main__":
     main()

@@ -105,7 +105,8 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
 
 def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     """scripts/closed_auroc.py reads the first answer token of each left-padded row: a question's
-    margin in the batch equals its margin asked alone, and every yes/no question gets one."""
+    margin in the batch equals its margin asked alone, every yes/no question gets one, the label is
+    "finding present" (flipped for the normal question), and the paired comparison runs."""
     import importlib.util
 
     from photon_core.data import DemoGenerator
@@ -122,10 +123,13 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
         for q in [q for q in qa if q["family"] in mod.FAMILIES]:
             (m,), (y,) = mod.margins(p, _OneQuestion(frames, q), 1, "full")[q["family"]]
             k = seen[q["family"]]
-            assert y == (q["answer"] == "yes") == batched[q["family"]][1][k]
+            assert y == mod.present(q) == batched[q["family"]][1][k]
+            assert y == ((q["answer"] == "yes") if q["question"] != mod.NORMAL else (q["answer"] == "no"))
             assert m == pytest.approx(batched[q["family"]][0][k], abs=1e-4)
             seen[q["family"]] += 1
     assert seen == {f: len(m) for f, (m, _) in batched.items()} and sum(seen.values()) > 0
+    wins = mod.paired(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
+    assert wins["existence"] and set(wins["existence"] + wins["anomaly_detection"]) <= {0.0, 0.5, 1.0}
 
 
 class _OneQuestion:
@@ -136,3 +140,17 @@ class _OneQuestion:
 
     def sample(self):
         return self.frames, [self.q], {}, {}
+
+
+def test_ball_probe_runs(capsys):
+    """scripts/ball_probe.py (the four trainings) runs end to end and prints one accuracy each."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ball_probe", ROOT / "scripts" / "ball_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pv, grid, ys = mod.Balls(0).batch(4)
+    assert pv.shape == (4 * 256, 14 ** 3) and grid.tolist() == [[4, 8, 8]] * 4 and len(ys) == 4
+    mod.main(["--steps", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split()[0] for x in lines] == ["joint", "mean-head", "max-head", "llm-after"]
+    assert all(0.0 <= float(x.split()[-1]) <= 1.0 for x in lines)

@@ -1,0 +1,139 @@
+"""Where does a from-scratch Photon fail to see a local finding? A small experiment that measures and prints.
+
+Task: a 64-token volume (56×112×112, 0.4 ± 0.03) that holds, half of the time, one bright ball
+(+0.5, radius 10 voxels, anywhere); question "Is there a lesion in the liver?", answer yes/no.
+Four trainings from the same random init (tiny preset, AdamW lr 1e-3, batch 8), each scored on 64
+held-out volumes:
+
+  joint      the whole model through the answer loss, as the trainer does (phase 1, no drop);
+  max-head   the vision tower alone with a linear score per visual token, max-pooled;
+  mean-head  the same score mean-pooled (what an unselective read-out of the tokens sees);
+  llm-after  the LLM through the answer loss on top of the max-head-trained vision tower (frozen).
+
+    python scripts/ball_probe.py [--steps 600] [--preset tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from photon_core.model import PhotonModel
+from photon_core.preprocess import patchify
+from photon_core.prompt import batch_prompts
+from photon_core.train import build_tokenizer, model_config
+
+SHAPE = (56, 112, 112)          # 4 × 4 × 4 = 64 visual tokens
+QUESTION = "Is there a lesion in the liver?"
+
+
+class Balls:
+    def __init__(self, seed: int, radius: float = 10.0, contrast: float = 0.5):
+        self.rng, self.radius, self.contrast = random.Random(seed), radius, contrast
+        self.grid = torch.meshgrid(*[torch.arange(n).float() for n in SHAPE], indexing="ij")
+
+    def batch(self, n: int = 8):
+        xs, ys = [], []
+        for _ in range(n):
+            x = 0.4 + 0.03 * torch.randn(SHAPE)
+            yes = self.rng.random() < 0.5
+            if yes:
+                r = self.radius
+                c = [self.rng.uniform(h, s - h) for s, h in zip(SHAPE, (r / 2, r, r))]
+                z, y, w = self.grid
+                x[((z - c[0]) * 2) ** 2 + (y - c[1]) ** 2 + (w - c[2]) ** 2 < r ** 2] += self.contrast
+            xs.append(x.clamp(0, 1))
+            ys.append(yes)
+        scans = [patchify(x[:, None]) for x in xs]
+        return torch.cat([p for p, _ in scans]), torch.cat([g for _, g in scans]), ys
+
+
+def new_model(preset: str, tok, seed: int = 0) -> PhotonModel:
+    torch.manual_seed(seed)
+    m = PhotonModel(model_config(preset, tok.vocab_size, tok))
+    m.init_weights(0.02)
+    m.phase = 1
+    return m.train()
+
+
+def answer_loss(m, tok, pv, grid, ys, frozen_vision: bool):
+    rows, labels = [], []
+    for y in ys:
+        ids, a0 = tok.prompt(QUESTION, 64, "yes" if y else "no")
+        rows.append(ids)
+        labels.append([-100] * a0 + ids[a0:])
+    ids, mask, lab = batch_prompts(rows, m.config.pad_token_id, labels)
+    if frozen_vision:
+        with torch.no_grad():
+            feats = m.encode_volume(pv, grid)
+        return m(ids, mask, features=feats, grid_thw=grid, labels=lab).loss
+    return m(ids, mask, pixel_values=pv, grid_thw=grid, labels=lab, row_scan=list(range(len(ys)))).loss
+
+
+@torch.no_grad()
+def answer_accuracy(m, tok, data: Balls) -> float:
+    m.eval()
+    yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+    right = 0
+    for _ in range(8):
+        pv, grid, ys = data.batch()
+        ids, mask, _ = batch_prompts([tok.prompt(QUESTION, 64)[0]] * len(ys), m.config.pad_token_id)
+        lg = m(ids, mask, features=m.encode_volume(pv, grid), grid_thw=grid, budget="full").logits[:, -1]
+        right += sum(bool(a > b) == y for a, b, y in zip(lg[:, yes], lg[:, no], ys))
+    m.train()
+    return right / 64
+
+
+def head_run(m, head, pv, grid, n, pool):
+    s = head(m.visual(pv, grid).reshape(n, 64, -1))[..., 0]
+    return s.amax(1) if pool == "max" else s.mean(1)
+
+
+def train_head(m, pool: str, steps: int, data: Balls) -> float:
+    head = torch.nn.Linear(m.config.hidden_size, 1)
+    opt = torch.optim.AdamW(list(m.visual.parameters()) + list(head.parameters()), lr=1e-3)
+    for _ in range(steps):
+        pv, grid, ys = data.batch()
+        loss = F.binary_cross_entropy_with_logits(head_run(m, head, pv, grid, len(ys), pool), torch.tensor(ys).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    right = 0
+    with torch.no_grad():
+        for _ in range(8):
+            pv, grid, ys = data.batch()
+            right += sum(bool(s > 0) == y for s, y in zip(head_run(m, head, pv, grid, len(ys), pool), ys))
+    return right / 64
+
+
+def train_answers(m, tok, steps: int, data: Balls, frozen_vision: bool) -> float:
+    params = [p for n, p in m.named_parameters() if not (frozen_vision and n.startswith("visual."))]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for _ in range(steps):
+        pv, grid, ys = data.batch()
+        loss = answer_loss(m, tok, pv, grid, ys, frozen_vision)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return answer_accuracy(m, tok, Balls(seed=99))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=600, help="answer-loss steps (the heads get half)")
+    ap.add_argument("--preset", default="tiny", choices=("tiny", "demo"))
+    args = ap.parse_args(argv)
+    tok = build_tokenizer(Path(tempfile.mkdtemp()), vocab_size=400)
+    print(f"joint      held-out accuracy {train_answers(new_model(args.preset, tok), tok, args.steps, Balls(1), False):.3f}")
+    print(f"mean-head  held-out accuracy {train_head(new_model(args.preset, tok), 'mean', args.steps // 2, Balls(2)):.3f}")
+    m = new_model(args.preset, tok)
+    print(f"max-head   held-out accuracy {train_head(m, 'max', args.steps // 2, Balls(3)):.3f}")
+    print(f"llm-after  held-out accuracy {train_answers(m, tok, args.steps, Balls(4), True):.3f}")
+
+
+if __name__ == "__main__":
+    main()
