@@ -453,9 +453,13 @@ class DemoGenerator:
     """Deterministic stream of (frames, record) for a split; backgrounds deformed into a pool."""
 
     def __init__(self, split: str = "train", seed: int = 0, pool: int = 6, device="cpu",
-                 backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0):
+                 backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0,
+                 lesion_bodies: bool = False):
         self.split, self.device = split, torch.device(device)
         self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
+        # Single scans only from bodies with an organ a lesion can sit in: otherwise the background
+        # alone tells "no finding possible" (the chest_aorta_ct labels hold only the aorta).
+        self.lesion_bodies = lesion_bodies
         base = {"train": 0, "test": 1_000_003, "report": 2_000_003}[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
@@ -494,7 +498,7 @@ class DemoGenerator:
 
     def sample(self, with_findings: float = 0.65):
         rng = self.rng
-        bg, frames, organs, mirrored = self._body()
+        bg, frames, organs, mirrored = self._body(self.lesion_bodies)
         frames = self._acquire(frames, bg)
         sampler = FindingSampler(rng, self.device, bg.voxel_mm)
         findings: list[Finding] = []

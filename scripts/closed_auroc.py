@@ -82,9 +82,10 @@ def main(argv=None):
     ap.add_argument("--scans", type=int, default=24)
     ap.add_argument("--downsample", type=float, default=1.0, help="coarse-grid stream (curriculum stages)")
     ap.add_argument("--budget", default="auto")
+    ap.add_argument("--lesion-bodies", action="store_true", help="the stream without lesion-free bodies")
     args = ap.parse_args(argv)
     predictor = Predictor(args.model, device="cpu")
-    gen = DemoGenerator(args.split, seed=0, downsample=args.downsample)
+    gen = DemoGenerator(args.split, seed=0, downsample=args.downsample, lesion_bodies=args.lesion_bodies)
     for fam, (m, y) in margins(predictor, gen, args.scans, args.budget).items():
         pos = sum(y)
         if not pos or pos == len(y):
@@ -93,7 +94,7 @@ def main(argv=None):
         mean = lambda v: sum(v) / len(v)  # noqa: E731
         print(f"{fam}: {len(y)} questions ({pos} with the finding); AUROC {auroc(m, y):.3f}; mean score "
               f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
-    gen = DemoGenerator(args.split, seed=1, downsample=args.downsample)
+    gen = DemoGenerator(args.split, seed=1, downsample=args.downsample, lesion_bodies=args.lesion_bodies)
     for fam, wins in paired(predictor, gen, args.scans, args.budget).items():
         if wins:
             print(f"{fam}: paired win rate {sum(wins) / len(wins):.3f} over {len(wins)} questions "

@@ -127,3 +127,14 @@ def test_counterfactual_is_the_same_scan_without_findings(abdomen):
     for frames, qa in stream:                                          # calling counterfactual() drew nothing
         fb, qb, _, _ = b.sample(with_findings=1.0)
         assert torch.equal(fb, frames) and qb == qa
+
+
+def test_lesion_bodies_leave_out_backgrounds_that_cannot_carry_a_finding(abdomen):
+    """The chest_aorta_ct labels hold only the aorta (lesion-free): by default half the bodies can
+    never carry a finding (a shortcut for "normal"); ``lesion_bodies`` leaves them out."""
+    bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": load_background("chest_aorta_ct")}
+    seen = {}
+    for flag in (False, True):
+        g = DemoGenerator("train", seed=3, pool=1, backgrounds=bgs, downsample=2.5, lesion_bodies=flag)
+        seen[flag] = {g.sample()[2]["background"].rstrip("*") for _ in range(12)}
+    assert seen[False] == {"abdomen_ct", "chest_aorta_ct"} and seen[True] == {"abdomen_ct"}
