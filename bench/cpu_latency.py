@@ -20,12 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)   # KiB on Linux
-
-
 def med(xs):
     return round(statistics.median(xs), 3)
 
@@ -39,14 +33,14 @@ def main(argv=None):
     import torch
 
     from app.service import Engine, Settings
-    from photon_core.predictor import Predictor
+    from photon_core.predictor import Predictor, peak_rss_mb
     from photon_core.preprocess import prepare
     from photon_core.scheduler import Budget
     from photon_core.volume import load_volume
     from viz.scene import render_png, scene_glb, token_blocks
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    memory = dict(after_imports_mb=peak_rss_mb())
+    memory = dict(after_imports_mb=round(peak_rss_mb(), 1))
     q = "Is there a lesion in the liver?"
     rows = {}
     pred = Predictor(args.model, args.device)
@@ -69,7 +63,7 @@ def main(argv=None):
     rows["predictor"] = dict(set_volume_s=med(t_set), first_ask_s=med(t_first),
                              set_volume_plus_first_ask_s=med([a + b for a, b in zip(t_set, t_first)]),
                              ask_again_s=med(t_again), reask_other_budget_s=med(t_budget))
-    memory["after_predictor_rows_mb"] = peak_rss_mb()
+    memory["after_predictor_rows_mb"] = round(peak_rss_mb(), 1)
     prior = prepare(load_volume(ROOT / "sample_cases/chest_aorta_ct/ct.nii.gz"), pred.device)
     t_pair, t_pair_ask = [], []
     for _ in range(args.repeats):          # a follow-up: prior + current (2,000 visual tokens) per question
@@ -80,7 +74,7 @@ def main(argv=None):
         pred.ask("Has the liver lesion grown since the prior scan?")
         t_pair_ask.append(time.perf_counter() - t)
     rows["with_prior"] = dict(set_volume_with_prior_s=med(t_pair), ask_s=med(t_pair_ask))
-    memory["after_prior_rows_mb"] = peak_rss_mb()
+    memory["after_prior_rows_mb"] = round(peak_rss_mb(), 1)
     eng = Engine(Settings(model_dir=args.model, device=args.device))
     eng.predictor
     first, change = [], []
@@ -101,7 +95,7 @@ def main(argv=None):
         change.append(time.perf_counter() - t)
         s.cleanup()
     rows["app_path"] = dict(sample_case_to_first_answer_and_3d_s=med(first), budget_change_to_answer_and_3d_s=med(change))
-    memory["after_app_path_mb"] = peak_rss_mb()
+    memory["after_app_path_mb"] = round(peak_rss_mb(), 1)
     rows["peak_rss"] = memory
     rows["machine"] = dict(device=str(pred.device), cpu_threads=torch.get_num_threads(), torch=torch.__version__,
                            python=platform.python_version(), processor=platform.processor() or platform.machine(),

@@ -192,6 +192,13 @@ class FindingSampler:
         self.rng, self.device, self.voxel_mm = rng, device, voxel_mm
         self.voxel_ml = math.prod(voxel_mm) / 1000
         self.truth: torch.Tensor | None = None   # frames-shaped finding diameter in mm (0 = none)
+        self.undo: list = []                     # (slices, mask, values before) of every finding drawn
+
+    def _write(self, frames, sl, mask, values) -> None:
+        """frames[sl][mask] = values, keeping what was there (`DemoGenerator.counterfactual`)."""
+        region = frames[sl] if sl is not None else frames
+        self.undo.append((sl, mask, region[mask].clone()))
+        region[mask] = values
 
     def _mark(self, frames, sl, ball, value: float) -> None:
         if self.truth is None:
@@ -234,10 +241,9 @@ class FindingSampler:
 
     def paint(self, frames, sl, ball, diam: float, kind: str, level: float) -> float:
         """Draw a lesion into ``frames`` at ``ball`` (within slices ``sl``); returns its volume (ml)."""
-        region = frames[sl]
-        val = float(region[ball].mean()) + level if kind in ("hypodense", "hyperdense") else level
+        val = float(frames[sl][ball].mean()) + level if kind in ("hypodense", "hyperdense") else level
         noise = torch.randn(ball.shape, device=frames.device) * 0.004
-        region[ball] = (val + noise[ball]).clamp(0, 1)
+        self._write(frames, sl, ball, (val + noise[ball]).clamp(0, 1))
         self._mark(frames, sl, ball, diam)
         return float(ball.sum()) * self.voxel_ml
 
@@ -280,7 +286,7 @@ class FindingSampler:
         region[:, cut:, :] = False
         if float(region.sum()) * self.voxel_ml < 500 * math.prod(VOXEL_MM) / 1000:   # ≈ 2 ml
             return None
-        frames[region] = hu_to_unit(self.rng.uniform(5, 20))
+        self._write(frames, None, region, hu_to_unit(self.rng.uniform(5, 20)))
         self._mark(frames, None, region, 1.0)
         vol_ml = float(region.sum()) * self.voxel_ml
         c = region.nonzero().float().mean(0).tolist()
@@ -326,8 +332,9 @@ class FindingSampler:
 
 EXIST = ["Is there a lesion in the {o}?", "Does the {o} contain a lesion?", "Is any focal lesion seen in the {o}?",
          "Are there lesions in the {o}?"]
-ANOMALY = ["Is there any abnormality in this scan?", "Does this CT show an abnormal finding?",
-           "Is this scan normal?"]
+NORMAL_QUESTION = "Is this scan normal?"       # the one closed question whose "yes" means no finding
+ANOMALY = ["Is there any abnormality in this scan?", "Does this CT show an abnormal finding?", NORMAL_QUESTION]
+FINDING_FAMILIES = ("existence", "anomaly_detection")   # yes/no questions a finding decides
 WHICH = ["Which organ contains the lesion?", "Where is the lesion located?", "In which organ is the abnormality?"]
 SIDE = ["Which side is the {p} lesion on?", "Is the {p} lesion on the left or the right?"]
 SIZE = ["What is the diameter of the lesion in the {o} in mm?", "How large is the {o} lesion in millimetres?",
@@ -369,7 +376,7 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
                        question=rng.choice(EFFUSION), answer="yes" if effusions else "no"))
     normal_q = rng.choice(ANOMALY)
     abnormal = bool(findings)
-    ans = ("no" if abnormal else "yes") if normal_q == "Is this scan normal?" else ("yes" if abnormal else "no")
+    ans = ("no" if abnormal else "yes") if normal_q == NORMAL_QUESTION else ("yes" if abnormal else "no")
     qa.append(dict(family="anomaly_detection", answer_type="closed", organ=None, question=normal_q, answer=ans))
     if len(by_organ) == 1:
         o = next(iter(by_organ))
@@ -507,7 +514,7 @@ class DemoGenerator:
             f = sampler.add_enlargement(frames, organs, rng.choice(grow)) if grow else None
             if f:
                 findings.append(f)
-        self.last_clean = (frames.clone(), organs, list(findings), sampler.voxel_ml)   # before lesions
+        before = list(findings)                  # (an enlargement) kept by counterfactual()
         if organs and rng.random() < with_findings:
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
                 lungs = [o for o in organs if o.endswith("lung")]
@@ -526,7 +533,7 @@ class DemoGenerator:
                     f = None
                 if f:
                     findings.append(f)
-        self._qa_state = rng.getstate()
+        self._last = (frames, organs, before, sampler, rng.getstate())   # for counterfactual()
         qa = make_questions(findings, organs, rng, bool(self.enlargement), sampler.voxel_ml)
         self.last_truth = sampler.truth   # finding map of this scan (training-only supervision)
         meta = dict(background=bg.name, mirrored=mirrored,
@@ -537,14 +544,19 @@ class DemoGenerator:
 
     def counterfactual(self) -> tuple:
         """The last `sample()` without its lesions and effusion (same body, acquisition and any
-        enlargement): (frames, qa). ``qa`` holds the last sample's existence and anomaly questions,
-        word for word (its question draws are replayed, so the main stream is untouched), answered
-        for the clean scan — asked of both scans, only the image tells the answers apart."""
-        frames, organs, kept, voxel_ml = self.last_clean
+        enlargement): (frames, qa), the frames rebuilt from the sample's frames (left unmodified by
+        the caller) and what its findings overwrote. ``qa`` holds the last sample's existence and
+        anomaly questions, word for word (its question draws are replayed, so the main stream is
+        untouched), answered for the clean scan — asked of both scans, only the image tells the
+        answers apart."""
+        frames, organs, before, sampler, qa_state = self._last
+        frames = frames.clone()
+        for sl, mask, values in reversed(sampler.undo):
+            (frames[sl] if sl is not None else frames)[mask] = values
         replay = random.Random()
-        replay.setstate(self._qa_state)
-        qa = make_questions(kept, organs, replay, bool(self.enlargement), voxel_ml)
-        return frames, [q for q in qa if q["family"] in ("existence", "anomaly_detection")]
+        replay.setstate(qa_state)
+        qa = make_questions(before, organs, replay, bool(self.enlargement), sampler.voxel_ml)
+        return frames, [q for q in qa if q["family"] in FINDING_FAMILIES]
 
     def pair(self, with_findings: float = 0.85):
         """A temporal pair: (prior, current, qa, meta, organs) of one body acquired twice, 1–2 lesions

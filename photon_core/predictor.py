@@ -148,18 +148,8 @@ class Predictor:
         n = max(len(qs), len(bs))
         if len(qs) not in (1, n) or len(bs) not in (1, n):
             raise ValueError("questions and budgets must have equal lengths or length 1")
-        qs = [clean_question(q) for q in (qs * n if len(qs) == 1 else qs)]
         bs = [Budget.parse(b) for b in (bs * n if len(bs) == 1 else bs)]
-        V = self.features.shape[0]
-        P = self.prior[0].shape[0] if self.prior is not None else 0
-        prompts = [self.tokenizer.prompt(q, V, prior_visual=P)[0] for q in qs]
-        ids, mask, _ = batch_prompts(prompts, self.model.config.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if self.prior is not None:      # each row: the prior's tokens, then the current's
-            feats = torch.cat([self.prior[0], self.features]).repeat(n, 1)
-            grid = torch.cat([self.prior[1], self.grid_thw]).repeat(n, 1)
-        else:
-            feats, grid = self.features.repeat(n, 1), self.grid_thw
+        ids, mask, feats, grid, P, V = self._inputs(qs * n if len(qs) == 1 else qs)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -172,7 +162,7 @@ class Predictor:
                                           top_p, gen, timing)
         total_s = time.perf_counter() - t0
         prefill_s = timing.get("prefill", total_s)
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else _rss_mb()
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else peak_rss_mb()
         answers = []
         st = out.its
         for b in range(n):
@@ -195,6 +185,33 @@ class Predictor:
                 prior_kept=int(prior_keep.sum()), prior_total=P))
         return answers
 
+    def answer_logprobs(self, questions: list[str], budget: str | Budget = "auto") -> torch.Tensor:
+        """(len(questions), vocab) log-probabilities of each question's first answer token on the
+        current volume, in one batched prefill (a diagnostic read-out: e.g. P("yes") vs P("no"))."""
+        if self.features is None:
+            raise ValueError("No volume is loaded; call set_volume() first.")
+        ids, mask, feats, grid, _, _ = self._inputs(list(questions))
+        with torch.inference_mode():
+            out = self.model(ids, mask, features=feats, grid_thw=grid, budget=[Budget.parse(budget)] * len(ids))
+        return out.logits[:, -1].float().log_softmax(-1)       # left-padded: the last position answers
+
+    def _inputs(self, questions: list[str]):
+        """Batched prompt ids/mask and visual features of the questions on the current volume (and the
+        prior's, first in each row); also the prior's and the current volume's token counts."""
+        qs = [clean_question(q) for q in questions]
+        V = self.features.shape[0]
+        P = self.prior[0].shape[0] if self.prior is not None else 0
+        prompts = [self.tokenizer.prompt(q, V, prior_visual=P)[0] for q in qs]
+        ids, mask, _ = batch_prompts(prompts, self.model.config.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        n = len(qs)
+        if self.prior is not None:      # each row: the prior's tokens, then the current's
+            feats = torch.cat([self.prior[0], self.features]).repeat(n, 1)
+            grid = torch.cat([self.prior[1], self.grid_thw]).repeat(n, 1)
+        else:
+            feats, grid = self.features.repeat(n, 1), self.grid_thw
+        return ids, mask, feats, grid, P, V
+
     def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, do_sample, temperature, top_p, gen,
                   timing):
         t0 = time.perf_counter()
@@ -210,7 +227,8 @@ class Predictor:
                           temperature=temperature, top_p=top_p, generator=gen, on_prefill=mark)
 
 
-def _rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (MiB; Linux reports KiB)."""
     try:
         import resource
 

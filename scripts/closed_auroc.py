@@ -17,29 +17,17 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from photon_core.data import DemoGenerator
+from photon_core.data import FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import Predictor
-from photon_core.prompt import batch_prompts
-from photon_core.scheduler import Budget
-
-FAMILIES = ("existence", "anomaly_detection")
-NORMAL = "Is this scan normal?"          # the one closed question whose "yes" means no finding
 
 
 def _scores(predictor: Predictor, frames, qs: list[dict], budget: str) -> list[float]:
     """Margin toward "finding present" of each question, asked (batched) about ``frames``."""
-    tok, model = predictor.tokenizer, predictor.model
+    tok = predictor.tokenizer
     yes, no = tok.encode("yes")[0], tok.encode("no")[0]
     predictor.set_volume(frames)
-    V = predictor.features.shape[0]
-    ids, mask, _ = batch_prompts([tok.prompt(q["question"], V)[0] for q in qs], model.config.pad_token_id)
-    with torch.inference_mode():
-        res = model(ids, mask, features=predictor.features.repeat(len(qs), 1), grid_thw=predictor.grid_thw,
-                    budget=[Budget.parse(budget)] * len(qs))
-    lp = res.logits[:, -1].float().log_softmax(-1)          # left-padded: the last position answers
+    lp = predictor.answer_logprobs([q["question"] for q in qs], budget)
     return [m * (-1 if q["question"] == NORMAL else 1) for q, m in zip(qs, (lp[:, yes] - lp[:, no]).tolist())]
 
 

@@ -154,3 +154,20 @@ def test_ball_probe_runs(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [x.split()[0] for x in lines] == ["joint", "mean-head", "max-head", "llm-after"]
     assert all(0.0 <= float(x.split()[-1]) <= 1.0 for x in lines)
+
+
+def test_answer_logprobs_agree_with_generation(tiny_model_dir):
+    """`Predictor.answer_logprobs` (the diagnostics' read-out) is the prefill the generator decodes:
+    its arg-max is the first generated token, for each question of a batch."""
+    import torch
+
+    from photon_core.predictor import Predictor
+    p = Predictor(tiny_model_dir, device="cpu")
+    torch.manual_seed(0)
+    p.set_volume(torch.rand(140, 280, 280))
+    qs = ["Is there a lesion in the liver?", "How many lesions are in the left kidney?"]
+    lp = p.answer_logprobs(qs, "25%")
+    assert lp.shape == (2, p.model.config.vocab_size) and torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-4)
+    eos = p.model.config.eos_token_id
+    for row, a in zip(lp.argmax(-1).tolist(), p.ask_many(qs, "25%", max_new_tokens=1)):
+        assert a.text == ("" if row == eos else p.tokenizer.decode([row]))
