@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,9 @@ class TrainConfig:
                                            # that can never carry a finding; see the model card)
     counterfactual: float = 0.0            # share of steps on counterfactual pairs: a scan with findings and
                                            # the same scan without, asked the same yes/no questions (0 = off)
+    vision_only: bool = False              # detection pre-stage: only the vision tower, trained on the token
+                                           # supervision (aux) plus a max-pooled "any finding" per scan
+    freeze_vision: bool = False            # keep the vision tower (and merger) fixed: the LLM learns to read it
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
@@ -223,7 +227,11 @@ class AuxHead(torch.nn.Module):
         self.n = n_organs
         self.proj = torch.nn.Linear(dim, n_organs + 2)
 
-    def loss(self, feats: torch.Tensor, tg: list[dict]) -> torch.Tensor:
+    def loss(self, feats: torch.Tensor, tg: list[dict], detect: bool = False) -> torch.Tensor:
+        """BCE on organ shares, weighted BCE on finding shares, MSE on diameters; ``detect``: also
+        BCE of each scan's most finding-like token against "the scan has a finding" (a max-pooled
+        read-out makes the vision tower mark finding tokens; a mean read-out does not — see
+        scripts/ball_probe.py)."""
         y = self.proj(feats.float()).reshape(len(tg), -1, self.n + 2)
         organ = torch.stack([t["organ"] for t in tg])
         known = torch.stack([t["organ_known"] for t in tg])[:, None, :].expand_as(organ)
@@ -234,7 +242,10 @@ class AuxHead(torch.nn.Module):
         le = bce(y[..., self.n], (lesion * 8).clamp(max=1.0), pos_weight=torch.tensor(20.0, device=y.device))
         has = diam > 1.0
         ld = F.mse_loss(y[..., self.n + 1][has], diam[has] / 40.0) if bool(has.any()) else y.sum() * 0
-        return lo + le + ld
+        total = lo + le + ld
+        if detect:
+            total = total + bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
+        return total
 
 
 class Trainee(torch.nn.Module):
@@ -244,7 +255,11 @@ class Trainee(torch.nn.Module):
         super().__init__()
         self.model, self.aux, self.aux_weight = model, aux, aux_weight
 
-    def forward(self, *args, token_targets=None, **kw):
+    def forward(self, *args, token_targets=None, vision_only=False, **kw):
+        if vision_only:   # detection pre-stage: the vision tower and the head, nothing else
+            feats = self.model.encode_volume(kw["pixel_values"], kw["grid_thw"])
+            loss = self.aux.loss(feats, token_targets, detect=True)
+            return SimpleNamespace(loss=loss, losses={"aux": loss}, its=None)
         out = self.model(*args, **kw)
         if self.aux is not None and token_targets is not None and out.scan_features is not None:
             aux = self.aux_weight * self.aux.loss(out.scan_features, token_targets)
@@ -289,9 +304,16 @@ def train(cfg: TrainConfig) -> Path:
         start, state = 0, {}
     model.to(device).train()
     model.reset_buffers()
-    its_params = list(model.its_module.predictor.parameters())
+    if cfg.vision_only and cfg.aux <= 0:
+        raise SystemExit("--vision-only trains on the token supervision: give --aux > 0")
+    if cfg.freeze_vision:
+        model.visual.requires_grad_(False)
+    if cfg.vision_only:   # the LLM and ITS stay as they are
+        model.requires_grad_(False)
+        model.visual.requires_grad_(True)
+    its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]
     its_ids = {id(p) for p in its_params}
-    other = [p for p in model.parameters() if id(p) not in its_ids]
+    other = [p for p in model.parameters() if id(p) not in its_ids and p.requires_grad]
     opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr}, {"params": its_params, "lr": cfg.its_lr}],
                             weight_decay=cfg.weight_decay)
     if start and (ckpt / "optimizer.safetensors").is_file():
@@ -317,11 +339,11 @@ def train(cfg: TrainConfig) -> Path:
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.its_lr, cfg.lr)):
             g["lr"] = base * max(lr_scale, 0.05)
         rows, labels_list, row_scan, scans, tgs, guides = [], [], [], [], [], []
-        robust = rng.random() < cfg.robust_prob
+        robust = rng.random() < cfg.robust_prob and not cfg.vision_only
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
         temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs (equal token counts)
-        counterfactual = (cfg.counterfactual > 0 and not (temporal or robust)
+        counterfactual = (cfg.counterfactual > 0 and not (temporal or robust or cfg.vision_only)
                           and rng.random() < cfg.counterfactual)
         supervise = cfg.aux > 0 or cfg.guide > 0
 
@@ -354,6 +376,8 @@ def train(cfg: TrainConfig) -> Path:
                 tgs += tg
             first = len(scans)
             scans += [patchify(f[:, None]) for f in times]
+            if cfg.vision_only:
+                continue
             for q in questions if questions is not None else pick_questions(qa, cfg.questions_per_scan, rng):
                 if tg is not None and not robust:
                     guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor) for t in tg]))
@@ -361,20 +385,24 @@ def train(cfg: TrainConfig) -> Path:
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])
                 row_scan.append(list(range(first, len(scans))))
-        ids, mask, labels = batch_prompts(rows, model.config.pad_token_id, labels_list)
         pv = torch.cat([p for p, _ in scans]).to(device)
         grid = torch.cat([g for _, g in scans]).to(device)
+        if cfg.vision_only:
+            kw = dict(pixel_values=pv, grid_thw=grid, token_targets=tgs, vision_only=True)
+        else:
+            ids, mask, labels = batch_prompts(rows, model.config.pad_token_id, labels_list)
+            kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pv, grid_thw=grid,
+                      row_scan=row_scan, labels=labels.to(device), flip=flip, robust=robust,
+                      saliency_target=torch.stack(guides).to(device) if guides and cfg.guide > 0 else None,
+                      token_targets=tgs if len(tgs) == len(scans) and aux is not None else None)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outp = ddp(ids.to(device), mask.to(device), pixel_values=pv, grid_thw=grid, row_scan=row_scan,
-                       labels=labels.to(device), flip=flip, robust=robust,
-                       saliency_target=torch.stack(guides).to(device) if guides and cfg.guide > 0 else None,
-                       token_targets=tgs if len(tgs) == len(scans) and aux is not None else None)
+            outp = ddp(**kw)
         loss = outp.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
-        seen += len(rows)
+        seen += len(rows) if rows else len(scans)     # questions, or scans in the pre-stage
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             keep = float(outp.its.keep.float().mean()) if outp.its is not None else 1.0
             soft = float(outp.its.p.detach().mean()) if outp.its is not None else 1.0

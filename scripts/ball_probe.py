@@ -10,7 +10,7 @@ held-out volumes:
   mean-head  the same score mean-pooled (what an unselective read-out of the tokens sees);
   llm-after  the LLM through the answer loss on top of the max-head-trained vision tower (frozen).
 
-    python scripts/ball_probe.py [--steps 600] [--preset tiny]
+    python scripts/ball_probe.py [--steps 600] [--preset tiny] [--radius 10 --contrast 0.5]
 """
 from __future__ import annotations
 
@@ -119,20 +119,24 @@ def train_answers(m, tok, steps: int, data: Balls, frozen_vision: bool) -> float
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return answer_accuracy(m, tok, Balls(seed=99))
+    return answer_accuracy(m, tok, Balls(99, data.radius, data.contrast))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=600, help="answer-loss steps (the heads get half)")
     ap.add_argument("--preset", default="tiny", choices=("tiny", "demo"))
+    ap.add_argument("--radius", type=float, default=10.0, help="ball radius (voxels in-plane; half in depth)")
+    ap.add_argument("--contrast", type=float, default=0.5, help="ball brightness above the 0.4 background")
     args = ap.parse_args(argv)
+    ball = dict(radius=args.radius, contrast=args.contrast)
     tok = build_tokenizer(Path(tempfile.mkdtemp()), vocab_size=400)
-    print(f"joint      held-out accuracy {train_answers(new_model(args.preset, tok), tok, args.steps, Balls(1), False):.3f}")
-    print(f"mean-head  held-out accuracy {train_head(new_model(args.preset, tok), 'mean', args.steps // 2, Balls(2)):.3f}")
-    m = new_model(args.preset, tok)
-    print(f"max-head   held-out accuracy {train_head(m, 'max', args.steps // 2, Balls(3)):.3f}")
-    print(f"llm-after  held-out accuracy {train_answers(m, tok, args.steps, Balls(4), True):.3f}")
+    n, steps = args.preset, args.steps
+    print(f"joint      held-out accuracy {train_answers(new_model(n, tok), tok, steps, Balls(1, **ball), False):.3f}")
+    print(f"mean-head  held-out accuracy {train_head(new_model(n, tok), 'mean', steps // 2, Balls(2, **ball)):.3f}")
+    m = new_model(n, tok)
+    print(f"max-head   held-out accuracy {train_head(m, 'max', steps // 2, Balls(3, **ball)):.3f}")
+    print(f"llm-after  held-out accuracy {train_answers(m, tok, steps, Balls(4, **ball), True):.3f}")
 
 
 if __name__ == "__main__":

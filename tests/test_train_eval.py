@@ -103,6 +103,36 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
     assert (wb[k] - wa[k]).abs().mean() < 0.5 * wa[k].abs().mean()
 
 
+def test_vision_only_prestage_then_frozen_vision(tmp_path):
+    """--vision-only moves the vision tower alone (token supervision + max-pooled "any finding");
+    --freeze-vision then trains everything but the vision tower."""
+    from safetensors.torch import load_file
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    common = ["--preset", "tiny", "--scans-per-step", "2", "--questions-per-scan", "2", "--pool", "0", "--warmup", "1",
+              "--log-every", "1", "--device", "cpu", "--downsample", "2.5", "--steps", "2", "--lesion-bodies"]
+
+    def run(out, *extra):
+        r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), *common, *extra],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")], \
+            load_file(str(out / "model" / "model.safetensors"))
+
+    _, w0 = run(tmp_path / "init", "--lr", "0")
+    lines, wa = run(tmp_path / "a", "--vision-only", "--aux", "1", "--init-from", str(tmp_path / "init" / "model"))
+    assert all(set(x) >= {"aux"} and x["loss"] == x["aux"] for x in lines)
+    vision = [k for k in w0 if k.startswith("visual.")]
+    assert vision and all(not k.startswith("visual.") for k in set(w0) - set(vision))
+    assert all(bool((wa[k] == w0[k]).all()) for k in w0 if k not in vision)        # LLM and ITS untouched
+    assert any(not bool((wa[k] == w0[k]).all()) for k in vision)                    # the tower moved
+    _, wb = run(tmp_path / "b", "--freeze-vision", "--init-from", str(tmp_path / "a" / "model"))
+    assert all(bool((wb[k] == wa[k]).all()) for k in vision)
+    assert any(not bool((wb[k] == wa[k]).all()) for k in wb if k not in vision)
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
+                        "--vision-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--aux" in r.stderr                                # nothing to train on
+
+
 def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     """scripts/closed_auroc.py reads the first answer token of each left-padded row: a question's
     margin in the batch equals its margin asked alone, every yes/no question gets one, the label is
@@ -154,6 +184,29 @@ def test_ball_probe_runs(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [x.split()[0] for x in lines] == ["joint", "mean-head", "max-head", "llm-after"]
     assert all(0.0 <= float(x.split()[-1]) <= 1.0 for x in lines)
+
+
+def test_detect_probe(tiny_model_dir, capsys):
+    """scripts/detect_probe.py: the probe finds a planted token signal; the script runs on a model."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("detect_probe", ROOT / "scripts" / "detect_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(6, 64, generator=g) < 0.05
+    x = torch.randn(6, 64, 8, generator=g)
+    x[..., 3] += 3 * y
+    s = mod.fit_probe(x, y)(x)
+    from photon_core.metrics import auroc
+    assert auroc(s.flatten().tolist(), y.flatten().tolist()) > 0.95
+    assert auroc(mod.fit_probe(x[..., :3], y)(x[..., :3]).flatten().tolist(), y.flatten().tolist()) < 0.8
+    from photon_core.checkpoint import load_model
+    xs, ys = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5)
+    assert xs.shape[:2] == ys.shape == (3, 64)
+    out = mod.main(["--model", str(tiny_model_dir), "--scans", "8", "--downsample", "2.5"])
+    assert 0 <= out["token_auroc"] <= 1 and 0 <= out["scan_auroc"] <= 1
+    assert "scan-level (max token) AUROC" in capsys.readouterr().out
 
 
 def test_answer_logprobs_agree_with_generation(tiny_model_dir):
