@@ -1,4 +1,5 @@
 """Training and evaluation engines: a 2-process gloo DDP run and a sharded evaluation, tiny configs."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,14 @@ def _torchrun(args, tmp_path, timeout=900):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def _script(name: str):
+    """A module of scripts/ (not a package), imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_two_process_gloo_training_and_resume(tmp_path):
@@ -137,13 +146,9 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     """scripts/closed_auroc.py reads the first answer token of each left-padded row: a question's
     margin in the batch equals its margin asked alone, every yes/no question gets one, the label is
     "finding present" (flipped for the normal question), and the paired comparison runs."""
-    import importlib.util
-
     from photon_core.data import DemoGenerator
     from photon_core.predictor import Predictor
-    spec = importlib.util.spec_from_file_location("closed_auroc", ROOT / "scripts" / "closed_auroc.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("closed_auroc")
     p = Predictor(tiny_model_dir, device="cpu")
     batched = mod.margins(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
     gen = DemoGenerator("test", seed=0, downsample=2.5)
@@ -174,10 +179,7 @@ class _OneQuestion:
 
 def test_ball_probe_runs(capsys):
     """scripts/ball_probe.py (the four trainings) runs end to end and prints one accuracy each."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ball_probe", ROOT / "scripts" / "ball_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("ball_probe")
     pv, grid, ys = mod.Balls(0).batch(4)
     assert pv.shape == (4 * 256, 14 ** 3) and grid.tolist() == [[4, 8, 8]] * 4 and len(ys) == 4
     mod.main(["--steps", "2"])
@@ -188,11 +190,8 @@ def test_ball_probe_runs(capsys):
 
 def test_detect_probe(tiny_model_dir, capsys):
     """scripts/detect_probe.py: the probe finds a planted token signal; the script runs on a model."""
-    import importlib.util
     import torch
-    spec = importlib.util.spec_from_file_location("detect_probe", ROOT / "scripts" / "detect_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("detect_probe")
     g = torch.Generator().manual_seed(0)
     y = torch.rand(6, 64, generator=g) < 0.05
     x = torch.randn(6, 64, 8, generator=g)
