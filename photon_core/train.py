@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -306,6 +306,8 @@ def train(cfg: TrainConfig) -> Path:
     model.reset_buffers()
     if cfg.vision_only and cfg.aux <= 0:
         raise SystemExit("--vision-only trains on the token supervision: give --aux > 0")
+    if cfg.vision_only:   # no questions are asked: no perturbed-input or counterfactual steps
+        cfg = replace(cfg, robust_prob=0.0, counterfactual=0.0)
     if cfg.freeze_vision:
         model.visual.requires_grad_(False)
     if cfg.vision_only:   # the LLM and ITS stay as they are
@@ -314,6 +316,7 @@ def train(cfg: TrainConfig) -> Path:
     its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]
     its_ids = {id(p) for p in its_params}
     other = [p for p in model.parameters() if id(p) not in its_ids and p.requires_grad]
+    trained = other + its_params
     opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr}, {"params": its_params, "lr": cfg.its_lr}],
                             weight_decay=cfg.weight_decay)
     if start and (ckpt / "optimizer.safetensors").is_file():
@@ -339,11 +342,11 @@ def train(cfg: TrainConfig) -> Path:
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.its_lr, cfg.lr)):
             g["lr"] = base * max(lr_scale, 0.05)
         rows, labels_list, row_scan, scans, tgs, guides = [], [], [], [], [], []
-        robust = rng.random() < cfg.robust_prob and not cfg.vision_only
+        robust = rng.random() < cfg.robust_prob
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
         temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs (equal token counts)
-        counterfactual = (cfg.counterfactual > 0 and not (temporal or robust or cfg.vision_only)
+        counterfactual = (cfg.counterfactual > 0 and not (temporal or robust)
                           and rng.random() < cfg.counterfactual)
         supervise = cfg.aux > 0 or cfg.guide > 0
 
@@ -400,7 +403,7 @@ def train(cfg: TrainConfig) -> Path:
         loss = outp.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         seen += len(rows) if rows else len(scans)     # questions, or scans in the pre-stage
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps - 1):

@@ -88,5 +88,6 @@ def main(argv=None):
             print(f"{fam}: paired win rate {sum(wins) / len(wins):.3f} over {len(wins)} questions "
                   "(same scan with and without its finding)")
 
+
 if __name__ == "__main__":
     main()

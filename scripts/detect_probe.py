@@ -21,7 +21,8 @@ from photon_core.checkpoint import load_model
 from photon_core.data import DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import DEMO_MODEL
-from photon_core.preprocess import TOKEN_VOXELS, block_fractions, patchify
+from photon_core.preprocess import TOKEN_VOXELS, patchify
+from photon_core.train import token_targets
 
 
 @torch.no_grad()
@@ -31,10 +32,9 @@ def tokens(model, split: str, scans: int, downsample: float, seed: int = 7) -> t
     grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))
     x, y = [], []
     for _ in range(scans):
-        frames, _, _, _ = gen.sample()
+        frames, _, _, organs = gen.sample()
         x.append(model.encode_volume(*patchify(frames[:, None])).float())
-        truth = gen.last_truth
-        y.append(block_fractions(truth > 0, grid) > 0 if truth is not None else torch.zeros(x[-1].shape[0], dtype=bool))
+        y.append(token_targets(organs, gen.last_truth, grid)["lesion"] > 0)
     return torch.stack(x), torch.stack(y)
 
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from photon_core.data import MIRROR, VOXEL_MM, DemoGenerator, downsample_shape, load_background, shrink
+from photon_core.data import (FINDING_FAMILIES, MIRROR, NORMAL_QUESTION, VOXEL_MM, DemoGenerator, downsample_shape,
+                              load_background, shrink)
 from photon_core.preprocess import MODEL_SHAPE
 
 pytestmark = pytest.mark.slow
@@ -113,11 +114,11 @@ def test_counterfactual_is_the_same_scan_without_findings(abdomen):
         truth = a.last_truth
         inside = truth > 0 if truth is not None else torch.zeros_like(frames, dtype=torch.bool)
         assert torch.equal(clean[~inside], frames[~inside])            # only the findings' voxels differ
-        assert {q["family"] for q in clean_qa} <= {"existence", "anomaly_detection"}
+        assert {q["family"] for q in clean_qa} <= set(FINDING_FAMILIES)
         asked = {q["question"]: q["answer"] for q in qa}
         for q in clean_qa:
             assert q["question"] in asked                               # same wording as on the lesion scan
-            normal = q["question"] == "Is this scan normal?"
+            normal = q["question"] == NORMAL_QUESTION
             assert q["answer"] == ("yes" if normal else "no")          # a clean scan (no enlargement here)
             changed += asked[q["question"]] != q["answer"]
         if meta["findings"]:
