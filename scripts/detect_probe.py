@@ -21,21 +21,58 @@ from photon_core.checkpoint import load_model
 from photon_core.data import DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import DEMO_MODEL
-from photon_core.preprocess import TOKEN_VOXELS, patchify
+from photon_core.preprocess import TOKEN_VOXELS, blocks, patchify
 from photon_core.train import token_targets
 
 
+def _gaussian_blur(v: torch.Tensor, sigma_mm: float, voxel_mm: tuple) -> torch.Tensor:
+    """Separable Gaussian blur of a (D, H, W) volume, σ in mm (edges replicated)."""
+    out = v[None, None]
+    for axis, vox in enumerate(voxel_mm):
+        s = sigma_mm / vox
+        r = max(1, int(3 * s))
+        k = torch.exp(-torch.arange(-r, r + 1, dtype=v.dtype) ** 2 / (2 * s * s))
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * r + 1
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), (k / k.sum()).reshape(shape))
+    return out[0, 0]
+
+
+def blob_scores(frames: torch.Tensor, grid: tuple, voxel_mm: tuple) -> torch.Tensor:
+    """(V,) each token block's largest |difference of Gaussians| (σ 4 mm − 12 mm): a classical blob
+    detector, the reference for what the visual tokens could mark."""
+    dog = (_gaussian_blur(frames, 4.0, voxel_mm) - _gaussian_blur(frames, 12.0, voxel_mm)).abs()
+    return blocks(dog, grid).amax((1, 3, 5)).flatten()
+
+
 @torch.no_grad()
-def tokens(model, split: str, scans: int, downsample: float, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scans, V, D) visual tokens and (scans, V) "block holds a finding" of ``scans`` scans (lesion bodies)."""
+def tokens(model, split: str, scans: int, downsample: float, seed: int = 7) -> dict:
+    """Of ``scans`` scans (lesion bodies): ``x`` (scans, V, D) visual tokens, ``y`` (scans, V) "block holds
+    a finding", ``tissue`` (scans, V) "block is ≥ 30% organ or holds a finding", ``blob`` (scans, V) the
+    blob detector's scores."""
     gen = DemoGenerator(split, seed=seed, pool=3, downsample=downsample, lesion_bodies=True)
     grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))
-    x, y = [], []
+    voxel_mm = gen.pool[0].voxel_mm
+    out = {k: [] for k in ("x", "y", "tissue", "blob")}
     for _ in range(scans):
         frames, _, _, organs = gen.sample()
-        x.append(model.encode_volume(*patchify(frames[:, None])).float())
-        y.append(token_targets(organs, gen.last_truth, grid)["lesion"] > 0)
-    return torch.stack(x), torch.stack(y)
+        tg = token_targets(organs, gen.last_truth, grid)
+        y = tg["lesion"] > 0
+        out["x"].append(model.encode_volume(*patchify(frames[:, None])).float())
+        out["y"].append(y)
+        out["tissue"].append((tg["organ"].sum(-1) >= 0.3) | y)
+        out["blob"].append(blob_scores(frames, grid, voxel_mm))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def figures(s: torch.Tensor, t: dict) -> dict:
+    """Per-token, per-token within tissue and scan-level (max token) AUROC of block scores ``s``."""
+    y, m = t["y"], t["tissue"]
+    return dict(token_auroc=auroc(s.flatten().tolist(), y.flatten().tolist()),
+                tissue_auroc=auroc(s[m].tolist(), y[m].tolist()),
+                scan_auroc=auroc(s.amax(1).tolist(), y.any(1).tolist()))
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 400):
@@ -61,14 +98,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--downsample", type=float, default=1.0, help="the stream's grid (2.5 → 64 visual tokens)")
     args = ap.parse_args(argv)
     model = load_model(args.model or DEMO_MODEL, "cpu", torch.float32).eval()
-    score = fit_probe(*tokens(model, "train", args.scans, args.downsample))
-    x, y = tokens(model, "test", args.scans, args.downsample)
-    s = score(x)
-    has = y.any(1)
-    out = dict(token_auroc=auroc(s.flatten().tolist(), y.flatten().tolist()),
-               scan_auroc=auroc(s.amax(1).tolist(), has.tolist()))
-    print(f"per-token AUROC {out['token_auroc']:.3f} ({int(y.sum())} of {y.numel()} blocks hold a finding); "
-          f"scan-level (max token) AUROC {out['scan_auroc']:.3f} ({int(has.sum())} of {len(has)} scans)")
+    fit = tokens(model, "train", args.scans, args.downsample)
+    test = tokens(model, "test", args.scans, args.downsample)
+    y = test["y"]
+    print(f"test split: {int(y.sum())} of {y.numel()} blocks hold a finding ({int(test['tissue'].sum())} tissue "
+          f"blocks); {int(y.any(1).sum())} of {len(y)} scans have one")
+    out = {}
+    for name, s in (("probe", fit_probe(fit["x"], fit["y"])(test["x"])), ("blob", test["blob"])):
+        out[name] = f = figures(s, test)
+        print(f"{name}: per-token AUROC {f['token_auroc']:.3f}, within tissue {f['tissue_auroc']:.3f}; "
+              f"scan-level (max token) AUROC {f['scan_auroc']:.3f}")
     return out
 
 

@@ -354,3 +354,21 @@ def test_visionzip_merges_hidden_states(pred):
     assert not torch.allclose(merged[0, vi[ctx]], h[0, vi[ctx]])
     others = [t for t in kept if t not in set(ctx.tolist())]
     assert torch.equal(merged[0, vi[others]], h[0, vi[others]])      # dominant tokens untouched
+
+
+def test_vision_tower_sees_each_depth_slab_alone(tiny_model_dir):
+    """The tower's attention (full and windowed) and 2-D rotary positions stay inside one 14-slice slab,
+    so a slab encoded alone gives exactly that slab's tokens of the whole volume (the model card's
+    slab training relies on it); the LLM is where depth context is built."""
+    import torch
+
+    from photon_core.checkpoint import load_model
+    from photon_core.preprocess import patchify
+    model = load_model(tiny_model_dir, "cpu", torch.float32).eval()
+    frames = torch.rand(42, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model.encode_volume(*patchify(frames[:, None]))
+        middle = model.encode_volume(*patchify(frames[14:28, None]))
+    per_slab = whole.shape[0] // 3
+    torch.testing.assert_close(middle, whole[per_slab:2 * per_slab], rtol=0, atol=1e-6)
+    assert not torch.allclose(middle, whole[:per_slab])

@@ -201,11 +201,25 @@ def test_detect_probe(tiny_model_dir, capsys):
     assert auroc(s.flatten().tolist(), y.flatten().tolist()) > 0.95
     assert auroc(mod.fit_probe(x[..., :3], y)(x[..., :3]).flatten().tolist(), y.flatten().tolist()) < 0.8
     from photon_core.checkpoint import load_model
-    xs, ys = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5)
-    assert xs.shape[:2] == ys.shape == (3, 64)
+    t = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5)
+    assert t["x"].shape[:2] == t["y"].shape == t["tissue"].shape == t["blob"].shape == (3, 64)
+    assert bool((t["tissue"] | ~t["y"]).all())          # every finding block counts as tissue
     out = mod.main(["--model", str(tiny_model_dir), "--scans", "8", "--downsample", "2.5"])
-    assert 0 <= out["token_auroc"] <= 1 and 0 <= out["scan_auroc"] <= 1
+    assert set(out) == {"probe", "blob"}
+    assert all(0 <= v <= 1 for f in out.values() for v in f.values())
     assert "scan-level (max token) AUROC" in capsys.readouterr().out
+
+
+def test_blob_scores_mark_a_ball():
+    """detect_probe's classical reference: a bright ball in a flat volume scores highest in its block."""
+    import torch
+    mod = _script("detect_probe")
+    v = torch.full((28, 56, 56), 0.5)
+    z, y, x = torch.meshgrid(*[torch.arange(n).float() for n in v.shape], indexing="ij")
+    v[((z - 20) * 2.6) ** 2 + ((y - 40) * 1.3) ** 2 + ((x - 12) * 1.3) ** 2 <= 8.0 ** 2] = 0.6
+    s = mod.blob_scores(v, (2, 2, 2), (2.6, 1.3, 1.3))
+    assert int(s.argmax()) == 1 * 4 + 1 * 2 + 0      # block (d 1, h 1, w 0)
+    assert float(s.max()) > 5 * float(s.min())
 
 
 def test_answer_logprobs_agree_with_generation(tiny_model_dir):
