@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .audit import jaccard
+from .audit import BLOCK_FRACTION, jaccard
 from .datasets import parse_columns, read_records
 from .distributed import init_distributed
 from .metrics import aggregate, balanced_accuracy, score
@@ -41,7 +41,7 @@ from .volume import load_volume
 BASELINES = ("fastv", "visionzip", "random")
 
 
-def organ_block_cover(mask: torch.Tensor, fraction: float = 0.25) -> np.ndarray:
+def organ_block_cover(mask: torch.Tensor, fraction: float = BLOCK_FRACTION) -> np.ndarray:
     """Model-space organ mask (140, 280, 280) → (1000,) blocks with ≥ fraction of their voxels in the organ."""
     return (block_fractions(mask) >= fraction).cpu().numpy()
 

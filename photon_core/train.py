@@ -200,7 +200,7 @@ def guide_target(question: str, targets: dict, floor: float = 0.0) -> torch.Tens
 
 
 def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
-    from .audit import organs_in_question
+    from .audit import BLOCK_FRACTION, organs_in_question
     from .data import ORGANS, PAIRED
     names = list(ORGANS)
     asked = set(organs_in_question(question, names))     # 'kidney' with no side → both kidneys
@@ -212,7 +212,7 @@ def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
         if not cols:
             return torch.zeros(organ.shape[0], device=organ.device)
         share = organ[:, cols].sum(-1)
-        chosen = share >= 0.25
+        chosen = share >= BLOCK_FRACTION
         if not bool(chosen.any()):
             chosen = share >= 0.5 * float(share.max())
         return (chosen & (share > 0)).float()

@@ -4,8 +4,12 @@ A linear probe (logistic regression on the standardised visual tokens) is fit on
 generator's train split to tell token blocks that hold a lesion or effusion from the others, then
 scored on the test split: the per-token AUROC, and the scan-level AUROC of each scan's highest token
 score against "the scan has a finding". The per-token figure can come from where findings may lie
-(organ tissue versus air); the scan-level figure cannot — it is 0.5 when the tokens do not mark the
-findings themselves, whatever the LLM does with them.
+(organ tissue versus air); the per-token figure within tissue (finding blocks against the other
+blocks that are ≥ 25% organ, the audit's block rule) and the scan-level figure cannot — they are 0.5
+when the tokens do not mark the findings themselves, whatever the LLM does with them.
+
+The same figures for a classical blob detector on the voxels (no learning: a block's score is its
+largest |difference of Gaussians|, σ 4 mm − 12 mm) tell how conspicuous the findings are.
 
     python scripts/detect_probe.py --scans 48                       # shipped model, real geometry
     python scripts/detect_probe.py --model runs/x/model --downsample 2.5
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from photon_core.checkpoint import load_model
+from photon_core.audit import BLOCK_FRACTION
 from photon_core.data import DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import DEMO_MODEL
@@ -50,7 +55,8 @@ def blob_scores(frames: torch.Tensor, grid: tuple, voxel_mm: tuple) -> torch.Ten
 @torch.no_grad()
 def tokens(model, split: str, scans: int, downsample: float, seed: int = 7) -> dict:
     """Of ``scans`` scans (lesion bodies): ``x`` (scans, V, D) visual tokens, ``y`` (scans, V) "block holds
-    a finding", ``tissue`` (scans, V) "block is ≥ 30% organ or holds a finding", ``blob`` (scans, V) the
+    a finding", ``tissue`` (scans, V) "block is ≥ 25% organ
+    (the audit's block rule) or holds a finding", ``blob`` (scans, V) the
     blob detector's scores."""
     gen = DemoGenerator(split, seed=seed, pool=3, downsample=downsample, lesion_bodies=True)
     grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))
@@ -62,7 +68,7 @@ def tokens(model, split: str, scans: int, downsample: float, seed: int = 7) -> d
         y = tg["lesion"] > 0
         out["x"].append(model.encode_volume(*patchify(frames[:, None])).float())
         out["y"].append(y)
-        out["tissue"].append((tg["organ"].sum(-1) >= 0.3) | y)
+        out["tissue"].append((tg["organ"].sum(-1) >= BLOCK_FRACTION) | y)
         out["blob"].append(blob_scores(frames, grid, voxel_mm))
     return {k: torch.stack(v) for k, v in out.items()}
 
