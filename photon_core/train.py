@@ -306,13 +306,14 @@ def train(cfg: TrainConfig) -> Path:
     model.reset_buffers()
     if cfg.vision_only and cfg.aux <= 0:
         raise SystemExit("--vision-only trains on the token supervision: give --aux > 0")
-    if cfg.vision_only:   # no questions are asked: no perturbed-input or counterfactual steps
+    # --vision-only: the vision tower alone, LLM and ITS stay as they are; no questions are asked, so
+    # no perturbed-input or counterfactual steps. (It wins over --freeze-vision.)
+    if cfg.vision_only:
         cfg = replace(cfg, robust_prob=0.0, counterfactual=0.0)
-    if cfg.freeze_vision:
-        model.visual.requires_grad_(False)
-    if cfg.vision_only:   # the LLM and ITS stay as they are
         model.requires_grad_(False)
         model.visual.requires_grad_(True)
+    elif cfg.freeze_vision:
+        model.visual.requires_grad_(False)
     its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]
     its_ids = {id(p) for p in its_params}
     other = [p for p in model.parameters() if id(p) not in its_ids and p.requires_grad]

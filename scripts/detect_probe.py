@@ -53,15 +53,14 @@ def blob_scores(frames: torch.Tensor, grid: tuple, voxel_mm: tuple) -> torch.Ten
 
 
 @torch.no_grad()
-def tokens(model, split: str, scans: int, downsample: float, seed: int = 7) -> dict:
+def tokens(model, split: str, scans: int, downsample: float, seed: int = 7, blob: bool = False) -> dict:
     """Of ``scans`` scans (lesion bodies): ``x`` (scans, V, D) visual tokens, ``y`` (scans, V) "block holds
-    a finding", ``tissue`` (scans, V) "block is ≥ 25% organ
-    (the audit's block rule) or holds a finding", ``blob`` (scans, V) the
-    blob detector's scores."""
+    a finding", ``tissue`` (scans, V) "block is ≥ 25% organ (the audit's block rule) or holds a
+    finding"; with ``blob``, also ``blob`` (scans, V) the blob detector's scores."""
     gen = DemoGenerator(split, seed=seed, pool=3, downsample=downsample, lesion_bodies=True)
     grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))
     voxel_mm = gen.pool[0].voxel_mm
-    out = {k: [] for k in ("x", "y", "tissue", "blob")}
+    out = {k: [] for k in ("x", "y", "tissue") + (("blob",) if blob else ())}
     for _ in range(scans):
         frames, _, _, organs = gen.sample()
         tg = token_targets(organs, gen.last_truth, grid)
@@ -69,7 +68,8 @@ def tokens(model, split: str, scans: int, downsample: float, seed: int = 7) -> d
         out["x"].append(model.encode_volume(*patchify(frames[:, None])).float())
         out["y"].append(y)
         out["tissue"].append((tg["organ"].sum(-1) >= BLOCK_FRACTION) | y)
-        out["blob"].append(blob_scores(frames, grid, voxel_mm))
+        if blob:
+            out["blob"].append(blob_scores(frames, grid, voxel_mm))
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     model = load_model(args.model or DEMO_MODEL, "cpu", torch.float32).eval()
     fit = tokens(model, "train", args.scans, args.downsample)
-    test = tokens(model, "test", args.scans, args.downsample)
+    test = tokens(model, "test", args.scans, args.downsample, blob=True)
     y = test["y"]
     print(f"test split: {int(y.sum())} of {y.numel()} blocks hold a finding ({int(test['tissue'].sum())} tissue "
           f"blocks); {int(y.any(1).sum())} of {len(y)} scans have one")

@@ -201,7 +201,7 @@ def test_detect_probe(tiny_model_dir, capsys):
     assert auroc(s.flatten().tolist(), y.flatten().tolist()) > 0.95
     assert auroc(mod.fit_probe(x[..., :3], y)(x[..., :3]).flatten().tolist(), y.flatten().tolist()) < 0.8
     from photon_core.checkpoint import load_model
-    t = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5)
+    t = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5, blob=True)
     assert t["x"].shape[:2] == t["y"].shape == t["tissue"].shape == t["blob"].shape == (3, 64)
     assert bool((t["tissue"] | ~t["y"]).all())          # every finding block counts as tissue
     out = mod.main(["--model", str(tiny_model_dir), "--scans", "8", "--downsample", "2.5"])
