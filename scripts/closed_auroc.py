@@ -5,6 +5,10 @@ log P("yes") − log P("no") of the first answer token, turned toward "finding p
 flipped for "Is this scan normal?"), and the AUROC of that score against the truth. Accuracy alone
 hides a model that answers the prior ("no" everywhere scores 0.91 on an unbalanced set).
 
+With ``--enlargement`` the scans may hold an enlarged organ, and "Is the liver enlarged?"-type
+questions are scored on their own (``enlargement``): the same words are asked of enlarged and normal
+organs of the same pool bodies, so their AUROC above 0.5 comes from the image.
+
 An AUROC can still come from the words (which organ is asked) rather than the pixels, so the script
 also asks every question whose answer the findings decide of the same scan without its findings
 (`DemoGenerator.counterfactual`): the paired win rate is the share of such questions whose score is
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from photon_core.data import FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, DemoGenerator
+from photon_core.data import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import Predictor
 
@@ -36,15 +40,20 @@ def present(q: dict) -> bool:
     return (q["answer"] == "yes") != (q["question"] == NORMAL)
 
 
+def group(q: dict) -> str:
+    """The question's family, or ``enlargement`` for an "is the organ enlarged?" question."""
+    return "enlargement" if any(q["question"] == t.format(o=q["organ"]) for t in ENLARGED) else q["family"]
+
+
 def margins(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) -> dict:
-    """{family: (scores, finding present?)} over ``scans`` scans of the stream."""
-    out = {f: ([], []) for f in FAMILIES}
+    """{family or 'enlargement': (scores, finding present?)} over ``scans`` scans of the stream."""
+    out = {f: ([], []) for f in FAMILIES + (("enlargement",) if gen.enlargement else ())}
     for _ in range(scans):
         frames, qa, _, _ = gen.sample()
         qs = [q for q in qa if q["family"] in FAMILIES]
         for q, m in zip(qs, _scores(predictor, frames, qs, budget) if qs else []):
-            out[q["family"]][0].append(m)
-            out[q["family"]][1].append(present(q))
+            out[group(q)][0].append(m)
+            out[group(q)][1].append(present(q))
     return out
 
 
@@ -71,9 +80,13 @@ def main(argv=None):
     ap.add_argument("--downsample", type=float, default=1.0, help="coarse-grid stream (curriculum stages)")
     ap.add_argument("--budget", default="auto")
     ap.add_argument("--lesion-bodies", action="store_true", help="the stream without lesion-free bodies")
+    ap.add_argument("--enlargement", type=float, default=0.0,
+                    help="share of scans with an enlarged organ; its questions scored as 'enlargement'")
+    ap.add_argument("--no-paired", action="store_true", help="skip the paired (counterfactual) pass")
     args = ap.parse_args(argv)
     predictor = Predictor(args.model, device="cpu")
-    gen = DemoGenerator(args.split, seed=0, downsample=args.downsample, lesion_bodies=args.lesion_bodies)
+    gen = DemoGenerator(args.split, seed=0, downsample=args.downsample, lesion_bodies=args.lesion_bodies,
+                        enlargement=args.enlargement)
     for fam, (m, y) in margins(predictor, gen, args.scans, args.budget).items():
         pos = sum(y)
         if not pos or pos == len(y):
@@ -82,6 +95,8 @@ def main(argv=None):
         mean = lambda v: sum(v) / len(v)  # noqa: E731
         print(f"{fam}: {len(y)} questions ({pos} with the finding); AUROC {auroc(m, y):.3f}; mean score "
               f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
+    if args.no_paired:
+        return
     gen = DemoGenerator(args.split, seed=1, downsample=args.downsample, lesion_bodies=args.lesion_bodies)
     for fam, wins in paired(predictor, gen, args.scans, args.budget).items():
         if wins:

@@ -167,8 +167,26 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     assert wins["existence"] and set(wins["existence"] + wins["anomaly_detection"]) <= {0.0, 0.5, 1.0}
 
 
+def test_closed_auroc_scores_enlargement_questions_apart(tiny_model_dir):
+    """With enlarged organs in the stream, "is the organ enlarged?" questions are scored in their own
+    group (label: enlarged), and only they; the lesion questions keep their families."""
+    from photon_core.data import ENLARGED, DemoGenerator
+    from photon_core.predictor import Predictor
+    mod = _script("closed_auroc")
+    gen = DemoGenerator("test", seed=0, downsample=2.5, enlargement=1.0)
+    out = mod.margins(Predictor(tiny_model_dir, device="cpu"), gen, 3, "full")
+    replay = DemoGenerator("test", seed=0, downsample=2.5, enlargement=1.0)
+    enlarged = [q for _ in range(3) for q in replay.sample()[1]
+                if q["family"] == "existence" and any(q["question"] == t.format(o=q["organ"]) for t in ENLARGED)]
+    assert enlarged and any(q["answer"] == "yes" for q in enlarged)
+    assert out["enlargement"][1] == [q["answer"] == "yes" for q in enlarged]
+    assert mod.group(dict(question="Is there a lesion in the liver?", organ="liver", family="existence")) == "existence"
+
+
 class _OneQuestion:
     """A generator stand-in: one scan, one question."""
+
+    enlargement = 0.0
 
     def __init__(self, frames, q):
         self.frames, self.q = frames, q
@@ -208,6 +226,26 @@ def test_detect_probe(tiny_model_dir, capsys):
     assert set(out) == {"probe", "blob"}
     assert all(0 <= v <= 1 for f in out.values() for v in f.values())
     assert "scan-level (max token) AUROC" in capsys.readouterr().out
+
+
+def test_organ_probe(tiny_model_dir, capsys):
+    """scripts/organ_probe.py: the least-squares probe recovers planted shares; the within-organ AUROC
+    compares each organ with its own normal scans; the script runs on a model."""
+    import torch
+    mod = _script("organ_probe")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g)
+    y = torch.stack([0.3 * x[:, 0] + 0.1, -0.2 * x[:, 4]], -1)
+    assert mod.r2(mod.fit_probe(x, y)(x), y) > 0.999
+    assert mod.r2(mod.fit_probe(x[:, 1:4], y)(x[:, 1:4]), y) < 0.05
+    rows = [dict(organ="liver", enlarged=e, volume=v) for e, v in ((False, 100), (False, 110), (True, 150))] + \
+           [dict(organ="spleen", enlarged=e, volume=v) for e, v in ((False, 20), (False, 22), (True, 30))]
+    assert mod.within_organ_auroc(rows, "volume") == 1.0      # raw volumes would rank the spleen below the liver
+    out = mod.main(["--model", str(tiny_model_dir), "--scans", "4", "--enlargement", "1.0"])
+    assert set(out["r2"]) == set(out["correlation"]) == set(mod.ENLARGE_ORGANS)
+    assert all(0 <= v <= 1 for v in out["auroc"].values()) and out["auroc"]["volume"] > 0.9
+    assert set(out["coverage"]) == {"scan", "noise"} and all(0 <= v <= 1 for v in out["coverage"].values())
+    assert "token R²" in capsys.readouterr().out
 
 
 def test_blob_scores_mark_a_ball():
