@@ -5,6 +5,7 @@
     python -m photon_core.evaluate --data my_set.jsonl --out reports/mine        # open JSONL layout
     python -m photon_core.evaluate --data 3D-RAD/test_csvs --images 3D-RAD/volumes --out reports/3drad
     python -m photon_core.evaluate --data DeepTumorVQA/test.json --columns image=image_path --dry-run
+    python -m photon_core.evaluate --data ... --bertscore-model LOCAL_ENCODER_DIR    # + BERTScore F1 (open)
     torchrun --nproc_per_node 2 -m photon_core.evaluate ...                       # sharded by scan
 
 JSONL records: {"image": path (NIfTI/DICOM/NRRD, or a model-space .npy with "space": "model"),
@@ -174,16 +175,26 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def add_bertscore(rows: list[dict], model_dir: str, num_layers: int | None = None) -> None:
+    """Add BERTScore F1 (``metrics.bertscore``, a local model folder) to the scores of open-answer rows."""
+    from .metrics import bertscore
+    rows = [r for r in rows if r.get("answer_type") == "open" and "scores" in r and not r["family"].startswith("_")]
+    scores = bertscore([r["prediction"] for r in rows], [r["answer"] for r in rows], model_dir, num_layers) if rows else []
+    for r, b in zip(rows, scores):
+        r["scores"]["bertscore_f1"] = b["bertscore_f1"]
+
+
 def markdown(summary: dict) -> str:
-    lines = ["| family | n | accuracy | balanced acc. | MRA | exact | BLEU-1 | ROUGE-1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    bert = any("bertscore_f1" in d for f, d in summary["families"].items() if f != "macro")
+    lines = ["| family | n | accuracy | balanced acc. | MRA | exact | BLEU-1 | ROUGE-1 |" + (" BERTScore F1 |" * bert),
+             "|---|---|---|---|---|---|---|---|" + ("---|" * bert)]
     for f, d in summary["families"].items():
         if f == "macro":
             continue
         cell = lambda k: f"{d[k]:.3f}" if k in d else ""  # noqa: E731
         lines.append(f"| {f} | {d['n']} | {cell('accuracy')} | {cell('balanced_accuracy')} | {cell('mra')} | "
                      f"{cell('exact')} | {cell('bleu1')} | "
-                     f"{cell('rouge1')} |")
+                     f"{cell('rouge1')} |" + (f" {cell('bertscore_f1')} |" if bert else ""))
     lines.append(f"\nmacro average: {summary['families']['macro']:.3f}")
     if summary.get("curve_macro"):
         ks = sorted({int(k.split(":")[1]) for k in summary["curve_macro"]})
@@ -220,6 +231,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--curve", type=int, nargs="*", default=[],
                     help="kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the baselines)")
+    ap.add_argument("--bertscore-model", help="local encoder folder (safetensors) for BERTScore of open answers; "
+                                              "off when not given (nothing is downloaded)")
+    ap.add_argument("--bertscore-layers", type=int, default=None,
+                    help="hidden layer whose states BERTScore compares (default: the last)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.data and args.dry_run:
@@ -247,6 +262,8 @@ def main(argv=None) -> None:
             p = args.out / f"predictions.rank{r}.jsonl"
             allrows += [json.loads(x) for x in p.read_text().splitlines()]
             p.unlink()
+        if args.bertscore_model:
+            add_bertscore(allrows, args.bertscore_model, args.bertscore_layers)
         (args.out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in allrows))
         summary = summarise(allrows) | {"model": pred.name, "device": str(pred.device), "world_size": world}
         (args.out / "metrics.json").write_text(json.dumps(summary, indent=1))

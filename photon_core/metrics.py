@@ -5,6 +5,9 @@
 * open: BLEU-1 (clipped unigram precision × brevity penalty) and ROUGE-1 F1 on whitespace tokens.
 * numeric: mean relative accuracy, MRA = mean over θ ∈ {0.50, 0.55, …, 0.95} of
   1[|pred − gt| / |gt| < 1 − θ]; a prediction without a number scores 0.
+* open, optional: BERTScore (P, R, F1 of greedy cosine matching of contextual token embeddings,
+  no idf weighting, no baseline rescaling — the `bert-score` package's defaults) with a local model
+  folder the user gives (`bertscore`); nothing is downloaded.
 Per-family scores are averaged; the report's macro average is the mean of the family means.
 Closed families also get a balanced accuracy (mean over answer values).
 """
@@ -111,3 +114,44 @@ def auroc(scores: list[float], positive: list[bool]) -> float:
         raise ValueError("AUROC needs at least one positive and one negative")
     wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
     return wins / (len(pos) * len(neg))
+
+
+def bertscore(cands: list[str], refs: list[str], model_dir: str, num_layers: int | None = None) -> list[dict]:
+    """BERTScore of each candidate against its reference with a local encoder (safetensors only).
+
+    As the reference implementation computes it: each sentence is encoded alone with its special
+    tokens; the hidden states after ``num_layers`` layers (default: all) are L2-normalised; every
+    token's best cosine match in the other sentence (its special tokens included as matches) is
+    averaged over the sentence's tokens with the special tokens weighted 0 — P over the candidate,
+    R over the reference; F1 = 2PR / (P + R). An empty candidate or reference scores 0.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, use_fast=False)
+    model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()   # never a pickle
+    layer = model.config.num_hidden_layers if num_layers is None else int(num_layers)
+    special = {tok.cls_token_id, tok.sep_token_id}
+    prefix = {"add_prefix_space": True} if isinstance(tok, (GPT2Tokenizer, RobertaTokenizer)) else {}
+
+    @torch.no_grad()
+    def embed(text: str):
+        text = text.strip()
+        ids = tok.encode(text, add_special_tokens=True, max_length=tok.model_max_length, truncation=True,
+                         **(prefix if text else {}))
+        h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0].float()
+        w = torch.tensor([0.0 if i in special else 1.0 for i in ids])
+        return h / h.norm(dim=-1, keepdim=True), w, not text
+
+    out = []
+    for c, r in zip(cands, refs, strict=True):
+        (hc, wc, c_empty), (hr, wr, r_empty) = embed(c), embed(r)
+        if c_empty or r_empty:
+            out.append({"bertscore_p": 0.0, "bertscore_r": 0.0, "bertscore_f1": 0.0})
+            continue
+        sim = hc @ hr.T
+        p = float((sim.max(1).values * wc).sum() / wc.sum())
+        rec = float((sim.max(0).values * wr).sum() / wr.sum())
+        f = 2 * p * rec / (p + rec) if p + rec else 0.0
+        out.append({"bertscore_p": p, "bertscore_r": rec, "bertscore_f1": f if f == f else 0.0})
+    return out

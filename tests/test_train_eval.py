@@ -142,6 +142,34 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
     assert r.returncode != 0 and "--aux" in r.stderr                                # nothing to train on
 
 
+def test_bertscore_reproduces_the_reference_package():
+    """BERTScore P, R and F1 as the reference package (bert-score 0.3.13, run in a scratch environment
+    with transformers 4.46, see tests/fixtures/bertscore/make.py) computes them, with a tiny random
+    local BERT: an exact match scores 1, an empty candidate 0."""
+    from photon_core.metrics import bertscore
+    folder = ROOT / "tests" / "fixtures" / "bertscore"
+    e = json.loads((folder / "expected.json").read_text())
+    out = bertscore([c for c, _ in e["pairs"]], [r for _, r in e["pairs"]], str(folder), num_layers=e["num_layers"])
+    for key, ref in (("bertscore_p", e["P"]), ("bertscore_r", e["R"]), ("bertscore_f1", e["F"])):
+        assert [o[key] for o in out] == pytest.approx(ref, abs=1e-5)
+    assert out[0]["bertscore_f1"] == pytest.approx(1.0) and out[5]["bertscore_f1"] == 0.0
+    assert bertscore(["left kidney"], ["left kidney"], str(folder))[0]["bertscore_f1"] == pytest.approx(1.0)  # last layer
+
+
+def test_evaluator_adds_bertscore_to_open_answers():
+    from photon_core.evaluate import add_bertscore, markdown, summarise
+    rows = [dict(family="image_observation", answer_type="open", question="q", answer="left kidney",
+                 prediction="left kidney", kept=100, scores={"exact": 1.0}),
+            dict(family="image_observation", answer_type="open", question="q", answer="liver",
+                 prediction="", kept=100, scores={"exact": 0.0}),
+            dict(family="existence", answer_type="closed", question="q", answer="no", prediction="no", kept=100,
+                 scores={"accuracy": 1.0})]
+    add_bertscore(rows, str(ROOT / "tests" / "fixtures" / "bertscore"), 2)
+    assert [r["scores"].get("bertscore_f1") for r in rows] == [pytest.approx(1.0), 0.0, None]
+    md = markdown(summarise(rows))
+    assert "BERTScore F1" in md and "| 0.500 |" in md
+
+
 def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     """scripts/closed_auroc.py reads the first answer token of each left-padded row: a question's
     margin in the batch equals its margin asked alone, every yes/no question gets one, the label is
