@@ -152,6 +152,5 @@ def bertscore(cands: list[str], refs: list[str], model_dir: str, num_layers: int
         sim = hc @ hr.T
         p = float((sim.max(1).values * wc).sum() / wc.sum())
         rec = float((sim.max(0).values * wr).sum() / wr.sum())
-        f = 2 * p * rec / (p + rec) if p + rec else 0.0
-        out.append({"bertscore_p": p, "bertscore_r": rec, "bertscore_f1": f if f == f else 0.0})
+        out.append({"bertscore_p": p, "bertscore_r": rec, "bertscore_f1": 2 * p * rec / (p + rec) if p + rec else 0.0})
     return out

@@ -63,17 +63,15 @@ def within_organ_auroc(rows: list[dict], key: str) -> float:
 
 @torch.no_grad()
 def scans(model, split: str, n: int, enlargement: float, seed: int = 7):
-    """``n`` scans (bodies with abdominal organs) → list of (frames, visual tokens (V, D), organ shares
-    (V, 4), {organ: voxels}, enlarged organs)."""
+    """Yields ``n`` scans (bodies with abdominal organs) as (frames, visual tokens (V, D), organ shares
+    (V, 4), {organ: voxels}, enlarged organs), one at a time."""
     gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement, lesion_bodies=True)
-    out = []
     for _ in range(n):
         frames, _, meta, organs = gen.sample()
         x = model.encode_volume(*patchify(frames[:, None])).float()
         share = token_targets(organs, None)["organ"][:, COLUMNS]
         grown = {f["organ"] for f in meta["findings"] if f["kind"] == "enlargement"}
-        out.append((frames, x, share, {o: float(organs[o].sum()) for o in ENLARGE_ORGANS if o in organs}, grown))
-    return out
+        yield frames, x, share, {o: float(organs[o].sum()) for o in ENLARGE_ORGANS if o in organs}, grown
 
 
 def main(argv=None) -> dict:
@@ -84,15 +82,16 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     path = args.model or DEMO_MODEL
     model = load_model(path, "cpu", torch.float32).eval()
-    fit = scans(model, "train", args.scans, 1.0)
-    probe = fit_probe(torch.cat([s[1] for s in fit]), torch.cat([s[2] for s in fit]))
-    test = scans(model, "test", args.scans, args.enlargement)
+    fit = [(x, share) for _, x, share, _, _ in scans(model, "train", args.scans, 1.0)]
+    probe = fit_probe(torch.cat([x for x, _ in fit]), torch.cat([s for _, s in fit]))
     block = torch.tensor(TOKEN_VOXELS).prod().item()        # voxels a token block holds
     pred = Predictor(path, device="cpu")
     yes, no = pred.tokenizer.encode("yes")[0], pred.tokenizer.encode("no")[0]
-    rows, cover = [], {"scan": [], "noise": []}
-    for frames, x, share, volumes, grown in test:
-        est = probe(x).clamp(min=0).sum(0) * block
+    rows, cover, preds, shares = [], {"scan": [], "noise": []}, [], []
+    for frames, x, share, volumes, grown in scans(model, "test", args.scans, args.enlargement):
+        preds.append(probe(x))
+        shares.append(share)
+        est = preds[-1].clamp(min=0).sum(0) * block
         pred.set_volume(frames)
         for o, vol in volumes.items():
             q = f"Is the {o} enlarged?"
@@ -109,8 +108,7 @@ def main(argv=None) -> dict:
                 organ_blocks = (share[:, ENLARGE_ORGANS.index(o)] >= BLOCK_FRACTION).numpy()
                 if organ_blocks.any():
                     cover[key].append(float(pred.ask(q, max_new_tokens=2).keep_grid.ravel()[organ_blocks].mean()))
-    preds = torch.cat([probe(s[1]) for s in test])
-    shares = torch.cat([s[2] for s in test])
+    preds, shares = torch.cat(preds), torch.cat(shares)
     out = {"r2": {}, "correlation": {}, "auroc": {}}
     for j, o in enumerate(ENLARGE_ORGANS):
         r = [q for q in rows if q["organ"] == o]
