@@ -178,23 +178,24 @@ def summarise(rows: list[dict]) -> dict:
 def add_bertscore(rows: list[dict], model_dir: str, num_layers: int | None = None) -> None:
     """Add BERTScore F1 (``metrics.bertscore``, a local model folder) to the scores of open-answer rows."""
     from .metrics import bertscore
-    rows = [r for r in rows if r.get("answer_type") == "open" and "scores" in r and not r["family"].startswith("_")]
-    scores = bertscore([r["prediction"] for r in rows], [r["answer"] for r in rows], model_dir, num_layers) if rows else []
-    for r, b in zip(rows, scores):
-        r["scores"]["bertscore_f1"] = b["bertscore_f1"]
+    graded = [r for r in rows if r.get("answer_type") == "open" and "scores" in r and not r["family"].startswith("_")]
+    if graded:
+        for r, b in zip(graded, bertscore([r["prediction"] for r in graded], [r["answer"] for r in graded],
+                                          model_dir, num_layers)):
+            r["scores"]["bertscore_f1"] = b["bertscore_f1"]
+
+
+COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "mra": "MRA", "exact": "exact",
+           "bleu1": "BLEU-1", "rouge1": "ROUGE-1", "bertscore_f1": "BERTScore F1"}   # optional: shown if any row has it
+OPTIONAL = ("bertscore_f1",)
 
 
 def markdown(summary: dict) -> str:
-    bert = any("bertscore_f1" in d for f, d in summary["families"].items() if f != "macro")
-    lines = ["| family | n | accuracy | balanced acc. | MRA | exact | BLEU-1 | ROUGE-1 |" + (" BERTScore F1 |" * bert),
-             "|---|---|---|---|---|---|---|---|" + ("---|" * bert)]
-    for f, d in summary["families"].items():
-        if f == "macro":
-            continue
-        cell = lambda k: f"{d[k]:.3f}" if k in d else ""  # noqa: E731
-        lines.append(f"| {f} | {d['n']} | {cell('accuracy')} | {cell('balanced_accuracy')} | {cell('mra')} | "
-                     f"{cell('exact')} | {cell('bleu1')} | "
-                     f"{cell('rouge1')} |" + (f" {cell('bertscore_f1')} |" if bert else ""))
+    fams = {f: d for f, d in summary["families"].items() if f != "macro"}
+    cols = [k for k in COLUMNS if k not in OPTIONAL or any(k in d for d in fams.values())]
+    lines = ["| family | n | " + " | ".join(COLUMNS[k] for k in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for f, d in fams.items():
+        lines.append(f"| {f} | {d['n']} | " + " | ".join(f"{d[k]:.3f}" if k in d else "" for k in cols) + " |")
     lines.append(f"\nmacro average: {summary['families']['macro']:.3f}")
     if summary.get("curve_macro"):
         ks = sorted({int(k.split(":")[1]) for k in summary["curve_macro"]})

@@ -13,6 +13,7 @@ Closed families also get a balanced accuracy (mean over answer values).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -120,7 +121,8 @@ def bertscore(cands: list[str], refs: list[str], model_dir: str, num_layers: int
     """BERTScore of each candidate against its reference with a local encoder (safetensors only).
 
     As the reference implementation computes it: each sentence is encoded alone with its special
-    tokens; the hidden states after ``num_layers`` layers (default: all) are L2-normalised; every
+    tokens (each distinct text once); the hidden states after ``num_layers`` layers (default: all) are
+    L2-normalised; every
     token's best cosine match in the other sentence (its special tokens included as matches) is
     averaged over the sentence's tokens with the special tokens weighted 0 — P over the candidate,
     R over the reference; F1 = 2PR / (P + R). An empty candidate or reference scores 0.
@@ -134,6 +136,7 @@ def bertscore(cands: list[str], refs: list[str], model_dir: str, num_layers: int
     special = {tok.cls_token_id, tok.sep_token_id}
     prefix = {"add_prefix_space": True} if isinstance(tok, (GPT2Tokenizer, RobertaTokenizer)) else {}
 
+    @functools.cache                       # an evaluation set repeats its answers: each text once
     @torch.no_grad()
     def embed(text: str):
         text = text.strip()

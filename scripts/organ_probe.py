@@ -28,7 +28,7 @@ import torch
 
 from photon_core.audit import BLOCK_FRACTION
 from photon_core.checkpoint import load_model
-from photon_core.data import ENLARGE_ORGANS, ORGANS, DemoGenerator
+from photon_core.data import ENLARGE_ORGANS, ENLARGED, EXIST, ORGANS, DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import DEMO_MODEL, Predictor
 from photon_core.preprocess import TOKEN_VOXELS, patchify
@@ -92,22 +92,21 @@ def main(argv=None) -> dict:
         preds.append(probe(x))
         shares.append(share)
         est = preds[-1].clamp(min=0).sum(0) * block
+        organs = list(volumes)
         pred.set_volume(frames)
-        for o, vol in volumes.items():
-            q = f"Is the {o} enlarged?"
-            a = pred.ask(q, budget="auto", max_new_tokens=2)
-            lp = pred.answer_logprobs([q], "auto")[0]
-            rows.append(dict(organ=o, enlarged=o in grown, volume=vol, probe_volume=float(est[ENLARGE_ORGANS.index(o)]),
-                             kept=float(a.kept), margin=float(lp[yes] - lp[no])))
+        qs = [ENLARGED[0].format(o=o) for o in organs]            # one batched prefill each
+        lp = pred.answer_logprobs(qs, "auto")
+        for o, a, m in zip(organs, pred.ask_many(qs, "auto", max_new_tokens=1), (lp[:, yes] - lp[:, no]).tolist()):
+            rows.append(dict(organ=o, enlarged=o in grown, volume=volumes[o],
+                             probe_volume=float(est[ENLARGE_ORGANS.index(o)]), kept=float(a.kept), margin=m))
         # The asked organ's blocks kept for a lesion question, on the scan and on noise of its shape:
         # as high on noise = the selection is a place learned for the organ's name, not the organ seen.
-        lesion_qs = {o: f"Is there a lesion in the {o}?" for o in volumes}
         for key, volume in (("scan", frames), ("noise", torch.rand_like(frames))):
             pred.set_volume(volume)
-            for o, q in lesion_qs.items():
+            for o, a in zip(organs, pred.ask_many([EXIST[0].format(o=o) for o in organs], "auto", max_new_tokens=1)):
                 organ_blocks = (share[:, ENLARGE_ORGANS.index(o)] >= BLOCK_FRACTION).numpy()
                 if organ_blocks.any():
-                    cover[key].append(float(pred.ask(q, max_new_tokens=2).keep_grid.ravel()[organ_blocks].mean()))
+                    cover[key].append(float(a.keep_grid.ravel()[organ_blocks].mean()))
     preds, shares = torch.cat(preds), torch.cat(shares)
     out = {"r2": {}, "correlation": {}, "auroc": {}}
     for j, o in enumerate(ENLARGE_ORGANS):
