@@ -23,7 +23,8 @@ ALLOWED_FILES = {
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
     "video_preprocessor_config.json", "MODEL_CARD.md", "README.md", "LICENSE", "NOTICE", "eval.json",
-    "training_args.json", "trainer_state.json", "train_state.json", "optimizer.safetensors", "configuration.json", ".gitattributes",
+    "training_args.json", "trainer_state.json", "train_state.json", "optimizer.safetensors", "configuration.json",
+    "aux_head.safetensors", ".gitattributes",
 }
 MAX_SHARD_BYTES = 16 * 1024 * 1024
 

@@ -73,6 +73,11 @@ class TrainConfig:
     vision_only: bool = False              # detection pre-stage: only the vision tower, trained on the token
                                            # supervision (aux) plus a max-pooled "any finding" per scan
     freeze_vision: bool = False            # keep the vision tower (and merger) fixed: the LLM learns to read it
+    slabs: int = 0                         # --vision-only on this many random 14-slice depth slabs of each scan
+                                           # (the tower attends within a slab, so a slab alone gives exactly its
+                                           # tokens of the whole scan, at a fraction of the cost); 0 = whole scans
+    patch_embed_lr: float = 1.0            # learning-rate multiplier of the patch embedding (a from-noise tower
+                                           # learns organ extent faster with it at ~10, see the model card)
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
@@ -192,6 +197,12 @@ def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_
     return dict(organ=organ, organ_known=organ_known, lesion=lesion, diameter=diam)
 
 
+def slab_targets(targets: dict, i: int, grid: tuple = TOKEN_GRID) -> dict:
+    """The targets of depth slab ``i`` of a scan's token grid (tokens run depth-major)."""
+    per = grid[1] * grid[2]
+    return {k: v if k == "organ_known" else v[i * per:(i + 1) * per] for k, v in targets.items()}
+
+
 def guide_target(question: str, targets: dict, floor: float = 0.0) -> torch.Tensor:
     """Weights over token blocks a question should look at (1 on the target blocks, ``floor``
     elsewhere; zeros = no guidance)."""
@@ -306,6 +317,8 @@ def train(cfg: TrainConfig) -> Path:
     model.reset_buffers()
     if cfg.vision_only and cfg.aux <= 0:
         raise SystemExit("--vision-only trains on the token supervision: give --aux > 0")
+    if cfg.slabs and not cfg.vision_only:
+        raise SystemExit("--slabs trains the vision tower alone: give --vision-only")
     # --vision-only: the vision tower alone, LLM and ITS stay as they are; no questions are asked, so
     # no perturbed-input or counterfactual steps. (It wins over --freeze-vision.)
     if cfg.vision_only:
@@ -314,18 +327,21 @@ def train(cfg: TrainConfig) -> Path:
         model.visual.requires_grad_(True)
     elif cfg.freeze_vision:
         model.visual.requires_grad_(False)
-    its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]
-    its_ids = {id(p) for p in its_params}
-    other = [p for p in model.parameters() if id(p) not in its_ids and p.requires_grad]
-    trained = other + its_params
-    opt = torch.optim.AdamW([{"params": other, "lr": cfg.lr}, {"params": its_params, "lr": cfg.its_lr}],
-                            weight_decay=cfg.weight_decay)
-    if start and (ckpt / "optimizer.safetensors").is_file():
-        _load_optimizer(opt, ckpt / "optimizer.safetensors", state["optimizer_layout"])
     from .data import ORGANS
     aux = AuxHead(model.config.hidden_size, len(ORGANS)).to(device) if cfg.aux > 0 else None
-    if aux is not None:
-        opt.add_param_group({"params": list(aux.parameters()), "lr": cfg.lr})
+    if aux is not None and start and (ckpt / AUX_FILE).is_file():
+        aux.load_state_dict(load_file(str(ckpt / AUX_FILE), device=str(device)))
+    its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]
+    embed = [p for p in model.visual.vision_patch_embed.parameters() if p.requires_grad]
+    special = {id(p) for p in its_params + embed}
+    other = [p for p in model.parameters() if id(p) not in special and p.requires_grad]
+    trained = other + its_params + embed
+    groups = [(other, cfg.lr), (its_params, cfg.its_lr), (embed, cfg.lr * cfg.patch_embed_lr),
+              (list(aux.parameters()) if aux is not None else [], cfg.lr)]
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for ps, lr in groups],
+                            weight_decay=cfg.weight_decay)
+    if start and (ckpt / "optimizer.safetensors").is_file():
+        _load_optimizer(opt, ckpt / "optimizer.safetensors")
     model.guide_weight = cfg.guide
     trainee = Trainee(model, aux, cfg.aux)
     ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
@@ -336,12 +352,14 @@ def train(cfg: TrainConfig) -> Path:
     t0, seen, log = time.time(), 0, []
     token_grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))   # the stream's grid (curriculum)
     n_visual = token_grid[0] * token_grid[1] * token_grid[2]
+    if cfg.slabs > token_grid[0]:
+        raise SystemExit(f"--slabs {cfg.slabs}: the scans have {token_grid[0]} depth slabs")
     model.band = cfg.band
     for step in range(start, cfg.steps):
         model.phase = phase_at(step, cfg)
         lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for g, base in zip(opt.param_groups, (cfg.lr, cfg.its_lr, cfg.lr)):
-            g["lr"] = base * max(lr_scale, 0.05)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * max(lr_scale, 0.05)
         rows, labels_list, row_scan, scans, tgs, guides = [], [], [], [], [], []
         robust = rng.random() < cfg.robust_prob
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
@@ -374,6 +392,10 @@ def train(cfg: TrainConfig) -> Path:
 
         for times, truths, organs, qa, questions in units():
             tg = [token_targets(organs, t, token_grid) for t in truths] if supervise else None
+            if cfg.slabs:
+                picks = [(f, t, i) for f, t in zip(times, tg) for i in rng.sample(range(token_grid[0]), cfg.slabs)]
+                times = [f[i * TOKEN_VOXELS[0]:(i + 1) * TOKEN_VOXELS[0]] for f, _, i in picks]
+                tg = [slab_targets(t, i, token_grid) for _, t, i in picks]
             if robust:
                 times = [perturb(f, rng) for f in times]
             elif tg is not None:
@@ -419,7 +441,7 @@ def train(cfg: TrainConfig) -> Path:
             print(json.dumps(line), flush=True)
             log.append(line)
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step == cfg.steps - 1):
-            _save(model, tok, opt, ckpt, step + 1, cfg)
+            _save(model, tok, opt, ckpt, step + 1, cfg, aux)
     if rank == 0:
         model.eval()
         save_model(model, final)
@@ -434,9 +456,14 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def _save(model, tok: Tokenizer, opt, folder: Path, step: int, cfg: TrainConfig) -> None:
+AUX_FILE = "aux_head.safetensors"     # the training-only head, kept with a checkpoint for --resume
+
+
+def _save(model, tok: Tokenizer, opt, folder: Path, step: int, cfg: TrainConfig, aux: AuxHead | None) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     save_model(model, tmp)
+    if aux is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()}, str(tmp / AUX_FILE))
     tok.tok.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                            "eos_token": "<|im_end|>"}))
@@ -458,11 +485,14 @@ def _save(model, tok: Tokenizer, opt, folder: Path, step: int, cfg: TrainConfig)
     tmp.rename(folder)
 
 
-def _load_optimizer(opt, path: Path, layout) -> None:
+def _load_optimizer(opt, path: Path) -> None:
     tensors = load_file(str(path))
     for gi, g in enumerate(opt.param_groups):
         for pi, p in enumerate(g["params"]):
             st = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"{gi}.{pi}.")}
+            if any(v.dim() and v.shape != p.shape for v in st.values()):
+                raise SystemExit(f"{path}: optimiser state does not match the parameters (a checkpoint of "
+                                 "another trainer version?); resume without it by --init-from its folder")
             if st:
                 opt.state[p] = st
 

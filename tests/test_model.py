@@ -315,6 +315,22 @@ def test_token_targets_and_guide_targets_follow_the_question():
     assert torch.isfinite(loss) and loss.requires_grad
 
 
+def test_slab_targets_are_the_targets_of_the_slab_alone():
+    """--slabs trains the tower on one depth slab: its targets must be those of that slab's own
+    token grid (tokens run depth-major), finding map and all."""
+    from photon_core.train import slab_targets, token_targets
+    g = torch.Generator().manual_seed(0)
+    organs = {"liver": torch.rand(42, 56, 56, generator=g) > 0.6, "spleen": torch.rand(42, 56, 56, generator=g) > 0.9}
+    truth = (torch.rand(42, 56, 56, generator=g) > 0.97) * 9.0
+    whole = token_targets(organs, truth, (3, 2, 2))
+    for i in range(3):
+        sl = slice(14 * i, 14 * (i + 1))
+        alone = token_targets({o: m[sl] for o, m in organs.items()}, truth[sl], (1, 2, 2))
+        got = slab_targets(whole, i, (3, 2, 2))
+        assert set(got) == set(alone) and all(torch.equal(got[k], alone[k]) for k in alone)
+    assert not torch.equal(slab_targets(whole, 0, (3, 2, 2))["organ"], slab_targets(whole, 1, (3, 2, 2))["organ"])
+
+
 def test_visionzip_plan_dominant_plus_merged_contextual_tokens():
     from photon_core.scheduler import visionzip_plan
     g = torch.Generator().manual_seed(0)

@@ -115,6 +115,7 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
 def test_vision_only_prestage_then_frozen_vision(tmp_path):
     """--vision-only moves the vision tower alone (token supervision + max-pooled "any finding");
     --freeze-vision then trains everything but the vision tower."""
+    import torch
     from safetensors.torch import load_file
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
     common = ["--preset", "tiny", "--scans-per-step", "2", "--questions-per-scan", "2", "--pool", "0", "--warmup", "1",
@@ -134,12 +135,32 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
     assert vision and all(not k.startswith("visual.") for k in set(w0) - set(vision))
     assert all(bool((wa[k] == w0[k]).all()) for k in w0 if k not in vision)        # LLM and ITS untouched
     assert any(not bool((wa[k] == w0[k]).all()) for k in vision)                    # the tower moved
+    # on depth slabs, the patch embedding at 10× the learning rate: the tower alone moves, and the
+    # training-only head is checkpointed with it and restored by --resume
+    lines, ws = run(tmp_path / "s", "--vision-only", "--aux", "1", "--slabs", "2", "--patch-embed-lr", "10",
+                    "--save-every", "1", "--init-from", str(tmp_path / "init" / "model"))
+    assert all(x["loss"] == x["aux"] for x in lines)
+    assert all(bool((ws[k] == w0[k]).all()) for k in w0 if k not in vision)
+    embed = "visual.vision_patch_embed.proj.weight"
+    others = [k for k in vision if k != embed and not bool((ws[k] == w0[k]).all())]
+    assert others and (ws[embed] - w0[embed]).abs().mean() > 3 * (wa[embed] - w0[embed]).abs().mean()
+    head = load_file(str(tmp_path / "s" / "last" / "aux_head.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "s"), *common[:-3],
+                        "--steps", "3", "--lesion-bodies", "--vision-only", "--aux", "1", "--slabs", "2",
+                        "--patch-embed-lr", "10", "--resume", "--lr", "0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = load_file(str(tmp_path / "s" / "last" / "aux_head.safetensors"))
+    assert all(torch.equal(head[k], resumed[k]) for k in head)      # lr 0: the saved head came back unchanged
     _, wb = run(tmp_path / "b", "--freeze-vision", "--init-from", str(tmp_path / "a" / "model"))
     assert all(bool((wb[k] == wa[k]).all()) for k in vision)
     assert any(not bool((wb[k] == wa[k]).all()) for k in wb if k not in vision)
     r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
                         "--vision-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "--aux" in r.stderr                                # nothing to train on
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
+                        "--aux", "1", "--slabs", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--vision-only" in r.stderr                       # slabs: the tower alone
 
 
 def test_bertscore_reproduces_the_reference_package():
