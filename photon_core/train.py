@@ -76,6 +76,8 @@ class TrainConfig:
     slabs: int = 0                         # --vision-only on this many random 14-slice depth slabs of each scan
                                            # (the tower attends within a slab, so a slab alone gives exactly its
                                            # tokens of the whole scan, at a fraction of the cost); 0 = whole scans
+    aux_findings: float = 1.0              # weight of the finding terms in the token supervision (0 = organ
+                                           # shares only: a stage for organ extent)
     patch_embed_lr: float = 1.0            # learning-rate multiplier of the patch embedding (a from-noise tower
                                            # learns organ extent faster with it at ~10, see the model card)
 
@@ -233,9 +235,9 @@ def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
 class AuxHead(torch.nn.Module):
     """Training-only linear read-out of the visual tokens (organ shares, finding share, diameter)."""
 
-    def __init__(self, dim: int, n_organs: int):
+    def __init__(self, dim: int, n_organs: int, findings: float = 1.0):
         super().__init__()
-        self.n = n_organs
+        self.n, self.findings = n_organs, findings     # findings: weight of the finding terms (0 = organs only)
         self.proj = torch.nn.Linear(dim, n_organs + 2)
 
     def loss(self, feats: torch.Tensor, tg: list[dict], detect: bool = False) -> torch.Tensor:
@@ -253,10 +255,10 @@ class AuxHead(torch.nn.Module):
         le = bce(y[..., self.n], (lesion * 8).clamp(max=1.0), pos_weight=torch.tensor(20.0, device=y.device))
         has = diam > 1.0
         ld = F.mse_loss(y[..., self.n + 1][has], diam[has] / 40.0) if bool(has.any()) else y.sum() * 0
-        total = lo + le + ld
+        found = le + ld
         if detect:
-            total = total + bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
-        return total
+            found = found + bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
+        return lo + self.findings * found
 
 
 class Trainee(torch.nn.Module):
@@ -328,7 +330,7 @@ def train(cfg: TrainConfig) -> Path:
     elif cfg.freeze_vision:
         model.visual.requires_grad_(False)
     from .data import ORGANS
-    aux = AuxHead(model.config.hidden_size, len(ORGANS)).to(device) if cfg.aux > 0 else None
+    aux = AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings).to(device) if cfg.aux > 0 else None
     if aux is not None and start and (ckpt / AUX_FILE).is_file():
         aux.load_state_dict(load_file(str(ckpt / AUX_FILE), device=str(device)))
     its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]

@@ -313,6 +313,13 @@ def test_token_targets_and_guide_targets_follow_the_question():
     head = AuxHead(16, len(ORGANS))
     loss = head.loss(torch.randn(1000, 16, requires_grad=True), [tg])
     assert torch.isfinite(loss) and loss.requires_grad
+    organs_only = AuxHead(16, len(ORGANS), findings=0.0)             # --aux-findings 0: organ shares alone
+    organs_only.load_state_dict(head.state_dict())
+    feats = torch.randn(1000, 16)
+    y = organs_only.proj(feats)[:, :len(ORGANS)][:, tg["organ_known"]]
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(y, tg["organ"][:, tg["organ_known"]])
+    assert torch.allclose(organs_only.loss(feats, [tg], detect=True), expect)
+    assert head.loss(feats, [tg], detect=True) > expect + 0.1
 
 
 def test_slab_targets_are_the_targets_of_the_slab_alone():
