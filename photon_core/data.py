@@ -59,6 +59,7 @@ MIRROR = {"left kidney": "right kidney", "right kidney": "left kidney", "left lu
           "right lung": "left lung"}
 PAIRED = {"kidney": ("left kidney", "right kidney"), "lung": ("left lung", "right lung")}
 NO_LESIONS = {"aorta"}                       # organs the generator draws no lesions into
+CLEAN_ACQUISITION = 0.1                      # share of scans without acquisition jitter and noise
 
 
 def hu_to_unit(hu: float) -> float:
@@ -335,7 +336,14 @@ EXIST = ["Is there a lesion in the {o}?", "Does the {o} contain a lesion?", "Is 
 NORMAL_QUESTION = "Is this scan normal?"       # the one closed question whose "yes" means no finding
 ANOMALY = ["Is there any abnormality in this scan?", "Does this CT show an abnormal finding?", NORMAL_QUESTION]
 FINDING_FAMILIES = ("existence", "anomaly_detection")   # yes/no questions a finding decides
-WHICH = ["Which organ contains the lesion?", "Where is the lesion located?", "In which organ is the abnormality?"]
+WHICH = ["Which organ contains the lesion?", "Where is the lesion located?", "In which organ is the abnormality?",
+         "Which organ shows the abnormality?"]
+# The bundled cases' suggested questions in the generator's words (so the demo model answers them in kind)
+CYST = ["Is there a cyst in the {o}?"]
+NODULE = ["Is there a nodule in the {o}?"]
+ORGAN_ABNORMAL = ["Is there an abnormality of the {o}?"]
+LARGER = ["Which {p} is larger?"]
+LARGER_RATIO = 1.15                      # asked only when one organ of the pair is this much larger
 SIDE = ["Which side is the {p} lesion on?", "Is the {p} lesion on the left or the right?"]
 SIZE = ["What is the diameter of the lesion in the {o} in mm?", "How large is the {o} lesion in millimetres?",
         "Measure the largest {o} lesion (mm)."]
@@ -366,7 +374,7 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
     by_organ: dict[str, list[Finding]] = {}
     for f in lesions:
         by_organ.setdefault(f.organ, []).append(f)
-    visible = [o for o in organs if not o.endswith("lung") or True]
+    visible = list(organs)
     for o in visible:
         yes = o in by_organ
         qa.append(dict(family="existence", answer_type="closed", organ=o,
@@ -378,6 +386,31 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
     abnormal = bool(findings)
     ans = ("no" if abnormal else "yes") if normal_q == NORMAL_QUESTION else ("yes" if abnormal else "no")
     qa.append(dict(family="anomaly_detection", answer_type="closed", organ=None, question=normal_q, answer=ans))
+    # the bundled cases' suggested questions (before any draw that depends on the findings, so that
+    # counterfactual() replays these words)
+    solid = [o for o in visible if not o.endswith("lung") and o not in NO_LESIONS]
+    if solid:
+        o = rng.choice(solid)
+        yes = any(f.kind == "cyst" for f in by_organ.get(o, []))
+        qa.append(dict(family="existence", answer_type="closed", organ=o, question=rng.choice(CYST).format(o=o),
+                       answer="yes" if yes else "no"))
+    lungs = [o for o in visible if o.endswith("lung")]
+    if lungs:
+        o = rng.choice(lungs + ["lung"])
+        hit = [f for f in lesions if f.kind == "nodule" and (f.organ == o or o == "lung")]
+        qa.append(dict(family="existence", answer_type="closed", organ=o, question=rng.choice(NODULE).format(o=o),
+                       answer="yes" if hit else "no"))
+    if visible:
+        o = rng.choice(visible)
+        hit = [f for f in findings if f.organ == o]
+        qa.append(dict(family="anomaly_detection", answer_type="closed", organ=o,
+                       question=rng.choice(ORGAN_ABNORMAL).format(o=o), answer="yes" if hit else "no"))
+    left, right = PAIRED["kidney"]             # (the lungs: only their bases are in the abdomen scans)
+    if left in organs and right in organs:
+        vl, vr = float(organs[left].sum()), float(organs[right].sum())
+        if max(vl, vr) >= LARGER_RATIO * min(vl, vr):
+            qa.append(dict(family="image_observation", answer_type="open", organ="kidney",
+                           question=rng.choice(LARGER).format(p="kidney"), answer="left" if vl > vr else "right"))
     if len(by_organ) == 1:
         o = next(iter(by_organ))
         qa.append(dict(family="image_observation", answer_type="open", organ=o, question=rng.choice(WHICH),
@@ -448,8 +481,9 @@ def all_template_text() -> list[str]:
     words = list(ORGANS) + ["lung", "kidney", "yes", "no", "left", "right", "cyst", "solid", "mm", "ml"] + \
         [str(i) for i in range(100)]
     texts = EXIST + ANOMALY + WHICH + SIDE + SIZE + COUNT + TYPE + EFFUSION + EFFUSION_SIDE + ENLARGED + \
-        ORGAN_VOLUME + CHANGE + GROWN + NEW + RESOLVED + PRIOR_SIZE + list(CHANGES) + words
-    return [t.format(o=o, p=p) for t in texts for o in ORGANS for p in PAIRED]
+        ORGAN_VOLUME + CYST + NODULE + ORGAN_ABNORMAL + LARGER + CHANGE + GROWN + NEW + RESOLVED + PRIOR_SIZE + \
+        list(CHANGES) + words
+    return [t.format(o=o, p=p) for t in texts for o in list(ORGANS) + list(PAIRED) for p in PAIRED]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,8 +530,12 @@ class DemoGenerator:
         return bg, frames, organs, mirrored
 
     def _acquire(self, frames, bg: Background):
-        """One acquisition of a body: intensity jitter and noise."""
+        """One acquisition of a body: intensity jitter and noise — or, one time in ten, the body as
+        it is (a prepared scan as the app gives it: without them a model can read an unjittered,
+        noiseless volume as a perturbed one, see the model card)."""
         rng = self.rng
+        if rng.random() < CLEAN_ACQUISITION:
+            return frames.clamp(0, 1)          # (a copy; the coarse grid's area means may pass 1 by an ulp)
         frames = (frames * rng.uniform(0.95, 1.05) + rng.uniform(-0.02, 0.02)).clamp(0, 1)
         # Noise as it would survive area-averaging onto a coarser grid (1 on the model grid).
         fine = math.sqrt(math.prod(VOXEL_MM) / math.prod(bg.voxel_mm))

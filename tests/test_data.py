@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from photon_core.data import (FINDING_FAMILIES, MIRROR, NORMAL_QUESTION, VOXEL_MM, DemoGenerator, downsample_shape,
+from photon_core.data import (CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, MIRROR, NODULE, NORMAL_QUESTION,
+                              ORGAN_ABNORMAL, VOXEL_MM, DemoGenerator, all_template_text, downsample_shape,
                               load_background, shrink)
 from photon_core.preprocess import MODEL_SHAPE
 
@@ -33,7 +34,9 @@ def _check_stream(gen, n):
         if lesions and truth is not None:       # every question's answer agrees with the findings
             for q in qa:
                 if q["family"] == "existence" and q["organ"] != "lung":
-                    assert (q["answer"] == "yes") == any(f["organ"] == q["organ"] for f in lesions)
+                    only = ("cyst",) if q["question"] in [t.format(o=q["organ"]) for t in CYST] else None
+                    assert (q["answer"] == "yes") == any(f["organ"] == q["organ"] and (only is None or f["kind"] in only)
+                                                         for f in lesions)
     return kinds
 
 
@@ -139,3 +142,36 @@ def test_lesion_bodies_leave_out_backgrounds_that_cannot_carry_a_finding(abdomen
         g = DemoGenerator("train", seed=3, pool=1, backgrounds=bgs, downsample=2.5, lesion_bodies=flag)
         seen[flag] = {g.sample()[2]["background"].rstrip("*") for _ in range(12)}
     assert seen[False] == {"abdomen_ct", "chest_aorta_ct"} and seen[True] == {"abdomen_ct"}
+
+
+def test_bundled_cases_suggested_questions_are_asked_by_the_generator(abdomen):
+    """The app suggests questions for each bundled case; the demo model is trained on the generator's
+    words, so each of them is one of its phrasings — answered from the scan's findings and organs."""
+    import json
+    from conftest import ROOT
+    cases = json.loads((ROOT / "sample_cases" / "cases.json").read_text())["cases"]
+    phrasings = set(all_template_text())
+    suggested = [q for c in cases for q in c["questions"]]
+    assert suggested and [q for q in suggested if q not in phrasings] == []
+    gen = DemoGenerator("train", seed=4, pool=0, backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": abdomen},
+                        downsample=2.5, enlargement=0.5)
+    fmt = lambda ts, o: [t.format(o=o, p=o) for t in ts]  # noqa: E731
+    asked = set()
+    for _ in range(16):
+        frames, qa, meta, organs = gen.sample(with_findings=1.0)
+        found = meta["findings"]
+        for q in qa:
+            o, yes = q["organ"], q["answer"] == "yes"
+            if q["question"] in fmt(CYST, o):
+                assert yes == any(f["organ"] == o and f["kind"] == "cyst" for f in found)
+            elif q["question"] in fmt(NODULE, o):
+                assert yes == any(f["kind"] == "nodule" and (o == "lung" or f["organ"] == o) for f in found)
+            elif q["question"] in fmt(ORGAN_ABNORMAL, o):         # a lesion, an effusion or an enlargement
+                assert q["family"] == "anomaly_detection" and yes == any(f["organ"] == o for f in found)
+            elif q["question"] in fmt(LARGER, "kidney"):
+                vl, vr = (float(organs[f"{s} kidney"].sum()) for s in ("left", "right"))
+                assert max(vl, vr) >= LARGER_RATIO * min(vl, vr) and q["answer"] == ("left" if vl > vr else "right")
+            else:
+                continue
+            asked.add(q["question"].split(" the ")[0])
+    assert asked == {"Is there a cyst in", "Is there a nodule in", "Is there an abnormality of", "Which kidney is larger?"}
