@@ -78,8 +78,8 @@ class TrainConfig:
                                            # tokens of the whole scan, at a fraction of the cost); 0 = whole scans
     aux_findings: float = 1.0              # weight of the finding terms in the token supervision (0 = organ
                                            # shares only: a stage for organ extent)
-    patch_embed_lr: float = 1.0            # learning-rate multiplier of the patch embedding (a from-noise tower
-                                           # learns organ extent faster with it at ~10, see the model card)
+    patch_embed_lr: float = 1.0            # learning-rate multiplier of the patch embedding (the model card's
+                                           # organ-extent runs of the vision tower used 10)
 
 
 def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
