@@ -62,6 +62,12 @@ NO_LESIONS = {"aorta"}                       # organs the generator draws no les
 CLEAN_ACQUISITION = 0.1                      # share of scans without acquisition jitter and noise
 
 
+def lesion_sites(organs) -> tuple[list[str], list[str]]:
+    """(lungs, solid organs) of ``organs`` a finding can be drawn in (nodules/effusion, solid lesions)."""
+    lungs = [o for o in organs if o.endswith("lung")]
+    return lungs, [o for o in organs if o not in lungs and o not in NO_LESIONS]
+
+
 def hu_to_unit(hu: float) -> float:
     """HU → the model's [0, 1] intensity (clip to ±1000, min-max; the prepared scans span the range)."""
     return (min(max(hu, -1000.0), 1000.0) + 1000.0) / 2000.0
@@ -388,13 +394,12 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
     qa.append(dict(family="anomaly_detection", answer_type="closed", organ=None, question=normal_q, answer=ans))
     # the bundled cases' suggested questions (before any draw that depends on the findings, so that
     # counterfactual() replays these words)
-    solid = [o for o in visible if not o.endswith("lung") and o not in NO_LESIONS]
+    lungs, solid = lesion_sites(visible)
     if solid:
         o = rng.choice(solid)
         yes = any(f.kind == "cyst" for f in by_organ.get(o, []))
         qa.append(dict(family="existence", answer_type="closed", organ=o, question=rng.choice(CYST).format(o=o),
                        answer="yes" if yes else "no"))
-    lungs = [o for o in visible if o.endswith("lung")]
     if lungs:
         o = rng.choice(lungs + ["lung"])
         hit = [f for f in lesions if f.kind == "nodule" and (f.organ == o or o == "lung")]
@@ -555,8 +560,7 @@ class DemoGenerator:
         before = list(findings)                  # (an enlargement) kept by counterfactual()
         if organs and rng.random() < with_findings:
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
-                lungs = [o for o in organs if o.endswith("lung")]
-                solid = [o for o in organs if not o.endswith("lung") and o not in NO_LESIONS]
+                lungs, solid = lesion_sites(organs)
                 r = rng.random()
                 if lungs and r < 0.2:
                     f = sampler.add_lesion(frames, organs, rng.choice(lungs), "nodule")
