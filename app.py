@@ -11,9 +11,19 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: no outbound calls
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+CACHE_DIR = None                                  # Gradio's cache folder of this process (run as a script)
+if __name__ == "__main__":
+    import tempfile
+
+    # Gradio copies every file it serves into its cache: this process gets a folder of its own there
+    # (inside GRADIO_TEMP_DIR if set), emptied hourly of old files and removed at shutdown.
+    CACHE_DIR = tempfile.mkdtemp(prefix="photon_ct_gradio_", dir=os.environ.get("GRADIO_TEMP_DIR") or None)
+    os.environ["GRADIO_TEMP_DIR"] = CACHE_DIR
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -60,9 +70,23 @@ def main(argv=None) -> None:
     demo = build_ui(engine)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     log.info("Photon CT on http://%s:%d (model: %s)", args.host, args.port, args.model or "embedded demo model")
-    demo.queue(default_concurrency_limit=2).launch(
-        server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
-        max_file_size=f"{args.max_upload_mb}mb", footer_links=[])
+    # SIGTERM (a service manager's stop) shuts down as Ctrl-C does: the server closes, Gradio
+    # removes its cached files, the sessions' folders go.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        demo.queue(default_concurrency_limit=2).launch(
+            server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
+            max_file_size=f"{args.max_upload_mb}mb", footer_links=[])
+    finally:
+        demo.close()
+        engine.close()
+        if CACHE_DIR:
+            shutil.rmtree(CACHE_DIR, ignore_errors=True)
+        log.info("Photon CT stopped; session files removed")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

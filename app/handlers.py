@@ -71,6 +71,9 @@ def _guard(fn):
     return wrapped
 
 
+CACHE_MAX_AGE_S = 6 * 3600          # served files older than this are deleted (hourly sweep)
+
+
 def build_ui(engine: Engine) -> gr.Blocks:
     from viz.scene import warm_up
 
@@ -183,7 +186,10 @@ def build_ui(engine: Engine) -> gr.Blocks:
         return (*on_budget_change(s, question, mode, default, view, position, window_name, opacity), upd)
 
     # ---------------------------------------------------------------- layout
-    with gr.Blocks(title="Photon CT", analytics_enabled=False) as demo:
+    # Gradio copies every file it serves (3-D scenes, slices, exports) into its cache; without a
+    # limit a long-running app fills the disk. Hourly, files older than CACHE_MAX_AGE_S go; the
+    # cache of this app is removed when it shuts down.
+    with gr.Blocks(title="Photon CT", analytics_enabled=False, delete_cache=(3600, CACHE_MAX_AGE_S)) as demo:
         state = gr.State(None, delete_callback=lambda s: s.cleanup() if s is not None else None)
         gr.Markdown("## Photon CT — ask a CT scan, audit what the model kept\n"
                     f"<small>Model: {html.escape(Path(engine.settings.model_dir).name if engine.settings.model_dir else 'embedded demo model')} · "

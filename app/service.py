@@ -95,6 +95,20 @@ class Engine:
         self._predictor = None
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, tuple] = OrderedDict()
+        self._workroot: str | None = None      # every session's folder lives in it; close() removes it
+
+    def _session_dir(self) -> str:
+        with self._lock:
+            if self._workroot is None or not Path(self._workroot).is_dir():
+                self._workroot = tempfile.mkdtemp(prefix="photon_ct_")
+            return tempfile.mkdtemp(prefix="session_", dir=self._workroot)
+
+    def close(self) -> None:
+        """Remove every session's files (scenes, slices, exports): the app is shutting down."""
+        with self._lock:
+            if self._workroot:
+                shutil.rmtree(self._workroot, ignore_errors=True)
+                self._workroot = None
 
     @property
     def predictor(self):
@@ -117,7 +131,7 @@ class Engine:
         from viz.scene import anatomy_surfaces
         from viz.slices import to_ras
 
-        s = Session(title=title, volume=vol, workdir=tempfile.mkdtemp(prefix="photon_session_"))
+        s = Session(title=title, volume=vol, workdir=self._session_dir())
         s.key = volume_key(vol)
         progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
         s.geometry = self._encode(s.key, vol)

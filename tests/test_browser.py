@@ -36,7 +36,10 @@ def app_url(tiny_model_dir, tmp_path_factory):
         pytest.skip("Debian chromium is not installed (make test installs it)")
     port = _free_port()
     log = tmp_path_factory.mktemp("applog") / "app.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    cache = tmp_path_factory.mktemp("gradio_cache")          # the files Gradio serves (in a folder of the app's)
+    tmp = tmp_path_factory.mktemp("app_tmp")                 # the sessions' folders
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", GRADIO_TEMP_DIR=str(cache),
+               TMPDIR=str(tmp))
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(tiny_model_dir), "--device", "cpu",
                              "--port", str(port), "--max-new-tokens", "6"], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -50,11 +53,15 @@ def app_url(tiny_model_dir, tmp_path_factory):
                 pytest.fail("app exited:\n" + log.read_text()[-3000:])
             time.sleep(0.5)
     yield url
-    proc.terminate()
+    assert any(p.is_file() for p in cache.rglob("*")) and list(tmp.glob("photon_ct_*"))   # the tests made files
+    proc.terminate()                     # SIGTERM, as a service manager stops it: a clean shutdown
     try:
-        proc.wait(10)
+        proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        pytest.fail("app did not stop on SIGTERM:\n" + log.read_text()[-3000:])
+    left = [p for p in cache.rglob("*") if p.is_file()] + list(tmp.glob("photon_ct_*"))
+    assert not left, f"files left after shutdown: {left[:5]}"
 
 
 @pytest.fixture(scope="module")
