@@ -6,7 +6,8 @@ on a CPU and runs on the GPU when one is given (all tensor ops take ``device``).
 
 * Backgrounds: each sample case with a label map is prepared once; a pool of new bodies is made
   from it by random affine deformation (scale, small rotation, shift = field-of-view change),
-  with labels carried along (nearest neighbour).
+  with labels carried along (nearest neighbour). A case whose label map has no lungs (the chest
+  CT labels only its vessels) gets them by density (`air_lungs`), so every body can carry a finding.
 * Per sample: optional left-right mirror (label sides swapped), intensity jitter and noise, then
   0–3 findings: cysts (water, round), solid lesions (hypo/hyper-dense), lung nodules, pleural
   effusion — each with organ, side, diameter (mm) and volume (ml) known exactly; optionally
@@ -152,7 +153,48 @@ def load_background(case: str, device="cpu") -> Background:
     ijk = torch.minimum(ijk, torch.tensor(lab.shape) - 1)
     model_labels = torch.where(inside, lab[ijk[:, 0], ijk[:, 1], ijk[:, 2]], torch.zeros_like(ijk[:, 0]))
     model_labels = model_labels.reshape(d, h, w).to(device)
-    return Background(case, prep.frames[:, 0].to(device), _organ_masks(model_labels))
+    frames = prep.frames[:, 0].to(device)
+    organs = _organ_masks(model_labels)
+    if "left lung" not in organs and "right lung" not in organs:
+        # +w toward the patient's left when the w axis points to −x in world RAS (x toward the right)
+        organs.update(air_lungs(frames, left_high_w=geom.model_to_world[0, 2] < 0))
+    return Background(case, frames, organs)
+
+
+LUNG_HU = (-980.0, -400.0)    # aerated lung: below soft tissue, above the air around the body
+
+
+def air_lungs(frames: torch.Tensor, left_high_w: bool = True) -> dict:
+    """Left and right lung masks found by density, for a case whose label map has none
+    (chest_aorta_ct labels only its vessels): voxels between −980 and −400 HU, opened (vessels,
+    noise, the skin's partial-volume rim), the components ≥ 20% of the largest kept, closed and
+    holes filled slice by slice, split at the emptiest column of the middle third (the
+    mediastinum). Empty when the result is not lung-sized (0.5–8 l, both sides ≥ 100 ml)."""
+    from scipy import ndimage
+
+    f = frames.detach().float().cpu().numpy()
+    lo, hi = (hu_to_unit(v) for v in LUNG_HU)
+    m = ndimage.binary_opening((f > lo) & (f < hi), iterations=2)
+    lab, n = ndimage.label(m)
+    if n == 0:
+        return {}
+    sizes = ndimage.sum(m, lab, range(1, n + 1))
+    m = np.isin(lab, [i + 1 for i in range(n) if sizes[i] >= 0.2 * sizes.max()])
+    m = ndimage.binary_closing(m, iterations=2)
+    for k in range(m.shape[0]):
+        m[k] = ndimage.binary_fill_holes(m[k])
+    cols = m.sum((0, 1))
+    W = len(cols)
+    mid = W // 3 + int(np.argmin(cols[W // 3: 2 * W // 3]))
+    high, low = m.copy(), m.copy()
+    high[:, :, :mid] = False
+    low[:, :, mid:] = False
+    ml = math.prod(VOXEL_MM) / 1000
+    if not 500 <= m.sum() * ml <= 8000 or min(high.sum(), low.sum()) * ml < 100:
+        return {}
+    left, right = (high, low) if left_high_w else (low, high)
+    return {"left lung": torch.as_tensor(left, device=frames.device),
+            "right lung": torch.as_tensor(right, device=frames.device)}
 
 
 def deform(bg: Background, rng: random.Random) -> Background:
@@ -571,6 +613,8 @@ class DemoGenerator:
                     if findings and rng.random() < 0.5 and findings[0].focal:
                         o = findings[0].organ if findings[0].organ in solid else o
                     f = sampler.add_lesion(frames, organs, o, rng.choice(["cyst", "hypodense", "hyperdense"]))
+                elif lungs:                      # a chest body: lungs (and the aorta) only
+                    f = sampler.add_lesion(frames, organs, rng.choice(lungs), "nodule")
                 else:
                     f = None
                 if f:

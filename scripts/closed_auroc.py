@@ -45,6 +45,11 @@ def group(q: dict) -> str:
     return "enlargement" if any(q["question"] == t.format(o=q["organ"]) for t in ENLARGED) else q["family"]
 
 
+def lungs(q: dict) -> bool:
+    """A question about a lung (nodules in air: the most conspicuous finding the generator draws)."""
+    return q["family"] == "existence" and (q.get("organ") or "").endswith("lung")
+
+
 def margins(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) -> dict:
     """{family or 'enlargement': (scores, finding present?)} over ``scans`` scans of the stream."""
     out = {f: ([], []) for f in FAMILIES + (("enlargement",) if gen.enlargement else ())}
@@ -52,8 +57,10 @@ def margins(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) -
         frames, qa, _, _ = gen.sample()
         qs = [q for q in qa if q["family"] in FAMILIES]
         for q, m in zip(qs, _scores(predictor, frames, qs, budget) if qs else []):
-            out[group(q)][0].append(m)
-            out[group(q)][1].append(present(q))
+            for g in (group(q),) + (("existence, lungs",) if lungs(q) else ()):
+                out.setdefault(g, ([], []))
+                out[g][0].append(m)
+                out[g][1].append(present(q))
     return out
 
 
@@ -68,7 +75,8 @@ def paired(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) ->
         if not qs:
             continue
         for q, a, b in zip(qs, _scores(predictor, frames, qs, budget), _scores(predictor, clean, qs, budget)):
-            out[q["family"]].append(1.0 if a > b else 0.5 if a == b else 0.0)
+            for g in (q["family"],) + (("existence, lungs",) if lungs(q) else ()):
+                out.setdefault(g, []).append(1.0 if a > b else 0.5 if a == b else 0.0)
     return out
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from photon_core.data import (CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, MIRROR, NODULE, NORMAL_QUESTION,
-                              ORGAN_ABNORMAL, VOXEL_MM, DemoGenerator, all_template_text, downsample_shape,
+                              ORGAN_ABNORMAL, VOXEL_MM, Background, DemoGenerator, all_template_text, downsample_shape,
                               load_background, shrink)
 from photon_core.preprocess import MODEL_SHAPE
 
@@ -133,10 +133,28 @@ def test_counterfactual_is_the_same_scan_without_findings(abdomen):
         assert torch.equal(fb, frames) and qb == qa
 
 
-def test_lesion_bodies_leave_out_backgrounds_that_cannot_carry_a_finding(abdomen):
-    """The chest_aorta_ct labels hold only the aorta (lesion-free): by default half the bodies can
-    never carry a finding (a shortcut for "normal"); ``lesion_bodies`` leaves them out."""
-    bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": load_background("chest_aorta_ct")}
+def test_chest_lungs_found_by_density_and_lesion_bodies(abdomen):
+    """The chest_aorta_ct labels hold only vessels: its lungs are found by density (`air_lungs`), on
+    the side the abdomen case's labelled lungs say (patient left at high w), so chest bodies carry
+    nodules and effusions too — no background is a shortcut for "normal". ``lesion_bodies`` still
+    leaves out a body without any lesion site (here the chest body with its lungs taken away)."""
+    chest = load_background("chest_aorta_ct")
+    ml = math.prod(VOXEL_MM) / 1000
+    w = {n: float(m.nonzero()[:, 2].float().mean()) for n, m in chest.organs.items() if n.endswith("lung")}
+    assert set(w) == {"left lung", "right lung"} and w["left lung"] > w["right lung"]
+    assert all(1000 < float(chest.organs[n].sum()) * ml < 3000 for n in w)     # ≈ 1.3–1.5 l each (cropped FOV)
+    wa = {n: float(abdomen.organs[n].nonzero()[:, 2].float().mean()) for n in w}
+    assert wa["left lung"] > wa["right lung"]
+    kinds = set()
+    g = DemoGenerator("train", seed=3, pool=1, backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": chest},
+                      downsample=2.5)
+    for _ in range(24):
+        meta = g.sample(with_findings=1.0)[2]
+        if meta["background"].startswith("chest"):
+            kinds |= {f["kind"] for f in meta["findings"]}
+    assert kinds and kinds <= {"nodule", "effusion"}
+    aorta_only = Background(chest.name, chest.frames, {"aorta": chest.organs["aorta"]})
+    bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": aorta_only}
     seen = {}
     for flag in (False, True):
         g = DemoGenerator("train", seed=3, pool=1, backgrounds=bgs, downsample=2.5, lesion_bodies=flag)

@@ -77,7 +77,7 @@ def test_the_prior_reaches_the_model(tiny_model_dir):
 def test_generator_pairs_have_exact_change_truth():
     from photon_core.data import CHANGE, GROWN, RESOLVED, DemoGenerator
 
-    def stream(n=10):      # the generator seeds torch's global stream: one generator at a time
+    def stream(n=16):      # the generator seeds torch's global stream: one generator at a time
         g = DemoGenerator("test", seed=3, pool=1, downsample=2.5)
         return [(*g.pair(), g.last_truths) for _ in range(n)]
 

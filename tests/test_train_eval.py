@@ -198,7 +198,7 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     p = Predictor(tiny_model_dir, device="cpu")
     batched = mod.margins(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
     gen = DemoGenerator("test", seed=0, downsample=2.5)
-    seen = {f: 0 for f in mod.FAMILIES}
+    seen, lung = {f: 0 for f in mod.FAMILIES}, []
     for _ in range(2):
         frames, qa, _, _ = gen.sample()
         for q in [q for q in qa if q["family"] in mod.FAMILIES]:
@@ -208,6 +208,10 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
             assert y == ((q["answer"] == "yes") if q["question"] != mod.NORMAL else (q["answer"] == "no"))
             assert m == pytest.approx(batched[q["family"]][0][k], abs=1e-4)
             seen[q["family"]] += 1
+            if mod.lungs(q):                        # lung questions are also scored as a group of their own
+                lung.append(m)
+    lungs = batched.pop("existence, lungs", ([], []))[0]
+    assert lung and lungs == pytest.approx(lung, abs=1e-4)
     assert seen == {f: len(m) for f, (m, _) in batched.items()} and sum(seen.values()) > 0
     wins = mod.paired(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
     assert wins["existence"] and set(wins["existence"] + wins["anomaly_detection"]) <= {0.0, 0.5, 1.0}
