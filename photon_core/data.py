@@ -155,18 +155,21 @@ def load_background(case: str, device="cpu") -> Background:
     model_labels = model_labels.reshape(d, h, w).to(device)
     frames = prep.frames[:, 0].to(device)
     organs = _organ_masks(model_labels)
-    if "left lung" not in organs and "right lung" not in organs:
+    if case in DENSITY_LUNGS and "left lung" not in organs and "right lung" not in organs:
         # +w toward the patient's left when the w axis points to −x in world RAS (x toward the right)
         organs.update(air_lungs(frames, left_high_w=geom.model_to_world[0, 2] < 0))
     return Background(case, frames, organs)
 
 
 LUNG_HU = (-980.0, -400.0)    # aerated lung: below soft tissue, above the air around the body
+# Cases whose lungs are found by density. Only these: in an abdominal scan (dicom_ct) the lungs are
+# small bases and the partial-volume rim between the body and the air passes the same test.
+DENSITY_LUNGS = ("chest_aorta_ct",)
 
 
 def air_lungs(frames: torch.Tensor, left_high_w: bool = True) -> dict:
-    """Left and right lung masks found by density, for a case whose label map has none
-    (chest_aorta_ct labels only its vessels): voxels between −980 and −400 HU, opened (vessels,
+    """Left and right lung masks found by density, for a chest case whose label map has none
+    (chest_aorta_ct labels only its vessels; `DENSITY_LUNGS`): voxels between −980 and −400 HU, opened (vessels,
     noise, the skin's partial-volume rim), the components ≥ 20% of the largest kept, closed and
     holes filled slice by slice, split at the emptiest column of the middle third (the
     mediastinum). Empty when the result is not lung-sized (0.5–8 l, both sides ≥ 100 ml)."""
