@@ -66,8 +66,12 @@ def scans(model, split: str, n: int, enlargement: float, seed: int = 7):
     """Yields ``n`` scans (bodies with abdominal organs) as (frames, visual tokens (V, D), organ shares
     (V, 4), {organ: voxels}, enlarged organs), one at a time."""
     gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement, lesion_bodies=True)
-    for _ in range(n):
+    done = 0
+    while done < n:
         frames, _, meta, organs = gen.sample()
+        if not any(o in organs for o in ENLARGE_ORGANS):       # a chest body (lungs and aorta only)
+            continue
+        done += 1
         x = model.encode_volume(*patchify(frames[:, None])).float()
         share = token_targets(organs, None)["organ"][:, COLUMNS]
         grown = {f["organ"] for f in meta["findings"] if f["kind"] == "enlargement"}
