@@ -6,8 +6,8 @@ on a CPU and runs on the GPU when one is given (all tensor ops take ``device``).
 
 * Backgrounds: each sample case with a label map is prepared once; a pool of new bodies is made
   from it by random affine deformation (scale, small rotation, shift = field-of-view change),
-  with labels carried along (nearest neighbour). A case whose label map has no lungs (the chest
-  CT labels only its vessels) gets them by density (`air_lungs`), so every body can carry a finding.
+  with labels carried along (nearest neighbour). The chest CT's label map holds only vessels: its
+  lungs are found by density (`air_lungs`), so every training body can carry a finding.
 * Per sample: optional left-right mirror (label sides swapped), intensity jitter and noise, then
   0–3 findings: cysts (water, round), solid lesions (hypo/hyper-dense), lung nodules, pleural
   effusion — each with organ, side, diameter (mm) and volume (ml) known exactly; optionally
@@ -169,10 +169,10 @@ DENSITY_LUNGS = ("chest_aorta_ct",)
 
 def air_lungs(frames: torch.Tensor, left_high_w: bool = True) -> dict:
     """Left and right lung masks found by density, for a chest case whose label map has none
-    (chest_aorta_ct labels only its vessels; `DENSITY_LUNGS`): voxels between −980 and −400 HU, opened (vessels,
-    noise, the skin's partial-volume rim), the components ≥ 20% of the largest kept, closed and
-    holes filled slice by slice, split at the emptiest column of the middle third (the
-    mediastinum). Empty when the result is not lung-sized (0.5–8 l, both sides ≥ 100 ml)."""
+    (`DENSITY_LUNGS`: chest_aorta_ct labels only its vessels): voxels between −980 and −400 HU,
+    opened (noise, small vessels), the components ≥ 20% of the largest kept, closed and holes
+    filled slice by slice, split at the emptiest column of the middle third (the mediastinum).
+    Empty when the result is not lung-sized (0.5–8 l, both sides ≥ 100 ml)."""
     from scipy import ndimage
 
     f = frames.detach().float().cpu().numpy()
