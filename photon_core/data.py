@@ -544,13 +544,9 @@ class DemoGenerator:
     """Deterministic stream of (frames, record) for a split; backgrounds deformed into a pool."""
 
     def __init__(self, split: str = "train", seed: int = 0, pool: int = 6, device="cpu",
-                 backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0,
-                 lesion_bodies: bool = False):
+                 backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0):
         self.split, self.device = split, torch.device(device)
         self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
-        # Single scans only from bodies with an organ a lesion can sit in: otherwise the background
-        # alone tells "no finding possible" (the chest_aorta_ct labels hold only the aorta).
-        self.lesion_bodies = lesion_bodies
         base = {"train": 0, "test": 1_000_003, "report": 2_000_003}[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
@@ -566,11 +562,10 @@ class DemoGenerator:
             for _ in range(pool if split != "report" else 0):
                 self.pool.append(deform(bgs[c], self.rng))
 
-    def _body(self, lesion_sites: bool = False):
-        """A pool body (with an organ a lesion can sit in, if asked), mirrored left-right half of the
-        time (label sides swapped)."""
+    def _body(self):
+        """A pool body, mirrored left-right half of the time (label sides swapped)."""
         rng = self.rng
-        bg = rng.choice([b for b in self.pool if set(b.organs) - NO_LESIONS] if lesion_sites else self.pool)
+        bg = rng.choice(self.pool)
         frames = bg.frames.clone()
         organs = dict(bg.organs)
         mirrored = rng.random() < 0.5
@@ -593,7 +588,7 @@ class DemoGenerator:
 
     def sample(self, with_findings: float = 0.65):
         rng = self.rng
-        bg, frames, organs, mirrored = self._body(self.lesion_bodies)
+        bg, frames, organs, mirrored = self._body()
         frames = self._acquire(frames, bg)
         sampler = FindingSampler(rng, self.device, bg.voxel_mm)
         findings: list[Finding] = []
@@ -652,7 +647,7 @@ class DemoGenerator:
         each grown, shrunk, stable, new or resolved in between. ``qa`` holds the longitudinal
         questions and a few about the current scan alone. Training-only maps: ``last_truths``."""
         rng = self.rng
-        bg, frames, organs, mirrored = self._body(lesion_sites=True)
+        bg, frames, organs, mirrored = self._body()
         prior, current = self._acquire(frames, bg), self._acquire(frames, bg)
         early, late = FindingSampler(rng, self.device, bg.voxel_mm), FindingSampler(rng, self.device, bg.voxel_mm)
         changes, now = [], []

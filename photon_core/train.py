@@ -66,8 +66,6 @@ class TrainConfig:
     enlargement: float = 0.0               # share of scans with an enlarged organ (+ its questions; 0 = off)
     temporal: float = 0.0                  # share of steps on temporal pairs (prior + current in each
                                            # prompt, longitudinal questions; 0 = off)
-    lesion_bodies: bool = False            # single scans only from bodies a lesion can sit in (no background
-                                           # that can never carry a finding; see the model card)
     counterfactual: float = 0.0            # share of steps on counterfactual pairs: a scan with findings and
                                            # the same scan without, asked the same yes/no questions (0 = off)
     vision_only: bool = False              # detection pre-stage: only the vision tower, trained on the token
@@ -348,8 +346,7 @@ def train(cfg: TrainConfig) -> Path:
     trainee = Trainee(model, aux, cfg.aux)
     ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
     gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device,
-                        downsample=cfg.downsample, enlargement=cfg.enlargement,
-                        lesion_bodies=cfg.lesion_bodies)
+                        downsample=cfg.downsample, enlargement=cfg.enlargement)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     t0, seen, log = time.time(), 0, []
     token_grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))   # the stream's grid (curriculum)

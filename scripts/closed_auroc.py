@@ -87,14 +87,12 @@ def main(argv=None):
     ap.add_argument("--scans", type=int, default=24)
     ap.add_argument("--downsample", type=float, default=1.0, help="coarse-grid stream (curriculum stages)")
     ap.add_argument("--budget", default="auto")
-    ap.add_argument("--lesion-bodies", action="store_true", help="the stream without lesion-free bodies")
     ap.add_argument("--enlargement", type=float, default=0.0,
                     help="share of scans with an enlarged organ; its questions scored as 'enlargement'")
     ap.add_argument("--no-paired", action="store_true", help="skip the paired (counterfactual) pass")
     args = ap.parse_args(argv)
     predictor = Predictor(args.model, device="cpu")
-    gen = DemoGenerator(args.split, seed=0, downsample=args.downsample, lesion_bodies=args.lesion_bodies,
-                        enlargement=args.enlargement)
+    gen = DemoGenerator(args.split, seed=0, downsample=args.downsample, enlargement=args.enlargement)
     for fam, (m, y) in margins(predictor, gen, args.scans, args.budget).items():
         pos = sum(y)
         if not pos or pos == len(y):
@@ -105,7 +103,7 @@ def main(argv=None):
               f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
     if args.no_paired:
         return
-    gen = DemoGenerator(args.split, seed=1, downsample=args.downsample, lesion_bodies=args.lesion_bodies)
+    gen = DemoGenerator(args.split, seed=1, downsample=args.downsample)
     for fam, wins in paired(predictor, gen, args.scans, args.budget).items():
         if wins:
             print(f"{fam}: paired win rate {sum(wins) / len(wins):.3f} over {len(wins)} questions "

@@ -54,10 +54,10 @@ def blob_scores(frames: torch.Tensor, grid: tuple, voxel_mm: tuple) -> torch.Ten
 
 @torch.no_grad()
 def tokens(model, split: str, scans: int, downsample: float, seed: int = 7, blob: bool = False) -> dict:
-    """Of ``scans`` scans (lesion bodies): ``x`` (scans, V, D) visual tokens, ``y`` (scans, V) "block holds
+    """Of ``scans`` scans: ``x`` (scans, V, D) visual tokens, ``y`` (scans, V) "block holds
     a finding", ``tissue`` (scans, V) "block is ≥ 25% organ (the audit's block rule) or holds a
     finding"; with ``blob``, also ``blob`` (scans, V) the blob detector's scores."""
-    gen = DemoGenerator(split, seed=seed, pool=3, downsample=downsample, lesion_bodies=True)
+    gen = DemoGenerator(split, seed=seed, pool=3, downsample=downsample)
     grid = tuple(n // v for n, v in zip(gen.shape, TOKEN_VOXELS))
     voxel_mm = gen.pool[0].voxel_mm
     out = {k: [] for k in ("x", "y", "tissue") + (("blob",) if blob else ())}

@@ -65,7 +65,7 @@ def within_organ_auroc(rows: list[dict], key: str) -> float:
 def scans(model, split: str, n: int, enlargement: float, seed: int = 7):
     """Yields ``n`` scans (bodies with abdominal organs) as (frames, visual tokens (V, D), organ shares
     (V, 4), {organ: voxels}, enlarged organs), one at a time."""
-    gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement, lesion_bodies=True)
+    gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
     done = 0
     while done < n:
         frames, _, meta, organs = gen.sample()

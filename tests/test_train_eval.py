@@ -119,7 +119,7 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
     from safetensors.torch import load_file
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
     common = ["--preset", "tiny", "--scans-per-step", "2", "--questions-per-scan", "2", "--pool", "0", "--warmup", "1",
-              "--log-every", "1", "--device", "cpu", "--downsample", "2.5", "--steps", "2", "--lesion-bodies"]
+              "--log-every", "1", "--device", "cpu", "--downsample", "2.5", "--steps", "2"]
 
     def run(out, *extra):
         r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), *common, *extra],
