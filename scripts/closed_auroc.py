@@ -45,9 +45,17 @@ def group(q: dict) -> str:
     return "enlargement" if any(q["question"] == t.format(o=q["organ"]) for t in ENLARGED) else q["family"]
 
 
+LUNGS = "existence, lungs"       # lung existence questions, also scored as a group of their own
+
+
 def lungs(q: dict) -> bool:
     """A question about a lung (nodules in air: the most conspicuous finding the generator draws)."""
     return q["family"] == "existence" and (q.get("organ") or "").endswith("lung")
+
+
+def groups(q: dict, first: str) -> tuple:
+    """``first`` (the question's group), and the lung group for a lung question."""
+    return (first, LUNGS) if lungs(q) else (first,)
 
 
 def margins(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) -> dict:
@@ -57,7 +65,7 @@ def margins(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) -
         frames, qa, _, _ = gen.sample()
         qs = [q for q in qa if q["family"] in FAMILIES]
         for q, m in zip(qs, _scores(predictor, frames, qs, budget) if qs else []):
-            for g in (group(q),) + (("existence, lungs",) if lungs(q) else ()):
+            for g in groups(q, group(q)):
                 out.setdefault(g, ([], []))
                 out[g][0].append(m)
                 out[g][1].append(present(q))
@@ -75,7 +83,7 @@ def paired(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) ->
         if not qs:
             continue
         for q, a, b in zip(qs, _scores(predictor, frames, qs, budget), _scores(predictor, clean, qs, budget)):
-            for g in (q["family"],) + (("existence, lungs",) if lungs(q) else ()):
+            for g in groups(q, q["family"]):
                 out.setdefault(g, []).append(1.0 if a > b else 0.5 if a == b else 0.0)
     return out
 

@@ -210,7 +210,7 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
             seen[q["family"]] += 1
             if mod.lungs(q):                        # lung questions are also scored as a group of their own
                 lung.append(m)
-    lungs = batched.pop("existence, lungs", ([], []))[0]
+    lungs = batched.pop(mod.LUNGS, ([], []))[0]
     assert lung and lungs == pytest.approx(lung, abs=1e-4)
     assert seen == {f: len(m) for f, (m, _) in batched.items()} and sum(seen.values()) > 0
     wins = mod.paired(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
