@@ -13,16 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CACHE_DIR = None                                  # Gradio's cache folder of this process (run as a script)
 if __name__ == "__main__":
+    import atexit
+    import shutil
     import tempfile
 
     # Gradio copies every file it serves into its cache: this process gets a folder of its own there
-    # (inside GRADIO_TEMP_DIR if set), emptied hourly of old files and removed at shutdown.
+    # (inside GRADIO_TEMP_DIR if set), emptied hourly of old files and removed when the process ends
+    # however it ends short of a kill (a bad argument, Ctrl-C, SIGTERM: see main).
     CACHE_DIR = tempfile.mkdtemp(prefix="photon_ct_gradio_", dir=os.environ.get("GRADIO_TEMP_DIR") or None)
+    atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
     os.environ["GRADIO_TEMP_DIR"] = CACHE_DIR
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -62,6 +65,9 @@ def limit_malloc_arenas(n: int = 2) -> None:
 
 
 def main(argv=None) -> None:
+    # SIGTERM (a service manager's stop) shuts down as Ctrl-C does: the server closes, Gradio
+    # removes its cached files, the sessions' folders go — also when it comes while the model loads.
+    signal.signal(signal.SIGTERM, _interrupt)
     limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -70,18 +76,13 @@ def main(argv=None) -> None:
     demo = build_ui(engine)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     log.info("Photon CT on http://%s:%d (model: %s)", args.host, args.port, args.model or "embedded demo model")
-    # SIGTERM (a service manager's stop) shuts down as Ctrl-C does: the server closes, Gradio
-    # removes its cached files, the sessions' folders go.
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
             max_file_size=f"{args.max_upload_mb}mb", footer_links=[])
     finally:
         demo.close()
-        engine.close()
-        if CACHE_DIR:
-            shutil.rmtree(CACHE_DIR, ignore_errors=True)
+        engine.close()   # Gradio's cache folder goes at exit (atexit above)
         log.info("Photon CT stopped; session files removed")
 
 

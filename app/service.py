@@ -6,6 +6,7 @@ surfaces and answers. A lock serialises model calls (the Predictor holds the cur
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import shutil
@@ -101,6 +102,7 @@ class Engine:
         with self._lock:
             if self._workroot is None or not Path(self._workroot).is_dir():
                 self._workroot = tempfile.mkdtemp(prefix="photon_ct_")
+                atexit.register(shutil.rmtree, self._workroot, ignore_errors=True)   # if close() is never called
             return tempfile.mkdtemp(prefix="session_", dir=self._workroot)
 
     def close(self) -> None:

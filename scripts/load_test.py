@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,12 +45,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def client_loop(url: str, deadline: float, seed: int, lat: list, fails: list, lock: threading.Lock):
+def client_loop(url: str, deadline: float, seed: int, lat: list, fails: list, lock: threading.Lock, downloads: str):
     from gradio_client import Client
 
     rng = random.Random(seed)
     try:
-        c = Client(url, verbose=False)
+        c = Client(url, verbose=False, download_files=downloads)   # fetches every served file, as a browser does
         c.predict(rng.choice(CASES), api_name="/on_load_case")
     except Exception as e:  # noqa: BLE001
         with lock:
@@ -100,20 +101,26 @@ def main(argv=None) -> dict:
     host = urlparse(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("load tests only target loopback addresses")
-    lat, fails, lock = [], [], threading.Lock()
-    start = time.time()
-    deadline = start + args.seconds
-    threads = [threading.Thread(target=client_loop, args=(url, deadline, i, lat, fails, lock), daemon=True)
-               for i in range(args.clients)]
-    for t in threads:
-        t.start()
-    rss = []
-    while any(t.is_alive() for t in threads) and time.time() < deadline + 120:
-        if proc:
-            rss.append((round(time.time() - start, 1), round(rss_mb(proc.pid), 1)))
-        time.sleep(5)
-    for t in threads:
-        t.join(timeout=1)
+    lat, fails, lock, rss = [], [], threading.Lock(), []
+    # The clients' downloads go to a folder removed at the end; so do the empty folders gradio_client
+    # leaves in the temporary directory for each download (it makes them with tempfile.gettempdir()).
+    with tempfile.TemporaryDirectory(prefix="photon_ct_load_") as downloads:
+        temp, tempfile.tempdir = tempfile.tempdir, downloads
+        try:
+            start = time.time()
+            deadline = start + args.seconds
+            threads = [threading.Thread(target=client_loop, args=(url, deadline, i, lat, fails, lock, downloads),
+                                        daemon=True) for i in range(args.clients)]
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads) and time.time() < deadline + 120:
+                if proc:
+                    rss.append((round(time.time() - start, 1), round(rss_mb(proc.pid), 1)))
+                time.sleep(5)
+            for t in threads:
+                t.join(timeout=1)
+        finally:
+            tempfile.tempdir = temp
     if proc:
         proc.terminate()
         proc.wait(20)

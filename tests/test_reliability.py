@@ -17,7 +17,9 @@ from photon_core.volume import VolumeError
 def engine(tiny_model_dir):
     from app.service import Engine, Settings
 
-    return Engine(Settings(model_dir=str(tiny_model_dir), device="cpu", max_new_tokens=4, cache_volumes=2))
+    engine = Engine(Settings(model_dir=str(tiny_model_dir), device="cpu", max_new_tokens=4, cache_volumes=2))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")

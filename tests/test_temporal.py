@@ -169,6 +169,7 @@ def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
         engine.load_upload([ct], None, prior_file=str(bad))
     for x in (s, other):
         x.cleanup()
+    engine.close()
 
 
 def test_ask_cli_with_a_prior(tiny_model_dir):
