@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,13 +14,23 @@ from photon_core.metrics import aggregate, bleu1, closed_correct, mra, rouge1
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(args, tmp_path, timeout=900):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def _torchrun(args, tmp_path, timeout=600):
+    """Two CPU processes under torchrun. A collective that waits 120 s fails (the workers' process
+    group timeout) and the whole process tree is killed at ``timeout``: a hang fails the test with
+    the workers' output instead of holding CI, and leaves no worker behind."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PHOTON_DIST_TIMEOUT="120")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"] + args
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _script(name: str):
