@@ -178,9 +178,22 @@ def test_auth_is_enforced(tiny_model_dir):
         proc.communicate(timeout=20)
 
 
-def test_cli_rejects_malformed_auth():
-    r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword"], cwd=ROOT, capture_output=True, text=True)
+def test_cli_rejects_malformed_auth(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
     assert r.returncode != 0 and "USER:PASS" in r.stderr
+    assert list(tmp_path.iterdir()) == []          # its Gradio cache folder went with it
+
+
+def test_engine_folders_go_at_exit_without_close(tiny_model_dir, tmp_path):
+    code = ("import sys; sys.path.insert(0, '.'); from app.service import Engine, Settings; "
+            f"e = Engine(Settings(model_dir={str(tiny_model_dir)!r}, device='cpu')); s = e.load_case('abdomen_ct'); "
+            "import os; assert os.path.isdir(s.workdir); print('made', s.workdir)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert r.returncode == 0 and "made" in r.stdout, r.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cuda_oom_during_a_request_is_reported_and_the_server_goes_on(monkeypatch):
