@@ -59,6 +59,9 @@ class TrainConfig:
     guide: float = 0.0                     # training-only saliency guidance weight (0 = off; demo: 0.1)
     guide_floor: float = 0.0               # weight of every other block in the guidance target, so the
                                            # pull toward the asked organ stays bounded (ρ not too peaky)
+    guide_halo: float = 0.0                # > 0: blocks near the asked organ weigh more in the guidance target
+                                           # (0.5·exp(−distance / halo), distance in blocks), so what is kept
+                                           # beyond the organ depends on the question too
     aux: float = 0.0                       # training-only token supervision weight (0 = off; demo: 0.5)
     downsample: float = 1.0                # curriculum: shrink the model-space volume by this factor
                                            # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
@@ -203,11 +206,31 @@ def slab_targets(targets: dict, i: int, grid: tuple = TOKEN_GRID) -> dict:
     return {k: v if k == "organ_known" else v[i * per:(i + 1) * per] for k, v in targets.items()}
 
 
-def guide_target(question: str, targets: dict, floor: float = 0.0) -> torch.Tensor:
+def guide_target(question: str, targets: dict, floor: float = 0.0, halo: float = 0.0,
+                 grid: tuple = TOKEN_GRID) -> torch.Tensor:
     """Weights over token blocks a question should look at (1 on the target blocks, ``floor``
-    elsewhere; zeros = no guidance)."""
+    elsewhere; zeros = no guidance). ``halo`` > 0 adds 0.5·exp(−d / halo) to the other blocks, d the
+    block distance (Chebyshev, on ``grid``) to the nearest target block: the tokens kept beyond the
+    asked organ lie around it rather than wherever every question keeps them."""
     t = _guide_blocks(question, targets)
-    return t + floor * (t > 0).any().float() * (t == 0).float()
+    other = (t == 0).float() * (t > 0).any().float()
+    out = t + floor * other
+    if halo > 0 and bool(t.any()):
+        out = out + other * 0.5 * torch.exp(-_block_distance(t > 0, grid) / halo)
+    return out
+
+
+def _block_distance(mask: torch.Tensor, grid: tuple, reach: int = 6) -> torch.Tensor:
+    """Chebyshev distance in blocks from each block of the flat ``mask`` (on ``grid``) to the nearest
+    True block, by repeated 3×3×3 dilation; blocks farther than ``reach`` get ``reach`` + 1."""
+    m = mask.float().reshape(1, 1, *grid)
+    d = torch.full(grid, float(reach + 1), device=mask.device)
+    d[m[0, 0] > 0] = 0.0
+    for k in range(1, reach + 1):
+        m2 = F.max_pool3d(m, 3, stride=1, padding=1)
+        d[(m2[0, 0] > 0) & (m[0, 0] == 0)] = float(k)
+        m = m2
+    return d.reshape(-1)
 
 
 def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
@@ -405,7 +428,8 @@ def train(cfg: TrainConfig) -> Path:
                 continue
             for q in questions if questions is not None else pick_questions(qa, cfg.questions_per_scan, rng):
                 if tg is not None and not robust:
-                    guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor) for t in tg]))
+                    guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor, cfg.guide_halo, token_grid)
+                                            for t in tg]))
                 ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=n_visual if temporal else 0)
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])

@@ -308,6 +308,12 @@ def test_token_targets_and_guide_targets_follow_the_question():
     assert guide_target("Is there any abnormality in this scan?", tg).nonzero().flatten().tolist() == [1]
     soft = guide_target("Is there a lesion in the liver?", tg, floor=0.05)
     assert soft[:2].tolist() == [1.0, 1.0] and torch.allclose(soft[2:], torch.full((998,), 0.05))
+    halo = guide_target("Is there a lesion in the liver?", tg, floor=0.05, halo=1.0)   # grid 10×10×10
+    assert halo[:2].tolist() == [1.0, 1.0]
+    near, far = halo[2], halo[999]                   # one block from the liver; (9, 9, 9): 8 blocks (beyond reach)
+    assert torch.isclose(near, torch.tensor(0.05 + 0.5 * math.exp(-1.0)))
+    assert torch.isclose(far, torch.tensor(0.05 + 0.5 * math.exp(-7.0)))
+    assert torch.isclose(halo[100], near) and torch.isclose(halo[111], near)   # (1,0,0) and (1,1,1) touch it too
     none = {**tg, "organ_known": torch.zeros_like(tg["organ_known"])}
     assert not guide_target("Is there a lesion in the liver?", none, floor=0.05).any()   # still no guidance
     head = AuxHead(16, len(ORGANS))
