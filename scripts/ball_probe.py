@@ -130,7 +130,8 @@ def main(argv=None):
     ap.add_argument("--contrast", type=float, default=0.5, help="ball brightness above the 0.4 background")
     args = ap.parse_args(argv)
     ball = dict(radius=args.radius, contrast=args.contrast)
-    tok = build_tokenizer(Path(tempfile.mkdtemp()), vocab_size=400)
+    with tempfile.TemporaryDirectory() as folder:            # the tokenizer is read into memory
+        tok = build_tokenizer(Path(folder), vocab_size=400)
     n, steps = args.preset, args.steps
     print(f"joint      held-out accuracy {train_answers(new_model(n, tok), tok, steps, Balls(1, **ball), False):.3f}")
     print(f"mean-head  held-out accuracy {train_head(new_model(n, tok), 'mean', steps // 2, Balls(2, **ball)):.3f}")

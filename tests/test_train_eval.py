@@ -18,7 +18,8 @@ def _torchrun(args, tmp_path, timeout=600):
     """Two CPU processes under torchrun. A collective that waits 120 s fails (the workers' process
     group timeout) and the whole process tree is killed at ``timeout``: a hang fails the test with
     the workers' output instead of holding CI, and leaves no worker behind."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PHOTON_DIST_TIMEOUT="120")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PHOTON_DIST_TIMEOUT="120",
+               TMPDIR=str(tmp_path))                      # torchrun's per-run log folders stay there
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"] + args
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
