@@ -35,6 +35,7 @@ from photon_core.config import PhotonConfig, VisionConfig  # noqa: E402
 from photon_core.model import PhotonModel  # noqa: E402
 from photon_core.preprocess import patchify  # noqa: E402
 from photon_core.scheduler import Budget  # noqa: E402
+from photon_core.train import preset_config  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 HBM = {"H100": 3.35e12, "H200": 4.8e12}
@@ -43,12 +44,8 @@ HBM = {"H100": 3.35e12, "H200": 4.8e12}
 def model_cfg(temporal_patch: int, in_chans: int, smoke: bool = False) -> PhotonConfig:
     """The official 3B shape (the design brief's config), or a tiny one with the same vocabulary and
     special tokens for --smoke."""
-    if smoke:
-        return PhotonConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                            num_key_value_heads=1, mrope_section=[2, 3, 3],
-                            vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                                                out_hidden_size=32, fullatt_block_indexes=[1],
-                                                temporal_patch_size=temporal_patch, in_chans=in_chans))
+    if smoke:   # the tests' tiny model, with the official vocabulary and special tokens (the defaults)
+        return preset_config("tiny", vision=dict(temporal_patch_size=temporal_patch, in_chans=in_chans))
     return PhotonConfig(vision=VisionConfig(temporal_patch_size=temporal_patch, in_chans=in_chans,
                                             intermediate_size=3420))
 

@@ -90,15 +90,22 @@ def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
                   vision_end_token_id=ids["<|vision_end|>"], vision_token_id=ids["<|vision_pad|>"],
                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   max_position_embeddings=4096, model_name="Photon demo (synthetic findings)")
+    return preset_config(preset, **common)
+
+
+def preset_config(preset: str, vision: dict | None = None, **kw) -> PhotonConfig:
+    """The tiny (tests) or demo model's sizes; ``vision`` and ``kw`` add to / override them."""
     if preset == "tiny":
-        return PhotonConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                            num_key_value_heads=1, mrope_section=[2, 3, 3],
-                            vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                                                out_hidden_size=32, fullatt_block_indexes=[1]), **common)
-    return PhotonConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
-                        num_key_value_heads=2, mrope_section=[4, 6, 6],
-                        vision=VisionConfig(depth=4, hidden_size=96, num_heads=4, intermediate_size=192,
-                                            out_hidden_size=128, fullatt_block_indexes=[1, 3]), **common)
+        llm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                   num_key_value_heads=1, mrope_section=[2, 3, 3])
+        vis = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
+                   fullatt_block_indexes=[1])
+    else:
+        llm = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+                   num_key_value_heads=2, mrope_section=[4, 6, 6])
+        vis = dict(depth=4, hidden_size=96, num_heads=4, intermediate_size=192, out_hidden_size=128,
+                   fullatt_block_indexes=[1, 3])
+    return PhotonConfig(**{**llm, **kw}, vision=VisionConfig(**{**vis, **(vision or {})}))
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
