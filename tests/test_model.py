@@ -399,5 +399,5 @@ def test_vision_tower_sees_each_depth_slab_alone(tiny_model_dir):
         whole = model.encode_volume(*patchify(frames[:, None]))
         middle = model.encode_volume(*patchify(frames[14:28, None]))
     per_slab = whole.shape[0] // 3
-    torch.testing.assert_close(middle, whole[per_slab:2 * per_slab], rtol=0, atol=1e-6)
+    torch.testing.assert_close(middle, whole[per_slab:2 * per_slab], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(middle, whole[:per_slab])
