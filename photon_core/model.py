@@ -397,6 +397,7 @@ class PhotonModel(nn.Module):
         self.phase = 3               # training phase used in train mode (1, 2, 3)
         self.band = (0.3, 0.8)       # retention band (official values) for the mean keep probability
         self.guide_weight = 0.1      # weight of the optional training-only saliency guidance
+        self.keep_guide_weight = 0.0  # weight of the optional training-only keep-set guidance
 
     @property
     def its_layer(self) -> int:
@@ -518,7 +519,8 @@ class PhotonModel(nn.Module):
                 grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 budget: its.Budget | list | None = None, use_cache: bool = False,
                 use_its: bool = True, flip: bool = False, robust: bool = False,
-                row_scan: list | None = None, saliency_target: torch.Tensor | None = None) -> Output:
+                row_scan: list | None = None, saliency_target: torch.Tensor | None = None,
+                keep_target: torch.Tensor | None = None) -> Output:
         """Prefill (eval) or training forward. ``features`` = cached `encode_volume` output for the
         whole batch (concatenated in row order); else ``pixel_values``/``grid_thw`` are encoded.
 
@@ -569,10 +571,12 @@ class PhotonModel(nn.Module):
                 h, kv = layer(h, cos, sin, allowed, plain, qkv_out=qk)
                 if use_cache:
                     caches.append(kv)
-                guide = saliency_target is not None and self.training
+                guide = self.training and (saliency_target is not None or keep_target is not None)
                 state = self._its(qk[0], qk[1], vision, question, key_valid, budget, saliency_graph=guide)
-                if guide:
+                if guide and saliency_target is not None:
                     losses["guide"] = self._guide_loss(state.u_graph, saliency_target)
+                if guide and keep_target is not None and self.phase > 1:
+                    losses["keep_guide"] = self._keep_guide_loss(state.u_graph, state.theta, keep_target)
                 h, kv_state = self._apply_its(h, state, vision, key_valid, flip, losses)
                 if kv_state is not None:
                     idx, valid = kv_state
@@ -638,6 +642,22 @@ class PhotonModel(nn.Module):
             return u.new_zeros(())
         t = t[rows] / t[rows].sum(-1, keepdim=True)
         return self.guide_weight * -(t * u[rows].float().log_softmax(-1)).sum(-1).mean()
+
+    def _keep_guide_loss(self, u: torch.Tensor, theta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """BCE of the keep probabilities σ((minmax(u) − θ)/T), u with its graph, against a 0/1 keep target
+        over visual tokens (training only): it moves the ranking of the tokens as well as θ. Class-balanced;
+        rows with an all-zero target are skipped."""
+        t = target.to(u.device).float()
+        rows = t.sum(-1) > 0
+        if not bool(rows.any()):
+            return u.new_zeros(())
+        logit = (its.minmax(u[rows].float()) - theta[rows, None].float()) / its.TEMPERATURE
+        t = t[rows]
+        bce = F.binary_cross_entropy_with_logits(logit, t, reduction="none")
+        # balanced: the target tokens and the others weigh half each, else θ rising above all is cheapest
+        pos = (bce * t).sum(-1) / t.sum(-1)
+        neg = (bce * (1 - t)).sum(-1) / (1 - t).sum(-1).clamp_min(1)
+        return self.keep_guide_weight * 0.5 * (pos + neg).mean()
 
     def _apply_its(self, h, state: ITSState, vision, key_valid, flip, losses):
         """Apply the decision at the ITS layer output. Returns h and (idx, valid) if tokens dropped."""

@@ -62,6 +62,10 @@ class TrainConfig:
     guide_halo: float = 0.0                # > 0: blocks near the asked organ weigh more in the guidance target
                                            # (0.5·exp(−distance / halo), distance in blocks), so what is kept
                                            # beyond the organ depends on the question too
+    keep_guide: float = 0.0                # training-only weight of a BCE pulling the keep probabilities
+                                           # σ((ρ − θ)/T) of each question toward its keep target (0 = off)
+    keep_guide_frac: float = 0.15          # that target: the asked organ's blocks and the blocks nearest
+                                           # them, this share of the visual tokens in all
     aux: float = 0.0                       # training-only token supervision weight (0 = off; demo: 0.5)
     downsample: float = 1.0                # curriculum: shrink the model-space volume by this factor
                                            # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
@@ -227,6 +231,23 @@ def guide_target(question: str, targets: dict, floor: float = 0.0, halo: float =
     return out
 
 
+def keep_target(question: str, targets: dict, frac: float, grid: tuple = TOKEN_GRID) -> torch.Tensor:
+    """The token blocks a question should keep: its target blocks (the asked organ's, or the findings'
+    when it names none; see `guide_target`) and, nearest first (Euclidean, in blocks), the blocks
+    around them until ``frac`` of all blocks are chosen. Zeros = no target (the row is skipped)."""
+    t = _guide_blocks(question, targets) > 0
+    if not bool(t.any()):
+        return torch.zeros(t.shape[0], device=t.device)
+    n = max(int(t.sum()), round(frac * t.numel()))
+    zz, yy, xx = torch.meshgrid(*(torch.arange(g, device=t.device, dtype=torch.float32) for g in grid),
+                                indexing="ij")
+    pos = torch.stack([zz, yy, xx], -1).reshape(-1, 3)
+    d = torch.cdist(pos, pos[t]).min(-1).values
+    out = torch.zeros(t.shape[0], device=t.device)
+    out[torch.sort(d, stable=True).indices[:n]] = 1.0
+    return out
+
+
 def _block_distance(mask: torch.Tensor, grid: tuple, reach: int = 6) -> torch.Tensor:
     """Chebyshev distance in blocks from each block of the flat ``mask`` (on ``grid``) to the nearest
     True block, by repeated 3×3×3 dilation; blocks farther than ``reach`` get ``reach`` + 1."""
@@ -373,6 +394,7 @@ def train(cfg: TrainConfig) -> Path:
     if start and (ckpt / "optimizer.safetensors").is_file():
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
     model.guide_weight = cfg.guide
+    model.keep_guide_weight = cfg.keep_guide
     trainee = Trainee(model, aux, cfg.aux)
     ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
     gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device,
@@ -389,14 +411,14 @@ def train(cfg: TrainConfig) -> Path:
         lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * max(lr_scale, 0.05)
-        rows, labels_list, row_scan, scans, tgs, guides = [], [], [], [], [], []
+        rows, labels_list, row_scan, scans, tgs, guides, keeps = [], [], [], [], [], [], []
         robust = rng.random() < cfg.robust_prob
         flip = (model.phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
         temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs (equal token counts)
         counterfactual = (cfg.counterfactual > 0 and not (temporal or robust)
                           and rng.random() < cfg.counterfactual)
-        supervise = cfg.aux > 0 or cfg.guide > 0
+        supervise = cfg.aux > 0 or cfg.guide > 0 or cfg.keep_guide > 0
 
         def units():
             """(scans of one prompt, their finding maps, organs, qa to pick from or the questions),
@@ -437,6 +459,8 @@ def train(cfg: TrainConfig) -> Path:
                 if tg is not None and not robust:
                     guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor, cfg.guide_halo, token_grid)
                                             for t in tg]))
+                    keeps.append(torch.cat([keep_target(q["question"], t, cfg.keep_guide_frac, token_grid)
+                                           for t in tg]))
                 ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=n_visual if temporal else 0)
                 rows.append(ids)
                 labels_list.append([-100] * a0 + ids[a0:])
@@ -450,6 +474,7 @@ def train(cfg: TrainConfig) -> Path:
             kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pv, grid_thw=grid,
                       row_scan=row_scan, labels=labels.to(device), flip=flip, robust=robust,
                       saliency_target=torch.stack(guides).to(device) if guides and cfg.guide > 0 else None,
+                      keep_target=torch.stack(keeps).to(device) if keeps and cfg.keep_guide > 0 else None,
                       token_targets=tgs if len(tgs) == len(scans) and aux is not None else None)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outp = ddp(**kw)

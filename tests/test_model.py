@@ -288,6 +288,58 @@ def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):
     assert "guide" not in m(ids, features=feats, grid_thw=grid).losses
 
 
+def test_keep_guidance_moves_the_kept_set_to_the_target(tiny_model_dir):
+    """Training-only keep-set guidance: steps on its BCE alone move the tokens ITS keeps at the auto
+    budget onto the target (ranking and θ both train); it needs a phase with a decision (> 1)."""
+    m = load_model(tiny_model_dir, "cpu", torch.float32)
+    tok = Tokenizer(tiny_model_dir)
+    m.train()
+    m.phase, m.keep_guide_weight = 3, 1.0
+    ids = torch.tensor([tok.prompt("Is there a lesion in the liver?", 1000)[0]])
+    from photon_core.preprocess import patchify
+    pv, grid = patchify(_frames())
+    target = torch.zeros(1, 1000)
+    target[0, 300:450] = 1.0
+    with torch.no_grad():
+        feats = m.encode_volume(pv, grid)
+
+    def overlap():
+        keep = m(ids, features=feats, grid_thw=grid, keep_target=target).its.keep[0]
+        return float((keep & (target[0] > 0)).sum() / (keep | (target[0] > 0)).sum().clamp_min(1))
+
+    before = overlap()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(20):
+        out = m(ids, features=feats, grid_thw=grid, keep_target=target)
+        opt.zero_grad()
+        out.losses["keep_guide"].backward()
+        opt.step()
+    after = overlap()
+    assert after > before + 0.2, (before, after)
+    m.phase = 1
+    assert "keep_guide" not in m(ids, features=feats, grid_thw=grid, keep_target=target).losses
+
+
+def test_keep_target_is_the_organ_and_its_nearest_blocks():
+    from photon_core.train import keep_target, token_targets
+    organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
+              "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
+    organs["liver"][:28, :56, :56] = True                  # blocks (0-1, 0-1, 0-1): 8 blocks at a corner
+    organs["left kidney"][112:, 224:, 224:] = True         # the opposite corner, 8 blocks
+    tg = token_targets(organs, torch.zeros(140, 280, 280))
+    liver = keep_target("Is there a lesion in the liver?", tg, 0.1)
+    kidney = keep_target("Is there a cyst in the left kidney?", tg, 0.1)
+    assert int(liver.sum()) == 100 and int(kidney.sum()) == 100
+    assert liver[0] == 1 and liver[111] == 1 and kidney[999] == 1 and kidney[888] == 1
+    assert not (liver.bool() & kidney.bool()).any()        # two far organs: disjoint targets
+    zz, yy, xx = torch.meshgrid(*(torch.arange(10.0),) * 3, indexing="ij")
+    d = (torch.stack([zz, yy, xx], -1).reshape(-1, 3) - 1).clamp_min(0).norm(dim=-1)   # distance to the liver
+    assert float(d[liver.bool()].max()) <= float(d[~liver.bool()].min())               # nearest first
+    assert int(keep_target("Is there a lesion in the liver?", tg, 0.001).sum()) == 8   # never fewer than the organ
+    none = {**tg, "organ_known": torch.zeros_like(tg["organ_known"])}
+    assert not keep_target("Is there a lesion in the liver?", none, 0.1).any()       # no target: row skipped
+
+
 def test_token_targets_and_guide_targets_follow_the_question():
     from photon_core.train import AuxHead, guide_target, token_targets
     from photon_core.data import ORGANS
