@@ -310,6 +310,27 @@ def test_organ_probe(tiny_model_dir, capsys):
     assert "token R²" in capsys.readouterr().out
 
 
+def test_feature_rank(tiny_model_dir, capsys):
+    """scripts/feature_rank.py: the spectrum tells one direction from many, the question dependence
+    tells one ranking for every question from rankings that differ; the script runs on a model."""
+    import numpy as np
+    import torch
+    mod = _script("feature_rank")
+    g = torch.Generator().manual_seed(0)
+    line = 5.0 + torch.randn(300, 1, generator=g) * torch.randn(1, 16, generator=g)     # tokens on one line
+    spread = torch.randn(300, 16, generator=g)
+    assert mod.spectrum(line)["top1"] > 0.999 and mod.spectrum(spread)["top1"] < 0.2
+    assert mod.spectrum(line)["mean_share"] > mod.spectrum(spread)["mean_share"]
+    base = np.random.default_rng(0).random(1000)
+    corr, share = mod.question_dependence(np.stack([base, 2 * base + 1, 0.5 * base]))   # affine: same ranking
+    assert corr > 0.999
+    corr, share = mod.question_dependence(np.random.default_rng(1).random((3, 1000)))
+    assert abs(corr) < 0.1 and share > 0.5
+    out = mod.main(["--model", str(tiny_model_dir), "--scans", "2"])
+    assert out and all(-1 <= v["corr"] <= 1 and 0 <= v["tokens_top1"] <= 1 for v in out.values())
+    assert "question-dependent variance share" in capsys.readouterr().out
+
+
 def test_blob_scores_mark_a_ball():
     """detect_probe's classical reference: a bright ball in a flat volume scores highest in its block."""
     import torch
