@@ -357,12 +357,12 @@ def train(cfg: TrainConfig) -> Path:
         if world > 1:
             dist.barrier()
         tok = Tokenizer(final)
-        mcfg = model_config(cfg.preset, tok.vocab_size, tok)
         torch.manual_seed(cfg.seed)
-        model = PhotonModel(mcfg)
-        model.init_weights(0.02)
-        if cfg.init_from:
-            model.load_state_dict(load_model(Path(cfg.init_from), "cpu", torch.float32).state_dict())
+        if cfg.init_from:      # its weights and its configuration (e.g. rope_theta), not the preset's
+            model = load_model(Path(cfg.init_from), "cpu", torch.float32)
+        else:
+            model = PhotonModel(model_config(cfg.preset, tok.vocab_size, tok))
+            model.init_weights(0.02)
         start, state = 0, {}
     model.to(device).train()
     model.reset_buffers()

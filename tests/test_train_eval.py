@@ -108,6 +108,8 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
     r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(a), "--steps", "2", "--downsample", "2.5",
                         *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    cfg_a = json.loads((a / "model" / "config.json").read_text())
+    (a / "model" / "config.json").write_text(json.dumps({**cfg_a, "rope_theta": 10.0}))   # not the preset's
     r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(b), "--steps", "2", "--init-from",
                         str(a / "model"), "--phase2-start", "0", "--phase3-start", "0.5", "--keep-guide", "1", *common],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -118,6 +120,7 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
     from safetensors.torch import load_file
     wa = load_file(str(a / "model" / "model.safetensors"))
     assert (b / "model" / "tokenizer.json").read_bytes() == (a / "model" / "tokenizer.json").read_bytes()
+    assert json.loads((b / "model" / "config.json").read_text())["rope_theta"] == 10.0   # A's configuration kept
     # stage B started from stage A: after 2 small steps its weights are still close to A's, far from a fresh init
     wb = load_file(str(b / "model" / "model.safetensors"))
     k = "visual.vision_patch_embed.proj.weight"
