@@ -573,11 +573,13 @@ class PhotonModel(nn.Module):
                 h, kv = layer(h, cos, sin, allowed, plain, qkv_out=qk)
                 if use_cache:
                     caches.append(kv)
-                guide = self.training and (saliency_target is not None or keep_target is not None)
-                state = self._its(qk[0], qk[1], vision, question, key_valid, budget, saliency_graph=guide)
-                if guide and saliency_target is not None:
+                guide = self.training and saliency_target is not None
+                keep_guide = self.training and keep_target is not None and self.phase > 1
+                state = self._its(qk[0], qk[1], vision, question, key_valid, budget,
+                                  saliency_graph=guide or keep_guide)
+                if guide:
                     losses["guide"] = self._guide_loss(state.u_graph, saliency_target)
-                if guide and keep_target is not None and self.phase > 1:
+                if keep_guide:
                     losses["keep_guide"] = self._keep_guide_loss(state.u_graph, state.theta, keep_target)
                 h, kv_state = self._apply_its(h, state, vision, key_valid, flip, losses)
                 if kv_state is not None:

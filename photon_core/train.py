@@ -456,9 +456,10 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.vision_only:
                 continue
             for q in questions if questions is not None else pick_questions(qa, cfg.questions_per_scan, rng):
-                if tg is not None and not robust:
+                if tg is not None and not robust and cfg.guide > 0:
                     guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor, cfg.guide_halo, token_grid)
                                             for t in tg]))
+                if tg is not None and not robust and cfg.keep_guide > 0:
                     keeps.append(torch.cat([keep_target(q["question"], t, cfg.keep_guide_frac, token_grid)
                                            for t in tg]))
                 ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=n_visual if temporal else 0)
@@ -473,8 +474,8 @@ def train(cfg: TrainConfig) -> Path:
             ids, mask, labels = batch_prompts(rows, model.config.pad_token_id, labels_list)
             kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pv, grid_thw=grid,
                       row_scan=row_scan, labels=labels.to(device), flip=flip, robust=robust,
-                      saliency_target=torch.stack(guides).to(device) if guides and cfg.guide > 0 else None,
-                      keep_target=torch.stack(keeps).to(device) if keeps and cfg.keep_guide > 0 else None,
+                      saliency_target=torch.stack(guides).to(device) if guides else None,
+                      keep_target=torch.stack(keeps).to(device) if keeps else None,
                       token_targets=tgs if len(tgs) == len(scans) and aux is not None else None)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outp = ddp(**kw)

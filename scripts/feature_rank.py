@@ -25,10 +25,8 @@ import statistics
 import numpy as np
 import torch
 
-from photon_core.checkpoint import load_model
 from photon_core.data import DemoGenerator
 from photon_core.predictor import DEMO_MODEL, Predictor
-from photon_core.preprocess import patchify
 
 
 def spectrum(x: torch.Tensor) -> dict:
@@ -54,26 +52,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     folder = args.model or DEMO_MODEL
-    model = load_model(folder, "cpu", torch.float32).eval()
     pred = Predictor(folder, device="cpu")
-    hidden = {}
-    model.visual.merger.register_forward_hook(lambda mod, inp, out: hidden.__setitem__("x", inp[0]))
+    hidden = {}          # the merger's input, caught as set_volume encodes; its output is pred.features
+    pred.model.visual.merger.register_forward_hook(lambda mod, inp, out: hidden.__setitem__("x", inp[0]))
     gen = DemoGenerator("test", seed=args.seed)
     rows: dict[str, list] = {}
     for _ in range(args.scans):
         frames, _, meta, organs = gen.sample()
         body = "chest" if meta["background"].startswith("chest") else "abdomen"
-        with torch.no_grad():
-            tokens = model.encode_volume(*patchify(frames[:, None]))
         names = [o for o, m in organs.items() if bool(m.any())]
         questions = [f"Is there a lesion in the {o}?" for o in names]
         pred.set_volume(frames)
+        tokens, tower = pred.features.float(), hidden["x"].float()
         rho = np.stack([pred.ask(q, max_new_tokens=1).rho.ravel() for q in questions])
         pred.set_volume(torch.rand_like(frames))
         noise = np.stack([pred.ask(q, max_new_tokens=1).rho.ravel() for q in questions])
         corr, share = question_dependence(rho)
         rows.setdefault(body, []).append(dict(
-            tokens=spectrum(tokens), hidden=spectrum(hidden["x"]), corr=corr, share=share,
+            tokens=spectrum(tokens), hidden=spectrum(tower), corr=corr, share=share,
             noise=float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(rho, noise)]))))
     mean = lambda xs: statistics.mean(xs)  # noqa: E731
     print(f"model: {folder}")
