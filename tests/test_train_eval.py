@@ -329,9 +329,17 @@ def test_feature_rank(tiny_model_dir, capsys):
     assert corr > 0.999
     corr, share = mod.question_dependence(np.random.default_rng(1).random((3, 1000)))
     assert abs(corr) < 0.1 and share > 0.5
+    assert mod.pairwise_cosine(torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])) == pytest.approx(1 / 3)
+    keep = np.zeros(10, bool)
+    keep[:4] = True
+    assert mod.mean_pair_jaccard([keep, keep, ~keep]) == [1.0, 0.0, 0.0]
     out = mod.main(["--model", str(tiny_model_dir), "--scans", "2"])
     assert out and all(-1 <= v["corr"] <= 1 and 0 <= v["tokens_top1"] <= 1 for v in out.values())
-    assert "question-dependent variance share" in capsys.readouterr().out
+    for v in out.values():
+        assert 0 <= v["jaccard"] <= 1 and 0 <= v["cover"] <= 1 and 0 < v["kept"] <= 1000
+        assert v["state_norm"] > 0 and v["embed_norm"] > 0 and -1 <= v["embed_cos"] <= 1
+    printed = capsys.readouterr().out
+    assert "question-dependent variance share" in printed and "Jaccard of two organ prompts" in printed
 
 
 def test_blob_scores_mark_a_ball():
