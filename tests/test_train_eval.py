@@ -342,6 +342,28 @@ def test_feature_rank(tiny_model_dir, capsys):
     assert "question-dependent variance share" in printed and "Jaccard of two organ prompts" in printed
 
 
+def test_key_bound(tiny_model_dir, capsys):
+    """scripts/key_bound.py: a ridge fit finds a set that a feature marks, top-k keeps k, the bound of
+    two organs told apart by a feature is low and of two organs on one feature high; runs on a model."""
+    import numpy as np
+    mod = _script("key_bound")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    a, b = mod.top(x[:, 0], 30), mod.top(x[:, 1], 30)          # two organs of 30 blocks, two features
+    assert mod.top(mod.ridge(x, a.astype(float))(x), int(a.sum()))[a].mean() > 0.8
+    assert mod.top(np.arange(10.0), 3).tolist() == [False] * 7 + [True] * 3
+    scan = dict(keys=x, tokens=x, rho={"p": x[:, 2], "q": x[:, 2]}, target={"p": a, "q": b}, blocks={"p": a, "q": b})
+    far = mod.bound([scan], "keys", "best, this scan")
+    same = mod.bound([scan], "keys", "model")                  # one ρ for both organs: the same set
+    assert same["jaccard"] == 1.0 and far["jaccard"] < 0.3 and far["cover"] > 0.8
+    assert far["target_jaccard"] == same["target_jaccard"] < 0.3 and far["pairs"] == 1
+    out = mod.main(["--model", str(tiny_model_dir), "--scans", "2"])
+    for body in out.values():
+        for modes in body.values():
+            assert all(0 <= r["jaccard"] <= 1 and 0 <= r["cover"] <= 1 for r in modes.values())
+    assert "one per organ" in capsys.readouterr().out
+
+
 def test_blob_scores_mark_a_ball():
     """detect_probe's classical reference: a bright ball in a flat volume scores highest in its block."""
     import torch
