@@ -398,6 +398,7 @@ class PhotonModel(nn.Module):
         self.band = (0.3, 0.8)       # retention band (official values) for the mean keep probability
         self.guide_weight = 0.1      # weight of the optional training-only saliency guidance
         self.keep_guide_weight = 0.0  # weight of the optional training-only keep-set guidance
+        self.contrast_guide_weight = 0.0  # weight of the optional training-only pairwise contrast of questions
 
     @property
     def its_layer(self) -> int:
@@ -574,13 +575,18 @@ class PhotonModel(nn.Module):
                 if use_cache:
                     caches.append(kv)
                 guide = self.training and saliency_target is not None
-                keep_guide = self.training and keep_target is not None and self.phase > 1
+                keep_guide = (self.training and keep_target is not None and self.phase > 1
+                              and self.keep_guide_weight > 0)
+                contrast = (self.training and keep_target is not None and row_scan is not None
+                            and self.contrast_guide_weight > 0)
                 state = self._its(qk[0], qk[1], vision, question, key_valid, budget,
-                                  saliency_graph=guide or keep_guide)
+                                  saliency_graph=guide or keep_guide or contrast)
                 if guide:
                     losses["guide"] = self._guide_loss(state.u_graph, saliency_target)
                 if keep_guide:
                     losses["keep_guide"] = self._keep_guide_loss(state.u_graph, state.theta, keep_target)
+                if contrast:
+                    losses["contrast"] = self._contrast_loss(state.u_graph, keep_target, row_scan)
                 h, kv_state = self._apply_its(h, state, vision, key_valid, flip, losses)
                 if kv_state is not None:
                     idx, valid = kv_state
@@ -662,6 +668,33 @@ class PhotonModel(nn.Module):
         pos = (bce * t).sum(-1) / t.sum(-1)
         neg = (bce * (1 - t)).sum(-1) / (1 - t).sum(-1).clamp_min(1)
         return self.keep_guide_weight * 0.5 * (pos + neg).mean()
+
+    def _contrast_loss(self, u: torch.Tensor, target: torch.Tensor, row_scan: list,
+                       tau: float = 0.1) -> torch.Tensor:
+        """Pairwise contrast of two questions on the same scan (training only): on the tokens the first
+        question's keep target holds and the second's does not, the first's ρ = minmax(u) should be the
+        higher (logistic, temperature ``tau``), and the other way round. What every question shares
+        (the words they have in common, the tissue every target holds) cancels in the difference, so
+        only what tells the questions apart learns. Rows with an all-zero target are skipped."""
+        t = target.to(u.device).bool()
+        rho = its.minmax(u.float())
+        groups: dict = {}
+        for b, r in enumerate(row_scan):
+            if bool(t[b].any()):
+                groups.setdefault(tuple(r) if isinstance(r, (list, tuple)) else (r,), []).append(b)
+        terms = []
+        for rows in groups.values():
+            for n, i in enumerate(rows):
+                for j in rows[n + 1:]:
+                    d = (rho[i] - rho[j]) / tau
+                    only_i, only_j = t[i] & ~t[j], t[j] & ~t[i]
+                    if bool(only_i.any()):
+                        terms.append(F.softplus(-d[only_i]).mean())
+                    if bool(only_j.any()):
+                        terms.append(F.softplus(d[only_j]).mean())
+        if not terms:
+            return u.new_zeros(())
+        return self.contrast_guide_weight * torch.stack(terms).mean()
 
     def _apply_its(self, h, state: ITSState, vision, key_valid, flip, losses):
         """Apply the decision at the ITS layer output. Returns h and (idx, valid) if tokens dropped."""

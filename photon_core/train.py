@@ -66,6 +66,9 @@ class TrainConfig:
                                            # σ((ρ − θ)/T) of each question toward its keep target (0 = off)
     keep_guide_frac: float = 0.15          # that target: the asked organ's blocks and the blocks nearest
                                            # them, this share of the visual tokens in all
+    contrast_guide: float = 0.0            # training-only weight of a pairwise contrast of two questions on
+                                           # one scan: where one's keep target holds and the other's not,
+                                           # its ρ should be the higher (what they share cancels; 0 = off)
     aux: float = 0.0                       # training-only token supervision weight (0 = off; demo: 0.5)
     downsample: float = 1.0                # curriculum: shrink the model-space volume by this factor
                                            # (2.5 → 56×112×112, 64 visual tokens); 1 = the real geometry
@@ -395,6 +398,7 @@ def train(cfg: TrainConfig) -> Path:
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
     model.guide_weight = cfg.guide
     model.keep_guide_weight = cfg.keep_guide
+    model.contrast_guide_weight = cfg.contrast_guide
     trainee = Trainee(model, aux, cfg.aux)
     ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
     gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device,
@@ -418,7 +422,8 @@ def train(cfg: TrainConfig) -> Path:
         temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs (equal token counts)
         counterfactual = (cfg.counterfactual > 0 and not (temporal or robust)
                           and rng.random() < cfg.counterfactual)
-        supervise = cfg.aux > 0 or cfg.guide > 0 or cfg.keep_guide > 0
+        keep_targets = cfg.keep_guide > 0 or cfg.contrast_guide > 0
+        supervise = cfg.aux > 0 or cfg.guide > 0 or keep_targets
 
         def units():
             """(scans of one prompt, their finding maps, organs, qa to pick from or the questions),
@@ -459,7 +464,7 @@ def train(cfg: TrainConfig) -> Path:
                 if tg is not None and not robust and cfg.guide > 0:
                     guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor, cfg.guide_halo, token_grid)
                                             for t in tg]))
-                if tg is not None and not robust and cfg.keep_guide > 0:
+                if tg is not None and not robust and keep_targets:
                     keeps.append(torch.cat([keep_target(q["question"], t, cfg.keep_guide_frac, token_grid)
                                            for t in tg]))
                 ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=n_visual if temporal else 0)

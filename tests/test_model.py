@@ -320,6 +320,42 @@ def test_keep_guidance_moves_the_kept_set_to_the_target(tiny_model_dir):
     assert "keep_guide" not in m(ids, features=feats, grid_thw=grid, keep_target=target).losses
 
 
+def test_contrast_guidance_tells_two_questions_apart(tiny_model_dir):
+    """Training-only pairwise contrast: steps on it alone make each of two questions on the same scan
+    rank the tokens only its own keep target holds above where the other question ranks them; rows of
+    different scans, or with the same target, give no term."""
+    m = load_model(tiny_model_dir, "cpu", torch.float32)
+    tok = Tokenizer(tiny_model_dir)
+    m.train()
+    m.contrast_guide_weight = 1.0
+    from photon_core.preprocess import patchify
+    ids, mask, _ = batch_prompts([tok.prompt(q, 1000)[0] for q in ("Is there a lesion in the liver?",
+                                                                    "Is there a lesion in the spleen?")], 0)
+    pv, grid = patchify(_frames())
+    with torch.no_grad():
+        feats = m.encode_volume(pv, grid).repeat(2, 1)
+    target = torch.zeros(2, 1000)
+    target[0, 200:350], target[1, 600:750] = 1.0, 1.0
+    kw = dict(attention_mask=mask, features=feats, grid_thw=grid, keep_target=target, row_scan=[0, 0])
+
+    def apart():
+        d = m(ids, **kw).its.rho[0] - m(ids, **kw).its.rho[1]
+        return float(d[200:350].mean()), float(-d[600:750].mean())     # each question's lead on its own
+
+    lead = apart()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(40):
+        out = m(ids, **kw)
+        opt.zero_grad()
+        out.losses["contrast"].backward()
+        opt.step()
+    lead2 = apart()
+    assert lead2[0] > lead[0] + 0.1 and lead2[1] > lead[1] + 0.1, (lead, lead2)
+    assert float(m(ids, **{**kw, "row_scan": [0, 1]}).losses["contrast"]) == 0.0          # different scans
+    same = target[:1].repeat(2, 1)
+    assert float(m(ids, **{**kw, "keep_target": same}).losses["contrast"]) == 0.0        # nothing to tell apart
+
+
 def test_keep_target_is_the_organ_and_its_nearest_blocks():
     from photon_core.train import keep_target, token_targets
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),

@@ -111,12 +111,14 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
     cfg_a = json.loads((a / "model" / "config.json").read_text())
     (a / "model" / "config.json").write_text(json.dumps({**cfg_a, "rope_theta": 10.0}))   # not the preset's
     r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(b), "--steps", "2", "--init-from",
-                        str(a / "model"), "--phase2-start", "0", "--phase3-start", "0.5", "--keep-guide", "1", *common],
+                        str(a / "model"), "--phase2-start", "0", "--phase3-start", "0.5", "--keep-guide", "1",
+                        "--contrast-guide", "1", *common],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert [x["phase"] for x in lines] == [2, 3] and all(x["loss"] == x["loss"] for x in lines)
-    assert all("aux" in x and "guide" in x and "keep_guide" in x for x in lines if not x["robust"])   # training-only terms
+    assert all("aux" in x and "guide" in x and "keep_guide" in x and "contrast" in x
+               for x in lines if not x["robust"])                                                  # training-only terms
     from safetensors.torch import load_file
     wa = load_file(str(a / "model" / "model.safetensors"))
     assert (b / "model" / "tokenizer.json").read_bytes() == (a / "model" / "tokenizer.json").read_bytes()
