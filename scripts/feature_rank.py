@@ -19,8 +19,8 @@ For test-split scans of the demo generator, per background (abdominal, chest):
 * the question's words where ITS reads them (the ITS layer's input): the question tokens' mean hidden
   norm against their embeddings', and the mean pairwise cosine of the organ questions' mean question
   states beside the same cosine of their mean embeddings (the questions differ only in the organ's
-  words, so the embeddings' cosine is the floor) — a state cosine near 1 far above the floor means
-  the words are swamped before ITS reads them.
+  words, so the embeddings' cosine is the reference) — a state cosine near 1 far above it would mean
+  the words are swamped before ITS reads them (on the demo model it is not: the two are alike).
 
     python scripts/feature_rank.py                     # shipped model, 6 test scans
     python scripts/feature_rank.py --model runs/x/model --scans 12
