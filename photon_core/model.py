@@ -532,7 +532,8 @@ class PhotonModel(nn.Module):
         the scans of each row in prompt order (prior, current) (several questions on one scan encode
         it once, inside this forward, as DDP needs).
         ``saliency_target`` / ``keep_target`` (B, V): training-only guidance of ITS (a distribution for
-        softmax(u); a 0/1 keep set for the keep probabilities, from phase 2 on); all-zero rows are skipped.
+        softmax(u); a 0/1 keep set for the keep probabilities, from phase 2 on, and — with ``row_scan`` — for
+        the pairwise contrast of questions on the same scan); all-zero rows are skipped.
         """
         c = self.config
         B, L = input_ids.shape
