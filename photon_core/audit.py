@@ -55,6 +55,11 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
+def pairwise_jaccard(sets: list) -> list[float]:
+    """Jaccard of every distinct pair of kept sets (e.g. two organ prompts on the same scan)."""
+    return [jaccard(sets[i], sets[j]) for i in range(len(sets)) for j in range(i + 1, len(sets))]
+
+
 _ORGAN_WORDS = {"kidney": ["kidney_left", "kidney_right"], "lung": ["lung_upper_lobe_left", "lung_lower_lobe_left",
                 "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right"]}
 

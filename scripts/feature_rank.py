@@ -33,7 +33,7 @@ import statistics
 import numpy as np
 import torch
 
-from photon_core.audit import BLOCK_FRACTION, jaccard
+from photon_core.audit import BLOCK_FRACTION, pairwise_jaccard
 from photon_core.data import ORGANS, DemoGenerator
 from photon_core.predictor import DEMO_MODEL, Predictor
 from photon_core.train import token_targets
@@ -60,10 +60,6 @@ def pairwise_cosine(x: torch.Tensor) -> float:
     x = torch.nn.functional.normalize(x.float(), dim=-1)
     c = x @ x.T
     return float(c[~torch.eye(len(x), dtype=torch.bool)].mean())
-
-
-def mean_pair_jaccard(keeps: list[np.ndarray]) -> list[float]:
-    return [jaccard(keeps[i], keeps[j]) for i in range(len(keeps)) for j in range(i + 1, len(keeps))]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.setdefault(body, []).append(dict(
             tokens=spectrum(tokens), hidden=spectrum(tower), corr=corr, share=share,
             noise=float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(rho, rho_noise)])),
-            kept=[a.kept for a in scan], jaccard=mean_pair_jaccard([a.keep_grid for a in scan]),
+            kept=[a.kept for a in scan], jaccard=pairwise_jaccard([a.keep_grid for a in scan]),
             cover=cover(scan), cover_noise=cover(noise), embed_norm=[s[0] for s in states],
             state_norm=[s[1] for s in states], state_cos=pairwise_cosine(torch.stack([s[2] for s in states])),
             embed_cos=pairwise_cosine(torch.stack([s[3] for s in states]))))

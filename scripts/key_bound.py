@@ -29,7 +29,7 @@ import argparse
 import numpy as np
 import torch
 
-from photon_core.audit import BLOCK_FRACTION, jaccard
+from photon_core.audit import BLOCK_FRACTION, pairwise_jaccard
 from photon_core.data import ORGANS, DemoGenerator
 from photon_core.predictor import DEMO_MODEL, Predictor
 from photon_core.train import keep_target, token_targets
@@ -72,10 +72,8 @@ def collect(pred: Predictor, n: int, frac: float, seed: int = 0) -> list[dict]:
             names = [o for o, m in organs.items() if bool(m.any())]
             tg = token_targets(organs, None)
             pred.set_volume(frames)
-            rho, keys = {}, None
-            for o in names:
-                rho[o] = pred.ask(f"Is there a lesion in the {o}?", max_new_tokens=1).rho.ravel()
-                keys = caught["k"].numpy()             # the same for every question (causal attention)
+            rho = {o: pred.ask(f"Is there a lesion in the {o}?", max_new_tokens=1).rho.ravel() for o in names}
+            keys = caught["k"].numpy()             # the same for every question (causal attention)
             scans.append(dict(
                 body="chest" if meta["background"].startswith("chest") else "abdomen", keys=keys,
                 tokens=pred.features.float().numpy(), rho=rho,
@@ -109,11 +107,8 @@ def bound(scans: list[dict], feature: str, mode: str) -> dict:
             sets[o] = top(score, int(y.sum()))
             if s["blocks"][o].any():
                 cover.append(float(sets[o][s["blocks"][o]].mean()))
-        names = list(sets)
-        for a in range(len(names)):
-            for b in range(a + 1, len(names)):
-                jac.append(jaccard(sets[names[a]], sets[names[b]]))
-                own.append(jaccard(s["target"][names[a]], s["target"][names[b]]))
+        jac += pairwise_jaccard(list(sets.values()))
+        own += pairwise_jaccard([s["target"][o] for o in sets])
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
     return dict(jaccard=mean(jac), target_jaccard=mean(own), pairs=len(jac), cover=mean(cover))
 

@@ -334,7 +334,7 @@ def test_feature_rank(tiny_model_dir, capsys):
     assert mod.pairwise_cosine(torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])) == pytest.approx(1 / 3)
     keep = np.zeros(10, bool)
     keep[:4] = True
-    assert mod.mean_pair_jaccard([keep, keep, ~keep]) == [1.0, 0.0, 0.0]
+    assert mod.pairwise_jaccard([keep, keep, ~keep]) == [1.0, 0.0, 0.0]
     out = mod.main(["--model", str(tiny_model_dir), "--scans", "2"])
     assert out and all(-1 <= v["corr"] <= 1 and 0 <= v["tokens_top1"] <= 1 for v in out.values())
     for v in out.values():
