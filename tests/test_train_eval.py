@@ -366,6 +366,19 @@ def test_key_bound(tiny_model_dir, capsys):
     assert "one per organ" in capsys.readouterr().out
 
 
+def test_case_answers(tiny_model_dir, capsys):
+    """scripts/case_answers.py: every suggested question of a bundled case answered through the app's
+    engine, with the kept count and the asked organ's retention from the case's label map."""
+    mod = _script("case_answers")
+    case = json.loads((ROOT / "sample_cases" / "cases.json").read_text())["cases"][0]
+    rows = mod.main(["--model", str(tiny_model_dir), "--cases", case["id"], "--budget", "25%"])
+    assert [r["question"] for r in rows] == case["questions"]
+    assert all(r["kept"] == 250 and r["answer"] for r in rows)
+    left = next(r for r in rows if "left kidney" in r["question"])
+    assert list(left["asked_organs"]) == ["kidney_left"] and 0 <= left["asked_organs"]["kidney_left"] <= 1
+    assert "| asked organ's blocks kept |" in capsys.readouterr().out
+
+
 def test_blob_scores_mark_a_ball():
     """detect_probe's classical reference: a bright ball in a flat volume scores highest in its block."""
     import torch
