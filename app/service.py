@@ -28,10 +28,10 @@ from photon_core.volume import Limits, Volume, VolumeError, load_label_map, load
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_cases"
 # What a user of the embedded model must know when reading its answer and its kept blocks (measured
-# in photon_core/demo_model/MODEL_CARD.md): it answers from priors, and where it looks is a place
-# learned for the organ's name (the same blocks on noise), not the organ found in this scan.
-DEMO_NOTICE = ("demo model trained on synthetic findings; its answers are priors and its kept blocks a place "
-               "learned per organ name, not what it found (see the model card) — not for clinical use")
+# in photon_core/demo_model/MODEL_CARD.md): it answers from priors, and where it looks is partly a
+# place learned for the organ's name (on noise it still keeps two thirds of an abdominal organ's blocks).
+DEMO_NOTICE = ("demo model trained on synthetic findings; its answers are priors and its kept blocks partly a "
+               "place learned per organ name, not only what it found (see the model card) — not for clinical use")
 
 
 def volume_key(vol: Volume) -> str:
