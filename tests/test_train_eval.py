@@ -377,6 +377,8 @@ def test_case_answers(tiny_model_dir, capsys):
     left = next(r for r in rows if "left kidney" in r["question"])
     assert list(left["asked_organs"]) == ["kidney_left"] and 0 <= left["asked_organs"]["kidney_left"] <= 1
     assert "| asked organ's blocks kept |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):                            # an unknown case id is an error, not an empty table
+        mod.main(["--model", str(tiny_model_dir), "--cases", "no_such_case"])
 
 
 def test_blob_scores_mark_a_ball():
