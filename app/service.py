@@ -229,12 +229,16 @@ class Engine:
     def retention(self, s: Session, ans) -> dict[str, float]:
         return organ_retention(s.blocks, ans.keep_grid.ravel()) if s.blocks else {}
 
+    def asked_retention(self, s: Session, question: str, ans) -> dict[str, float]:
+        """Share of each organ the question names (and the label map holds) whose blocks were kept."""
+        if not s.blocks:
+            return {}
+        ret = self.retention(s, ans)
+        return {n: ret[n] for n in organs_in_question(question, list(s.blocks)) if n in ret}
+
     def warning(self, s: Session, question: str, ans) -> str:
         """Visible warning when the asked organ kept less than half of its blocks."""
-        if not s.blocks:
-            return ""
-        ret = self.retention(s, ans)
-        low = [(n, ret[n]) for n in organs_in_question(question, list(s.blocks)) if ret.get(n, 1.0) < 0.5]
+        low = [(n, r) for n, r in self.asked_retention(s, question, ans).items() if r < 0.5]
         return "; ".join(f"only {100 * r:.0f}% of the {n.replace('_', ' ')} blocks were kept" for n, r in low)
 
     def export(self, s: Session, pngs: dict[str, bytes]) -> list[Path]:

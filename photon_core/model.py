@@ -679,23 +679,23 @@ class PhotonModel(nn.Module):
         only what tells the questions apart learns. Rows with an all-zero target are skipped."""
         t = target.to(u.device).bool()
         rho = its.minmax(u.float())
+        has = t.any(-1).tolist()                                   # one host sync for the whole batch
         groups: dict = {}
         for b, r in enumerate(row_scan):
-            if bool(t[b].any()):
+            if has[b]:
                 groups.setdefault(tuple(r) if isinstance(r, (list, tuple)) else (r,), []).append(b)
-        terms = []
+        total, count = u.new_zeros(()), u.new_zeros(())
         for rows in groups.values():
-            for n, i in enumerate(rows):
-                for j in rows[n + 1:]:
-                    d = (rho[i] - rho[j]) / tau
-                    only_i, only_j = t[i] & ~t[j], t[j] & ~t[i]
-                    if bool(only_i.any()):
-                        terms.append(F.softplus(-d[only_i]).mean())
-                    if bool(only_j.any()):
-                        terms.append(F.softplus(d[only_j]).mean())
-        if not terms:
-            return u.new_zeros(())
-        return self.contrast_guide_weight * torch.stack(terms).mean()
+            if len(rows) < 2:
+                continue
+            g = torch.tensor(rows, device=u.device)
+            tg, rg = t[g], rho[g]
+            only = tg[:, None] & ~tg[None]                          # (i, j): tokens i's target holds, j's not
+            loss = F.softplus(-(rg[:, None] - rg[None]) / tau)      # i's ρ should lead j's there
+            n = only.sum(-1)                                       # every ordered pair = both directions
+            total = total + ((loss * only).sum(-1) / n.clamp_min(1)).sum()
+            count = count + (n > 0).sum()
+        return self.contrast_guide_weight * total / count.clamp_min(1)   # mean over the pairs' terms
 
     def _apply_its(self, h, state: ITSState, vision, key_valid, flip, losses):
         """Apply the decision at the ITS layer output. Returns h and (idx, valid) if tokens dropped."""

@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.service import Engine, Settings, cases  # noqa: E402
-from photon_core.audit import organs_in_question  # noqa: E402
 from photon_core.scheduler import Budget  # noqa: E402
 
 
@@ -32,10 +31,9 @@ def case_answers(engine: Engine, budget, case_ids: list[str] | None = None) -> l
         try:
             for q in c.get("questions", []):
                 ans = engine.ask(s, q, budget)
-                ret = engine.retention(s, ans)
-                asked = organs_in_question(q, list(s.blocks)) if s.blocks else []
+                asked = engine.asked_retention(s, q, ans)
                 rows.append({"case": c["id"], "question": q, "answer": ans.text, "kept": ans.kept,
-                             "asked_organs": {o: round(ret[o], 3) for o in asked if o in ret}})
+                             "asked_organs": {o: round(r, 3) for o, r in asked.items()}})
         finally:
             s.cleanup()
     return rows

@@ -231,3 +231,23 @@ def test_unexpected_errors_are_readable_and_do_not_leak_internals():
     with pytest.raises(gr.Error) as e:
         handler()
     assert "still running" in str(e.value) and "secret" not in str(e.value)
+
+
+def test_asked_organ_retention_and_its_warning(engine):
+    """The retention of the organs a question names (the app's warning and case_answers.py read it):
+    only the named organs the label map holds, and a warning for those kept below half."""
+    import types
+
+    import numpy as np
+    from app.service import Session
+    blocks = {n: np.zeros(1000, bool) for n in ("liver", "kidney_left", "kidney_right")}
+    blocks["liver"][:10], blocks["kidney_left"][10:20], blocks["kidney_right"][20:30] = True, True, True
+    keep = np.zeros(1000, bool)
+    keep[:8], keep[10:12] = True, True                   # liver 0.8, left kidney 0.2, right kidney 0
+    ans = types.SimpleNamespace(keep_grid=keep.reshape(10, 10, 10))
+    s = Session(blocks=blocks)
+    assert engine.asked_retention(s, "Is there a cyst in the left kidney?", ans) == {"kidney_left": 0.2}
+    assert engine.asked_retention(s, "Is there a lesion in the liver or the spleen?", ans) == {"liver": 0.8}
+    assert engine.warning(s, "Is there a cyst in the left kidney?", ans) == "only 20% of the kidney left blocks were kept"
+    assert engine.warning(s, "Is there a lesion in the liver?", ans) == ""
+    assert engine.asked_retention(Session(), "Is there a lesion in the liver?", ans) == {}
