@@ -156,9 +156,9 @@ def perturb(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
     a, b, c = (n // 14 for n in x.shape)
     p = x.reshape(a, 14, b, 14, c, 14).permute(0, 2, 4, 1, 3, 5).reshape(a * b * c, -1)
     if kind == "shuffle":
-        p = p[torch.randperm(p.shape[0])]
+        p = p[torch.randperm(p.shape[0], device=p.device)]
     else:
-        p = p * (torch.rand(p.shape[0], 1) > 0.2).to(p.dtype)
+        p = p * (torch.rand(p.shape[0], 1, device=p.device) > 0.2).to(p.dtype)
     return p.reshape(a, b, c, 14, 14, 14).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
 
 

@@ -356,6 +356,24 @@ def test_contrast_guidance_tells_two_questions_apart(tiny_model_dir):
     assert float(m(ids, **{**kw, "keep_target": same}).losses["contrast"].detach()) == 0.0       # nothing to tell apart
 
 
+def test_robustness_perturbations_stay_on_the_scan_device():
+    """Every robustness input is drawn on the scan's device: a CPU mask times a CUDA scan fails on the
+    GPU. The meta device refuses CPU operands as CUDA does, so the check runs here."""
+    import random
+
+    from photon_core.train import perturb
+    kinds = set()
+    for seed in range(30):
+        rng = random.Random(seed)
+        kinds.add(random.Random(seed).choice(["shuffle", "drop", "voxels", "noise", "zeros"]))
+        assert perturb(torch.zeros(28, 28, 28, device="meta"), rng).device.type == "meta"
+    assert kinds == {"shuffle", "drop", "voxels", "noise", "zeros"}
+    x = torch.rand(28, 28, 28) + 0.5                        # no zero voxel of its own
+    seed = next(s for s in range(30) if random.Random(s).choice(["shuffle", "drop", "voxels", "noise", "zeros"]) == "drop")
+    y = perturb(x, random.Random(seed))
+    patches = y.reshape(2, 14, 2, 14, 2, 14).permute(0, 2, 4, 1, 3, 5).reshape(8, -1)
+    assert y.shape == x.shape and all(bool((p == 0).all()) or bool((p != 0).all()) for p in patches)   # whole patches
+
 def test_keep_target_is_the_organ_and_its_nearest_blocks():
     from photon_core.train import keep_target, token_targets
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
