@@ -11,6 +11,7 @@ held-out volumes:
   llm-after  the LLM through the answer loss on top of the max-head-trained vision tower (frozen).
 
     python scripts/ball_probe.py [--steps 600] [--preset tiny] [--radius 10 --contrast 0.5]
+    python scripts/ball_probe.py --preset demo --radius 4 --contrast 0.1 --vision-width 256 --runs max-head
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from photon_core.train import build_tokenizer, model_config
 
 SHAPE = (56, 112, 112)          # 4 × 4 × 4 = 64 visual tokens
 QUESTION = "Is there a lesion in the liver?"
+RUNS = ["joint", "mean-head", "max-head", "llm-after"]
 
 
 class Balls:
@@ -52,9 +54,13 @@ class Balls:
         return torch.cat([p for p, _ in scans]), torch.cat([g for _, g in scans]), ys
 
 
-def new_model(preset: str, tok, seed: int = 0) -> PhotonModel:
+def new_model(preset: str, tok, seed: int = 0, width: int = 0) -> PhotonModel:
+    """A fresh model of ``preset``; ``width`` > 0 widens its vision tower (MLP twice the width)."""
     torch.manual_seed(seed)
-    m = PhotonModel(model_config(preset, tok.vocab_size, tok))
+    cfg = model_config(preset, tok.vocab_size, tok)
+    if width:
+        cfg.vision.hidden_size, cfg.vision.intermediate_size = width, 2 * width
+    m = PhotonModel(cfg)
     m.init_weights(0.02)
     m.phase = 1
     return m.train()
@@ -128,16 +134,23 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny", choices=("tiny", "demo"))
     ap.add_argument("--radius", type=float, default=10.0, help="ball radius (voxels in-plane; half in depth)")
     ap.add_argument("--contrast", type=float, default=0.5, help="ball brightness above the 0.4 background")
+    ap.add_argument("--vision-width", type=int, default=0, help="vision tower width (0 = the preset's)")
+    ap.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS, help="which trainings (default: all four)")
     args = ap.parse_args(argv)
     ball = dict(radius=args.radius, contrast=args.contrast)
     with tempfile.TemporaryDirectory() as folder:            # the tokenizer is read into memory
         tok = build_tokenizer(Path(folder), vocab_size=400)
-    n, steps = args.preset, args.steps
-    print(f"joint      held-out accuracy {train_answers(new_model(n, tok), tok, steps, Balls(1, **ball), False):.3f}")
-    print(f"mean-head  held-out accuracy {train_head(new_model(n, tok), 'mean', steps // 2, Balls(2, **ball)):.3f}")
-    m = new_model(n, tok)
-    print(f"max-head   held-out accuracy {train_head(m, 'max', steps // 2, Balls(3, **ball)):.3f}")
-    print(f"llm-after  held-out accuracy {train_answers(m, tok, steps, Balls(4, **ball), True):.3f}")
+    steps, runs = args.steps, set(args.runs)
+    new = lambda: new_model(args.preset, tok, width=args.vision_width)  # noqa: E731
+    if "joint" in runs:
+        print(f"joint      held-out accuracy {train_answers(new(), tok, steps, Balls(1, **ball), False):.3f}")
+    if "mean-head" in runs:
+        print(f"mean-head  held-out accuracy {train_head(new(), 'mean', steps // 2, Balls(2, **ball)):.3f}")
+    if runs & {"max-head", "llm-after"}:
+        m = new()
+        print(f"max-head   held-out accuracy {train_head(m, 'max', steps // 2, Balls(3, **ball)):.3f}")
+        if "llm-after" in runs:
+            print(f"llm-after  held-out accuracy {train_answers(m, tok, steps, Balls(4, **ball), True):.3f}")
 
 
 if __name__ == "__main__":
