@@ -84,6 +84,7 @@ class TrainConfig:
     slabs: int = 0                         # --vision-only on this many random 14-slice depth slabs of each scan
                                            # (the tower attends within a slab, so a slab alone gives exactly its
                                            # tokens of the whole scan, at a fraction of the cost); 0 = whole scans
+    aux_standardise: bool = False          # the aux head reads tokens as deviations from their scan's mean token
     aux_findings: float = 1.0              # weight of the finding terms in the token supervision (0 = organ
                                            # shares only: a stage for organ extent)
     patch_embed_lr: float = 1.0            # learning-rate multiplier of the patch embedding (the model card's
@@ -287,17 +288,25 @@ def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
 class AuxHead(torch.nn.Module):
     """Training-only linear read-out of the visual tokens (organ shares, finding share, diameter)."""
 
-    def __init__(self, dim: int, n_organs: int, findings: float = 1.0):
+    def __init__(self, dim: int, n_organs: int, findings: float = 1.0, standardise: bool = False):
         super().__init__()
         self.n, self.findings = n_organs, findings     # findings: weight of the finding terms (0 = organs only)
+        self.standardise = standardise                 # read each token as its deviation from the scan's mean token
         self.proj = torch.nn.Linear(dim, n_organs + 2)
 
     def loss(self, feats: torch.Tensor, tg: list[dict], detect: bool = False) -> torch.Tensor:
         """BCE on organ shares, weighted BCE on finding shares, MSE on diameters; ``detect``: also
         BCE of each scan's most finding-like token against "the scan has a finding" (a max-pooled
         read-out makes the vision tower mark finding tokens; a mean read-out does not — see
-        scripts/ball_probe.py)."""
-        y = self.proj(feats.float()).reshape(len(tg), -1, self.n + 2)
+        scripts/ball_probe.py). With ``standardise`` the read-out sees each token as its deviation
+        from its scan's mean token over their spread: a from-scratch tower's tokens are one large
+        common vector plus small deviations, and through a raw read-out it learns to flatten them
+        (every token the same) before it finds a lesion-sized change (scripts/ball_probe.py
+        --standardise)."""
+        f = feats.float().reshape(len(tg), -1, feats.shape[-1])
+        if self.standardise:
+            f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+        y = self.proj(f)
         organ = torch.stack([t["organ"] for t in tg])
         known = torch.stack([t["organ_known"] for t in tg])[:, None, :].expand_as(organ)
         lesion = torch.stack([t["lesion"] for t in tg])
@@ -382,7 +391,7 @@ def train(cfg: TrainConfig) -> Path:
     elif cfg.freeze_vision:
         model.visual.requires_grad_(False)
     from .data import ORGANS
-    aux = AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings).to(device) if cfg.aux > 0 else None
+    aux = AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings, cfg.aux_standardise).to(device) if cfg.aux > 0 else None
     if aux is not None and start and (ckpt / AUX_FILE).is_file():
         aux.load_state_dict(load_file(str(ckpt / AUX_FILE), device=str(device)))
     its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]

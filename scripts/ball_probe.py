@@ -12,6 +12,7 @@ held-out volumes:
 
     python scripts/ball_probe.py [--steps 600] [--preset tiny] [--radius 10 --contrast 0.5]
     python scripts/ball_probe.py --preset demo --radius 4 --contrast 0.1 --vision-width 256 --runs max-head
+    python scripts/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --runs max-head llm-after
 """
 from __future__ import annotations
 
@@ -94,17 +95,22 @@ def answer_accuracy(m, tok, data: Balls) -> float:
     return right / 64
 
 
-def head_run(m, head, pv, grid, n, pool):
-    s = head(m.visual(pv, grid).reshape(n, 64, -1))[..., 0]
+def head_run(m, head, pv, grid, n, pool, standardise: bool = False):
+    """Each volume's pooled token score; ``standardise`` reads the tokens as deviations from the
+    volume's mean token, in units of their spread (as a LayerNorm over tokens would)."""
+    f = m.visual(pv, grid).reshape(n, 64, -1)
+    if standardise:
+        f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+    s = head(f)[..., 0]
     return s.amax(1) if pool == "max" else s.mean(1)
 
 
-def train_head(m, pool: str, steps: int, data: Balls) -> float:
+def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False) -> float:
     head = torch.nn.Linear(m.config.hidden_size, 1)
     opt = torch.optim.AdamW(list(m.visual.parameters()) + list(head.parameters()), lr=1e-3)
     for _ in range(steps):
         pv, grid, ys = data.batch()
-        loss = F.binary_cross_entropy_with_logits(head_run(m, head, pv, grid, len(ys), pool), torch.tensor(ys).float())
+        loss = F.binary_cross_entropy_with_logits(head_run(m, head, pv, grid, len(ys), pool, standardise), torch.tensor(ys).float())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -112,7 +118,7 @@ def train_head(m, pool: str, steps: int, data: Balls) -> float:
     with torch.no_grad():
         for _ in range(8):
             pv, grid, ys = data.batch()
-            right += sum(bool(s > 0) == y for s, y in zip(head_run(m, head, pv, grid, len(ys), pool), ys))
+            right += sum(bool(s > 0) == y for s, y in zip(head_run(m, head, pv, grid, len(ys), pool, standardise), ys))
     return right / 64
 
 
@@ -135,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--radius", type=float, default=10.0, help="ball radius (voxels in-plane; half in depth)")
     ap.add_argument("--contrast", type=float, default=0.5, help="ball brightness above the 0.4 background")
     ap.add_argument("--vision-width", type=int, default=0, help="vision tower width (0 = the preset's)")
+    ap.add_argument("--standardise", action="store_true",
+                    help="the heads read each token as its deviation from the volume's mean token (÷ spread)")
     ap.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS, help="which trainings (default: all four)")
     args = ap.parse_args(argv)
     ball = dict(radius=args.radius, contrast=args.contrast)
@@ -145,10 +153,10 @@ def main(argv=None):
     if "joint" in runs:
         print(f"joint      held-out accuracy {train_answers(new(), tok, steps, Balls(1, **ball), False):.3f}")
     if "mean-head" in runs:
-        print(f"mean-head  held-out accuracy {train_head(new(), 'mean', steps // 2, Balls(2, **ball)):.3f}")
+        print(f"mean-head  held-out accuracy {train_head(new(), 'mean', steps // 2, Balls(2, **ball), args.standardise):.3f}")
     if runs & {"max-head", "llm-after"}:
         m = new()
-        print(f"max-head   held-out accuracy {train_head(m, 'max', steps // 2, Balls(3, **ball)):.3f}")
+        print(f"max-head   held-out accuracy {train_head(m, 'max', steps // 2, Balls(3, **ball), args.standardise):.3f}")
         if "llm-after" in runs:
             print(f"llm-after  held-out accuracy {train_answers(m, tok, steps, Balls(4, **ball), True):.3f}")
 

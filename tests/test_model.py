@@ -432,6 +432,16 @@ def test_token_targets_and_guide_targets_follow_the_question():
     expect = torch.nn.functional.binary_cross_entropy_with_logits(y, tg["organ"][:, tg["organ_known"]])
     assert torch.allclose(organs_only.loss(feats, [tg], detect=True), expect)
     assert head.loss(feats, [tg], detect=True) > expect + 0.1
+    # --aux-standardise: the read-out sees deviations from the scan's mean token over their spread,
+    # so a common vector added to every token (or a scale) changes nothing; a raw read-out moves
+    std = AuxHead(16, len(ORGANS), standardise=True)
+    std.load_state_dict(head.state_dict())
+    common = torch.randn(16) * 50
+    assert torch.allclose(std.loss(feats, [tg], detect=True), std.loss(3 * feats + common, [tg], detect=True),
+                          atol=1e-4)
+    assert not torch.allclose(head.loss(feats, [tg]), head.loss(feats + common, [tg]), atol=1e-2)
+    z = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
+    assert torch.allclose(std.loss(feats, [tg]), head.loss(z, [tg]), atol=1e-5)
 
 
 def test_slab_targets_are_the_targets_of_the_slab_alone():

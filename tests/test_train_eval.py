@@ -271,7 +271,7 @@ def test_ball_probe_runs(capsys, tmp_path):
     lines = capsys.readouterr().out.splitlines()
     assert [x.split()[0] for x in lines] == ["joint", "mean-head", "max-head", "llm-after"]
     assert all(0.0 <= float(x.split()[-1]) <= 1.0 for x in lines)
-    mod.main(["--steps", "2", "--vision-width", "48", "--runs", "max-head"])     # a wider tower, one training
+    mod.main(["--steps", "2", "--vision-width", "48", "--standardise", "--runs", "max-head"])   # one training
     assert [x.split()[0] for x in capsys.readouterr().out.splitlines()] == ["max-head"]
     m = mod.new_model("tiny", mod.build_tokenizer(tmp_path, vocab_size=400), width=48)
     assert m.visual.cfg.hidden_size == 48 and m.visual.cfg.intermediate_size == 96
