@@ -391,7 +391,8 @@ def train(cfg: TrainConfig) -> Path:
     elif cfg.freeze_vision:
         model.visual.requires_grad_(False)
     from .data import ORGANS
-    aux = AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings, cfg.aux_standardise).to(device) if cfg.aux > 0 else None
+    aux = (AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings, cfg.aux_standardise).to(device)
+           if cfg.aux > 0 else None)
     if aux is not None and start and (ckpt / AUX_FILE).is_file():
         aux.load_state_dict(load_file(str(ckpt / AUX_FILE), device=str(device)))
     its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]

@@ -110,7 +110,8 @@ def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False)
     opt = torch.optim.AdamW(list(m.visual.parameters()) + list(head.parameters()), lr=1e-3)
     for _ in range(steps):
         pv, grid, ys = data.batch()
-        loss = F.binary_cross_entropy_with_logits(head_run(m, head, pv, grid, len(ys), pool, standardise), torch.tensor(ys).float())
+        score = head_run(m, head, pv, grid, len(ys), pool, standardise)
+        loss = F.binary_cross_entropy_with_logits(score, torch.tensor(ys).float())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -118,7 +119,8 @@ def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False)
     with torch.no_grad():
         for _ in range(8):
             pv, grid, ys = data.batch()
-            right += sum(bool(s > 0) == y for s, y in zip(head_run(m, head, pv, grid, len(ys), pool, standardise), ys))
+            score = head_run(m, head, pv, grid, len(ys), pool, standardise)
+            right += sum(bool(s > 0) == y for s, y in zip(score, ys))
     return right / 64
 
 
@@ -153,10 +155,12 @@ def main(argv=None):
     if "joint" in runs:
         print(f"joint      held-out accuracy {train_answers(new(), tok, steps, Balls(1, **ball), False):.3f}")
     if "mean-head" in runs:
-        print(f"mean-head  held-out accuracy {train_head(new(), 'mean', steps // 2, Balls(2, **ball), args.standardise):.3f}")
+        acc = train_head(new(), "mean", steps // 2, Balls(2, **ball), args.standardise)
+        print(f"mean-head  held-out accuracy {acc:.3f}")
     if runs & {"max-head", "llm-after"}:
         m = new()
-        print(f"max-head   held-out accuracy {train_head(m, 'max', steps // 2, Balls(3, **ball), args.standardise):.3f}")
+        acc = train_head(m, "max", steps // 2, Balls(3, **ball), args.standardise)
+        print(f"max-head   held-out accuracy {acc:.3f}")
         if "llm-after" in runs:
             print(f"llm-after  held-out accuracy {train_answers(m, tok, steps, Balls(4, **ball), True):.3f}")
 

@@ -369,7 +369,8 @@ def test_robustness_perturbations_stay_on_the_scan_device():
         assert perturb(torch.zeros(28, 28, 28, device="meta"), rng).device.type == "meta"
     assert kinds == {"shuffle", "drop", "voxels", "noise", "zeros"}
     x = torch.rand(28, 28, 28) + 0.5                        # no zero voxel of its own
-    seed = next(s for s in range(30) if random.Random(s).choice(["shuffle", "drop", "voxels", "noise", "zeros"]) == "drop")
+    kinds = ["shuffle", "drop", "voxels", "noise", "zeros"]
+    seed = next(s for s in range(30) if random.Random(s).choice(kinds) == "drop")
     y = perturb(x, random.Random(seed))
     patches = y.reshape(2, 14, 2, 14, 2, 14).permute(0, 2, 4, 1, 3, 5).reshape(8, -1)
     assert y.shape == x.shape and all(bool((p == 0).all()) or bool((p != 0).all()) for p in patches)   # whole patches
