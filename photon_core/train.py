@@ -91,14 +91,15 @@ class TrainConfig:
                                            # organ-extent runs of the vision tower used 10)
 
 
-def model_config(preset: str, vocab_size: int, tok: Tokenizer) -> PhotonConfig:
+def model_config(preset: str, vocab_size: int, tok: Tokenizer, vision: dict | None = None) -> PhotonConfig:
+    """The preset's sizes with ``tok``'s special tokens; ``vision`` overrides vision-tower fields."""
     ids = tok.ids
     common = dict(vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
                   eos_token_id=ids["<|im_end|>"], vision_start_token_id=ids["<|vision_start|>"],
                   vision_end_token_id=ids["<|vision_end|>"], vision_token_id=ids["<|vision_pad|>"],
                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   max_position_embeddings=4096, model_name="Photon demo (synthetic findings)")
-    return preset_config(preset, **common)
+    return preset_config(preset, vision=vision, **common)
 
 
 def preset_config(preset: str, vision: dict | None = None, **kw) -> PhotonConfig:
@@ -285,6 +286,11 @@ def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
     return (targets["lesion"] > 0).float()
 
 
+def standardise_tokens(f: torch.Tensor) -> torch.Tensor:
+    """(scans, tokens, D) → each token as its deviation from its scan's mean token, over their spread."""
+    return (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+
+
 class AuxHead(torch.nn.Module):
     """Training-only linear read-out of the visual tokens (organ shares, finding share, diameter)."""
 
@@ -305,7 +311,7 @@ class AuxHead(torch.nn.Module):
         --standardise)."""
         f = feats.float().reshape(len(tg), -1, feats.shape[-1])
         if self.standardise:
-            f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+            f = standardise_tokens(f)
         y = self.proj(f)
         organ = torch.stack([t["organ"] for t in tg])
         known = torch.stack([t["organ_known"] for t in tg])[:, None, :].expand_as(organ)

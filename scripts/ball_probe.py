@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from photon_core.model import PhotonModel
 from photon_core.preprocess import patchify
 from photon_core.prompt import batch_prompts
-from photon_core.train import build_tokenizer, model_config
+from photon_core.train import build_tokenizer, model_config, standardise_tokens
 
 SHAPE = (56, 112, 112)          # 4 × 4 × 4 = 64 visual tokens
 QUESTION = "Is there a lesion in the liver?"
@@ -58,10 +58,8 @@ class Balls:
 def new_model(preset: str, tok, seed: int = 0, width: int = 0) -> PhotonModel:
     """A fresh model of ``preset``; ``width`` > 0 widens its vision tower (MLP twice the width)."""
     torch.manual_seed(seed)
-    cfg = model_config(preset, tok.vocab_size, tok)
-    if width:
-        cfg.vision.hidden_size, cfg.vision.intermediate_size = width, 2 * width
-    m = PhotonModel(cfg)
+    vision = dict(hidden_size=width, intermediate_size=2 * width) if width else None
+    m = PhotonModel(model_config(preset, tok.vocab_size, tok, vision=vision))
     m.init_weights(0.02)
     m.phase = 1
     return m.train()
@@ -100,7 +98,7 @@ def head_run(m, head, pv, grid, n, pool, standardise: bool = False):
     volume's mean token, in units of their spread (as a LayerNorm over tokens would)."""
     f = m.visual(pv, grid).reshape(n, 64, -1)
     if standardise:
-        f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+        f = standardise_tokens(f)
     s = head(f)[..., 0]
     return s.amax(1) if pool == "max" else s.mean(1)
 

@@ -46,9 +46,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--cases", nargs="*", default=None, help="case ids (default: every bundled case)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.cases or []) - {c["id"] for c in cases()})
+    bundled = [c["id"] for c in cases()]
+    unknown = sorted(set(args.cases or []) - set(bundled))
     if unknown:
-        ap.error(f"unknown case id(s) {', '.join(unknown)}; bundled: {', '.join(c['id'] for c in cases())}")
+        ap.error(f"unknown case id(s) {', '.join(unknown)}; bundled: {', '.join(bundled)}")
     engine = Engine(Settings(model_dir=args.model, device="cpu"))
     try:
         rows = case_answers(engine, Budget.parse(args.budget), args.cases)
