@@ -87,6 +87,9 @@ class TrainConfig:
     aux_standardise: bool = False          # the aux head reads tokens as deviations from their scan's mean token
     aux_findings: float = 1.0              # weight of the finding terms in the token supervision (0 = organ
                                            # shares only: a stage for organ extent)
+    fold_scans: int = 0                    # before training: fold a standardisation of the visual tokens,
+                                           # measured on this many scans (a stream of its own), into the
+                                           # merger's last Linear (`fold_standardise`; 0 = off)
     patch_embed_lr: float = 1.0            # learning-rate multiplier of the patch embedding (the model card's
                                            # organ-extent runs of the vision tower used 10)
 
@@ -291,6 +294,19 @@ def standardise_tokens(f: torch.Tensor) -> torch.Tensor:
     return (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
 
 
+@torch.no_grad()
+def fold_standardise(model: PhotonModel, feats: torch.Tensor) -> None:
+    """Re-parametrise the merger's last Linear so that the visual tokens ``feats`` (N, D), encoded by
+    ``model`` as it is, would come out as deviations from their mean in units of each channel's spread.
+    One fixed affine map, so the architecture (and an official loader) is unchanged. A tower trained
+    through a standardised read-out (``--aux-standardise``) marks a finding as a small deviation of a
+    large common vector; folded, the deviation is what an LLM stage sees (scripts/ball_probe.py --fold)."""
+    mu, sd = feats.float().mean(0), feats.float().std(0) + 1e-6
+    last = model.visual.merger.mlp[-1]
+    last.weight.div_(sd.to(last.weight)[:, None])
+    last.bias.sub_(mu.to(last.bias)).div_(sd.to(last.bias))
+
+
 class AuxHead(torch.nn.Module):
     """Training-only linear read-out of the visual tokens (organ shares, finding share, diameter)."""
 
@@ -326,6 +342,18 @@ class AuxHead(torch.nn.Module):
         if detect:
             found = found + bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
         return lo + self.findings * found
+
+
+@torch.no_grad()
+def _tower_features(model: PhotonModel, cfg: TrainConfig) -> torch.Tensor:
+    """Visual tokens of ``cfg.fold_scans`` train-split scans (a seed of their own, CPU), for the fold."""
+    from .data import DemoGenerator
+    gen = DemoGenerator("train", seed=cfg.seed + 7_777, pool=min(cfg.pool, 2), downsample=cfg.downsample)
+    was = model.training
+    model.eval()
+    feats = torch.cat([model.encode_volume(*patchify(gen.sample()[0][:, None])) for _ in range(cfg.fold_scans)])
+    model.train(was)
+    return feats
 
 
 class Trainee(torch.nn.Module):
@@ -382,6 +410,8 @@ def train(cfg: TrainConfig) -> Path:
             model = PhotonModel(model_config(cfg.preset, tok.vocab_size, tok))
             model.init_weights(0.02)
         start, state = 0, {}
+    if cfg.fold_scans and not start:
+        fold_standardise(model, _tower_features(model, cfg))
     model.to(device).train()
     model.reset_buffers()
     if cfg.vision_only and cfg.aux <= 0:
@@ -389,9 +419,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.slabs and not cfg.vision_only:
         raise SystemExit("--slabs trains the vision tower alone: give --vision-only")
     # --vision-only: the vision tower alone, LLM and ITS stay as they are; no questions are asked, so
-    # no perturbed-input or counterfactual steps. (It wins over --freeze-vision.)
+    # no perturbed-input steps; a counterfactual step there trains on a scan with findings and its
+    # clean twin (same slabs). (It wins over --freeze-vision.)
     if cfg.vision_only:
-        cfg = replace(cfg, robust_prob=0.0, counterfactual=0.0)
+        cfg = replace(cfg, robust_prob=0.0)
         model.requires_grad_(False)
         model.visual.requires_grad_(True)
     elif cfg.freeze_vision:
@@ -452,6 +483,10 @@ def train(cfg: TrainConfig) -> Path:
                     frames, qa, meta, organs = gen.sample(with_findings=1.0)
                     truth = gen.last_truth
                     clean, clean_qa = gen.counterfactual()
+                    if cfg.vision_only:        # the clean twin is the hard negative of every finding token
+                        yield [frames], [truth], organs, None, []
+                        yield [clean], [None], organs, None, []
+                        continue
                     asked = counterfactual_questions(qa, clean_qa, cfg.questions_per_scan, rng)
                     if not asked:
                         yield [frames], [truth], organs, qa, None
@@ -462,10 +497,20 @@ def train(cfg: TrainConfig) -> Path:
                     frames, qa, meta, organs = gen.sample()
                     yield [frames], [gen.last_truth], organs, qa, None
 
+        twin_slabs = None                  # --vision-only counterfactual: the clean twin takes the same slabs
         for times, truths, organs, qa, questions in units():
             tg = [token_targets(organs, t, token_grid) for t in truths] if supervise else None
             if cfg.slabs:
-                picks = [(f, t, i) for f, t in zip(times, tg) for i in rng.sample(range(token_grid[0]), cfg.slabs)]
+                if twin_slabs is None:
+                    chosen = rng.sample(range(token_grid[0]), cfg.slabs)
+                    if counterfactual and truths[0] is not None:   # a slab of the pair holds a finding
+                        held = (tg[0]["lesion"].reshape(token_grid[0], -1) > 0).any(-1).nonzero().flatten().tolist()
+                        if held and not set(held) & set(chosen):
+                            chosen[0] = rng.choice(held)
+                        twin_slabs = chosen
+                else:
+                    chosen, twin_slabs = twin_slabs, None
+                picks = [(f, t, i) for f, t in zip(times, tg) for i in chosen]
                 times = [f[i * TOKEN_VOXELS[0]:(i + 1) * TOKEN_VOXELS[0]] for f, _, i in picks]
                 tg = [slab_targets(t, i, token_grid) for _, t, i in picks]
             if robust:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from photon_core.model import PhotonModel
 from photon_core.preprocess import patchify
 from photon_core.prompt import batch_prompts
-from photon_core.train import build_tokenizer, model_config, standardise_tokens
+from photon_core.train import build_tokenizer, fold_standardise, model_config, standardise_tokens
 
 SHAPE = (56, 112, 112)          # 4 × 4 × 4 = 64 visual tokens
 QUESTION = "Is there a lesion in the liver?"
@@ -103,13 +103,21 @@ def head_run(m, head, pv, grid, n, pool, standardise: bool = False):
     return s.amax(1) if pool == "max" else s.mean(1)
 
 
-def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False) -> float:
+def spread_loss(f: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
+    """(volumes, tokens, D) → VICReg's variance term on raw tokens: mean over volumes and channels
+    of relu(floor − std over the volume's tokens), so no channel is the same for every token."""
+    return F.relu(floor - f.std(1)).mean()
+
+
+def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False, spread: float = 0.0) -> float:
     head = torch.nn.Linear(m.config.hidden_size, 1)
     opt = torch.optim.AdamW(list(m.visual.parameters()) + list(head.parameters()), lr=1e-3)
     for _ in range(steps):
         pv, grid, ys = data.batch()
         score = head_run(m, head, pv, grid, len(ys), pool, standardise)
         loss = F.binary_cross_entropy_with_logits(score, torch.tensor(ys).float())
+        if spread:
+            loss = loss + spread * spread_loss(m.visual(pv, grid).reshape(len(ys), 64, -1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -143,6 +151,10 @@ def main(argv=None):
     ap.add_argument("--vision-width", type=int, default=0, help="vision tower width (0 = the preset's)")
     ap.add_argument("--standardise", action="store_true",
                     help="the heads read each token as its deviation from the volume's mean token (÷ spread)")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="weight of a variance floor on the raw tokens while the max-head trains (VICReg)")
+    ap.add_argument("--fold", action="store_true",
+                    help="before llm-after, fold a standardisation of the tokens into the merger's last Linear")
     ap.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS, help="which trainings (default: all four)")
     args = ap.parse_args(argv)
     ball = dict(radius=args.radius, contrast=args.contrast)
@@ -157,8 +169,12 @@ def main(argv=None):
         print(f"mean-head  held-out accuracy {acc:.3f}")
     if runs & {"max-head", "llm-after"}:
         m = new()
-        acc = train_head(m, "max", steps // 2, Balls(3, **ball), args.standardise)
+        acc = train_head(m, "max", steps // 2, Balls(3, **ball), args.standardise, args.spread)
         print(f"max-head   held-out accuracy {acc:.3f}")
+        if args.fold:
+            with torch.no_grad():
+                data = Balls(5, **ball)
+                fold_standardise(m, torch.cat([m.visual(pv, grid) for pv, grid, _ in (data.batch() for _ in range(8))]))
         if "llm-after" in runs:
             print(f"llm-after  held-out accuracy {train_answers(m, tok, steps, Balls(4, **ball), True):.3f}")
 

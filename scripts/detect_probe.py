@@ -27,7 +27,7 @@ from photon_core.data import DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import DEMO_MODEL
 from photon_core.preprocess import TOKEN_VOXELS, blocks, patchify
-from photon_core.train import token_targets
+from photon_core.train import standardise_tokens, token_targets
 
 
 def _gaussian_blur(v: torch.Tensor, sigma_mm: float, voxel_mm: tuple) -> torch.Tensor:
@@ -53,7 +53,8 @@ def blob_scores(frames: torch.Tensor, grid: tuple, voxel_mm: tuple) -> torch.Ten
 
 
 @torch.no_grad()
-def tokens(model, split: str, scans: int, downsample: float, seed: int = 7, blob: bool = False) -> dict:
+def tokens(model, split: str, scans: int, downsample: float, seed: int = 7, blob: bool = False,
+           standardise: bool = False) -> dict:
     """Of ``scans`` scans: ``x`` (scans, V, D) visual tokens, ``y`` (scans, V) "block holds
     a finding", ``tissue`` (scans, V) "block is ≥ 25% organ (the audit's block rule) or holds a
     finding"; with ``blob``, also ``blob`` (scans, V) the blob detector's scores."""
@@ -65,7 +66,8 @@ def tokens(model, split: str, scans: int, downsample: float, seed: int = 7, blob
         frames, _, _, organs = gen.sample()
         tg = token_targets(organs, gen.last_truth, grid)
         y = tg["lesion"] > 0
-        out["x"].append(model.encode_volume(*patchify(frames[:, None])).float())
+        x = model.encode_volume(*patchify(frames[:, None])).float()
+        out["x"].append(standardise_tokens(x[None])[0] if standardise else x)
         out["y"].append(y)
         out["tissue"].append((tg["organ"].sum(-1) >= BLOCK_FRACTION) | y)
         if blob:
@@ -102,10 +104,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=None, help="model folder (default: the shipped demo model)")
     ap.add_argument("--scans", type=int, default=48, help="scans to fit on (train split) and to score (test)")
     ap.add_argument("--downsample", type=float, default=1.0, help="the stream's grid (2.5 → 64 visual tokens)")
+    ap.add_argument("--standardise", action="store_true",
+                    help="probe each scan's tokens as deviations from its mean token (--aux-standardise towers)")
     args = ap.parse_args(argv)
     model = load_model(args.model or DEMO_MODEL, "cpu", torch.float32).eval()
-    fit = tokens(model, "train", args.scans, args.downsample)
-    test = tokens(model, "test", args.scans, args.downsample, blob=True)
+    fit = tokens(model, "train", args.scans, args.downsample, standardise=args.standardise)
+    test = tokens(model, "test", args.scans, args.downsample, blob=True, standardise=args.standardise)
     y = test["y"]
     print(f"test split: {int(y.sum())} of {y.numel()} blocks hold a finding ({int(test['tissue'].sum())} tissue "
           f"blocks); {int(y.any(1).sum())} of {len(y)} scans have one")

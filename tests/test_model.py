@@ -445,6 +445,27 @@ def test_token_targets_and_guide_targets_follow_the_question():
     assert torch.allclose(std.loss(feats, [tg]), head.loss(z, [tg]), atol=1e-5)
 
 
+def test_fold_standardise_makes_the_merger_emit_standardised_tokens(tiny_model_dir):
+    """--fold-scans: one fixed affine map folded into the merger's last Linear, so the tokens it was
+    measured on come out as deviations from their mean over each channel's spread; nothing else moves."""
+    from photon_core.checkpoint import load_model
+    from photon_core.preprocess import patchify
+    from photon_core.train import fold_standardise
+    m = load_model(tiny_model_dir, "cpu", torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    pv, grid = patchify(torch.rand(56, 1, 112, 112, generator=g))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        f = m.encode_volume(pv, grid)
+        fold_standardise(m, f)
+        z = m.encode_volume(pv, grid)
+    assert torch.allclose(z, (f - f.mean(0)) / (f.std(0) + 1e-6), atol=1e-3)
+    assert torch.allclose(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones(z.shape[1]), atol=1e-3)
+    moved = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
+
+
 def test_slab_targets_are_the_targets_of_the_slab_alone():
     """--slabs trains the tower on one depth slab: its targets must be those of that slab's own
     token grid (tokens run depth-major), finding map and all."""

@@ -166,9 +166,18 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
         "--resume", "--lr", "0")                                    # (the last --steps wins)
     resumed = load_file(str(tmp_path / "s" / "last" / "aux_head.safetensors"))
     assert all(torch.equal(head[k], resumed[k]) for k in head)      # lr 0: the saved head came back unchanged
+    # counterfactual pairs on slabs: a scan with findings and its clean twin (the tower alone moves)
+    lines, wc = run(tmp_path / "cf", "--vision-only", "--aux", "1", "--aux-standardise", "--slabs", "2",
+                    "--counterfactual", "1", "--init-from", str(tmp_path / "init" / "model"))
+    assert all(x["counterfactual"] and x["loss"] == x["aux"] for x in lines)
+    assert all(bool((wc[k] == w0[k]).all()) for k in w0 if k not in vision)
     _, wb = run(tmp_path / "b", "--freeze-vision", "--init-from", str(tmp_path / "a" / "model"))
     assert all(bool((wb[k] == wa[k]).all()) for k in vision)
     assert any(not bool((wb[k] == wa[k]).all()) for k in wb if k not in vision)
+    # --fold-scans with the tower frozen: the merger's last Linear is the only part of it that changes
+    _, wf = run(tmp_path / "f", "--freeze-vision", "--fold-scans", "2", "--init-from", str(tmp_path / "a" / "model"))
+    folded = {k for k in vision if not bool((wf[k] == wa[k]).all())}
+    assert folded == {"visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
     r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
                         "--vision-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "--aux" in r.stderr                                # nothing to train on
@@ -273,6 +282,8 @@ def test_ball_probe_runs(capsys, tmp_path):
     assert all(0.0 <= float(x.split()[-1]) <= 1.0 for x in lines)
     mod.main(["--steps", "2", "--vision-width", "48", "--standardise", "--runs", "max-head"])   # one training
     assert [x.split()[0] for x in capsys.readouterr().out.splitlines()] == ["max-head"]
+    mod.main(["--steps", "2", "--spread", "1", "--fold", "--runs", "max-head", "llm-after"])
+    assert [x.split()[0] for x in capsys.readouterr().out.splitlines()] == ["max-head", "llm-after"]
     m = mod.new_model("tiny", mod.build_tokenizer(tmp_path, vocab_size=400), width=48)
     assert m.visual.cfg.hidden_size == 48 and m.visual.cfg.intermediate_size == 96
 
@@ -293,6 +304,9 @@ def test_detect_probe(tiny_model_dir, capsys):
     t = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5, blob=True)
     assert t["x"].shape[:2] == t["y"].shape == t["tissue"].shape == t["blob"].shape == (3, 64)
     assert bool((t["tissue"] | ~t["y"]).all())          # every finding block counts as tissue
+    z = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5, standardise=True)["x"]
+    assert torch.allclose(z, (t["x"] - t["x"].mean(1, keepdim=True)) / (t["x"].std(1, keepdim=True) + 1e-6),
+                          atol=1e-4)                     # the same scans, each read as its deviations
     out = mod.main(["--model", str(tiny_model_dir), "--scans", "8", "--downsample", "2.5"])
     assert set(out) == {"probe", "blob"}
     assert all(0 <= v <= 1 for f in out.values() for v in f.values())
