@@ -13,6 +13,11 @@ held-out volumes:
     python scripts/ball_probe.py [--steps 600] [--preset tiny] [--radius 10 --contrast 0.5]
     python scripts/ball_probe.py --preset demo --radius 4 --contrast 0.1 --vision-width 256 --runs max-head
     python scripts/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --runs max-head llm-after
+    python scripts/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --fold --runs max-head llm-after
+
+``--fold`` folds a standardisation of the max-head-trained tower's tokens into its merger before
+llm-after (`fold_standardise`); ``--spread`` adds a variance floor on the raw tokens (VICReg) to the
+max-head's training.
 """
 from __future__ import annotations
 

@@ -539,3 +539,29 @@ def test_vision_tower_sees_each_depth_slab_alone(tiny_model_dir):
     per_slab = whole.shape[0] // 3
     torch.testing.assert_close(middle, whole[per_slab:2 * per_slab], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(middle, whole[:per_slab])
+
+
+def test_counterfactual_twin_is_trained_on_the_same_depth_slabs(tmp_path, monkeypatch):
+    """--vision-only --counterfactual --slabs: the clean twin is cut at the slabs of its scan with
+    findings (so each finding token has its own clean token as a negative), one of which holds a finding."""
+    import photon_core.train as train
+    seen = []
+    real = train.slab_targets
+
+    def record(targets, i, grid):
+        seen.append((i, bool((targets["lesion"].reshape(grid[0], -1)[i] > 0).any()),
+                     bool((targets["lesion"] > 0).any())))
+        return real(targets, i, grid)
+
+    monkeypatch.setattr(train, "slab_targets", record)
+    cfg = train.TrainConfig(out=str(tmp_path / "cf"), preset="tiny", steps=3, scans_per_step=2, pool=0, warmup=1,
+                            device="cpu", downsample=2.5, vision_only=True, aux=1.0, slabs=2, counterfactual=1.0,
+                            log_every=100, save_every=100)
+    train.train(cfg)
+    assert len(seen) == 3 * 2 * 2                       # 3 steps × (scan + twin) × 2 slabs
+    for k in range(0, len(seen), 4):
+        scan, twin = seen[k:k + 2], seen[k + 2:k + 4]
+        assert [i for i, _, _ in scan] == [i for i, _, _ in twin]
+        assert not any(has for _, _, has in twin)      # the twin holds no finding
+        if scan[0][2]:                                  # the scan has one: a chosen slab holds it
+            assert any(h for _, h, _ in scan)
