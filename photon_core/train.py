@@ -301,7 +301,8 @@ def fold_standardise(model: PhotonModel, feats: torch.Tensor) -> None:
     One fixed affine map, so the architecture (and an official loader) is unchanged. A tower trained
     through a standardised read-out (``--aux-standardise``) marks a finding as a small deviation of a
     large common vector; folded, the deviation is what an LLM stage sees (scripts/ball_probe.py --fold)."""
-    mu, sd = feats.float().mean(0), feats.float().std(0) + 1e-6
+    feats = feats.float()
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
     last = model.visual.merger.mlp[-1]
     last.weight.div_(sd.to(last.weight)[:, None])
     last.bias.sub_(mu.to(last.bias)).div_(sd.to(last.bias))
@@ -483,9 +484,8 @@ def train(cfg: TrainConfig) -> Path:
                     frames, qa, meta, organs = gen.sample(with_findings=1.0)
                     truth = gen.last_truth
                     clean, clean_qa = gen.counterfactual()
-                    if cfg.vision_only:        # the clean twin is the hard negative of every finding token
-                        yield [frames], [truth], organs, None, []
-                        yield [clean], [None], organs, None, []
+                    if cfg.vision_only:        # one unit, so the clean twin is cut at the same slabs: the
+                        yield [frames, clean], [truth, None], organs, None, []   # hard negative of each finding token
                         continue
                     asked = counterfactual_questions(qa, clean_qa, cfg.questions_per_scan, rng)
                     if not asked:
@@ -497,19 +497,14 @@ def train(cfg: TrainConfig) -> Path:
                     frames, qa, meta, organs = gen.sample()
                     yield [frames], [gen.last_truth], organs, qa, None
 
-        twin_slabs = None                  # --vision-only counterfactual: the clean twin takes the same slabs
         for times, truths, organs, qa, questions in units():
             tg = [token_targets(organs, t, token_grid) for t in truths] if supervise else None
-            if cfg.slabs:
-                if twin_slabs is None:
-                    chosen = rng.sample(range(token_grid[0]), cfg.slabs)
-                    if counterfactual and truths[0] is not None:   # a slab of the pair holds a finding
-                        held = (tg[0]["lesion"].reshape(token_grid[0], -1) > 0).any(-1).nonzero().flatten().tolist()
-                        if held and not set(held) & set(chosen):
-                            chosen[0] = rng.choice(held)
-                        twin_slabs = chosen
-                else:
-                    chosen, twin_slabs = twin_slabs, None
+            if cfg.slabs:                  # the scans of one unit are cut at the same slabs
+                chosen = rng.sample(range(token_grid[0]), cfg.slabs)
+                if counterfactual and truths[0] is not None:       # a slab of the pair holds a finding
+                    held = (tg[0]["lesion"].reshape(token_grid[0], -1) > 0).any(-1).nonzero().flatten().tolist()
+                    if held and not set(held) & set(chosen):
+                        chosen[0] = rng.choice(held)
                 picks = [(f, t, i) for f, t in zip(times, tg) for i in chosen]
                 times = [f[i * TOKEN_VOXELS[0]:(i + 1) * TOKEN_VOXELS[0]] for f, _, i in picks]
                 tg = [slab_targets(t, i, token_grid) for _, t, i in picks]

@@ -98,10 +98,9 @@ def answer_accuracy(m, tok, data: Balls) -> float:
     return right / 64
 
 
-def head_run(m, head, pv, grid, n, pool, standardise: bool = False):
-    """Each volume's pooled token score; ``standardise`` reads the tokens as deviations from the
-    volume's mean token, in units of their spread (as a LayerNorm over tokens would)."""
-    f = m.visual(pv, grid).reshape(n, 64, -1)
+def head_run(head, f, pool, standardise: bool = False):
+    """Each volume's pooled token score from its tokens ``f`` (volumes, 64, D); ``standardise`` reads
+    them as deviations from the volume's mean token, in units of their spread (a LayerNorm over tokens)."""
     if standardise:
         f = standardise_tokens(f)
     s = head(f)[..., 0]
@@ -119,10 +118,10 @@ def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False,
     opt = torch.optim.AdamW(list(m.visual.parameters()) + list(head.parameters()), lr=1e-3)
     for _ in range(steps):
         pv, grid, ys = data.batch()
-        score = head_run(m, head, pv, grid, len(ys), pool, standardise)
-        loss = F.binary_cross_entropy_with_logits(score, torch.tensor(ys).float())
+        f = m.visual(pv, grid).reshape(len(ys), 64, -1)
+        loss = F.binary_cross_entropy_with_logits(head_run(head, f, pool, standardise), torch.tensor(ys).float())
         if spread:
-            loss = loss + spread * spread_loss(m.visual(pv, grid).reshape(len(ys), 64, -1))
+            loss = loss + spread * spread_loss(f)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -130,7 +129,7 @@ def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False,
     with torch.no_grad():
         for _ in range(8):
             pv, grid, ys = data.batch()
-            score = head_run(m, head, pv, grid, len(ys), pool, standardise)
+            score = head_run(head, m.visual(pv, grid).reshape(len(ys), 64, -1), pool, standardise)
             right += sum(bool(s > 0) == y for s, y in zip(score, ys))
     return right / 64
 
