@@ -24,8 +24,10 @@ on a CPU and runs on the GPU when one is given (all tensor ops take ``device``).
 64 visual tokens): each body is shrunk once and findings are drawn there with the voxel size scaled,
 so sizes in mm and volumes in ml stay exact and a sample costs milliseconds.
 
-Splits are disjoint by seed and by background deformation: ``train`` and ``test`` draw different
-pool bodies and lesions; ``report`` uses a background never used in training (dicom_ct).
+Splits are disjoint by seed and by background deformation: ``train``, ``val`` and ``test`` draw
+different pool bodies and lesions (``val`` is for choosing between runs, so that the test split's
+figures are not what a choice was fitted to); ``report`` uses a background never used in training
+(dicom_ct).
 Records follow an open JSONL layout: {image, question, answer, family, answer_type, organ, meta}
 (+ ``prior_image`` for a temporal question).
 """
@@ -547,7 +549,7 @@ class DemoGenerator:
                  backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0):
         self.split, self.device = split, torch.device(device)
         self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
-        base = {"train": 0, "test": 1_000_003, "report": 2_000_003}[split]
+        base = {"train": 0, "test": 1_000_003, "report": 2_000_003, "val": 3_000_003}[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
         cases = REPORT_CASES if split == "report" else TRAIN_CASES

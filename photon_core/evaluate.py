@@ -222,7 +222,7 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=Path, help="folder the records' image paths are relative to")
     ap.add_argument("--columns", nargs="*", default=[], help="field=COLUMN overrides, e.g. image=VolumeName")
     ap.add_argument("--dry-run", action="store_true", help="print the first records as read, then stop")
-    ap.add_argument("--demo-split", choices=["test", "report", "train"])
+    ap.add_argument("--demo-split", choices=["test", "val", "report", "train"])
     ap.add_argument("--scans", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--enlargement", type=float, default=0.0,

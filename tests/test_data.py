@@ -76,6 +76,18 @@ def test_model_grid_stream_is_deterministic(abdomen):
     _check_stream(a, 3)
 
 
+def test_val_split_is_a_stream_of_its_own(abdomen):
+    """``val`` (for choosing between runs) deforms its bodies and draws its findings apart from
+    ``train`` and ``test``, and is deterministic like them."""
+    bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}
+    pools = {s: DemoGenerator(s, seed=1, pool=1, backgrounds=bgs, downsample=2.5) for s in ("train", "val", "test")}
+    first = {s: g.pool[1].frames for s, g in pools.items()}      # each split's deformed body
+    assert not torch.equal(first["val"], first["test"]) and not torch.equal(first["val"], first["train"])
+    again = DemoGenerator("val", seed=1, pool=1, backgrounds=bgs, downsample=2.5)
+    assert torch.equal(again.pool[1].frames, first["val"])
+    assert again.sample()[1] == pools["val"].sample()[1]
+
+
 def test_organ_enlargement_grows_the_organ_and_is_asked_about(abdomen):
     bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}
     before = {o: int(m.sum()) for o, m in abdomen.organs.items()}
