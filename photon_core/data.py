@@ -273,14 +273,16 @@ class FindingSampler:
         return None
 
     def add_lesion(self, frames, organs, organ, kind) -> Finding | None:
-        rng = self.rng
-        got = self.site(organs[organ], frames.shape, frames.device,
-                        lambda: (rng.uniform(8, 14) if kind == "nodule" else rng.uniform(12, 40),))
+        got = self.site(organs[organ], frames.shape, frames.device, lambda: (self.diameter(kind),))
         if got is None:
             return None
         c, (diam,), ball, sl = got
         vol_ml = self.paint(frames, sl, ball, diam, kind, self.level(kind))
         return Finding(kind, organ, tuple(c), round(diam), round(vol_ml, 1))
+
+    def diameter(self, kind: str) -> float:
+        """A new lesion's diameter (mm): 8–14 for lung nodules, 12–40 for the rest."""
+        return self.rng.uniform(8, 14) if kind == "nodule" else self.rng.uniform(12, 40)
 
     def level(self, kind: str) -> float:
         """A lesion's intensity: absolute for cysts and nodules, an offset from the organ for solid ones."""

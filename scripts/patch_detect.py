@@ -16,7 +16,13 @@ against other tissue); then, for each learner, on fresh test scans and their twi
 figure an existence answer needs: each organ's highest patch score against "this organ holds a
 finding" (organ-level AUROC), and each scan's highest against "the scan has one" (scan-level).
 
+``--stream`` trains on a stream of fresh patches instead — crops of the generator's pool bodies at
+random offsets, acquired and with a lesion painted as the generator acquires and paints them (each
+crop also unpainted, its twin) — ≈ 60,000 patches a second, so the learners see millions: does
+more data close the flat reader's gap?
+
     python scripts/patch_detect.py                       # ≈ 15 min on a 2-core CPU
+    python scripts/patch_detect.py --stream --steps 12000 --learners flat
     python scripts/patch_detect.py --scans 40 --test-scans 10 --eval-scans 6 --steps 200 --downsample 2.5
 """
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from photon_core.data import DemoGenerator
+from photon_core.data import VOXEL_MM, DemoGenerator, FindingSampler, _sphere, lesion_sites
 from photon_core.metrics import auroc
 from photon_core.preprocess import PATCH
 
@@ -79,6 +85,49 @@ def collect(split: str, scans: int, seed: int, downsample: float = 1.0, tissue_p
     return torch.cat(xs), (kind == FINDING).float(), kind
 
 
+class PatchStream:
+    """Fresh 14³ patches: a crop of a pool body around an organ voxel (at a random offset), acquired
+    as the generator acquires a scan; with a lesion centred on that voxel painted as the generator
+    paints it (nodules in the lungs, cysts and solid lesions elsewhere) and, beside it, the same crop
+    unpainted. Crops whose lesion covers < 2% of the patch are drawn again."""
+
+    def __init__(self, split: str = "train", seed: int = 0, downsample: float = 1.0):
+        self.gen = DemoGenerator(split, seed=seed, pool=6 if split == "train" else 3, downsample=downsample)
+        self.rng = self.gen.rng
+        self.bodies = []
+        for bg in self.gen.pool:
+            lungs, solid = lesion_sites(bg.organs)
+            sites = {o: bg.organs[o].nonzero() for o in lungs + solid if bg.organs[o].sum() >= PATCH ** 3 // 8}
+            if sites:
+                self.bodies.append((bg, sites, set(lungs)))
+
+    def pair(self):
+        """(painted, unpainted) crops of one site, or None when the lesion misses the patch."""
+        rng = self.rng
+        bg, sites, lungs = rng.choice(self.bodies)
+        organ = rng.choice(list(sites))
+        c = sites[organ][rng.randrange(len(sites[organ]))].tolist()
+        lo = [min(max(ci - rng.randint(0, PATCH - 1), 0), n - PATCH) for ci, n in zip(c, bg.frames.shape)]
+        crop = self.gen._acquire(bg.frames[tuple(slice(a, a + PATCH) for a in lo)].clone(), bg)
+        kind = "nodule" if organ in lungs else rng.choice(["cyst", "hypodense", "hyperdense"])
+        sampler = FindingSampler(rng, crop.device, VOXEL_MM)
+        diam = sampler.diameter(kind)
+        ball, sl = _sphere(crop.shape, [ci - a for ci, a in zip(c, lo)], diam / 2, crop.device, VOXEL_MM)
+        if int(ball.sum()) < MIN_SHARE * PATCH ** 3:
+            return None
+        painted = crop.clone()
+        sampler.paint(painted, sl, ball, diam, kind, sampler.level(kind))
+        return painted, crop
+
+    def batch(self, n: int = 256):
+        xs = []
+        while len(xs) < n:
+            got = self.pair()
+            if got:
+                xs += got
+        return torch.stack(xs[:n]), torch.tensor([1.0, 0.0] * (n // 2) + [1.0] * (n % 2))
+
+
 class Flat(nn.Module):
     """An MLP on the patch's voxels: a linear patch embedding and per-token MLPs can do no more."""
 
@@ -109,19 +158,25 @@ class Cnn(nn.Module):
 LEARNERS = {"flat": Flat, "cnn": Cnn}
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int = 0, batch: int = 128):
-    """AdamW at 1e-3, BCE on uniform draws of the patches, random flips along the three axes.
-    ``x`` is standardised by the caller."""
+def draws(x: torch.Tensor, y: torch.Tensor, seed: int = 0, batch: int = 128):
+    """Batches of uniform draws of the patches ``x`` (labels ``y``), flipped at random along each axis."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
-    for _ in range(steps):
+    while True:
         i = torch.randint(len(x), (batch,), generator=g)
         xb = x[i]
         for axis in (-1, -2, -3):
             if torch.rand(1, generator=g) < 0.5:
                 xb = xb.flip(axis)
-        loss = F.binary_cross_entropy_with_logits(model(xb), y[i])
+        yield xb, y[i]
+
+
+def train(model: nn.Module, batches, steps: int):
+    """AdamW at 1e-3, BCE, ``steps`` batches of ``batches`` (standardised by the caller)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model.train()
+    for _ in range(steps):
+        xb, yb = next(batches)
+        loss = F.binary_cross_entropy_with_logits(model(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -177,24 +232,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--downsample", type=float, default=1.0, help="the stream's grid (2.5 → 56×112×112)")
     ap.add_argument("--learners", nargs="+", default=list(LEARNERS), choices=list(LEARNERS))
+    ap.add_argument("--stream", action="store_true",
+                    help="train on fresh patches (PatchStream, 256 a step) instead of the train split's")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     t0 = time.time()
-    x, y, _ = collect("train", args.scans, 11 + args.seed, args.downsample)
+    stream = PatchStream("train", 11 + args.seed, args.downsample) if args.stream else None
+    x, y = stream.batch(2048) if stream else collect("train", args.scans, 11 + args.seed, args.downsample)[:2]
     xt, _, kt = collect("test", args.test_scans, 7 + args.seed, args.downsample)
     if not y.any() or not (kt == FINDING).any():
         ap.error("no patch of the scans is ≥ 2% finding: use more --scans / --test-scans (or --downsample 1)")
     mu, sd = x.mean(), x.std() + 1e-6
     norm = lambda v: (v - mu) / sd                                     # noqa: E731
-    print(f"patches: train {len(x)} ({int(y.sum())} finding), test {len(xt)} ({int((kt == FINDING).sum())} "
-          f"finding); {time.time() - t0:.0f} s")
+    print(f"patches: train {'a stream, 256 a step' if stream else f'{len(x)} ({int(y.sum())} finding)'}, "
+          f"test {len(xt)} ({int((kt == FINDING).sum())} finding); {time.time() - t0:.0f} s")
     models, out = {}, {}
     for name in args.learners:
         t = time.time()
         torch.manual_seed(args.seed)
-        models[name] = train(LEARNERS[name](), norm(x), y, args.steps, args.seed)
+        batches = ((norm(a), b) for a, b in iter(stream.batch, None)) if stream else draws(norm(x), y, args.seed)
+        models[name] = train(LEARNERS[name](), batches, args.steps)
         out[name] = f = patch_figures(score(models[name], norm(xt)), kt)
         print(f"{name}: patch AUROC {f['all']:.3f} (against clean twins {f['twin']:.3f}, other tissue "
               f"{f['tissue']:.3f}); {args.steps} steps, {time.time() - t:.0f} s")

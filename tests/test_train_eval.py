@@ -450,12 +450,20 @@ def test_patch_detect(capsys):
             v[i, a:a + 4, b:b + 4, c:c + 4] += 1.5
         return v, y
     torch.manual_seed(0)
-    model = mod.train(mod.Cnn(), *blobs(512, 0), steps=150)
+    model = mod.train(mod.Cnn(), mod.draws(*blobs(512, 0)), steps=150)
     v, y = blobs(256, 1)
     from photon_core.metrics import auroc
     assert auroc(mod.score(model, v).tolist(), y.bool().tolist()) > 0.9
-    out = mod.main(["--scans", "6", "--test-scans", "4", "--eval-scans", "3", "--steps", "3", "--downsample", "2.5"])
-    assert set(out) == {"flat", "cnn"}
-    assert all(set(f) == {"all", "twin", "tissue", "organ_auroc", "scan_auroc"} and all(0 <= v <= 1 for v in f.values())
-               for f in out.values())
-    assert "organ-level AUROC" in capsys.readouterr().out
+
+    stream = mod.PatchStream("train", seed=0, downsample=2.5)         # pairs: painted, then the same crop clean
+    x, y = stream.batch(8)
+    assert x.shape == (8, 14, 14, 14) and y.tolist() == [1.0, 0.0] * 4
+    changed = (x[0::2] != x[1::2]).flatten(1).float().mean(1)
+    assert bool((changed >= mod.MIN_SHARE * 0.5).all())               # a lesion in each painted crop (a few of
+    assert torch.equal(x[1::2].clamp(0, 1), x[1::2])                   # its voxels may keep their value by chance)
+    for argv in (["--scans", "6"], ["--stream"]):
+        out = mod.main(argv + ["--test-scans", "4", "--eval-scans", "3", "--steps", "3", "--downsample", "2.5"])
+        assert set(out) == {"flat", "cnn"}
+        assert all(set(f) == {"all", "twin", "tissue", "organ_auroc", "scan_auroc"} and
+                   all(0 <= v <= 1 for v in f.values()) for f in out.values())
+        assert "organ-level AUROC" in capsys.readouterr().out
