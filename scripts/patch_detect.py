@@ -18,8 +18,8 @@ finding" (organ-level AUROC), and each scan's highest against "the scan has one"
 
 ``--stream`` trains on a stream of fresh patches instead — crops of the generator's pool bodies at
 random offsets, acquired and with a lesion painted as the generator acquires and paints them (each
-crop also unpainted, its twin) — ≈ 60,000 patches a second, so the learners see millions: does
-more data close the flat reader's gap?
+crop also unpainted, its twin) — ≈ 9,000 patches a second on a 2-core CPU, so the learners see
+millions: does more data close the flat reader's gap?
 
     python scripts/patch_detect.py                       # ≈ 15 min on a 2-core CPU
     python scripts/patch_detect.py --stream --steps 12000 --learners flat
