@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from photon_core.data import VOXEL_MM, DemoGenerator, FindingSampler, _sphere, lesion_sites
+from photon_core.data import DemoGenerator, FindingSampler, _sphere, lesion_sites
 from photon_core.metrics import auroc
 from photon_core.preprocess import PATCH
 
@@ -110,9 +110,9 @@ class PatchStream:
         lo = [min(max(ci - rng.randint(0, PATCH - 1), 0), n - PATCH) for ci, n in zip(c, bg.frames.shape)]
         crop = self.gen._acquire(bg.frames[tuple(slice(a, a + PATCH) for a in lo)].clone(), bg)
         kind = "nodule" if organ in lungs else rng.choice(["cyst", "hypodense", "hyperdense"])
-        sampler = FindingSampler(rng, crop.device, VOXEL_MM)
+        sampler = FindingSampler(rng, crop.device, bg.voxel_mm)       # the body's grid (coarser when downsampled)
         diam = sampler.diameter(kind)
-        ball, sl = _sphere(crop.shape, [ci - a for ci, a in zip(c, lo)], diam / 2, crop.device, VOXEL_MM)
+        ball, sl = _sphere(crop.shape, [ci - a for ci, a in zip(c, lo)], diam / 2, crop.device, bg.voxel_mm)
         if int(ball.sum()) < MIN_SHARE * PATCH ** 3:
             return None
         painted = crop.clone()
