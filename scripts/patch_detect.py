@@ -37,18 +37,21 @@ import torch.nn.functional as F
 
 from photon_core.data import DemoGenerator, FindingSampler, _sphere, lesion_sites
 from photon_core.metrics import auroc
-from photon_core.preprocess import PATCH
+from photon_core.preprocess import PATCH, block_fractions, blocks
 
 FINDING, TWIN, TISSUE = 1, 2, 3
 MIN_SHARE = 0.02            # a patch is positive when ≥ 2% of its voxels are finding
 TISSUE_SHARE = 0.25         # the audit's block rule, per patch
 
 
+def patch_grid(x: torch.Tensor) -> tuple:
+    """The (depth, rows, columns) grid of 14³ patches of a (D, H, W) volume."""
+    return tuple(n // PATCH for n in x.shape)
+
+
 def patch_view(x: torch.Tensor) -> torch.Tensor:
     """(D, H, W) → (n, 14, 14, 14) patches on the model's grid, depth-major (a copy)."""
-    D, H, W = x.shape
-    return x.reshape(D // PATCH, PATCH, H // PATCH, PATCH, W // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5) \
-        .reshape(-1, PATCH, PATCH, PATCH).clone()
+    return blocks(x, patch_grid(x)).permute(0, 2, 4, 1, 3, 5).reshape(-1, PATCH, PATCH, PATCH)
 
 
 def _scans(split: str, n: int, seed: int, downsample: float):
@@ -65,7 +68,7 @@ def _scans(split: str, n: int, seed: int, downsample: float):
 
 def organ_shares(organs: dict) -> dict:
     """Each organ's share of every patch."""
-    return {o: patch_view(m.float()).mean((1, 2, 3)) for o, m in organs.items()}
+    return {o: block_fractions(m, patch_grid(m)) for o, m in organs.items()}
 
 
 def collect(split: str, scans: int, seed: int, downsample: float = 1.0, tissue_per_scan: int = 12):
@@ -73,7 +76,7 @@ def collect(split: str, scans: int, seed: int, downsample: float = 1.0, tissue_p
     rng = torch.Generator().manual_seed(seed)
     xs, kinds = [], []
     for frames, twin, organs, truth, _ in _scans(split, scans, seed, downsample):
-        share = patch_view(truth.float()).mean((1, 2, 3))
+        share = block_fractions(truth, patch_grid(truth))
         tissue = torch.stack(list(organ_shares(organs).values())).sum(0) >= TISSUE_SHARE
         pos = (share >= MIN_SHARE).nonzero()[:, 0]
         neg = (tissue & (share == 0)).nonzero()[:, 0]
