@@ -578,7 +578,7 @@ class DemoGenerator:
             organs = {MIRROR.get(n, n): m.flip(-1) for n, m in organs.items()}
         return bg, frames, organs, mirrored
 
-    def _acquire(self, frames, bg: Background):
+    def acquire(self, frames, bg: Background):
         """One acquisition of a body: intensity jitter and noise — or, one time in ten, the body as
         it is (a prepared scan as the app gives it: without them a model can read an unjittered,
         noiseless volume as a perturbed one, see the model card)."""
@@ -593,7 +593,7 @@ class DemoGenerator:
     def sample(self, with_findings: float = 0.65):
         rng = self.rng
         bg, frames, organs, mirrored = self._body()
-        frames = self._acquire(frames, bg)
+        frames = self.acquire(frames, bg)
         sampler = FindingSampler(rng, self.device, bg.voxel_mm)
         findings: list[Finding] = []
         if self.enlargement and rng.random() < self.enlargement:      # first: it resamples the organ
@@ -652,7 +652,7 @@ class DemoGenerator:
         questions and a few about the current scan alone. Training-only maps: ``last_truths``."""
         rng = self.rng
         bg, frames, organs, mirrored = self._body()
-        prior, current = self._acquire(frames, bg), self._acquire(frames, bg)
+        prior, current = self.acquire(frames, bg), self.acquire(frames, bg)
         early, late = FindingSampler(rng, self.device, bg.voxel_mm), FindingSampler(rng, self.device, bg.voxel_mm)
         changes, now = [], []
         sites = [o for o in organs if o not in NO_LESIONS]

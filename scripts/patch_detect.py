@@ -111,7 +111,7 @@ class PatchStream:
         organ = rng.choice(list(sites))
         c = sites[organ][rng.randrange(len(sites[organ]))].tolist()
         lo = [min(max(ci - rng.randint(0, PATCH - 1), 0), n - PATCH) for ci, n in zip(c, bg.frames.shape)]
-        crop = self.gen._acquire(bg.frames[tuple(slice(a, a + PATCH) for a in lo)].clone(), bg)
+        crop = self.gen.acquire(bg.frames[tuple(slice(a, a + PATCH) for a in lo)].clone(), bg)
         kind = "nodule" if organ in lungs else rng.choice(["cyst", "hypodense", "hyperdense"])
         sampler = FindingSampler(rng, crop.device, bg.voxel_mm)       # the body's grid (coarser when downsampled)
         diam = sampler.diameter(kind)
