@@ -2,7 +2,12 @@
 
 * closed (yes/no, choice): exact match after normalisation (lower case, punctuation stripped,
   a leading yes/no taken as the answer).
-* open: BLEU-1 (clipped unigram precision × brevity penalty) and ROUGE-1 F1 on whitespace tokens.
+* open: BLEU-1 (clipped unigram precision × brevity penalty, no smoothing) on the normalised words,
+  and ROUGE-1 F1 on the tokens of the `rouge-score` package's default tokenizer (lower case, runs
+  of [a-z0-9], no stemming), the package ROUGE is commonly computed with. Both reproduce their
+  reference packages (nltk's `sentence_bleu` with weights (1,), `rouge_score`) on
+  tests/fixtures/text_metrics; the official benchmark scripts were not at hand to check their
+  tokenisation against.
 * numeric: mean relative accuracy, MRA = mean over θ ∈ {0.50, 0.55, …, 0.95} of
   1[|pred − gt| / |gt| < 1 − θ]; a prediction without a number scores 0.
 * open, optional: BERTScore (P, R, F1 of greedy cosine matching of contextual token embeddings,
@@ -59,8 +64,13 @@ def bleu1(pred: str, gt: str) -> float:
     return bp * precision
 
 
+def rouge_tokens(text: str) -> list[str]:
+    """The `rouge-score` package's default tokens: "T2-weighted" → ["t2", "weighted"], "3.5" → ["3", "5"]."""
+    return re.findall(r"[a-z0-9]+", str(text).lower())
+
+
 def rouge1(pred: str, gt: str) -> float:
-    p, g = normalise(pred).split(), normalise(gt).split()
+    p, g = rouge_tokens(pred), rouge_tokens(gt)
     overlap = sum((Counter(p) & Counter(g)).values())
     if not overlap:
         return 0.0

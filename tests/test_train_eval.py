@@ -186,6 +186,21 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
     assert r.returncode != 0 and "--vision-only" in r.stderr                       # slabs: the tower alone
 
 
+def test_bleu1_and_rouge1_reproduce_their_reference_packages():
+    """BLEU-1 as nltk's sentence_bleu (weights (1,)) and ROUGE-1 F as the rouge-score package give them
+    (run in a scratch environment, see tests/fixtures/text_metrics/make.py), on pairs that exercise
+    clipping, the brevity penalty, case, punctuation, hyphens, decimals and empty sides."""
+    from photon_core.metrics import normalise
+    e = json.loads((ROOT / "tests" / "fixtures" / "text_metrics" / "expected.json").read_text())["pairs"]
+    assert len(e) >= 20
+    for r in e:
+        assert normalise(r["prediction"]).split() == r["prediction_tokens"]        # BLEU's tokens
+        assert normalise(r["reference"]).split() == r["reference_tokens"]
+        assert bleu1(r["prediction"], r["reference"]) == pytest.approx(r["bleu1"], abs=1e-12), r
+        assert rouge1(r["prediction"], r["reference"]) == pytest.approx(r["rouge1"], abs=1e-12), r
+    assert rouge1("T2-weighted", "t2 weighted") == 1.0 and bleu1("T2-weighted", "t2 weighted") == 0.0
+
+
 def test_bertscore_reproduces_the_reference_package():
     """BERTScore P, R and F1 as the reference package (bert-score 0.3.13, run in a scratch environment
     with transformers 4.46, see tests/fixtures/bertscore/make.py) computes them, with a tiny random
