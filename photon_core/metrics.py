@@ -9,7 +9,10 @@
   tests/fixtures/text_metrics; the official benchmark scripts were not at hand to check their
   tokenisation against.
 * numeric: mean relative accuracy, MRA = mean over θ ∈ {0.50, 0.55, …, 0.95} of
-  1[|pred − gt| / |gt| < 1 − θ]; a prediction without a number scores 0.
+  1[|pred − gt| / |gt| < 1 − θ]; a prediction without a number scores 0. Computed exactly on the
+  decimals as written (19 for 20 is a relative error of exactly 0.05, not < 1 − 0.95): in floating
+  point, 1 − 0.95 > 0.05, so whether such a boundary case counts depends on how the thresholds were
+  rounded, and integer answers (counts, millimetres) meet these boundaries often.
 * open, optional: BERTScore (P, R, F1 of greedy cosine matching of contextual token embeddings,
   no idf weighting, no baseline rescaling — the `bert-score` package's defaults) with a local model
   folder the user gives (`bertscore`); nothing is downloaded.
@@ -22,8 +25,7 @@ import functools
 import math
 import re
 from collections import Counter
-
-THRESHOLDS = [0.5 + 0.05 * i for i in range(10)]
+from fractions import Fraction
 
 
 def normalise(text: str) -> str:
@@ -39,9 +41,10 @@ def closed_correct(pred: str, gt: str) -> bool:
     return p == g or p.split()[:len(g.split())] == g.split()
 
 
-def first_number(text: str) -> float | None:
+def first_number(text: str) -> Fraction | None:
+    """The first number written in ``text``, exactly ("3.3" is 33/10, not the float nearest it)."""
     m = re.search(r"-?\d+(?:\.\d+)?", str(text))
-    return float(m.group()) if m else None
+    return Fraction(m.group()) if m else None
 
 
 def mra(pred: str, gt: str) -> float:
@@ -50,8 +53,8 @@ def mra(pred: str, gt: str) -> float:
         return 0.0
     if g == 0:
         return float(p == 0)
-    err = abs(p - g) / abs(g)
-    return sum(err < 1 - t for t in THRESHOLDS) / len(THRESHOLDS)
+    # |p − g| / |g| < 1 − θ with 1 − θ = k/20: 20·|p − g| < k·|g|, in exact arithmetic
+    return sum(20 * abs(p - g) < k * abs(g) for k in range(1, 11)) / 10
 
 
 def bleu1(pred: str, gt: str) -> float:
