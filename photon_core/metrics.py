@@ -42,9 +42,10 @@ def closed_correct(pred: str, gt: str) -> bool:
 
 
 def first_number(text: str) -> Fraction | None:
-    """The first number written in ``text``, exactly ("3.3" is 33/10, not the float nearest it)."""
-    m = re.search(r"-?\d+(?:\.\d+)?", str(text))
-    return Fraction(m.group()) if m else None
+    """The first number written in ``text``, exactly ("3.3" is 33/10, not the float nearest it);
+    thousands separators are read as such ("1,250 ml" is 1250)."""
+    m = re.search(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|-?\d+(?:\.\d+)?", str(text))
+    return Fraction(m.group().replace(",", "")) if m else None
 
 
 def mra(pred: str, gt: str) -> float:

@@ -81,6 +81,7 @@ def test_metrics():
     # exact at the thresholds, where floats would decide by rounding (1 − 0.95 > 0.05 in floating point)
     assert [mra(p, "20") for p in ("19", "21", "23", "26", "14")] == [0.9, 0.9, 0.7, 0.4, 0.4]
     assert mra("3.3 cm", "3.0 cm") == 0.8 and mra("-5", "-4") == 0.5 and mra("0", "0") == 1.0
+    assert mra("1,250 ml", "1250") == 1.0 and mra("2, 3 and 4", "2") == 1.0 and mra("1,2500", "1") == 1.0
     assert bleu1("left kidney", "left kidney") == 1.0 and rouge1("the left kidney", "left kidney") == pytest.approx(0.8)
     agg = aggregate([dict(family="a", scores={"accuracy": 1.0}), dict(family="a", scores={"accuracy": 0.0}),
                      dict(family="b", scores={"mra": 0.5})])
