@@ -6,6 +6,7 @@
     python -m photon_core.evaluate --data 3D-RAD/test_csvs --images 3D-RAD/volumes --out reports/3drad
     python -m photon_core.evaluate --data DeepTumorVQA/test.json --columns image=image_path --dry-run
     python -m photon_core.evaluate --data ... --bertscore-model LOCAL_ENCODER_DIR    # + BERTScore F1 (open)
+    python -m photon_core.evaluate --score predictions.jsonl --out reports/rescored  # metrics only, no model
     torchrun --nproc_per_node 2 -m photon_core.evaluate ...                       # sharded by scan
 
 JSONL records: {"image": path (NIfTI/DICOM/NRRD, or a model-space .npy with "space": "model"),
@@ -16,6 +17,10 @@ reports per-organ coverage of the asked organ, Jaccard between kept sets of two 
 the same scan, accuracy when the volume is replaced by noise, and the same questions under
 FastV, VisionZip-style and random-k at the kept count ITS chose (matched budgets); ``--curve``
 adds accuracy-vs-kept-tokens curves for ITS top-k and the three baselines.
+
+``--score`` reads a predictions JSONL (this tool's, or any model's rows with "answer", "prediction"
+and optionally "family", "answer_type", "kept", "total") and computes the metrics from the answers
+alone, every score recomputed from the answer text stored beside it; no model is loaded.
 """
 from __future__ import annotations
 
@@ -86,12 +91,14 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             if baselines and a.kept > 0:
                 for mode in BASELINES:
                     b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j), max_new_tokens=8)
+                    row[f"{mode}_prediction"] = b.text
                     row[f"{mode}_scores"] = score(b.text, q["answer"], q["answer_type"])
             if curve:
-                row["curve"] = {}
+                row["curve"], row["curve_predictions"] = {}, {}
                 for k in curve:
                     for mode in ("top_k",) + BASELINES:
                         b = pred.ask(q["question"], budget=Budget(mode, float(k), seed=i * 100 + j), max_new_tokens=8)
+                        row["curve_predictions"][f"{mode}:{k}"] = b.text
                         row["curve"][f"{mode}:{k}"] = score(b.text, q["answer"], q["answer_type"])
             rows.append(row)
         names = sorted(kept_by_organ)
@@ -104,8 +111,9 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             for q in qa:
                 if q["answer_type"] in ("closed", "choice"):
                     n = pred.ask(q["question"], budget="auto", max_new_tokens=8)
-                    rows.append(dict(scan=i, family="_noise", answer_type=q["answer_type"],
-                                     source_family=q["family"], scores=score(n.text, q["answer"], q["answer_type"])))
+                    rows.append(dict(scan=i, family="_noise", answer_type=q["answer_type"], source_family=q["family"],
+                                     answer=q["answer"], prediction=n.text,
+                                     scores=score(n.text, q["answer"], q["answer_type"])))
     return rows
 
 
@@ -140,14 +148,57 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
     return rows
 
 
+def read_predictions(path: Path) -> list[dict]:
+    """A predictions JSONL (see ``--score``): rows need "answer" and "prediction" (the evaluator's own
+    audit rows, families "_pair" and "_noise", pass as written); "family" defaults to "all",
+    "answer_type" to "open"."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object")
+        r.setdefault("family", "all")
+        if not str(r["family"]).startswith("_"):
+            missing = [k for k in ("answer", "prediction") if k not in r]
+            if missing:
+                raise ValueError(f"{path}:{n}: no {' or '.join(repr(k) for k in missing)} field")
+            r.setdefault("answer_type", "open")
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"{path}: no predictions")
+    return rows
+
+
+def rescore(rows: list[dict]) -> None:
+    """Recompute every score from the answer text stored beside it: the model's, each baseline's and
+    each curve point's (scores whose text an older file did not keep stay as recorded)."""
+    for r in rows:
+        if "prediction" not in r:
+            continue
+        grade = lambda text: score(text, r["answer"], r["answer_type"])  # noqa: E731
+        r["scores"] = grade(r["prediction"])
+        for mode in BASELINES:
+            if f"{mode}_prediction" in r:
+                r[f"{mode}_scores"] = grade(r[f"{mode}_prediction"])
+        for key, text in r.get("curve_predictions", {}).items():
+            r["curve"][key] = grade(text)
+
+
 def summarise(rows: list[dict]) -> dict:
     qa = [r for r in rows if not r["family"].startswith("_")]
     out = {"families": aggregate(qa), "n_questions": len(qa)}
     for f, bal in balanced_accuracy(qa).items():
         out["families"][f]["balanced_accuracy"] = bal
-    frac = lambda rs: float(np.mean([r["kept"] / r.get("total", 1000) for r in rs]))  # noqa: E731
-    out["keep_fraction_mean"] = frac(qa) if qa else None
-    out["keep_fraction_by_family"] = {f: frac([r for r in qa if r["family"] == f]) for f in sorted({r["family"] for r in qa})}
+    frac = lambda rs: float(np.mean([r["kept"] / r.get("total", 1000) for r in rs])) if rs else None  # noqa: E731
+    counted = [r for r in qa if "kept" in r]                 # predictions from elsewhere may not say
+    out["keep_fraction_mean"] = frac(counted)
+    out["keep_fraction_by_family"] = {f: frac([r for r in counted if r["family"] == f])
+                                      for f in sorted({r["family"] for r in counted})}
     cov = [r["organ_coverage"] for r in qa if r.get("organ_coverage") is not None]
     if cov:
         out["asked_organ_coverage_mean"] = float(np.mean(cov))
@@ -206,11 +257,26 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {k} | " + " | ".join(f"{summary['curve_macro'][f'{m}:{k}']:.3f}" for m in modes) + " |")
         lines.append("")
     for k, v in summary.items():
+        if v is None:
+            continue
         if k not in ("families", "curve_macro") and not isinstance(v, dict):
             lines.append(f"- {k}: {v if not isinstance(v, float) else round(v, 4)}")
         elif k.endswith("_matched"):
             lines.append(f"- {k}: macro {v['macro']:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], out: Path, about: dict, bertscore_model: str | None = None,
+                 bertscore_layers: int | None = None) -> None:
+    """predictions.jsonl, metrics.json and metrics.md in ``out``; the table is printed too."""
+    if bertscore_model:
+        add_bertscore(rows, bertscore_model, bertscore_layers)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarise(rows) | about
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    (out / "metrics.md").write_text(markdown(summary))
+    print(markdown(summary))
 
 
 def main(argv=None) -> None:
@@ -236,8 +302,20 @@ def main(argv=None) -> None:
                                               "off when not given (nothing is downloaded)")
     ap.add_argument("--bertscore-layers", type=int, default=None,
                     help="hidden layer whose states BERTScore compares (default: the last)")
+    ap.add_argument("--score", type=Path, metavar="PREDICTIONS_JSONL",
+                    help="compute the metrics of a predictions file (this tool's or another model's); no model is run")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.score:
+        if args.data or args.demo_split or args.model:
+            ap.error("--score scores saved answers: it runs no model, so --data, --demo-split and --model do not go with it")
+        try:
+            rows = read_predictions(args.score)
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
+        rescore(rows)
+        write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model, args.bertscore_layers)
+        return
     if args.data and args.dry_run:
         recs = read_records(args.data, parse_columns(args.columns), args.images)
         print(f"{len(recs)} records")
@@ -263,13 +341,8 @@ def main(argv=None) -> None:
             p = args.out / f"predictions.rank{r}.jsonl"
             allrows += [json.loads(x) for x in p.read_text().splitlines()]
             p.unlink()
-        if args.bertscore_model:
-            add_bertscore(allrows, args.bertscore_model, args.bertscore_layers)
-        (args.out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in allrows))
-        summary = summarise(allrows) | {"model": pred.name, "device": str(pred.device), "world_size": world}
-        (args.out / "metrics.json").write_text(json.dumps(summary, indent=1))
-        (args.out / "metrics.md").write_text(markdown(summary))
-        print(markdown(summary))
+        write_report(allrows, args.out, {"model": pred.name, "device": str(pred.device), "world_size": world},
+                     args.bertscore_model, args.bertscore_layers)
     if world > 1:
         dist.destroy_process_group()
 

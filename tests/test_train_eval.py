@@ -73,6 +73,75 @@ def test_two_process_sharded_evaluation(tiny_model_dir, tmp_path):
     assert 0 <= m["keep_fraction_mean"] <= 1 and "existence" in m["families"]
 
 
+def test_demo_evaluation_with_baselines_and_curves_rescores_from_its_answers(tiny_model_dir):
+    """The whole demo path (matched baselines, a curve, noise rows, the organ audit) keeps every answer
+    text beside its score, so ``rescore`` recomputes the same summary from the texts alone; and a
+    changed answer changes it."""
+    import copy
+
+    from photon_core.evaluate import BASELINES, evaluate_demo, rescore, summarise
+    from photon_core.predictor import Predictor
+    rows = evaluate_demo(Predictor(tiny_model_dir, "cpu"), "test", scans=1, seed=0, curve=(50,))
+    qa = [r for r in rows if not r["family"].startswith("_")]
+    assert qa and all(f"{m}_prediction" in r for r in qa if r["kept"] for m in BASELINES)
+    assert all(set(r["curve_predictions"]) == {f"{m}:50" for m in ("top_k",) + BASELINES} for r in qa)
+    assert any(r["family"] == "_noise" and "prediction" in r for r in rows)
+    before = summarise(rows)
+    assert before["curve_macro"] and all(f"{m}_matched" in before for m in BASELINES)
+    again = copy.deepcopy(rows)
+    for r in again:                                   # scores recomputed from nothing but the texts
+        r.pop("scores", None)
+        for m in BASELINES:
+            r.pop(f"{m}_scores", None)
+        if "curve" in r:
+            r["curve"] = {}
+    rescore(again)
+    assert summarise(again) == before
+    closed = next(r for r in again if r["family"] == "existence")
+    closed["prediction"] = closed["answer"] if closed["scores"]["accuracy"] == 0 else "maybe"
+    rescore(again)
+    assert summarise(again)["families"]["existence"]["accuracy"] != before["families"]["existence"]["accuracy"]
+
+
+def test_score_mode_reproduces_a_committed_report_and_reads_other_models_predictions(tmp_path):
+    from photon_core.evaluate import main
+    report = ROOT / "reports" / "demo_test"
+    main(["--score", str(report / "predictions.jsonl"), "--out", str(tmp_path / "again")])
+    want, got = (json.loads((d / "metrics.json").read_text()) for d in (report, tmp_path / "again"))
+    assert got["scored_from"] == "predictions.jsonl" and "model" not in got
+    for key in ("keep_fraction_mean", "asked_organ_coverage_mean", "jaccard_two_organ_prompts_mean",
+                "noise_closed_accuracy", "curve_macro"):
+        assert got[key] == pytest.approx(want[key]), key
+    for key in ("families", "fastv_matched"):
+        assert set(got[key]) == set(want[key])
+        for f in want[key]:
+            assert got[key][f] == pytest.approx(want[key][f]), (key, f)
+    # predictions of another model: no token counts, defaults for family and answer type
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps(r) for r in [
+        {"answer": "yes", "prediction": "Yes, there is.", "answer_type": "closed", "family": "existence"},
+        {"answer": "no", "prediction": "yes", "answer_type": "closed", "family": "existence"},
+        {"answer": "20 mm", "prediction": "about 19 mm", "answer_type": "numeric", "family": "measurement"},
+        {"answer": "left kidney", "prediction": "the left kidney"}]) + "\n\n")
+    main(["--score", str(other), "--out", str(tmp_path / "other")])
+    m = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert m["families"]["existence"]["accuracy"] == 0.5 and m["families"]["measurement"]["mra"] == 0.9
+    assert m["families"]["all"]["rouge1"] == pytest.approx(0.8) and m["keep_fraction_mean"] is None
+    assert "keep_fraction_mean" not in (tmp_path / "other" / "metrics.md").read_text()
+    # a file it cannot score: a usage error naming the line, nothing written
+    bad = tmp_path / "bad.jsonl"
+    for text, says in (('{"answer": "yes"}\n', "bad.jsonl:1: no 'prediction' field"),
+                       ('{"answer": "yes", "prediction": "no"}\n[1]\n', "bad.jsonl:2: not a JSON object"),
+                       ("{oops\n", "bad.jsonl:1: not a JSON object"), ("\n", "no predictions")):
+        bad.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "photon_core.evaluate", "--score", str(bad), "--out",
+                            str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and says in r.stderr and not (tmp_path / "bad").exists(), r.stderr
+    r = subprocess.run([sys.executable, "-m", "photon_core.evaluate", "--score", str(other), "--demo-split", "test",
+                        "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "runs no model" in r.stderr
+
+
 def test_metrics():
     assert closed_correct("Yes, there is.", "yes") and not closed_correct("no", "yes")
     assert mra("20 mm", "20 mm") == 1.0 and mra("no number", "20") == 0.0
