@@ -46,6 +46,9 @@ import torch.nn.functional as F
 from .preprocess import MODEL_SHAPE, TOKEN_VOXELS, prepare
 from .volume import load_label_map, load_volume
 
+# each split's seed base: its own deformed bodies and findings (``report``: a body never trained on)
+SPLITS = {"train": 0, "test": 1_000_003, "report": 2_000_003, "val": 3_000_003}
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_cases"
 VOXEL_MM = (364 / 140, 364 / 280, 364 / 280)      # model voxel size (d, h, w) in mm
@@ -551,7 +554,7 @@ class DemoGenerator:
                  backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0):
         self.split, self.device = split, torch.device(device)
         self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
-        base = {"train": 0, "test": 1_000_003, "report": 2_000_003, "val": 3_000_003}[split]
+        base = SPLITS[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
         cases = REPORT_CASES if split == "report" else TRAIN_CASES

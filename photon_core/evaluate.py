@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .audit import BLOCK_FRACTION, jaccard
+from .data import SPLITS, DemoGenerator
 from .datasets import parse_columns, read_records
 from .distributed import init_distributed
 from .metrics import aggregate, balanced_accuracy, score
@@ -57,8 +58,6 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                   pairs: int = 0) -> list[dict]:
     """Generate ``scans`` scans of the demo split and ask every supported question on each; then
     ``pairs`` temporal pairs (prior + current in each prompt) with their longitudinal questions."""
-    from .data import DemoGenerator
-
     gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
     rows = []
     for i in range(scans + pairs):
@@ -79,7 +78,6 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             ask_s = time.perf_counter() - t1
             row = dict(scan=i, **{k: q[k] for k in ("question", "answer", "family", "answer_type", "organ")},
                        prediction=a.text, kept=a.kept, total=a.total, theta=a.theta,
-                       scores=score(a.text, q["answer"], q["answer_type"]),
                        latency_first_s=set_s + ask_s if j == 0 and prior is None else None, latency_ask_s=ask_s)
             if prior is not None:
                 row["pair"] = True
@@ -92,14 +90,12 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                 for mode in BASELINES:
                     b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j), max_new_tokens=8)
                     row[f"{mode}_prediction"] = b.text
-                    row[f"{mode}_scores"] = score(b.text, q["answer"], q["answer_type"])
             if curve:
-                row["curve"], row["curve_predictions"] = {}, {}
+                row["curve_predictions"] = {}
                 for k in curve:
                     for mode in ("top_k",) + BASELINES:
                         b = pred.ask(q["question"], budget=Budget(mode, float(k), seed=i * 100 + j), max_new_tokens=8)
                         row["curve_predictions"][f"{mode}:{k}"] = b.text
-                        row["curve"][f"{mode}:{k}"] = score(b.text, q["answer"], q["answer_type"])
             rows.append(row)
         names = sorted(kept_by_organ)
         for x in range(len(names)):
@@ -112,8 +108,8 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                 if q["answer_type"] in ("closed", "choice"):
                     n = pred.ask(q["question"], budget="auto", max_new_tokens=8)
                     rows.append(dict(scan=i, family="_noise", answer_type=q["answer_type"], source_family=q["family"],
-                                     answer=q["answer"], prediction=n.text,
-                                     scores=score(n.text, q["answer"], q["answer_type"])))
+                                     answer=q["answer"], prediction=n.text))
+    rescore(rows)
     return rows
 
 
@@ -140,11 +136,11 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
             base = dict(question=r["question"], answer=r["answer"], family=r.get("family", "all"),
                         answer_type=r.get("answer_type", "open"), organ=r.get("organ"), image=Path(image).name)
             if error:
-                rows.append(base | dict(prediction="", kept=0, error=error, scores=score("", r["answer"], base["answer_type"])))
+                rows.append(base | dict(prediction="", kept=0, error=error))
                 continue
             a = pred.ask(r["question"], budget=r.get("budget", "auto"), max_new_tokens=max_new_tokens)
-            rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total,
-                                    scores=score(a.text, r["answer"], base["answer_type"])))
+            rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total))
+    rescore(rows)
     return rows
 
 
@@ -175,8 +171,8 @@ def read_predictions(path: Path) -> list[dict]:
 
 
 def rescore(rows: list[dict]) -> None:
-    """Recompute every score from the answer text stored beside it: the model's, each baseline's and
-    each curve point's (scores whose text an older file did not keep stay as recorded)."""
+    """Score every answer from its text — the model's, each baseline's, each curve point's — the one
+    place the evaluator scores (scores whose text an older file did not keep stay as recorded)."""
     for r in rows:
         if "prediction" not in r:
             continue
@@ -185,8 +181,8 @@ def rescore(rows: list[dict]) -> None:
         for mode in BASELINES:
             if f"{mode}_prediction" in r:
                 r[f"{mode}_scores"] = grade(r[f"{mode}_prediction"])
-        for key, text in r.get("curve_predictions", {}).items():
-            r["curve"][key] = grade(text)
+        if "curve_predictions" in r:
+            r["curve"] = {key: grade(text) for key, text in r["curve_predictions"].items()}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -288,7 +284,7 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=Path, help="folder the records' image paths are relative to")
     ap.add_argument("--columns", nargs="*", default=[], help="field=COLUMN overrides, e.g. image=VolumeName")
     ap.add_argument("--dry-run", action="store_true", help="print the first records as read, then stop")
-    ap.add_argument("--demo-split", choices=["test", "val", "report", "train"])
+    ap.add_argument("--demo-split", choices=SPLITS)
     ap.add_argument("--scans", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--enlargement", type=float, default=0.0,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from photon_core.data import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, DemoGenerator
+from photon_core.data import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, SPLITS, DemoGenerator
 from photon_core.metrics import auroc
 from photon_core.predictor import Predictor
 
@@ -91,7 +91,7 @@ def paired(predictor: Predictor, gen: DemoGenerator, scans: int, budget: str) ->
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
-    ap.add_argument("--split", default="test", choices=("train", "val", "test", "report"))
+    ap.add_argument("--split", default="test", choices=SPLITS)
     ap.add_argument("--scans", type=int, default=24)
     ap.add_argument("--downsample", type=float, default=1.0, help="coarse-grid stream (curriculum stages)")
     ap.add_argument("--budget", default="auto")
