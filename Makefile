@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test setup clean
 
-$(STAMP): requirements.txt requirements-dev.txt scripts/setup.sh
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 	touch $(STAMP)
 

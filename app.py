@@ -27,10 +27,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app.handlers import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402

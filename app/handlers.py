@@ -9,8 +9,8 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from photon_core.scheduler import Budget
-from photon_core.volume import VolumeError
+from photon_core.model.its import Budget
+from photon_core.io.volume import VolumeError
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.scene import render_png, scene_glb, token_blocks
 from viz.slices import WINDOWS, slice_rgb

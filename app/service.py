@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import shutil
 import tempfile
 import threading
@@ -19,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from photon_core.audit import export_audit, organ_blocks, organ_retention, organs_in_question
-from photon_core.preprocess import TOKEN_GRID, prepare
-from photon_core.prompt import clean_question
-from photon_core.scheduler import Budget
-from photon_core.volume import Limits, Volume, VolumeError, load_label_map, load_volume
+from photon_core.inference.audit import export_audit, organ_blocks, organ_retention, organs_in_question
+from photon_core.io import samples
+from photon_core.io.preprocess import TOKEN_GRID, prepare
+from photon_core.inference.prompt import clean_question
+from photon_core.model.its import Budget
+from photon_core.io.volume import Limits, Volume, VolumeError, load_label_map, load_volume
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_cases"
 # What a user of the embedded model must know when reading its answer and its kept blocks (measured
 # in photon_core/demo_model/MODEL_CARD.md): it answers from priors, and where it looks is partly a
 # place learned for the organ's name (on noise it still keeps two thirds of an abdominal organ's blocks).
@@ -40,15 +38,8 @@ def volume_key(vol: Volume) -> str:
                         vol.affine.tobytes() + str(vol.shape).encode()).hexdigest()
 
 
-def cases() -> list[dict]:
-    return json.loads((SAMPLES / "cases.json").read_text())["cases"]
-
-
-def case_by_title(title: str) -> dict:
-    for c in cases():
-        if c["title"] == title or c["id"] == title:
-            return c
-    raise ValueError(f"Unknown sample case {title!r}.")
+cases = samples.cases
+case_by_title = samples.case
 
 
 @dataclass
@@ -116,7 +107,7 @@ class Engine:
     def predictor(self):
         with self._lock:
             if self._predictor is None:
-                from photon_core.predictor import Predictor
+                from photon_core.inference.predictor import Predictor
 
                 self._predictor = Predictor(self.settings.model_dir, self.settings.device)
             return self._predictor
@@ -176,8 +167,8 @@ class Engine:
     def load_case(self, title: str, progress=lambda *a, **k: None) -> Session:
         c = case_by_title(title)
         progress(0.05, desc=f"Loading {c['title']}")
-        vol = load_volume(SAMPLES / c["file"], self.settings.limits)
-        lab = SAMPLES / c["label_map"] if c.get("label_map") else None
+        vol = load_volume(samples.path(c["file"]), self.settings.limits)
+        lab = samples.path(c["label_map"]) if c.get("label_map") else None
         return self.open_session(vol, c["title"], lab, c.get("labels"), progress)
 
     def load_upload(self, files: list[str], label_file: str | None, progress=lambda *a, **k: None,

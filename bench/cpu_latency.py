@@ -12,12 +12,10 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def med(xs):
@@ -33,10 +31,10 @@ def main(argv=None):
     import torch
 
     from app.service import Engine, Settings
-    from photon_core.predictor import Predictor, peak_rss_mb
-    from photon_core.preprocess import prepare
-    from photon_core.scheduler import Budget
-    from photon_core.volume import load_volume
+    from photon_core.inference.predictor import Predictor, peak_rss_mb
+    from photon_core.io.preprocess import prepare
+    from photon_core.model.its import Budget
+    from photon_core.io.volume import load_volume
     from viz.scene import render_png, scene_glb, token_blocks
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

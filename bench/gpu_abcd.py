@@ -22,20 +22,18 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from photon_core.attention import backend_name  # noqa: E402
-from photon_core.config import PhotonConfig, VisionConfig  # noqa: E402
-from photon_core.model import PhotonModel  # noqa: E402
-from photon_core.preprocess import patchify  # noqa: E402
-from photon_core.scheduler import Budget  # noqa: E402
-from photon_core.train import preset_config  # noqa: E402
+from photon_core.model.attention import backend_name  # noqa: E402
+from photon_core.model.config import PhotonConfig, VisionConfig  # noqa: E402
+from photon_core.model.photon import PhotonModel  # noqa: E402
+from photon_core.io.preprocess import patchify  # noqa: E402
+from photon_core.model.its import Budget  # noqa: E402
+from photon_core.train.loop import preset_config  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 HBM = {"H100": 3.35e12, "H200": 4.8e12}

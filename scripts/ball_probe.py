@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from photon_core.model import PhotonModel
-from photon_core.preprocess import patchify
-from photon_core.prompt import batch_prompts
-from photon_core.train import build_tokenizer, fold_standardise, model_config, standardise_tokens
+from photon_core.model.photon import PhotonModel
+from photon_core.io.preprocess import patchify
+from photon_core.inference.prompt import batch_prompts
+from photon_core.train.loop import build_tokenizer, fold_standardise, model_config, standardise_tokens
 
 SHAPE = (56, 112, 112)          # 4 × 4 × 4 = 64 visual tokens
 QUESTION = "Is there a lesion in the liver?"

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.service import Engine, Settings, cases  # noqa: E402
-from photon_core.scheduler import Budget  # noqa: E402
+from photon_core.model.its import Budget  # noqa: E402
 
 
 def case_answers(engine: Engine, budget, case_ids: list[str] | None = None) -> list[dict]:

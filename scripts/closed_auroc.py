@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 
-from photon_core.data import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, SPLITS, DemoGenerator
-from photon_core.metrics import auroc
-from photon_core.predictor import Predictor
+from photon_core.train.synthetic.generator import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, SPLITS, DemoGenerator
+from photon_core.eval.metrics import auroc
+from photon_core.inference.predictor import Predictor
 
 
 def _scores(predictor: Predictor, frames, qs: list[dict], budget: str) -> list[float]:

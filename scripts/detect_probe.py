@@ -21,13 +21,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from photon_core.checkpoint import load_model
-from photon_core.audit import BLOCK_FRACTION
-from photon_core.data import DemoGenerator
-from photon_core.metrics import auroc
-from photon_core.predictor import DEMO_MODEL
-from photon_core.preprocess import TOKEN_VOXELS, blocks, patchify
-from photon_core.train import standardise_tokens, token_targets
+from photon_core.model.checkpoint import load_model
+from photon_core.inference.audit import BLOCK_FRACTION
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.eval.metrics import auroc
+from photon_core.inference.predictor import DEMO_MODEL
+from photon_core.io.preprocess import TOKEN_VOXELS, blocks, patchify
+from photon_core.train.loop import standardise_tokens, token_targets
 
 
 def _gaussian_blur(v: torch.Tensor, sigma_mm: float, voxel_mm: tuple) -> torch.Tensor:

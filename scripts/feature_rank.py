@@ -33,10 +33,10 @@ import statistics
 import numpy as np
 import torch
 
-from photon_core.audit import BLOCK_FRACTION, pairwise_jaccard
-from photon_core.data import ORGANS, DemoGenerator
-from photon_core.predictor import DEMO_MODEL, Predictor
-from photon_core.train import token_targets
+from photon_core.inference.audit import BLOCK_FRACTION, pairwise_jaccard
+from photon_core.train.synthetic.generator import ORGANS, DemoGenerator
+from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.train.loop import token_targets
 
 
 def spectrum(x: torch.Tensor) -> dict:

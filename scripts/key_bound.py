@@ -29,10 +29,10 @@ import argparse
 import numpy as np
 import torch
 
-from photon_core.audit import BLOCK_FRACTION, pairwise_jaccard
-from photon_core.data import ORGANS, DemoGenerator
-from photon_core.predictor import DEMO_MODEL, Predictor
-from photon_core.train import keep_target, token_targets
+from photon_core.inference.audit import BLOCK_FRACTION, pairwise_jaccard
+from photon_core.train.synthetic.generator import ORGANS, DemoGenerator
+from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.train.loop import keep_target, token_targets
 
 MODES = ("model", "best, this scan", "best, one per organ")
 

@@ -26,13 +26,13 @@ import statistics
 
 import torch
 
-from photon_core.audit import BLOCK_FRACTION
-from photon_core.checkpoint import load_model
-from photon_core.data import ENLARGE_ORGANS, ENLARGED, EXIST, ORGANS, DemoGenerator
-from photon_core.metrics import auroc
-from photon_core.predictor import DEMO_MODEL, Predictor
-from photon_core.preprocess import TOKEN_VOXELS, patchify
-from photon_core.train import token_targets
+from photon_core.inference.audit import BLOCK_FRACTION
+from photon_core.model.checkpoint import load_model
+from photon_core.train.synthetic.generator import ENLARGE_ORGANS, ENLARGED, EXIST, ORGANS, DemoGenerator
+from photon_core.eval.metrics import auroc
+from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.io.preprocess import TOKEN_VOXELS, patchify
+from photon_core.train.loop import token_targets
 
 COLUMNS = [list(ORGANS).index(o) for o in ENLARGE_ORGANS]
 

@@ -34,4 +34,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -r requirements.txt -r requirements-dev.txt
+$PIP install --no-deps --no-build-isolation -e .          # photon_core (+ app, viz) importable from anywhere
 echo "setup: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

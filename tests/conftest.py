@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 PARITY = ROOT.parent / "shared" / "parity"
 SAMPLES = ROOT / "sample_cases"
@@ -37,9 +35,9 @@ def parity_dir():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised tiny Photon (same classes, tiny config) with the demo tokenizer."""
-    from photon_core.checkpoint import save_model
-    from photon_core.model import PhotonModel
-    from photon_core.train import build_tokenizer, model_config
+    from photon_core.model.checkpoint import save_model
+    from photon_core.model.photon import PhotonModel
+    from photon_core.train.loop import build_tokenizer, model_config
 
     d = tmp_path_factory.mktemp("tiny_model")
     tok = build_tokenizer(d, vocab_size=400)
@@ -54,6 +52,6 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def abdomen():
-    from photon_core.volume import load_volume
+    from photon_core.io.volume import load_volume
 
     return load_volume(SAMPLES / "abdomen_ct" / "ct.nii.gz")

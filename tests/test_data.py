@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from photon_core.data import (CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, MIRROR, NODULE, NORMAL_QUESTION,
+from photon_core.train.synthetic.generator import (CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, MIRROR, NODULE, NORMAL_QUESTION,
                               ORGAN_ABNORMAL, VOXEL_MM, DemoGenerator, all_template_text, downsample_shape, lesion_sites,
                               load_background, shrink)
-from photon_core.preprocess import MODEL_SHAPE
+from photon_core.io.preprocess import MODEL_SHAPE
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from photon_core.datasets import DatasetError, parse_columns, read_records
+from photon_core.eval.datasets import DatasetError, parse_columns, read_records
 
 
 def _csv(path, rows):
@@ -56,7 +56,7 @@ def test_evaluate_a_csv_set_end_to_end(tiny_model_dir, tmp_path):
     data = tmp_path / "lesions.csv"
     _csv(data, [r | {"space": "model" if r["image"].endswith(".npy") else ""} for r in rows])
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "photon_core.evaluate", "--model", str(tiny_model_dir), "--device", "cpu",
+    r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--model", str(tiny_model_dir), "--device", "cpu",
                         "--data", str(data), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]

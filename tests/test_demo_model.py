@@ -2,8 +2,8 @@
 import json
 
 from conftest import SAMPLES
-from photon_core.predictor import DEMO_MODEL, Predictor
-from photon_core.volume import load_volume
+from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.io.volume import load_volume
 
 
 def test_demo_model_answers_a_suggested_question_deterministically():

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from photon_core.attention import block_attention
-from photon_core.checkpoint import load_model
+from photon_core.model.attention import block_attention
+from photon_core.model.checkpoint import load_model
 
 pytestmark = pytest.mark.gpu
 

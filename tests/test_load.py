@@ -4,19 +4,14 @@ The long run (≤ 10 min, RSS growth after warm-up) is `scripts/load_test.py`; i
 closing notes. Here the RSS trend is reported but only failures are asserted (a 60 s run on a
 2-core machine is too short to judge memory growth reliably).
 """
-import sys
-
 import pytest
 
-from conftest import ROOT
+from scripts import load_test
 
-sys.path.insert(0, str(ROOT / "scripts"))
 pytestmark = pytest.mark.slow
 
 
 def test_eight_concurrent_clients(tiny_model_dir, capsys):
-    import load_test
-
     report = load_test.main(["--start", "--model", str(tiny_model_dir), "--clients", "8", "--seconds", "60",
                              "--warmup", "20"])
     assert report["failures"] == 0, report["failure_samples"]

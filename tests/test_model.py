@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from photon_core.checkpoint import CheckpointError, load_model, save_model
-from photon_core.config import PhotonConfig
-from photon_core.predictor import Predictor
-from photon_core.prompt import Tokenizer, batch_prompts
-from photon_core.scheduler import Budget
-from photon_core.sgp import pack_indices, surrogate_gather
+from photon_core.model.checkpoint import CheckpointError, load_model, save_model
+from photon_core.model.config import PhotonConfig
+from photon_core.inference.predictor import Predictor
+from photon_core.inference.prompt import Tokenizer, batch_prompts
+from photon_core.model.its import Budget
+from photon_core.model.sgp import pack_indices, surrogate_gather
 
 
 def _frames(seed=0):
@@ -167,7 +167,7 @@ def test_training_step_each_phase_and_regulariser(tiny_model_dir, phase, reg):
         rows.append(ids)
         labs.append([-100] * a0 + ids[a0:])
     ids, mask, labels = batch_prompts(rows, m.config.pad_token_id, labs)
-    from photon_core.preprocess import patchify
+    from photon_core.io.preprocess import patchify
 
     pv, grid = patchify(_frames(2))
     feats = m.encode_volume(pv, grid)
@@ -245,14 +245,14 @@ def test_ask_cli_json(tiny_model_dir):
 
     from conftest import ROOT, SAMPLES
 
-    r = subprocess.run([sys.executable, "-m", "photon_core.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
+    r = subprocess.run([sys.executable, "-m", "photon_core.inference.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
                         "--question", "Is there a lesion in the liver?", "--budget", "25%", "--model",
                         str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3", "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["kept"] == 250 and d["total"] == 1000 and d["budget"] == "25%"
-    bad = subprocess.run([sys.executable, "-m", "photon_core.ask", "--scan", "/nonexistent.nii.gz", "--question",
+    bad = subprocess.run([sys.executable, "-m", "photon_core.inference.ask", "--scan", "/nonexistent.nii.gz", "--question",
                           "x?", "--model", str(tiny_model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -266,7 +266,7 @@ def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):
     m.phase, m.guide_weight = 1, 1.0
     ids, _ = tok.prompt("Is there a lesion in the liver?", 1000)
     ids = torch.tensor([ids])
-    from photon_core.preprocess import patchify
+    from photon_core.io.preprocess import patchify
     pv, grid = patchify(_frames())
     target = torch.zeros(1, 1000)
     target[0, 100:130] = 1.0
@@ -296,7 +296,7 @@ def test_keep_guidance_moves_the_kept_set_to_the_target(tiny_model_dir):
     m.train()
     m.phase, m.keep_guide_weight = 3, 1.0
     ids = torch.tensor([tok.prompt("Is there a lesion in the liver?", 1000)[0]])
-    from photon_core.preprocess import patchify
+    from photon_core.io.preprocess import patchify
     pv, grid = patchify(_frames())
     target = torch.zeros(1, 1000)
     target[0, 300:450] = 1.0
@@ -328,7 +328,7 @@ def test_contrast_guidance_tells_two_questions_apart(tiny_model_dir):
     tok = Tokenizer(tiny_model_dir)
     m.train()
     m.contrast_guide_weight = 1.0
-    from photon_core.preprocess import patchify
+    from photon_core.io.preprocess import patchify
     ids, mask, _ = batch_prompts([tok.prompt(q, 1000)[0] for q in ("Is there a lesion in the liver?",
                                                                     "Is there a lesion in the spleen?")], 0)
     pv, grid = patchify(_frames())
@@ -361,7 +361,7 @@ def test_robustness_perturbations_stay_on_the_scan_device():
     GPU. The meta device refuses CPU operands as CUDA does, so the check runs here."""
     import random
 
-    from photon_core.train import perturb
+    from photon_core.train.loop import perturb
     kinds = set()
     for seed in range(30):
         rng = random.Random(seed)
@@ -376,7 +376,7 @@ def test_robustness_perturbations_stay_on_the_scan_device():
     assert y.shape == x.shape and all(bool((p == 0).all()) or bool((p != 0).all()) for p in patches)   # whole patches
 
 def test_keep_target_is_the_organ_and_its_nearest_blocks():
-    from photon_core.train import keep_target, token_targets
+    from photon_core.train.loop import keep_target, token_targets
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
               "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
     organs["liver"][:28, :56, :56] = True                  # blocks (0-1, 0-1, 0-1): 8 blocks at a corner
@@ -396,8 +396,8 @@ def test_keep_target_is_the_organ_and_its_nearest_blocks():
 
 
 def test_token_targets_and_guide_targets_follow_the_question():
-    from photon_core.train import AuxHead, guide_target, token_targets
-    from photon_core.data import ORGANS
+    from photon_core.train.loop import AuxHead, guide_target, token_targets
+    from photon_core.train.synthetic.generator import ORGANS
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
               "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool),
               "right kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
@@ -448,9 +448,9 @@ def test_token_targets_and_guide_targets_follow_the_question():
 def test_fold_standardise_makes_the_merger_emit_standardised_tokens(tiny_model_dir):
     """--fold-scans: one fixed affine map folded into the merger's last Linear, so the tokens it was
     measured on come out as deviations from their mean over each channel's spread; nothing else moves."""
-    from photon_core.checkpoint import load_model
-    from photon_core.preprocess import patchify
-    from photon_core.train import fold_standardise
+    from photon_core.model.checkpoint import load_model
+    from photon_core.io.preprocess import patchify
+    from photon_core.train.loop import fold_standardise
     m = load_model(tiny_model_dir, "cpu", torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     pv, grid = patchify(torch.rand(56, 1, 112, 112, generator=g))
@@ -469,7 +469,7 @@ def test_fold_standardise_makes_the_merger_emit_standardised_tokens(tiny_model_d
 def test_slab_targets_are_the_targets_of_the_slab_alone():
     """--slabs trains the tower on one depth slab: its targets must be those of that slab's own
     token grid (tokens run depth-major), finding map and all."""
-    from photon_core.train import slab_targets, token_targets
+    from photon_core.train.loop import slab_targets, token_targets
     g = torch.Generator().manual_seed(0)
     organs = {"liver": torch.rand(42, 56, 56, generator=g) > 0.6, "spleen": torch.rand(42, 56, 56, generator=g) > 0.9}
     truth = (torch.rand(42, 56, 56, generator=g) > 0.97) * 9.0
@@ -483,7 +483,7 @@ def test_slab_targets_are_the_targets_of_the_slab_alone():
 
 
 def test_visionzip_plan_dominant_plus_merged_contextual_tokens():
-    from photon_core.scheduler import visionzip_plan
+    from photon_core.model.its import visionzip_plan
     g = torch.Generator().manual_seed(0)
     dominance = torch.rand(1000, generator=g)
     keys = torch.randn(1000, 8, generator=g)
@@ -510,7 +510,7 @@ def test_visionzip_merges_hidden_states(pred):
     with torch.no_grad():
         vz = m(ids, features=pred.features, grid_thw=pred.grid_thw, budget="visionzip:100")
         kept = vz.its.keep[0].nonzero().flatten().tolist()
-        from photon_core.scheduler import Budget
+        from photon_core.model.its import Budget
         same = m(ids, features=pred.features, grid_thw=pred.grid_thw, budget=Budget("top_k", 100))
     assert int(vz.its.keep.sum()) == 100 and vz.its.merge is not None and same.its.merge is None
     h = torch.randn(1, ids.shape[1], 8)
@@ -529,8 +529,8 @@ def test_vision_tower_sees_each_depth_slab_alone(tiny_model_dir):
     slab training relies on it); the LLM is where depth context is built."""
     import torch
 
-    from photon_core.checkpoint import load_model
-    from photon_core.preprocess import patchify
+    from photon_core.model.checkpoint import load_model
+    from photon_core.io.preprocess import patchify
     model = load_model(tiny_model_dir, "cpu", torch.float32).eval()
     frames = torch.rand(42, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -544,7 +544,7 @@ def test_vision_tower_sees_each_depth_slab_alone(tiny_model_dir):
 def test_counterfactual_twin_is_trained_on_the_same_depth_slabs(tmp_path, monkeypatch):
     """--vision-only --counterfactual --slabs: the clean twin is cut at the slabs of its scan with
     findings (so each finding token has its own clean token as a negative), one of which holds a finding."""
-    import photon_core.train as train
+    import photon_core.train.loop as train
     seen = []
     real = train.slab_targets
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from photon_core.checkpoint import load_model
-from photon_core.model import rope_index
-from photon_core.scheduler import ThresholdMLP, descriptor, minmax
-from photon_core.sgp import pack_indices, surrogate_gather
+from photon_core.model.checkpoint import load_model
+from photon_core.model.photon import rope_index
+from photon_core.model.its import ThresholdMLP, descriptor, minmax
+from photon_core.model.sgp import pack_indices, surrogate_gather
 
 
 @pytest.fixture(scope="module")

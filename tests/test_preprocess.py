@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from photon_core.preprocess import load_step, patchify, prepare
-from photon_core.volume import volume_from_array
+from photon_core.io.preprocess import load_step, patchify, prepare
+from photon_core.io.volume import volume_from_array
 
 
 def test_load_step_reproduces_official_fixture(parity_dir, abdomen):
@@ -100,11 +100,11 @@ def test_rai_orientation_convention():
 
 @pytest.mark.parametrize("shape,grid", [((140, 280, 280), (10, 10, 10)), ((56, 112, 112), (4, 4, 4))])
 def test_block_fractions_bool_fast_path_equals_the_mean(shape, grid):
-    from photon_core.preprocess import block_fractions
+    from photon_core.io.preprocess import block_fractions
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(shape, generator=g) > 0.8
     mask[:14] = True                                   # a full first slab of blocks
-    from photon_core.preprocess import blocks
+    from photon_core.io.preprocess import blocks
     fast, slow = block_fractions(mask, grid), blocks(mask.float(), grid).mean((1, 3, 5)).flatten()
     assert fast.shape == (grid[0] * grid[1] * grid[2],) and torch.allclose(fast, slow, atol=1e-6)
     assert torch.all(fast[: grid[1] * grid[2]] == 1.0)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from photon_core.scheduler import Budget
-from photon_core.volume import VolumeError
+from photon_core.model.its import Budget
+from photon_core.io.volume import VolumeError
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_cli_rejects_malformed_auth(tmp_path):
 
 
 def test_engine_folders_go_at_exit_without_close(tiny_model_dir, tmp_path):
-    code = ("import sys; sys.path.insert(0, '.'); from app.service import Engine, Settings; "
+    code = ("from app.service import Engine, Settings; "
             f"e = Engine(Settings(model_dir={str(tiny_model_dir)!r}, device='cpu')); s = e.load_case('abdomen_ct'); "
             "import os; assert os.path.isdir(s.workdir); print('made', s.workdir)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import ROOT, SAMPLES
-from photon_core.model import rope_index
-from photon_core.predictor import Predictor
-from photon_core.scheduler import Budget
+from photon_core.model.photon import rope_index
+from photon_core.inference.predictor import Predictor
+from photon_core.model.its import Budget
 
 
 def _frames(seed, bright=0.6):
@@ -75,7 +75,7 @@ def test_the_prior_reaches_the_model(tiny_model_dir):
 
 
 def test_generator_pairs_have_exact_change_truth():
-    from photon_core.data import CHANGE, GROWN, RESOLVED, DemoGenerator
+    from photon_core.train.synthetic.generator import CHANGE, GROWN, RESOLVED, DemoGenerator
 
     def stream(n=16):      # the generator seeds torch's global stream: one generator at a time
         g = DemoGenerator("test", seed=3, pool=1, downsample=2.5)
@@ -125,8 +125,8 @@ def test_temporal_training_steps(tmp_path):
 
 
 def test_evaluator_reads_prior_images(tiny_model_dir, tmp_path):
-    from photon_core.datasets import read_records
-    from photon_core.evaluate import evaluate_records
+    from photon_core.eval.datasets import read_records
+    from photon_core.eval.evaluate import evaluate_records
 
     for name, seed in (("now.npy", 0), ("before.npy", 1)):
         np.save(tmp_path / name, _frames(seed).numpy())
@@ -148,7 +148,7 @@ def test_evaluator_reads_prior_images(tiny_model_dir, tmp_path):
 def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
     from app.handlers import answer_card, status_md
     from app.service import Engine, Settings
-    from photon_core.volume import VolumeError
+    from photon_core.io.volume import VolumeError
 
     engine = Engine(Settings(model_dir=str(tiny_model_dir), device="cpu", max_new_tokens=3, cache_volumes=1))
     ct = str(SAMPLES / "abdomen_ct" / "ct.nii.gz")
@@ -173,7 +173,7 @@ def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
 
 
 def test_ask_cli_with_a_prior(tiny_model_dir):
-    r = subprocess.run([sys.executable, "-m", "photon_core.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
+    r = subprocess.run([sys.executable, "-m", "photon_core.inference.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
                         "--prior", str(SAMPLES / "chest_aorta_ct/ct.nii.gz"), "--question", "Has the lesion grown?",
                         "--budget", "25%", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2",
                         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from photon_core.metrics import aggregate, bleu1, closed_correct, mra, rouge1
+from photon_core.eval.metrics import aggregate, bleu1, closed_correct, mra, rouge1
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_two_process_gloo_training_and_resume(tmp_path):
 
 def test_two_process_sharded_evaluation(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
-    _torchrun(["-m", "photon_core.evaluate", "--model", str(tiny_model_dir), "--device", "cpu", "--demo-split",
+    _torchrun(["-m", "photon_core.eval", "--model", str(tiny_model_dir), "--device", "cpu", "--demo-split",
                "test", "--scans", "2", "--no-baselines", "--out", str(out)], tmp_path)
     m = json.loads((out / "metrics.json").read_text())
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -79,8 +79,8 @@ def test_demo_evaluation_with_baselines_and_curves_rescores_from_its_answers(tin
     changed answer changes it."""
     import copy
 
-    from photon_core.evaluate import BASELINES, evaluate_demo, rescore, summarise
-    from photon_core.predictor import Predictor
+    from photon_core.eval.evaluate import BASELINES, evaluate_demo, rescore, summarise
+    from photon_core.inference.predictor import Predictor
     rows = evaluate_demo(Predictor(tiny_model_dir, "cpu"), "test", scans=1, seed=0, curve=(50,))
     qa = [r for r in rows if not r["family"].startswith("_")]
     assert qa and all(f"{m}_prediction" in r for r in qa if r["kept"] for m in BASELINES)
@@ -104,7 +104,7 @@ def test_demo_evaluation_with_baselines_and_curves_rescores_from_its_answers(tin
 
 
 def test_score_mode_reproduces_a_committed_report_and_reads_other_models_predictions(tmp_path):
-    from photon_core.evaluate import main
+    from photon_core.eval.evaluate import main
     report = ROOT / "reports" / "demo_test"
     main(["--score", str(report / "predictions.jsonl"), "--out", str(tmp_path / "again")])
     want, got = (json.loads((d / "metrics.json").read_text()) for d in (report, tmp_path / "again"))
@@ -134,10 +134,10 @@ def test_score_mode_reproduces_a_committed_report_and_reads_other_models_predict
                        ('{"answer": "yes", "prediction": "no"}\n[1]\n', "bad.jsonl:2: not a JSON object"),
                        ("{oops\n", "bad.jsonl:1: not a JSON object"), ("\n", "no predictions")):
         bad.write_text(text)
-        r = subprocess.run([sys.executable, "-m", "photon_core.evaluate", "--score", str(bad), "--out",
+        r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--score", str(bad), "--out",
                             str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and says in r.stderr and not (tmp_path / "bad").exists(), r.stderr
-    r = subprocess.run([sys.executable, "-m", "photon_core.evaluate", "--score", str(other), "--demo-split", "test",
+    r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--score", str(other), "--demo-split", "test",
                         "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "runs no model" in r.stderr
 
@@ -155,7 +155,7 @@ def test_metrics():
     agg = aggregate([dict(family="a", scores={"accuracy": 1.0}), dict(family="a", scores={"accuracy": 0.0}),
                      dict(family="b", scores={"mra": 0.5})])
     assert agg["a"]["accuracy"] == 0.5 and agg["macro"] == 0.5
-    from photon_core.metrics import balanced_accuracy
+    from photon_core.eval.metrics import balanced_accuracy
     always_no = [dict(family="existence", answer_type="closed", answer=a, scores={"accuracy": float(a == "no")})
                  for a in ["no"] * 9 + ["yes"]]
     assert aggregate(always_no)["existence"]["accuracy"] == 0.9
@@ -163,7 +163,7 @@ def test_metrics():
     mixed = aggregate([dict(family="obs", scores={"exact": 1.0}), dict(family="obs", scores={"accuracy": 0.0}),
                        dict(family="obs", scores={"accuracy": 1.0})])
     assert mixed["obs"]["n"] == 3 and mixed["obs"]["accuracy"] == 0.5 and mixed["obs"]["exact"] == 1.0
-    from photon_core.metrics import auroc
+    from photon_core.eval.metrics import auroc
     assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
     assert auroc([0.1, 0.9], [True, False]) == 0.0
     assert auroc([0.5, 0.5, 0.5], [True, False, False]) == 0.5        # a constant score: chance
@@ -263,7 +263,7 @@ def test_bleu1_and_rouge1_reproduce_their_reference_packages():
     """BLEU-1 as nltk's sentence_bleu (weights (1,)) and ROUGE-1 F as the rouge-score package give them
     (run in a scratch environment, see tests/fixtures/text_metrics/make.py), on pairs that exercise
     clipping, the brevity penalty, case, punctuation, hyphens, decimals and empty sides."""
-    from photon_core.metrics import normalise
+    from photon_core.eval.metrics import normalise
     e = json.loads((ROOT / "tests" / "fixtures" / "text_metrics" / "expected.json").read_text())["pairs"]
     assert len(e) >= 20
     for r in e:
@@ -278,7 +278,7 @@ def test_bertscore_reproduces_the_reference_package():
     """BERTScore P, R and F1 as the reference package (bert-score 0.3.13, run in a scratch environment
     with transformers 4.46, see tests/fixtures/bertscore/make.py) computes them, with a tiny random
     local BERT: an exact match scores 1, an empty candidate 0."""
-    from photon_core.metrics import bertscore
+    from photon_core.eval.metrics import bertscore
     folder = ROOT / "tests" / "fixtures" / "bertscore"
     e = json.loads((folder / "expected.json").read_text())
     out = bertscore([c for c, _ in e["pairs"]], [r for _, r in e["pairs"]], str(folder), num_layers=e["num_layers"])
@@ -289,7 +289,7 @@ def test_bertscore_reproduces_the_reference_package():
 
 
 def test_evaluator_adds_bertscore_to_open_answers():
-    from photon_core.evaluate import add_bertscore, markdown, summarise
+    from photon_core.eval.evaluate import add_bertscore, markdown, summarise
     rows = [dict(family="image_observation", answer_type="open", question="q", answer="left kidney",
                  prediction="left kidney", kept=100, scores={"exact": 1.0}),
             dict(family="image_observation", answer_type="open", question="q", answer="liver",
@@ -306,8 +306,8 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     """scripts/closed_auroc.py reads the first answer token of each left-padded row: a question's
     margin in the batch equals its margin asked alone, every yes/no question gets one, the label is
     "finding present" (flipped for the normal question), and the paired comparison runs."""
-    from photon_core.data import DemoGenerator
-    from photon_core.predictor import Predictor
+    from photon_core.train.synthetic.generator import DemoGenerator
+    from photon_core.inference.predictor import Predictor
     mod = _script("closed_auroc")
     p = Predictor(tiny_model_dir, device="cpu")
     batched = mod.margins(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
@@ -334,8 +334,8 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
 def test_closed_auroc_scores_enlargement_questions_apart(tiny_model_dir):
     """With enlarged organs in the stream, "is the organ enlarged?" questions are scored in their own
     group (label: enlarged), and only they; the lesion questions keep their families."""
-    from photon_core.data import ENLARGED, DemoGenerator
-    from photon_core.predictor import Predictor
+    from photon_core.train.synthetic.generator import ENLARGED, DemoGenerator
+    from photon_core.inference.predictor import Predictor
     mod = _script("closed_auroc")
     gen = DemoGenerator("test", seed=0, downsample=2.5, enlargement=1.0)
     out = mod.margins(Predictor(tiny_model_dir, device="cpu"), gen, 3, "full")
@@ -385,10 +385,10 @@ def test_detect_probe(tiny_model_dir, capsys):
     x = torch.randn(6, 64, 8, generator=g)
     x[..., 3] += 3 * y
     s = mod.fit_probe(x, y)(x)
-    from photon_core.metrics import auroc
+    from photon_core.eval.metrics import auroc
     assert auroc(s.flatten().tolist(), y.flatten().tolist()) > 0.95
     assert auroc(mod.fit_probe(x[..., :3], y)(x[..., :3]).flatten().tolist(), y.flatten().tolist()) < 0.8
-    from photon_core.checkpoint import load_model
+    from photon_core.model.checkpoint import load_model
     t = mod.tokens(load_model(tiny_model_dir, "cpu", torch.float32), "test", 3, 2.5, blob=True)
     assert t["x"].shape[:2] == t["y"].shape == t["tissue"].shape == t["blob"].shape == (3, 64)
     assert bool((t["tissue"] | ~t["y"]).all())          # every finding block counts as tissue
@@ -504,7 +504,7 @@ def test_answer_logprobs_agree_with_generation(tiny_model_dir):
     its arg-max is the first generated token, for each question of a batch."""
     import torch
 
-    from photon_core.predictor import Predictor
+    from photon_core.inference.predictor import Predictor
     p = Predictor(tiny_model_dir, device="cpu")
     torch.manual_seed(0)
     p.set_volume(torch.rand(140, 280, 280))
@@ -540,7 +540,7 @@ def test_patch_detect(capsys):
     torch.manual_seed(0)
     model = mod.train(mod.Cnn(), mod.draws(*blobs(512, 0)), steps=150)
     v, y = blobs(256, 1)
-    from photon_core.metrics import auroc
+    from photon_core.eval.metrics import auroc
     assert auroc(mod.score(model, v).tolist(), y.bool().tolist()) > 0.9
 
     stream = mod.PatchStream("train", seed=0, downsample=2.5)         # pairs: painted, then the same crop clean

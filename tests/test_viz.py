@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLES
-from photon_core.audit import export_audit, kept_mask_original, organ_blocks, organ_retention, organs_in_question
-from photon_core.preprocess import TOKEN_GRID, prepare
-from photon_core.volume import load_label_map, volume_from_array
+from photon_core.inference.audit import export_audit, kept_mask_original, organ_blocks, organ_retention, organs_in_question
+from photon_core.io.preprocess import TOKEN_GRID, prepare
+from photon_core.io.volume import load_label_map, volume_from_array
 from viz.glb import read_glb
 from viz.scene import anatomy_surfaces, render_png, scene_glb, token_blocks
 from viz.slices import slice_rgb, to_ras
@@ -121,7 +121,7 @@ def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):
 
 
 def test_label_map_in_another_axis_order_is_moved_onto_the_scan():
-    from photon_core.volume import load_volume
+    from photon_core.io.volume import load_volume
 
     dcm = load_volume(SAMPLES / "dicom_ct/series")
     labels, aff = load_label_map(SAMPLES / "dicom_ct/labels.nii.gz", like=dcm)

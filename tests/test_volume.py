@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLES
-from photon_core.volume import Limits, VolumeError, load_label_map, load_volume, volume_from_array
+from photon_core.io.volume import Limits, VolumeError, load_label_map, load_volume, volume_from_array
 
 CASES = json.loads((SAMPLES / "cases.json").read_text())["cases"]
 

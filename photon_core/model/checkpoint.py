@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import PhotonConfig
-from .model import PhotonModel
+from photon_core.model.config import PhotonConfig
+from photon_core.model.photon import PhotonModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 ALLOWED_FILES = {

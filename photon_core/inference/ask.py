@@ -1,8 +1,8 @@
 """Ask Photon a question about a CT from the command line.
 
-    python -m photon_core.ask --scan sample_cases/abdomen_ct/ct.nii.gz --question "Is there a lesion in the liver?"
-    python -m photon_core.ask --scan series.zip --question "..." --budget 25% --json
-    python -m photon_core.ask --scan now.nii.gz --prior before.nii.gz --question "Has the liver lesion grown?"
+    python -m photon_core.inference.ask --scan sample_cases/abdomen_ct/ct.nii.gz --question "Is there a lesion in the liver?"
+    python -m photon_core.inference.ask --scan series.zip --question "..." --budget 25% --json
+    python -m photon_core.inference.ask --scan now.nii.gz --prior before.nii.gz --question "Has the liver lesion grown?"
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    from .predictor import Predictor
-    from .volume import load_volume
+    from photon_core.inference.predictor import Predictor
+    from photon_core.io.volume import load_volume
 
     try:
         t = time.perf_counter()

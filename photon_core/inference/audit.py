@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocess import Geometry
+from photon_core.io.preprocess import Geometry
 
 BLOCK_FRACTION = 0.25
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import scheduler as its
-from .attention import attend, block_attention
-from .config import PhotonConfig, VisionConfig
-from .sgp import band_loss, flip_loss, gather_tokens, neg_entropy_loss, pack_indices, surrogate_gather
+from photon_core.model import its
+from photon_core.model.attention import attend, block_attention
+from photon_core.model.config import PhotonConfig, VisionConfig
+from photon_core.model.sgp import band_loss, flip_loss, gather_tokens, neg_entropy_loss, pack_indices, surrogate_gather
 
 
 class RMSNorm(nn.Module):

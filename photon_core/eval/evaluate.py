@@ -1,13 +1,13 @@
 """Evaluate a Photon model: accuracy per task family, MRA, keep rate, retention audit, baselines.
 
-    python -m photon_core.evaluate --demo-split test --scans 60 --out reports/demo_test
-    python -m photon_core.evaluate --demo-split test --scans 0 --pairs 12 --out reports/demo_temporal   # prior + current
-    python -m photon_core.evaluate --data my_set.jsonl --out reports/mine        # open JSONL layout
-    python -m photon_core.evaluate --data 3D-RAD/test_csvs --images 3D-RAD/volumes --out reports/3drad
-    python -m photon_core.evaluate --data DeepTumorVQA/test.json --columns image=image_path --dry-run
-    python -m photon_core.evaluate --data ... --bertscore-model LOCAL_ENCODER_DIR    # + BERTScore F1 (open)
-    python -m photon_core.evaluate --score predictions.jsonl --out reports/rescored  # metrics only, no model
-    torchrun --nproc_per_node 2 -m photon_core.evaluate ...                       # sharded by scan
+    python -m photon_core.eval --demo-split test --scans 60 --out reports/demo_test
+    python -m photon_core.eval --demo-split test --scans 0 --pairs 12 --out reports/demo_temporal   # prior + current
+    python -m photon_core.eval --data my_set.jsonl --out reports/mine        # open JSONL layout
+    python -m photon_core.eval --data 3D-RAD/test_csvs --images 3D-RAD/volumes --out reports/3drad
+    python -m photon_core.eval --data DeepTumorVQA/test.json --columns image=image_path --dry-run
+    python -m photon_core.eval --data ... --bertscore-model LOCAL_ENCODER_DIR    # + BERTScore F1 (open)
+    python -m photon_core.eval --score predictions.jsonl --out reports/rescored  # metrics only, no model
+    torchrun --nproc_per_node 2 -m photon_core.eval ...                       # sharded by scan
 
 JSONL records: {"image": path (NIfTI/DICOM/NRRD, or a model-space .npy with "space": "model"),
 "question", "answer", "family", "answer_type": closed|choice|open|numeric, "organ", "meta"}, and
@@ -34,15 +34,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .audit import BLOCK_FRACTION, jaccard
-from .data import SPLITS, DemoGenerator
-from .datasets import parse_columns, read_records
-from .distributed import init_distributed
-from .metrics import aggregate, balanced_accuracy, score
-from .predictor import Predictor
-from .preprocess import block_fractions
-from .scheduler import Budget
-from .volume import load_volume
+from photon_core.inference.audit import BLOCK_FRACTION, jaccard
+from photon_core.train.synthetic.generator import SPLITS, DemoGenerator
+from photon_core.eval.datasets import parse_columns, read_records
+from photon_core.train.distributed import init_distributed
+from photon_core.eval.metrics import aggregate, balanced_accuracy, score
+from photon_core.inference.predictor import Predictor
+from photon_core.io.preprocess import block_fractions
+from photon_core.model.its import Budget
+from photon_core.io.volume import load_volume
 
 
 BASELINES = ("fastv", "visionzip", "random")
@@ -224,7 +224,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def add_bertscore(rows: list[dict], model_dir: str, num_layers: int | None = None) -> None:
     """Add BERTScore F1 (``metrics.bertscore``, a local model folder) to the scores of open-answer rows."""
-    from .metrics import bertscore
+    from photon_core.eval.metrics import bertscore
     graded = [r for r in rows if r.get("answer_type") == "open" and "scores" in r and not r["family"].startswith("_")]
     if graded:
         for r, b in zip(graded, bertscore([r["prediction"] for r in graded], [r["answer"] for r in graded],

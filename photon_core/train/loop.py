@@ -24,12 +24,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_model, save_model
-from .config import PhotonConfig, VisionConfig
-from .distributed import init_distributed
-from .model import PhotonModel
-from .preprocess import TOKEN_GRID, TOKEN_VOXELS, block_fractions, blocks, patchify
-from .prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
+from photon_core.model.checkpoint import load_model, save_model
+from photon_core.model.config import PhotonConfig, VisionConfig
+from photon_core.train.distributed import init_distributed
+from photon_core.model.photon import PhotonModel
+from photon_core.io.preprocess import TOKEN_GRID, TOKEN_VOXELS, block_fractions, blocks, patchify
+from photon_core.inference.prompt import SPECIAL_TOKENS, Tokenizer, batch_prompts
 
 
 @dataclass
@@ -124,7 +124,7 @@ def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
     """A byte-level BPE (Qwen-style) trained on the question templates, with ChatML/vision specials."""
     from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
 
-    from .data import all_template_text
+    from photon_core.train.synthetic.generator import all_template_text
 
     tok = _Tok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -204,7 +204,7 @@ def counterfactual_questions(qa: list[dict], clean_qa: list[dict], k: int, rng: 
 
 def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_GRID) -> dict:
     """Per-token targets of one scan: organ shares (V, n_organs), finding share, diameter (mm)."""
-    from .data import ORGANS
+    from photon_core.train.synthetic.generator import ORGANS
     fr = {o: block_fractions(organs[o], grid) if o in organs else None for o in ORGANS}
     n = grid[0] * grid[1] * grid[2]
     dev = truth.device if truth is not None else next((m.device for m in organs.values()), torch.device("cpu"))
@@ -270,8 +270,8 @@ def _block_distance(mask: torch.Tensor, grid: tuple, reach: int = 6) -> torch.Te
 
 
 def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
-    from .audit import BLOCK_FRACTION, organs_in_question
-    from .data import ORGANS, PAIRED
+    from photon_core.inference.audit import BLOCK_FRACTION, organs_in_question
+    from photon_core.train.synthetic.generator import ORGANS, PAIRED
     names = list(ORGANS)
     asked = set(organs_in_question(question, names))     # 'kidney' with no side → both kidneys
     if "pleural" in question.lower():
@@ -348,7 +348,7 @@ class AuxHead(torch.nn.Module):
 @torch.no_grad()
 def _tower_features(model: PhotonModel, cfg: TrainConfig) -> torch.Tensor:
     """Visual tokens of ``cfg.fold_scans`` train-split scans (a seed of their own, CPU), for the fold."""
-    from .data import DemoGenerator
+    from photon_core.train.synthetic.generator import DemoGenerator
     gen = DemoGenerator("train", seed=cfg.seed + 7_777, pool=min(cfg.pool, 2), downsample=cfg.downsample)
     was = model.training
     model.eval()
@@ -378,7 +378,7 @@ class Trainee(torch.nn.Module):
 
 
 def train(cfg: TrainConfig) -> Path:
-    from .data import DemoGenerator
+    from photon_core.train.synthetic.generator import DemoGenerator
 
     rank, world = init_distributed()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -428,7 +428,7 @@ def train(cfg: TrainConfig) -> Path:
         model.visual.requires_grad_(True)
     elif cfg.freeze_vision:
         model.visual.requires_grad_(False)
-    from .data import ORGANS
+    from photon_core.train.synthetic.generator import ORGANS
     aux = (AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings, cfg.aux_standardise).to(device)
            if cfg.aux > 0 else None)
     if aux is not None and start and (ckpt / AUX_FILE).is_file():

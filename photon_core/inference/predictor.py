@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
-from .preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
-from .prompt import Tokenizer, batch_prompts, clean_question
-from .scheduler import Budget
-from .volume import Volume
+from photon_core.model.checkpoint import load_model
+from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
+from photon_core.inference.prompt import Tokenizer, batch_prompts, clean_question
+from photon_core.model.its import Budget
+from photon_core.io.volume import Volume
 
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 MAX_NEW_TOKENS_LIMIT = 256
 
 

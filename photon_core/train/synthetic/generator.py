@@ -33,7 +33,6 @@ Records follow an open JSONL layout: {image, question, answer, family, answer_ty
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -43,14 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import MODEL_SHAPE, TOKEN_VOXELS, prepare
-from .volume import load_label_map, load_volume
+from photon_core.io.preprocess import MODEL_SHAPE, TOKEN_VOXELS, prepare
+from photon_core.io import samples
+from photon_core.io.volume import load_label_map, load_volume
 
 # each split's seed base: its own deformed bodies and findings (``report``: a body never trained on)
 SPLITS = {"train": 0, "test": 1_000_003, "report": 2_000_003, "val": 3_000_003}
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "sample_cases"
 VOXEL_MM = (364 / 140, 364 / 280, 364 / 280)      # model voxel size (d, h, w) in mm
 TRAIN_CASES = ("abdomen_ct", "chest_aorta_ct")
 REPORT_CASES = ("dicom_ct",)
@@ -142,11 +140,10 @@ def _organ_masks(labels: torch.Tensor) -> dict:
 
 def load_background(case: str, device="cpu") -> Background:
     """Prepare a sample case and carry its label map into model space (nearest neighbour)."""
-    manifest = json.loads((SAMPLES / "cases.json").read_text())
-    entry = next(c for c in manifest["cases"] if c["id"] == case)
-    vol = load_volume(SAMPLES / entry["file"])
+    entry = samples.case(case)
+    vol = load_volume(samples.path(entry["file"]))
     prep = prepare(vol, device=device)
-    labels, _ = load_label_map(SAMPLES / entry["label_map"])
+    labels, _ = load_label_map(samples.path(entry["label_map"]))
     geom = prep.geometry
     d, h, w = MODEL_SHAPE
     grid = torch.stack(torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij"), -1)

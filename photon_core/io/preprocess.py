@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .volume import Volume
+from photon_core.io.volume import Volume
 
 PREP_SIZE = 364                   # mm, = voxels after 1 mm resampling and crop/pad
 MODEL_SHAPE = (140, 280, 280)     # (D, H, W) of the model input

@@ -1,0 +1,1 @@
+"""Evaluation: the evaluator, its metrics, external VQA sets."""

@@ -1,0 +1,3 @@
+from photon_core.eval.evaluate import main
+
+main()

@@ -1,0 +1,1 @@
+"""Asking: the prompt, the Predictor, the retention audit and the command line."""

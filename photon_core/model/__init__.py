@@ -1,0 +1,1 @@
+"""The model: configuration, vision tower, M-RoPE decoder, ITS, surrogate gather, checkpoints."""

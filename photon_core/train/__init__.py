@@ -1,0 +1,1 @@
+"""Training: the three-phase Photon trainer and the synthetic demo data (``synthetic``)."""

@@ -1,0 +1,3 @@
+from photon_core.train.loop import main
+
+main()

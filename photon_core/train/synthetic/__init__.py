@@ -1,0 +1,1 @@
+"""Synthetic demo data: real anatomy from the sample cases, findings with exact ground truth."""
