@@ -21,8 +21,9 @@ import torch
 from photon_core.model.checkpoint import load_model
 from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
 from photon_core.inference.prompt import Tokenizer, batch_prompts, clean_question
-from photon_core.model.its import Budget
+from photon_core.model.budget import Budget
 from photon_core.io.volume import Volume
+from photon_core.inference.generate import generate
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 MAX_NEW_TOKENS_LIMIT = 256
@@ -222,7 +223,7 @@ class Predictor:
             timing["prefill"] = time.perf_counter() - t0
 
         m = self.model
-        return m.generate(ids, mask, features=feats, grid_thw=grid, budget=budgets,
+        return generate(m, ids, mask, features=feats, grid_thw=grid, budget=budgets,
                           max_new_tokens=max_new_tokens, eos_token_id=m.config.eos_token_id, do_sample=do_sample,
                           temperature=temperature, top_p=top_p, generator=gen, on_prefill=mark)
 
