@@ -80,7 +80,7 @@ def test_its_and_prefill(model, fx, feats, case):
 @pytest.mark.parametrize("mode", ["its", "full"])
 def test_greedy_generation(model, fx, feats, case, mode):
     t, _ = fx
-    toks, _, steps = generate(model, t[f"{case}.input_ids"], t[f"{case}.attention_mask"], features=feats,
+    toks, _, steps, _, _ = generate(model, t[f"{case}.input_ids"], t[f"{case}.attention_mask"], features=feats,
                                     grid_thw=t["video_grid_thw"], max_new_tokens=8, use_its=mode == "its",
                                     return_step_logits=True)
     assert torch.equal(toks, t[f"{case}.{mode}.generated_ids"])

@@ -1,69 +1,46 @@
-"""Decoding: prefill once (ITS drops tokens there), then generate with a KV cache of the survivors.
+"""Decoding: prefill once (ITS drops tokens there), then the decode engine continues from the KV cache
+of the survivors (`engine.py`: static cache, the step captured as a CUDA graph on GPU).
 
 `generate(model, ...)` is what the Predictor, the evaluator and the benchmarks call; the model file
 holds the forward only (as gpt-fast keeps generate.py apart from model.py).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 
-from photon_core.model.photon import PhotonModel
+from photon_core.inference.engine import Sampling, engine_for, top_p_filter  # noqa: F401  (re-exported)
+from photon_core.model.photon import Output, PhotonModel
 
 
-@torch.no_grad()
+class Generation(NamedTuple):
+    tokens: torch.Tensor                 # (B, T) generated ids; rows that stopped continue with the stop id
+    prefill: Output                      # the prefill's output (ITS state, kept positions, cache)
+    step_logits: torch.Tensor | None     # (B, T, vocab) raw logits of every step, when asked for
+    logprobs: torch.Tensor               # (B, T) log-probability of each generated token under the model
+    stats: dict                          # decode path (eager / cuda-graph / ...), fallback, bucket, steps
+
+
+@torch.inference_mode()
 def generate(model: PhotonModel, input_ids, attention_mask=None, features=None, grid_thw=None, budget=None,
-             max_new_tokens: int = 32, eos_token_id: int | None = None, use_its: bool = True,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, return_step_logits: bool = False, on_prefill=None):
+             max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None, use_its: bool = True,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+             return_step_logits: bool = False, on_prefill=None, mode: str = "auto") -> Generation:
     """Greedy (or sampled) decoding with a KV cache that holds only the surviving tokens.
 
-    Returns (tokens (B, T), prefill Output, step logits (B, T, vocab) or None). Rows that hit
-    ``eos_token_id`` continue with padding (eos) until all are done.
+    Rows that produce one of the ``eos_token_id`` ids continue with the first of them until all are
+    done (checked every few steps on CUDA, so a finished batch may carry a few more stop ids).
+    ``mode``: the engine's (`engine.MODES`; 'auto' = CUDA graph on GPU, eager on CPU).
     """
     out = model(input_ids, attention_mask, features=features, grid_thw=grid_thw, budget=budget,
-                use_cache=True, use_its=use_its)
+                use_cache=True, use_its=use_its, last_logits=True)
     if on_prefill is not None:
         on_prefill(out)
-    B = input_ids.shape[0]
-    cache, key_valid = out.cache, out.key_valid
-    logits = out.logits[:, -1]
-    tokens, steps = [], []
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        if return_step_logits:
-            steps.append(logits.float())
-        if do_sample:
-            probs = top_p_filter(F.softmax(logits.float() / max(temperature, 1e-5), -1), top_p)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            nxt = logits.argmax(-1)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done = done | (nxt == eos_token_id)
-        tokens.append(nxt)
-        if (eos_token_id is not None and bool(done.all())) or step == max_new_tokens - 1:
-            break
-        h = model.model.embed_tokens(nxt[:, None])
-        p = (out.next_position + step)[None, :, None].expand(3, B, 1)
-        cos, sin = model.rope(p, h.dtype)
-        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=h.device)], 1)
-        allowed = None if bool(key_valid.all()) else key_valid[:, None, None, :]
-        new_cache = []
-        for layer, kv in zip(model.model.layers, cache):
-            h, kv = layer(h, cos, sin, allowed, False, cache=kv)
-            new_cache.append(kv)
-        cache = new_cache
-        logits = model.lm_head(model.model.norm(h))[:, -1]
-    toks = torch.stack(tokens, 1)
-    return toks, out, (torch.stack(steps, 1) if return_step_logits else None)
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering of a (B, vocab) distribution, renormalised."""
-    if top_p >= 1.0:
-        return probs
-    sp, si = probs.sort(-1, descending=True)
-    cut = sp.cumsum(-1) - sp > top_p
-    sp = sp.masked_fill(cut, 0)
-    return torch.zeros_like(probs).scatter(-1, si, sp) / sp.sum(-1, keepdim=True)
+    stops = () if eos_token_id is None else tuple(int(i) for i in torch.as_tensor(eos_token_id).flatten())
+    sp = (Sampling(True, float(temperature), int(top_k), float(top_p), float(repetition_penalty), stops)
+          if do_sample else Sampling(repetition_penalty=float(repetition_penalty), stop_ids=stops))
+    dec = engine_for(model, mode).decode(out, input_ids, attention_mask, max_new_tokens, sp, generator,
+                                         return_step_logits)
+    return Generation(dec.tokens, out, dec.step_logits, dec.logprobs, dec.stats)
