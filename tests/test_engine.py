@@ -10,9 +10,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from photon_core.inference import engine as eng
 from photon_core.inference.generate import generate
 from photon_core.model import attention
@@ -136,7 +136,8 @@ def test_choose_sampling_rules():
     # sampling frequencies follow the distribution (exponential race), temperature flattens it
     n = 20000
     p = torch.tensor([0.6, 0.3, 0.1])
-    draws, _ = eng.choose(p.log().expand(n, 3), eng.Sampling(do_sample=True), torch.empty(n, 3).exponential_())
+    noise = torch.empty(n, 3).exponential_()
+    draws, _ = eng.choose(p.log().expand(n, 3), eng.Sampling(do_sample=True), noise)
     freq = torch.bincount(draws, minlength=3).float() / n
     assert torch.allclose(freq, p, atol=0.02)
     hot, _ = eng.choose(p.log().expand(n, 3), eng.Sampling(do_sample=True, temperature=100.0),
@@ -176,12 +177,19 @@ def test_compiled_step_equals_eager_on_cpu(model, fx, feats):
     """The compiled decode step (one compiled graph reused by every layer) — the GPU's `compile` mode
     without the graph capture — gives the eager step's tokens and logits."""
     ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
-    kw = dict(features=feats, grid_thw=grid, max_new_tokens=5, return_step_logits=True)
+    free = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=6)
+    stop = int(free.tokens[0, 4])                  # stop ids and the repetition penalty run in the step too
+    kw = dict(features=feats, grid_thw=grid, max_new_tokens=6, return_step_logits=True, eos_token_id=[stop],
+              repetition_penalty=1.3)
     a = generate(model, ids, mode="eager", **kw)
     b = generate(model, ids, mode="compile", **kw)
     assert b.stats["path"] == "compiled" and b.stats["fallback"] is None
     assert torch.equal(a.tokens, b.tokens)
     assert torch.allclose(a.step_logits, b.step_logits, atol=1e-4)
+    s = dict(features=feats, grid_thw=grid, max_new_tokens=4, do_sample=True, top_k=20, top_p=0.9)
+    c = generate(model, ids, mode="eager", generator=torch.Generator().manual_seed(1), **s)
+    d = generate(model, ids, mode="compile", generator=torch.Generator().manual_seed(1), **s)
+    assert d.stats["fallback"] is None and torch.equal(c.tokens, d.tokens)
 
 
 def _reference_varlen(q, k, v, cu, max_len, causal):
@@ -191,7 +199,8 @@ def _reference_varlen(q, k, v, cu, max_len, causal):
     out = torch.empty_like(q)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
-        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        out[a:b] = o.transpose(0, 1)
     return out
 
 
@@ -204,7 +213,8 @@ def test_packed_prefill_equals_the_masked_one(model, fx, feats, monkeypatch):
     with torch.no_grad():
         ref = model(ids, mask, **kw)
         calls = []
-        monkeypatch.setattr(attention, "_varlen", lambda *a, **k: calls.append(1) or _reference_varlen(*a, **k))
+        counted = lambda *a, **k: calls.append(1) or _reference_varlen(*a, **k)  # noqa: E731
+        monkeypatch.setattr(attention, "_varlen", counted)
         monkeypatch.setattr("photon_core.model.photon.varlen_available", lambda device, dtype: True)
         out = model(ids, mask, **kw)
     assert len(calls) == model.config.num_hidden_layers
@@ -317,7 +327,7 @@ def test_concurrent_asks_from_several_sessions_equal_single_runs(served, caplog)
             [Query("How many lesions are in the left kidney?", "top_k:100", v2)],
             [Query("Is the spleen enlarged?", b, v3) for b in ("auto", "25%", "full")],
             [Query("Is there a lesion in the liver?", "ratio:0.1", v2)],
-            [Query("Has the liver lesion grown since the prior scan?", "auto", v1, prior=v3)],   # 2,000 tokens
+            [Query("Has the liver lesion grown since the prior scan?", "auto", v1, prior=v3)],  # 2,000 tokens
             [Query("Is there a lesion in the liver?", "top_k:300", v2, prior=v1)]]
     singles = [[p.answer([q], max_new_tokens=4)[0] for q in qs] for qs in asks]
     batcher = AskBatcher(p, window_s=0.5, max_rows=8)

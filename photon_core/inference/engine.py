@@ -148,7 +148,7 @@ def _record(st: _State, logits: torch.Tensor) -> None:
     nxt, logp = choose(logits, st.sampling, st.noise, st.seen)
     if st.stop is not None:
         nxt = torch.where(st.done, st.stop[0], nxt)
-        st.done.logical_or_(torch.isin(nxt, st.stop))
+        st.done.logical_or_((nxt[:, None] == st.stop[None, :]).any(-1))
     st.out_tokens.index_copy_(1, st.t, nxt[:, None])
     st.out_logprobs.index_copy_(1, st.t, logp[:, None])
     if st.seen is not None:
@@ -183,7 +183,7 @@ class DecodeEngine:
         self._prologue, self._layer, self._epilogue = _prologue, _layer, _epilogue
         self._whole = None
         if mode == "compile":
-            kw = dict(fullgraph=True, dynamic=False)
+            kw = dict(fullgraph=True)         # a second shape (batch, cache length) compiles a dynamic graph
             self._prologue, self._layer, self._epilogue = (torch.compile(f, **kw) for f in
                                                            (_prologue, _layer, _epilogue))
         elif mode == "reduce-overhead":
@@ -224,6 +224,13 @@ class DecodeEngine:
         st.slot.zero_()
         st.t.zero_()
         try:
+            if self._whole is not None:          # reduce-overhead: torch's cudagraph trees record it
+                for _ in range(3):
+                    self._run_step(st)
+                    st.slot.zero_()
+                    st.t.zero_()
+                torch.cuda.synchronize()
+                return
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -232,11 +239,10 @@ class DecodeEngine:
                     st.slot.zero_()
                     st.t.zero_()
             torch.cuda.current_stream().wait_stream(side)
-            if self.mode in ("graph", "compile"):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                    self._eager_step(st)
-                st.graph = g
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                self._eager_step(st)
+            st.graph = g
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - any capture/compile error: decode eagerly, say so
             torch.cuda.synchronize()
@@ -421,6 +427,11 @@ def engine_for(model: PhotonModel, mode: str = "auto") -> DecodeEngine:
     if mode not in per_model:
         per_model[mode] = DecodeEngine(model, mode)
     return per_model[mode]
+
+
+def release(model: PhotonModel) -> None:
+    """Drop the model's engines (their buffers and graphs hold the model and device memory)."""
+    _ENGINES.pop(model, None)
 
 
 def vision_for(model: PhotonModel, mode: str = "auto") -> VisionEngine:
