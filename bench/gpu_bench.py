@@ -9,14 +9,14 @@
 `bench/gpu_run.sh` runs the GPU tests and these sections, each in its own process under a time limit.
 
 Section ``ours`` (in this order, each part guarded: an error or the time budget skips it, recorded):
-  C ITS top-390 (the paper's average keep): vision tower (eager / CUDA graph), prefill (vision included),
-    TTFT, answer = prefill + 32 tokens (vision included, and on cached features), decode tok/s at
-    batch 1 and 8 for the decode engine's modes, peak memory against the weights' bytes;
+  C ITS top-390 (the paper's average keep): vision tower (CUDA graph / eager), prefill (vision included),
+    TTFT, answer = prefill + 32 tokens (vision included, and on cached features), decode tok/s at batch
+    1 and 8 (CUDA-graph step) and batch 1 (eager step), peak memory against the weights' bytes;
   service: one ask through the ask batcher vs 8 concurrent asks from 8 sessions (8 volumes);
-  B Photon without ITS; torch profiler of prefill and of one eager decode step; the compiled decode
-  step; the compiled vision tower; C at 10 / 25 / 50 %; D FastV at 390; training step (SGP, frozen
-  tower) for B and C; A stock geometry (temporal patch 2, 3 channels → 7,000 tokens); the whole step
-  under torch.compile(mode="reduce-overhead").
+  B Photon without ITS; torch profiler of prefill and of eager decode steps; C at 10 / 25 / 50 %;
+  D FastV at 390; A stock geometry (temporal patch 2, 3 channels → 7,000 tokens; its own model);
+  training step (SGP, frozen tower) for B and C; the compiled decode step (batch 1 and 8); the compiled
+  vision tower; the whole step under torch.compile(mode="reduce-overhead").
 Section ``peer``: stock transformers `Qwen2_5_VLForConditionalGeneration` (SDPA) at the same shape and
   prompt: vision tower, prefill, answer and decode tok/s eager (DynamicCache) and with static cache +
   torch.compile (generate's own compile of the decode step), peak memory.
@@ -334,6 +334,7 @@ def core_row(rec: Record, name: str, model, x: Inputs, budget, use_its: bool, re
                     r["weights_gib"] = wb / 2**30
                     r["peak_mem_gib_b1"] = peak_gib()          # prefill (vision included) + batch-1 decode
                     r["peak_over_weights_gib_b1"] = r["peak_mem_gib_b1"] - wb / 2**30
+                    r["reserved_gib_b1"] = torch.cuda.max_memory_reserved() / 2**30   # graph pools included
             rate = decode_rate(model, x, budget, use_its, b, mode, max(3, repeats // 2) if i == 0 else 2)
             r.update({k if not key else k.replace(f"_b{b}", f"_b{b}{key}"): v for k, v in rate.items()})
             if cuda and gpu_kind() and b == 1:
