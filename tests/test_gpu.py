@@ -12,6 +12,7 @@ Measured errors are printed (``pytest -s``): bench/gpu_run.sh keeps them in test
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_engine import left_pad
 
 from photon_core.inference.engine import vision_for
 from photon_core.inference.generate import generate
@@ -44,7 +45,7 @@ def fx(parity_dir):
 
 @pytest.fixture(scope="module")
 def cpu(parity_dir):
-    return load_model(parity_dir / "model", "cpu")
+    return load_model(parity_dir / "model", "cpu")                # fp32 on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +110,7 @@ def test_keep_masks_agree_outside_a_band_around_theta(cpu, gpu, fx, inputs):
 
 
 def _two_rows(fx, pad):
-    q1, q2 = fx["q1.input_ids"][0], fx["q2.input_ids"][0]
-    L = max(q1.numel(), q2.numel())
-    ids = torch.full((2, L), pad, dtype=torch.long)
-    mask = torch.zeros(2, L, dtype=torch.long)
-    for b, r in enumerate((q1, q2)):
-        ids[b, L - r.numel():], mask[b, L - r.numel():] = r, 1
+    ids, mask = left_pad([fx["q1.input_ids"][0], fx["q2.input_ids"][0]], pad)
     return ids.cuda(), mask.cuda()
 
 
