@@ -1,6 +1,6 @@
 """Serving several users: asks that arrive together run as ONE batched forward.
 
-    batcher = AskBatcher(predictor, window_s=0.003, max_rows=8)
+    batcher = AskBatcher(predictor, window_s=0.005, max_rows=8)
     answers = batcher.ask([Query(question, budget, (features, grid_thw), prior)], max_new_tokens=32)
 
 Any thread may call `ask`; it blocks until its answers are ready. One worker thread owns the model:
@@ -43,7 +43,7 @@ class _Ask:
 
 
 class AskBatcher:
-    def __init__(self, predictor: Predictor, window_s: float = 0.003, max_rows: int = 8):
+    def __init__(self, predictor: Predictor, window_s: float = 0.005, max_rows: int = 8):
         self.predictor = predictor
         self.window_s, self.max_rows = float(window_s), int(max_rows)
         self._queue: queue.Queue = queue.Queue()
