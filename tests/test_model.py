@@ -23,7 +23,7 @@ def _frames(seed=0):
 
 @pytest.fixture(scope="module")
 def pred(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     p.set_volume(_frames())
     return p
 
@@ -78,7 +78,7 @@ def test_full_equals_model_without_its(pred):
 
 
 def test_two_asks_encode_once(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     calls = []
     p.model.visual.register_forward_hook(lambda *a: calls.append(1))
     p.set_volume(_frames(1))

@@ -41,6 +41,7 @@ from photon_core.train.distributed import init_distributed
 from photon_core.eval.metrics import aggregate, balanced_accuracy, score
 from photon_core.inference.predictor import Predictor
 from photon_core.io.preprocess import block_fractions
+from photon_core.model.hub import add_model_arguments
 from photon_core.model.its import Budget
 from photon_core.io.volume import load_volume
 
@@ -138,7 +139,7 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
             if error:
                 rows.append(base | dict(prediction="", kept=0, error=error))
                 continue
-            a = pred.ask(r["question"], budget=r.get("budget", "auto"), max_new_tokens=max_new_tokens)
+            a = pred.ask(r["question"], budget=r.get("budget"), max_new_tokens=max_new_tokens)
             rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total))
     rescore(rows)
     return rows
@@ -277,7 +278,7 @@ def write_report(rows: list[dict], out: Path, about: dict, bertscore_model: str 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    add_model_arguments(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data", type=Path, help="our JSONL, a CSV or folder of CSVs (3D-RAD-style), a JSON list "
                                               "(DeepTumorVQA-style)")
@@ -320,7 +321,7 @@ def main(argv=None) -> None:
         return
     rank, world = init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    pred = Predictor(args.model, args.device)
+    pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
     if args.data:
         rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images), rank, world)
     else:
@@ -337,7 +338,8 @@ def main(argv=None) -> None:
             p = args.out / f"predictions.rank{r}.jsonl"
             allrows += [json.loads(x) for x in p.read_text().splitlines()]
             p.unlink()
-        write_report(allrows, args.out, {"model": pred.name, "device": str(pred.device), "world_size": world},
+        write_report(allrows, args.out, {"model": pred.name, "checkpoint": pred.checkpoint.to_dict(),
+                                         "device": str(pred.device), "world_size": world},
                      args.bertscore_model, args.bertscore_layers)
     if world > 1:
         dist.destroy_process_group()

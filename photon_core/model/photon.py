@@ -329,7 +329,8 @@ class TextModel(nn.Module):
     def __init__(self, cfg: PhotonConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i == cfg.its_layer) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.has_its and i == cfg.its_layer)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -405,8 +406,9 @@ class PhotonModel(nn.Module):
         return int(self.config.its_layer)
 
     @property
-    def its_module(self) -> its.ITSModule:
-        return self.model.layers[self.its_layer].atp
+    def its_module(self) -> its.ITSModule | None:
+        """The threshold MLP's module at the ITS layer; None for an S1 checkpoint (no ITS weights)."""
+        return getattr(self.model.layers[self.its_layer], "atp", None)
 
     def reset_buffers(self) -> None:
         """Recompute the (non-persistent) rotary frequencies in fp32 on the model's device."""
@@ -425,7 +427,8 @@ class PhotonModel(nn.Module):
                 nn.init.normal_(mod.weight, std=std)
             elif isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
-        self.its_module.predictor.reset_its_init()
+        if self.its_module is not None:
+            self.its_module.predictor.reset_its_init()
 
     # ------------------------------------------------------------------ inputs
     def encode_volume(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -496,8 +499,11 @@ class PhotonModel(nn.Module):
         u = torch.stack(us).detach()
         rho = its.minmax(u)
         # Phase 1 measures ITS without training it: keep the threshold MLP out of the graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not (self.training and self.phase == 1)):
-            theta, desc = self.its_module.threshold(rho, u)
+        if self.its_module is None:        # S1: saliency without a learned threshold (θ undefined)
+            theta, desc = torch.full((B,), float("nan"), device=u.device), its.descriptor(rho, u)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not (self.training and self.phase == 1)):
+                theta, desc = self.its_module.threshold(rho, u)
         p = torch.sigmoid((rho - theta[:, None]) / its.TEMPERATURE)
         fv = torch.stack(fastv)
         keeps, merges = [], []
@@ -727,14 +733,17 @@ class PhotonModel(nn.Module):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, features=None, grid_thw=None, budget=None,
-                 max_new_tokens: int = 32, eos_token_id: int | None = None, use_its: bool = True,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, return_step_logits: bool = False,
-                 on_prefill=None):
+                 max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None, use_its: bool = True,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+                 return_step_logits: bool = False, on_prefill=None):
         """Greedy (or sampled) decoding with a KV cache that holds only the surviving tokens.
 
         Returns (tokens (B, T), prefill Output, step logits (B, T, vocab) or None). Rows that hit
-        ``eos_token_id`` continue with padding (eos) until all are done.
+        one of the ``eos_token_id`` ids continue with padding (the first eos id) until all are done.
+        ``repetition_penalty`` (transformers' rule, over the prompt's ids — dropped visual tokens
+        included, as the ids are — and the generated ones), then temperature, ``top_k``, ``top_p``.
+        Step logits are the raw ones, before the penalty.
         """
         out = self.forward(input_ids, attention_mask, features=features, grid_thw=grid_thw, budget=budget,
                            use_cache=True, use_its=use_its)
@@ -745,19 +754,26 @@ class PhotonModel(nn.Module):
         logits = out.logits[:, -1]
         tokens, steps = [], []
         done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=logits.device).flatten()
+        seen = input_ids.masked_fill(attention_mask == 0, -1) if attention_mask is not None else input_ids
         for step in range(max_new_tokens):
             if return_step_logits:
                 steps.append(logits.float())
+            scores = _penalise(logits.float(), seen, repetition_penalty)
             if do_sample:
-                probs = _top_p(F.softmax(logits.float() / max(temperature, 1e-5), -1), top_p)
+                if top_k > 0:
+                    kth = scores.topk(min(int(top_k), scores.shape[-1]), -1).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                probs = _top_p(F.softmax(scores / max(temperature, 1e-5), -1), top_p)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
-                nxt = logits.argmax(-1)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done = done | (nxt == eos_token_id)
+                nxt = scores.argmax(-1)
+            if eos is not None:
+                nxt = torch.where(done, eos[0], nxt)
+                done = done | torch.isin(nxt, eos)
             tokens.append(nxt)
-            if (eos_token_id is not None and bool(done.all())) or step == max_new_tokens - 1:
+            seen = torch.cat([seen, nxt[:, None]], 1)
+            if (eos is not None and bool(done.all())) or step == max_new_tokens - 1:
                 break
             h = self.model.embed_tokens(nxt[:, None])
             p = (out.next_position + step)[None, :, None].expand(3, B, 1)
@@ -772,6 +788,15 @@ class PhotonModel(nn.Module):
             logits = self.lm_head(self.model.norm(h))[:, -1]
         toks = torch.stack(tokens, 1)
         return toks, out, (torch.stack(steps, 1) if return_step_logits else None)
+
+
+def _penalise(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the score of every id already in the row (``seen`` (B, L),
+    −1 = padding) is divided by ``penalty`` if positive, multiplied by it if negative."""
+    if penalty == 1.0:
+        return scores
+    hits = torch.zeros_like(scores).scatter_add(1, seen.clamp_min(0), (seen >= 0).to(scores.dtype)) > 0
+    return torch.where(hits, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
