@@ -149,10 +149,10 @@ class GenerationSettings:
         ids = [eos_token_id] + (eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer is not None and tokenizer.ids.get("<|endoftext|>") is not None:
             ids.append(tokenizer.ids["<|endoftext|>"])
-        temperature = float(d.get("temperature", 1.0) if d.get("temperature") is not None else 1.0)
-        sample = bool(d.get("do_sample", False)) and temperature != 0
+        get = lambda k, default: default if d.get(k) is None else d[k]   # noqa: E731  (transformers' defaults)
+        temperature = float(get("temperature", 1.0))
+        sample = bool(get("do_sample", False)) and temperature != 0
         return cls(do_sample=sample, temperature=temperature if sample else 1.0,
-                   top_k=int(d.get("top_k") or 0) if sample else 0,
-                   top_p=float(d.get("top_p") or 1.0) if sample else 1.0,
-                   repetition_penalty=float(d.get("repetition_penalty") or 1.0),
+                   top_k=int(get("top_k", 50)) if sample else 0, top_p=float(get("top_p", 1.0)) if sample else 1.0,
+                   repetition_penalty=float(get("repetition_penalty", 1.0)),
                    eos_token_ids=tuple(dict.fromkeys(int(i) for i in ids)))
