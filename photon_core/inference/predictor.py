@@ -215,10 +215,11 @@ class Predictor:
             keep, prior_keep = keep_all[P:], keep_all[:P]
             answers.append(Answer(
                 text=self.tokenizer.decode(gen_ids), budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
-                kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta, total=P + V,
-                kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()), generated_tokens=len(gen_ids) + (end is not None),
-                prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device),
-                extra={"batch": n}, checkpoint=self.checkpoint.to_dict(), prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
+                kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta,
+                total=P + V, kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()),
+                generated_tokens=len(gen_ids) + (end is not None), prefill_s=prefill_s,
+                decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device), extra={"batch": n},
+                checkpoint=self.checkpoint.to_dict(), prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
                 prior_kept=int(prior_keep.sum()), prior_total=P))
         return answers
 
