@@ -39,6 +39,7 @@ from photon_core.train.synthetic.generator import SPLITS, DemoGenerator
 from photon_core.eval.datasets import parse_columns, read_records
 from photon_core.train.distributed import init_distributed
 from photon_core.eval.metrics import aggregate, balanced_accuracy, score
+from photon_core.eval.official import PROTOCOLS, official
 from photon_core.inference.predictor import Predictor
 from photon_core.io.preprocess import block_fractions
 from photon_core.model.hub import add_model_arguments
@@ -135,7 +136,8 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
             error = f"{type(e).__name__}: {e}"
         for r in group:
             base = dict(question=r["question"], answer=r["answer"], family=r.get("family", "all"),
-                        answer_type=r.get("answer_type", "open"), organ=r.get("organ"), image=Path(image).name)
+                        answer_type=r.get("answer_type", "open"), organ=r.get("organ"), image=Path(image).name,
+                        **({"subtype": r["subtype"]} if r.get("subtype") else {}))
             if error:
                 rows.append(base | dict(prediction="", kept=0, error=error))
                 continue
@@ -253,6 +255,8 @@ def markdown(summary: dict) -> str:
         for k in ks:
             lines.append(f"| {k} | " + " | ".join(f"{summary['curve_macro'][f'{m}:{k}']:.3f}" for m in modes) + " |")
         lines.append("")
+    if summary.get("official"):
+        lines += ["", official_markdown(summary["official"])]
     for k, v in summary.items():
         if v is None:
             continue
@@ -263,14 +267,32 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def official_markdown(fig: dict) -> str:
+    """The official protocol's figures as a table (the nested detail stays in metrics.json)."""
+    lines = [f"official figures ({fig['protocol']}):", "", "| group | figures |", "|---|---|"]
+    for section in ("tasks", "types"):
+        for name, d in fig.get(section, {}).items():
+            vals = d if isinstance(d, dict) else {"score": d}
+            lines.append(f"| {name} | " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()
+                                                    if isinstance(v, float)) + " |")
+    for key in ("total", "overall"):
+        if key in fig:
+            v = fig[key]["accuracy"] if isinstance(fig[key], dict) else fig[key]
+            lines.append(f"| {key} | {v:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(rows: list[dict], out: Path, about: dict, bertscore_model: str | None = None,
-                 bertscore_layers: int | None = None) -> None:
-    """predictions.jsonl, metrics.json and metrics.md in ``out``; the table is printed too."""
+                 bertscore_layers: int | None = None, protocol: str | None = None) -> None:
+    """predictions.jsonl, metrics.json and metrics.md in ``out``; the table is printed too. ``protocol``
+    adds the figures an official evaluator gives (official.py) under "official"."""
     if bertscore_model:
         add_bertscore(rows, bertscore_model, bertscore_layers)
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarise(rows) | about
+    if protocol:
+        summary["official"] = official(rows, protocol, bertscore_model, bertscore_layers)
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     (out / "metrics.md").write_text(markdown(summary))
     print(markdown(summary))
@@ -301,6 +323,9 @@ def main(argv=None) -> None:
                     help="hidden layer whose states BERTScore compares (default: the last)")
     ap.add_argument("--score", type=Path, metavar="PREDICTIONS_JSONL",
                     help="compute the metrics of a predictions file (this tool's or another model's); no model is run")
+    ap.add_argument("--protocol", choices=PROTOCOLS,
+                    help="also compute the figures an official evaluator gives (3D-RAD: Photon's evaluation.py; "
+                         "DeepTumorVQA: Photon's scripts or the benchmark's own scorer); rows need family and subtype")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.score:
@@ -311,7 +336,8 @@ def main(argv=None) -> None:
         except (OSError, ValueError) as e:
             ap.error(str(e))
         rescore(rows)
-        write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model, args.bertscore_layers)
+        write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model, args.bertscore_layers,
+                     args.protocol)
         return
     if args.data and args.dry_run:
         recs = read_records(args.data, parse_columns(args.columns), args.images)
@@ -340,7 +366,7 @@ def main(argv=None) -> None:
             p.unlink()
         write_report(allrows, args.out, {"model": pred.name, "checkpoint": pred.checkpoint.to_dict(),
                                          "device": str(pred.device), "world_size": world},
-                     args.bertscore_model, args.bertscore_layers)
+                     args.bertscore_model, args.bertscore_layers, args.protocol)
     if world > 1:
         dist.destroy_process_group()
 
