@@ -79,11 +79,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     engine = Engine(Settings(model_dir=args.model, subfolder=args.subfolder, revision=args.revision,
-                             device=args.device, max_new_tokens=args.max_new_tokens, cache_volumes=args.cache_volumes))
+                             device=args.device, max_new_tokens=args.max_new_tokens,
+                             cache_volumes=args.cache_volumes))
     demo = build_ui(engine)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    log.info("Photon CT on http://%s:%d (model: %s%s%s)", args.host, args.port, args.model or "embedded demo model",
-             f", subfolder {args.subfolder}" if args.subfolder else "", f", revision {args.revision}" if args.revision else "")
+    log.info("Photon CT on http://%s:%d (model: %s%s%s)", args.host, args.port,
+             args.model or "embedded demo model", f", subfolder {args.subfolder}" if args.subfolder else "",
+             f", revision {args.revision}" if args.revision else "")
     try:
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,

@@ -213,7 +213,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 question = gr.Textbox(label="Question", lines=2, elem_id="question",
                                       placeholder="e.g. Is there a lesion in the liver?")
                 modes, modes_note = engine.budget_modes()
-                mode = gr.Radio(modes, value=modes[0][1], label="Keep budget", elem_id="mode", info=modes_note or None)
+                mode = gr.Radio(modes, value=modes[0][1], label="Keep budget", elem_id="mode",
+                                info=modes_note or None)
                 value = gr.Slider(0, 1000, value=390, step=10, label="(the model decides)", interactive=False,
                                   elem_id="budget")
                 with gr.Row():

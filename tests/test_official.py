@@ -6,6 +6,7 @@ way official ones look: sharded safetensors with an index, ms-swift's args.json,
 .gitattributes, a results.zip, an image, a pickle beside the weights, a Qwen2-style tokenizer
 (tests/fixtures/official_prompt). The S1 folder is the same without the ITS weights.
 """
+
 import json
 import logging
 import pickle
@@ -58,15 +59,35 @@ def _official_folder(src: Path, dest: Path, s1: bool = False, shards: int = 3) -
         part = {k: state[k].contiguous() for k in keys[i::shards]}
         save_file(part, str(dest / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
-    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0},
-                                                                   "weight_map": weight_map}))
+    (dest / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
     shutil.copy(src / "config.json", dest / "config.json")
-    (dest / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 500, "pad_token_id": 500, "do_sample": True, "eos_token_id": [502, 500],
-         "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}))
-    (dest / "preprocessor_config.json").write_text(json.dumps(
-        {"patch_size": 14, "temporal_patch_size": 14, "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor",
-         "processor_class": "Qwen2_5_VLProcessor"}))
+    (dest / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": 500,
+                "pad_token_id": 500,
+                "do_sample": True,
+                "eos_token_id": [502, 500],
+                "repetition_penalty": 1.05,
+                "temperature": 0.1,
+                "top_p": 0.001,
+                "top_k": 1,
+            }
+        )
+    )
+    (dest / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "patch_size": 14,
+                "temporal_patch_size": 14,
+                "merge_size": 2,
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "processor_class": "Qwen2_5_VLProcessor",
+            }
+        )
+    )
     for f in TOKENIZER_FILES:
         shutil.copy(PROMPT / f, dest / f)
     (dest / "args.json").write_text(json.dumps({"model": "Qwen2.5-VL-3B", "stage": "S1" if s1 else "S2"}))
@@ -97,8 +118,10 @@ def frames():
 @pytest.fixture
 def no_unpickling(monkeypatch):
     """Fail the test if anything unpickles while it runs."""
+
     def refuse(*a, **k):
         raise AssertionError("something tried to unpickle a file")
+
     for mod, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
         monkeypatch.setattr(mod, name, refuse)
 
@@ -120,7 +143,7 @@ def _hub_cache(root: Path, s2_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------- folders
 def test_official_s2_folder_loads_sharded_and_ignores_the_rest(s2_dir, parity_dir, caplog, no_unpickling):
-    sentinel = _pickle_trap(s2_dir, "training_args.bin")       # ms-swift leaves one beside the weights
+    sentinel = _pickle_trap(s2_dir, "training_args.bin")  # ms-swift leaves one beside the weights
     with caplog.at_level(logging.INFO, logger="photon_core.model.checkpoint"):
         m = load_model(s2_dir)
     ignored = caplog.text
@@ -131,7 +154,7 @@ def test_official_s2_folder_loads_sharded_and_ignores_the_rest(s2_dir, parity_di
     assert m.config.has_its and ref.config.has_its
     own, want = m.state_dict(), ref.state_dict()
     assert set(own) == set(want)
-    assert all(torch.equal(own[k], want[k]) for k in want)     # every shard read through the index
+    assert all(torch.equal(own[k], want[k]) for k in want)  # every shard read through the index
 
 
 def test_s2_folder_answers_and_names_the_checkpoint(s2_dir, frames, tmp_path):
@@ -152,7 +175,7 @@ def test_s1_folder_runs_full_and_saliency_budgets_not_auto(s1_dir, s2_dir, frame
     assert s1.model.its_module is None
     for p in (s1, s2):
         p.set_volume(frames)
-    a = s1.ask(QUESTION, max_new_tokens=4)                      # default: every visual token
+    a = s1.ask(QUESTION, max_new_tokens=4)  # default: every visual token
     assert a.budget == "full" and a.kept == a.total == 1000
     assert a.to_dict()["theta"] is None and a.checkpoint["stage"] == "S1"
     # S1 is S2 without the threshold MLP: the same answer on every token, the same saliency ranking
@@ -201,7 +224,7 @@ def test_hub_id_resolves_from_an_offline_cache(s2_dir, frames, tmp_path, monkeyp
     assert c.path == cache / ("models--" + REPO.replace("/", "--")) / "snapshots" / COMMIT / "3D-RAD"
     p.set_volume(frames)
     assert p.ask(QUESTION, max_new_tokens=2).checkpoint["repo_id"] == REPO
-    b = Predictor(REPO, revision="3D-RAD", device="cpu").checkpoint         # a task's branch
+    b = Predictor(REPO, revision="3D-RAD", device="cpu").checkpoint  # a task's branch
     assert b.path.name == BRANCH_COMMIT and b.revision == "3D-RAD" and "@ 3D-RAD" in b.label()
     with pytest.raises(CheckpointError, match="(?s)not in the HF cache.*HF_HUB_OFFLINE"):
         Predictor("Photon-Org/Photon-S1", device="cpu")
@@ -211,8 +234,14 @@ def test_hub_id_resolves_from_an_offline_cache(s2_dir, frames, tmp_path, monkeyp
 
 def test_hub_cache_missing_a_shard_names_it(s2_dir, tmp_path, monkeypatch):
     cache = _hub_cache(tmp_path / "hub", s2_dir)
-    (cache / ("models--" + REPO.replace("/", "--")) / "snapshots" / COMMIT / "3D-RAD"
-     / "model-00002-of-00003.safetensors").unlink()
+    (
+        cache
+        / ("models--" + REPO.replace("/", "--"))
+        / "snapshots"
+        / COMMIT
+        / "3D-RAD"
+        / "model-00002-of-00003.safetensors"
+    ).unlink()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
@@ -222,18 +251,47 @@ def test_hub_cache_missing_a_shard_names_it(s2_dir, tmp_path, monkeypatch):
 def test_download_patterns_take_only_what_the_loader_reads():
     from huggingface_hub.utils import filter_repo_objects
 
-    repo = ["results.zip", "README.md", ".gitattributes", "3D-RAD/model-00001-of-00002.safetensors",
-            "3D-RAD/model-00002-of-00002.safetensors", "3D-RAD/model.safetensors.index.json", "3D-RAD/config.json",
-            "3D-RAD/generation_config.json", "3D-RAD/preprocessor_config.json", "3D-RAD/tokenizer.json",
-            "3D-RAD/tokenizer_config.json", "3D-RAD/vocab.json", "3D-RAD/merges.txt", "3D-RAD/args.json",
-            "3D-RAD/pytorch_model.bin", "3D-RAD/training_args.bin", "3D-RAD/optimizer.pt", "3D-RAD/figs/a.png",
-            "3D-RAD/checkpoint-100/model.safetensors", "DeepTumorVQA/model.safetensors", "DeepTumorVQA/config.json",
-            "model.safetensors", "config.json", "tokenizer.json", "adapter_model.safetensors"]
-    pick = lambda sub: set(filter_repo_objects(repo, allow_patterns=allow_patterns(sub),  # noqa: E731
-                                               ignore_patterns=ignore_patterns(sub)))
-    assert pick("3D-RAD") == {f for f in repo if f.startswith("3D-RAD/") and "/" not in f[7:]
-                              and f.split("/")[1] not in ("args.json", "pytorch_model.bin", "training_args.bin",
-                                                          "optimizer.pt")}
+    repo = [
+        "results.zip",
+        "README.md",
+        ".gitattributes",
+        "3D-RAD/model-00001-of-00002.safetensors",
+        "3D-RAD/model-00002-of-00002.safetensors",
+        "3D-RAD/model.safetensors.index.json",
+        "3D-RAD/config.json",
+        "3D-RAD/generation_config.json",
+        "3D-RAD/preprocessor_config.json",
+        "3D-RAD/tokenizer.json",
+        "3D-RAD/tokenizer_config.json",
+        "3D-RAD/vocab.json",
+        "3D-RAD/merges.txt",
+        "3D-RAD/args.json",
+        "3D-RAD/pytorch_model.bin",
+        "3D-RAD/training_args.bin",
+        "3D-RAD/optimizer.pt",
+        "3D-RAD/figs/a.png",
+        "3D-RAD/checkpoint-100/model.safetensors",
+        "DeepTumorVQA/model.safetensors",
+        "DeepTumorVQA/config.json",
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "adapter_model.safetensors",
+    ]
+    pick = lambda sub: set(
+        filter_repo_objects(
+            repo,
+            allow_patterns=allow_patterns(sub),  # noqa: E731
+            ignore_patterns=ignore_patterns(sub),
+        )
+    )
+    assert pick("3D-RAD") == {
+        f
+        for f in repo
+        if f.startswith("3D-RAD/")
+        and "/" not in f[7:]
+        and f.split("/")[1] not in ("args.json", "pytorch_model.bin", "training_args.bin", "optimizer.pt")
+    }
     assert pick(None) == {"model.safetensors", "config.json", "tokenizer.json"}
 
 
@@ -248,13 +306,15 @@ def test_prompt_ids_equal_the_reference_template(reference, parity_dir):
     model = load_model(parity_dir / "model")
     meta = reference["template_meta"]["photon_s2"]
     assert reference["photon_s1_equals_photon_s2"]
-    assert tok.render("{{QUERY}}", 0) == meta["system_prefix"][0].replace("{{SYSTEM}}", meta["default_system"]) \
-        + meta["prompt"][0]
+    assert (
+        tok.render("{{QUERY}}", 0)
+        == meta["system_prefix"][0].replace("{{SYSTEM}}", meta["default_system"]) + meta["prompt"][0]
+    )
     checked = 0
     for row in reference["prompts"]:
         n = 1000
         ids, start = tok.prompt(row["question"], n, prior_visual=n if row["volumes"] == 2 else 0)
-        if row["form"] == "tag_space":      # "<video> question": the README's data sample; we send no space
+        if row["form"] == "tag_space":  # "<video> question": the README's data sample; we send no space
             assert len(row["input_ids"]) == len(ids) + 1
             continue
         assert ids == row["input_ids"], (row["question"], row["form"])
@@ -278,10 +338,13 @@ def test_generation_settings_read_as_swift_infer_reads_them(reference, tmp_path)
     for row in reference["generation"]:
         (tmp_path / "generation_config.json").write_text(json.dumps(row["generation_config"]))
         g, want = GenerationSettings.from_folder(tmp_path, 502, tok), row["swift_infer"]
-        assert g.do_sample == want["do_sample"] and g.repetition_penalty == pytest.approx(want["repetition_penalty"])
+        assert g.do_sample == want["do_sample"] and g.repetition_penalty == pytest.approx(
+            want["repetition_penalty"]
+        )
         if want["do_sample"]:
-            assert (g.temperature, g.top_k, g.top_p) == pytest.approx((want["temperature"], want["top_k"],
-                                                                       want["top_p"]))
+            assert (g.temperature, g.top_k, g.top_p) == pytest.approx(
+                (want["temperature"], want["top_k"], want["top_p"])
+            )
         eos = want["eos_token_id"]
         assert set(eos if isinstance(eos, list) else [eos]) <= set(g.eos_token_ids)
         assert set(reference["template_meta"]["photon_s2"]["stop_words"]) == {"<|endoftext|>", "<|im_end|>"}
@@ -297,7 +360,7 @@ def test_repetition_penalty_is_transformers_rule():
     scores, seen = torch.randn(2, 50), torch.randint(0, 50, (2, 12))
     want = RepetitionPenaltyLogitsProcessor(1.3)(seen, scores.clone())
     assert torch.allclose(_penalise(scores, seen, 1.3), want)
-    padded = torch.cat([torch.full((2, 3), -1), seen], 1)           # padding slots are not ids
+    padded = torch.cat([torch.full((2, 3), -1), seen], 1)  # padding slots are not ids
     assert torch.allclose(_penalise(scores, padded, 1.3), want)
 
 
@@ -316,10 +379,41 @@ def test_ask_cli_on_an_s1_folder(s1_dir, capsys):
     from photon_core.inference.ask import main
 
     scan = Path(__file__).resolve().parent.parent / "sample_cases" / "abdomen_ct" / "ct.nii.gz"
-    assert main(["--scan", str(scan), "--question", QUESTION, "--model", str(s1_dir), "--device", "cpu",
-                 "--max-new-tokens", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--scan",
+                str(scan),
+                "--question",
+                QUESTION,
+                "--model",
+                str(s1_dir),
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["budget"] == "full" and out["theta"] is None and out["checkpoint"]["stage"] == "S1"
-    assert main(["--scan", str(scan), "--question", QUESTION, "--model", str(s1_dir), "--device", "cpu",
-                 "--budget", "auto"]) == 2
+    assert (
+        main(
+            [
+                "--scan",
+                str(scan),
+                "--question",
+                QUESTION,
+                "--model",
+                str(s1_dir),
+                "--device",
+                "cpu",
+                "--budget",
+                "auto",
+            ]
+        )
+        == 2
+    )
     assert "S2 checkpoint" in capsys.readouterr().err

@@ -7,6 +7,7 @@ evaluators"): the 3D-RAD scripts pass answers through a CSV file that pandas rea
 "NA" become "nan"; an all-number column becomes floats, "12" -> "12.0"), and their ROUGE-1 is the median
 of 1,000 unseeded bootstrap means where ours is the mean.
 """
+
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,10 @@ def _as_read(rows: list[dict], per_answer: dict) -> list[dict]:
         key = f"{r['family']}/{r['subtype']}"
         if key in per_answer:
             i = seen[key] = seen.get(key, -1) + 1
-            r = r | {"prediction": per_answer[key]["pred_as_read"][i], "answer": per_answer[key]["answer_as_read"][i]}
+            r = r | {
+                "prediction": per_answer[key]["pred_as_read"][i],
+                "answer": per_answer[key]["answer_as_read"][i],
+            }
         out.append(r)
     return out
 
@@ -46,17 +50,18 @@ def test_3drad_closed_and_bleu_reproduce_the_official_figures(rec):
     closed = [k for k, v in figures.items() if "/" in k and "accuracy" in v]
     opened = [k for k, v in figures.items() if "/" in k and "bleu" in v]
     assert len(closed) >= 30 and len(opened) >= 9
-    for k in closed:                               # no CSV round trip for closed questions: the texts as given
+    for k in closed:  # no CSV round trip for closed questions: the texts as given
         assert ours_raw[k]["accuracy"] == pytest.approx(figures[k]["accuracy"], abs=1e-12), k
     quirks = 0
     for k in opened:
         assert ours_read[k]["bleu"] == pytest.approx(figures[k]["bleu"], abs=1e-12), k
         rows = [r for r in fx["rows"] if f"{r['family']}/{r['subtype']}" == k]
-        unchanged = [str(r["prediction"]).strip() for r in rows] == fx["per_answer"][k]["pred_as_read"] and \
-            [str(r["answer"]).strip() for r in rows] == fx["per_answer"][k]["answer_as_read"]
+        unchanged = [str(r["prediction"]).strip() for r in rows] == fx["per_answer"][k]["pred_as_read"] and [
+            str(r["answer"]).strip() for r in rows
+        ] == fx["per_answer"][k]["answer_as_read"]
         if unchanged:
             assert ours_raw[k]["bleu"] == pytest.approx(figures[k]["bleu"], abs=1e-12), k
-        else:                                      # the pandas read-back is the only difference
+        else:  # the pandas read-back is the only difference
             quirks += 1
             assert ours_raw[k]["bleu"] != pytest.approx(figures[k]["bleu"], abs=1e-9), k
     assert quirks >= 2
@@ -79,7 +84,10 @@ def test_3drad_bertscore_and_task_means(rec):
     fx = rec["3d-rad"]
     layers = json.loads((TINY_BERT / "expected.json").read_text())["num_layers"]
     for k, per in fx["per_answer"].items():
-        mine = [b["bertscore_f1"] for b in bertscore(per["pred_as_read"], per["answer_as_read"], str(TINY_BERT), layers)]
+        mine = [
+            b["bertscore_f1"]
+            for b in bertscore(per["pred_as_read"], per["answer_as_read"], str(TINY_BERT), layers)
+        ]
         assert mine == pytest.approx(per["bertscore_f1"], abs=1e-5), k
     ours = rad3d(_as_read(fx["rows"], fx["per_answer"]), str(TINY_BERT), layers)
     figures = fx["results_by_numpy_seed"]["0"]
@@ -115,8 +123,11 @@ def test_deeptumor_photon_free_text_and_existence(rec):
     assert ours["total"] == pytest.approx(fx["total"], abs=1e-12)
     assert [mra_float(r["prediction"], r["answer"]) for r in fx["rows"]] == fx["mra_per_answer"]
     # our own MRA (exact arithmetic, thousands separators) differs from the official one on known cases
-    differ = {(r["prediction"], r["answer"]) for r in fx["rows"]
-              if mra(r["prediction"], r["answer"]) != mra_float(r["prediction"], r["answer"])}
+    differ = {
+        (r["prediction"], r["answer"])
+        for r in fx["rows"]
+        if mra(r["prediction"], r["answer"]) != mra_float(r["prediction"], r["answer"])
+    }
     assert ("19", "20") in differ and ("1,250", "1250") in differ and (".5", "0.5") in differ
     ex, want = ours["existence"], fx["existence"]
     for sub, counts in want["counts"].items():
@@ -137,8 +148,9 @@ def test_deeptumorvqa_own_scorer(rec, fmt):
                 assert d[k] == w[k], (sub, k)
         if "tolerance_acc" in w:
             assert {f"tol_{k}": v for k, v in d["tolerance"].items()} == w["tolerance_acc"], sub
-    assert {t: d["accuracy"] for t, d in ours["types"].items()} == {t: d["accuracy"]
-                                                                     for t, d in want["by_super_type"].items()}
+    assert {t: d["accuracy"] for t, d in ours["types"].items()} == {
+        t: d["accuracy"] for t, d in want["by_super_type"].items()
+    }
     assert ours["overall"]["accuracy"] == want["overall"]["accuracy"]
 
 
@@ -146,7 +158,9 @@ def test_evaluator_score_with_protocol(rec, tmp_path):
     fx = rec["deeptumor-photon-free"]
     preds = tmp_path / "p.jsonl"
     preds.write_text("".join(json.dumps(r | {"answer_type": "open"}) + "\n" for r in fx["rows"]))
-    evaluate_main(["--score", str(preds), "--protocol", "deeptumor-photon-free", "--out", str(tmp_path / "r")])
+    evaluate_main(
+        ["--score", str(preds), "--protocol", "deeptumor-photon-free", "--out", str(tmp_path / "r")]
+    )
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["official"]["total"] == pytest.approx(fx["total"], abs=1e-12)
     assert "official figures (deeptumor-photon-free)" in (tmp_path / "r" / "metrics.md").read_text()

@@ -11,6 +11,7 @@ their largest |value| (measured: 5e-6 on fixture A); gradients atol 1e-5 + rtol 
 tensor's max |value|. The vision tower output is compared relative to its max |value| at 1e-5
 (measured: 1.3e-6).
 """
+
 import json
 import re
 
@@ -19,14 +20,16 @@ import torch
 from safetensors.torch import load_file
 
 from photon_core.model.checkpoint import load_model
-from photon_core.model.photon import rope_index
 from photon_core.model.its import ThresholdMLP, descriptor, minmax
+from photon_core.model.photon import rope_index
 from photon_core.model.sgp import pack_indices, surrogate_gather
 
 
 @pytest.fixture(scope="module")
 def fx(parity_dir):
-    return load_file(str(parity_dir / "fixture.safetensors")), json.loads((parity_dir / "fixture.json").read_text())
+    return load_file(str(parity_dir / "fixture.safetensors")), json.loads(
+        (parity_dir / "fixture.json").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +59,14 @@ def _cases(fx, batch: bool) -> list[str]:
     return [c for c in meta["cases"] if (t[f"{c}.input_ids"].shape[0] > 1) == batch]
 
 
-PHASE_STARTS = (4000, 8000)     # the reference's now_step boundaries: soft from 4000, hard from 8000
+PHASE_STARTS = (4000, 8000)  # the reference's now_step boundaries: soft from 4000, hard from 8000
 
 
 def test_config_reads_in_chans_not_in_channels(model, parity_dir):
     cfg = json.loads((parity_dir / "model" / "config.json").read_text())
     assert model.config.vision.in_chans == cfg["vision_config"]["in_chans"]
     assert model.visual.vision_patch_embed.proj.weight.shape[1] == cfg["vision_config"]["in_chans"]
-    assert model.its_layer == int(cfg["num_hidden_layers"] / 4 - 1)          # the reference's rule
+    assert model.its_layer == int(cfg["num_hidden_layers"] / 4 - 1)  # the reference's rule
     assert model.its_module.predictor.mlp[0].out_features == cfg["hidden_size"] // 8
 
 
@@ -75,8 +78,9 @@ def test_position_ids_match_transformers_451(model, fx):
     t, meta = fx
     for case in meta["cases"]:
         ids = t[f"{case}.input_ids"]
-        pos, deltas = rope_index(ids, t["video_grid_thw"].expand(ids.shape[0], 3), t[f"{case}.attention_mask"],
-                                 model.config)
+        pos, deltas = rope_index(
+            ids, t["video_grid_thw"].expand(ids.shape[0], 3), t[f"{case}.attention_mask"], model.config
+        )
         assert torch.equal(pos, t[f"{case}.position_ids"]), case
         assert torch.equal(deltas, t[f"{case}.rope_deltas"]), case
 
@@ -85,8 +89,12 @@ def test_its_and_prefill(model, fx, feats):
     t, meta = fx
     for case in _cases(fx, batch=False):
         with torch.no_grad():
-            out = model(t[f"{case}.input_ids"], t[f"{case}.attention_mask"], features=feats,
-                        grid_thw=t["video_grid_thw"])
+            out = model(
+                t[f"{case}.input_ids"],
+                t[f"{case}.attention_mask"],
+                features=feats,
+                grid_thw=t["video_grid_thw"],
+            )
         s = out.its
         for k in ("u", "rho", "theta", "descriptor", "p"):
             assert torch.allclose(getattr(s, k), t[f"{case}.its.{k}"], atol=1e-5, rtol=1e-5), (case, k)
@@ -101,9 +109,15 @@ def test_its_and_prefill(model, fx, feats):
 def test_greedy_generation(model, fx, feats, mode):
     t, _ = fx
     for case in _cases(fx, batch=False):
-        toks, _, steps = model.generate(t[f"{case}.input_ids"], t[f"{case}.attention_mask"], features=feats,
-                                        grid_thw=t["video_grid_thw"], max_new_tokens=t[f"{case}.{mode}.generated_ids"]
-                                        .shape[1], use_its=mode == "its", return_step_logits=True)
+        toks, _, steps = model.generate(
+            t[f"{case}.input_ids"],
+            t[f"{case}.attention_mask"],
+            features=feats,
+            grid_thw=t["video_grid_thw"],
+            max_new_tokens=t[f"{case}.{mode}.generated_ids"].shape[1],
+            use_its=mode == "its",
+            return_step_logits=True,
+        )
         assert torch.equal(toks, t[f"{case}.{mode}.generated_ids"]), case
         assert _logits_close(steps, t[f"{case}.{mode}.generate_step_logits"]), case
 
@@ -112,8 +126,13 @@ def test_full_prefill_logits(model, fx, feats):
     t, _ = fx
     for case in _cases(fx, batch=False):
         with torch.no_grad():
-            out = model(t[f"{case}.input_ids"], t[f"{case}.attention_mask"], features=feats,
-                        grid_thw=t["video_grid_thw"], use_its=False)
+            out = model(
+                t[f"{case}.input_ids"],
+                t[f"{case}.attention_mask"],
+                features=feats,
+                grid_thw=t["video_grid_thw"],
+                use_its=False,
+            )
         assert _logits_close(out.logits, t[f"{case}.full.prefill_logits"]), case
 
 
@@ -145,8 +164,9 @@ def test_batch_rows_equal_single_samples(model, fx, feats):
             if reference_ok:
                 assert torch.equal(out.its.keep[r].to(torch.uint8), t[f"{case}.its.keep"][r])
                 assert torch.allclose(out.its.u[r], t[f"{case}.its.u"][r], atol=1e-5)
-                assert _logits_close(got, t[f"{case}.its.prefill_logits"][r][t[f"{case}.its.attention_mask_out"][r]
-                                                                              .bool()])
+                assert _logits_close(
+                    got, t[f"{case}.its.prefill_logits"][r][t[f"{case}.its.attention_mask_out"][r].bool()]
+                )
             assert torch.equal(out.its.keep[r].to(torch.uint8), t[f"{single}.its.keep"][0]), (case, r)
             assert torch.allclose(out.its.u[r], t[f"{single}.its.u"][0], atol=1e-5), (case, r)
             assert _logits_close(got, t[f"{single}.its.prefill_logits"][0]), (case, r)
@@ -187,8 +207,12 @@ def _check_training_phase(parity_dir, t, meta, phase, info):
     if "its_mlp2_bias_used" in info:
         with torch.no_grad():
             m.its_module.predictor.mlp[2].bias.fill_(info["its_mlp2_bias_used"])
-    out = m(t["train.input_ids"], labels=t["train.labels"], pixel_values=t["pixel_values_videos"].float(),
-            grid_thw=t["video_grid_thw"])
+    out = m(
+        t["train.input_ids"],
+        labels=t["train.labels"],
+        pixel_values=t["pixel_values_videos"].float(),
+        grid_thw=t["video_grid_thw"],
+    )
     out.loss.backward()
     assert abs(out.loss.item() - info["loss"]) < 1e-5, phase
     assert abs(out.losses["lm"].item() - info["mllm_loss"]) < 1e-5, phase

@@ -136,8 +136,8 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
             error = f"{type(e).__name__}: {e}"
         for r in group:
             base = dict(question=r["question"], answer=r["answer"], family=r.get("family", "all"),
-                        answer_type=r.get("answer_type", "open"), organ=r.get("organ"), image=Path(image).name,
-                        **({"subtype": r["subtype"]} if r.get("subtype") else {}))
+                        answer_type=r.get("answer_type", "open"), organ=r.get("organ"),
+                        image=Path(image).name, **({"subtype": r["subtype"]} if r.get("subtype") else {}))
             if error:
                 rows.append(base | dict(prediction="", kept=0, error=error))
                 continue
@@ -324,8 +324,9 @@ def main(argv=None) -> None:
     ap.add_argument("--score", type=Path, metavar="PREDICTIONS_JSONL",
                     help="compute the metrics of a predictions file (this tool's or another model's); no model is run")
     ap.add_argument("--protocol", choices=PROTOCOLS,
-                    help="also compute the figures an official evaluator gives (3D-RAD: Photon's evaluation.py; "
-                         "DeepTumorVQA: Photon's scripts or the benchmark's own scorer); rows need family and subtype")
+                    help="also compute the figures an official evaluator gives (3D-RAD: Photon's "
+                         "evaluation.py; DeepTumorVQA: Photon's scripts or the benchmark's own scorer); rows "
+                         "need family and subtype")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.score:

@@ -26,6 +26,7 @@ Where our own metrics (metrics.py) read answers more leniently, these are the on
 published numbers. What still differs, and why, is in the README ("Official evaluators");
 tests/fixtures/official_eval holds the figures the official scripts gave on fixture predictions.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,10 +51,12 @@ def _mean(xs) -> float:
 
 
 # ============================================================================ 3D-RAD (Photon's scripts)
-_13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),     # punctuation and symbols
-        (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),                   # . and , unless after a digit
-        (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),                   # . and , unless before a digit
-        (re.compile(r"([0-9])(-)"), r"\1 \2 ")]                        # - after a digit
+_13A = [
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # punctuation and symbols
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # . and , unless after a digit
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # . and , unless before a digit
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # - after a digit
+]
 
 
 def tokens_13a(text: str) -> list[str]:
@@ -76,8 +79,10 @@ def corpus_bleu1(preds: list[str], refs: list[str]) -> float:
         matches += sum((Counter(pt) & Counter(rt)).values())
         pred_len, ref_len = pred_len + len(pt), ref_len + len(rt)
     if not pred_len or not ref_len:
-        raise ValueError("BLEU of a set whose predictions or answers are all empty is undefined "
-                         "(the official script divides by zero)")
+        raise ValueError(
+            "BLEU of a set whose predictions or answers are all empty is undefined "
+            "(the official script divides by zero)"
+        )
     precision = matches / pred_len
     ratio = pred_len / ref_len
     return precision * (1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio))
@@ -96,11 +101,16 @@ def rad3d(rows: list[dict], bertscore_model: str | None = None, bertscore_layers
         if all(r.get("answer_type") in ("closed", "choice") for r in rs):
             d = {"accuracy": _mean(rad3d_correct(p, g) for p, g in zip(preds, refs))}
         else:
-            d = {"bleu": corpus_bleu1(preds, refs), "rouge1": _mean(rouge1(p, g) for p, g in zip(preds, refs))}
+            d = {
+                "bleu": corpus_bleu1(preds, refs),
+                "rouge1": _mean(rouge1(p, g) for p, g in zip(preds, refs)),
+            }
             if bertscore_model:
                 from photon_core.eval.metrics import bertscore
 
-                d["f1"] = _mean(b["bertscore_f1"] for b in bertscore(preds, refs, bertscore_model, bertscore_layers))
+                d["f1"] = _mean(
+                    b["bertscore_f1"] for b in bertscore(preds, refs, bertscore_model, bertscore_layers)
+                )
         subtasks[f"{task}/{sub}"] = d | {"n": len(rs)}
     tasks = {}
     for task, subs in _groups(list(subtasks.items()), lambda kv: kv[0].split("/")[0]).items():
@@ -110,10 +120,22 @@ def rad3d(rows: list[dict], bertscore_model: str | None = None, bertscore_layers
 
 
 # ============================================================================ DeepTumorVQA (Photon's scripts)
-PHOTON_MRA_SUBTYPES = {"lesion volume measurement", "organ HU measurement", "organ volume measurement",
-                       "largest lesion diameter", "largest lesion slice", "lesion count by location",
-                       "lesion counting", "organ aggregation", "tumor organ HU difference"}
-PHOTON_EXISTENCE_SUBTYPES = ("liver_lesion_existence", "kidney_tumor_existence", "pancreatic_lesion_existence")
+PHOTON_MRA_SUBTYPES = {
+    "lesion volume measurement",
+    "organ HU measurement",
+    "organ volume measurement",
+    "largest lesion diameter",
+    "largest lesion slice",
+    "lesion count by location",
+    "lesion counting",
+    "organ aggregation",
+    "tumor organ HU difference",
+}
+PHOTON_EXISTENCE_SUBTYPES = (
+    "liver_lesion_existence",
+    "kidney_tumor_existence",
+    "pancreatic_lesion_existence",
+)
 _FLOAT = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
 _YES = {"yes", "true", "present", "positive", "exist", "exists", "有", "是", "存在", "阳性", "1"}
 _NO = {"no", "false", "absent", "negative", "not exist", "无", "否", "不存在", "阴性", "未见", "0"}
@@ -139,15 +161,24 @@ def deeptumor_photon(rows: list[dict], free_text: bool) -> dict:
     subtypes = {}
     for (qtype, sub), rs in _groups(rows, lambda r: (str(r["family"]), str(r.get("subtype") or ""))).items():
         if free_text and sub in PHOTON_MRA_SUBTYPES:
-            subtypes[(qtype, sub)] = {"metric": "MRA", "score": _mean(mra_float(r["prediction"], r["answer"])
-                                                                      for r in rs), "n": len(rs)}
+            subtypes[(qtype, sub)] = {
+                "metric": "MRA",
+                "score": _mean(mra_float(r["prediction"], r["answer"]) for r in rs),
+                "n": len(rs),
+            }
         else:
-            subtypes[(qtype, sub)] = {"metric": "ACC", "score": _mean(r["prediction"] == r["answer"] for r in rs),
-                                      "n": len(rs)}
+            subtypes[(qtype, sub)] = {
+                "metric": "ACC",
+                "score": _mean(r["prediction"] == r["answer"] for r in rs),
+                "n": len(rs),
+            }
     types = {t: _mean(d["score"] for (t_, _), d in subtypes.items() if t_ == t) for t, _ in subtypes}
-    out = {"protocol": "deeptumor-photon-" + ("free" if free_text else "mc"),
-           "subtypes": {f"{t}/{s}": d for (t, s), d in subtypes.items()}, "types": types,
-           "total": _mean(d["score"] for d in subtypes.values())}
+    out = {
+        "protocol": "deeptumor-photon-" + ("free" if free_text else "mc"),
+        "subtypes": {f"{t}/{s}": d for (t, s), d in subtypes.items()},
+        "types": types,
+        "total": _mean(d["score"] for d in subtypes.values()),
+    }
     if free_text:
         out["existence"] = _existence(rows)
     return out
@@ -165,8 +196,11 @@ def _existence(rows: list[dict]) -> dict:
         else:
             c[("T" if truth == pred else "F") + ("P" if pred else "N")] += 1
     div = lambda a, b: a / b if b else 0.0  # noqa: E731
-    rates = lambda c: {"sensitivity": div(c["TP"], c["TP"] + c["FN"]), "specificity": div(c["TN"], c["TN"] + c["FP"]),  # noqa: E731
-                       "accuracy": div(c["TP"] + c["TN"], c["TP"] + c["TN"] + c["FP"] + c["FN"])}
+    rates = lambda c: {
+        "sensitivity": div(c["TP"], c["TP"] + c["FN"]),
+        "specificity": div(c["TN"], c["TN"] + c["FP"]),  # noqa: E731
+        "accuracy": div(c["TP"] + c["TN"], c["TP"] + c["TN"] + c["FP"] + c["FN"]),
+    }
     used = {s: c for s, c in counts.items() if c["TP"] + c["TN"] + c["FP"] + c["FN"]}
     per = {s: {k: c[k] for k in ("TP", "TN", "FP", "FN", "SKIP")} | rates(c) for s, c in counts.items()}
     macro = {k: _mean(rates(c)[k] for c in used.values()) for k in ("sensitivity", "specificity", "accuracy")}
@@ -174,13 +208,36 @@ def _existence(rows: list[dict]) -> dict:
 
 
 # ============================================================================ DeepTumorVQA's own scorer
-NUMERIC = {"organ volume measurement", "organ HU measurement", "lesion volume measurement", "organ HU ratio",
-           "tumor burden percentage", "largest lesion diameter", "largest lesion slice", "lesion counting",
-           "lesion count by location", "organ aggregation", "tumor organ HU difference"}
-BINARY = {"pancreatic lesion existence", "liver lesion existence", "kidney lesion existence", "kidney tumor existence",
-          "kidney cyst existence", "colon lesion existence", "PDAC existence", "PNET existence", "lesion outlier",
-          "organ enlargement", "pancreatic steatosis", "pancreatic cyst resectability", "pseudocyst determination",
-          "splenomegaly detection", "portal hypertension assessment"}          # every other subtype: categorical
+NUMERIC = {
+    "organ volume measurement",
+    "organ HU measurement",
+    "lesion volume measurement",
+    "organ HU ratio",
+    "tumor burden percentage",
+    "largest lesion diameter",
+    "largest lesion slice",
+    "lesion counting",
+    "lesion count by location",
+    "organ aggregation",
+    "tumor organ HU difference",
+}
+BINARY = {
+    "pancreatic lesion existence",
+    "liver lesion existence",
+    "kidney lesion existence",
+    "kidney tumor existence",
+    "kidney cyst existence",
+    "colon lesion existence",
+    "PDAC existence",
+    "PNET existence",
+    "lesion outlier",
+    "organ enlargement",
+    "pancreatic steatosis",
+    "pancreatic cyst resectability",
+    "pseudocyst determination",
+    "splenomegaly detection",
+    "portal hypertension assessment",
+}  # every other subtype: categorical
 TOLERANCES = (0.05, 0.10, 0.20, 0.50)
 _THINK = re.compile(r"<think>.*?</think>|<think>.*$", re.S)
 _NUM = re.compile(r"-?\d+\.?\d*")
@@ -218,7 +275,10 @@ def _norm(text: str) -> str:
 def _score_subtype(pairs: list[tuple[str, str]], kind: str) -> dict:
     n = len(pairs)
     if kind == "mc":
-        return {"accuracy": round(sum(_letter(p) == g.strip().upper() for p, g in pairs) / max(n, 1), 4), "n": n}
+        return {
+            "accuracy": round(sum(_letter(p) == g.strip().upper() for p, g in pairs) / max(n, 1), 4),
+            "n": n,
+        }
     if kind == "numeric":
         mras, hits, scored = [], Counter(), 0
         for p, g in pairs:
@@ -233,24 +293,39 @@ def _score_subtype(pairs: list[tuple[str, str]], kind: str) -> dict:
             err = (0.0 if pred == 0 else math.inf) if gt == 0 else abs(pred - gt) / abs(gt)
             mras.append(max(0.0, 1.0 - err) if gt != 0 else float(pred == 0))
             hits.update(t for t in TOLERANCES if err <= t)
-        return {"mean_mra": round(sum(mras) / max(len(mras), 1), 4), "n": n,
-                "tolerance": {f"{int(t * 100)}%": round(hits[t] / max(scored, 1), 4) for t in TOLERANCES}}
+        return {
+            "mean_mra": round(sum(mras) / max(len(mras), 1), 4),
+            "n": n,
+            "tolerance": {f"{int(t * 100)}%": round(hits[t] / max(scored, 1), 4) for t in TOLERANCES},
+        }
     if kind == "binary":
         c = Counter()
         for p, g in pairs:
             gt, pred = _binary(g), _binary(_unthink(p))
             c["correct"] += bool(pred) and pred == gt
-            c[("tp" if pred == "yes" else "fn") if gt == "yes" else ("fp" if pred == "yes" else "tn")
-              if gt == "no" else "other"] += 1
-        return {"accuracy": round(c["correct"] / max(n, 1), 4), "n": n,
-                "sensitivity": round(c["tp"] / max(c["tp"] + c["fn"], 1), 4),
-                "specificity": round(c["tn"] / max(c["tn"] + c["fp"], 1), 4)}
+            c[
+                ("tp" if pred == "yes" else "fn")
+                if gt == "yes"
+                else ("fp" if pred == "yes" else "tn")
+                if gt == "no"
+                else "other"
+            ] += 1
+        return {
+            "accuracy": round(c["correct"] / max(n, 1), 4),
+            "n": n,
+            "sensitivity": round(c["tp"] / max(c["tp"] + c["fn"], 1), 4),
+            "specificity": round(c["tn"] / max(c["tn"] + c["fp"], 1), 4),
+        }
     exact = partial = 0
     for p, g in pairs:
         gt, pred = _norm(g), _norm(_unthink(p))
         exact += gt == pred
         partial += gt == pred or bool(gt and pred and (gt in pred or pred in gt))
-    return {"accuracy": round(exact / max(n, 1), 4), "partial_accuracy": round(partial / max(n, 1), 4), "n": n}
+    return {
+        "accuracy": round(exact / max(n, 1), 4),
+        "partial_accuracy": round(partial / max(n, 1), 4),
+        "n": n,
+    }
 
 
 def deeptumorvqa(rows: list[dict], choice: bool) -> dict:
@@ -258,23 +333,33 @@ def deeptumorvqa(rows: list[dict], choice: bool) -> dict:
     option's letter); free-form rows are scored by their subtype's answer type."""
     subtypes, primary = {}, {}
     for sub, rs in _groups(rows, lambda r: str(r.get("subtype") or "")).items():
-        kind = "mc" if choice else "numeric" if sub in NUMERIC else "binary" if sub in BINARY else "categorical"
+        kind = (
+            "mc" if choice else "numeric" if sub in NUMERIC else "binary" if sub in BINARY else "categorical"
+        )
         subtypes[sub] = _score_subtype([(str(r["prediction"] or ""), str(r["answer"])) for r in rs], kind)
         subtypes[sub]["type"] = str(rs[0]["family"])
         primary[sub] = subtypes[sub]["mean_mra" if kind == "numeric" else "accuracy"]
     types = {}
     for t, subs in _groups(list(subtypes), lambda s: subtypes[s]["type"]).items():
         n = sum(subtypes[s]["n"] for s in subs)
-        types[t] = {"accuracy": round(sum(primary[s] * subtypes[s]["n"] for s in subs) / max(n, 1), 4), "n": n}
+        types[t] = {
+            "accuracy": round(sum(primary[s] * subtypes[s]["n"] for s in subs) / max(n, 1), 4),
+            "n": n,
+        }
     total = sum(d["n"] for d in subtypes.values())
     overall = round(sum(primary[s] * d["n"] for s, d in subtypes.items()) / max(total, 1), 4)
-    return {"protocol": "deeptumorvqa-" + ("mc" if choice else "free"), "subtypes": subtypes, "types": types,
-            "overall": {"accuracy": overall, "n": total}}
+    return {
+        "protocol": "deeptumorvqa-" + ("mc" if choice else "free"),
+        "subtypes": subtypes,
+        "types": types,
+        "overall": {"accuracy": overall, "n": total},
+    }
 
 
 # ============================================================================ dispatch
-def official(rows: list[dict], protocol: str, bertscore_model: str | None = None,
-             bertscore_layers: int | None = None) -> dict:
+def official(
+    rows: list[dict], protocol: str, bertscore_model: str | None = None, bertscore_layers: int | None = None
+) -> dict:
     """The figures of ``protocol`` (one of PROTOCOLS) on prediction rows."""
     rows = [r for r in rows if "prediction" in r and not str(r.get("family", "")).startswith("_")]
     if protocol == "3d-rad":

@@ -19,6 +19,7 @@ the prior's vision span first: ``<|vision_start|>…prior…<|vision_end|><|visi
 Any folder with a ``tokenizer.json`` (official Qwen2 folders ship one; so does our demo model) is
 read with the `tokenizers` library — no network, no remote code.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,18 @@ from pathlib import Path
 import torch
 
 SYSTEM = "You are a helpful assistant."
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 MAX_QUESTION_CHARS = 1000
-VOLUME_SPAN = "<|vision_start|><|video_pad|><|vision_end|>"   # what the template puts for one <video> tag
+VOLUME_SPAN = "<|vision_start|><|video_pad|><|vision_end|>"  # what the template puts for one <video> tag
 
 
 class Tokenizer:
@@ -40,12 +49,17 @@ class Tokenizer:
 
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"'{Path(folder).name}' has no tokenizer.json; a Photon checkpoint folder "
-                             f"must carry its tokenizer.")
+            raise ValueError(
+                f"'{Path(folder).name}' has no tokenizer.json; a Photon checkpoint folder "
+                f"must carry its tokenizer."
+            )
         self.tok = _Tok.from_file(str(path))
         self.ids = {t: self.tok.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                               "<|video_pad|>") if self.ids[t] is None]
+        missing = [
+            t
+            for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
+            if self.ids[t] is None
+        ]
         if missing:
             raise ValueError(f"The tokenizer lacks the special tokens {missing}.")
 
@@ -61,8 +75,12 @@ class Tokenizer:
 
     def check_config(self, cfg) -> None:
         """The tokenizer and the model config must agree on the special token ids."""
-        pairs = {"<|vision_start|>": cfg.vision_start_token_id, "<|vision_end|>": cfg.vision_end_token_id,
-                 "<|video_pad|>": cfg.video_token_id, "<|im_end|>": cfg.eos_token_id}
+        pairs = {
+            "<|vision_start|>": cfg.vision_start_token_id,
+            "<|vision_end|>": cfg.vision_end_token_id,
+            "<|video_pad|>": cfg.video_token_id,
+            "<|im_end|>": cfg.eos_token_id,
+        }
         bad = {t: (self.ids[t], v) for t, v in pairs.items() if self.ids[t] != v}
         if bad:
             raise ValueError(f"Tokenizer and config.json disagree on special token ids: {bad}.")
@@ -72,11 +90,14 @@ class Tokenizer:
     @staticmethod
     def render(question: str, volumes: int = 1) -> str:
         """The template's text with one ``<|video_pad|>`` per volume (before expansion)."""
-        return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{VOLUME_SPAN * volumes}{question}"
-                f"<|im_end|>\n<|im_start|>assistant\n")
+        return (
+            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{VOLUME_SPAN * volumes}{question}"
+            f"<|im_end|>\n<|im_start|>assistant\n"
+        )
 
-    def prompt(self, question: str, n_visual: int, answer: str | None = None,
-               prior_visual: int = 0) -> tuple[list[int], int]:
+    def prompt(
+        self, question: str, n_visual: int, answer: str | None = None, prior_visual: int = 0
+    ) -> tuple[list[int], int]:
         """Token ids of the ChatML prompt (and the answer, for training); returns (ids, answer_start).
 
         ``prior_visual`` > 0: a prior scan of the same patient goes first, as its own vision span
@@ -119,10 +140,10 @@ def batch_prompts(prompts: list[list[int]], pad_id: int, labels: list[list[int]]
     mask = torch.zeros((len(prompts), L), dtype=torch.long)
     lab = torch.full((len(prompts), L), -100, dtype=torch.long) if labels is not None else None
     for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p)
-        mask[b, L - len(p):] = 1
+        ids[b, L - len(p) :] = torch.tensor(p)
+        mask[b, L - len(p) :] = 1
         if lab is not None:
-            lab[b, L - len(p):] = torch.tensor(labels[b])
+            lab[b, L - len(p) :] = torch.tensor(labels[b])
     return ids, mask, lab
 
 
@@ -130,7 +151,8 @@ def batch_prompts(prompts: list[list[int]], pad_id: int, labels: list[list[int]]
 class GenerationSettings:
     """Decoding as the checkpoint's ``generation_config.json`` asks, read the way ms-swift's ``swift infer``
     reads it: greedy when ``do_sample`` is false or the temperature is 0, else sampling with its
-    temperature / top_k / top_p (Qwen2.5-VL's own file says top_k 1: greedy in effect);
+    temperature / top_k / top_p (transformers' defaults where the file is silent; top_k 1 is greedy in
+    effect);
     ``repetition_penalty`` applies either way. Stops at any of ``eos_token_ids`` (the config's EOS,
     the file's, and ``<|endoftext|>``, a stop word of the Qwen templates). No file: greedy, no penalty."""
 
@@ -142,17 +164,21 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_folder(cls, folder: str | Path, eos_token_id: int, tokenizer: "Tokenizer | None" = None):
+    def from_folder(cls, folder: str | Path, eos_token_id: int, tokenizer: Tokenizer | None = None):
         path = Path(folder) / "generation_config.json"
         d = json.loads(path.read_text()) if path.is_file() else {}
         eos = d.get("eos_token_id")
         ids = [eos_token_id] + (eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer is not None and tokenizer.ids.get("<|endoftext|>") is not None:
             ids.append(tokenizer.ids["<|endoftext|>"])
-        get = lambda k, default: default if d.get(k) is None else d[k]   # noqa: E731  (transformers' defaults)
+        get = lambda k, default: default if d.get(k) is None else d[k]  # noqa: E731  (transformers' defaults)
         temperature = float(get("temperature", 1.0))
         sample = bool(get("do_sample", False)) and temperature != 0
-        return cls(do_sample=sample, temperature=temperature if sample else 1.0,
-                   top_k=int(get("top_k", 50)) if sample else 0, top_p=float(get("top_p", 1.0)) if sample else 1.0,
-                   repetition_penalty=float(get("repetition_penalty", 1.0)),
-                   eos_token_ids=tuple(dict.fromkeys(int(i) for i in ids)))
+        return cls(
+            do_sample=sample,
+            temperature=temperature if sample else 1.0,
+            top_k=int(get("top_k", 50)) if sample else 0,
+            top_p=float(get("top_p", 1.0)) if sample else 1.0,
+            repetition_penalty=float(get("repetition_penalty", 1.0)),
+            eos_token_ids=tuple(dict.fromkeys(int(i) for i in ids)),
+        )

@@ -15,6 +15,7 @@ S1 or S2 is read from the weights: threshold-MLP weights at the ITS layer
 (``model.layers.<s>.atp.*``) make an S2 checkpoint; without them it is S1 (the aligned model of
 the reference's ``modeling_photon_s1``, which has no token scheduling).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,25 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
 # Everything the loader, the tokenizer and the prompt read; any other file is ignored (and logged).
-READ_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-              "model.safetensors", INDEX) + TOKENIZER_FILES
+READ_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "model.safetensors",
+    INDEX,
+) + TOKENIZER_FILES
 MAX_SHARD_BYTES = 16 * 1024 * 1024
 _ITS_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.atp\.")
 
@@ -53,17 +68,17 @@ class CheckpointInfo:
     """Which checkpoint a Predictor runs: where it came from and whether it schedules tokens."""
 
     source: Literal["embedded", "folder", "hub"]
-    name: str                         # what the card and the export show
-    path: Path                        # the local folder (reports show only its name)
-    repo_id: str | None = None        # hub id, when fetched from the hub
+    name: str  # what the card and the export show
+    path: Path  # the local folder (reports show only its name)
+    repo_id: str | None = None  # hub id, when fetched from the hub
     subfolder: str | None = None
-    revision: str | None = None       # as the user named it (branch, tag or commit)
+    revision: str | None = None  # as the user named it (branch, tag or commit)
     stage: Literal["S1", "S2"] = "S2"
-    has_its: bool = True              # S2: learned threshold θ at the ITS layer
+    has_its: bool = True  # S2: learned threshold θ at the ITS layer
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["path"] = self.path.name    # never a server path in a report
+        d["path"] = self.path.name  # never a server path in a report
         return d
 
     def label(self) -> str:
@@ -92,11 +107,15 @@ def weight_files(path: Path) -> list[Path]:
             with open(index) as fh:
                 shards = sorted(set(json.load(fh)["weight_map"].values()))
         except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"'{path.name}/{INDEX}' is not a safetensors index (no weight_map).") from None
+            raise CheckpointError(
+                f"'{path.name}/{INDEX}' is not a safetensors index (no weight_map)."
+            ) from None
         bad = [s for s in shards if "/" in s or "\\" in s or not s.endswith(".safetensors")]
         if bad:
-            raise CheckpointError(f"'{path.name}/{INDEX}' names weight files that are not safetensors files of "
-                                  f"this folder: {', '.join(bad[:3])}.")
+            raise CheckpointError(
+                f"'{path.name}/{INDEX}' names weight files that are not safetensors files of "
+                f"this folder: {', '.join(bad[:3])}."
+            )
         files = [path / s for s in shards]
     else:
         files = [path / "model.safetensors"]
@@ -106,20 +125,35 @@ def weight_files(path: Path) -> list[Path]:
     if not any(f.is_file() for f in files):
         if pickles:
             raise CheckpointError(
-                f"'{path.name}' holds its weights only as pickle files ({', '.join(pickles[:3])}), which are never "
-                f"opened here (unpickling runs code). Convert them to safetensors in a trusted environment "
-                f"(e.g. load them with transformers there and save_pretrained(..., safe_serialization=True)).")
+                f"'{path.name}' holds its weights only as pickle files ({', '.join(pickles[:3])}), which are "
+                f"never opened here (unpickling runs code). Convert them to safetensors in a trusted "
+                f"environment (e.g. load them with transformers there and save_pretrained(..., "
+                f"safe_serialization=True))."
+            )
         others = [f.name for f in entries if f.name.endswith(".safetensors")]
-        hint = f" (it has {', '.join(others[:3])}: an adapter or optimizer state, not the model)" if others else ""
-        raise CheckpointError(f"'{path.name}' has no model weights: no model.safetensors and no {INDEX}{hint}.")
+        hint = (
+            f" (it has {', '.join(others[:3])}: an adapter or optimizer state, not the model)"
+            if others
+            else ""
+        )
+        raise CheckpointError(
+            f"'{path.name}' has no model weights: no model.safetensors and no {INDEX}{hint}."
+        )
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"'{path.name}' is missing weight files: {', '.join(missing)}.")
-    ignored = [f.name + ("/" if f.is_dir() else "") for f in entries
-               if f.name not in READ_FILES and f.name not in names]
+    ignored = [
+        f.name + ("/" if f.is_dir() else "")
+        for f in entries
+        if f.name not in READ_FILES and f.name not in names
+    ]
     if ignored:
-        log.info("Checkpoint '%s': ignoring %s%s", path.name, ", ".join(ignored[:12]),
-                 f" and {len(ignored) - 12} more" if len(ignored) > 12 else "")
+        log.info(
+            "Checkpoint '%s': ignoring %s%s",
+            path.name,
+            ", ".join(ignored[:12]),
+            f" and {len(ignored) - 12} more" if len(ignored) > 12 else "",
+        )
     return files
 
 
@@ -131,7 +165,9 @@ def tensor_names(files: list[Path]) -> list[str]:
             with safe_open(str(f), framework="pt") as fh:
                 names += list(fh.keys())
         except Exception as e:
-            raise CheckpointError(f"'{f.name}' is not a readable safetensors file ({type(e).__name__}).") from None
+            raise CheckpointError(
+                f"'{f.name}' is not a readable safetensors file ({type(e).__name__})."
+            ) from None
     return names
 
 
@@ -141,21 +177,24 @@ def stage_of(names: list[str], cfg: PhotonConfig) -> bool:
     if not layers:
         return False
     if layers != [int(cfg.its_layer)]:
-        raise CheckpointError(f"The checkpoint has token-scheduling weights at decoder layer(s) {layers}, but its "
-                              f"config puts ITS at layer {cfg.its_layer} (int(num_hidden_layers / 4 - 1)).")
+        raise CheckpointError(
+            f"The checkpoint has token-scheduling weights at decoder layer(s) {layers}, but its "
+            f"config puts ITS at layer {cfg.its_layer} (int(num_hidden_layers / 4 - 1))."
+        )
     return True
 
 
 def _rename(key: str) -> str:
     if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+        return "model." + key[len("model.language_model.") :]
     if key.startswith("model.visual."):
-        return key[len("model."):]
+        return key[len("model.") :]
     return key
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> PhotonModel:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> PhotonModel:
     """Build a `PhotonModel` from a checkpoint folder. bf16 on CUDA, fp32 on CPU unless ``dtype``.
 
     The weights decide S1 or S2 (``model.config.has_its``)."""
@@ -168,7 +207,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         try:
             part = load_file(str(f))
         except Exception as e:
-            raise CheckpointError(f"'{f.name}' is not a readable safetensors file ({type(e).__name__}).") from None
+            raise CheckpointError(
+                f"'{f.name}' is not a readable safetensors file ({type(e).__name__})."
+            ) from None
         state.update({_rename(k): v for k, v in part.items()})
     with torch.device("meta"):
         model = PhotonModel(cfg)
@@ -181,16 +222,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if "visual.patch_embed.proj.weight" in unexpected:
-        raise CheckpointError("The checkpoint has a stock Qwen2.5-VL image patch embed "
-                              "('visual.patch_embed'), not Photon's 3-D CT patch embed.")
+        raise CheckpointError(
+            "The checkpoint has a stock Qwen2.5-VL image patch embed "
+            "('visual.patch_embed'), not Photon's 3-D CT patch embed."
+        )
     if missing or unexpected:
-        raise CheckpointError(f"'{path.name}' does not match the Photon architecture of its config: "
-                              f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
-                              f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}.")
+        raise CheckpointError(
+            f"'{path.name}' does not match the Photon architecture of its config: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}."
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"Weight '{k}' has shape {tuple(v.shape)} but the config implies "
-                                  f"{tuple(own[k].shape)}; the checkpoint and config.json disagree.")
+            raise CheckpointError(
+                f"Weight '{k}' has shape {tuple(v.shape)} but the config implies "
+                f"{tuple(own[k].shape)}; the checkpoint and config.json disagree."
+            )
     model.load_state_dict(state, strict=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -198,7 +245,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype)
-    model.reset_buffers()   # built on meta; rotary frequencies stay fp32
+    model.reset_buffers()  # built on meta; rotary frequencies stay fp32
     model.eval()
     return model
 

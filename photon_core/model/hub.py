@@ -12,6 +12,7 @@ weights and their index, config / generation / preprocessor JSON and tokenizer f
 network) uses what the cache holds, or fails naming what is missing. The download shows
 huggingface_hub's progress bars (a 3B checkpoint is several GB).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,11 +49,13 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def resolve(model: str | Path | None = None, subfolder: str | None = None,
-            revision: str | None = None) -> CheckpointInfo:
+def resolve(
+    model: str | Path | None = None, subfolder: str | None = None, revision: str | None = None
+) -> CheckpointInfo:
     """The local folder of a checkpoint and where it came from (stage filled in by the loader)."""
-    if subfolder is not None and (not str(subfolder).strip() or ".." in Path(subfolder).parts
-                                  or Path(subfolder).is_absolute()):
+    if subfolder is not None and (
+        not str(subfolder).strip() or ".." in Path(subfolder).parts or Path(subfolder).is_absolute()
+    ):
         raise CheckpointError(f"--subfolder {subfolder!r} must be a relative folder inside the checkpoint.")
     if model is None or str(model) == "":
         if subfolder or revision:
@@ -60,12 +63,15 @@ def resolve(model: str | Path | None = None, subfolder: str | None = None,
         return CheckpointInfo("embedded", "embedded demo model", DEMO_MODEL)
     if Path(model).exists():
         if revision:
-            raise CheckpointError(f"--revision {revision!r} applies to a hub id; '{Path(model).name}' is a local "
-                                  f"folder.")
+            raise CheckpointError(
+                f"--revision {revision!r} applies to a hub id; '{Path(model).name}' is a local folder."
+            )
         folder = Path(model) / subfolder if subfolder else Path(model)
         return CheckpointInfo("folder", folder.name, folder, subfolder=subfolder)
     if not HUB_ID.match(str(model)):
-        raise CheckpointError(f"--model {str(model)!r} is neither an existing folder nor a hub id (ORG/NAME).")
+        raise CheckpointError(
+            f"--model {str(model)!r} is neither an existing folder nor a hub id (ORG/NAME)."
+        )
     folder = fetch(str(model), subfolder, revision)
     name = str(model) + (f"/{subfolder}" if subfolder else "")
     return CheckpointInfo("hub", name, folder, repo_id=str(model), subfolder=subfolder, revision=revision)
@@ -76,19 +82,27 @@ def fetch(repo_id: str, subfolder: str | None = None, revision: str | None = Non
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    what = repo_id + (f" (sub-folder {subfolder})" if subfolder else "") + (f" @ {revision}" if revision else "")
+    what = (
+        repo_id + (f" (sub-folder {subfolder})" if subfolder else "") + (f" @ {revision}" if revision else "")
+    )
     log.info("Fetching %s into the HF cache%s", what, " (offline: cache only)" if offline() else "")
     try:
-        root = snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns(subfolder),
-                                 ignore_patterns=ignore_patterns(subfolder), local_files_only=offline(),
-                                 cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+        root = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=allow_patterns(subfolder),
+            ignore_patterns=ignore_patterns(subfolder),
+            local_files_only=offline(),
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        )
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise CheckpointError(f"The hub has no {what}: {type(e).__name__}.") from None
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{what} is not in the HF cache ({cache_dir()}) and the hub cannot be reached"
-            f"{' (HF_HUB_OFFLINE is set)' if offline() else ''}: run once with network access to download it, "
-            f"or pass a local folder with --model.") from None
+            f"{' (HF_HUB_OFFLINE is set)' if offline() else ''}: run once with network access to download "
+            f"it, or pass a local folder with --model."
+        ) from None
     folder = Path(root) / subfolder if subfolder else Path(root)
     if not folder.is_dir():
         raise CheckpointError(f"{what}: the repository has no sub-folder {subfolder!r}.")
@@ -96,8 +110,10 @@ def fetch(repo_id: str, subfolder: str | None = None, revision: str | None = Non
     if not (folder / "model.safetensors").is_file() and not (folder / INDEX).is_file():
         missing.append(f"model.safetensors or {INDEX}")
     if missing:
-        raise CheckpointError(f"{what} in the HF cache lacks {', '.join(missing)}"
-                              f"{' (offline: only what was downloaded before is there)' if offline() else ''}.")
+        raise CheckpointError(
+            f"{what} in the HF cache lacks {', '.join(missing)}"
+            f"{' (offline: only what was downloaded before is there)' if offline() else ''}."
+        )
     return folder
 
 
@@ -109,8 +125,13 @@ def cache_dir() -> str:
 
 def add_model_arguments(ap) -> None:
     """--model / --subfolder / --revision, the same on every command line (app, ask, evaluator, bench)."""
-    ap.add_argument("--model", default=None,
-                    help="checkpoint folder or hub id ORG/NAME (default: the embedded demo model); a hub id is "
-                         "fetched into the HF cache (safetensors, configs and tokenizer only)")
-    ap.add_argument("--subfolder", default=None, help="the checkpoint's folder inside --model (e.g. a task's S2 weights)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or hub id ORG/NAME (default: the embedded demo model); a hub id is "
+        "fetched into the HF cache (safetensors, configs and tokenizer only)",
+    )
+    ap.add_argument(
+        "--subfolder", default=None, help="the checkpoint's folder inside --model (e.g. a task's S2 weights)"
+    )
     ap.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (a hub id)")
