@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from photon_core.model.its import Budget
+from photon_core.model.budget import Budget
 from photon_core.io.volume import VolumeError
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.scene import render_png, scene_glb, token_blocks

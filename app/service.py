@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from photon_core.inference.audit import export_audit, organ_blocks, organ_retention, organs_in_question
+from photon_core.inference.audit import export_audit, organ_retention
+from photon_core.organs import label_blocks, organs_in_question
 from photon_core.io import samples
 from photon_core.io.preprocess import TOKEN_GRID, prepare
 from photon_core.inference.prompt import clean_question
-from photon_core.model.its import Budget
+from photon_core.model.budget import Budget
 from photon_core.io.volume import Limits, Volume, VolumeError, load_label_map, load_volume
 
 # What a user of the embedded model must know when reading its answer and its kept blocks (measured
@@ -79,6 +80,7 @@ class Session:
     labels: np.ndarray | None = None
     label_names: dict = field(default_factory=dict)
     blocks: dict = field(default_factory=dict)   # organ -> (1000,) bool blocks
+    small_structures: list = field(default_factory=list)   # structures counted by any overlap
     surfaces: list = field(default_factory=list)
     corners: np.ndarray | None = None      # (1000, 8, 3) world corners of the token blocks
     hu_ras: np.ndarray | None = None
@@ -156,7 +158,7 @@ class Engine:
         if labels_path is not None:
             s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
             s.label_names = label_names or {str(int(i)): f"label_{int(i)}" for i in np.unique(s.labels) if i}
-            s.blocks = organ_blocks(s.token_index, s.labels, s.label_names)
+            s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
         progress(0.7, desc="Building 3-D surfaces")
         s.surfaces = anatomy_surfaces(vol.hu, vol.affine, s.labels, s.label_names)
         s.corners = np.stack([s.geometry.token_block_corners(a, b, c) for a in range(TOKEN_GRID[0])

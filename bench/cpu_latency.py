@@ -33,7 +33,7 @@ def main(argv=None):
     from app.service import Engine, Settings
     from photon_core.inference.predictor import Predictor, peak_rss_mb
     from photon_core.io.preprocess import prepare
-    from photon_core.model.its import Budget
+    from photon_core.model.budget import Budget
     from photon_core.io.volume import load_volume
     from viz.scene import render_png, scene_glb, token_blocks
 

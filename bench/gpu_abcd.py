@@ -32,8 +32,11 @@ from photon_core.model.attention import backend_name  # noqa: E402
 from photon_core.model.config import PhotonConfig, VisionConfig  # noqa: E402
 from photon_core.model.photon import PhotonModel  # noqa: E402
 from photon_core.io.preprocess import patchify  # noqa: E402
-from photon_core.model.its import Budget  # noqa: E402
-from photon_core.train.loop import preset_config  # noqa: E402
+from photon_core.model.budget import Budget  # noqa: E402
+from photon_core.model.its import Schedule  # noqa: E402
+from photon_core.train.losses import photon_loss  # noqa: E402
+from photon_core.model.config import preset_config  # noqa: E402
+from photon_core.inference.generate import generate  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 HBM = {"H100": 3.35e12, "H200": 4.8e12}
@@ -112,9 +115,9 @@ def run_row(name, model, frames, budget, use_its, repeats):
     for b in (1, 8):
         ids = prompt_ids(cfg, n_vis, b, dev)
         fb = feats.repeat(b, 1)
-        t32 = timed(lambda: model.generate(ids, features=fb, grid_thw=grid, budget=budget, use_its=use_its,
+        t32 = timed(lambda: generate(model, ids, features=fb, grid_thw=grid, budget=budget, use_its=use_its,
                                            max_new_tokens=33), max(3, repeats // 3), 1)
-        t1 = timed(lambda: model.generate(ids, features=fb, grid_thw=grid, budget=budget, use_its=use_its,
+        t1 = timed(lambda: generate(model, ids, features=fb, grid_thw=grid, budget=budget, use_its=use_its,
                                           max_new_tokens=1), max(3, repeats // 3), 1)
         out[f"decode_tok_s_b{b}"] = b * 32 / max(t32 - t1, 1e-9)
         if b == 1:
@@ -123,22 +126,22 @@ def run_row(name, model, frames, budget, use_its, repeats):
     out["peak_mem_gib"] = peak_gib()                  # the whole row, batch-8 decode included
     # training step: vision frozen, LLM + ITS trained, hard phase with SGP
     model.train()
-    model.phase = 3
+    schedule = Schedule(phase=3)
     for p in model.visual.parameters():
         p.requires_grad_(False)
     labels = ids1.clone()
     labels[:, :-4] = -100
 
     def step():
-        o = model(ids1, features=feats.detach(), grid_thw=grid, labels=labels, use_its=use_its)
-        o.loss.backward()
+        o = model(ids1, features=feats.detach(), grid_thw=grid, use_its=use_its, schedule=schedule)
+        sum(photon_loss(o, labels, schedule).values()).backward()
         model.zero_grad(set_to_none=True)
 
     try:
         out["train_step_s"] = timed(step, max(3, repeats // 2), 1)
         # in training ITS keeps what its threshold θ keeps (budgets are an inference setting), so the
         # C and D rows train alike: record how many tokens the step kept
-        o = model(ids1, features=feats.detach(), grid_thw=grid, labels=labels, use_its=use_its)
+        o = model(ids1, features=feats.detach(), grid_thw=grid, use_its=use_its, schedule=schedule)
         out["train_kept"] = int(o.its.keep[0].sum()) if o.its is not None else n_vis
         model.zero_grad(set_to_none=True)
     except torch.cuda.OutOfMemoryError:

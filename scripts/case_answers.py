@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 from app.service import Engine, Settings, cases  # noqa: E402
-from photon_core.model.its import Budget  # noqa: E402
+from photon_core.model.budget import Budget  # noqa: E402
 
 
 def case_answers(engine: Engine, budget, case_ids: list[str] | None = None) -> list[dict]:

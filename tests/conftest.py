@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory):
     """A randomly initialised tiny Photon (same classes, tiny config) with the demo tokenizer."""
     from photon_core.model.checkpoint import save_model
     from photon_core.model.photon import PhotonModel
-    from photon_core.train.loop import build_tokenizer, model_config
+    from photon_core.train.tokenizer import build_tokenizer, model_config
 
     d = tmp_path_factory.mktemp("tiny_model")
     tok = build_tokenizer(d, vocab_size=400)

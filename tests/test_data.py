@@ -4,9 +4,15 @@ import math
 import pytest
 import torch
 
-from photon_core.train.synthetic.generator import (CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, MIRROR, NODULE, NORMAL_QUESTION,
-                              ORGAN_ABNORMAL, VOXEL_MM, DemoGenerator, all_template_text, downsample_shape, lesion_sites,
-                              load_background, shrink)
+from photon_core.organs import MIRROR
+
+from photon_core.train.synthetic.anatomy import VOXEL_MM, downsample_shape, load_background, shrink
+
+from photon_core.train.synthetic.findings import lesion_sites
+
+from photon_core.train.synthetic.questions import CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, NODULE, NORMAL_QUESTION, ORGAN_ABNORMAL, all_template_text
+
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.io.preprocess import MODEL_SHAPE
 
 pytestmark = pytest.mark.slow

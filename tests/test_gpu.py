@@ -4,6 +4,7 @@ import torch
 
 from photon_core.model.attention import block_attention
 from photon_core.model.checkpoint import load_model
+from photon_core.inference.generate import generate
 
 pytestmark = pytest.mark.gpu
 
@@ -23,8 +24,8 @@ def test_bf16_cuda_matches_fp32_cpu(parity_dir):
         b = gpu(ids.cuda(), features=f_gpu, grid_thw=g.cuda())
     agree = (a.its.keep == b.its.keep.cpu()).float().mean()
     assert agree > 0.9                                            # near-threshold tokens may flip in bf16
-    t_cpu, _, _ = cpu.generate(ids, features=f_cpu, grid_thw=g, max_new_tokens=8)
-    t_gpu, _, _ = gpu.generate(ids.cuda(), features=f_gpu, grid_thw=g.cuda(), max_new_tokens=8)
+    t_cpu, _, _ = generate(cpu, ids, features=f_cpu, grid_thw=g, max_new_tokens=8)
+    t_gpu, _, _ = generate(gpu, ids.cuda(), features=f_gpu, grid_thw=g.cuda(), max_new_tokens=8)
     assert (t_cpu == t_gpu.cpu()).float().mean() >= 0.5
 
 

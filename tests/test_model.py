@@ -10,8 +10,13 @@ from photon_core.model.checkpoint import CheckpointError, load_model, save_model
 from photon_core.model.config import PhotonConfig
 from photon_core.inference.predictor import Predictor
 from photon_core.inference.prompt import Tokenizer, batch_prompts
-from photon_core.model.its import Budget
+from photon_core.model.budget import Budget
+from photon_core.model.baselines import merge_dropped
+from photon_core.model.its import Schedule
 from photon_core.model.sgp import pack_indices, surrogate_gather
+from photon_core.train.config import TrainConfig
+from photon_core.train.loop import step_losses
+from photon_core.train.losses import contrast_loss, guide_loss, keep_guide_loss, photon_loss
 
 
 def _frames(seed=0):
@@ -159,8 +164,6 @@ def test_training_step_each_phase_and_regulariser(tiny_model_dir, phase, reg):
     m = load_model(tiny_model_dir, "cpu")
     tok = Tokenizer(tiny_model_dir)
     m.train()
-    m.phase = phase
-    m.band = (0.3, 0.8)
     rows, labs = [], []
     for q, a in [("Is there a lesion in the liver?", "yes"), ("How many lesions are in the spleen?", "2")]:
         ids, a0 = tok.prompt(q, 1000, a)
@@ -171,15 +174,17 @@ def test_training_step_each_phase_and_regulariser(tiny_model_dir, phase, reg):
 
     pv, grid = patchify(_frames(2))
     feats = m.encode_volume(pv, grid)
-    out = m(ids, mask, features=torch.cat([feats, feats]), grid_thw=grid, labels=labels,
-            flip=reg == "flip" and phase == 3, robust=reg == "robust")
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
+    schedule = Schedule(phase=phase, flip=reg == "flip" and phase == 3)
+    out = m(ids, mask, features=torch.cat([feats, feats]), grid_thw=grid, schedule=schedule)
+    losses = photon_loss(out, labels, schedule, band=(0.3, 0.8), robust=reg == "robust")
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
     mlp_grad = m.its_module.predictor.mlp[2].bias.grad
     if phase == 1:
-        assert mlp_grad is None
+        assert mlp_grad is None and "band" not in losses
     else:
-        assert "band" in out.losses or reg == "flip"
+        assert ("band" in losses) == (reg != "flip" or phase < 3)
         assert mlp_grad is not None and torch.isfinite(mlp_grad).all() and float(mlp_grad.abs().sum()) > 0
     assert m.visual.vision_patch_embed.proj.weight.grad is not None
 
@@ -264,7 +269,7 @@ def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):
     m = load_model(tiny_model_dir, "cpu", torch.float32)
     tok = Tokenizer(tiny_model_dir)
     m.train()
-    m.phase, m.guide_weight = 1, 1.0
+    schedule = Schedule(phase=1, saliency_graph=True)
     ids, _ = tok.prompt("Is there a lesion in the liver?", 1000)
     ids = torch.tensor([ids])
     from photon_core.io.preprocess import patchify
@@ -273,20 +278,20 @@ def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):
     target[0, 100:130] = 1.0
     with torch.no_grad():
         feats = m.encode_volume(pv, grid)
-    before = m(ids, features=feats, grid_thw=grid, saliency_target=target).its.rho[0]
+    before = m(ids, features=feats, grid_thw=grid, schedule=schedule).its.rho[0]
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     for _ in range(15):
-        out = m(ids, features=feats, grid_thw=grid, saliency_target=target)
+        out = m(ids, features=feats, grid_thw=grid, schedule=schedule)
         opt.zero_grad()
-        out.losses["guide"].backward()
+        guide_loss(out.its.u_graph, target).backward()
         later = [p.grad for p in m.model.layers[m.its_layer + 1].parameters()]
         assert all(g is None or float(g.abs().sum()) == 0 for g in later)
         opt.step()
-    rho = m(ids, features=feats, grid_thw=grid, saliency_target=target).its.rho[0]
+    rho = m(ids, features=feats, grid_thw=grid, schedule=schedule).its.rho[0]
     gain = lambda r: float(r[100:130].mean() - torch.cat([r[:100], r[130:]]).mean())
     assert gain(rho) > gain(before) + 0.2
-    # no target → no guidance term
-    assert "guide" not in m(ids, features=feats, grid_thw=grid).losses
+    # not asked for → no differentiable saliency (the hot path keeps u detached)
+    assert m(ids, features=feats, grid_thw=grid, schedule=Schedule(phase=1)).its.u_graph is None
 
 
 def test_keep_guidance_moves_the_kept_set_to_the_target(tiny_model_dir):
@@ -295,8 +300,10 @@ def test_keep_guidance_moves_the_kept_set_to_the_target(tiny_model_dir):
     m = load_model(tiny_model_dir, "cpu", torch.float32)
     tok = Tokenizer(tiny_model_dir)
     m.train()
-    m.phase, m.keep_guide_weight = 3, 1.0
-    ids = torch.tensor([tok.prompt("Is there a lesion in the liver?", 1000)[0]])
+    schedule = Schedule(phase=3, saliency_graph=True)
+    ids, a0 = tok.prompt("Is there a lesion in the liver?", 1000, "yes")
+    labels = torch.tensor([[-100] * a0 + ids[a0:]])
+    ids = torch.tensor([ids])
     from photon_core.io.preprocess import patchify
     pv, grid = patchify(_frames())
     target = torch.zeros(1, 1000)
@@ -305,20 +312,23 @@ def test_keep_guidance_moves_the_kept_set_to_the_target(tiny_model_dir):
         feats = m.encode_volume(pv, grid)
 
     def overlap():
-        keep = m(ids, features=feats, grid_thw=grid, keep_target=target).its.keep[0]
+        keep = m(ids, features=feats, grid_thw=grid, schedule=schedule).its.keep[0]
         return float((keep & (target[0] > 0)).sum() / (keep | (target[0] > 0)).sum().clamp_min(1))
 
     before = overlap()
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     for _ in range(20):
-        out = m(ids, features=feats, grid_thw=grid, keep_target=target)
+        st = m(ids, features=feats, grid_thw=grid, schedule=schedule).its
         opt.zero_grad()
-        out.losses["keep_guide"].backward()
+        keep_guide_loss(st.u_graph, st.theta, target).backward()
         opt.step()
     after = overlap()
     assert after > before + 0.2, (before, after)
-    m.phase = 1
-    assert "keep_guide" not in m(ids, features=feats, grid_thw=grid, keep_target=target).losses
+    cfg = TrainConfig(keep_guide=1.0)
+    for phase, expected in ((1, False), (3, True)):
+        sch = Schedule(phase=phase, saliency_graph=True)
+        out = m(ids, features=feats, grid_thw=grid, schedule=sch)
+        assert ("keep_guide" in step_losses(out, {}, labels, sch, cfg, False, None, target, None)) == expected
 
 
 def test_contrast_guidance_tells_two_questions_apart(tiny_model_dir):
@@ -328,7 +338,6 @@ def test_contrast_guidance_tells_two_questions_apart(tiny_model_dir):
     m = load_model(tiny_model_dir, "cpu", torch.float32)
     tok = Tokenizer(tiny_model_dir)
     m.train()
-    m.contrast_guide_weight = 1.0
     from photon_core.io.preprocess import patchify
     ids, mask, _ = batch_prompts([tok.prompt(q, 1000)[0] for q in ("Is there a lesion in the liver?",
                                                                     "Is there a lesion in the spleen?")], 0)
@@ -337,7 +346,7 @@ def test_contrast_guidance_tells_two_questions_apart(tiny_model_dir):
         feats = m.encode_volume(pv, grid).repeat(2, 1)
     target = torch.zeros(2, 1000)
     target[0, 200:350], target[1, 600:750] = 1.0, 1.0
-    kw = dict(attention_mask=mask, features=feats, grid_thw=grid, keep_target=target, row_scan=[0, 0])
+    kw = dict(attention_mask=mask, features=feats, grid_thw=grid, schedule=Schedule(saliency_graph=True))
 
     def apart():
         d = m(ids, **kw).its.rho[0] - m(ids, **kw).its.rho[1]
@@ -346,15 +355,15 @@ def test_contrast_guidance_tells_two_questions_apart(tiny_model_dir):
     lead = apart()
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     for _ in range(40):
-        out = m(ids, **kw)
+        u = m(ids, **kw).its.u_graph
         opt.zero_grad()
-        out.losses["contrast"].backward()
+        contrast_loss(u, target, [0, 0]).backward()
         opt.step()
     lead2 = apart()
     assert lead2[0] > lead[0] + 0.1 and lead2[1] > lead[1] + 0.1, (lead, lead2)
-    assert float(m(ids, **{**kw, "row_scan": [0, 1]}).losses["contrast"]) == 0.0          # different scans
-    same = target[:1].repeat(2, 1)
-    assert float(m(ids, **{**kw, "keep_target": same}).losses["contrast"].detach()) == 0.0       # nothing to tell apart
+    u = m(ids, **kw).its.u_graph
+    assert float(contrast_loss(u, target, [0, 1])) == 0.0                               # different scans
+    assert float(contrast_loss(u, target[:1].repeat(2, 1), [0, 0]).detach()) == 0.0    # nothing to tell apart
 
 
 def test_robustness_perturbations_stay_on_the_scan_device():
@@ -377,7 +386,7 @@ def test_robustness_perturbations_stay_on_the_scan_device():
     assert y.shape == x.shape and all(bool((p == 0).all()) or bool((p != 0).all()) for p in patches)   # whole patches
 
 def test_keep_target_is_the_organ_and_its_nearest_blocks():
-    from photon_core.train.loop import keep_target, token_targets
+    from photon_core.train.targets import keep_target, token_targets
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
               "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
     organs["liver"][:28, :56, :56] = True                  # blocks (0-1, 0-1, 0-1): 8 blocks at a corner
@@ -397,8 +406,9 @@ def test_keep_target_is_the_organ_and_its_nearest_blocks():
 
 
 def test_token_targets_and_guide_targets_follow_the_question():
-    from photon_core.train.loop import AuxHead, guide_target, token_targets
-    from photon_core.train.synthetic.generator import ORGANS
+    from photon_core.train.aux_head import AuxHead
+    from photon_core.train.targets import guide_target, token_targets
+    from photon_core.organs import ORGANS
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
               "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool),
               "right kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
@@ -451,7 +461,7 @@ def test_fold_standardise_makes_the_merger_emit_standardised_tokens(tiny_model_d
     measured on come out as deviations from their mean over each channel's spread; nothing else moves."""
     from photon_core.model.checkpoint import load_model
     from photon_core.io.preprocess import patchify
-    from photon_core.train.loop import fold_standardise
+    from photon_core.train.aux_head import fold_standardise
     m = load_model(tiny_model_dir, "cpu", torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     pv, grid = patchify(torch.rand(56, 1, 112, 112, generator=g))
@@ -470,7 +480,7 @@ def test_fold_standardise_makes_the_merger_emit_standardised_tokens(tiny_model_d
 def test_slab_targets_are_the_targets_of_the_slab_alone():
     """--slabs trains the tower on one depth slab: its targets must be those of that slab's own
     token grid (tokens run depth-major), finding map and all."""
-    from photon_core.train.loop import slab_targets, token_targets
+    from photon_core.train.targets import slab_targets, token_targets
     g = torch.Generator().manual_seed(0)
     organs = {"liver": torch.rand(42, 56, 56, generator=g) > 0.6, "spleen": torch.rand(42, 56, 56, generator=g) > 0.9}
     truth = (torch.rand(42, 56, 56, generator=g) > 0.97) * 9.0
@@ -484,7 +494,7 @@ def test_slab_targets_are_the_targets_of_the_slab_alone():
 
 
 def test_visionzip_plan_dominant_plus_merged_contextual_tokens():
-    from photon_core.model.its import visionzip_plan
+    from photon_core.model.baselines import visionzip_plan
     g = torch.Generator().manual_seed(0)
     dominance = torch.rand(1000, generator=g)
     keys = torch.randn(1000, 8, generator=g)
@@ -511,12 +521,12 @@ def test_visionzip_merges_hidden_states(pred):
     with torch.no_grad():
         vz = m(ids, features=pred.features, grid_thw=pred.grid_thw, budget="visionzip:100")
         kept = vz.its.keep[0].nonzero().flatten().tolist()
-        from photon_core.model.its import Budget
+        from photon_core.model.budget import Budget
         same = m(ids, features=pred.features, grid_thw=pred.grid_thw, budget=Budget("top_k", 100))
     assert int(vz.its.keep.sum()) == 100 and vz.its.merge is not None and same.its.merge is None
     h = torch.randn(1, ids.shape[1], 8)
     vision, _ = m.masks(ids, torch.ones_like(ids))
-    merged = m._merge(h, vision, vz.its.merge)
+    merged = merge_dropped(h, vision, vz.its.merge)
     vi = vision[0].nonzero().flatten()
     ctx = vz.its.merge[0][vz.its.merge[0] >= 0].unique()
     assert not torch.allclose(merged[0, vi[ctx]], h[0, vi[ctx]])

@@ -354,7 +354,7 @@ def test_generation_settings_read_as_swift_infer_reads_them(reference, tmp_path)
 def test_repetition_penalty_is_transformers_rule():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from photon_core.model.photon import _penalise
+    from photon_core.inference.generate import repetition_penalised as _penalise
 
     torch.manual_seed(0)
     scores, seen = torch.randn(2, 50), torch.randint(0, 50, (2, 12))

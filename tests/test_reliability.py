@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from photon_core.model.its import Budget
+from photon_core.model.budget import Budget
 from photon_core.io.volume import VolumeError
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from photon_core.inference.audit import BLOCK_FRACTION, jaccard
+from photon_core.inference.audit import jaccard
 from photon_core.train.synthetic.generator import SPLITS, DemoGenerator
 from photon_core.eval.datasets import parse_columns, read_records
 from photon_core.train.distributed import init_distributed
@@ -42,17 +42,18 @@ from photon_core.eval.metrics import aggregate, balanced_accuracy, score
 from photon_core.eval.official import PROTOCOLS, official
 from photon_core.inference.predictor import Predictor
 from photon_core.io.preprocess import block_fractions
+from photon_core.model.budget import Budget
 from photon_core.model.hub import add_model_arguments
-from photon_core.model.its import Budget
 from photon_core.io.volume import load_volume
+from photon_core.organs import block_cover
 
 
 BASELINES = ("fastv", "visionzip", "random")
 
 
-def organ_block_cover(mask: torch.Tensor, fraction: float = BLOCK_FRACTION) -> np.ndarray:
-    """Model-space organ mask (140, 280, 280) → (1000,) blocks with ≥ fraction of their voxels in the organ."""
-    return (block_fractions(mask) >= fraction).cpu().numpy()
+def organ_block_cover(mask: torch.Tensor) -> np.ndarray:
+    """Model-space organ mask (140, 280, 280) → (1000,) blocks it covers (`organs.block_cover`)."""
+    return block_cover(block_fractions(mask)).cpu().numpy()
 
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,

@@ -1,8 +1,8 @@
 """The retention audit: what the model kept, on the ORIGINAL scan, per organ, and as files.
 
 * `kept_mask_original` — the kept token blocks as a mask on the original voxel grid (Geometry).
-* `organ_retention` — per organ, the share of its token blocks that were kept; a block counts
-  for an organ when ≥ 25% of its voxels belong to it (the paper's retention analysis).
+* `organ_retention` — per organ, the share of its token blocks that were kept (which blocks count for
+  an organ: `photon_core.organs.label_blocks`).
 * `export_audit` — NIfTI mask (opens over the scan in 3D Slicer), JSON report, and given PNGs.
 Nothing here writes a patient identifier or an original file path.
 """
@@ -17,31 +17,11 @@ import numpy as np
 
 from photon_core.io.preprocess import Geometry
 
-BLOCK_FRACTION = 0.25
-
-
 def kept_mask_original(token_index: np.ndarray, keep_flat: np.ndarray) -> np.ndarray:
     """token_index: (I, J, K) flat token per original voxel (−1 outside); keep_flat (1000,) → uint8 mask."""
     keep_flat = np.asarray(keep_flat, bool).ravel()
     lut = np.concatenate([keep_flat, [False]])          # index −1 → False
     return lut[token_index].astype(np.uint8)
-
-
-def organ_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
-                 fraction: float = BLOCK_FRACTION) -> dict[str, np.ndarray]:
-    """Per organ name: bool (1000,) of the blocks where ≥ ``fraction`` of the block's voxels are that organ."""
-    valid = token_index >= 0
-    tok = token_index[valid]
-    lab = labels[valid]
-    per_block = np.bincount(tok, minlength=1000).astype(np.float64)
-    out = {}
-    for lid, name in names.items():
-        hits = np.bincount(tok[lab == int(lid)], minlength=1000)
-        blocks = hits >= fraction * np.maximum(per_block, 1)
-        blocks &= hits > 0
-        if blocks.any():
-            out[name] = blocks
-    return out
 
 
 def organ_retention(blocks: dict[str, np.ndarray], keep_flat: np.ndarray) -> dict[str, float]:
@@ -58,25 +38,6 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 def pairwise_jaccard(sets: list) -> list[float]:
     """Jaccard of every distinct pair of kept sets (e.g. two organ prompts on the same scan)."""
     return [jaccard(sets[i], sets[j]) for i in range(len(sets)) for j in range(i + 1, len(sets))]
-
-
-_ORGAN_WORDS = {"kidney": ["kidney_left", "kidney_right"], "lung": ["lung_upper_lobe_left", "lung_lower_lobe_left",
-                "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right"]}
-
-
-def organs_in_question(question: str, names: list[str]) -> list[str]:
-    """Label names the question talks about ('left kidney' → kidney_left, 'liver' → liver, ...)."""
-    q = question.lower()
-    found = []
-    for n in names:
-        words = n.replace("_", " ")
-        parts = words.split()
-        side = next((s for s in ("left", "right") if s in parts), None)
-        base = " ".join(p for p in parts if p not in ("left", "right"))
-        if base and re.search(rf"\b{re.escape(base)}s?\b", q):
-            if side is None or side in q or not re.search(r"\b(left|right)\b", q):
-                found.append(n)
-    return found
 
 
 def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answer, question: str, model_name: str,

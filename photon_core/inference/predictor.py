@@ -22,10 +22,11 @@ import torch
 
 from photon_core.inference.prompt import GenerationSettings, Tokenizer, batch_prompts, clean_question
 from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
+from photon_core.inference.generate import generate
 from photon_core.io.volume import Volume
 from photon_core.model import hub
+from photon_core.model.budget import S1_MESSAGE, THRESHOLD_MODES, Budget
 from photon_core.model.checkpoint import CheckpointInfo, load_model
-from photon_core.model.its import S1_MESSAGE, THRESHOLD_MODES, Budget
 
 DEMO_MODEL = hub.DEMO_MODEL
 MAX_NEW_TOKENS_LIMIT = 256
@@ -259,11 +260,11 @@ class Predictor:
                 torch.cuda.synchronize(self.device)
             timing["prefill"] = time.perf_counter() - t0
 
-        return self.model.generate(ids, mask, features=feats, grid_thw=grid, budget=budgets,
-                                   max_new_tokens=max_new_tokens, eos_token_id=list(sampling.eos_token_ids),
-                                   do_sample=sampling.do_sample, temperature=sampling.temperature,
-                                   top_p=sampling.top_p, top_k=sampling.top_k,
-                                   repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark)
+        return generate(self.model, ids, mask, features=feats, grid_thw=grid, budget=budgets,
+                        max_new_tokens=max_new_tokens, eos_token_id=list(sampling.eos_token_ids),
+                        do_sample=sampling.do_sample, temperature=sampling.temperature,
+                        top_p=sampling.top_p, top_k=sampling.top_k,
+                        repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark)
 
 
 def peak_rss_mb() -> float:

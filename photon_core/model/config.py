@@ -138,3 +138,18 @@ class PhotonConfig:
     def save(self, path: str | Path) -> None:
         with open(path, "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2)
+
+
+def preset_config(preset: str, vision: dict | None = None, **kw) -> PhotonConfig:
+    """The tiny (tests) or demo model's sizes; ``vision`` and ``kw`` add to / override them."""
+    if preset == "tiny":
+        llm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                   num_key_value_heads=1, mrope_section=[2, 3, 3])
+        vis = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32,
+                   fullatt_block_indexes=[1])
+    else:
+        llm = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+                   num_key_value_heads=2, mrope_section=[4, 6, 6])
+        vis = dict(depth=4, hidden_size=96, num_heads=4, intermediate_size=192, out_hidden_size=128,
+                   fullatt_block_indexes=[1, 3])
+    return PhotonConfig(**{**llm, **kw}, vision=VisionConfig(**{**vis, **(vision or {})}))

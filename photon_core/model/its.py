@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -95,137 +94,34 @@ class ITSModule(nn.Module):
         return theta, desc
 
 
-# --------------------------------------------------------------------------------------------
-# Budgets: which tokens to keep at inference
-# --------------------------------------------------------------------------------------------
+@dataclass
+class ITSState:
+    """Per-sample ITS quantities at the ITS layer (V visual tokens, the same V for every row)."""
 
-BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random"]
-MODES = ("auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random")
-COUNT_MODES = ("top_k", "fastv", "visionzip", "random")
-# Modes that read the learned threshold θ: an S1 checkpoint (no ITS weights) cannot run them. Every
-# other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
-THRESHOLD_MODES = ("auto", "threshold")
-S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 checkpoint "
-              "(no token-scheduling weights): use full, a token count (top_k), a percent, or a baseline")
-VISIONZIP_DOMINANT = 54 / 64     # VisionZip's dominant : contextual split (54 + 10 tokens of 64)
+    u: torch.Tensor            # (B, V) saliency
+    rho: torch.Tensor          # (B, V) min-max of u
+    theta: torch.Tensor        # (B,) the model's threshold (0 where a checkpoint has no threshold MLP)
+    p: torch.Tensor            # (B, V) σ((ρ − θ)/0.2)
+    keep: torch.Tensor         # (B, V) bool: the applied decision
+    descriptor: torch.Tensor   # (B, 12)
+    merge: list | None = None  # per row: (V,) kept token each dropped token merges into (visionzip), or None
+    u_graph: torch.Tensor | None = None  # (B, V) u with its graph (training-only guidance), else None
+
+    @property
+    def kept_count(self) -> torch.Tensor:
+        return self.keep.sum(-1)
 
 
 @dataclass(frozen=True)
-class Budget:
-    """How the keep decision is made. Only the decision changes; saliency is always computed.
+class Schedule:
+    """How ITS is applied in training mode (ignored in eval mode, where ITS always drops).
 
-    auto: the model's own θ (what Photon does). top_k: the k most salient tokens. ratio: a fraction
-    of the visual tokens (top by ρ). threshold: keep ρ > value (a user θ). full: keep everything.
-    fastv / visionzip / random: pruning baselines at k tokens — FastV (attention of the last
-    instruction token), VisionZip-style (text-agnostic: dominant tokens by attention received from
-    the other visual tokens, plus contextual tokens that each merge the remaining tokens most similar
-    to them), random.
+    phase 1: computed, not applied (the threshold MLP gets no gradient); 2: soft — the visual tokens'
+    outputs are scaled by p; 3: hard drop through the surrogate gradient (`sgp.surrogate_gather`).
+    ``flip``: keep the complement of the decision (the flip regulariser). ``saliency_graph``: keep u
+    differentiable (``ITSState.u_graph``) for the trainer's optional guidance losses.
     """
 
-    mode: BudgetMode = "auto"
-    value: float | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown budget mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        if self.mode in COUNT_MODES and (self.value is None or self.value < 0):
-            raise ValueError(f"budget mode {self.mode!r} needs a token count >= 0")
-        if self.mode == "ratio" and (self.value is None or not 0 <= self.value <= 1):
-            raise ValueError("budget mode 'ratio' needs a fraction in [0, 1]")
-        if self.mode == "threshold" and (self.value is None or not 0 <= self.value <= 1):
-            raise ValueError("budget mode 'threshold' needs θ in [0, 1]")
-
-    @classmethod
-    def parse(cls, text: str | "Budget" | None) -> "Budget":
-        """'auto' | 'full' | 'top_k:300' | 'ratio:0.25' | '25%' | 'threshold:0.4' | 'fastv:300'."""
-        if text is None:
-            return cls()
-        if isinstance(text, Budget):
-            return text
-        text = str(text).strip().lower()
-        if text in ("auto", "full"):
-            return cls(text)  # type: ignore[arg-type]
-        if text.endswith("%"):
-            return cls("ratio", float(text[:-1]) / 100)
-        if ":" in text:
-            mode, val = text.split(":", 1)
-            return cls(mode, float(val))  # type: ignore[arg-type]
-        if text.isdigit():
-            return cls("top_k", float(text))
-        raise ValueError(f"cannot read budget {text!r}; try auto, full, 300, 25%, top_k:300, ratio:0.25, "
-                         f"threshold:0.4")
-
-    def label(self) -> str:
-        if self.mode in ("auto", "full"):
-            return self.mode
-        if self.mode == "ratio":
-            return f"{100 * float(self.value):g}%"
-        if self.mode == "threshold":
-            return f"θ={float(self.value):g}"
-        return f"{self.mode}:{int(self.value)}"
-
-
-def _top(score: torch.Tensor, k: int) -> torch.Tensor:
-    k = int(max(0, min(k, score.numel())))
-    keep = torch.zeros_like(score, dtype=torch.bool)
-    if k:
-        order = torch.sort(score, descending=True, stable=True).indices
-        keep[order[:k]] = True
-    return keep
-
-
-def visionzip_plan(k: int, dominance: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VisionZip-style selection of k of V tokens for one sample.
-
-    dominance (V,): attention each visual token receives from the visual tokens; keys (V, d).
-    Returns keep (V,) bool and merge_into (V,) long: for every dropped token, the kept contextual
-    token whose hidden state absorbs it (mean), −1 for tokens not merged. Dominant tokens are the
-    top ``round(k·54/64)`` by dominance; contextual targets are spread evenly over the remaining
-    tokens in index order, and every other remaining token joins its most similar target (cosine
-    of keys), as VisionZip merges the remainder into a few contextual tokens.
-    """
-    V = dominance.numel()
-    k = int(max(0, min(k, V)))
-    n_dom = int(round(k * VISIONZIP_DOMINANT)) if k > 1 else k
-    keep = _top(dominance, n_dom)
-    merge_into = torch.full((V,), -1, dtype=torch.long, device=dominance.device)
-    rest = (~keep).nonzero().flatten()
-    n_ctx = min(k - n_dom, rest.numel())
-    if n_ctx <= 0:
-        return keep, merge_into
-    targets = rest[torch.linspace(0, rest.numel() - 1, n_ctx, device=rest.device).round().long()]
-    keep[targets] = True
-    others = rest[~torch.isin(rest, targets)]
-    if others.numel():
-        kn = torch.nn.functional.normalize(keys.float(), dim=-1)
-        sim = kn[others] @ kn[targets].T
-        merge_into[others] = targets[sim.argmax(-1)]
-    return keep, merge_into
-
-
-def decide(budget: Budget, rho: torch.Tensor, theta: torch.Tensor,
-           fastv_score: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep mask (V,) for one sample under ``budget`` (ρ (V,), θ scalar tensor).
-    (``visionzip`` is planned by `visionzip_plan`, which also says how dropped tokens merge.)"""
-    V = rho.numel()
-    if budget.mode in THRESHOLD_MODES and bool(torch.isnan(theta).any()):
-        raise ValueError(S1_MESSAGE.format(mode=budget.mode))
-    if budget.mode == "auto":
-        return torch.sigmoid((rho - theta) / TEMPERATURE) > 0.5
-    if budget.mode == "full":
-        return torch.ones(V, dtype=torch.bool, device=rho.device)
-    if budget.mode == "threshold":
-        return torch.sigmoid((rho - float(budget.value)) / TEMPERATURE) > 0.5
-    if budget.mode == "top_k":
-        return _top(rho, int(budget.value))
-    if budget.mode == "ratio":
-        return _top(rho, int(round(float(budget.value) * V)))
-    if budget.mode == "fastv":
-        if fastv_score is None:
-            raise ValueError("fastv budget needs the last instruction token's attention")
-        return _top(fastv_score, int(budget.value))
-    if budget.mode == "random":
-        g = torch.Generator().manual_seed(int(budget.seed))
-        return _top(torch.rand(V, generator=g).to(rho.device), int(budget.value))
-    raise AssertionError(budget.mode)
+    phase: int = 3
+    flip: bool = False
+    saliency_graph: bool = False

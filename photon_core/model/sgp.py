@@ -1,4 +1,4 @@
-"""Surrogate-gradient pruning (SGP) and the ITS regularisers.
+"""Surrogate-gradient pruning (SGP): the hard token drop and the gradient it sends to the keep probabilities.
 
 `SurrogateGather` — forward: hard gather of the surviving tokens; backward: the surrogate rule that
 lets the loss reach the keep probabilities p of the visual tokens.
@@ -20,7 +20,6 @@ a negative gradient on p, so gradient descent raises its keep probability. The r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 MIN_SIGMA = 3e-3
 Z_CLIP = 1.5
@@ -99,34 +98,3 @@ class SurrogateGather(torch.autograd.Function):
 
 def surrogate_gather(x, p_full, vision_mask, idx, valid):
     return SurrogateGather.apply(x, p_full, vision_mask, idx, valid)
-
-
-# --------------------------------------------------------------------------------------------
-# Regularisers
-# --------------------------------------------------------------------------------------------
-
-def band_loss(p: torch.Tensor, valid: torch.Tensor | None = None, lo: float = 0.3,
-              hi: float = 0.8) -> torch.Tensor:
-    """Retention band: r = mean keep probability; relu(r − hi) + relu(lo − r), mean over the batch."""
-    if valid is None:
-        r = p.mean(-1)
-    else:
-        r = (p * valid).sum(-1) / valid.sum(-1).clamp_min(1)
-    return (F.relu(r - hi) + F.relu(lo - r)).mean()
-
-
-def neg_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Robustness: −entropy of the predicted distribution at the answer positions (shifted)."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    m = labels != -100
-    logp = F.log_softmax(logits[m].float(), -1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return -ent.mean() if ent.numel() else logits.sum() * 0
-
-
-def flip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Complement-mask loss: −log(1 − p_y) at the answer positions (the answer must not survive)."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    m = labels != -100
-    p_y = F.softmax(logits[m].float(), -1).gather(-1, labels[m][:, None]).squeeze(-1)
-    return -torch.log1p(-p_y.clamp(max=1 - 1e-6)).mean() if p_y.numel() else logits.sum() * 0

@@ -21,9 +21,9 @@ random offsets, acquired and with a lesion painted as the generator acquires and
 crop also unpainted, its twin) — ≈ 9,000 patches a second on a 2-core CPU, so the learners see
 millions: does more data close the flat reader's gap?
 
-    python scripts/patch_detect.py                       # ≈ 15 min on a 2-core CPU
-    python scripts/patch_detect.py --stream --steps 12000 --learners flat
-    python scripts/patch_detect.py --scans 40 --test-scans 10 --eval-scans 6 --steps 200 --downsample 2.5
+    python research/patch_detect.py                       # ≈ 15 min on a 2-core CPU
+    python research/patch_detect.py --stream --steps 12000 --learners flat
+    python research/patch_detect.py --scans 40 --test-scans 10 --eval-scans 6 --steps 200 --downsample 2.5
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from photon_core.train.synthetic.generator import DemoGenerator, FindingSampler, _sphere, lesion_sites
+from photon_core.train.synthetic.findings import FindingSampler, sphere_mask, lesion_sites
+
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.io.preprocess import PATCH, block_fractions, blocks
 
@@ -115,7 +117,7 @@ class PatchStream:
         kind = "nodule" if organ in lungs else rng.choice(["cyst", "hypodense", "hyperdense"])
         sampler = FindingSampler(rng, crop.device, bg.voxel_mm)       # the body's grid (coarser when downsampled)
         diam = sampler.diameter(kind)
-        ball, sl = _sphere(crop.shape, [ci - a for ci, a in zip(c, lo)], diam / 2, crop.device, bg.voxel_mm)
+        ball, sl = sphere_mask(crop.shape, [ci - a for ci, a in zip(c, lo)], diam / 2, crop.device, bg.voxel_mm)
         if int(ball.sum()) < MIN_SHARE * PATCH ** 3:
             return None
         painted = crop.clone()

@@ -16,8 +16,8 @@ split and scored on the test split (scans with an enlarged organ among them):
 
 If the probe's volume is at chance, no reading by the LLM can answer the question from the image.
 
-    python scripts/organ_probe.py --scans 24                      # shipped model
-    python scripts/organ_probe.py --model runs/x/model
+    python research/organ_probe.py --scans 24                      # shipped model
+    python research/organ_probe.py --model runs/x/model
 """
 from __future__ import annotations
 
@@ -26,13 +26,15 @@ import statistics
 
 import torch
 
-from photon_core.inference.audit import BLOCK_FRACTION
+from photon_core.organs import BLOCK_FRACTION
 from photon_core.model.checkpoint import load_model
-from photon_core.train.synthetic.generator import ENLARGE_ORGANS, ENLARGED, EXIST, ORGANS, DemoGenerator
+from photon_core.organs import ORGANS
+from photon_core.train.synthetic.questions import ENLARGED, ENLARGE_ORGANS, EXIST
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
 from photon_core.io.preprocess import TOKEN_VOXELS, patchify
-from photon_core.train.loop import token_targets
+from photon_core.train.targets import token_targets
 
 COLUMNS = [list(ORGANS).index(o) for o in ENLARGE_ORGANS]
 

@@ -22,8 +22,8 @@ For test-split scans of the demo generator, per background (abdominal, chest):
   words, so the embeddings' cosine is the reference) — a state cosine near 1 far above it would mean
   the words are swamped before ITS reads them (on the demo model it is not: the two are alike).
 
-    python scripts/feature_rank.py                     # shipped model, 6 test scans
-    python scripts/feature_rank.py --model runs/x/model --scans 12
+    python research/feature_rank.py                     # shipped model, 6 test scans
+    python research/feature_rank.py --model runs/x/model --scans 12
 """
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ import statistics
 import numpy as np
 import torch
 
-from photon_core.inference.audit import BLOCK_FRACTION, pairwise_jaccard
-from photon_core.train.synthetic.generator import ORGANS, DemoGenerator
+from photon_core.inference.audit import pairwise_jaccard
+from photon_core.organs import BLOCK_FRACTION
+from photon_core.organs import ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
-from photon_core.train.loop import token_targets
+from photon_core.train.targets import token_targets
 
 
 def spectrum(x: torch.Tensor) -> dict:

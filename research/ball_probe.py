@@ -10,10 +10,10 @@ held-out volumes:
   mean-head  the same score mean-pooled (what an unselective read-out of the tokens sees);
   llm-after  the LLM through the answer loss on top of the max-head-trained vision tower (frozen).
 
-    python scripts/ball_probe.py [--steps 600] [--preset tiny] [--radius 10 --contrast 0.5]
-    python scripts/ball_probe.py --preset demo --radius 4 --contrast 0.1 --vision-width 256 --runs max-head
-    python scripts/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --runs max-head llm-after
-    python scripts/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --fold --runs max-head llm-after
+    python research/ball_probe.py [--steps 600] [--preset tiny] [--radius 10 --contrast 0.5]
+    python research/ball_probe.py --preset demo --radius 4 --contrast 0.1 --vision-width 256 --runs max-head
+    python research/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --runs max-head llm-after
+    python research/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --fold --runs max-head llm-after
 
 ``--fold`` folds a standardisation of the max-head-trained tower's tokens into its merger before
 llm-after (`fold_standardise`); ``--spread`` adds a variance floor on the raw tokens (VICReg) to the
@@ -29,10 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from photon_core.model.photon import PhotonModel
-from photon_core.io.preprocess import patchify
 from photon_core.inference.prompt import batch_prompts
-from photon_core.train.loop import build_tokenizer, fold_standardise, model_config, standardise_tokens
+from photon_core.io.preprocess import patchify
+from photon_core.model.its import Schedule
+from photon_core.model.photon import PhotonModel
+from photon_core.train.aux_head import fold_standardise, standardise_tokens
+from photon_core.train.losses import lm_loss
+from photon_core.train.tokenizer import build_tokenizer, model_config
 
 SHAPE = (56, 112, 112)          # 4 × 4 × 4 = 64 visual tokens
 QUESTION = "Is there a lesion in the liver?"
@@ -60,13 +63,15 @@ class Balls:
         return torch.cat([p for p, _ in scans]), torch.cat([g for _, g in scans]), ys
 
 
+PHASE1 = Schedule(phase=1)          # no drop: the answer loss alone
+
+
 def new_model(preset: str, tok, seed: int = 0, width: int = 0) -> PhotonModel:
     """A fresh model of ``preset``; ``width`` > 0 widens its vision tower (MLP twice the width)."""
     torch.manual_seed(seed)
     vision = dict(hidden_size=width, intermediate_size=2 * width) if width else None
     m = PhotonModel(model_config(preset, tok.vocab_size, tok, vision=vision))
     m.init_weights(0.02)
-    m.phase = 1
     return m.train()
 
 
@@ -80,8 +85,10 @@ def answer_loss(m, tok, pv, grid, ys, frozen_vision: bool):
     if frozen_vision:
         with torch.no_grad():
             feats = m.encode_volume(pv, grid)
-        return m(ids, mask, features=feats, grid_thw=grid, labels=lab).loss
-    return m(ids, mask, pixel_values=pv, grid_thw=grid, labels=lab, row_scan=list(range(len(ys)))).loss
+        out = m(ids, mask, features=feats, grid_thw=grid, schedule=PHASE1)
+    else:
+        out = m(ids, mask, pixel_values=pv, grid_thw=grid, row_scan=list(range(len(ys))), schedule=PHASE1)
+    return lm_loss(out.logits, out.gather(lab))
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ when the tokens do not mark the findings themselves, whatever the LLM does with 
 The same figures for a classical blob detector on the voxels (no learning: a block's score is its
 largest |difference of Gaussians|, σ 4 mm − 12 mm) tell how conspicuous the findings are.
 
-    python scripts/detect_probe.py --scans 48                       # shipped model, real geometry
-    python scripts/detect_probe.py --model runs/x/model --downsample 2.5
+    python research/detect_probe.py --scans 48                       # shipped model, real geometry
+    python research/detect_probe.py --model runs/x/model --downsample 2.5
 """
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from photon_core.model.checkpoint import load_model
-from photon_core.inference.audit import BLOCK_FRACTION
+from photon_core.organs import BLOCK_FRACTION
 from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import DEMO_MODEL
 from photon_core.io.preprocess import TOKEN_VOXELS, blocks, patchify
-from photon_core.train.loop import standardise_tokens, token_targets
+from photon_core.train.aux_head import standardise_tokens
+from photon_core.train.targets import token_targets
 
 
 def _gaussian_blur(v: torch.Tensor, sigma_mm: float, voxel_mm: tuple) -> torch.Tensor:

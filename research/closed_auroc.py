@@ -14,14 +14,16 @@ also asks every question whose answer the findings decide of the same scan witho
 (`DemoGenerator.counterfactual`): the paired win rate is the share of such questions whose score is
 higher on the scan with the finding — 0.5 when the image does not move the answer.
 
-    python scripts/closed_auroc.py --scans 24                       # shipped model, test split
-    python scripts/closed_auroc.py --model runs/x/model --downsample 2.5
+    python research/closed_auroc.py --scans 24                       # shipped model, test split
+    python research/closed_auroc.py --model runs/x/model --downsample 2.5
 """
 from __future__ import annotations
 
 import argparse
 
-from photon_core.train.synthetic.generator import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL, SPLITS, DemoGenerator
+from photon_core.train.synthetic.questions import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL
+
+from photon_core.train.synthetic.generator import SPLITS, DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import Predictor
 

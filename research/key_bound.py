@@ -19,8 +19,8 @@ the visual tokens the LLM reads (before layer 0) for comparison. If ``model`` is
 one per organ``, the keys allow what the query side does not reach; if both are high, the keys
 (the vision tower) are the limit.
 
-    python scripts/key_bound.py                        # shipped model, 16 test scans
-    python scripts/key_bound.py --model runs/x/model --scans 8
+    python research/key_bound.py                        # shipped model, 16 test scans
+    python research/key_bound.py --model runs/x/model --scans 8
 """
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ import argparse
 import numpy as np
 import torch
 
-from photon_core.inference.audit import BLOCK_FRACTION, pairwise_jaccard
-from photon_core.train.synthetic.generator import ORGANS, DemoGenerator
+from photon_core.inference.audit import pairwise_jaccard
+from photon_core.organs import BLOCK_FRACTION
+from photon_core.organs import ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
-from photon_core.train.loop import keep_target, token_targets
+from photon_core.train.targets import keep_target, token_targets
 
 MODES = ("model", "best, this scan", "best, one per organ")
 

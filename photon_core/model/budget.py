@@ -1,0 +1,114 @@
+"""Keep budgets: which visual tokens survive at the ITS layer, at inference.
+
+Only the decision changes; ITS's saliency is always computed. ``auto`` is what Photon does (the
+model's own θ); the manual modes override the decision (top-k or a share by ρ, a user θ, all);
+``fastv`` / ``visionzip`` / ``random`` are pruning baselines at k tokens (`baselines.py`), computed
+only for the rows that ask for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from photon_core.model.its import TEMPERATURE
+
+BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random"]
+MODES = ("auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random")
+COUNT_MODES = ("top_k", "fastv", "visionzip", "random")
+BASELINE_MODES = ("fastv", "visionzip", "random")
+# Modes that read the learned threshold θ: an S1 checkpoint (no ITS weights) cannot run them. Every
+# other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
+THRESHOLD_MODES = ("auto", "threshold")
+S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 checkpoint "
+              "(no token-scheduling weights): use full, a token count (top_k), a percent, or a baseline")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How the keep decision is made. Only the decision changes; saliency is always computed.
+
+    auto: the model's own θ (what Photon does). top_k: the k most salient tokens. ratio: a fraction
+    of the visual tokens (top by ρ). threshold: keep ρ > value (a user θ). full: keep everything.
+    fastv / visionzip / random: pruning baselines at k tokens — FastV (attention of the last
+    instruction token), VisionZip-style (text-agnostic: dominant tokens by attention received from
+    the other visual tokens, plus contextual tokens that each merge the remaining tokens most similar
+    to them), random.
+    """
+
+    mode: BudgetMode = "auto"
+    value: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown budget mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.mode in COUNT_MODES and (self.value is None or self.value < 0):
+            raise ValueError(f"budget mode {self.mode!r} needs a token count >= 0")
+        if self.mode == "ratio" and (self.value is None or not 0 <= self.value <= 1):
+            raise ValueError("budget mode 'ratio' needs a fraction in [0, 1]")
+        if self.mode == "threshold" and (self.value is None or not 0 <= self.value <= 1):
+            raise ValueError("budget mode 'threshold' needs θ in [0, 1]")
+
+    @classmethod
+    def parse(cls, text: str | "Budget" | None) -> "Budget":
+        """'auto' | 'full' | 'top_k:300' | 'ratio:0.25' | '25%' | 'threshold:0.4' | 'fastv:300'."""
+        if text is None:
+            return cls()
+        if isinstance(text, Budget):
+            return text
+        text = str(text).strip().lower()
+        if text in ("auto", "full"):
+            return cls(text)  # type: ignore[arg-type]
+        if text.endswith("%"):
+            return cls("ratio", float(text[:-1]) / 100)
+        if ":" in text:
+            mode, val = text.split(":", 1)
+            return cls(mode, float(val))  # type: ignore[arg-type]
+        if text.isdigit():
+            return cls("top_k", float(text))
+        raise ValueError(f"cannot read budget {text!r}; try auto, full, 300, 25%, top_k:300, ratio:0.25, "
+                         f"threshold:0.4")
+
+    def label(self) -> str:
+        if self.mode in ("auto", "full"):
+            return self.mode
+        if self.mode == "ratio":
+            return f"{100 * float(self.value):g}%"
+        if self.mode == "threshold":
+            return f"θ={float(self.value):g}"
+        return f"{self.mode}:{int(self.value)}"
+
+
+def is_baseline(budget: Budget) -> bool:
+    """A pruning baseline (FastV, VisionZip-style, random), selected by `baselines.select`."""
+    return budget.mode in BASELINE_MODES
+
+
+def decide(budget: Budget, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Keep mask (V,) for one sample under an ITS budget (ρ (V,), θ scalar tensor)."""
+    V = rho.numel()
+    if budget.mode in THRESHOLD_MODES and bool(torch.isnan(theta).any()):
+        raise ValueError(S1_MESSAGE.format(mode=budget.mode))
+    if budget.mode == "auto":
+        return torch.sigmoid((rho - theta) / TEMPERATURE) > 0.5
+    if budget.mode == "full":
+        return torch.ones(V, dtype=torch.bool, device=rho.device)
+    if budget.mode == "threshold":
+        return torch.sigmoid((rho - float(budget.value)) / TEMPERATURE) > 0.5
+    if budget.mode == "top_k":
+        return top_k(rho, int(budget.value))
+    if budget.mode == "ratio":
+        return top_k(rho, int(round(float(budget.value) * V)))
+    raise ValueError(f"budget mode {budget.mode!r} is a baseline: select it with baselines.select")
+
+
+def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k highest scores (ties: the earlier token first)."""
+    k = int(max(0, min(k, score.numel())))
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        order = torch.sort(score, descending=True, stable=True).indices
+        keep[order[:k]] = True
+    return keep

@@ -1,0 +1,151 @@
+"""The Qwen2.5-VL vision tower with a 3-D patch embed: (P, C) patch rows → (V, D) LLM tokens.
+
+P patches (4,000 for a CT), C = in_chans·14·14·14 values per patch, Dv the tower's width, V = P/4
+visual tokens after the 2×2 merger, D the LLM's hidden size. Windowed attention runs inside windows
+of merge units; the blocks in ``fullatt_block_indexes`` attend within each temporal slice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from photon_core.model.attention import block_attention
+from photon_core.model.config import VisionConfig
+from photon_core.model.layers import RMSNorm, activation, rotate_half
+
+
+class PatchEmbed3D(nn.Module):
+    """(P, C) patch rows → (P, Dv). A Conv3d whose kernel is the whole patch, i.e. one matmul."""
+
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        k = (v.temporal_patch_size, v.patch_size, v.patch_size)
+        self.proj = nn.Conv3d(v.in_chans, v.hidden_size, kernel_size=k, stride=k, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        return F.conv3d(x.to(w.dtype).view(-1, *w.shape[1:]), w, stride=w.shape[2:]).view(-1, w.shape[0])
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=True)
+        self.up_proj = nn.Linear(dim, hidden, bias=True)
+        self.down_proj = nn.Linear(hidden, dim, bias=True)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        P = x.shape[0]
+        q, k, v = self.qkv(x).reshape(P, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # (P, H, d)
+        dtype = q.dtype
+        c, s = cos[:, None].float(), sin[:, None].float()
+        q = (q.float() * c + rotate_half(q.float()) * s).to(dtype)
+        k = (k.float() * c + rotate_half(k.float()) * s).to(dtype)
+        out = block_attention(q, k, v, cu_seqlens)
+        return self.proj(out.reshape(P, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(v.hidden_size, v.rms_norm_eps)
+        self.norm2 = RMSNorm(v.hidden_size, v.rms_norm_eps)
+        self.attn = VisionAttention(v.hidden_size, v.num_heads)
+        self.mlp = VisionMLP(v.hidden_size, v.intermediate_size, v.hidden_act)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.unit = v.spatial_merge_size ** 2
+        hidden = v.hidden_size * self.unit
+        self.ln_q = RMSNorm(v.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, v.out_hidden_size))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).reshape(-1, self.mlp[0].in_features))
+
+
+class VisionTower(nn.Module):
+    """Qwen2.5-VL vision transformer with a 3-D patch embed: (P, C) patches → (V, D) LLM tokens."""
+
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.cfg = v
+        self.vision_patch_embed = PatchEmbed3D(v)
+        self.blocks = nn.ModuleList(VisionBlock(v) for _ in range(v.depth))
+        self.merger = PatchMerger(v)
+        self.register_buffer("inv_freq", self.frequencies(v), persistent=False)
+
+    @staticmethod
+    def frequencies(v: VisionConfig) -> torch.Tensor:
+        rot_dim = v.hidden_size // v.num_heads // 2
+        return 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float, device="cpu") / rot_dim))
+
+    def rot_pos_emb(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """(P, d/2) rotary angles from each patch's (h, w) position, in merged-window row order."""
+        m = self.cfg.spatial_merge_size
+        pos = []
+        for t, h, w in grid_thw.tolist():
+            hpos = torch.arange(h)[:, None].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+            wpos = torch.arange(w)[None, :].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+            pos.append(torch.stack([hpos, wpos], -1).repeat(t, 1))
+        pos = torch.cat(pos).to(self.inv_freq.device)
+        n = int(grid_thw[:, 1:].max())
+        table = torch.outer(torch.arange(n, device=self.inv_freq.device, dtype=torch.float), self.inv_freq)
+        return table[pos].flatten(1)
+
+    def window_index(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Permutation of merge units into attention windows, and window cu_seqlens (in patches)."""
+        m = self.cfg.spatial_merge_size
+        unit = m * m
+        ws = self.cfg.window_size // m // self.cfg.patch_size      # window side in merge units
+        index, cu, offset = [], [0], 0
+        for t, h, w in grid_thw.tolist():
+            gh, gw = h // m, w // m
+            idx = torch.arange(t * gh * gw).reshape(t, gh, gw)
+            ph, pw = ws - gh % ws, ws - gw % ws
+            nh, nw = (gh + ph) // ws, (gw + pw) // ws
+            padded = F.pad(idx, (0, pw, 0, ph), value=-100)
+            padded = padded.reshape(t, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, ws, ws)
+            seqlens = (padded != -100).sum([2, 3]).reshape(-1)
+            flat = padded.reshape(-1)
+            index.append(flat[flat != -100] + offset)
+            cu.extend((seqlens.cumsum(0) * unit + cu[-1]).tolist())
+            offset += t * gh * gw
+        cu_t = torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
+        return torch.cat(index), cu_t
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        unit = self.cfg.spatial_merge_size ** 2
+        x = self.vision_patch_embed(pixel_values)                           # (P, Dv)
+        rot = self.rot_pos_emb(grid_thw)                                    # (P, d/2)
+        win, cu_win = self.window_index(grid_thw)
+        P = x.shape[0]
+        x = x.reshape(P // unit, unit, -1)[win.to(x.device)].reshape(P, -1)
+        rot = rot.reshape(P // unit, unit, -1)[win.to(rot.device)].reshape(P, -1)
+        emb = torch.cat([rot, rot], -1)
+        cos, sin = emb.cos(), emb.sin()
+        cu_full = F.pad(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).cumsum(0), (1, 0))
+        cu_full, cu_win = cu_full.to(x.device), cu_win.to(x.device)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cu_full if i in self.cfg.fullatt_block_indexes else cu_win, cos, sin)
+        x = self.merger(x)                                                  # (V, D)
+        return x[torch.argsort(win.to(x.device))]
