@@ -379,41 +379,9 @@ def test_ask_cli_on_an_s1_folder(s1_dir, capsys):
     from photon_core.inference.ask import main
 
     scan = Path(__file__).resolve().parent.parent / "sample_cases" / "abdomen_ct" / "ct.nii.gz"
-    assert (
-        main(
-            [
-                "--scan",
-                str(scan),
-                "--question",
-                QUESTION,
-                "--model",
-                str(s1_dir),
-                "--device",
-                "cpu",
-                "--max-new-tokens",
-                "2",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    args = ["--scan", str(scan), "--question", QUESTION, "--model", str(s1_dir), "--device", "cpu"]
+    assert main(args + ["--max-new-tokens", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["budget"] == "full" and out["theta"] is None and out["checkpoint"]["stage"] == "S1"
-    assert (
-        main(
-            [
-                "--scan",
-                str(scan),
-                "--question",
-                QUESTION,
-                "--model",
-                str(s1_dir),
-                "--device",
-                "cpu",
-                "--budget",
-                "auto",
-            ]
-        )
-        == 2
-    )
+    assert main(args + ["--budget", "auto"]) == 2
     assert "S2 checkpoint" in capsys.readouterr().err

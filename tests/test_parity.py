@@ -87,16 +87,16 @@ def test_position_ids_match_transformers_451(model, fx):
         assert torch.equal(deltas, t[f"{case}.rope_deltas"]), case
 
 
+def _prefill(model, t, case, feats, **kw):
+    with torch.no_grad():
+        return model(t[f"{case}.input_ids"], t[f"{case}.attention_mask"], features=feats,
+                     grid_thw=t["video_grid_thw"], **kw)
+
+
 def test_its_and_prefill(model, fx, feats):
     t, meta = fx
     for case in _cases(fx, batch=False):
-        with torch.no_grad():
-            out = model(
-                t[f"{case}.input_ids"],
-                t[f"{case}.attention_mask"],
-                features=feats,
-                grid_thw=t["video_grid_thw"],
-            )
+        out = _prefill(model, t, case, feats)
         s = out.its
         for k in ("u", "rho", "theta", "descriptor", "p"):
             assert torch.allclose(getattr(s, k), t[f"{case}.its.{k}"], atol=1e-5, rtol=1e-5), (case, k)
@@ -128,14 +128,7 @@ def test_greedy_generation(model, fx, feats, mode):
 def test_full_prefill_logits(model, fx, feats):
     t, _ = fx
     for case in _cases(fx, batch=False):
-        with torch.no_grad():
-            out = model(
-                t[f"{case}.input_ids"],
-                t[f"{case}.attention_mask"],
-                features=feats,
-                grid_thw=t["video_grid_thw"],
-                use_its=False,
-            )
+        out = _prefill(model, t, case, feats, use_its=False)
         assert _logits_close(out.logits, t[f"{case}.full.prefill_logits"]), case
 
 
