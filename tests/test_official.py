@@ -157,7 +157,13 @@ def test_official_s2_folder_loads_sharded_and_ignores_the_rest(s2_dir, parity_di
     assert all(torch.equal(own[k], want[k]) for k in want)  # every shard read through the index
 
 
-def test_s2_folder_answers_and_names_the_checkpoint(s2_dir, frames, tmp_path):
+def test_s2_folder_answers_and_names_the_checkpoint(s2_dir, frames, monkeypatch):
+    import huggingface_hub
+
+    def no_download(*a, **k):
+        raise AssertionError("a folder must not reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
     p = Predictor(s2_dir, device="cpu")
     assert (p.checkpoint.source, p.checkpoint.stage, p.checkpoint.has_its) == ("folder", "S2", True)
     assert p.generation.repetition_penalty == 1.05 and set(p.generation.eos_token_ids) == {502, 500}
@@ -214,7 +220,7 @@ def test_pickle_trap_is_real(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- hub ids
-def test_hub_id_resolves_from_an_offline_cache(s2_dir, frames, tmp_path, monkeypatch, no_unpickling):
+def test_hub_id_resolves_from_an_offline_cache(s2_dir, frames, tmp_path, monkeypatch, capsys, no_unpickling):
     cache = _hub_cache(tmp_path / "hub", s2_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -226,6 +232,13 @@ def test_hub_id_resolves_from_an_offline_cache(s2_dir, frames, tmp_path, monkeyp
     assert p.ask(QUESTION, max_new_tokens=2).checkpoint["repo_id"] == REPO
     b = Predictor(REPO, revision="3D-RAD", device="cpu").checkpoint  # a task's branch
     assert b.path.name == BRANCH_COMMIT and b.revision == "3D-RAD" and "@ 3D-RAD" in b.label()
+    from photon_core.inference.ask import main  # the CLI resolves it the same way
+
+    scan = Path(__file__).resolve().parent.parent / "sample_cases" / "abdomen_ct" / "ct.nii.gz"
+    assert main(["--scan", str(scan), "--question", QUESTION, "--model", REPO, "--subfolder", "3D-RAD",
+                 "--device", "cpu", "--max-new-tokens", "1", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert (c["source"], c["repo_id"], c["subfolder"], c["path"]) == ("hub", REPO, "3D-RAD", "3D-RAD")
     with pytest.raises(CheckpointError, match="(?s)not in the HF cache.*HF_HUB_OFFLINE"):
         Predictor("Photon-Org/Photon-S1", device="cpu")
     with pytest.raises(CheckpointError, match="no sub-folder 'CT-RATE'"):
