@@ -21,8 +21,8 @@ BASELINE_MODES = ("fastv", "visionzip", "random")
 # Modes that read the learned threshold θ: an S1 checkpoint (no ITS weights) cannot run them. Every
 # other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
 THRESHOLD_MODES = ("auto", "threshold")
-S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 checkpoint "
-              "(no token-scheduling weights): use full, a token count (top_k), a percent, or a baseline")
+S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 "
+              "checkpoint (no token-scheduling weights): use full, a token count (top_k), a percent, or a baseline")
 
 
 @dataclass(frozen=True)
