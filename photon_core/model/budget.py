@@ -22,7 +22,8 @@ BASELINE_MODES = ("fastv", "visionzip", "random")
 # other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
 THRESHOLD_MODES = ("auto", "threshold")
 S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 "
-              "checkpoint (no token-scheduling weights): use full, a token count (top_k), a percent, or a baseline")
+              "checkpoint (no token-scheduling weights): use full, a token count (top_k), a percent, or a "
+              "baseline")
 
 
 @dataclass(frozen=True)
