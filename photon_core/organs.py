@@ -9,7 +9,7 @@
   smaller than that everywhere (a 1 ml lesion in a 36 mm block) would vanish from the audit: it then counts
   by any overlap instead, and the caller is told (`label_blocks` returns which structures fell back).
 * `label_names` — names for the ids of an uploaded label map: from the user's table (JSON or CSV), else
-  TotalSegmentator's "total" classes (`TOTALSEG_CLASSES`, data/totalsegmentator_total.json) when the ids
+  TotalSegmentator's "total" classes (`TOTALSEG_CLASSES`, totalsegmentator_total.json) when the ids
   fit them, else numbered; with a note for the user whenever the names are not the user's own.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def block_cover(share, fraction: float = BLOCK_FRACTION):
 # Names of an uploaded label map
 # --------------------------------------------------------------------------------------------
 
-_TOTALSEG = json.loads((Path(__file__).resolve().parent / "data" / "totalsegmentator_total.json").read_text())
+_TOTALSEG = json.loads((Path(__file__).resolve().parent / "totalsegmentator_total.json").read_text())
 TOTALSEG_CLASSES: dict[int, str] = {int(k): v for k, v in _TOTALSEG["classes"].items()}   # 117 classes
 TOTALSEG_MIN_LABELS = 3    # fewer ids (a mask: 1 = lesion) are more often a user's own than TotalSeg's
 MAX_TABLE_BYTES = 1_000_000
