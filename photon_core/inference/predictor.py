@@ -24,6 +24,7 @@ from photon_core.inference.prompt import Tokenizer, batch_prompts, clean_questio
 from photon_core.model.budget import Budget
 from photon_core.io.volume import Volume
 from photon_core.inference.generate import generate
+from photon_core.inference.answers import readable
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 MAX_NEW_TOKENS_LIMIT = 256
@@ -49,6 +50,7 @@ class Answer:
     prior_keep_grid: np.ndarray | None = None   # the prior scan's kept mask, when one was given
     prior_kept: int = 0                          # of ``kept``, tokens of the prior scan
     prior_total: int = 0                         # of ``total``, tokens of the prior scan
+    readable: bool = True                        # the text parses as an answer of the question's type
 
     @property
     def keep_fraction(self) -> float:
@@ -59,7 +61,7 @@ class Answer:
                     kept=self.kept, keep_fraction=round(self.keep_fraction, 4), prompt_tokens=self.prompt_tokens,
                     generated_tokens=self.generated_tokens, prefill_s=round(self.prefill_s, 4),
                     decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
-                    device=self.device, kept_indices=self.kept_indices,
+                    device=self.device, kept_indices=self.kept_indices, readable=self.readable,
                     **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total else {}))
 
 
@@ -150,7 +152,8 @@ class Predictor:
         if len(qs) not in (1, n) or len(bs) not in (1, n):
             raise ValueError("questions and budgets must have equal lengths or length 1")
         bs = [Budget.parse(b) for b in (bs * n if len(bs) == 1 else bs)]
-        ids, mask, feats, grid, P, V = self._inputs(qs * n if len(qs) == 1 else qs)
+        qs = qs * n if len(qs) == 1 else qs
+        ids, mask, feats, grid, P, V = self._inputs(qs)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -177,13 +180,14 @@ class Predictor:
             else:
                 keep_all, rho, theta = np.ones(P + V, bool), np.zeros(V, np.float32), 0.0
             keep, prior_keep = keep_all[P:], keep_all[:P]
+            text = self.tokenizer.decode(gen_ids)
             answers.append(Answer(
-                text=self.tokenizer.decode(gen_ids), budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
+                text=text, budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
                 kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta, total=P + V,
                 kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()), generated_tokens=len(gen_ids) + (eos in row),
                 prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device),
                 extra={"batch": n}, prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
-                prior_kept=int(prior_keep.sum()), prior_total=P))
+                prior_kept=int(prior_keep.sum()), prior_total=P, readable=readable(qs[b], text)))
         return answers
 
     def answer_logprobs(self, questions: list[str], budget: str | Budget = "auto") -> torch.Tensor:
