@@ -125,7 +125,8 @@ SAFE_DICOM_FIELDS = ("Modality", "Manufacturer", "SliceThickness", "KVP", "Convo
 # Messages
 # --------------------------------------------------------------------------------------------
 
-_ABS_PATH = re.compile(r"(?:[A-Za-z]:[\\/]|\\\\|/|~/)[^\s'\"()<>|]*")
+_QUOTED_PATH = re.compile(r"""(["'])((?:[A-Za-z]:[\\/]|\\\\|~/|/)[^"'\n]*)\1""")
+_ABS_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:[\\/]|\\\\|~/|/(?=[^\s/'\"()<>|]+/))[^\s'\"()<>|]*")
 
 
 def clean_text(text: object, limit: int | None = None) -> str:
@@ -138,6 +139,7 @@ def clean_text(text: object, limit: int | None = None) -> str:
         parts = [p for p in re.split(r"[\\/]+", m.group()) if p and not re.fullmatch(r"[A-Za-z]:|~", p)]
         return parts[-1] if parts else ""
 
+    s = _QUOTED_PATH.sub(lambda m: m.group(1) + last_part(re.match(r".*", m.group(2))) + m.group(1), s)
     s = " ".join(_ABS_PATH.sub(last_part, s).split())
     if limit is not None and len(s) > limit:
         cut = s[: max(1, limit - 1)]
@@ -328,7 +330,11 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
                           f"({type(e).__name__}).") from None
     data = data.reshape(_check_shape(data.shape, limits, f"'{path.name}'"))
     affine = img.affine if img.affine is not None else np.eye(4)
-    scaling = _nifti_scaling_warning(img.header)
+    try:        # the header as stored: nibabel's img.header already has the scaling it did not apply removed
+        with nib.openers.ImageOpener(str(path)) as f:
+            scaling = _nifti_scaling_warning(img.header_class.from_fileobj(f))
+    except Exception:
+        scaling = None
     return make_volume(data, affine, "nifti", {"format": "NIfTI"}, [scaling] if scaling else [])
 
 
