@@ -9,17 +9,26 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
-from photon_core.io.volume import (HU_RANGE, NONFINITE_HU, Limits, VolumeError, clean_text, list_series,
-                                   load_label_map, load_volume, volume_from_array)
+
+from photon_core.io.volume import (
+    HU_RANGE,
+    NONFINITE_HU,
+    Limits,
+    VolumeError,
+    clean_text,
+    list_series,
+    load_label_map,
+    load_volume,
+    volume_from_array,
+)
 
 CASES = json.loads((SAMPLES / "cases.json").read_text())["cases"]
 ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(=])(/[\w.~-]+/|[A-Za-z]:\\|~/)")
 
 
 def no_paths(text: str, tmp_path) -> str:
-    """A message or warning shows no server path: neither the test's temporary folder nor any absolute path."""
+    """A message or warning shows no server path: not the test's temporary folder, nor any absolute path."""
     assert str(tmp_path) not in text and tmp_path.name not in text, text
     assert not ABSOLUTE_PATH.search(text), text
     return text
@@ -258,8 +267,8 @@ def test_binary_and_label_like_files(tmp_path):
     warned(tmp_path, load_volume(_nifti(tmp_path, m, "mask.nii.gz")), r"only two values \(0 and 1\).*mask")
     m[12:15] = 5
     m[0:2] = 117
-    warned(tmp_path, load_volume(_nifti(tmp_path, m, "labels.nii.gz")), r"only 4 whole-number values from 0 to "
-                                                                           r"117.*label map")
+    labels = load_volume(_nifti(tmp_path, m, "labels.nii.gz"))
+    warned(tmp_path, labels, r"only 4 whole-number values from 0 to 117.*label map")
 
 
 def test_nan_scale_slope_that_drops_an_intercept(tmp_path):
@@ -276,6 +285,15 @@ def test_thick_slices(tmp_path):
     warned(tmp_path, vol, r"The slices are 50\.0 mm apart")
 
 
+def test_a_label_map_must_hold_label_ids(tmp_path):
+    with pytest.raises(VolumeError, match="fractional or NaN values") as e:
+        load_label_map(_nifti(tmp_path, _ct_like() / 7, "ct_as_labels.nii.gz"))
+    no_paths(str(e.value), tmp_path)
+    with pytest.raises(VolumeError, match="label ids from -1000 to 1200"):
+        ct = np.linspace(-1000, 1200, 8000).round().reshape(20, 20, 20).astype(np.int16)
+        load_label_map(_nifti(tmp_path, ct, "ct_int.nii.gz"))
+
+
 def test_the_callers_array_is_not_changed():
     a = _ct_like()
     a[0, 0, 0] = np.nan
@@ -285,8 +303,8 @@ def test_the_callers_array_is_not_changed():
 
 # ------------------------------------------------------------------ DICOM
 
-def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(), name="Doe^Jane",
-                  slope=1):
+def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(),
+                  name="Doe^Jane", slope=1, dup_hu=40):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -308,7 +326,8 @@ def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, sk
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.RescaleSlope, ds.RescaleIntercept = slope, -1024
-        ds.PixelData = (np.full((32, 32), 1024 + 40 + (k >= n - len(skip)) * 0, np.uint16)).tobytes()
+        hu = dup_hu if k >= n - len(skip) else 40                       # the repeated slices come last
+        ds.PixelData = np.full((32, 32), 1024 + hu, np.uint16).tobytes()
         ds.save_as(str(folder / f"s{k}.dcm"), enforce_file_format=True)
     return folder
 
@@ -330,6 +349,12 @@ def test_dicom_duplicate_copies_are_dropped_with_a_warning(tmp_path):
     vol = load_volume(_dicom_series(tmp_path / "d", dup=(5, 9)))
     assert vol.shape == (32, 32, 20)
     warned(tmp_path, vol, r"^2 duplicate slices \(identical copies")
+
+
+def test_dicom_repeated_position_with_another_image(tmp_path):
+    vol = load_volume(_dicom_series(tmp_path / "r", dup=(3,), dup_hu=300))
+    assert vol.shape == (32, 32, 20) and np.allclose(vol.hu, 40)       # the first by instance number is kept
+    warned(tmp_path, vol, r"^1 slice repeated a position with a different image and was dropped")
 
 
 def test_dicom_nan_rescale_slope(tmp_path):
@@ -363,9 +388,10 @@ def _zip(path, members):
 
 def test_dicom_zip_loads(tmp_path):
     folder = _dicom_series(tmp_path / "z")
-    p = _zip(tmp_path / "series.zip", [(f"series/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())])
+    members = [(f"series/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())]
+    p = _zip(tmp_path / "series.zip", members)
     assert load_volume(p).shape == (32, 32, 20)
-    assert [s.uid for s in list_series(p)] == [s.uid for s in list_series(folder)]     # keys survive unzipping
+    assert [s.uid for s in list_series(p)] == [s.uid for s in list_series(folder)]   # keys survive unzipping
 
 
 def test_zip_slip(tmp_path):
@@ -408,7 +434,7 @@ def test_fake_dcm_is_not_called_a_dicom_image(tmp_path):
     assert "single DICOM image" not in msg
 
 
-# ------------------------------------------------------------------ a PACS export: localizer, two kernels, duplicates
+# ------------------------------------------------------- a PACS export: localizer, two kernels, duplicates
 
 def _pacs_export(tmp_path):
     """The bundled JPEG2000 series rewritten as a study folder: a soft-tissue series (20 slices, two of
@@ -416,8 +442,8 @@ def _pacs_export(tmp_path):
     in every file."""
     import pydicom
 
-    src = sorted((SAMPLES / "dicom_ct/series").iterdir(),            # by slice position, from the bottom
-                 key=lambda f: float(pydicom.dcmread(str(f), stop_before_pixels=True).ImagePositionPatient[2]))
+    z = lambda f: float(pydicom.dcmread(str(f), stop_before_pixels=True).ImagePositionPatient[2])  # noqa: E731
+    src = sorted((SAMPLES / "dicom_ct/series").iterdir(), key=z)        # by slice position, from the bottom
     out = tmp_path / "study"
     out.mkdir()
 
@@ -430,8 +456,8 @@ def _pacs_export(tmp_path):
         ds.save_as(str(out / name))
 
     for n, f in enumerate(src):
-        write(f, f"soft_{n:02d}.dcm", SeriesInstanceUID="1.2.826.0.1.1", SeriesDescription="Abdomen 2.0 Br38f",
-              ConvolutionKernel="Br38f", InstanceNumber=n + 1)
+        write(f, f"soft_{n:02d}.dcm", SeriesInstanceUID="1.2.826.0.1.1",
+              SeriesDescription="Abdomen 2.0 Br38f", ConvolutionKernel="Br38f", InstanceNumber=n + 1)
     for n in (4, 11):
         shutil.copy(out / f"soft_{n:02d}.dcm", out / f"soft_{n:02d}_again.dcm")
     for n, f in enumerate(src[:17]):
