@@ -163,8 +163,8 @@ def abdomen_grid():
     case = next(c for c in CASES if c["id"] == "abdomen_ct")
     vol = load_volume(SAMPLES / case["file"])
     labels, _ = load_label_map(SAMPLES / case["label_map"], like=vol)
-    token_index = prepare(vol, "cpu").geometry.token_index_volume()
-    return vol, labels, token_index
+    geometry = prepare(vol, "cpu").geometry
+    return vol, labels, geometry.token_index_volume(), geometry
 
 
 def _ball(shape, spacing, centre, ml):
@@ -175,7 +175,7 @@ def _ball(shape, spacing, centre, ml):
 
 
 def test_a_1_4_ml_tumour_appears_in_the_audit_flagged(abdomen_grid):
-    vol, labels, token_index = abdomen_grid
+    vol, labels, token_index, _ = abdomen_grid
     liver = np.argwhere(labels == 5)
     centre = liver[np.argmin(((liver - liver.mean(0)) ** 2).sum(1))]      # a liver voxel near its middle
     tumour = _ball(vol.shape, vol.spacing, centre, 1.4)
@@ -206,7 +206,7 @@ def test_a_1_4_ml_tumour_appears_in_the_audit_flagged(abdomen_grid):
 
 
 def test_a_tumour_on_a_block_corner_counts_in_every_block_it_touches(abdomen_grid):
-    vol, labels, token_index = abdomen_grid
+    vol, labels, token_index, _ = abdomen_grid
     # the voxel where most neighbouring tokens meet: a 2×2×2 cube of voxels spanning the most blocks
     best, where = 0, None
     for i in range(0, vol.shape[0] - 1, 3):
@@ -234,3 +234,21 @@ def test_block_cover_any_array_type():
     t[9] = 0.01
     assert torch.nonzero(block_cover(t)).flatten().tolist() == [9]
     assert not block_cover(np.zeros(N_BLOCKS)).any()
+
+
+def test_the_exported_report_keeps_the_case_title_readable(abdomen_grid, tmp_path):
+    import types
+
+    from photon_core.inference.audit import export_audit
+
+    _, _, token_index, geometry = abdomen_grid
+    keep = np.zeros((10, 10, 10), bool)
+    keep[4:6] = True
+    answer = types.SimpleNamespace(keep_grid=keep, text="norightno", budget="auto", total=1000, kept=200,
+                                   keep_fraction=0.2, theta=0.5, kept_indices=np.flatnonzero(keep).tolist(),
+                                   prefill_s=0.1, decode_s=0.2, device="cpu", prior_total=0, readable=False)
+    for title, expected in [("Abdomen/pelvis CT (3 mm)", "Abdomen/pelvis CT (3 mm)"),
+                            ("/srv/photon/cache/tmpab12/scan.nii.gz", "scan.nii.gz"), ("", "scan")]:
+        export_audit(tmp_path, geometry, token_index, answer, "Is there a lesion?", "demo", case_title=title)
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["case"] == expected and report["answer_readable"] is False
