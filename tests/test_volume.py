@@ -247,6 +247,8 @@ def test_scanner_padding_below_range_is_clipped_silently():
     a[:3] = -3024.0                                   # one value outside the field of view: padding
     vol = volume_from_array(a)
     assert vol.warnings == [] and vol.hu.min() == HU_RANGE[0]
+    a[:3] = -1e9                                      # one value, but no scanner pads with that
+    assert any("clipped" in w for w in volume_from_array(a).warnings)
 
 
 def test_constant_volume(tmp_path):

@@ -238,7 +238,8 @@ def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, l
     if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
         below, above = hu < HU_RANGE[0], hu > HU_RANGE[1]
         n_below, n_above = int(below.sum()), int(above.sum())
-        padding = n_above == 0 and float(hu[below].max()) == lo    # one value below: the scanner's padding
+        # one int16 value below the range and nothing above: the scanner's padding outside its field of view
+        padding = n_above == 0 and lo >= np.iinfo(np.int16).min and float(hu[below].max()) == lo
         np.clip(hu, *HU_RANGE, out=hu)
         if not padding:
             warnings.append(f"{n_below + n_above:,} voxels lay outside {HU_RANGE[0]:.0f}…{HU_RANGE[1]:.0f} "
@@ -294,9 +295,9 @@ def _nifti_scaling_warning(header) -> str | None:
     if np.isfinite(slope) and slope != 0:
         return None
     what = "NaN" if np.isnan(slope) else "zero" if slope == 0 else "infinite"
-    if np.isinf(slope) or (np.isfinite(inter) and inter != 0):
-        lost = f", so its intercept ({inter:g}) was not applied either" if np.isfinite(inter) and inter else \
-            ""
+    has_inter = bool(np.isfinite(inter) and inter)
+    if np.isinf(slope) or has_inter:
+        lost = f", so its intercept ({inter:g}) was not applied either" if has_inter else ""
         return (f"The file's scale slope (scl_slope) is {what}{lost}: the values are used as stored and may "
                 f"not be Hounsfield units.")
     return None
