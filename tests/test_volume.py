@@ -306,7 +306,7 @@ def test_the_callers_array_is_not_changed():
 # ------------------------------------------------------------------ DICOM
 
 def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(),
-                  name="Doe^Jane", slope=1, dup_hu=40):
+                  name="Doe^Jane", slope=1, dup_hu=40, kernel=None):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -325,6 +325,8 @@ def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, sk
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [0, 0, z]
         ds.InstanceNumber = k + 1
+        if kernel:
+            ds.ConvolutionKernel = kernel
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.RescaleSlope, ds.RescaleIntercept = slope, -1024
@@ -375,6 +377,14 @@ def test_dicom_two_series_load_the_larger_and_name_the_other(tmp_path):
     warned(tmp_path, vol, r"^This upload holds 2 series.*Not loaded: .*18 axial CT slices")
     assert load_volume(tmp_path / "two", series=series[1].uid).shape == (32, 32, 18)
     refused(tmp_path, tmp_path / "two", "chosen series is not in this upload", series="s000000000000")
+
+
+def test_dicom_series_apart_when_an_anonymiser_blanked_their_uids(tmp_path):
+    _dicom_series(tmp_path / "blank" / "a", uid="", kernel="B30f")
+    _dicom_series(tmp_path / "blank" / "b", uid="", kernel="B70f", n=17)
+    assert [(s.kernel, s.slices) for s in list_series(tmp_path / "blank")] == [("B30f", 20), ("B70f", 17)]
+    vol = load_volume(tmp_path / "blank")
+    assert vol.shape == (32, 32, 20) and not any("duplicate" in w or "repeated" in w for w in vol.warnings)
 
 
 def test_dicom_non_ct(tmp_path):

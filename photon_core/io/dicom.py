@@ -71,9 +71,8 @@ def _scan(files: Sequence[Path]) -> dict[str, list[_Image]]:
             continue
         if "Rows" not in ds or "Columns" not in ds:
             continue
-        iop = ds.get("ImageOrientationPatient")
         key = "|".join([str(ds.get("SeriesInstanceUID", "")), _text(ds.get("SeriesDescription")),
-                        _text(ds.get("ConvolutionKernel")), str(np.round(np.asarray(iop or [], float), 3)),
+                        _text(ds.get("ConvolutionKernel")), _orientation(_normal(ds)),
                         f"{int(ds.Rows)}x{int(ds.Columns)}"])
         groups.setdefault(key, []).append(_Image(Path(f), ds))
     return groups
@@ -218,7 +217,10 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     rows, cols = int(ds0.Rows), int(ds0.Columns)
     if any((int(im.ds.Rows), int(im.ds.Columns)) != (rows, cols) for im in images):
         raise VolumeError("The DICOM slices have different image sizes; expected one series.")
-    slices = [_read(im.path, PIXEL_TAGS, pixels=True) for im in images]
+    try:
+        slices = [_read(im.path, PIXEL_TAGS, pixels=True) for im in images]
+    except Exception as e:
+        raise VolumeError(f"A DICOM slice of the series could not be read ({_reason(e)}).") from None
     slices = _drop_duplicates(slices, normal, warnings)
     pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for ds in slices])
     gaps = np.diff(pos)
