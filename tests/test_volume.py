@@ -89,6 +89,13 @@ def test_dicom_aligns_with_its_nifti_label_map():
     assert 0 < np.median(hu) < 200
 
 
+def test_a_label_map_in_another_axis_order_is_moved_onto_the_scan():
+    dcm = load_volume(SAMPLES / "dicom_ct/series")                      # LPS; its label map is LAS
+    labels, affine = load_label_map(SAMPLES / "dicom_ct/labels.nii.gz", like=dcm)
+    assert labels.shape == dcm.shape and np.allclose(affine, dcm.affine, atol=1e-2)
+    assert 0 < np.median(dcm.hu[labels == 5]) < 200                     # the liver lands on soft tissue
+
+
 # ------------------------------------------------------------------ bad inputs: refused in words
 
 def _nifti(tmp_path, arr, name="x.nii.gz", affine=None, scaling=None):

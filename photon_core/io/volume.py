@@ -538,11 +538,10 @@ def load_label_map(path: str | os.PathLike, like: Volume | None = None,
     affine = np.asarray(img.affine, dtype=np.float64)
     if like is not None and not (labels.shape == like.shape and np.allclose(affine, like.affine, atol=1e-2)):
         # Same voxels stored in another axis order (e.g. LAS vs LPS): permute/flip onto the scan grid.
-        from nibabel import orientations as ornt
+        from photon_core.io.orientation import reorient
 
-        t = ornt.ornt_transform(ornt.io_orientation(affine), ornt.io_orientation(like.affine))
-        moved = ornt.apply_orientation(labels, t)
-        moved_aff = affine @ ornt.inv_ornt_aff(t, labels.shape)
+        moved, to_source = reorient(labels, affine, like.affine)
+        moved_aff = affine @ to_source
         if moved.shape != like.shape or not np.allclose(moved_aff, like.affine, atol=1e-2):
             raise VolumeError(f"The label map grid ({'×'.join(map(str, labels.shape))}) does not match "
                               f"the scan ({'×'.join(map(str, like.shape))}); expected a label map "
