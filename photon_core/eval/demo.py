@@ -49,7 +49,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
         kept_by_organ = {}
         for j, q in enumerate(qa):
             t1 = time.perf_counter()
-            a = pred.ask(q["question"], budget="auto", max_new_tokens=8)
+            a = pred.ask(q["question"], max_new_tokens=8)    # the checkpoint's own budget (S1: full)
             ask_s = time.perf_counter() - t1
             row = dict(scan=i, **{k: q[k] for k in ("question", "answer", "family", "answer_type", "organ")},
                        prediction=a.text, kept=a.kept, total=a.total, theta=a.theta,
@@ -81,7 +81,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             pred.set_volume(torch.rand_like(frames), prior=None if prior is None else torch.rand_like(prior))
             for q in qa:
                 if q["answer_type"] in ("closed", "choice"):
-                    n = pred.ask(q["question"], budget="auto", max_new_tokens=8)
+                    n = pred.ask(q["question"], max_new_tokens=8)
                     row = dict(scan=i, family="_noise", answer_type=q["answer_type"], source_family=q["family"],
                                answer=q["answer"], prediction=n.text)
                     if q["organ"] in covers and covers[q["organ"]].any():    # the same blocks, on noise

@@ -37,7 +37,9 @@ from photon_core.eval.datasets import parse_columns, read_records
 from photon_core.train.distributed import init_distributed
 from photon_core.eval.report import read_predictions, rescore, write_report
 from photon_core.train.synthetic.splits import SPLITS
+from photon_core.eval.official import PROTOCOLS
 from photon_core.inference.predictor import Predictor
+from photon_core.model.hub import add_model_arguments
 from photon_core.io.volume import load_volume
 
 
@@ -64,11 +66,12 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
             error = f"{type(e).__name__}: {e}"
         for r in group:
             base = dict(question=r["question"], answer=r["answer"], family=r.get("family", "all"),
-                        answer_type=r.get("answer_type", "open"), organ=r.get("organ"), image=Path(image).name)
+                        answer_type=r.get("answer_type", "open"), organ=r.get("organ"),
+                        image=Path(image).name, **({"subtype": r["subtype"]} if r.get("subtype") else {}))
             if error:
                 rows.append(base | dict(prediction="", kept=0, error=error))
                 continue
-            a = pred.ask(r["question"], budget=r.get("budget", "auto"), max_new_tokens=max_new_tokens)
+            a = pred.ask(r["question"], budget=r.get("budget"), max_new_tokens=max_new_tokens)
             rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total))
     rescore(rows)
     return rows
@@ -76,7 +79,7 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    add_model_arguments(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data", type=Path, help="our JSONL, a CSV or folder of CSVs (3D-RAD-style), a JSON list "
                                               "(DeepTumorVQA-style)")
@@ -99,6 +102,10 @@ def main(argv=None) -> None:
                     help="hidden layer whose states BERTScore compares (default: the last)")
     ap.add_argument("--score", type=Path, metavar="PREDICTIONS_JSONL",
                     help="compute the metrics of a predictions file (this tool's or another model's); no model is run")
+    ap.add_argument("--protocol", choices=PROTOCOLS,
+                    help="also compute the figures an official evaluator gives (3D-RAD: Photon's "
+                         "evaluation.py; DeepTumorVQA: Photon's scripts or the benchmark's own scorer); rows "
+                         "need family and subtype")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.score:
@@ -109,7 +116,8 @@ def main(argv=None) -> None:
         except (OSError, ValueError) as e:
             ap.error(str(e))
         rescore(rows)
-        write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model, args.bertscore_layers)
+        write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model, args.bertscore_layers,
+                     args.protocol)
         return
     if args.data and args.dry_run:
         recs = read_records(args.data, parse_columns(args.columns), args.images)
@@ -119,7 +127,7 @@ def main(argv=None) -> None:
         return
     rank, world = init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    pred = Predictor(args.model, args.device)
+    pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
     if args.data:
         rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images), rank, world)
     else:
@@ -138,8 +146,9 @@ def main(argv=None) -> None:
             p = args.out / f"predictions.rank{r}.jsonl"
             allrows += [json.loads(x) for x in p.read_text().splitlines()]
             p.unlink()
-        write_report(allrows, args.out, {"model": pred.name, "device": str(pred.device), "world_size": world},
-                     args.bertscore_model, args.bertscore_layers)
+        write_report(allrows, args.out, {"model": pred.name, "checkpoint": pred.checkpoint.to_dict(),
+                                         "device": str(pred.device), "world_size": world},
+                     args.bertscore_model, args.bertscore_layers, args.protocol)
     if world > 1:
         dist.destroy_process_group()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from photon_core.eval.metrics import aggregate, balanced_accuracy, score
+from photon_core.eval.official import official
 
 BASELINES = ("fastv", "visionzip", "random")
 
@@ -130,6 +131,8 @@ def markdown(summary: dict) -> str:
         for k in ks:
             lines.append(f"| {k} | " + " | ".join(f"{summary['curve_macro'][f'{m}:{k}']:.3f}" for m in modes) + " |")
         lines.append("")
+    if summary.get("official"):
+        lines += ["", official_markdown(summary["official"])]
     for k, v in summary.items():
         if v is None:
             continue
@@ -140,14 +143,32 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def official_markdown(fig: dict) -> str:
+    """The official protocol's figures as a table (the nested detail stays in metrics.json)."""
+    lines = [f"official figures ({fig['protocol']}):", "", "| group | figures |", "|---|---|"]
+    for section in ("tasks", "types"):
+        for name, d in fig.get(section, {}).items():
+            vals = d if isinstance(d, dict) else {"score": d}
+            lines.append(f"| {name} | " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()
+                                                    if isinstance(v, float)) + " |")
+    for key in ("total", "overall"):
+        if key in fig:
+            v = fig[key]["accuracy"] if isinstance(fig[key], dict) else fig[key]
+            lines.append(f"| {key} | {v:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(rows: list[dict], out: Path, about: dict, bertscore_model: str | None = None,
-                 bertscore_layers: int | None = None) -> None:
-    """predictions.jsonl, metrics.json and metrics.md in ``out``; the table is printed too."""
+                 bertscore_layers: int | None = None, protocol: str | None = None) -> None:
+    """predictions.jsonl, metrics.json and metrics.md in ``out``; the table is printed too. ``protocol``
+    adds the figures an official evaluator gives (official.py) under "official"."""
     if bertscore_model:
         add_bertscore(rows, bertscore_model, bertscore_layers)
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarise(rows) | about
+    if protocol:
+        summary["official"] = official(rows, protocol, bertscore_model, bertscore_layers)
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     (out / "metrics.md").write_text(markdown(summary))
     print(markdown(summary))

@@ -36,6 +36,12 @@ share of the official 1,000-token scan (`MIN_KEEP_RATIO`) for the ratio mode, wh
 only known at the ITS layer.
 """
 MIN_KEEP_RATIO = MIN_KEEP_TOKENS / SCAN_TOKENS
+# Modes that read the learned threshold θ: an S1 checkpoint (no ITS weights) cannot run them. Every
+# other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
+THRESHOLD_MODES = ("auto", "threshold")
+S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 "
+              "checkpoint (no token-scheduling weights): use full, a token count (top_k), a percent, or a "
+              "baseline")
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,8 @@ def is_baseline(budget: Budget) -> bool:
 def decide(budget: Budget, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Keep mask (V,) for one sample under an ITS budget (ρ (V,), θ scalar tensor)."""
     V = rho.numel()
+    if budget.mode in THRESHOLD_MODES and bool(torch.isnan(theta).any()):
+        raise ValueError(S1_MESSAGE.format(mode=budget.mode))
     if budget.mode == "auto":
         return torch.sigmoid((rho - theta) / TEMPERATURE) > 0.5
     if budget.mode == "full":
