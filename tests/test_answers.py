@@ -136,7 +136,7 @@ def test_auto_is_photons_own_decision_and_is_not_floored():
 def test_the_predictor_marks_each_answer(tiny_model_dir):
     from photon_core.inference.predictor import Predictor
 
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     p.set_volume(torch.rand(140, 1, 280, 280, generator=torch.Generator().manual_seed(0)))
     qs = ["Is there a lesion in the liver?", "How many lesions are in the liver?"]
     for q, a in zip(qs, p.ask_many(qs, "auto", max_new_tokens=3)):
