@@ -77,7 +77,8 @@ GARBLED = ["norightno", "82whichno1", "", "   ", "<|im_end|>", "yesno", "!!!", "
      ["12 ml", "big", "yes"]),
     ("How large is the liver lesion?", ["12 mm", "1.5 cm"], ["12", "large"]),
     ("Estimate the liver volume (ml).", ["1,250 ml", "1250"], ["1250 mm"]),
-    ("Describe the findings.", ["A small cyst in the left kidney.", "hello"], []),
+    ("Describe the findings.", ["A small cyst in the left kidney.", "hello", "The 2nd lesion, on 3D views"],
+     ["leftkidney", "noliver"]),
 ])
 def test_readable_per_question_type(question, good, bad):
     for text in good:

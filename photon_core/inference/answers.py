@@ -49,6 +49,7 @@ _LENGTH_UNITS = ("mm", "cm", "m", "millimetre", "millimetres", "millimeter", "mi
 _VOLUME_UNITS = ("ml", "cc", "l", "litre", "litres", "liter", "liters", "millilitre", "millilitres",
                  "milliliter", "milliliters", "cm3", "mm3")
 _UNITS = _LENGTH_UNITS + _VOLUME_UNITS + ("hu", "%", "percent", "x")      # 'x': '12x8 mm'
+_SUFFIXES = ("st", "nd", "rd", "th", "d")                            # '2nd', '3D'
 _NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
 _TOKEN = re.compile(rf"(?:{_NUMBER})(?:[a-z%]+\d?)?|[a-z]+(?:['-][a-z]+)*|[^\sa-z\d]", re.I)
 _GLUE_WORDS = YES_NO + SIDES + ("none", "cyst", "solid", "larger", "smaller", "stable", "new", "resolved")
@@ -70,9 +71,13 @@ def _organ_names() -> tuple[frozenset, ...]:
     return tuple(sets - {frozenset()})
 
 
+@lru_cache(maxsize=1)
+def _answer_words() -> frozenset:
+    return frozenset(_GLUE_WORDS) | {w for n in _organ_names() for w in n}
+
+
 def _vocabulary(extra: Iterable[str] = ()) -> set[str]:
-    words = set(_GLUE_WORDS) | {w for n in _organ_names() for s in n for w in s}
-    return words | {_stem(w) for n in extra for w in _words(n)}
+    return set(_answer_words()) | {_stem(w) for n in extra for w in _words(n)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +153,7 @@ def junk(text: str, names: Iterable[str] = ()) -> bool:
     for w in words:
         if re.search(r"\d", w) and re.search(r"[a-z]", w):          # a number with its unit only
             m = re.fullmatch(rf"({_NUMBER})([a-z%]+\d?)", w)
-            if not m or not (m.group(2) in _UNITS or re.fullmatch(r"x\d", m.group(2))):     # '12x8
+            if not m or not (m.group(2) in _UNITS + _SUFFIXES or re.fullmatch(r"x\d", m.group(2))):   # '12x8
                 return True
         elif w.isalpha() and _stem(w) not in vocabulary and _glued(w, vocabulary):
             return True
