@@ -132,7 +132,7 @@ def _describe(group: str, images: list[_Image], limits: Limits) -> SeriesInfo:
     image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
     note = ""
     if "LOCALIZER" in image_type:
-        note = "a localizer (scout) image"
+        note = "a localizer/scout image"
     elif modality != "CT":
         note = f"modality {modality}, not CT"
     elif int(ds.get("SamplesPerPixel", 1) or 1) != 1:
