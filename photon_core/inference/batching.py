@@ -53,9 +53,11 @@ class AskBatcher:
         self.stats = dict(batches=0, asks=0, rows=0, max_rows=0, max_queue_depth=0, max_wait_s=0.0)
 
     # ------------------------------------------------------------------ callers
-    def ask(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool = False,
-            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, tag: str = "") -> list[Answer]:
-        """Answers of ``queries`` (rows of one ask, e.g. one question × several budgets), in order."""
+    def ask(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool | None = None,
+            temperature: float | None = None, top_p: float | None = None, seed: int = 0,
+            tag: str = "") -> list[Answer]:
+        """Answers of ``queries`` (rows of one ask, e.g. one question × several budgets), in order;
+        decoding settings left None are the checkpoint's (`Predictor.answer`)."""
         if not queries:
             return []
         counts = {(q.prior[0].shape[0] if q.prior is not None else 0, q.volume[0].shape[0]) for q in queries}
@@ -63,8 +65,7 @@ class AskBatcher:
             raise ValueError("the rows of one ask must carry the same visual token counts")
         if self._closed:
             raise RuntimeError("the ask batcher is closed")
-        item = _Ask(list(queries), (int(max_new_tokens), bool(do_sample), float(temperature), float(top_p),
-                                    int(seed)), tag)
+        item = _Ask(list(queries), (int(max_new_tokens), do_sample, temperature, top_p, int(seed)), tag)
         self._ensure_worker()
         self._queue.put(item)
         return item.future.result()

@@ -65,9 +65,7 @@ def choose(logits: torch.Tensor, sp: Sampling, noise: torch.Tensor | None = None
     host sync); ``seen`` (B, vocab) bool: ids already in the row, for the repetition penalty."""
     scores = logits.float()
     logp_all = scores.log_softmax(-1)
-    if sp.repetition_penalty != 1.0:
-        pen = torch.where(scores < 0, scores * sp.repetition_penalty, scores / sp.repetition_penalty)
-        scores = torch.where(seen, pen, scores)
+    scores = repetition_penalised(scores, seen, sp.repetition_penalty)
     if sp.do_sample:
         if sp.top_k > 0:
             kth = scores.topk(min(int(sp.top_k), scores.shape[-1]), -1).values[:, -1:]
@@ -77,6 +75,22 @@ def choose(logits: torch.Tensor, sp: Sampling, noise: torch.Tensor | None = None
     else:
         nxt = scores.argmax(-1)
     return nxt, logp_all.gather(1, nxt[:, None])[:, 0]
+
+
+def repetition_penalised(scores: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the score of every id already in the row is divided by ``penalty``
+    if positive, multiplied by it if negative. ``seen``: (B, vocab) bool, or (B, L) ids (−1 = padding)."""
+    if penalty == 1.0:
+        return scores
+    if seen.dtype != torch.bool:
+        seen = seen_ids(seen, scores.shape[-1])
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def seen_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, L) ids (−1 = padding) → (B, vocab) bool: which ids each row holds."""
+    seen = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids.clamp_min(0), ids >= 0)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -284,7 +298,7 @@ class DecodeEngine:
             V = last.shape[-1]
             noise = torch.empty(B, V, device=last.device).exponential_(generator=generator) \
                 if sampling.do_sample else None
-            seen = _seen(input_ids, attention_mask, B, V) if sampling.repetition_penalty != 1.0 else None
+            seen = _seen(input_ids, attention_mask, V) if sampling.repetition_penalty != 1.0 else None
             nxt, logp = choose(last, sampling, noise, seen)
             return Decoded(nxt[:, None], logp[:, None], last.float()[:, None] if return_step_logits else None,
                            dict(path=self.path, fallback=self.fallback, bucket=None, steps=1))
@@ -301,7 +315,7 @@ class DecodeEngine:
             st.t.zero_()
             st.done.zero_()
             if st.seen is not None:
-                st.seen.copy_(_seen(input_ids, attention_mask, B, st.seen.shape[1]))
+                st.seen.copy_(_seen(input_ids, attention_mask, st.seen.shape[1]))
             if st.noise is not None:
                 st.noise.exponential_(generator=generator)
             _record(st, last)
@@ -411,11 +425,10 @@ class VisionEngine:
         self.graphs.clear()
 
 
-def _seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, B: int, V: int) -> torch.Tensor:
+def _seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, V: int) -> torch.Tensor:
     """(B, vocab) bool: the ids present in each row's prompt (padding excluded)."""
     ids = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -1)
-    seen = torch.zeros(B, V, dtype=torch.bool, device=input_ids.device)
-    return seen.scatter_(1, ids.clamp_min(0), ids >= 0)
+    return seen_ids(ids, V)
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

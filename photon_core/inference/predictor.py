@@ -1,6 +1,8 @@
 """`Predictor`: encode a volume once, ask many questions under any keep budget.
 
     p = Predictor()                       # the embedded demo model, CPU or CUDA
+    p = Predictor("Alibaba-DAMO-Academy/Photon-S2", subfolder="3D-RAD")   # official weights (HF cache)
+    p.checkpoint.label(), p.checkpoint.stage   # where they came from; S1 (no ITS) or S2
     p.set_volume(load_volume("scan.nii.gz"))
     a = p.ask("Is there a lesion in the liver?", budget="auto")
     a.text, a.kept, a.total, a.keep_grid    # answer, token counts, (10, 10, 10) kept mask
@@ -12,31 +14,34 @@ What the app, the CLI, the evaluator and the benchmark all call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from photon_core.model.checkpoint import load_model
-from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
-from photon_core.inference.prompt import Tokenizer, batch_prompts, clean_question
-from photon_core.model.budget import Budget
-from photon_core.io.volume import Volume
+from photon_core.inference.answers import readable
 from photon_core.inference.engine import vision_for
 from photon_core.inference.generate import Generation, generate
+from photon_core.inference.prompt import GenerationSettings, Tokenizer, batch_prompts, clean_question
+from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
+from photon_core.io.volume import Volume
+from photon_core.model import hub
+from photon_core.model.budget import S1_MESSAGE, THRESHOLD_MODES, Budget
+from photon_core.model.checkpoint import CheckpointInfo, load_model
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+DEMO_MODEL = hub.DEMO_MODEL
 MAX_NEW_TOKENS_LIMIT = 256
 
 
 @dataclass
 class Query:
-    """One row of a batched ask: a question and a budget on a volume's encoded features (and a prior's).
-    ``volume`` / ``prior``: (features (V, D), grid_thw (1, 3)) as `Predictor.encode` returns them."""
+    """One row of a batched ask: a question and a budget (None: the checkpoint's default) on a volume's
+    encoded features (and a prior's). ``volume`` / ``prior``: (features (V, D), grid_thw (1, 3)) as
+    `Predictor.encode` returns them."""
 
     question: str
-    budget: str | Budget
+    budget: str | Budget | None
     volume: tuple[torch.Tensor, torch.Tensor]
     prior: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -61,19 +66,22 @@ class Answer:
     prior_keep_grid: np.ndarray | None = None   # the prior scan's kept mask, when one was given
     prior_kept: int = 0                          # of ``kept``, tokens of the prior scan
     prior_total: int = 0                         # of ``total``, tokens of the prior scan
+    checkpoint: dict = field(default_factory=dict)   # CheckpointInfo.to_dict() of the model that answered
+    readable: bool = True                        # the text parses as an answer of the question's type
     probability: float | None = None             # exp(mean log-prob) of the answer's tokens and its stop id
-
 
     @property
     def keep_fraction(self) -> float:
         return self.kept / max(1, self.total)
 
     def to_dict(self) -> dict:
-        return dict(text=self.text, budget=self.budget, theta=round(self.theta, 4), total=self.total,
+        theta = round(self.theta, 4) if np.isfinite(self.theta) else None     # an S1 checkpoint has no θ
+        return dict(text=self.text, budget=self.budget, theta=theta, total=self.total,
                     kept=self.kept, keep_fraction=round(self.keep_fraction, 4), prompt_tokens=self.prompt_tokens,
                     generated_tokens=self.generated_tokens, prefill_s=round(self.prefill_s, 4),
                     decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
-                    device=self.device, kept_indices=self.kept_indices,
+                    device=self.device, kept_indices=self.kept_indices, checkpoint=self.checkpoint,
+                    readable=self.readable,
                     probability=None if self.probability is None else round(self.probability, 4),
                     **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total else {}))
 
@@ -87,13 +95,21 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 class Predictor:
-    def __init__(self, model_dir: str | Path | None = None, device: str | None = "auto",
-                 dtype: torch.dtype | None = None):
-        self.model_dir = Path(model_dir) if model_dir else DEMO_MODEL
+    """``model``: None (the embedded demo model), a checkpoint folder, or a hub id (ORG/NAME, fetched into
+    the HF cache; ``subfolder`` / ``revision`` pick a task's weights). S1 or S2 is read from the weights."""
+
+    def __init__(self, model: str | Path | None = None, *, subfolder: str | None = None,
+                 revision: str | None = None, device: str | None = "auto", dtype: torch.dtype | None = None):
+        where = hub.resolve(model, subfolder, revision)
         self.device = resolve_device(device)
-        self.model = load_model(self.model_dir, self.device, dtype)
+        self.model = load_model(where.path, self.device, dtype)
+        has_its = self.model.config.has_its
+        self.checkpoint: CheckpointInfo = replace(where, stage="S2" if has_its else "S1", has_its=has_its)
+        self.model_dir = where.path
         self.tokenizer = Tokenizer(self.model_dir)
         self.tokenizer.check_config(self.model.config)
+        self.generation = GenerationSettings.from_folder(self.model_dir, self.model.config.eos_token_id,
+                                                         self.tokenizer)
         self.features: torch.Tensor | None = None
         self.grid_thw: torch.Tensor | None = None
         self.geometry: Geometry | None = None
@@ -103,7 +119,22 @@ class Predictor:
 
     @property
     def name(self) -> str:
-        return self.model.config.model_name
+        """The model's name (its config's for our own checkpoints) and, for official ones, where it came from."""
+        if self.checkpoint.source == "embedded" or self.model.config.model_name != "Photon":
+            return self.model.config.model_name
+        return f"Photon {self.checkpoint.label()}"
+
+    @property
+    def default_budget(self) -> Budget:
+        """What Photon does: the model's own θ (S2); every visual token for an S1 checkpoint."""
+        return Budget("auto") if self.checkpoint.has_its else Budget("full")
+
+    def supports(self, budget: str | Budget | None) -> str | None:
+        """None if ``budget`` can run on this checkpoint, else the message saying why not."""
+        b = self.default_budget if budget is None else Budget.parse(budget)
+        if b.mode in THRESHOLD_MODES and not self.checkpoint.has_its:
+            return S1_MESSAGE.format(mode=b.mode)
+        return None
 
     # ------------------------------------------------------------------ volume
     def prepare(self, volume: Volume) -> Prepared:
@@ -145,17 +176,19 @@ class Predictor:
         self.prior = (prior[0], prior[1].to(self.device)) if prior is not None else None
 
     # ------------------------------------------------------------------ asking
-    def ask(self, question: str, budget: str | Budget = "auto", max_new_tokens: int = 32,
-            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Answer:
+    def ask(self, question: str, budget: str | Budget | None = None, max_new_tokens: int = 32,
+            do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+            seed: int = 0) -> Answer:
         return self.ask_many([question], [budget], max_new_tokens, do_sample, temperature, top_p, seed)[0]
 
-    def ask_many(self, questions: list[str] | str, budgets: list | str | Budget = "auto",
-                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[Answer]:
+    def ask_many(self, questions: list[str] | str, budgets: list | str | Budget | None = None,
+                 max_new_tokens: int = 32, do_sample: bool | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int = 0) -> list[Answer]:
         """Several questions and/or budgets on the current volume in ONE batched forward.
 
         ``questions`` and ``budgets`` broadcast: one question × many budgets (the Compare view),
-        many questions × one budget, or pairwise lists of equal length.
+        many questions × one budget, or pairwise lists of equal length. A budget of None is
+        `default_budget`; decoding settings left None come from the checkpoint's generation config.
         """
         if self.features is None:
             raise ValueError("No volume is loaded; call set_volume() first.")
@@ -168,43 +201,52 @@ class Predictor:
         return self.answer([self.query(q, b) for q, b in zip(qs, bs)], max_new_tokens, do_sample, temperature,
                            top_p, seed)
 
-    def query(self, question: str, budget: str | Budget = "auto") -> Query:
+    def query(self, question: str, budget: str | Budget | None = None) -> Query:
         """A question on the current volume (and prior), as a row for `answer`."""
         if self.features is None:
             raise ValueError("No volume is loaded; call set_volume() first.")
         return Query(question, budget, (self.features, self.grid_thw), self.prior)
 
-    def answer(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[Answer]:
+    def answer(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool | None = None,
+               temperature: float | None = None, top_p: float | None = None, seed: int = 0) -> list[Answer]:
         """Rows of (question, budget, volume features, prior) — possibly of different volumes, e.g. the
         asks of several users (`batching.AskBatcher`) — answered in ONE batched forward. Every row
-        must carry as many visual tokens as the others; each gives exactly what it gives alone."""
+        must carry as many visual tokens as the others; each gives exactly what it gives alone.
+        Decoding settings left None come from the checkpoint's generation config."""
         if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
         n = len(queries)
-        bs = [Budget.parse(q.budget) for q in queries]
+        bs = [self.default_budget if q.budget is None else Budget.parse(q.budget) for q in queries]
+        for b in bs:
+            if (why := self.supports(b)) is not None:
+                raise ValueError(why)
+        qs = [clean_question(q.question) for q in queries]
         ids, mask, feats, grid, P, V = self._inputs(queries)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
+        g = self.generation
+        sampling = replace(g, do_sample=g.do_sample if do_sample is None else bool(do_sample),
+                           temperature=g.temperature if temperature is None else float(temperature),
+                           top_p=g.top_p if top_p is None else float(top_p))
+        gen = torch.Generator(device=self.device).manual_seed(seed) if sampling.do_sample else None
         t0 = time.perf_counter()
         with torch.inference_mode():
             timing = {}
-            res = self._generate(ids, mask, feats, grid, bs, max_new_tokens, do_sample, temperature, top_p,
-                                 gen, timing)
+            res = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing)
         total_s = time.perf_counter() - t0
         prefill_s = timing.get("prefill", total_s)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else peak_rss_mb()
         answers = []
         st = res.prefill.its
+        stops = set(sampling.eos_token_ids)
         toks, logps = res.tokens.tolist(), res.logprobs.float().cpu().numpy()
-        eos = self.model.config.eos_token_id
         for b in range(n):
             row = toks[b]
-            gen_ids = row[:row.index(eos)] if eos in row else row
-            used = len(gen_ids) + (eos in row)          # the answer's tokens and the stop that ended it
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            gen_ids = row if end is None else row[:end]
+            used = len(gen_ids) + (end is not None)          # the answer's tokens and the stop that ended it
             if st is not None:
                 keep_all = st.keep[b].cpu().numpy().astype(bool)
                 rho = st.rho[b].float().cpu().numpy()[P:]
@@ -212,26 +254,28 @@ class Predictor:
             else:
                 keep_all, rho, theta = np.ones(P + V, bool), np.zeros(V, np.float32), 0.0
             keep, prior_keep = keep_all[P:], keep_all[:P]
+            text = self.tokenizer.decode(gen_ids)
             answers.append(Answer(
-                text=self.tokenizer.decode(gen_ids), budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
+                text=text, budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
                 kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta,
-                total=P + V, kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()), generated_tokens=used,
-                prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak,
-                device=str(self.device),
-                extra={"batch": n, "decode": res.stats.get("path")},
+                total=P + V, kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()),
+                generated_tokens=used, prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak,
+                device=str(self.device), extra={"batch": n, "decode": res.stats.get("path")},
+                checkpoint=self.checkpoint.to_dict(),
                 prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
-                prior_kept=int(prior_keep.sum()), prior_total=P,
+                prior_kept=int(prior_keep.sum()), prior_total=P, readable=readable(qs[b], text),
                 probability=float(np.exp(logps[b, :used].mean())) if used else None))
         return answers
 
-    def answer_logprobs(self, questions: list[str], budget: str | Budget = "auto") -> torch.Tensor:
+    def answer_logprobs(self, questions: list[str], budget: str | Budget | None = None) -> torch.Tensor:
         """(len(questions), vocab) log-probabilities of each question's first answer token on the
         current volume, in one batched prefill (a diagnostic read-out: e.g. P("yes") vs P("no"))."""
         if self.features is None:
             raise ValueError("No volume is loaded; call set_volume() first.")
         ids, mask, feats, grid, _, _ = self._inputs([self.query(q) for q in questions])
         with torch.inference_mode():
-            out = self.model(ids, mask, features=feats, grid_thw=grid, budget=[Budget.parse(budget)] * len(ids))
+            b = self.default_budget if budget is None else Budget.parse(budget)
+            out = self.model(ids, mask, features=feats, grid_thw=grid, budget=[b] * len(ids))
         return out.logits[:, -1].float().log_softmax(-1)       # left-padded: the last position answers
 
     def _inputs(self, queries: list[Query]):
@@ -250,7 +294,7 @@ class Predictor:
         grid = torch.cat([g.to(self.device).reshape(-1, 3) for _, g in vols])
         return ids, mask, feats, grid, P, V
 
-    def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, do_sample, temperature, top_p, gen,
+    def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, sampling: GenerationSettings, gen,
                   timing) -> Generation:
         t0 = time.perf_counter()
 
@@ -259,11 +303,11 @@ class Predictor:
                 torch.cuda.synchronize(self.device)
             timing["prefill"] = time.perf_counter() - t0
 
-        m = self.model
-        return generate(m, ids, mask, features=feats, grid_thw=grid, budget=budgets,
-                        max_new_tokens=max_new_tokens, eos_token_id=m.config.eos_token_id,
-                        do_sample=do_sample, temperature=temperature, top_p=top_p, generator=gen,
-                        on_prefill=mark)
+        return generate(self.model, ids, mask, features=feats, grid_thw=grid, budget=budgets,
+                        max_new_tokens=max_new_tokens, eos_token_id=list(sampling.eos_token_ids),
+                        do_sample=sampling.do_sample, temperature=sampling.temperature,
+                        top_p=sampling.top_p, top_k=sampling.top_k,
+                        repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark)
 
 
 def peak_rss_mb() -> float:
