@@ -256,7 +256,7 @@ def test_decode_attention_equals_sdpa():
 def test_answer_probability(tiny_model_dir):
     from photon_core.inference.predictor import Predictor
 
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     g = torch.Generator().manual_seed(0)
     p.set_volume(torch.rand(140, 1, 280, 280, generator=g))
     a = p.ask("Is there a lesion in the liver?", max_new_tokens=4)
@@ -305,7 +305,7 @@ print("ok")
 def served(tiny_model_dir):
     from photon_core.inference.predictor import Predictor
 
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     vols = [p.encode(torch.rand(140, 1, 280, 280, generator=g))[:2] for g in gens]
     return p, vols

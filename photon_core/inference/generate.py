@@ -10,9 +10,10 @@ from typing import NamedTuple
 
 import torch
 
-from photon_core.inference.engine import Sampling, engine_for
-from photon_core.inference.engine import repetition_penalised, top_p_filter  # noqa: F401  (re-exported)
+from photon_core.inference.engine import Sampling, engine_for, repetition_penalised, top_p_filter
 from photon_core.model.photon import Output, PhotonModel
+
+__all__ = ["Generation", "Sampling", "generate", "repetition_penalised", "top_p_filter"]
 
 
 class Generation(NamedTuple):
