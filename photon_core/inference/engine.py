@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from photon_core.inference.prompt import GenerationSettings as Sampling
 from photon_core.model.photon import Output, PhotonModel
 
 log = logging.getLogger(__name__)
@@ -45,24 +46,12 @@ MODES = ("eager", "graph", "compile", "reduce-overhead")
 SLOT_BUCKET = 64          # cache lengths are rounded up to a multiple of this (fewer graphs)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen (transformers' order: repetition penalty, top-k, temperature,
-    top-p). Greedy unless ``do_sample``. ``stop_ids``: any of them ends a row (the first is its padding)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop_ids: tuple[int, ...] = ()
-
-
 def choose(logits: torch.Tensor, sp: Sampling, noise: torch.Tensor | None = None,
            seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, vocab) logits → next token (B,) and its log-probability under the model's own distribution
-    (B,). ``noise`` (B, vocab) Exp(1) draws when sampling (argmax of p/noise samples from p, with no
-    host sync); ``seen`` (B, vocab) bool: ids already in the row, for the repetition penalty."""
+    (B,). ``sp``: greedy unless ``do_sample``; transformers' order (repetition penalty, top-k,
+    temperature, top-p). ``noise`` (B, vocab) Exp(1) draws when sampling (argmax of p/noise samples
+    from p, with no host sync); ``seen`` (B, vocab) bool: ids already in the row, for the penalty."""
     scores = logits.float()
     logp_all = scores.log_softmax(-1)
     scores = repetition_penalised(scores, seen, sp.repetition_penalty)
@@ -129,7 +118,7 @@ class _State:
         self.done = torch.zeros(B, device=dev, dtype=torch.bool)
         self.out_tokens = torch.zeros(B, S, **long)
         self.out_logprobs = torch.zeros(B, S, device=dev, dtype=torch.float)
-        self.stop = torch.tensor(sp.stop_ids, **long) if sp.stop_ids else None
+        self.stop = torch.tensor(sp.eos_token_ids, **long) if sp.eos_token_ids else None
         V = c.vocab_size
         self.noise = torch.ones(B, V, device=dev) if sp.do_sample else None
         self.seen = torch.zeros(B, V, device=dev, dtype=torch.bool) if sp.repetition_penalty != 1.0 else None
@@ -285,12 +274,14 @@ class DecodeEngine:
     # ------------------------------------------------------------------ decoding
     @torch.inference_mode()
     def decode(self, prefill: Output, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-               max_new_tokens: int, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
-               return_step_logits: bool = False) -> Decoded:
+               max_new_tokens: int, sampling: Sampling | None = None,
+               generator: torch.Generator | None = None, return_step_logits: bool = False) -> Decoded:
         """Continue from a prefill run with ``use_cache=True`` (its logits' last position chooses the first
-        token). ``input_ids``/``attention_mask``: the prompt (for the repetition penalty)."""
+        token). ``input_ids``/``attention_mask``: the prompt (for the repetition penalty). ``sampling``:
+        `prompt.GenerationSettings` (default greedy, no stop)."""
         if prefill.cache is None:
             raise ValueError("decode needs the prefill's KV cache (run the model with use_cache=True)")
+        sampling = sampling or Sampling()
         T = int(max_new_tokens)
         B, N = prefill.key_valid.shape
         last = prefill.logits[:, -1]

@@ -42,7 +42,7 @@ def generate(model: PhotonModel, input_ids, attention_mask=None, features=None, 
         on_prefill(out)
     stops = () if eos_token_id is None else tuple(int(i) for i in torch.as_tensor(eos_token_id).flatten())
     sp = (Sampling(True, float(temperature), int(top_k), float(top_p), float(repetition_penalty), stops)
-          if do_sample else Sampling(repetition_penalty=float(repetition_penalty), stop_ids=stops))
+          if do_sample else Sampling(repetition_penalty=float(repetition_penalty), eos_token_ids=stops))
     dec = engine_for(model, mode).decode(out, input_ids, attention_mask, max_new_tokens, sp, generator,
                                          return_step_logits)
     return Generation(dec.tokens, out, dec.step_logits, dec.logprobs, dec.stats)
