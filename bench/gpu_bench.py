@@ -13,10 +13,11 @@ Section ``ours`` (in this order, each part guarded: an error or the time budget 
     TTFT, answer = prefill + 32 tokens (vision included, and on cached features), decode tok/s at batch
     1 and 8 (CUDA-graph step) and batch 1 (eager step), peak memory against the weights' bytes;
   service: one ask through the ask batcher vs 8 concurrent asks from 8 sessions (8 volumes);
-  B Photon without ITS; torch profiler of prefill and of eager decode steps; C at 10 / 25 / 50 %;
-  D FastV at 390; A stock geometry (temporal patch 2, 3 channels → 7,000 tokens; its own model);
-  training step (SGP, frozen tower) for B and C; the compiled decode step (batch 1 and 8); the compiled
-  vision tower; the whole step under torch.compile(mode="reduce-overhead").
+  B Photon without ITS; torch profiler of prefill and of eager decode steps; the compiled decode step at
+  batch 1 (and the answer with it); D FastV at 390; C at 10 / 25 / 50 %; A stock geometry (temporal
+  patch 2, 3 channels → 7,000 tokens; its own model); training step (SGP, frozen tower) for B and C;
+  the compiled step at batch 8; the compiled vision tower; the whole step under
+  torch.compile(mode="reduce-overhead").
 Section ``peer``: stock transformers `Qwen2_5_VLForConditionalGeneration` (SDPA) at the same shape and
   prompt: vision tower, prefill, answer and decode tok/s eager (DynamicCache) and with static cache +
   torch.compile (generate's own compile of the decode step), peak memory.
@@ -328,15 +329,17 @@ def core_row(rec: Record, name: str, model, x: Inputs, budget, use_its: bool, re
                 peak_reset()
                 ans = answer_fn(model, x, budget, use_its, NEW, 1, mode, graph_enc)
                 r[f"answer_s{key}"] = timed(ans, repeats)
-                cached = answer_fn(model, x, budget, use_its, NEW, 1, mode)
-                r[f"answer_cached_features_s{key}"] = timed(cached, repeats)
+                if detail:
+                    cached = answer_fn(model, x, budget, use_its, NEW, 1, mode)
+                    r[f"answer_cached_features_s{key}"] = timed(cached, repeats)
                 if cuda and memory:
                     wb = weights_bytes(model)
                     r["weights_gib"] = wb / 2**30
                     r["peak_mem_gib_b1"] = peak_gib()          # prefill (vision included) + batch-1 decode
                     r["peak_over_weights_gib_b1"] = r["peak_mem_gib_b1"] - wb / 2**30
                     r["reserved_gib_b1"] = torch.cuda.max_memory_reserved() / 2**30   # graph pools included
-            rate = decode_rate(model, x, budget, use_its, b, mode, max(3, repeats // 2) if i == 0 else 2)
+            reps = max(3, repeats // 2) if i == 0 and detail else 2
+            rate = decode_rate(model, x, budget, use_its, b, mode, reps)
             r.update({k if not key else k.replace(f"_b{b}", f"_b{b}{key}"): v for k, v in rate.items()})
             if cuda and gpu_kind() and b == 1:
                 c = model.config
@@ -517,19 +520,23 @@ def photon_parts(args, rec: Record, m: PhotonModel, x: Inputs, frames: torch.Ten
     rec.part("B core", lambda: core_row(rec, "B Photon, no ITS", m, x, None, False, rep, modes=modes,
                                         detail=False), 8)
     rec.part("profile", lambda: profile(rec, m, x, top, args.profile), 6)
+    if not smoke:
+        rec.part("compiled decode, batch 1 (warm-up included)",
+                 lambda: _compiled(rec, c390, m, x, top, rep, 1), 40)
     small = dict(modes=modes, batches=(1,), detail=False)
-    for r in (0.10,) if smoke else (0.10, 0.25, 0.50):
-        name = f"C ITS {int(r * 100)}%"
-        rec.part(name, lambda n=name, r=r: core_row(rec, n, m, x, Budget("ratio", r), True, rep, **small), 4)
+    few = min(rep, 3)
     name = f"D FastV top-{k}"
-    rec.part(name, lambda: core_row(rec, name, m, x, Budget("fastv", k), True, rep, **small), 4)
+    rec.part(name, lambda: core_row(rec, name, m, x, Budget("fastv", k), True, few, **small), 4)
+    for r in (0.10,) if smoke else (0.10, 0.25, 0.50):
+        n = f"C ITS {int(r * 100)}%"
+        rec.part(n, lambda n=n, r=r: core_row(rec, n, m, x, Budget("ratio", r), True, few, **small), 4)
 
     def row_a():                                      # its own model; memory figures would count both
         device, dtype = m.lm_head.weight.device.type, m.lm_head.weight.dtype
         a = build(model_cfg(2, 3, smoke), device, dtype)
         try:
             xa = Inputs(a, frames, tok)
-            core_row(rec, "A stock geometry", a, xa, None, False, rep, memory=False, **small)
+            core_row(rec, "A stock geometry", a, xa, None, False, few, memory=False, **small)
         finally:
             release(a)
             del a
@@ -537,34 +544,35 @@ def photon_parts(args, rec: Record, m: PhotonModel, x: Inputs, frames: torch.Ten
                 torch.cuda.empty_cache()
     rec.part("A stock geometry", row_a, 15)
     for name, use_its in (("B Photon, no ITS", False), (c390, True)):
-        rec.part(f"train step {name}", lambda n=name, u=use_its: train_step(rec, n, m, x, u, rep), 8)
+        rec.part(f"train step {name}", lambda n=name, u=use_its: train_step(rec, n, m, x, u, few), 6)
     if smoke:
         rec.data["parts"]["compiled decode"] = {"status": "skipped: --smoke (test_engine compiles on CPU)"}
         return
-    rec.part("compiled decode (warm-up included)", lambda: _compiled(rec, c390, m, x, top, rep), 40)
+    rec.part("compiled decode, batch 8 (warm-up included)",
+             lambda: _compiled(rec, c390, m, x, top, rep, 8), 30)
     rec.part("compiled vision tower", lambda: _compiled_vision(rec, c390, m, x, rep), 25)
     rec.part("reduce-overhead decode (warm-up included)",
              lambda: _reduce_overhead(rec, c390, m, x, top, rep), 40)
 
 
-def _compiled(rec, name, m, x, budget, rep):
+def _compiled(rec, name, m, x, budget, rep, batch: int):
+    """The compiled step (each layer compiled once for all, then the step captured): decode tok/s at
+    ``batch`` (its first call compiles; batch 8 after 1 compiles a graph with a dynamic batch) and, at
+    batch 1, the answer latency."""
     r = rec.row(name)
     t = time.perf_counter()
-    answer_fn(m, x, budget, True, NEW + 1, 1, "compile")()            # compiles (batch 1) and captures
+    answer_fn(m, x, budget, True, NEW + 1, batch, "compile")()
     sync()
-    r["compile_warmup_s_b1"] = time.perf_counter() - t
-    rate = decode_rate(m, x, budget, True, 1, "compile", max(3, rep // 2))
-    r.update({kk + "_compile": v for kk, v in rate.items()})
-    r["answer_cached_features_s_compile"] = timed(answer_fn(m, x, budget, True, NEW, 1, "compile"), rep)
-    ans = answer_fn(m, x, budget, True, NEW, 1, "compile", vision_for(m, "auto"))
-    r["answer_s_compile"] = timed(ans, rep)
-    rec.write()
-    rate = decode_rate(m, x, budget, True, 8, "compile", max(3, rep // 2))
+    r[f"compile_warmup_s_b{batch}"] = time.perf_counter() - t
+    rate = decode_rate(m, x, budget, True, batch, "compile", max(3, rep // 2))
     r.update({kk + "_compile": v for kk, v in rate.items()})
     rec.write()
-    # also the graph-mode rows after the compiled ones, to see if the order matters (warm clocks)
-    r["decode_tok_s_b1_graph_again"] = decode_rate(m, x, budget, True, 1, "graph", max(3, rep // 2))[
-        "decode_tok_s_b1"]
+    if batch == 1:
+        r["answer_cached_features_s_compile"] = timed(answer_fn(m, x, budget, True, NEW, 1, "compile"), rep)
+        ans = answer_fn(m, x, budget, True, NEW, 1, "compile", vision_for(m, "auto"))
+        r["answer_s_compile"] = timed(ans, rep)
+        # the graph-mode rate again, right after: does the order (warm clocks) matter?
+        r["decode_tok_s_b1_graph_again"] = decode_rate(m, x, budget, True, 1, "graph", 3)["decode_tok_s_b1"]
 
 
 def _compiled_vision(rec, name, m, x, rep):
