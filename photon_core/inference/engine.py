@@ -423,25 +423,29 @@ def _seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, V: int) 
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(model: PhotonModel, mode: str = "auto") -> DecodeEngine:
     """The model's decode engine (one per model and mode; its buffers and graphs are reused)."""
-    per_model = _ENGINES.setdefault(model, {})
-    if mode not in per_model:
-        per_model[mode] = DecodeEngine(model, mode)
-    return per_model[mode]
+    with _ENGINES_LOCK:
+        per_model = _ENGINES.setdefault(model, {})
+        if mode not in per_model:
+            per_model[mode] = DecodeEngine(model, mode)
+        return per_model[mode]
 
 
 def release(model: PhotonModel) -> None:
     """Drop the model's engines (their buffers and graphs hold the model and device memory)."""
-    _ENGINES.pop(model, None)
+    with _ENGINES_LOCK:
+        _ENGINES.pop(model, None)
 
 
 def vision_for(model: PhotonModel, mode: str = "auto") -> VisionEngine:
     """The model's vision engine (one per model and mode; a CUDA graph per grid)."""
-    per_model = _ENGINES.setdefault(model, {})
-    key = ("vision", mode)
-    if key not in per_model:
-        per_model[key] = VisionEngine(model, mode)
-    return per_model[key]
+    with _ENGINES_LOCK:
+        per_model = _ENGINES.setdefault(model, {})
+        key = ("vision", mode)
+        if key not in per_model:
+            per_model[key] = VisionEngine(model, mode)
+        return per_model[key]
