@@ -1,5 +1,6 @@
 """CPU (or GPU) latency of the demo model through the Predictor: set_volume, ask, re-ask at another budget,
-the same with a prior scan in the prompt, and the app's path (sample case → first answer + 3-D; budget change → new answer + 3-D).
+the same with a prior scan in the prompt, and the app's path (sample case → first answer + 3-D; budget
+change → new answer + 3-D).
 
     python bench/cpu_latency.py [--model DIR] [--device cpu] [--repeats 5]
 
@@ -33,8 +34,8 @@ def main(argv=None):
     from app.service import Engine, Settings
     from photon_core.inference.predictor import Predictor, peak_rss_mb
     from photon_core.io.preprocess import prepare
-    from photon_core.model.budget import Budget
     from photon_core.io.volume import load_volume
+    from photon_core.model.budget import Budget
     from viz.scene import render_png, scene_glb, token_blocks
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -74,7 +75,7 @@ def main(argv=None):
     rows["with_prior"] = dict(set_volume_with_prior_s=med(t_pair), ask_s=med(t_pair_ask))
     memory["after_prior_rows_mb"] = round(peak_rss_mb(), 1)
     eng = Engine(Settings(model_dir=args.model, device=args.device))
-    eng.predictor
+    _ = eng.predictor                      # load the model before timing
     first, change = [], []
     for i in range(args.repeats):
         eng._cache.clear()
@@ -92,12 +93,14 @@ def main(argv=None):
         render_png(s.surfaces, blocks)
         change.append(time.perf_counter() - t)
         s.cleanup()
-    rows["app_path"] = dict(sample_case_to_first_answer_and_3d_s=med(first), budget_change_to_answer_and_3d_s=med(change))
+    rows["app_path"] = dict(sample_case_to_first_answer_and_3d_s=med(first),
+                            budget_change_to_answer_and_3d_s=med(change))
     memory["after_app_path_mb"] = round(peak_rss_mb(), 1)
     rows["peak_rss"] = memory
-    rows["machine"] = dict(device=str(pred.device), cpu_threads=torch.get_num_threads(), torch=torch.__version__,
-                           python=platform.python_version(), processor=platform.processor() or platform.machine(),
-                           model=pred.name, repeats=args.repeats)
+    rows["machine"] = dict(device=str(pred.device), cpu_threads=torch.get_num_threads(),
+                           torch=torch.__version__, python=platform.python_version(),
+                           processor=platform.processor() or platform.machine(), model=pred.name,
+                           repeats=args.repeats)
     print(json.dumps(rows, indent=1))
 
 

@@ -60,9 +60,8 @@ def test_budget_change_does_not_re_encode(engine, session):
 
 
 def test_max_new_tokens_is_bounded(engine, session):
-    engine._activate(session)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        engine.predictor.ask("Is there a lesion?", max_new_tokens=100_000)
+        engine.ask(session, "Is there a lesion?", Budget("auto"), max_new_tokens=100_000)
 
 
 def test_patient_identifiers_never_leak(engine, tmp_path, caplog):
