@@ -144,10 +144,11 @@ def build_ui(engine: Engine) -> gr.Blocks:
     @_guard
     def on_compare(s, question, progress=gr.Progress()):
         progress(0.1, desc="Asking at Auto, 10%, 25%, 50% and Full (one batch)")
-        answers = engine.compare(s, question, [b for _, b in COMPARE])
+        compare = [(n, b) for n, b in COMPARE if engine.supports(b)]     # an S1 checkpoint has no Auto
+        answers = engine.compare(s, question, [b for _, b in compare])
         full = answers[-1].text
         rows = [dict(budget=n, kept=a.kept, answer=a.text, latency_ms=round(1000 * (a.prefill_s + a.decode_s)))
-                for (n, _), a in zip(COMPARE, answers)]
+                for (n, _), a in zip(compare, answers)]
         body = "".join(
             f"<tr{' class=diff' if r['answer'] != full else ''}><td>{r['budget']}</td><td>{r['kept']}</td>"
             f"<td>{html.escape(r['answer'])}{' ⚠ differs from Full' if r['answer'] != full else ''}</td>"
@@ -211,7 +212,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 suggested = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
                 question = gr.Textbox(label="Question", lines=2, elem_id="question",
                                       placeholder="e.g. Is there a lesion in the liver?")
-                mode = gr.Radio(MODES, value="Auto", label="Keep budget", elem_id="mode")
+                modes, modes_note = engine.budget_modes()
+                mode = gr.Radio(modes, value=modes[0][1], label="Keep budget", elem_id="mode",
+                                info=modes_note or None)
                 value = gr.Slider(0, 1000, value=390, step=10, label="(the model decides)", interactive=False,
                                   elem_id="budget")
                 with gr.Row():
@@ -284,7 +287,8 @@ def answer_card(ans, model_name: str, warning: str) -> str:
     return (f"<div id='answer-card' style='border:1px solid #ccc;border-radius:6px;padding:10px'>"
             f"<div style='font-size:1.3em'><b>Answer:</b> <span id='answer-text'>{html.escape(ans.text) or '(empty)'}</span></div>"
             f"<div id='token-count'>Visual tokens kept: <b>{ans.kept}</b> / {ans.total} ({100 * ans.keep_fraction:.1f}%)"
-            f" · budget <b>{html.escape(ans.budget)}</b> · θ = {ans.theta:.3f}</div>{split}"
+            f" · budget <b>{html.escape(ans.budget)}</b> · "
+            f"{f'θ = {ans.theta:.3f}' if np.isfinite(ans.theta) else 'no θ (S1 checkpoint)'}</div>{split}"
             f"<div>Latency: prefill {1000 * ans.prefill_s:.0f} ms · decode {1000 * ans.decode_s:.0f} ms "
             f"({ans.generated_tokens} tokens) · device {html.escape(ans.device)}</div>"
             f"<div style='color:#666'>Model: {html.escape(model_name)}</div>{warn}</div>")

@@ -43,9 +43,25 @@ cases = samples.cases
 case_by_title = samples.case
 
 
+def budget_modes(has_its: bool) -> tuple[list[tuple[str, str]], str]:
+    """The keep-budget modes a checkpoint supports, as (label, mode) choices for the UI, and a note.
+
+    S2: Auto (the model's θ), Tokens, Percent, Threshold, Full. S1 has no learned threshold: Full
+    (what S1 does), and Tokens / Percent ranked by the ITS layer's attention saliency ρ; Auto and
+    Threshold need an S2 checkpoint."""
+    if has_its:
+        return [(m, m) for m in ("Auto", "Tokens", "Percent", "Threshold", "Full")], ""
+    return ([("Full (S1: every visual token)", "Full"), ("Tokens (top-k by attention saliency ρ)", "Tokens"),
+             ("Percent (by attention saliency ρ)", "Percent")],
+            "S1 checkpoint: no learned threshold θ, so Auto and Threshold need an S2 checkpoint; "
+            "Tokens and Percent rank tokens by the ITS layer's attention saliency.")
+
+
 @dataclass
 class Settings:
-    model_dir: str | None = None
+    model_dir: str | None = None           # checkpoint folder or hub id (None: the embedded demo model)
+    subfolder: str | None = None           # the checkpoint's folder inside model_dir (a task's S2 weights)
+    revision: str | None = None            # hub branch / tag / commit
     device: str = "auto"
     max_new_tokens: int = 32
     cache_volumes: int = 4                 # encoded volumes kept in memory (LRU, whole server)
@@ -111,8 +127,16 @@ class Engine:
             if self._predictor is None:
                 from photon_core.inference.predictor import Predictor
 
-                self._predictor = Predictor(self.settings.model_dir, self.settings.device)
+                st = self.settings
+                self._predictor = Predictor(st.model_dir, subfolder=st.subfolder, revision=st.revision,
+                                            device=st.device)
             return self._predictor
+
+    def budget_modes(self) -> tuple[list[tuple[str, str]], str]:
+        return budget_modes(self.predictor.checkpoint.has_its)
+
+    def supports(self, budget: Budget) -> bool:
+        return self.predictor.supports(budget) is None
 
     @property
     def model_name(self) -> str:

@@ -28,7 +28,7 @@ def _frames(seed=0):
 
 @pytest.fixture(scope="module")
 def pred(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     p.set_volume(_frames())
     return p
 
@@ -83,7 +83,7 @@ def test_full_equals_model_without_its(pred):
 
 
 def test_two_asks_encode_once(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     calls = []
     p.model.visual.register_forward_hook(lambda *a: calls.append(1))
     p.set_volume(_frames(1))
@@ -198,19 +198,20 @@ def test_checkpoint_round_trip_and_shards(tiny_model_dir, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_checkpoint_refuses_pickles_and_strangers(tiny_model_dir, tmp_path):
+def test_checkpoint_ignores_pickles_and_strangers_beside_safetensors(tiny_model_dir, tmp_path):
+    """Official folders carry args.json, README.md, results.zip, even training_args.bin: ignored, never
+    opened (a pickle-only folder is refused: tests/test_official.py)."""
     import shutil
 
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir, d)
     (d / "pytorch_model.bin").write_bytes(b"not even read")
+    (d / "run.sh").write_text("echo hi")
+    load_model(d)
+    (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pickle"):
         load_model(d)
-    (d / "pytorch_model.bin").unlink()
-    (d / "run.sh").write_text("echo hi")
-    with pytest.raises(CheckpointError, match="unexpected file"):
-        load_model(d)
-    (d / "run.sh").unlink()
+    shutil.copy(tiny_model_dir / "model.safetensors", d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["hidden_size"] = 33
     (d / "config.json").write_text(json.dumps(cfg))

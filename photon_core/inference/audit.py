@@ -61,10 +61,11 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
         "case": re.sub(r"[^A-Za-z0-9 _().,-]", "", case_title)[:80],
         "question": question, "answer": answer.text, "budget": answer.budget,
         "visual_tokens_total": answer.total, "visual_tokens_kept": answer.kept,
-        "keep_fraction": round(answer.keep_fraction, 4), "theta": round(float(answer.theta), 4),
+        "keep_fraction": round(answer.keep_fraction, 4),
+        "theta": round(float(answer.theta), 4) if np.isfinite(answer.theta) else None,   # None: an S1 checkpoint
         "kept_token_indices": answer.kept_indices, "per_organ_retention": retention or {},
         "latency_s": {"prefill": round(answer.prefill_s, 4), "decode": round(answer.decode_s, 4)},
-        "model": model_name, "device": answer.device,
+        "model": model_name, "checkpoint": getattr(answer, "checkpoint", None) or None, "device": answer.device,
         "mask_file": "kept_blocks.nii.gz (uint8, original scan grid, 1 = voxel inside a kept token block)",
         "versions": {"photon_ct": getattr(photon_core, "__version__", "0"), "torch": torch.__version__,
                      "nibabel": nib.__version__, "python": platform.python_version()},

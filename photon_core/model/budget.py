@@ -18,6 +18,12 @@ BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "vi
 MODES = ("auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random")
 COUNT_MODES = ("top_k", "fastv", "visionzip", "random")
 BASELINE_MODES = ("fastv", "visionzip", "random")
+# Modes that read the learned threshold θ: an S1 checkpoint (no ITS weights) cannot run them. Every
+# other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
+THRESHOLD_MODES = ("auto", "threshold")
+S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 "
+              "checkpoint (no token-scheduling weights): use full, a token count (top_k), a percent, or a "
+              "baseline")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ def is_baseline(budget: Budget) -> bool:
 def decide(budget: Budget, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Keep mask (V,) for one sample under an ITS budget (ρ (V,), θ scalar tensor)."""
     V = rho.numel()
+    if budget.mode in THRESHOLD_MODES and bool(torch.isnan(theta).any()):
+        raise ValueError(S1_MESSAGE.format(mode=budget.mode))
     if budget.mode == "auto":
         return torch.sigmoid((rho - theta) / TEMPERATURE) > 0.5
     if budget.mode == "full":
