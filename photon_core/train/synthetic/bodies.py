@@ -26,7 +26,7 @@ from safetensors.torch import save as save_bytes
 
 from photon_core.io import samples
 from photon_core.train.synthetic.anatomy import Background, downsample_shape, load_background, shrink
-from photon_core.train.synthetic.generator import TRAIN_CASES
+from photon_core.train.synthetic.splits import TRAIN_CASES
 
 FORMAT = "photon-demo-bodies-1"
 UNIT_HU = 2000.0                       # frames = (HU + 1000) / 2000
