@@ -48,9 +48,10 @@ def voxels(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().to(torch.int32)
 
 
+@per_mask
 def count(mask: torch.Tensor) -> int:
-    """Voxels in ``mask`` (cached with `voxels`)."""
-    return len(voxels(mask))
+    """Voxels in ``mask``."""
+    return int(mask.sum())
 
 
 def lesion_sites(organs) -> tuple[list[str], list[str]]:
@@ -240,7 +241,10 @@ class FindingSampler:
         grid = (src / (shape - 1) * 2 - 1).flip(-1)[None]                 # grid_sample wants (x, y, z)
         vals = F.grid_sample(frames[None, None], grid.to(frames.device), mode="bilinear",
                              align_corners=True)[0, 0]
-        inside = F.grid_sample(mask[None, None].float(), grid, mode="nearest", align_corners=True)[0, 0] > 0.5
+        # (with the frames on a GPU the organ is resampled there too: the same grid, rounded by that device)
+        on = frames.device
+        inside = F.grid_sample(mask[None, None].to(on).float(), grid.to(on), mode="nearest",
+                               align_corners=True)[0, 0].to(mask.device) > 0.5
         # it displaces tissue, not air or lung (a GPU stream reads that region of its frames back)
         inside &= mask[sl] | (frames[sl].to(mask.device) > hu_to_unit(-500))
         region = frames[sl]

@@ -1,0 +1,517 @@
+"""The demo model trained on the GPU machine in short calls: staged by wall time, resumable, one command.
+
+    python -m photon_core.train.gpu --out $OUT/demo --minutes 6 --bodies runs/bodies/bodies.safetensors.xz
+    python -m photon_core.train.gpu --out $OUT/demo --minutes 6 --bodies ... --resume   # a later call
+    python -m photon_core.train.gpu --out runs/smoke --smoke --bodies ...               # the same code, tiny, CPU
+
+Each call measures the GPU data stream (`synthetic.gpu.GpuStream`: scans a second, in its first
+seconds), then runs the stages named by ``--stages`` (``name:share`` of the call's time after its
+start-up), by wall clock:
+
+* ``vision`` — the vision tower alone, on token-sized supervision through a standardised read-out
+  (`AuxHead`: organ shares, finding share and diameter per token, and each scan's most finding-like
+  token against "the scan has a finding"), half of the scans beside their counterfactual clean twin
+  (research/LOG.md: without the standardised read-out a from-scratch tower flattens its tokens; the
+  twin makes the lesion the only difference). The generator is the limit here, so each batch is
+  reused for as many steps as fit in the time the next one takes to make (up to ``--max-reuse``).
+* ``llm`` — the standardisation is folded into the merger (`fold_standardise`, once), the tower is
+  frozen, and the LLM and ITS learn to answer from it: hard drop with SGP, the retention band, keep
+  and contrast guidance (the shipped model's recipe), counterfactual pairs of questions, and null
+  volumes (noise, air) answered as nothing seen, where ITS learns to keep nothing.
+* ``joint`` — everything trains, the tower at a lower rate with its read-out still supervised.
+
+A checkpoint is written at every stage end, every ``--save-every`` seconds and at the deadline, and
+``OUT/metrics.json`` with it, so a run stopped at any point leaves weights and figures:
+OUT/model/ holds config.json, model.safetensors (bf16 when fp32 would pass 16 MiB), the tokenizer,
+train_state.json and the training-only head (aux_head.safetensors): 6 files, and metrics.json a 7th.
+No optimiser state is kept (it would not fit what comes back from the GPU machine): ``--resume``
+starts a fresh AdamW with a short warm-up on the saved weights, head and stage record. A resumed call
+runs the stages not yet finished, or ``--more`` when all are. At the end: the detection probe after
+the vision stage, and the held-out yes/no check, noise check and air/noise answers (`checks.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from photon_core.inference.prompt import Tokenizer, batch_prompts
+from photon_core.model.checkpoint import MAX_SHARD_BYTES, load_model, save_model
+from photon_core.model.config import PhotonConfig, VisionConfig
+from photon_core.model.its import Schedule
+from photon_core.model.photon import PhotonModel
+from photon_core.organs import ORGANS
+from photon_core.train.aux_head import AuxHead, fold_standardise
+from photon_core.train.checks import answer_check, detection_probe, null_answers
+from photon_core.train.config import TrainConfig, add_arguments, from_arguments
+from photon_core.train.loop import AUX_FILE, Trainee, counterfactual_questions, pick_questions, question_row, step_losses
+from photon_core.train.synthetic.generator import NULL_KINDS
+from photon_core.train.synthetic.gpu import GpuStream, Scan, pixels
+from photon_core.train.targets import keep_target
+from photon_core.train.tokenizer import model_config
+
+DEMO = Path(__file__).resolve().parents[1] / "demo_model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class GpuConfig:
+    out: str = "runs/gpu"                  # OUT/model (checkpoint) and OUT/metrics.json
+    minutes: float = 6.0                   # this call's wall time, counted from the start of main()
+    reserve_s: float = 25.0                # of it, kept for the final checks and save
+    resume: bool = False                   # continue from OUT/model (weights, head, stage record)
+    smoke: bool = False                    # the same code at a tiny size on the CPU (tests)
+    device: str = "auto"
+    seed: int = 0
+    bodies: str = ""                       # prepared bodies (synthetic/bodies.py); "" = prepare the cases here
+    llm_from: str = str(DEMO)              # LLM + ITS weights and tokenizer from this folder ("" = fresh LLM)
+    init_from: str = ""                    # or start from this complete model folder (weights, config, tokenizer)
+    preset: str = "demo"                   # LLM sizes when it starts fresh
+    vision_width: int = 256                # the tower's sizes (the architecture is Photon's; only sizes change)
+    vision_depth: int = 6
+    vision_heads: int = 4
+    vision_mlp: int = 512
+    vision_full: str = "2,5"               # its full-attention blocks
+    stages: str = "vision:0.5,llm:0.4,joint:0.1"   # name:share of this call's time after start-up
+    more: str = "llm:0.6,joint:0.4"        # what a resumed call runs once every stage is done
+    pool: int = 24                         # deformed bodies per training case
+    enlargement: float = 0.2               # share of scans with an enlarged organ (and its questions)
+    downsample: float = 1.0                # > 1: the coarse curriculum grid (2.5 → 64 tokens)
+    vision_scans: int = 16                 # scans a vision step (twins included)
+    vision_lr: float = 1e-3
+    patch_embed_lr: float = 1.0            # × vision_lr for the patch embedding
+    vision_counterfactual: float = 0.5     # chance that a draw is a (scan with findings, its twin) pair
+    vision_null: float = 0.05              # chance that a draw is a null volume (no organ, no finding)
+    aux_findings: float = 1.0              # weight of the finding terms in the read-out's loss
+    max_reuse: int = 4                     # steps on one vision batch at most
+    llm_scans: int = 8                     # scans an answer step
+    questions: int = 8                     # questions a scan
+    llm_lr: float = 5e-4
+    its_lr: float = 3e-3
+    phase2: float = 0.0                    # share of the llm stage before soft scaling (a fresh LLM: 0.3)
+    phase3: float = 0.0                    # ... before the hard drop with SGP (a fresh LLM: 0.5)
+    joint_vision_lr: float = 1e-4
+    joint_aux: float = 0.5                 # weight of the read-out's loss in the joint stage
+    counterfactual: float = 0.5            # answer stages: chance of a (scan, twin) pair asked the same questions
+    null_volumes: float = 0.08             # answer stages: chance of a null volume
+    band: tuple = (0.12, 0.25)             # retention band on the mean keep probability
+    keep_guide: float = 1.0
+    keep_guide_frac: float = 0.15
+    contrast_guide: float = 3.0
+    null_keep: float = 1.0
+    warmup: int = 30                       # optimiser steps of linear warm-up in each stage
+    fold_scans: int = 16                   # scans measured for the fold (0 = no fold)
+    probe_pairs: int = 16                  # held-out pairs for the detection probe
+    val_scans: int = 32                    # held-out scans for the yes/no check
+    val_pool: int = 3                      # deformed bodies per case of the val split (as the evaluator's test)
+    save_every: float = 90.0               # seconds between checkpoints inside a stage
+    log_every: float = 10.0                # seconds between progress lines
+    save_dtype: str = "auto"               # auto (fp32 if it fits 16 MiB, else bf16) | fp32 | bf16
+
+
+SMOKE = dict(device="cpu", minutes=0.4, reserve_s=8.0, llm_from="", preset="tiny", vision_width=32, vision_depth=2,
+             vision_heads=2, vision_mlp=64, vision_full="1", pool=0, downsample=2.5, vision_scans=2, llm_scans=2,
+             questions=2, fold_scans=2, probe_pairs=2, val_scans=2, val_pool=0, max_reuse=2, warmup=1, save_every=4.0,
+             log_every=2.0, enlargement=0.5, null_volumes=0.3, vision_null=0.3)
+
+
+def parse_stages(spec: str) -> list[tuple[str, float]]:
+    """"vision:0.5,llm:0.4" → [("vision", 0.5), ("llm", 0.4)] (shares normalised to sum to 1)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, share = part.partition(":")
+        if name not in ("vision", "llm", "joint"):
+            raise SystemExit(f"--stages: unknown stage {name!r}; the stages are vision, llm and joint")
+        out.append((name, float(share or 1)))
+    total = sum(s for _, s in out)
+    if not out or total <= 0:
+        raise SystemExit(f"--stages {spec!r}: give at least one stage with a positive share")
+    return [(n, s / total) for n, s in out]
+
+
+class Clock:
+    """Wall time of this call: the deadline, and each stage's end within it."""
+
+    def __init__(self, t0: float, minutes: float, reserve_s: float):
+        self.t0, self.deadline = t0, t0 + 60 * minutes - reserve_s
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def build_model(cfg: GpuConfig) -> tuple[PhotonModel, Path]:
+    """A fresh model and the folder its tokenizer comes from: the LLM (and ITS) of ``--llm-from`` with a
+    new vision tower of the given sizes, or a fresh LLM of ``--preset``; or ``--init-from`` as it is."""
+    if cfg.init_from:
+        return load_model(cfg.init_from, "cpu", torch.float32).train(), Path(cfg.init_from)
+    full = [int(i) for i in cfg.vision_full.split(",") if i.strip()]
+    vision = dict(hidden_size=cfg.vision_width, depth=cfg.vision_depth, num_heads=cfg.vision_heads,
+                  intermediate_size=cfg.vision_mlp, fullatt_block_indexes=full)
+    src = Path(cfg.llm_from) if cfg.llm_from else DEMO
+    tok = Tokenizer(src)
+    torch.manual_seed(cfg.seed)
+    if cfg.llm_from:
+        llm = PhotonConfig.from_file(src / "config.json")
+        config = replace(llm, vision=VisionConfig(**{**asdict(llm.vision), **vision, "out_hidden_size": llm.hidden_size}),
+                         model_name="Photon demo (GPU-trained, synthetic findings)")
+    else:
+        config = model_config(cfg.preset, tok.vocab_size, tok, vision=vision)
+        config.model_name = "Photon demo (GPU-trained, synthetic findings)"
+    model = PhotonModel(config)
+    model.init_weights(0.02)
+    if cfg.llm_from:       # the LLM and ITS (`model.*`, lm_head tied) of that folder; the tower stays new
+        theirs = load_model(src, "cpu", torch.float32).state_dict()
+        own = model.state_dict()
+        llm_keys = [k for k in own if not k.startswith("visual.")]
+        bad = [k for k in llm_keys if k not in theirs or theirs[k].shape != own[k].shape]
+        if bad:
+            raise SystemExit(f"--llm-from {src}: its LLM does not match this configuration ({bad[:3]}…)")
+        model.load_state_dict({k: theirs[k] for k in llm_keys}, strict=False)
+    return model.train(), src
+
+
+def write_checkpoint(model: PhotonModel, folder: Path, tok_src: Path, aux: AuxHead | None, state: dict,
+                     dtype: str) -> None:
+    """OUT/model: the model folder plus the stage record and the training-only head. Each file is
+    written beside its place and renamed into it, so a run stopped mid-save leaves the last whole file."""
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    bf16 = dtype == "bf16" or (dtype == "auto" and fp32_bytes > MAX_SHARD_BYTES)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_model(copy.deepcopy(model).to(torch.bfloat16) if bf16 else model, tmp)
+        for f in TOKENIZER_FILES:
+            shutil.copyfile(tok_src / f, tmp / f)
+        if aux is not None:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in aux.state_dict().items()},
+                      str(tmp / AUX_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "weights_dtype": "bf16" if bf16 else "fp32"}, indent=1))
+        names = {f.name for f in tmp.iterdir()}
+        for f in tmp.iterdir():
+            part = folder / (f.name + ".partial")
+            shutil.copyfile(f, part)
+            os.replace(part, folder / f.name)
+    for f in folder.iterdir():
+        if f.name not in names:
+            f.unlink()
+
+
+def write_json(path: Path, data: dict) -> None:
+    part = path.with_name(path.name + ".partial")
+    part.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(part, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+def lr_scale(step: int, frac: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, cosine over the stage's time (``frac`` of it gone), ≥ 0.05."""
+    return max(0.05, min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+class Progress:
+    """Running means of a stage's loss terms and figures, printed every ``every`` seconds."""
+
+    def __init__(self, name: str, every: float):
+        self.name, self.every, self.sums, self.n, self.last, self.trace = name, every, {}, 0, time.monotonic(), []
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def maybe_print(self, step: int, extra: dict, force: bool = False) -> None:
+        if not self.n or not (force or time.monotonic() - self.last >= self.every):
+            return
+        line = dict(stage=self.name, step=step, **{k: round(v / self.n, 4) for k, v in self.sums.items()}, **extra)
+        print(json.dumps(line), flush=True)
+        self.trace.append(line)
+        self.sums, self.n, self.last = {}, 0, time.monotonic()
+
+
+def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, log: Progress, dtype, on_save) -> dict:
+    """The tower alone on token supervision through the standardised read-out, twins as negatives."""
+    model.requires_grad_(False)
+    model.visual.requires_grad_(True)
+    embed = list(model.visual.vision_patch_embed.parameters())
+    rest = [p for p in model.visual.parameters() if all(p is not e for e in embed)]
+    opt = torch.optim.AdamW([{"params": rest, "lr": cfg.vision_lr}, {"params": embed, "lr": cfg.vision_lr * cfg.patch_embed_lr},
+                             {"params": list(aux.parameters()), "lr": cfg.vision_lr}], weight_decay=0.01)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    trainee, trained = Trainee(model, aux), rest + embed + list(aux.parameters())
+    start, step, reuse, scans_seen = time.monotonic(), 0, 1, 0
+    while time.monotonic() < until:
+        t0 = time.monotonic()
+        scans = stream.batch(cfg.vision_scans, cfg.vision_counterfactual, cfg.vision_null)
+        t_gen = time.monotonic() - t0
+        pv, grid = pixels(scans)
+        targets = [s.targets for s in scans]
+        t1 = time.monotonic()
+        done = 0
+        for _ in range(reuse):
+            frac = (time.monotonic() - start) / max(1e-6, until - start)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_scale(step, frac, cfg.warmup)
+            with torch.autocast(pv.device.type, dtype=dtype, enabled=dtype is not None):
+                _, head = trainee(pixel_values=pv, grid_thw=grid, token_targets=targets, vision_only=True)
+            loss = head["aux"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            opt.step()
+            step, done = step + 1, done + 1
+            log.add(aux=loss.item())
+            if time.monotonic() >= until:
+                break
+        t_step = (time.monotonic() - t1) / done
+        reuse = max(1, min(cfg.max_reuse, round(t_gen / max(t_step, 1e-6))))
+        scans_seen += len(scans)
+        log.maybe_print(step, dict(scans=scans_seen, reuse=reuse, gen_s=round(t_gen, 3), step_s=round(t_step, 3),
+                                   lr=round(opt.param_groups[0]["lr"], 6)))
+        on_save(step)
+    log.maybe_print(step, {}, force=True)
+    return dict(steps=step, scans=scans_seen)
+
+
+def ask_rows(scans: list[Scan], tok: Tokenizer, n_visual: int, grid: tuple, cfg: GpuConfig, rng: random.Random):
+    """Training rows of an answer step: each scan's questions (balanced by family, then answer), the
+    same questions on a scan and its twin, nothing-seen answers on null volumes; with each row's scan,
+    keep target and whether its volume shows no body."""
+    rows, labels, row_scan, keeps, nulls = [], [], [], [], []
+    units, i = [], 0
+    while i < len(scans):
+        s = scans[i]
+        if s.kind == "scan" and i + 1 < len(scans) and scans[i + 1].kind == "twin":
+            asked = counterfactual_questions(s.qa, scans[i + 1].qa, cfg.questions, rng)
+            if asked:
+                units += [(i, [a for a, _ in asked]), (i + 1, [b for _, b in asked])]
+            else:
+                units += [(i, pick_questions(s.qa, cfg.questions, rng)),
+                          (i + 1, pick_questions(scans[i + 1].qa, cfg.questions, rng))]
+            i += 2
+        else:
+            units.append((i, pick_questions(s.qa, cfg.questions, rng)))
+            i += 1
+    for j, questions in units:
+        null = scans[j].kind in NULL_KINDS
+        for q in questions:
+            ids, lab = question_row(tok, q, n_visual)
+            rows.append(ids)
+            labels.append(lab)
+            row_scan.append(j)
+            keeps.append(keep_target(q["question"], scans[j].targets, cfg.keep_guide_frac, grid))
+            nulls.append(null)
+    return rows, labels, row_scan, keeps, nulls
+
+
+def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: float, log: Progress, dtype, on_save,
+                 joint: bool, rng: random.Random) -> dict:
+    """The LLM and ITS (and in ``joint`` the tower, its read-out still supervised) on the answers."""
+    model.requires_grad_(True)
+    model.visual.requires_grad_(joint)
+    its = list(model.its_module.predictor.parameters())
+    visual = list(model.visual.parameters())
+    special = {id(p) for p in its + visual}
+    llm = [p for p in model.parameters() if id(p) not in special]
+    groups = [(llm, cfg.llm_lr), (its, cfg.its_lr)]
+    if joint:
+        groups += [(visual, cfg.joint_vision_lr), (list(aux.parameters()), cfg.joint_vision_lr)]
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for ps, lr in groups], weight_decay=0.01)
+    trained = [p for ps, _ in groups for p in ps]
+    tcfg = TrainConfig(band=cfg.band, keep_guide=cfg.keep_guide, keep_guide_frac=cfg.keep_guide_frac,
+                       contrast_guide=cfg.contrast_guide, null_keep=cfg.null_keep, aux=cfg.joint_aux if joint else 0.0)
+    trainee = Trainee(model, aux if joint else None)
+    pad = model.config.pad_token_id
+    start, step, scans_seen, asked = time.monotonic(), 0, 0, 0
+    while time.monotonic() < until:
+        frac = (time.monotonic() - start) / max(1e-6, until - start)
+        phase = 1 if frac < cfg.phase2 else 2 if frac < cfg.phase3 else 3
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale(step, frac, cfg.warmup)
+        scans = stream.batch(cfg.llm_scans, cfg.counterfactual, cfg.null_volumes)
+        rows, labels, row_scan, keeps, nulls = ask_rows(scans, tok, stream.n_visual, stream.grid, cfg, rng)
+        ids, mask, labels = batch_prompts(rows, pad, labels)
+        dev = stream.device
+        pv, grid = pixels(scans)
+        schedule = Schedule(phase=phase, saliency_graph=True)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            out, head = trainee(input_ids=ids.to(dev), attention_mask=mask.to(dev), pixel_values=pv, grid_thw=grid,
+                                row_scan=row_scan, schedule=schedule,
+                                token_targets=[s.targets for s in scans] if joint else None)
+            losses = step_losses(out, head, labels.to(dev), schedule, tcfg, False, None, torch.stack(keeps),
+                                 row_scan, nulls)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        step, scans_seen, asked = step + 1, scans_seen + len(scans), asked + len(rows)
+        real = [not n for n in nulls]
+        keep = out.its.keep.float().mean(-1) if out.its is not None else None
+        log.add(loss=loss.item(), **{k: v.item() for k, v in losses.items()},
+                keep=float(keep[torch.tensor(real, device=keep.device)].mean()) if keep is not None and any(real) else 1.0)
+        log.maybe_print(step, dict(phase=phase, scans=scans_seen, questions=asked, lr=round(opt.param_groups[0]["lr"], 6)))
+        on_save(step)
+    log.maybe_print(step, {}, force=True)
+    return dict(steps=step, scans=scans_seen, questions=asked)
+
+
+@torch.no_grad()
+def fold(model: PhotonModel, stream: GpuStream, n: int, dtype) -> None:
+    """Fold the standardisation of the visual tokens, measured on ``n`` stream scans, into the merger."""
+    model.eval()
+    feats = []
+    for s in stream.batch(n):
+        with torch.autocast(s.frames.device.type, dtype=dtype, enabled=dtype is not None):
+            feats.append(model.encode_volume(*pixels([s])).float())
+    fold_standardise(model, torch.cat(feats))
+    model.train()
+
+
+# ----------------------------------------------------------------------------------------------
+# One call
+# ----------------------------------------------------------------------------------------------
+
+def run(cfg: GpuConfig, t0: float) -> dict:
+    clock = Clock(t0, cfg.minutes, cfg.reserve_s)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.out)
+    folder = out / "model"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("**/*.partial"):                 # a write a stopped run left half done
+        f.unlink()
+    state: dict = {"done": [], "calls": 0, "seconds": {}, "steps": {}, "folded": False}
+    if cfg.resume and (folder / STATE_FILE).is_file():
+        model = load_model(folder, "cpu", torch.float32).train()
+        state = {**state, **json.loads((folder / STATE_FILE).read_text())}
+        tok_src = folder
+    elif cfg.resume:
+        raise SystemExit(f"--resume: {folder} holds no checkpoint of this runner ({STATE_FILE})")
+    else:
+        model, tok_src = build_model(cfg)
+    tok = Tokenizer(tok_src)
+    model.to(device)
+    model.reset_buffers()
+    aux = AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings, standardise=True).to(device)
+    if cfg.resume and (folder / AUX_FILE).is_file():
+        aux.load_state_dict(load_file(str(folder / AUX_FILE), device=str(device)))
+    call = int(state["calls"])
+    state["calls"] = call + 1
+    torch.manual_seed(cfg.seed + 1009 * call)
+    rng = random.Random(cfg.seed * 31 + call)
+    bodies = None
+    if cfg.bodies:
+        from photon_core.train.synthetic.bodies import load_bodies
+        bodies = load_bodies(cfg.bodies)
+    stream = GpuStream("train", seed=cfg.seed + 1009 * call, pool=cfg.pool, device=device, bodies=bodies,
+                       downsample=cfg.downsample, enlargement=cfg.enlargement)
+    params = sum(p.numel() for p in model.parameters())
+    metrics = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                   call=call + 1, config=asdict(cfg), model=dict(parameters=params, vision_parameters=sum(
+                       p.numel() for p in model.visual.parameters()), vision=asdict(model.config.vision)),
+                   setup_s=round(time.monotonic() - t0, 1), stages={}, done_before=list(state["done"]))
+    # the data stream's speed, first thing (a batch with pairs and null volumes, as the vision stage draws)
+    t = time.monotonic()
+    first = stream.batch(cfg.vision_scans, cfg.vision_counterfactual, cfg.vision_null)
+    metrics["generator"] = dict(first_batch_scans=len(first), first_batch_s=round(time.monotonic() - t, 3),
+                                scans_per_s_first=round(len(first) / (time.monotonic() - t), 2),
+                                pool_bodies=len(stream.gen.pool), shape=list(stream.shape))
+    del first
+    print(json.dumps({"generator": metrics["generator"], "setup_s": metrics["setup_s"]}), flush=True)
+    write_json(out / "metrics.json", metrics)
+
+    todo = [(n, s) for n, s in parse_stages(cfg.stages) if n not in state["done"]] or parse_stages(cfg.more)
+    total = sum(s for _, s in todo)
+    budget = clock.left()
+    last_save = [time.monotonic()]
+
+    def save(stage: str | None = None) -> None:
+        write_checkpoint(model, folder, tok_src, aux, {**state, "config": asdict(cfg), "in_stage": stage}, cfg.save_dtype)
+        metrics["generator"]["scans_per_s"] = round(stream.scans_per_s, 2)
+        metrics["wall_s"] = round(time.monotonic() - t0, 1)
+        write_json(out / "metrics.json", metrics)
+        last_save[0] = time.monotonic()
+
+    elapsed_share = 0.0
+    for name, share in todo:
+        elapsed_share += share
+        until = clock.deadline - budget * (1 - elapsed_share / total)
+        if clock.left() <= 1:
+            break
+        if name != "vision" and not state["folded"] and "vision" in state["done"] and cfg.fold_scans:
+            fold(model, stream, cfg.fold_scans, dtype)
+            state["folded"] = True
+        log = Progress(name, cfg.log_every)
+        t_stage = time.monotonic()
+        on_save = lambda step, n=name: save(n) if time.monotonic() - last_save[0] > cfg.save_every else None  # noqa: E731
+        if name == "vision":
+            got = vision_stage(model, aux, stream, cfg, until, log, dtype, on_save)
+        else:
+            got = answer_stage(model, aux, tok, stream, cfg, until, log, dtype, on_save, name == "joint", rng)
+        seconds = time.monotonic() - t_stage
+        finished = time.monotonic() >= until
+        if finished and name not in state["done"]:
+            state["done"].append(name)
+        state["seconds"][name] = round(state["seconds"].get(name, 0) + seconds, 1)
+        state["steps"][name] = state["steps"].get(name, 0) + got["steps"]
+        metrics["stages"][name] = dict(**got, wall_s=round(seconds, 1), finished=finished, trace=log.trace)
+        if name == "vision":
+            val = GpuStream("val", seed=cfg.seed, pool=cfg.val_pool, device=device, bodies=bodies,
+                            downsample=cfg.downsample)
+            metrics["vision_probe"] = detection_probe(model, aux, val, cfg.probe_pairs)
+            print(json.dumps({"vision_probe": metrics["vision_probe"]}), flush=True)
+        save(None)
+    # the checks (in the reserved time) and the last save
+    val = GpuStream("val", seed=cfg.seed + 1, pool=cfg.val_pool, device=device, bodies=bodies,
+                    downsample=cfg.downsample)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        metrics["val"] = answer_check(model, tok, val, cfg.val_scans)
+        metrics["null_answers"] = null_answers(model, tok, stream.shape, device)
+    print(json.dumps({"val": metrics["val"], "malformed": metrics["null_answers"]["malformed"]}), flush=True)
+    save(None)
+    return metrics
+
+
+def main(argv=None) -> None:
+    t0 = time.monotonic()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, GpuConfig)
+    args = ap.parse_args(argv)
+    cfg = from_arguments(GpuConfig, args)
+    if cfg.smoke:        # the smoke sizes, except what the command line set itself
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                 if a.startswith("--")}
+        cfg = replace(cfg, **{k: v for k, v in SMOKE.items() if k not in given})
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    run(cfg, t0)
+
+
+if __name__ == "__main__":
+    main()
