@@ -463,7 +463,7 @@ def run(cfg: GpuConfig, t0: float) -> dict:
     for name, share in todo:
         elapsed_share += share
         until = clock.deadline - budget * (1 - elapsed_share / total)
-        if clock.left() <= 1:
+        if clock.left() <= 0:
             break
         if name != "vision" and not state["folded"] and "vision" in state["done"] and cfg.fold_scans:
             fold(model, stream, cfg.fold_scans, dtype)
