@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -59,7 +60,7 @@ from photon_core.train.config import TrainConfig, add_arguments, from_arguments
 from photon_core.train.loop import AUX_FILE, Trainee, counterfactual_questions, pick_questions, question_row, step_losses
 from photon_core.train.synthetic.generator import NULL_KINDS
 from photon_core.train.synthetic.gpu import GpuStream, Scan, pixels
-from photon_core.train.targets import keep_target
+from photon_core.train.targets import asked_organs, keep_target
 from photon_core.train.tokenizer import model_config
 
 DEMO = Path(__file__).resolve().parents[1] / "demo_model"
@@ -71,7 +72,7 @@ STATE_FILE = "train_state.json"
 class GpuConfig:
     out: str = "runs/gpu"                  # OUT/model (checkpoint) and OUT/metrics.json
     minutes: float = 6.0                   # this call's wall time, counted from the start of main()
-    reserve_s: float = 25.0                # of it, kept for the final checks and save
+    reserve_s: float = 20.0                # of it, kept for the final checks and save
     resume: bool = False                   # continue from OUT/model (weights, head, stage record)
     smoke: bool = False                    # the same code at a tiny size on the CPU (tests)
     device: str = "auto"
@@ -87,7 +88,7 @@ class GpuConfig:
     vision_full: str = "2,5"               # its full-attention blocks
     stages: str = "vision:0.5,llm:0.4,joint:0.1"   # name:share of this call's time after start-up
     more: str = "llm:0.6,joint:0.4"        # what a resumed call runs once every stage is done
-    pool: int = 24                         # deformed bodies per training case
+    pool: int = 16                         # deformed bodies per training case
     enlargement: float = 0.2               # share of scans with an enlarged organ (and its questions)
     downsample: float = 1.0                # > 1: the coarse curriculum grid (2.5 → 64 tokens)
     vision_scans: int = 16                 # scans a vision step (twins included)
@@ -95,6 +96,9 @@ class GpuConfig:
     patch_embed_lr: float = 1.0            # × vision_lr for the patch embedding
     vision_counterfactual: float = 0.5     # chance that a draw is a (scan with findings, its twin) pair
     vision_null: float = 0.05              # chance that a draw is a null volume (no organ, no finding)
+    vision_findings: str = "2,3,4"         # findings in a vision-stage scan that has some (one of these):
+                                           # more positives for the read-out; detection is local
+    vision_warmup: int = 100
     aux_findings: float = 1.0              # weight of the finding terms in the read-out's loss
     max_reuse: int = 4                     # steps on one vision batch at most
     llm_scans: int = 8                     # scans an answer step
@@ -120,11 +124,13 @@ class GpuConfig:
     save_every: float = 90.0               # seconds between checkpoints inside a stage
     log_every: float = 10.0                # seconds between progress lines
     save_dtype: str = "auto"               # auto (fp32 if it fits 16 MiB, else bf16) | fp32 | bf16
+    autocast: str = "auto"                 # auto (bf16 on CUDA) | bf16 (also on the CPU: tests) | off
 
 
 SMOKE = dict(device="cpu", minutes=0.4, reserve_s=8.0, llm_from="", preset="tiny", vision_width=32, vision_depth=2,
              vision_heads=2, vision_mlp=64, vision_full="1", pool=0, downsample=2.5, vision_scans=2, llm_scans=2,
-             questions=2, fold_scans=2, probe_pairs=2, val_scans=2, val_pool=0, max_reuse=2, warmup=1, save_every=4.0,
+             questions=2, fold_scans=2, probe_pairs=2, val_scans=2, val_pool=0, max_reuse=2, warmup=1,
+             vision_warmup=1, save_every=4.0,
              log_every=2.0, enlargement=0.5, null_volumes=0.3, vision_null=0.3)
 
 
@@ -235,20 +241,21 @@ class Progress:
     """Running means of a stage's loss terms and figures, printed every ``every`` seconds."""
 
     def __init__(self, name: str, every: float):
-        self.name, self.every, self.sums, self.n, self.last, self.trace = name, every, {}, 0, time.monotonic(), []
+        self.name, self.every, self.last, self.trace = name, every, time.monotonic(), []
+        self.sums: dict = {}
 
     def add(self, **values) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.n += 1
+            s, n = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (s + float(v), n + 1)
 
     def maybe_print(self, step: int, extra: dict, force: bool = False) -> None:
-        if not self.n or not (force or time.monotonic() - self.last >= self.every):
+        if not self.sums or not (force or time.monotonic() - self.last >= self.every):
             return
-        line = dict(stage=self.name, step=step, **{k: round(v / self.n, 4) for k, v in self.sums.items()}, **extra)
+        line = dict(stage=self.name, step=step, **{k: round(s / n, 4) for k, (s, n) in self.sums.items()}, **extra)
         print(json.dumps(line), flush=True)
         self.trace.append(line)
-        self.sums, self.n, self.last = {}, 0, time.monotonic()
+        self.sums, self.last = {}, time.monotonic()
 
 
 def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, log: Progress, dtype, on_save) -> dict:
@@ -263,9 +270,10 @@ def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, lo
         g["base_lr"] = g["lr"]
     trainee, trained = Trainee(model, aux), rest + embed + list(aux.parameters())
     start, step, reuse, scans_seen = time.monotonic(), 0, 1, 0
+    counts = tuple(int(c) for c in cfg.vision_findings.split(","))
     while time.monotonic() < until:
         t0 = time.monotonic()
-        scans = stream.batch(cfg.vision_scans, cfg.vision_counterfactual, cfg.vision_null)
+        scans = stream.batch(cfg.vision_scans, cfg.vision_counterfactual, cfg.vision_null, counts)
         t_gen = time.monotonic() - t0
         pv, grid = pixels(scans)
         targets = [s.targets for s in scans]
@@ -274,7 +282,7 @@ def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, lo
         for _ in range(reuse):
             frac = (time.monotonic() - start) / max(1e-6, until - start)
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale(step, frac, cfg.warmup)
+                g["lr"] = g["base_lr"] * lr_scale(step, frac, cfg.vision_warmup)
             with torch.autocast(pv.device.type, dtype=dtype, enabled=dtype is not None):
                 _, head = trainee(pixel_values=pv, grid_thw=grid, token_targets=targets, vision_only=True)
             loss = head["aux"]
@@ -296,7 +304,25 @@ def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, lo
     return dict(steps=step, scans=scans_seen)
 
 
-def ask_rows(scans: list[Scan], tok: Tokenizer, n_visual: int, grid: tuple, cfg: GpuConfig, rng: random.Random):
+class KeepTargets:
+    """`keep_target` of a question on a scan, kept for the pool's bodies: a question that names an organ
+    asks the same blocks of every scan of one (mirrored) body, so it is computed once."""
+
+    def __init__(self, frac: float, grid: tuple):
+        self.frac, self.grid, self.cache = frac, grid, {}
+
+    def __call__(self, question: str, scan: Scan) -> torch.Tensor:
+        pooled = scan.organs is not None and not any(f["kind"] == "enlargement" for f in scan.meta["findings"])
+        if not (pooled and asked_organs(question)):       # (else it depends on this scan's findings or organs)
+            return keep_target(question, scan.targets, self.frac, self.grid)
+        key = (question, tuple((o, id(m)) for o, m in scan.organs.items()))
+        if key not in self.cache:
+            self.cache[key] = keep_target(question, scan.targets, self.frac, self.grid)
+        return self.cache[key]
+
+
+def ask_rows(scans: list[Scan], tok: Tokenizer, n_visual: int, keep: KeepTargets, cfg: GpuConfig,
+             rng: random.Random):
     """Training rows of an answer step: each scan's questions (balanced by family, then answer), the
     same questions on a scan and its twin, nothing-seen answers on null volumes; with each row's scan,
     keep target and whether its volume shows no body."""
@@ -322,7 +348,7 @@ def ask_rows(scans: list[Scan], tok: Tokenizer, n_visual: int, grid: tuple, cfg:
             rows.append(ids)
             labels.append(lab)
             row_scan.append(j)
-            keeps.append(keep_target(q["question"], scans[j].targets, cfg.keep_guide_frac, grid))
+            keeps.append(keep(q["question"], scans[j]))
             nulls.append(null)
     return rows, labels, row_scan, keeps, nulls
 
@@ -345,6 +371,7 @@ def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: floa
                        contrast_guide=cfg.contrast_guide, null_keep=cfg.null_keep, aux=cfg.joint_aux if joint else 0.0)
     trainee = Trainee(model, aux if joint else None)
     pad = model.config.pad_token_id
+    keep = KeepTargets(cfg.keep_guide_frac, stream.grid)
     start, step, scans_seen, asked = time.monotonic(), 0, 0, 0
     while time.monotonic() < until:
         frac = (time.monotonic() - start) / max(1e-6, until - start)
@@ -352,7 +379,7 @@ def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: floa
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale(step, frac, cfg.warmup)
         scans = stream.batch(cfg.llm_scans, cfg.counterfactual, cfg.null_volumes)
-        rows, labels, row_scan, keeps, nulls = ask_rows(scans, tok, stream.n_visual, stream.grid, cfg, rng)
+        rows, labels, row_scan, keeps, nulls = ask_rows(scans, tok, stream.n_visual, keep, cfg, rng)
         ids, mask, labels = batch_prompts(rows, pad, labels)
         dev = stream.device
         pv, grid = pixels(scans)
@@ -369,10 +396,12 @@ def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: floa
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step, scans_seen, asked = step + 1, scans_seen + len(scans), asked + len(rows)
-        real = [not n for n in nulls]
-        keep = out.its.keep.float().mean(-1) if out.its is not None else None
+        kept = out.its.keep.float().mean(-1).tolist() if out.its is not None else [1.0] * len(nulls)
+        on_body = [k for k, n in zip(kept, nulls) if not n]
+        on_null = [k for k, n in zip(kept, nulls) if n]
         log.add(loss=loss.item(), **{k: v.item() for k, v in losses.items()},
-                keep=float(keep[torch.tensor(real, device=keep.device)].mean()) if keep is not None and any(real) else 1.0)
+                **({"keep": sum(on_body) / len(on_body)} if on_body else {}),
+                **({"keep_null": sum(on_null) / len(on_null)} if on_null else {}))
         log.maybe_print(step, dict(phase=phase, scans=scans_seen, questions=asked, lr=round(opt.param_groups[0]["lr"], 6)))
         on_save(step)
     log.maybe_print(step, {}, force=True)
@@ -398,7 +427,8 @@ def fold(model: PhotonModel, stream: GpuStream, n: int, dtype) -> None:
 def run(cfg: GpuConfig, t0: float) -> dict:
     clock = Clock(t0, cfg.minutes, cfg.reserve_s)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -471,10 +501,16 @@ def run(cfg: GpuConfig, t0: float) -> dict:
         log = Progress(name, cfg.log_every)
         t_stage = time.monotonic()
         on_save = lambda step, n=name: save(n) if time.monotonic() - last_save[0] > cfg.save_every else None  # noqa: E731
-        if name == "vision":
-            got = vision_stage(model, aux, stream, cfg, until, log, dtype, on_save)
-        else:
-            got = answer_stage(model, aux, tok, stream, cfg, until, log, dtype, on_save, name == "joint", rng)
+        try:
+            if name == "vision":
+                got = vision_stage(model, aux, stream, cfg, until, log, dtype, on_save)
+            else:
+                got = answer_stage(model, aux, tok, stream, cfg, until, log, dtype, on_save, name == "joint", rng)
+        except Exception:               # keep what was learnt and say what broke, then stop
+            metrics["error"] = dict(stage=name, traceback=traceback.format_exc()[-4000:])
+            metrics["stages"][name] = dict(wall_s=round(time.monotonic() - t_stage, 1), trace=log.trace)
+            save(name)
+            raise
         seconds = time.monotonic() - t_stage
         finished = time.monotonic() >= until
         if finished and name not in state["done"]:
@@ -491,11 +527,16 @@ def run(cfg: GpuConfig, t0: float) -> dict:
     # the checks (in the reserved time) and the last save
     val = GpuStream("val", seed=cfg.seed + 1, pool=cfg.val_pool, device=device, bodies=bodies,
                     downsample=cfg.downsample)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        metrics["val"] = answer_check(model, tok, val, cfg.val_scans)
-        metrics["null_answers"] = null_answers(model, tok, stream.shape, device)
-    print(json.dumps({"val": metrics["val"], "malformed": metrics["null_answers"]["malformed"]}), flush=True)
-    save(None)
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            metrics["val"] = answer_check(model, tok, val, cfg.val_scans)
+            metrics["null_answers"] = null_answers(model, tok, stream.shape, device)
+        print(json.dumps({"val": metrics["val"], "malformed": metrics["null_answers"]["malformed"]}), flush=True)
+    except Exception:
+        metrics["error"] = dict(stage="checks", traceback=traceback.format_exc()[-4000:])
+        raise
+    finally:
+        save(None)
     return metrics
 
 

@@ -98,11 +98,18 @@ def _block_distance(mask: torch.Tensor, grid: tuple, reach: int = 6) -> torch.Te
     return d.reshape(-1)
 
 
-def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
-    names = list(ORGANS)
-    asked = set(organs_in_question(question, names))     # 'kidney' with no side → both kidneys
+def asked_organs(question: str) -> set:
+    """The organs a question is about ('kidney' with no side: both kidneys; a pleural question: the
+    lungs); empty when it names none (its guidance then goes to the findings)."""
+    asked = set(organs_in_question(question, list(ORGANS)))
     if "pleural" in question.lower():
         asked |= set(PAIRED["lung"])
+    return asked
+
+
+def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
+    names = list(ORGANS)
+    asked = asked_organs(question)
     organ = targets["organ"]
     if asked:
         cols = [names.index(o) for o in asked if bool(targets["organ_known"][names.index(o)])]

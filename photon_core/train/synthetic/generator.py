@@ -36,6 +36,7 @@ from photon_core.train.synthetic.questions import (CHANGES, ENLARGE_ORGANS, FIND
                                                    make_temporal_questions)
 
 CLEAN_ACQUISITION = 0.1                      # share of scans without acquisition jitter and noise
+FINDING_COUNTS = (1, 1, 1, 2, 3)             # findings drawn into a scan that has some (one of these)
 NULL_KINDS = ("noise", "air", "smooth")      # volumes that show no body (`null_frames`)
 
 
@@ -112,7 +113,9 @@ class DemoGenerator:
         fine = math.sqrt(math.prod(VOXEL_MM) / math.prod(bg.voxel_mm))
         return (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01) * fine).clamp(0, 1)
 
-    def sample(self, with_findings: float = 0.65):
+    def sample(self, with_findings: float = 0.65, counts: tuple = FINDING_COUNTS):
+        """One scan: (frames, qa, meta, organs). With probability ``with_findings`` it gets findings, as
+        many as a draw from ``counts`` (tries; a finding with no site that fits is skipped)."""
         rng = self.rng
         bg, frames, organs, mirrored = self._body()
         frames = self.acquire(frames, bg)
@@ -125,7 +128,7 @@ class DemoGenerator:
                 findings.append(f)
         before = list(findings)                  # (an enlargement) kept by counterfactual()
         if organs and rng.random() < with_findings:
-            for _ in range(rng.choice([1, 1, 1, 2, 3])):
+            for _ in range(rng.choice(counts)):
                 lungs, solid = lesion_sites(organs)
                 r = rng.random()
                 if lungs and r < 0.2:

@@ -24,7 +24,7 @@ import torch
 
 from photon_core.io.preprocess import TOKEN_VOXELS, block_fractions, patchify
 from photon_core.train.synthetic.findings import per_mask
-from photon_core.train.synthetic.generator import NULL_KINDS, DemoGenerator, null_frames
+from photon_core.train.synthetic.generator import FINDING_COUNTS, NULL_KINDS, DemoGenerator, null_frames
 from photon_core.train.synthetic.questions import nothing_seen
 from photon_core.train.targets import null_targets, token_targets
 
@@ -63,8 +63,8 @@ class GpuStream:
     def scans_per_s(self) -> float:
         return self.scans / self.seconds if self.seconds else 0.0
 
-    def scan(self, with_findings: float = 0.65) -> Scan:
-        frames, qa, meta, organs = self.gen.sample(with_findings)
+    def scan(self, with_findings: float = 0.65, counts: tuple = FINDING_COUNTS) -> Scan:
+        frames, qa, meta, organs = self.gen.sample(with_findings, counts)
         return Scan(frames, qa, meta, self._targets(organs, self.gen.last_truth), organs=organs)
 
     def twin(self, scan: Scan) -> Scan:
@@ -81,20 +81,22 @@ class GpuStream:
         return Scan(null_frames(kind, self.shape, self.device), nothing_seen(qa), meta,
                     null_targets(self.grid, self.device), kind)
 
-    def batch(self, n: int, counterfactual: float = 0.0, null: float = 0.0) -> list[Scan]:
+    def batch(self, n: int, counterfactual: float = 0.0, null: float = 0.0,
+              counts: tuple = FINDING_COUNTS) -> list[Scan]:
         """``n`` scans: of them, pairs (a scan with findings, then its clean twin) with probability
-        ``counterfactual`` each, and null volumes with probability ``null``; the rest as drawn."""
+        ``counterfactual`` each, and null volumes with probability ``null``; the rest as drawn. A scan
+        with findings gets as many as a draw from ``counts``."""
         t0 = time.perf_counter()
         out: list[Scan] = []
         while len(out) < n:
             r = self.choice.random()
             if r < null:
-                out.append(self.null(self.choice.choice(NULL_KINDS), self.scan().qa))
+                out.append(self.null(self.choice.choice(NULL_KINDS), self.scan(counts=counts).qa))
             elif r < null + counterfactual and n - len(out) >= 2:
-                s = self.scan(with_findings=1.0)
+                s = self.scan(with_findings=1.0, counts=counts)
                 out += [s, self.twin(s)]
             else:
-                out.append(self.scan())
+                out.append(self.scan(counts=counts))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0
