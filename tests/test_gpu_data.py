@@ -208,6 +208,18 @@ def test_gpu_runner_stages_train_what_they_name(coarse_bodies, tmp_path):
     assert math.isfinite(sum(float(v.float().abs().sum()) for v in w1.values()))
 
 
+def test_cpu_trainer_takes_null_volumes(capsys, tmp_path):
+    """The CPU trainer shares the null volumes: their rows train on nothing-seen answers, out of the
+    retention band, with ITS keeping nothing (`null_keep`)."""
+    from photon_core.train.loop import main
+    main(["--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "2", "--scans-per-step", "2",
+          "--questions-per-scan", "2", "--pool", "0", "--warmup", "1", "--log-every", "1", "--device", "cpu",
+          "--downsample", "2.5", "--phase2-start", "0", "--phase3-start", "0", "--null-volumes", "1",
+          "--keep-guide", "1", "--robust-prob", "0"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 2 and all("null_keep" in x and "band" not in x and x["loss"] == x["loss"] for x in lines)
+
+
 @pytest.mark.gpu
 def test_stream_on_the_gpu_agrees_with_the_cpu_generator(backgrounds):
     """On CUDA (frames there, decisions on the CPU masks; the pool deformed on the CPU so that the bodies
