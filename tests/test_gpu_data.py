@@ -2,15 +2,15 @@
 generator; prepared bodies that travel without nibabel; the runner's smoke path (the same code, tiny, CPU)."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import ROOT
-from photon_core.io.preprocess import TOKEN_VOXELS
+
 from photon_core.train.synthetic.anatomy import downsample_shape, load_background, shrink
 from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.train.synthetic.gpu import GpuStream
@@ -102,8 +102,9 @@ def test_batches_pairs_and_null_volumes(backgrounds):
             assert not changed.any() or float(a.targets["lesion"].sum()) > 0
     for s in scans:
         if s.kind in ("noise", "air", "smooth"):
-            assert s.organs is None and not bool(s.targets["organ_known"].any()) and float(s.targets["lesion"].sum()) == 0
-            assert s.frames.shape == stream.shape and 0 <= float(s.frames.min()) and float(s.frames.max()) <= 1
+            assert s.organs is None and not bool(s.targets["organ_known"].any())
+            assert float(s.targets["lesion"].sum()) == 0 and s.frames.shape == stream.shape
+            assert 0 <= float(s.frames.min()) and float(s.frames.max()) <= 1
             assert all(q["answer"] == ("yes" if q["question"] == NORMAL_QUESTION else "no")
                        for q in s.qa if q["family"] in FINDING_FAMILIES)
     assert stream.scans == 24 and stream.scans_per_s > 0
@@ -113,7 +114,7 @@ def test_nothing_seen_keeps_the_other_answers():
     qa = [dict(family="existence", question="Is there a lesion in the liver?", answer="yes"),
           dict(family="anomaly_detection", question=NORMAL_QUESTION, answer="no"),
           dict(family="anomaly_detection", question="Is there any abnormality in this scan?", answer="yes"),
-          dict(family="measurement", question="How large is the liver lesion in millimetres?", answer="21 mm")]
+          dict(family="measurement", question="How large is the liver lesion in mm?", answer="21 mm")]
     assert [q["answer"] for q in nothing_seen(qa)] == ["no", "yes", "no", "21 mm"]
     assert qa[0]["answer"] == "yes"                                   # a copy, not an edit
 
@@ -154,19 +155,22 @@ def test_gpu_runner_smoke_trains_every_stage_and_resumes_without_nibabel(coarse_
     """The runner's smoke path — the GPU command's code at a tiny size on the CPU — in a process where
     nibabel and pydicom cannot be imported (as on the GPU machine): it measures the stream, runs the
     three stages, leaves a model folder the Predictor loads and a metrics file, within what comes back
-    from the GPU machine (≤ 8 files, ≤ 16 MiB each, ≤ 2 folders deep); --resume continues it."""
+    from the GPU machine (≤ 8 files, ≤ 16 MiB each, ≤ 2 folders deep). A later call on a fresh machine
+    continues it from that folder carried along (--resume-from), into an empty output folder."""
     out = tmp_path / "run"
     code = ("import sys; sys.modules['nibabel'] = None; sys.modules['pydicom'] = None; "
             "from photon_core.train.gpu import main; main(sys.argv[1:])")
     args = ["--smoke", "--out", str(out), "--bodies", str(coarse_bodies), "--minutes", "0.4"]
-    r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["generator"]["scans_per_s_first"] > 0 and m["generator"]["scans_per_s"] > 0
-    assert set(m["stages"]) == {"vision", "llm", "joint"} and all(s["steps"] > 0 for s in m["stages"].values())
+    assert set(m["stages"]) == {"vision", "llm", "joint"}
+    assert all(s["steps"] > 0 for s in m["stages"].values())
     assert {"token_auroc", "scan_auroc", "pair_win_rate"} <= set(m["vision_probe"])
     assert set(m["val"]["scan"]["balanced"]) <= set(FINDING_FAMILIES) and m["val"]["questions"] > 0
-    assert m["null_answers"]["asked"] > 0 and 0 <= m["null_answers"]["malformed"] <= m["null_answers"]["asked"]
+    assert 0 <= m["null_answers"]["malformed"] <= m["null_answers"]["asked"] > 0
     files = _files(out)
     assert len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)
     assert all(len(f.relative_to(out).parts) <= 3 for f in files)
@@ -176,12 +180,19 @@ def test_gpu_runner_smoke_trains_every_stage_and_resumes_without_nibabel(coarse_
     p = Predictor(out / "model", device="cpu")
     p.set_volume(torch.rand(140, 280, 280))
     assert isinstance(p.ask("Is there a lesion in the liver?", max_new_tokens=4).text, str)
-    r = subprocess.run([sys.executable, "-c", code, *args, "--resume", "--minutes", "0.2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    carried = tmp_path / "carried"
+    shutil.copytree(out / "model", carried)
+    out2 = tmp_path / "run2"
+    args2 = ["--smoke", "--out", str(out2), "--bodies", str(coarse_bodies), "--minutes", "0.2",
+             "--resume-from", str(carried)]
+    r = subprocess.run([sys.executable, "-c", code, *args2], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    again = json.loads((out / "model" / "train_state.json").read_text())
-    assert again["calls"] == 2 and set(json.loads((out / "metrics.json").read_text())["stages"]) == {"llm", "joint"}
-    assert again["steps"]["llm"] > state["steps"]["llm"] and again["steps"]["vision"] == state["steps"]["vision"]
+    again = json.loads((out2 / "model" / "train_state.json").read_text())
+    assert again["calls"] == 2 and again["folded"]
+    assert set(json.loads((out2 / "metrics.json").read_text())["stages"]) == {"llm", "joint"}   # `--more`
+    assert again["steps"]["llm"] > state["steps"]["llm"]
+    assert again["steps"]["vision"] == state["steps"]["vision"]
 
 
 def test_gpu_runner_stages_train_what_they_name(coarse_bodies, tmp_path):
@@ -191,8 +202,8 @@ def test_gpu_runner_stages_train_what_they_name(coarse_bodies, tmp_path):
 
     from photon_core.train.gpu import SMOKE, GpuConfig, build_model, main
     out = tmp_path / "run"
-    common = ["--smoke", "--out", str(out), "--bodies", str(coarse_bodies), "--minutes", "0.15", "--reserve-s", "3",
-              "--val-scans", "1", "--probe-pairs", "1"]
+    common = ["--smoke", "--out", str(out), "--bodies", str(coarse_bodies), "--minutes", "0.15",
+              "--reserve-s", "3", "--val-scans", "1", "--probe-pairs", "1", "--autocast", "bf16"]
     main([*common, "--stages", "vision:1"])
     w0 = load_file(str(out / "model" / "model.safetensors"))
     built, _ = build_model(replace(GpuConfig(), **SMOKE))
@@ -217,7 +228,8 @@ def test_cpu_trainer_takes_null_volumes(capsys, tmp_path):
           "--downsample", "2.5", "--phase2-start", "0", "--phase3-start", "0", "--null-volumes", "1",
           "--keep-guide", "1", "--robust-prob", "0"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert len(lines) == 2 and all("null_keep" in x and "band" not in x and x["loss"] == x["loss"] for x in lines)
+    assert len(lines) == 2
+    assert all("null_keep" in x and "band" not in x and x["loss"] == x["loss"] for x in lines)
 
 
 @pytest.mark.gpu

@@ -41,7 +41,8 @@ class AuxHead(torch.nn.Module):
         self.proj = torch.nn.Linear(dim, n_organs + 2)
 
     def read(self, feats: torch.Tensor, n_scans: int) -> torch.Tensor:
-        """(n_scans·V, D) visual tokens → (n_scans, V, n_organs + 2) logits: organ shares, finding, diameter."""
+        """(n_scans·V, D) visual tokens → (n_scans, V, n_organs + 2) logits: organ shares, finding,
+        diameter."""
         f = feats.float().reshape(n_scans, -1, feats.shape[-1])
         return self.proj(standardise_tokens(f) if self.standardise else f)
 

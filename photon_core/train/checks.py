@@ -67,7 +67,8 @@ def detection_probe(model: PhotonModel, aux: AuxHead, stream: GpuStream, pairs: 
             wins.append(scan_scores[-2] > scan_scores[-1])
     model.train(was)
     return dict(pairs=pairs, finding_tokens=int(sum(tok_pos)), token_auroc=_safe_auroc(tok_scores, tok_pos),
-                tissue_auroc=_safe_auroc(tissue_scores, tissue_pos), scan_auroc=_safe_auroc(scan_scores, scan_pos),
+                tissue_auroc=_safe_auroc(tissue_scores, tissue_pos),
+                scan_auroc=_safe_auroc(scan_scores, scan_pos),
                 pair_win_rate=sum(wins) / len(wins) if wins else None)
 
 
@@ -103,10 +104,12 @@ def answer_check(model: PhotonModel, tok: Tokenizer, stream: GpuStream, n_scans:
         qs = [q for q in s.qa if q["family"] in FINDING_FAMILIES and q["answer_type"] == "closed"]
         if not qs:
             continue
-        blocks = {o: block_cover(block_fractions(m, stream.grid)).to(stream.device) for o, m in s.organs.items()}
+        blocks = {o: block_cover(block_fractions(m, stream.grid)).to(stream.device)
+                  for o, m in s.organs.items()}
         for kind, frames in (("scan", s.frames), ("noise", torch.rand_like(s.frames))):
             logits, its = _first_tokens(model, tok, frames, [q["question"] for q in qs])
-            other += int(((logits.argmax(-1) != yes) & (logits.argmax(-1) != no)).sum()) if kind == "scan" else 0
+            top = logits.argmax(-1)
+            other += int(((top != yes) & (top != no)).sum()) if kind == "scan" else 0
             said = ["yes" if a > b else "no" for a, b in zip(logits[:, yes].tolist(), logits[:, no].tolist())]
             for q, a, k in zip(qs, said, its.keep):
                 rows[kind].append(dict(family=q["family"], answer_type="closed", answer=q["answer"],
@@ -135,10 +138,12 @@ def null_answers(model: PhotonModel, tok: Tokenizer, shape: tuple, device, max_n
         pv, grid = pixels_of(frames)
         feats = model.encode_volume(pv, grid)
         n_visual = feats.shape[0]
-        ids, mask, _ = batch_prompts([tok.prompt(q, n_visual)[0] for q in questions], model.config.pad_token_id)
-        toks, _, _ = generate(model, ids.to(device), mask.to(device), features=feats.repeat(len(questions), 1),
-                              grid_thw=grid, max_new_tokens=max_new_tokens, eos_token_id=model.config.eos_token_id)
-        texts = [tok.decode([t for t in row if t != model.config.eos_token_id]) for row in toks.tolist()]
+        eos = model.config.eos_token_id
+        prompts = [tok.prompt(q, n_visual)[0] for q in questions]
+        ids, mask, _ = batch_prompts(prompts, model.config.pad_token_id)
+        toks, _, _ = generate(model, ids.to(device), mask.to(device), features=feats.repeat(len(prompts), 1),
+                              grid_thw=grid, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        texts = [tok.decode([t for t in row if t != eos]) for row in toks.tolist()]
         out[kind] = {q: t for q, t in zip(questions, texts)}
     model.train(was)
     answers = [t for d in out.values() for t in d.values()]

@@ -2,7 +2,7 @@
 
     python -m photon_core.train.gpu --out $OUT/demo --minutes 6 --bodies runs/bodies/bodies.safetensors.xz
     python -m photon_core.train.gpu --out $OUT/demo --minutes 6 --bodies ... --resume   # a later call
-    python -m photon_core.train.gpu --out runs/smoke --smoke --bodies ...               # the same code, tiny, CPU
+    python -m photon_core.train.gpu --out runs/smoke --smoke --bodies ...    # the same code, tiny, on the CPU
 
 Each call measures the GPU data stream (`synthetic.gpu.GpuStream`: scans a second, in its first
 seconds), then runs the stages named by ``--stages`` (``name:share`` of the call's time after its
@@ -57,7 +57,14 @@ from photon_core.organs import ORGANS
 from photon_core.train.aux_head import AuxHead, fold_standardise
 from photon_core.train.checks import answer_check, detection_probe, null_answers
 from photon_core.train.config import TrainConfig, add_arguments, from_arguments
-from photon_core.train.loop import AUX_FILE, Trainee, counterfactual_questions, pick_questions, question_row, step_losses
+from photon_core.train.loop import (
+    AUX_FILE,
+    Trainee,
+    counterfactual_questions,
+    pick_questions,
+    question_row,
+    step_losses,
+)
 from photon_core.train.synthetic.generator import NULL_KINDS
 from photon_core.train.synthetic.gpu import GpuStream, Scan, pixels
 from photon_core.train.targets import asked_organs, keep_target
@@ -74,14 +81,16 @@ class GpuConfig:
     minutes: float = 6.0                   # this call's wall time, counted from the start of main()
     reserve_s: float = 20.0                # of it, kept for the final checks and save
     resume: bool = False                   # continue from OUT/model (weights, head, stage record)
+    resume_from: str = ""                  # ... or from this folder (a model folder this runner wrote: on a
+                                           # fresh GPU machine, the last call's OUT/model carried along)
     smoke: bool = False                    # the same code at a tiny size on the CPU (tests)
     device: str = "auto"
     seed: int = 0
-    bodies: str = ""                       # prepared bodies (synthetic/bodies.py); "" = prepare the cases here
+    bodies: str = ""                       # prepared bodies (synthetic/bodies.py); "" = prepare the cases
     llm_from: str = str(DEMO)              # LLM + ITS weights and tokenizer from this folder ("" = fresh LLM)
-    init_from: str = ""                    # or start from this complete model folder (weights, config, tokenizer)
+    init_from: str = ""                    # or from this complete model folder (weights, config, tokenizer)
     preset: str = "demo"                   # LLM sizes when it starts fresh
-    vision_width: int = 256                # the tower's sizes (the architecture is Photon's; only sizes change)
+    vision_width: int = 256                # the tower's sizes (Photon's architecture; only sizes change)
     vision_depth: int = 6
     vision_heads: int = 4
     vision_mlp: int = 512
@@ -109,7 +118,7 @@ class GpuConfig:
     phase3: float = 0.0                    # ... before the hard drop with SGP (a fresh LLM: 0.5)
     joint_vision_lr: float = 1e-4
     joint_aux: float = 0.5                 # weight of the read-out's loss in the joint stage
-    counterfactual: float = 0.5            # answer stages: chance of a (scan, twin) pair asked the same questions
+    counterfactual: float = 0.5            # answer stages: chance of a (scan, twin) pair, asked alike
     null_volumes: float = 0.08             # answer stages: chance of a null volume
     band: tuple = (0.12, 0.25)             # retention band on the mean keep probability
     keep_guide: float = 1.0
@@ -120,15 +129,16 @@ class GpuConfig:
     fold_scans: int = 16                   # scans measured for the fold (0 = no fold)
     probe_pairs: int = 16                  # held-out pairs for the detection probe
     val_scans: int = 32                    # held-out scans for the yes/no check
-    val_pool: int = 3                      # deformed bodies per case of the val split (as the evaluator's test)
+    val_pool: int = 3                      # deformed bodies per case of the val split (as the evaluator)
     save_every: float = 90.0               # seconds between checkpoints inside a stage
     log_every: float = 10.0                # seconds between progress lines
     save_dtype: str = "auto"               # auto (fp32 if it fits 16 MiB, else bf16) | fp32 | bf16
     autocast: str = "auto"                 # auto (bf16 on CUDA) | bf16 (also on the CPU: tests) | off
 
 
-SMOKE = dict(device="cpu", minutes=0.4, reserve_s=8.0, llm_from="", preset="tiny", vision_width=32, vision_depth=2,
-             vision_heads=2, vision_mlp=64, vision_full="1", pool=0, downsample=2.5, vision_scans=2, llm_scans=2,
+SMOKE = dict(device="cpu", minutes=0.4, reserve_s=8.0, llm_from="", preset="tiny", vision_width=32,
+             vision_depth=2, vision_heads=2, vision_mlp=64, vision_full="1", pool=0, downsample=2.5,
+             vision_scans=2, llm_scans=2,
              questions=2, fold_scans=2, probe_pairs=2, val_scans=2, val_pool=0, max_reuse=2, warmup=1,
              vision_warmup=1, save_every=4.0,
              log_every=2.0, enlargement=0.5, null_volumes=0.3, vision_null=0.3)
@@ -178,8 +188,8 @@ def build_model(cfg: GpuConfig) -> tuple[PhotonModel, Path]:
     torch.manual_seed(cfg.seed)
     if cfg.llm_from:
         llm = PhotonConfig.from_file(src / "config.json")
-        config = replace(llm, vision=VisionConfig(**{**asdict(llm.vision), **vision, "out_hidden_size": llm.hidden_size}),
-                         model_name="Photon demo (GPU-trained, synthetic findings)")
+        tower = VisionConfig(**{**asdict(llm.vision), **vision, "out_hidden_size": llm.hidden_size})
+        config = replace(llm, vision=tower, model_name="Photon demo (GPU-trained, synthetic findings)")
     else:
         config = model_config(cfg.preset, tok.vocab_size, tok, vision=vision)
         config.model_name = "Photon demo (GPU-trained, synthetic findings)"
@@ -211,7 +221,8 @@ def write_checkpoint(model: PhotonModel, folder: Path, tok_src: Path, aux: AuxHe
         if aux is not None:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in aux.state_dict().items()},
                       str(tmp / AUX_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "weights_dtype": "bf16" if bf16 else "fp32"}, indent=1))
+        state = {**state, "weights_dtype": "bf16" if bf16 else "fp32"}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         names = {f.name for f in tmp.iterdir()}
         for f in tmp.iterdir():
             part = folder / (f.name + ".partial")
@@ -252,26 +263,29 @@ class Progress:
     def maybe_print(self, step: int, extra: dict, force: bool = False) -> None:
         if not self.sums or not (force or time.monotonic() - self.last >= self.every):
             return
-        line = dict(stage=self.name, step=step, **{k: round(s / n, 4) for k, (s, n) in self.sums.items()}, **extra)
+        means = {k: round(s / n, 4) for k, (s, n) in self.sums.items()}
+        line = dict(stage=self.name, step=step, **means, **extra)
         print(json.dumps(line), flush=True)
         self.trace.append(line)
         self.sums, self.last = {}, time.monotonic()
 
 
-def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, log: Progress, dtype, on_save) -> dict:
+def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, log: Progress, dtype,
+                 on_save) -> dict:
     """The tower alone on token supervision through the standardised read-out, twins as negatives."""
     model.requires_grad_(False)
     model.visual.requires_grad_(True)
     embed = list(model.visual.vision_patch_embed.parameters())
     rest = [p for p in model.visual.parameters() if all(p is not e for e in embed)]
-    opt = torch.optim.AdamW([{"params": rest, "lr": cfg.vision_lr}, {"params": embed, "lr": cfg.vision_lr * cfg.patch_embed_lr},
-                             {"params": list(aux.parameters()), "lr": cfg.vision_lr}], weight_decay=0.01)
+    readout = list(aux.parameters())
+    groups = [(rest, cfg.vision_lr), (embed, cfg.vision_lr * cfg.patch_embed_lr), (readout, cfg.vision_lr)]
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=0.01)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
-    trainee, trained = Trainee(model, aux), rest + embed + list(aux.parameters())
+    trainee, trained = Trainee(model, aux), rest + embed + readout
     start, step, reuse, scans_seen = time.monotonic(), 0, 1, 0
     counts = tuple(int(c) for c in cfg.vision_findings.split(","))
-    while time.monotonic() < until:
+    while step == 0 or time.monotonic() < until:        # (at least one step: a stage that ran says so)
         t0 = time.monotonic()
         scans = stream.batch(cfg.vision_scans, cfg.vision_counterfactual, cfg.vision_null, counts)
         t_gen = time.monotonic() - t0
@@ -297,8 +311,8 @@ def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, lo
         t_step = (time.monotonic() - t1) / done
         reuse = max(1, min(cfg.max_reuse, round(t_gen / max(t_step, 1e-6))))
         scans_seen += len(scans)
-        log.maybe_print(step, dict(scans=scans_seen, reuse=reuse, gen_s=round(t_gen, 3), step_s=round(t_step, 3),
-                                   lr=round(opt.param_groups[0]["lr"], 6)))
+        log.maybe_print(step, dict(scans=scans_seen, reuse=reuse, gen_s=round(t_gen, 3),
+                                   step_s=round(t_step, 3), lr=round(opt.param_groups[0]["lr"], 6)))
         on_save(step)
     log.maybe_print(step, {}, force=True)
     return dict(steps=step, scans=scans_seen)
@@ -312,8 +326,8 @@ class KeepTargets:
         self.frac, self.grid, self.cache = frac, grid, {}
 
     def __call__(self, question: str, scan: Scan) -> torch.Tensor:
-        pooled = scan.organs is not None and not any(f["kind"] == "enlargement" for f in scan.meta["findings"])
-        if not (pooled and asked_organs(question)):       # (else it depends on this scan's findings or organs)
+        grown = any(f["kind"] == "enlargement" for f in scan.meta["findings"])
+        if scan.organs is None or grown or not asked_organs(question):   # this scan's own organs or findings
             return keep_target(question, scan.targets, self.frac, self.grid)
         key = (question, tuple((o, id(m)) for o, m in scan.organs.items()))
         if key not in self.cache:
@@ -353,8 +367,8 @@ def ask_rows(scans: list[Scan], tok: Tokenizer, n_visual: int, keep: KeepTargets
     return rows, labels, row_scan, keeps, nulls
 
 
-def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: float, log: Progress, dtype, on_save,
-                 joint: bool, rng: random.Random) -> dict:
+def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: float, log: Progress, dtype,
+                 on_save, joint: bool, rng: random.Random) -> dict:
     """The LLM and ITS (and in ``joint`` the tower, its read-out still supervised) on the answers."""
     model.requires_grad_(True)
     model.visual.requires_grad_(joint)
@@ -368,12 +382,13 @@ def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: floa
     opt = torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for ps, lr in groups], weight_decay=0.01)
     trained = [p for ps, _ in groups for p in ps]
     tcfg = TrainConfig(band=cfg.band, keep_guide=cfg.keep_guide, keep_guide_frac=cfg.keep_guide_frac,
-                       contrast_guide=cfg.contrast_guide, null_keep=cfg.null_keep, aux=cfg.joint_aux if joint else 0.0)
+                       contrast_guide=cfg.contrast_guide, null_keep=cfg.null_keep,
+                       aux=cfg.joint_aux if joint else 0.0)
     trainee = Trainee(model, aux if joint else None)
     pad = model.config.pad_token_id
     keep = KeepTargets(cfg.keep_guide_frac, stream.grid)
     start, step, scans_seen, asked = time.monotonic(), 0, 0, 0
-    while time.monotonic() < until:
+    while step == 0 or time.monotonic() < until:        # (at least one step: a stage that ran says so)
         frac = (time.monotonic() - start) / max(1e-6, until - start)
         phase = 1 if frac < cfg.phase2 else 2 if frac < cfg.phase3 else 3
         for g in opt.param_groups:
@@ -385,8 +400,8 @@ def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: floa
         pv, grid = pixels(scans)
         schedule = Schedule(phase=phase, saliency_graph=True)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            out, head = trainee(input_ids=ids.to(dev), attention_mask=mask.to(dev), pixel_values=pv, grid_thw=grid,
-                                row_scan=row_scan, schedule=schedule,
+            out, head = trainee(input_ids=ids.to(dev), attention_mask=mask.to(dev), pixel_values=pv,
+                                grid_thw=grid, row_scan=row_scan, schedule=schedule,
                                 token_targets=[s.targets for s in scans] if joint else None)
             losses = step_losses(out, head, labels.to(dev), schedule, tcfg, False, None, torch.stack(keeps),
                                  row_scan, nulls)
@@ -402,7 +417,8 @@ def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: floa
         log.add(loss=loss.item(), **{k: v.item() for k, v in losses.items()},
                 **({"keep": sum(on_body) / len(on_body)} if on_body else {}),
                 **({"keep_null": sum(on_null) / len(on_null)} if on_null else {}))
-        log.maybe_print(step, dict(phase=phase, scans=scans_seen, questions=asked, lr=round(opt.param_groups[0]["lr"], 6)))
+        log.maybe_print(step, dict(phase=phase, scans=scans_seen, questions=asked,
+                                   lr=round(opt.param_groups[0]["lr"], 6)))
         on_save(step)
     log.maybe_print(step, {}, force=True)
     return dict(steps=step, scans=scans_seen, questions=asked)
@@ -426,7 +442,8 @@ def fold(model: PhotonModel, stream: GpuStream, n: int, dtype) -> None:
 
 def run(cfg: GpuConfig, t0: float) -> dict:
     clock = Clock(t0, cfg.minutes, cfg.reserve_s)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else None
     if device.type == "cuda":
@@ -438,20 +455,21 @@ def run(cfg: GpuConfig, t0: float) -> dict:
     for f in out.glob("**/*.partial"):                 # a write a stopped run left half done
         f.unlink()
     state: dict = {"done": [], "calls": 0, "seconds": {}, "steps": {}, "folded": False}
-    if cfg.resume and (folder / STATE_FILE).is_file():
-        model = load_model(folder, "cpu", torch.float32).train()
-        state = {**state, **json.loads((folder / STATE_FILE).read_text())}
-        tok_src = folder
-    elif cfg.resume:
-        raise SystemExit(f"--resume: {folder} holds no checkpoint of this runner ({STATE_FILE})")
+    since = Path(cfg.resume_from) if cfg.resume_from else folder if cfg.resume else None
+    if since is not None and not (since / STATE_FILE).is_file():
+        raise SystemExit(f"--resume: {since} holds no checkpoint of this runner (no {STATE_FILE})")
+    if since is not None:
+        model = load_model(since, "cpu", torch.float32).train()
+        state = {**state, **json.loads((since / STATE_FILE).read_text())}
+        tok_src = since
     else:
         model, tok_src = build_model(cfg)
     tok = Tokenizer(tok_src)
     model.to(device)
     model.reset_buffers()
     aux = AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings, standardise=True).to(device)
-    if cfg.resume and (folder / AUX_FILE).is_file():
-        aux.load_state_dict(load_file(str(folder / AUX_FILE), device=str(device)))
+    if since is not None and (since / AUX_FILE).is_file():
+        aux.load_state_dict(load_file(str(since / AUX_FILE), device=str(device)))
     call = int(state["calls"])
     state["calls"] = call + 1
     torch.manual_seed(cfg.seed + 1009 * call)
@@ -463,9 +481,10 @@ def run(cfg: GpuConfig, t0: float) -> dict:
     stream = GpuStream("train", seed=cfg.seed + 1009 * call, pool=cfg.pool, device=device, bodies=bodies,
                        downsample=cfg.downsample, enlargement=cfg.enlargement)
     params = sum(p.numel() for p in model.parameters())
-    metrics = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                   call=call + 1, config=asdict(cfg), model=dict(parameters=params, vision_parameters=sum(
-                       p.numel() for p in model.visual.parameters()), vision=asdict(model.config.vision)),
+    vision_params = sum(p.numel() for p in model.visual.parameters())
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    sizes = dict(parameters=params, vision_parameters=vision_params, vision=asdict(model.config.vision))
+    metrics = dict(device=str(device), gpu=gpu, call=call + 1, config=asdict(cfg), model=sizes,
                    setup_s=round(time.monotonic() - t0, 1), stages={}, done_before=list(state["done"]))
     # the data stream's speed, first thing (a batch with pairs and null volumes, as the vision stage draws)
     t = time.monotonic()
@@ -483,7 +502,8 @@ def run(cfg: GpuConfig, t0: float) -> dict:
     last_save = [time.monotonic()]
 
     def save(stage: str | None = None) -> None:
-        write_checkpoint(model, folder, tok_src, aux, {**state, "config": asdict(cfg), "in_stage": stage}, cfg.save_dtype)
+        record = {**state, "config": asdict(cfg), "in_stage": stage}
+        write_checkpoint(model, folder, tok_src, aux, record, cfg.save_dtype)
         metrics["generator"]["scans_per_s"] = round(stream.scans_per_s, 2)
         metrics["wall_s"] = round(time.monotonic() - t0, 1)
         write_json(out / "metrics.json", metrics)
@@ -505,7 +525,8 @@ def run(cfg: GpuConfig, t0: float) -> dict:
             if name == "vision":
                 got = vision_stage(model, aux, stream, cfg, until, log, dtype, on_save)
             else:
-                got = answer_stage(model, aux, tok, stream, cfg, until, log, dtype, on_save, name == "joint", rng)
+                got = answer_stage(model, aux, tok, stream, cfg, until, log, dtype, on_save, name == "joint",
+                                   rng)
         except Exception:               # keep what was learnt and say what broke, then stop
             metrics["error"] = dict(stage=name, traceback=traceback.format_exc()[-4000:])
             metrics["stages"][name] = dict(wall_s=round(time.monotonic() - t_stage, 1), trace=log.trace)
@@ -531,7 +552,8 @@ def run(cfg: GpuConfig, t0: float) -> dict:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             metrics["val"] = answer_check(model, tok, val, cfg.val_scans)
             metrics["null_answers"] = null_answers(model, tok, stream.shape, device)
-        print(json.dumps({"val": metrics["val"], "malformed": metrics["null_answers"]["malformed"]}), flush=True)
+        malformed = metrics["null_answers"]["malformed"]
+        print(json.dumps({"val": metrics["val"], "malformed": malformed}), flush=True)
     except Exception:
         metrics["error"] = dict(stage="checks", traceback=traceback.format_exc()[-4000:])
         raise
@@ -547,8 +569,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = from_arguments(GpuConfig, args)
     if cfg.smoke:        # the smoke sizes, except what the command line set itself
-        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-                 if a.startswith("--")}
+        words = argv if argv is not None else sys.argv[1:]
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in words if a.startswith("--")}
         cfg = replace(cfg, **{k: v for k, v in SMOKE.items() if k not in given})
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run(cfg, t0)
