@@ -116,6 +116,7 @@ class GpuConfig:
     its_lr: float = 3e-3
     phase2: float = 0.0                    # share of the llm stage before soft scaling (a fresh LLM: 0.3)
     phase3: float = 0.0                    # ... before the hard drop with SGP (a fresh LLM: 0.5)
+    joint_llm_lr: float = 2e-4             # the joint stage's LLM rate (it starts from the llm stage)
     joint_vision_lr: float = 1e-4
     joint_aux: float = 0.5                 # weight of the read-out's loss in the joint stage
     counterfactual: float = 0.5            # answer stages: chance of a (scan, twin) pair, asked alike
@@ -376,7 +377,7 @@ def answer_stage(model, aux, tok, stream: GpuStream, cfg: GpuConfig, until: floa
     visual = list(model.visual.parameters())
     special = {id(p) for p in its + visual}
     llm = [p for p in model.parameters() if id(p) not in special]
-    groups = [(llm, cfg.llm_lr), (its, cfg.its_lr)]
+    groups = [(llm, cfg.joint_llm_lr if joint else cfg.llm_lr), (its, cfg.its_lr)]
     if joint:
         groups += [(visual, cfg.joint_vision_lr), (list(aux.parameters()), cfg.joint_vision_lr)]
     opt = torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for ps, lr in groups], weight_decay=0.01)

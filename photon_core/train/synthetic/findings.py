@@ -211,9 +211,8 @@ class FindingSampler:
         below = idx[hs < cut]                                     # region.nonzero(), in its order
         if float(len(below)) * self.voxel_ml < 500 * math.prod(VOXEL_MM) / 1000:   # ≈ 2 ml
             return None
-        region = mask.clone()
+        region = mask.to(frames.device, copy=True)                # (made where the frames are)
         region[:, cut:, :] = False
-        region = region.to(frames.device, non_blocking=True)
         self._write(frames, None, region, hu_to_unit(self.rng.uniform(5, 20)))
         self._mark(frames, None, region, 1.0)
         vol_ml = float(len(below)) * self.voxel_ml
