@@ -44,9 +44,11 @@ class GpuStream:
 
     def __init__(self, split: str = "train", seed: int = 0, pool: int = 6, device="cuda",
                  bodies: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0,
-                 pool_device=None):
+                 pool_device=None, masks_device="cpu"):
         self.device = torch.device(device)
-        self.gen = DemoGenerator(split, seed=seed, pool=pool, device="cpu", backgrounds=bodies,
+        # masks_device: where the decisions are made (the CPU; ``device`` itself runs the generator's
+        # one-device path, every decision waiting for the GPU — slower, a fallback)
+        self.gen = DemoGenerator(split, seed=seed, pool=pool, device=masks_device, backgrounds=bodies,
                                  downsample=downsample, enlargement=enlargement, frames_device=self.device,
                                  pool_device=self.device if pool_device is None else pool_device)
         self.shape = self.gen.shape
