@@ -23,20 +23,25 @@ from photon_core.inference.prompt import Tokenizer, batch_prompts
 from photon_core.io import samples
 from photon_core.io.preprocess import block_fractions, patchify
 from photon_core.model.photon import PhotonModel
-from photon_core.organs import BLOCK_FRACTION, ORGANS, PAIRED, block_cover
+from photon_core.organs import BLOCK_FRACTION, ORGANS, block_cover
 from photon_core.train.aux_head import AuxHead
 from photon_core.train.synthetic.generator import null_frames
 from photon_core.train.synthetic.gpu import GpuStream, pixels
-from photon_core.train.synthetic.questions import CHANGES, FINDING_FAMILIES
+from photon_core.train.synthetic.questions import CHANGES, FINDING_FAMILIES, answer_form
 
-ANSWER_WORDS = {"yes", "no", "left", "right", "cyst", "solid", "lung", "kidney", *CHANGES, *ORGANS, *PAIRED}
+FORM_ANSWERS = {"yes/no": r"yes|no", "organ": "|".join(sorted(ORGANS)) + "|lung|kidney",
+                "side": r"left|right", "count": r"\d+", "mm": r"\d+ mm", "ml": r"\d+ ml",
+                "cyst/solid": r"cyst|solid", "change": "|".join(CHANGES)}
 
 
-def well_formed(text: str) -> bool:
-    """An answer in one of the demo data's forms: yes/no, an organ or a side, cyst/solid, a change,
-    a count, or a number with its unit ("13 mm", "1250 ml")."""
+def well_formed(text: str, question: str) -> bool:
+    """The answer is in the form the demo data answers ``question`` in (`questions.answer_form`): yes
+    or no, an organ, a side, a count, "13 mm", "1250 ml", cyst or solid, a change; any of those
+    for a question in none of its phrasings."""
     t = text.strip().lower().rstrip(".")
-    return t in ANSWER_WORDS or bool(re.fullmatch(r"\d+( mm| ml)?", t))
+    form = answer_form(question)
+    forms = [form] if form else list(FORM_ANSWERS)
+    return any(re.fullmatch(FORM_ANSWERS[f], t) for f in forms)
 
 
 def _safe_auroc(scores, positive) -> float | None:
@@ -146,5 +151,5 @@ def null_answers(model: PhotonModel, tok: Tokenizer, shape: tuple, device, max_n
         texts = [tok.decode([t for t in row if t != eos]) for row in toks.tolist()]
         out[kind] = {q: t for q, t in zip(questions, texts)}
     model.train(was)
-    answers = [t for d in out.values() for t in d.values()]
-    return dict(answers=out, malformed=sum(not well_formed(t) for t in answers), asked=len(answers))
+    answers = [(q, t) for d in out.values() for q, t in d.items()]
+    return dict(answers=out, malformed=sum(not well_formed(t, q) for q, t in answers), asked=len(answers))
