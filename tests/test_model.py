@@ -10,7 +10,7 @@ from photon_core.model.checkpoint import CheckpointError, load_model, save_model
 from photon_core.model.config import PhotonConfig
 from photon_core.inference.predictor import Predictor
 from photon_core.inference.prompt import Tokenizer, batch_prompts
-from photon_core.model.budget import Budget
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
 from photon_core.model.baselines import merge_dropped
 from photon_core.model.its import Schedule
 from photon_core.model.sgp import pack_indices, surrogate_gather
@@ -54,7 +54,7 @@ def test_dropped_tokens_are_absent_from_the_cache(pred):
 
 @pytest.mark.parametrize("budget,expected", [("top_k:123", 123), ("ratio:0.25", 250), ("full", 1000),
                                              ("fastv:77", 77), ("visionzip:150", 150), ("random:200", 200),
-                                             ("0", 0)])
+                                             (str(MIN_KEEP_TOKENS), MIN_KEEP_TOKENS)])   # the floor
 def test_budget_modes_keep_what_they_promise(pred, budget, expected):
     a = pred.ask("Is the spleen enlarged?", budget=budget, max_new_tokens=2)
     assert a.kept == expected and a.keep_grid.sum() == expected and a.total == 1000

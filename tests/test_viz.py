@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLES
-from photon_core.inference.audit import export_audit, kept_mask_original, organ_blocks, organ_retention, organs_in_question
+from photon_core.inference.audit import export_audit, kept_mask_original, organ_retention
+from photon_core.organs import label_blocks, organs_in_question
 from photon_core.io.preprocess import TOKEN_GRID, prepare
 from photon_core.io.volume import load_label_map, volume_from_array
 from viz.glb import read_glb
@@ -86,7 +87,8 @@ def test_overlay_lands_on_the_right_voxels(phantom):
 def test_retention_and_organ_words(phantom):
     vol, labels, prep = phantom
     tok = prep.geometry.token_index_volume()
-    blocks = organ_blocks(tok, labels, {"5": "liver"})
+    blocks, small = label_blocks(tok, labels, {"5": "liver"})
+    assert small == []
     keep = np.zeros(1000, bool)
     keep[np.flatnonzero(blocks["liver"])[:1]] = True
     r = organ_retention(blocks, keep)["liver"]
@@ -95,6 +97,7 @@ def test_retention_and_organ_words(phantom):
     assert organs_in_question("Is there a lesion in the liver?", names) == ["liver"]
     assert organs_in_question("Which kidney is larger?", names) == ["kidney_left", "kidney_right"]
     assert organs_in_question("Cyst in the left kidney?", names) == ["kidney_left"]
+    assert organs_in_question("Is there a nodule in the left lung?", names) == ["lung_upper_lobe_left"]
 
 
 def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):

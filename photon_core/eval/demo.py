@@ -18,7 +18,7 @@ from photon_core.eval.report import BASELINES, rescore
 from photon_core.inference.audit import jaccard
 from photon_core.inference.predictor import Predictor
 from photon_core.io.preprocess import block_fractions
-from photon_core.model.budget import Budget
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
 from photon_core.organs import block_cover
 from photon_core.train.synthetic.generator import DemoGenerator
 
@@ -61,7 +61,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                 row["organ_coverage"] = float(a.keep_grid.ravel()[cov].mean())
                 if q["family"] == "existence":
                     kept_by_organ[q["organ"]] = a.keep_grid.ravel()
-            if baselines and a.kept > 0:
+            if baselines and a.kept >= MIN_KEEP_TOKENS:      # (a baseline below the floor is refused)
                 for mode in BASELINES:
                     b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j), max_new_tokens=8)
                     row[f"{mode}_prediction"] = b.text

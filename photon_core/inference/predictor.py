@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from photon_core.inference.answers import readable
 from photon_core.inference.prompt import GenerationSettings, Tokenizer, batch_prompts, clean_question
 from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
 from photon_core.inference.generate import generate
@@ -53,6 +54,7 @@ class Answer:
     prior_kept: int = 0                          # of ``kept``, tokens of the prior scan
     prior_total: int = 0                         # of ``total``, tokens of the prior scan
     checkpoint: dict = field(default_factory=dict)   # CheckpointInfo.to_dict() of the model that answered
+    readable: bool = True                        # the text parses as an answer of the question's type
 
     @property
     def keep_fraction(self) -> float:
@@ -65,6 +67,7 @@ class Answer:
                     generated_tokens=self.generated_tokens, prefill_s=round(self.prefill_s, 4),
                     decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
                     device=self.device, kept_indices=self.kept_indices, checkpoint=self.checkpoint,
+                    readable=self.readable,
                     **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total else {}))
 
 
@@ -183,7 +186,8 @@ class Predictor:
         for b in bs:
             if (why := self.supports(b)) is not None:
                 raise ValueError(why)
-        ids, mask, feats, grid, P, V = self._inputs(qs * n if len(qs) == 1 else qs)
+        qs = qs * n if len(qs) == 1 else qs
+        ids, mask, feats, grid, P, V = self._inputs(qs)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -214,14 +218,15 @@ class Predictor:
             else:
                 keep_all, rho, theta = np.ones(P + V, bool), np.zeros(V, np.float32), 0.0
             keep, prior_keep = keep_all[P:], keep_all[:P]
+            text = self.tokenizer.decode(gen_ids)
             answers.append(Answer(
-                text=self.tokenizer.decode(gen_ids), budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
+                text=text, budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
                 kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta,
                 total=P + V, kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()),
                 generated_tokens=len(gen_ids) + (end is not None), prefill_s=prefill_s,
                 decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device), extra={"batch": n},
                 checkpoint=self.checkpoint.to_dict(), prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
-                prior_kept=int(prior_keep.sum()), prior_total=P))
+                prior_kept=int(prior_keep.sum()), prior_total=P, readable=readable(qs[b], text)))
         return answers
 
     def answer_logprobs(self, questions: list[str], budget: str | Budget | None = None) -> torch.Tensor:
