@@ -119,22 +119,6 @@ def test_nothing_seen_keeps_the_other_answers():
     assert qa[0]["answer"] == "yes"                                   # a copy, not an edit
 
 
-def test_well_formed_answers_are_in_their_questions_form():
-    """The runner's malformed count: an answer is well formed when it has the form the demo data
-    answers its question in ("82whichno1" to "Which organ shows the abnormality?" is not, nor "right")."""
-    from photon_core.train.checks import well_formed
-    from photon_core.train.synthetic.questions import answer_form
-    assert answer_form("Which kidney is larger?") == "side"
-    assert answer_form("Is the spleen enlarged?") == "yes/no" and answer_form("What is this?") is None
-    liver, which, size = ("Is there a lesion in the liver?", "Which organ shows the abnormality?",
-                          "Measure the largest liver lesion (mm).")
-    assert well_formed("no", liver) and not well_formed("nosolid", liver)
-    assert well_formed("left lung", which) and not well_formed("82whichno1", which)
-    assert not well_formed("right", which)
-    assert well_formed("13 mm", size) and not well_formed("13", size)
-    assert well_formed("2", "How many lesions are in the liver?") and well_formed("yes", "What is this?")
-
-
 def test_prepared_bodies_come_back_as_prepared(backgrounds, coarse_bodies, tmp_path):
     """The bodies file gives the cases' frames within 1 HU of rounding and their organ masks exactly,
     reads without nibabel, and refuses a file made from other sample-case files."""

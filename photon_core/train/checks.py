@@ -9,39 +9,25 @@
   accuracy per family, keep rate, the asked organ's blocks kept; then the same questions with the
   volume replaced by uniform noise (balanced accuracy should fall to 0.5, and the coverage with it).
 * `null_answers` — the app's suggested questions on an all-air and a uniform-noise volume, decoded:
-  are the answers well formed (`well_formed`)?
+  are the answers readable as answers of their questions (`inference.answers.readable`, what the app
+  shows as an unreadable answer otherwise)?
 """
 from __future__ import annotations
-
-import re
 
 import torch
 
 from photon_core.eval.metrics import auroc, balanced_accuracy
+from photon_core.inference.answers import readable
 from photon_core.inference.generate import generate
 from photon_core.inference.prompt import Tokenizer, batch_prompts
 from photon_core.io import samples
 from photon_core.io.preprocess import block_fractions, patchify
 from photon_core.model.photon import PhotonModel
-from photon_core.organs import BLOCK_FRACTION, ORGANS, block_cover
+from photon_core.organs import BLOCK_FRACTION, block_cover
 from photon_core.train.aux_head import AuxHead
 from photon_core.train.synthetic.generator import null_frames
 from photon_core.train.synthetic.gpu import GpuStream, pixels
-from photon_core.train.synthetic.questions import CHANGES, FINDING_FAMILIES, answer_form
-
-FORM_ANSWERS = {"yes/no": r"yes|no", "organ": "|".join(sorted(ORGANS)) + "|lung|kidney",
-                "side": r"left|right", "count": r"\d+", "mm": r"\d+ mm", "ml": r"\d+ ml",
-                "cyst/solid": r"cyst|solid", "change": "|".join(CHANGES)}
-
-
-def well_formed(text: str, question: str) -> bool:
-    """The answer is in the form the demo data answers ``question`` in (`questions.answer_form`): yes
-    or no, an organ, a side, a count, "13 mm", "1250 ml", cyst or solid, a change; any of those
-    for a question in none of its phrasings."""
-    t = text.strip().lower().rstrip(".")
-    form = answer_form(question)
-    forms = [form] if form else list(FORM_ANSWERS)
-    return any(re.fullmatch(FORM_ANSWERS[f], t) for f in forms)
+from photon_core.train.synthetic.questions import FINDING_FAMILIES
 
 
 def _safe_auroc(scores, positive) -> float | None:
@@ -152,4 +138,4 @@ def null_answers(model: PhotonModel, tok: Tokenizer, shape: tuple, device, max_n
         out[kind] = {q: t for q, t in zip(questions, texts)}
     model.train(was)
     answers = [(q, t) for d in out.values() for q, t in d.items()]
-    return dict(answers=out, malformed=sum(not well_formed(t, q) for q, t in answers), asked=len(answers))
+    return dict(answers=out, malformed=sum(not readable(q, t) for q, t in answers), asked=len(answers))

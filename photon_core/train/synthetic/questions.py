@@ -6,7 +6,6 @@ the answer, so the model has a reason to keep instruction-dependent regions.
 """
 from __future__ import annotations
 
-import functools
 import math
 import random
 
@@ -170,23 +169,6 @@ def make_temporal_questions(changes: list[dict], organs: dict, rng: random.Rando
             qa.append(q(RESOLVED, o, "yes", "closed"))
             qa.append(q(PRIOR_SIZE, o, f"{int(c['prior_mm'])} mm", "numeric"))
     return qa
-
-
-FORMS = {"yes/no": EXIST + ANOMALY + CYST + NODULE + ORGAN_ABNORMAL + EFFUSION + ENLARGED + GROWN + NEW
-         + RESOLVED, "organ": WHICH, "side": SIDE + EFFUSION_SIDE + LARGER, "count": COUNT,
-         "mm": SIZE + PRIOR_SIZE, "ml": ORGAN_VOLUME, "cyst/solid": TYPE, "change": CHANGE}
-
-
-@functools.lru_cache(maxsize=1)
-def _forms() -> dict:
-    names = list(ORGANS) + list(PAIRED) + ["lung"]
-    return {t.format(o=o, p=p): form for form, ts in FORMS.items() for t in ts for o in names for p in PAIRED}
-
-
-def answer_form(question: str) -> str | None:
-    """The form of the answer the demo data gives to ``question`` (a key of FORMS), or None for a
-    question in none of its phrasings."""
-    return _forms().get(question)
 
 
 def all_template_text() -> list[str]:
