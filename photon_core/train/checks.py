@@ -8,6 +8,8 @@
   held-out scans answered by the first token (yes or no, greedy) at the auto budget: balanced
   accuracy per family, keep rate, the asked organ's blocks kept; then the same questions with the
   volume replaced by uniform noise (balanced accuracy should fall to 0.5, and the coverage with it).
+* `stream_parity` — does the GPU stream give the CPU generator's scans on this device? The same
+  findings, questions, answers and finding maps, and frames within the devices' noise.
 * `null_answers` — the app's suggested questions on an all-air and a uniform-noise volume, decoded:
   are the answers readable as answers of their questions (`inference.answers.readable`, what the app
   shows as an unreadable answer otherwise)?
@@ -25,9 +27,28 @@ from photon_core.io.preprocess import block_fractions, patchify
 from photon_core.model.photon import PhotonModel
 from photon_core.organs import BLOCK_FRACTION, block_cover
 from photon_core.train.aux_head import AuxHead
-from photon_core.train.synthetic.generator import null_frames
+from photon_core.train.synthetic.generator import DemoGenerator, null_frames
 from photon_core.train.synthetic.gpu import GpuStream, pixels
 from photon_core.train.synthetic.questions import FINDING_FAMILIES
+
+
+def stream_parity(bodies: dict | None, device, n: int = 3, split: str = "val", seed: int = 0,
+                  downsample: float = 1.0) -> dict:
+    """``n`` scans with findings of the CPU generator (the reference) and of the GPU stream, same seed,
+    the pool's undeformed bodies: findings (meta), questions and answers, and finding maps compared
+    exactly; frames by their largest difference — acquisition noise (σ ≤ 0.01) and lesion texture
+    (σ = 0.004) are drawn by each device's own generator, so up to ≈ 0.1 on a GPU and 0 on the CPU."""
+    ref = DemoGenerator(split, seed=seed, pool=0, backgrounds=bodies, downsample=downsample)
+    # all of the reference first: both seed torch's generator when they are made
+    want = [(ref.sample(with_findings=1.0), ref.last_truth) for _ in range(n)]
+    stream = GpuStream(split, seed=seed, pool=0, device=device, bodies=bodies, downsample=downsample)
+    got = [(stream.scan(with_findings=1.0), stream.gen.last_truth) for _ in range(n)]
+    same = all(s.meta == meta and s.qa == qa for ((_, qa, meta, _), _), (s, _) in zip(want, got))
+    maps = all((a is None) == (b is None) and (a is None or torch.equal(a, b.cpu()))
+               for (_, a), (_, b) in zip(want, got))
+    diff = max(float((s.frames.cpu() - w[0]).abs().max()) for (w, _), (s, _) in zip(want, got))
+    return dict(scans=n, device=str(device), findings_questions_answers_equal=same, finding_maps_equal=maps,
+                frames_max_abs_diff=diff)
 
 
 def _safe_auroc(scores, positive) -> float | None:

@@ -55,7 +55,7 @@ from photon_core.model.its import Schedule
 from photon_core.model.photon import PhotonModel
 from photon_core.organs import ORGANS
 from photon_core.train.aux_head import AuxHead, fold_standardise
-from photon_core.train.checks import answer_check, detection_probe, null_answers
+from photon_core.train.checks import answer_check, detection_probe, null_answers, stream_parity
 from photon_core.train.config import TrainConfig, add_arguments, from_arguments
 from photon_core.train.loop import (
     AUX_FILE,
@@ -131,6 +131,7 @@ class GpuConfig:
     probe_pairs: int = 16                  # held-out pairs for the detection probe
     val_scans: int = 32                    # held-out scans for the yes/no check
     val_pool: int = 3                      # deformed bodies per case of the val split (as the evaluator)
+    parity_scans: int = 3                  # scans of the GPU stream checked against the CPU generator
     save_every: float = 90.0               # seconds between checkpoints inside a stage
     log_every: float = 15.0                # seconds between progress lines
     save_dtype: str = "auto"               # auto (fp32 if it fits 16 MiB, else bf16) | fp32 | bf16
@@ -140,7 +141,8 @@ class GpuConfig:
 SMOKE = dict(device="cpu", minutes=0.4, reserve_s=8.0, llm_from="", preset="tiny", vision_width=32,
              vision_depth=2, vision_heads=2, vision_mlp=64, vision_full="1", pool=0, downsample=2.5,
              vision_scans=2, llm_scans=2,
-             questions=2, fold_scans=2, probe_pairs=2, val_scans=2, val_pool=0, max_reuse=2, warmup=1,
+             questions=2, fold_scans=2, probe_pairs=2, val_scans=2, val_pool=0, parity_scans=1, max_reuse=2,
+             warmup=1,
              vision_warmup=1, save_every=4.0,
              log_every=2.0, enlargement=0.5, null_volumes=0.3, vision_null=0.3)
 
@@ -507,6 +509,13 @@ def run(cfg: GpuConfig, t0: float) -> dict:
                                 pool_bodies=len(stream.gen.pool), shape=list(stream.shape))
     del first
     print(json.dumps({"generator": metrics["generator"], "setup_s": metrics["setup_s"]}), flush=True)
+    if cfg.parity_scans:            # the stream against the CPU generator, on this device (a few seconds)
+        try:
+            metrics["parity"] = stream_parity(bodies, device, cfg.parity_scans, seed=cfg.seed,
+                                              downsample=cfg.downsample)
+        except Exception:
+            metrics["parity"] = dict(error=traceback.format_exc()[-3000:])
+        print(json.dumps({"parity": metrics["parity"]}), flush=True)
     write_json(out / "metrics.json", metrics)
 
     todo = [(n, s) for n, s in parse_stages(cfg.stages) if n not in state["done"]] or parse_stages(cfg.more)
