@@ -70,8 +70,11 @@ class AuxHead(torch.nn.Module):
         has = diam > 1.0
         ld = F.mse_loss(y[..., self.n + 1][has], diam[has] / 40.0) if bool(has.any()) else y.sum() * 0
         found = le + ld
+        self.parts = dict(organ=lo.detach(), finding=le.detach(), diameter=ld.detach())   # (progress lines)
         if detect:
-            found = found + bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
+            scan_term = bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
+            found = found + scan_term
+            self.parts["scan"] = scan_term.detach()
         return lo + self.findings * found
 
 

@@ -308,7 +308,7 @@ def vision_stage(model, aux, stream: GpuStream, cfg: GpuConfig, until: float, lo
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             step, done = step + 1, done + 1
-            log.add(aux=loss.item())
+            log.add(aux=loss.item(), **{k: float(v) for k, v in aux.parts.items()})
             if time.monotonic() >= until:
                 break
         t_step = (time.monotonic() - t1) / done
