@@ -452,6 +452,7 @@ def run(cfg: GpuConfig, t0: float) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True        # the patch embedding is a Conv3d of fixed batch shapes
     out = Path(cfg.out)
     folder = out / "model"
     out.mkdir(parents=True, exist_ok=True)
