@@ -44,14 +44,16 @@ class Background:
     def to(self, device, frames_device=None) -> Background:
         """This body with its organ masks on ``device`` and its frames on ``frames_device`` (default
         ``device``); itself when everything is there already."""
-        fd = torch.device(frames_device or device)
-        def on(t, d):
-            return t.device.type == d.type and (d.index is None or t.device.index == d.index)
-
-        if on(self.frames, fd) and all(on(m, torch.device(device)) for m in self.organs.values()):
+        fd, md = torch.device(frames_device or device), torch.device(device)
+        if _on(self.frames, fd) and all(_on(m, md) for m in self.organs.values()):
             return self
         return Background(self.name, self.frames.to(fd), {n: m.to(device) for n, m in self.organs.items()},
                           self.voxel_mm)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """``t`` is on ``device`` (any index of its type when it names none)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 
 def downsample_shape(factor: float) -> tuple:

@@ -54,7 +54,6 @@ def null_frames(kind: str, shape: tuple, device="cpu") -> torch.Tensor:
     raise ValueError(f"unknown null volume {kind!r}; expected one of {', '.join(NULL_KINDS)}")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The generator
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +83,7 @@ class DemoGenerator:
             self.pool.append(bgs[c].to(self.device, self.frames_device))
             for _ in range(pool if split != "report" else 0):
                 self.pool.append(deform(src, self.rng).to(self.device, self.frames_device))
-        self._mirrored: dict = {}           # pool body index -> its organs mirrored (made once)
+        self._mirrored: dict = {}           # id(pool body) -> its organs mirrored (made once, kept)
 
     def _body(self):
         """A pool body, mirrored left-right half of the time (label sides swapped)."""
