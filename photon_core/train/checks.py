@@ -153,8 +153,8 @@ def null_answers(model: PhotonModel, tok: Tokenizer, shape: tuple, device, max_n
         eos = model.config.eos_token_id
         prompts = [tok.prompt(q, n_visual)[0] for q in questions]
         ids, mask, _ = batch_prompts(prompts, model.config.pad_token_id)
-        toks, _, _ = generate(model, ids.to(device), mask.to(device), features=feats.repeat(len(prompts), 1),
-                              grid_thw=grid, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        toks = generate(model, ids.to(device), mask.to(device), features=feats.repeat(len(prompts), 1),
+                        grid_thw=grid, max_new_tokens=max_new_tokens, eos_token_id=eos).tokens
         texts = [tok.decode([t for t in row if t != eos]) for row in toks.tolist()]
         out[kind] = {q: t for q, t in zip(questions, texts)}
     model.train(was)
