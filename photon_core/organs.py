@@ -83,11 +83,12 @@ def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
     return out, small
 
 
-def block_cover(share, fraction: float = BLOCK_FRACTION):
-    """Blocks a structure covers, from its per-block voxel share (any array type): share ≥ ``fraction``,
-    or any overlap where no block reaches it."""
+def block_cover(share, fraction: float = BLOCK_FRACTION, small: bool = True):
+    """Blocks a structure covers, from its per-block voxel share (any array type): share ≥ ``fraction``;
+    where no block reaches it, any overlap (``small``, the audit's rule) or none (``small=False``: the
+    paper's retention analysis, which the evaluator's coverage figures follow)."""
     cover = share >= fraction
-    return cover if bool(cover.any()) else share > 0
+    return cover if bool(cover.any()) or not small else share > 0
 
 
 # --------------------------------------------------------------------------------------------

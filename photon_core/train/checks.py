@@ -116,7 +116,7 @@ def answer_check(model: PhotonModel, tok: Tokenizer, stream: GpuStream, n_scans:
         qs = [q for q in s.qa if q["family"] in FINDING_FAMILIES and q["answer_type"] == "closed"]
         if not qs:
             continue
-        blocks = {o: block_cover(block_fractions(m, stream.grid)).to(stream.device)
+        blocks = {o: block_cover(block_fractions(m, stream.grid), small=False).to(stream.device)
                   for o, m in s.organs.items()}
         for kind, frames in (("scan", s.frames), ("noise", torch.rand_like(s.frames))):
             logits, its = _first_tokens(model, tok, frames, [q["question"] for q in qs])
