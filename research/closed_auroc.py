@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 
-from photon_core.train.synthetic.questions import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL
-
-from photon_core.train.synthetic.generator import DemoGenerator
-from photon_core.train.synthetic.splits import SPLITS
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import Predictor
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.train.synthetic.questions import ENLARGED
+from photon_core.train.synthetic.questions import FINDING_FAMILIES as FAMILIES
+from photon_core.train.synthetic.questions import NORMAL_QUESTION as NORMAL
+from photon_core.train.synthetic.splits import SPLITS
 
 
 def _scores(predictor: Predictor, frames, qs: list[dict], budget: str) -> list[float]:

@@ -21,13 +21,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from photon_core.model.checkpoint import load_model
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import DEMO_MODEL
 from photon_core.io.preprocess import TOKEN_VOXELS, blocks, patchify
+from photon_core.model.checkpoint import load_model
+from photon_core.organs import BLOCK_FRACTION
 from photon_core.train.aux_head import standardise_tokens
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.train.targets import token_targets
 
 

@@ -34,10 +34,9 @@ import numpy as np
 import torch
 
 from photon_core.inference.audit import pairwise_jaccard
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.organs import ORGANS
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.organs import BLOCK_FRACTION, ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.train.targets import token_targets
 
 

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from photon_core.inference.audit import pairwise_jaccard
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.organs import ORGANS
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.organs import BLOCK_FRACTION, ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.train.targets import keep_target, token_targets
 
 MODES = ("model", "best, this scan", "best, one per organ")

@@ -26,14 +26,13 @@ import statistics
 
 import torch
 
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.model.checkpoint import load_model
-from photon_core.organs import ORGANS
-from photon_core.train.synthetic.questions import ENLARGED, ENLARGE_ORGANS, EXIST
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
 from photon_core.io.preprocess import TOKEN_VOXELS, patchify
+from photon_core.model.checkpoint import load_model
+from photon_core.organs import BLOCK_FRACTION, ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.train.synthetic.questions import ENLARGE_ORGANS, ENLARGED, EXIST
 from photon_core.train.targets import token_targets
 
 COLUMNS = [list(ORGANS).index(o) for o in ENLARGE_ORGANS]

@@ -35,11 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from photon_core.train.synthetic.findings import FindingSampler, sphere_mask, lesion_sites
-
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.io.preprocess import PATCH, block_fractions, blocks
+from photon_core.train.synthetic.findings import FindingSampler, lesion_sites, sphere_mask
+from photon_core.train.synthetic.generator import DemoGenerator
 
 FINDING, TWIN, TISSUE = 1, 2, 3
 MIN_SHARE = 0.02            # a patch is positive when ≥ 2% of its voxels are finding

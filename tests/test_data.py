@@ -4,16 +4,21 @@ import math
 import pytest
 import torch
 
-from photon_core.organs import MIRROR
-
-from photon_core.train.synthetic.anatomy import VOXEL_MM, downsample_shape, load_background, shrink
-
-from photon_core.train.synthetic.findings import lesion_sites
-
-from photon_core.train.synthetic.questions import CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, NODULE, NORMAL_QUESTION, ORGAN_ABNORMAL, all_template_text
-
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.io.preprocess import MODEL_SHAPE
+from photon_core.organs import MIRROR
+from photon_core.train.synthetic.anatomy import VOXEL_MM, downsample_shape, load_background, shrink
+from photon_core.train.synthetic.findings import lesion_sites
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.train.synthetic.questions import (
+    CYST,
+    FINDING_FAMILIES,
+    LARGER,
+    LARGER_RATIO,
+    NODULE,
+    NORMAL_QUESTION,
+    ORGAN_ABNORMAL,
+    all_template_text,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -181,6 +186,7 @@ def test_bundled_cases_suggested_questions_are_asked_by_the_generator(abdomen):
     """The app suggests questions for each bundled case; the demo model is trained on the generator's
     words, so each of them is one of its phrasings — answered from the scan's findings and organs."""
     import json
+
     from conftest import ROOT
     cases = json.loads((ROOT / "sample_cases" / "cases.json").read_text())["cases"]
     phrasings = set(all_template_text())

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from photon_core.eval.datasets import DatasetError, parse_columns, read_records
 
 

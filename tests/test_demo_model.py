@@ -2,6 +2,7 @@
 import json
 
 from conftest import SAMPLES
+
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
 from photon_core.io.volume import load_volume
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from photon_core.model.checkpoint import CheckpointError, load_model, save_model
-from photon_core.model.config import PhotonConfig
 from photon_core.inference.predictor import Predictor
 from photon_core.inference.prompt import Tokenizer, batch_prompts
-from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
 from photon_core.model.baselines import merge_dropped
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
+from photon_core.model.checkpoint import CheckpointError, load_model, save_model
+from photon_core.model.config import PhotonConfig
 from photon_core.model.its import Schedule
 from photon_core.model.sgp import pack_indices, surrogate_gather
 from photon_core.train.config import TrainConfig
@@ -406,9 +406,9 @@ def test_keep_target_is_the_organ_and_its_nearest_blocks():
 
 
 def test_token_targets_and_guide_targets_follow_the_question():
+    from photon_core.organs import ORGANS
     from photon_core.train.aux_head import AuxHead
     from photon_core.train.targets import guide_target, token_targets
-    from photon_core.organs import ORGANS
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
               "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool),
               "right kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
@@ -459,8 +459,8 @@ def test_token_targets_and_guide_targets_follow_the_question():
 def test_fold_standardise_makes_the_merger_emit_standardised_tokens(tiny_model_dir):
     """--fold-scans: one fixed affine map folded into the merger's last Linear, so the tokens it was
     measured on come out as deviations from their mean over each channel's spread; nothing else moves."""
-    from photon_core.model.checkpoint import load_model
     from photon_core.io.preprocess import patchify
+    from photon_core.model.checkpoint import load_model
     from photon_core.train.aux_head import fold_standardise
     m = load_model(tiny_model_dir, "cpu", torch.float32).eval()
     g = torch.Generator().manual_seed(0)
@@ -540,8 +540,8 @@ def test_vision_tower_sees_each_depth_slab_alone(tiny_model_dir):
     slab training relies on it); the LLM is where depth context is built."""
     import torch
 
-    from photon_core.model.checkpoint import load_model
     from photon_core.io.preprocess import patchify
+    from photon_core.model.checkpoint import load_model
     model = load_model(tiny_model_dir, "cpu", torch.float32).eval()
     frames = torch.rand(42, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The research probes (research/): each runs end to end on a tiny model, and its measuring parts are right."""
 import importlib.util
+
 import pytest
 from conftest import ROOT
 
@@ -28,8 +29,8 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     """research/closed_auroc.py reads the first answer token of each left-padded row: a question's
     margin in the batch equals its margin asked alone, every yes/no question gets one, the label is
     "finding present" (flipped for the normal question), and the paired comparison runs."""
-    from photon_core.train.synthetic.generator import DemoGenerator
     from photon_core.inference.predictor import Predictor
+    from photon_core.train.synthetic.generator import DemoGenerator
     mod = _script("closed_auroc")
     p = Predictor(tiny_model_dir, device="cpu")
     batched = mod.margins(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
@@ -56,9 +57,9 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
 def test_closed_auroc_scores_enlargement_questions_apart(tiny_model_dir):
     """With enlarged organs in the stream, "is the organ enlarged?" questions are scored in their own
     group (label: enlarged), and only they; the lesion questions keep their families."""
-    from photon_core.train.synthetic.questions import ENLARGED
-    from photon_core.train.synthetic.generator import DemoGenerator
     from photon_core.inference.predictor import Predictor
+    from photon_core.train.synthetic.generator import DemoGenerator
+    from photon_core.train.synthetic.questions import ENLARGED
     mod = _script("closed_auroc")
     gen = DemoGenerator("test", seed=0, downsample=2.5, enlargement=1.0)
     out = mod.margins(Predictor(tiny_model_dir, device="cpu"), gen, 3, "full")

@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, SAMPLES
-from photon_core.model.decoder import rope_index
+
 from photon_core.inference.predictor import Predictor
 from photon_core.model.budget import Budget
+from photon_core.model.decoder import rope_index
 
 
 def _frames(seed, bright=0.6):
@@ -75,8 +75,8 @@ def test_the_prior_reaches_the_model(tiny_model_dir):
 
 
 def test_generator_pairs_have_exact_change_truth():
-    from photon_core.train.synthetic.questions import CHANGE, GROWN, RESOLVED
     from photon_core.train.synthetic.generator import DemoGenerator
+    from photon_core.train.synthetic.questions import CHANGE, GROWN, RESOLVED
 
     def stream(n=16):      # the generator seeds torch's global stream: one generator at a time
         g = DemoGenerator("test", seed=3, pool=1, downsample=2.5)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from photon_core.eval.metrics import aggregate, bleu1, closed_correct, mra, rouge1
 
 pytestmark = pytest.mark.slow

@@ -34,15 +34,13 @@ import torch
 import torch.distributed as dist
 
 from photon_core.eval.datasets import parse_columns, read_records
-from photon_core.train.distributed import init_distributed
-from photon_core.eval.report import read_predictions, rescore, write_report
-from photon_core.train.synthetic.splits import SPLITS
 from photon_core.eval.official import PROTOCOLS
+from photon_core.eval.report import read_predictions, rescore, write_report
 from photon_core.inference.predictor import Predictor
-from photon_core.model.hub import add_model_arguments
 from photon_core.io.volume import load_volume
-
-
+from photon_core.model.hub import add_model_arguments
+from photon_core.train.distributed import init_distributed
+from photon_core.train.synthetic.splits import SPLITS
 
 
 def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: int = 1,
@@ -131,7 +129,7 @@ def main(argv=None) -> None:
     if args.data:
         rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images), rank, world)
     else:
-        from photon_core.eval.demo import evaluate_demo     # the synthetic data: torch-side generator
+        from photon_core.eval.demo import evaluate_demo  # the synthetic data: torch-side generator
 
         rows = evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
                              baselines=not args.no_baselines, curve=tuple(args.curve), enlargement=args.enlargement,

@@ -98,7 +98,7 @@ class PhotonConfig:
 
     # ---------------------------------------------------------------- HF config.json layout
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "PhotonConfig":
+    def from_hf_dict(cls, d: dict) -> PhotonConfig:
         d = dict(d)
         if d.get("model_type") not in ("qwen2_5_vl", "photon"):
             raise ValueError(f"config.json has model_type {d.get('model_type')!r}; expected a Photon "
@@ -131,7 +131,7 @@ class PhotonConfig:
                 "vision_config": vision, "photon": photon, "torch_dtype": "float32"}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PhotonConfig":
+    def from_file(cls, path: str | Path) -> PhotonConfig:
         with open(path) as f:
             return cls.from_hf_dict(json.load(f))
 

@@ -32,11 +32,10 @@ from photon_core.train.aux_head import AuxHead, fold_standardise, tower_features
 from photon_core.train.config import TrainConfig, add_arguments, from_arguments
 from photon_core.train.distributed import init_distributed
 from photon_core.train.losses import contrast_loss, guide_loss, keep_guide_loss, null_keep_loss, photon_loss
-from photon_core.train.targets import guide_target, keep_target, null_targets, slab_targets, token_targets
 from photon_core.train.synthetic.generator import NULL_KINDS, null_frames
 from photon_core.train.synthetic.questions import nothing_seen
+from photon_core.train.targets import guide_target, keep_target, null_targets, slab_targets, token_targets
 from photon_core.train.tokenizer import build_tokenizer, model_config
-
 
 # ----------------------------------------------------------------------------------------------
 

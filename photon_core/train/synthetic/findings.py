@@ -172,7 +172,7 @@ class FindingSampler:
         self._mark(frames, sl, inside, diam)
         return float(ball.sum()) * self.voxel_ml
 
-    def add_changing_lesion(self, prior, current, later: "FindingSampler", organs, organ, kind,
+    def add_changing_lesion(self, prior, current, later: FindingSampler, organs, organ, kind,
                             change: str) -> tuple:
         """One lesion seen at two times: ``change`` is larger | smaller | stable | new | resolved.
         ``self`` marks the prior's truth, ``later`` the current's. Returns (prior Finding or None,

@@ -29,11 +29,23 @@ import torch.nn.functional as F
 
 from photon_core.io.preprocess import MODEL_SHAPE, TOKEN_VOXELS
 from photon_core.organs import MIRROR
-from photon_core.train.synthetic.anatomy import VOXEL_MM, Background, deform, downsample_shape, load_background, shrink
+from photon_core.train.synthetic.anatomy import (
+    VOXEL_MM,
+    Background,
+    deform,
+    downsample_shape,
+    load_background,
+    shrink,
+)
 from photon_core.train.synthetic.findings import NO_LESIONS, Finding, FindingSampler, lesion_sites
+from photon_core.train.synthetic.questions import (
+    CHANGES,
+    ENLARGE_ORGANS,
+    FINDING_FAMILIES,
+    make_questions,
+    make_temporal_questions,
+)
 from photon_core.train.synthetic.splits import REPORT_CASES, SPLITS, TRAIN_CASES
-from photon_core.train.synthetic.questions import (CHANGES, ENLARGE_ORGANS, FINDING_FAMILIES, make_questions,
-                                                   make_temporal_questions)
 
 CLEAN_ACQUISITION = 0.1                      # share of scans without acquisition jitter and noise
 FINDING_COUNTS = (1, 1, 1, 2, 3)             # findings drawn into a scan that has some (one of these)

@@ -13,7 +13,6 @@ from photon_core.organs import ORGANS, PAIRED
 from photon_core.train.synthetic.anatomy import VOXEL_MM
 from photon_core.train.synthetic.findings import NO_LESIONS, Finding, count, lesion_sites
 
-
 EXIST = ["Is there a lesion in the {o}?", "Does the {o} contain a lesion?", "Is any focal lesion seen in the {o}?",
          "Are there lesions in the {o}?"]
 NORMAL_QUESTION = "Is this scan normal?"       # the one closed question whose "yes" means no finding
