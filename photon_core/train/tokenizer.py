@@ -36,6 +36,6 @@ def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-         "model_max_length": 4096}, indent=1))
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+         "pad_token": "<|endoftext|>", "model_max_length": 4096}, indent=1))
     return Tokenizer(folder)

@@ -78,7 +78,8 @@ class DemoGenerator:
                  frames_device=None, pool_device=None):
         self.split, self.device = split, torch.device(device)     # organ masks: where findings go
         self.frames_device = torch.device(frames_device or device)  # frames and finding maps
-        self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
+        self.enlargement = enlargement      # share of scans with an enlarged organ
+                                            # (0 = off, no such questions)
         base = SPLITS[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
@@ -188,7 +189,8 @@ class DemoGenerator:
         rng = self.rng
         bg, frames, organs, mirrored = self._body()
         prior, current = self.acquire(frames, bg), self.acquire(frames, bg)
-        early, late = FindingSampler(rng, self.device, bg.voxel_mm), FindingSampler(rng, self.device, bg.voxel_mm)
+        early, late = (FindingSampler(rng, self.device, bg.voxel_mm),
+                       FindingSampler(rng, self.device, bg.voxel_mm))
         changes, now = [], []
         sites = [o for o in organs if o not in NO_LESIONS]
         if sites and rng.random() < with_findings:
@@ -229,5 +231,6 @@ class DemoGenerator:
                         np.save(out_dir / files[key], vol.cpu().numpy().astype(np.float16))
             for q in self.rng.sample(qa, min(per_scan, len(qa))):
                 recs.append(dict(**files, space="model", question=q["question"], answer=q["answer"],
-                                 family=q["family"], answer_type=q["answer_type"], organ=q["organ"], meta=meta))
+                                 family=q["family"], answer_type=q["answer_type"], organ=q["organ"],
+                                 meta=meta))
         return recs
