@@ -112,7 +112,8 @@ def main(argv=None):
             continue
         mean = lambda v: sum(v) / len(v)  # noqa: E731
         print(f"{fam}: {len(y)} questions ({pos} with the finding); AUROC {auroc(m, y):.3f}; mean score "
-              f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
+              f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, "
+              f"without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
     if args.no_paired:
         return
     gen = DemoGenerator(args.split, seed=1, downsample=args.downsample)
