@@ -12,8 +12,10 @@ held-out volumes:
 
     python research/ball_probe.py [--steps 600] [--preset tiny] [--radius 10 --contrast 0.5]
     python research/ball_probe.py --preset demo --radius 4 --contrast 0.1 --vision-width 256 --runs max-head
-    python research/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --runs max-head llm-after
-    python research/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --fold --runs max-head llm-after
+    python research/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise \\
+        --runs max-head llm-after
+    python research/ball_probe.py --preset demo --radius 8 --contrast 0.1 --standardise --fold \\
+        --runs max-head llm-after
 
 ``--fold`` folds a standardisation of the max-head-trained tower's tokens into its merger before
 llm-after (`fold_standardise`); ``--spread`` adds a variance floor on the raw tokens (VICReg) to the
@@ -120,13 +122,15 @@ def spread_loss(f: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
     return F.relu(floor - f.std(1)).mean()
 
 
-def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False, spread: float = 0.0) -> float:
+def train_head(m, pool: str, steps: int, data: Balls, standardise: bool = False,
+               spread: float = 0.0) -> float:
     head = torch.nn.Linear(m.config.hidden_size, 1)
     opt = torch.optim.AdamW(list(m.visual.parameters()) + list(head.parameters()), lr=1e-3)
     for _ in range(steps):
         pv, grid, ys = data.batch()
         f = m.visual(pv, grid).reshape(len(ys), 64, -1)
-        loss = F.binary_cross_entropy_with_logits(head_run(head, f, pool, standardise), torch.tensor(ys).float())
+        loss = F.binary_cross_entropy_with_logits(head_run(head, f, pool, standardise),
+                                                  torch.tensor(ys).float())
         if spread:
             loss = loss + spread * spread_loss(f)
         opt.zero_grad()
@@ -165,8 +169,10 @@ def main(argv=None):
     ap.add_argument("--spread", type=float, default=0.0,
                     help="weight of a variance floor on the raw tokens while the max-head trains (VICReg)")
     ap.add_argument("--fold", action="store_true",
-                    help="before llm-after, fold a standardisation of the tokens into the merger's last Linear")
-    ap.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS, help="which trainings (default: all four)")
+                    help="before llm-after, fold a standardisation of the tokens into the merger's "
+                         "last Linear")
+    ap.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS,
+                    help="which trainings (default: all four)")
     args = ap.parse_args(argv)
     ball = dict(radius=args.radius, contrast=args.contrast)
     with tempfile.TemporaryDirectory() as folder:            # the tokenizer is read into memory
@@ -185,7 +191,8 @@ def main(argv=None):
         if args.fold:
             with torch.no_grad():
                 data = Balls(5, **ball)
-                fold_standardise(m, torch.cat([m.visual(pv, grid) for pv, grid, _ in (data.batch() for _ in range(8))]))
+                fold_standardise(m, torch.cat([m.visual(pv, grid)
+                                               for pv, grid, _ in (data.batch() for _ in range(8))]))
         if "llm-after" in runs:
             print(f"llm-after  held-out accuracy {train_answers(m, tok, steps, Balls(4, **ball), True):.3f}")
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 
-from photon_core.train.synthetic.questions import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL
-
-from photon_core.train.synthetic.generator import DemoGenerator
-from photon_core.train.synthetic.splits import SPLITS
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import Predictor
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.train.synthetic.questions import ENLARGED
+from photon_core.train.synthetic.questions import FINDING_FAMILIES as FAMILIES
+from photon_core.train.synthetic.questions import NORMAL_QUESTION as NORMAL
+from photon_core.train.synthetic.splits import SPLITS
 
 
 def _scores(predictor: Predictor, frames, qs: list[dict], budget: str) -> list[float]:
@@ -111,7 +112,8 @@ def main(argv=None):
             continue
         mean = lambda v: sum(v) / len(v)  # noqa: E731
         print(f"{fam}: {len(y)} questions ({pos} with the finding); AUROC {auroc(m, y):.3f}; mean score "
-              f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
+              f"with {mean([a for a, b in zip(m, y) if b]):+.2f}, "
+              f"without {mean([a for a, b in zip(m, y) if not b]):+.2f}")
     if args.no_paired:
         return
     gen = DemoGenerator(args.split, seed=1, downsample=args.downsample)

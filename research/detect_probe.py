@@ -21,13 +21,13 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from photon_core.model.checkpoint import load_model
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import DEMO_MODEL
 from photon_core.io.preprocess import TOKEN_VOXELS, blocks, patchify
+from photon_core.model.checkpoint import load_model
+from photon_core.organs import BLOCK_FRACTION
 from photon_core.train.aux_head import standardise_tokens
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.train.targets import token_targets
 
 
@@ -103,17 +103,20 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 400):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: the shipped demo model)")
-    ap.add_argument("--scans", type=int, default=48, help="scans to fit on (train split) and to score (test)")
-    ap.add_argument("--downsample", type=float, default=1.0, help="the stream's grid (2.5 → 64 visual tokens)")
+    ap.add_argument("--scans", type=int, default=48,
+                    help="scans to fit on (train split) and to score (test)")
+    ap.add_argument("--downsample", type=float, default=1.0,
+                    help="the stream's grid (2.5 → 64 visual tokens)")
     ap.add_argument("--standardise", action="store_true",
-                    help="probe each scan's tokens as deviations from its mean token (--aux-standardise towers)")
+                    help="probe each scan's tokens as deviations from its mean token "
+                         "(--aux-standardise towers)")
     args = ap.parse_args(argv)
     model = load_model(args.model or DEMO_MODEL, "cpu", torch.float32).eval()
     fit = tokens(model, "train", args.scans, args.downsample, standardise=args.standardise)
     test = tokens(model, "test", args.scans, args.downsample, blob=True, standardise=args.standardise)
     y = test["y"]
-    print(f"test split: {int(y.sum())} of {y.numel()} blocks hold a finding ({int(test['tissue'].sum())} tissue "
-          f"blocks); {int(y.any(1).sum())} of {len(y)} scans have one")
+    print(f"test split: {int(y.sum())} of {y.numel()} blocks hold a finding "
+          f"({int(test['tissue'].sum())} tissue blocks); {int(y.any(1).sum())} of {len(y)} scans have one")
     out = {}
     for name, s in (("probe", fit_probe(fit["x"], fit["y"])(test["x"])), ("blob", test["blob"])):
         out[name] = f = figures(s, test)

@@ -1,4 +1,5 @@
-"""How many directions do the visual tokens use, and does the question move ITS's ranking? Measures and prints.
+"""How many directions do the visual tokens use, and does the question move ITS's ranking? Measures \
+and prints.
 
 For test-split scans of the demo generator, per background (abdominal, chest):
 
@@ -34,10 +35,9 @@ import numpy as np
 import torch
 
 from photon_core.inference.audit import pairwise_jaccard
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.organs import ORGANS
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.organs import BLOCK_FRACTION, ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.train.targets import token_targets
 
 
@@ -51,7 +51,8 @@ def spectrum(x: torch.Tensor) -> dict:
 
 
 def question_dependence(rho: np.ndarray) -> tuple[float, float]:
-    """(questions, tokens) ρ → mean pairwise correlation between questions, question-dependent variance share."""
+    """(questions, tokens) ρ → mean pairwise correlation between questions, question-dependent variance
+    share."""
     c = np.corrcoef(rho)
     off = c[~np.eye(len(rho), dtype=bool)]
     return float(np.nanmean(off)), float(rho.var(0).mean() / max(rho.var(1).mean(), 1e-12))
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     hidden = {}          # the merger's input, caught as set_volume encodes; its output is pred.features
     pred.model.visual.merger.register_forward_hook(lambda mod, inp, out: hidden.__setitem__("x", inp[0]))
     model = pred.model
-    caught: list = []   # per question asked: embedding norm, hidden norm, mean state, mean embedding (ITS layer input)
+    caught: list = []   # per question asked: embedding norm, hidden norm, mean state, mean embedding
+                        # (ITS layer input)
 
     masks = model.masks
 
@@ -140,15 +142,19 @@ def main(argv: list[str] | None = None) -> dict:
             s = {k: mean([r[part][k] for r in rs]) for k in rs[0][part]}
             label = "visual tokens (merger output)" if part == "tokens" else "tower hidden (merger input)"
             print(f"  {label:31s} norm {s['norm']:7.2f}  mean-vector share {s['mean_share']:.3f}  "
-                  f"variance in top 1 / 3 / 10 directions {s['top1']:.3f} / {s['top3']:.3f} / {s['top10']:.3f}")
+                  "variance in top 1 / 3 / 10 directions "
+                  f"{s['top1']:.3f} / {s['top3']:.3f} / {s['top10']:.3f}")
         print(f"  ITS rho between two organ questions: correlation {mean([r['corr'] for r in rs]):.3f}, "
               f"question-dependent variance share {mean([r['share'] for r in rs]):.3f}")
-        print(f"  ITS rho, scan vs uniform noise (same question): correlation {mean([r['noise'] for r in rs]):.3f}")
+        print("  ITS rho, scan vs uniform noise (same question): "
+              f"correlation {mean([r['noise'] for r in rs]):.3f}")
         m = summary[body]
-        print(f"  question states at the ITS layer: norm {m['state_norm']:.2f} (embeddings {m['embed_norm']:.2f}), "
+        print(f"  question states at the ITS layer: norm {m['state_norm']:.2f} "
+              f"(embeddings {m['embed_norm']:.2f}), "
               f"cosine between organ questions {m['state_cos']:.3f} (their embeddings' {m['embed_cos']:.3f})")
-        print(f"  auto budget: {m['kept']:.0f} tokens kept; asked organ's blocks kept {m['cover']:.3f} on the scan, "
-              f"{m['cover_noise']:.3f} on noise; Jaccard of two organ prompts {m['jaccard']:.3f} ({m['pairs']} pairs)")
+        print(f"  auto budget: {m['kept']:.0f} tokens kept; asked organ's blocks kept {m['cover']:.3f} "
+              f"on the scan, {m['cover_noise']:.3f} on noise; "
+              f"Jaccard of two organ prompts {m['jaccard']:.3f} ({m['pairs']} pairs)")
     return summary
 
 

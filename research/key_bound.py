@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from photon_core.inference.audit import pairwise_jaccard
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.organs import ORGANS
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
+from photon_core.organs import BLOCK_FRACTION, ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.train.targets import keep_target, token_targets
 
 MODES = ("model", "best, this scan", "best, one per organ")
@@ -125,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     folder = args.model or DEMO_MODEL
     with torch.inference_mode():
         scans = collect(Predictor(folder, device="cpu"), args.scans, args.frac, args.seed)
-    print(f"model: {folder}; {args.scans} test scans; keep target {args.frac:.0%} of the tokens; top-k at its size")
+    print(f"model: {folder}; {args.scans} test scans; keep target {args.frac:.0%} of the tokens; "
+          "top-k at its size")
     out: dict = {}
     for body in ("abdomen", "chest"):
         ss = [s for s in scans if s["body"] == body]
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
             for mode in MODES if feature == "keys" else MODES[1:]:
                 r = out.setdefault(body, {}).setdefault(feature, {})[mode] = bound(ss, feature, mode)
                 print(f"{body:8s} {label:26s} {mode:20s} Jaccard {r['jaccard']:.3f} (targets' own "
-                      f"{r['target_jaccard']:.3f}, {r['pairs']} pairs), asked organ's blocks {r['cover']:.3f}")
+                      f"{r['target_jaccard']:.3f}, {r['pairs']} pairs), "
+                      f"asked organ's blocks {r['cover']:.3f}")
     return out
 
 

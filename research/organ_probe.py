@@ -26,14 +26,13 @@ import statistics
 
 import torch
 
-from photon_core.organs import BLOCK_FRACTION
-from photon_core.model.checkpoint import load_model
-from photon_core.organs import ORGANS
-from photon_core.train.synthetic.questions import ENLARGED, ENLARGE_ORGANS, EXIST
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
 from photon_core.io.preprocess import TOKEN_VOXELS, patchify
+from photon_core.model.checkpoint import load_model
+from photon_core.organs import BLOCK_FRACTION, ORGANS
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.train.synthetic.questions import ENLARGE_ORGANS, ENLARGED, EXIST
 from photon_core.train.targets import token_targets
 
 COLUMNS = [list(ORGANS).index(o) for o in ENLARGE_ORGANS]
@@ -58,7 +57,8 @@ def within_organ_auroc(rows: list[dict], key: str) -> float:
     (as a ratio for the counts and volumes, as a difference for the margin), pooled over organs."""
     s = []
     for r in rows:
-        ref = statistics.median([q[key] for q in rows if q["organ"] == r["organ"] and not q["enlarged"]] or [0.0])
+        ref = statistics.median([q[key] for q in rows if q["organ"] == r["organ"] and not q["enlarged"]]
+                                or [0.0])
         s.append(r[key] - ref if key == "margin" else r[key] / max(ref, 1e-6))
     return auroc(s, [r["enlarged"] for r in rows])
 
@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
     ap.add_argument("--scans", type=int, default=24, help="scans to fit the probe on, and as many to score")
-    ap.add_argument("--enlargement", type=float, default=0.6, help="share of test scans with an enlarged organ")
+    ap.add_argument("--enlargement", type=float, default=0.6,
+                    help="share of test scans with an enlarged organ")
     args = ap.parse_args(argv)
     path = args.model or DEMO_MODEL
     model = load_model(path, "cpu", torch.float32).eval()
@@ -102,14 +103,16 @@ def main(argv=None) -> dict:
         pred.set_volume(frames)
         qs = [ENLARGED[0].format(o=o) for o in organs]            # one batched prefill each
         lp = pred.answer_logprobs(qs, "auto")
-        for o, a, m in zip(organs, pred.ask_many(qs, "auto", max_new_tokens=1), (lp[:, yes] - lp[:, no]).tolist()):
+        for o, a, m in zip(organs, pred.ask_many(qs, "auto", max_new_tokens=1),
+                           (lp[:, yes] - lp[:, no]).tolist()):
             rows.append(dict(organ=o, enlarged=o in grown, volume=volumes[o],
                              probe_volume=float(est[ENLARGE_ORGANS.index(o)]), kept=float(a.kept), margin=m))
         # The asked organ's blocks kept for a lesion question, on the scan and on noise of its shape:
         # as high on noise = the selection is a place learned for the organ's name, not the organ seen.
         for key, volume in (("scan", frames), ("noise", torch.rand_like(frames))):
             pred.set_volume(volume)
-            for o, a in zip(organs, pred.ask_many([EXIST[0].format(o=o) for o in organs], "auto", max_new_tokens=1)):
+            for o, a in zip(organs, pred.ask_many([EXIST[0].format(o=o) for o in organs], "auto",
+                                                  max_new_tokens=1)):
                 organ_blocks = (share[:, ENLARGE_ORGANS.index(o)] >= BLOCK_FRACTION).numpy()
                 if organ_blocks.any():
                     cover[key].append(float(a.keep_grid.ravel()[organ_blocks].mean()))
@@ -125,8 +128,9 @@ def main(argv=None) -> dict:
               f"{out['correlation'][o]:.3f} over {len(r)} scans")
     out["coverage"] = {k: sum(v) / len(v) for k, v in cover.items() if v}
     if out["coverage"]:
-        print(f"'Is there a lesion in the organ?': asked organ's blocks kept {out['coverage']['scan']:.3f} on the "
-              f"scan, {out['coverage']['noise']:.3f} on uniform noise ({len(cover['scan'])} questions)")
+        print(f"'Is there a lesion in the organ?': asked organ's blocks kept {out['coverage']['scan']:.3f} "
+              f"on the scan, {out['coverage']['noise']:.3f} on uniform noise "
+              f"({len(cover['scan'])} questions)")
     n_pos = sum(r["enlarged"] for r in rows)
     if not n_pos or n_pos == len(rows):
         print(f"{len(rows)} enlargement questions, one answer only — AUROC undefined")

@@ -35,11 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from photon_core.train.synthetic.findings import FindingSampler, sphere_mask, lesion_sites
-
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.eval.metrics import auroc
 from photon_core.io.preprocess import PATCH, block_fractions, blocks
+from photon_core.train.synthetic.findings import FindingSampler, lesion_sites, sphere_mask
+from photon_core.train.synthetic.generator import DemoGenerator
 
 FINDING, TWIN, TISSUE = 1, 2, 3
 MIN_SHARE = 0.02            # a patch is positive when ≥ 2% of its voxels are finding
@@ -85,7 +84,8 @@ def collect(split: str, scans: int, seed: int, downsample: float = 1.0, tissue_p
         neg = neg[torch.randperm(len(neg), generator=rng)[:tissue_per_scan]]
         p, t = patch_view(frames), patch_view(twin)
         xs += [p[pos], t[pos], p[neg]]
-        kinds += [torch.full((len(pos),), FINDING), torch.full((len(pos),), TWIN), torch.full((len(neg),), TISSUE)]
+        kinds += [torch.full((len(pos),), FINDING), torch.full((len(pos),), TWIN),
+                  torch.full((len(neg),), TISSUE)]
     kind = torch.cat(kinds)
     return torch.cat(xs), (kind == FINDING).float(), kind
 
@@ -102,7 +102,8 @@ class PatchStream:
         self.bodies = []
         for bg in self.gen.pool:
             lungs, solid = lesion_sites(bg.organs)
-            sites = {o: bg.organs[o].nonzero() for o in lungs + solid if bg.organs[o].sum() >= PATCH ** 3 // 8}
+            sites = {o: bg.organs[o].nonzero() for o in lungs + solid
+                     if bg.organs[o].sum() >= PATCH ** 3 // 8}
             if sites:
                 self.bodies.append((bg, sites, set(lungs)))
 
@@ -115,9 +116,11 @@ class PatchStream:
         lo = [min(max(ci - rng.randint(0, PATCH - 1), 0), n - PATCH) for ci, n in zip(c, bg.frames.shape)]
         crop = self.gen.acquire(bg.frames[tuple(slice(a, a + PATCH) for a in lo)].clone(), bg)
         kind = "nodule" if organ in lungs else rng.choice(["cyst", "hypodense", "hyperdense"])
-        sampler = FindingSampler(rng, crop.device, bg.voxel_mm)       # the body's grid (coarser when downsampled)
+        sampler = FindingSampler(rng, crop.device, bg.voxel_mm)       # the body's grid
+                                                                      # (coarser when downsampled)
         diam = sampler.diameter(kind)
-        ball, sl = sphere_mask(crop.shape, [ci - a for ci, a in zip(c, lo)], diam / 2, crop.device, bg.voxel_mm)
+        ball, sl = sphere_mask(crop.shape, [ci - a for ci, a in zip(c, lo)], diam / 2, crop.device,
+                               bg.voxel_mm)
         if int(ball.sum()) < MIN_SHARE * PATCH ** 3:
             return None
         painted = crop.clone()
@@ -138,8 +141,8 @@ class Flat(nn.Module):
 
     def __init__(self, width: int = 512):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(PATCH ** 3, width), nn.SiLU(), nn.Linear(width, width),
-                                 nn.SiLU(), nn.Linear(width, 1))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(PATCH ** 3, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
 
     def forward(self, x):
         return self.net(x)[:, 0]
@@ -233,7 +236,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scans", type=int, default=300, help="train-split scans to cut training patches from")
     ap.add_argument("--test-scans", type=int, default=80, help="test-split scans to cut scored patches from")
-    ap.add_argument("--eval-scans", type=int, default=40, help="further test scans (and twins) for the question level")
+    ap.add_argument("--eval-scans", type=int, default=40,
+                    help="further test scans (and twins) for the question level")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--downsample", type=float, default=1.0, help="the stream's grid (2.5 → 56×112×112)")
     ap.add_argument("--learners", nargs="+", default=list(LEARNERS), choices=list(LEARNERS))
@@ -257,7 +261,8 @@ def main(argv=None) -> dict:
     for name in args.learners:
         t = time.time()
         torch.manual_seed(args.seed)
-        batches = ((norm(a), b) for a, b in iter(stream.batch, None)) if stream else draws(norm(x), y, args.seed)
+        batches = (((norm(a), b) for a, b in iter(stream.batch, None)) if stream
+                   else draws(norm(x), y, args.seed))
         models[name] = train(LEARNERS[name](), batches, args.steps)
         out[name] = f = patch_figures(score(models[name], norm(xt)), kt)
         print(f"{name}: patch AUROC {f['all']:.3f} (against clean twins {f['twin']:.3f}, other tissue "
@@ -265,8 +270,8 @@ def main(argv=None) -> dict:
     q = question_figures(models, _scans("test", args.eval_scans, 1_000 + args.seed, args.downsample), norm)
     for name, f in q.items():
         out[name].update(organ_auroc=f["organ"], scan_auroc=f["scan"])
-        print(f"{name}: organ-level AUROC {f['organ']:.3f} ({f['organs_with']} of {f['organs']} organs hold a "
-              f"finding), scan-level AUROC {f['scan']:.3f} ({f['scans']} scans, half clean twins)")
+        print(f"{name}: organ-level AUROC {f['organ']:.3f} ({f['organs_with']} of {f['organs']} organs "
+              f"hold a finding), scan-level AUROC {f['scan']:.3f} ({f['scans']} scans, half clean twins)")
     return out
 
 

@@ -4,16 +4,21 @@ import math
 import pytest
 import torch
 
-from photon_core.organs import MIRROR
-
-from photon_core.train.synthetic.anatomy import VOXEL_MM, downsample_shape, load_background, shrink
-
-from photon_core.train.synthetic.findings import lesion_sites
-
-from photon_core.train.synthetic.questions import CYST, FINDING_FAMILIES, LARGER, LARGER_RATIO, NODULE, NORMAL_QUESTION, ORGAN_ABNORMAL, all_template_text
-
-from photon_core.train.synthetic.generator import DemoGenerator
 from photon_core.io.preprocess import MODEL_SHAPE
+from photon_core.organs import MIRROR
+from photon_core.train.synthetic.anatomy import VOXEL_MM, downsample_shape, load_background, shrink
+from photon_core.train.synthetic.findings import lesion_sites
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.train.synthetic.questions import (
+    CYST,
+    FINDING_FAMILIES,
+    LARGER,
+    LARGER_RATIO,
+    NODULE,
+    NORMAL_QUESTION,
+    ORGAN_ABNORMAL,
+    all_template_text,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +38,18 @@ def _check_stream(gen, n):
         for f in meta["findings"]:
             kinds.add(f["kind"])
             assert f["organ"] in organs
-            if f["kind"] != "effusion":          # the lesion's centre is in its organ and marked in the truth map
+            if f["kind"] != "effusion":          # the lesion's centre is in its organ and marked in
+                                                 # the truth map
                 c = [int(round(x)) for x in f["center_model_voxel"]]
-                assert organs[f["organ"]][tuple(c)] and float(truth[tuple(c)]) == pytest.approx(f["diameter_mm"], abs=0.5)
+                assert (organs[f["organ"]][tuple(c)]
+                        and float(truth[tuple(c)]) == pytest.approx(f["diameter_mm"], abs=0.5))
         lesions = [f for f in meta["findings"] if f["kind"] != "effusion"]
         if lesions and truth is not None:       # every question's answer agrees with the findings
             for q in qa:
                 if q["family"] == "existence" and q["organ"] != "lung":
                     only = ("cyst",) if q["question"] in [t.format(o=q["organ"]) for t in CYST] else None
-                    assert (q["answer"] == "yes") == any(f["organ"] == q["organ"] and (only is None or f["kind"] in only)
+                    assert (q["answer"] == "yes") == any(f["organ"] == q["organ"]
+                                                         and (only is None or f["kind"] in only)
                                                          for f in lesions)
     return kinds
 
@@ -55,14 +63,15 @@ def test_coarse_curriculum_grid_keeps_organs_sizes_and_truth(abdomen):
     for name in ("liver", "spleen", "urinary bladder"):
         ml = lambda bg: float(bg.organs[name].sum()) * math.prod(bg.voxel_mm) / 1000
         assert ml(small) == pytest.approx(ml(abdomen), rel=0.15)
-    gen = DemoGenerator("train", seed=3, pool=1, backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": abdomen},
-                        downsample=2.5)
+    gen = DemoGenerator("train", seed=3, pool=1,
+                        backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}, downsample=2.5)
     assert gen.shape == shape
     kinds = _check_stream(gen, 12)
     assert kinds & {"cyst", "hypodense", "hyperdense"}
-    # a lesion's volume in ml is measured on the coarse grid too (diameter 12–40 mm → 0.9–33.5 ml, ± voxelisation)
-    gen2 = DemoGenerator("train", seed=4, pool=0, backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": abdomen},
-                         downsample=2.5)
+    # a lesion's volume in ml is measured on the coarse grid too
+    # (diameter 12–40 mm → 0.9–33.5 ml, ± voxelisation)
+    gen2 = DemoGenerator("train", seed=4, pool=0,
+                         backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}, downsample=2.5)
     for _ in range(8):
         _, _, meta, _ = gen2.sample(with_findings=1.0)
         for f in meta["findings"]:
@@ -86,7 +95,8 @@ def test_val_split_is_a_stream_of_its_own(abdomen):
     """``val`` (for choosing between runs) deforms its bodies and draws its findings apart from
     ``train`` and ``test``, and is deterministic like them."""
     bgs = {"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}
-    pools = {s: DemoGenerator(s, seed=1, pool=1, backgrounds=bgs, downsample=2.5) for s in ("train", "val", "test")}
+    pools = {s: DemoGenerator(s, seed=1, pool=1, backgrounds=bgs, downsample=2.5)
+             for s in ("train", "val", "test")}
     first = {s: g.pool[1].frames for s, g in pools.items()}      # each split's deformed body
     assert not torch.equal(first["val"], first["test"]) and not torch.equal(first["val"], first["train"])
     again = DemoGenerator("val", seed=1, pool=1, backgrounds=bgs, downsample=2.5)
@@ -107,7 +117,8 @@ def test_organ_enlargement_grows_the_organ_and_is_asked_about(abdomen):
         small = shrink(abdomen, gen.shape)
         src = MIRROR.get(o, o) if meta["mirrored"] else o          # mirroring swaps the sides' labels
         ratio = float(organs[o].sum()) / float(small.organs[src].sum())
-        assert 1.3 < ratio < 2.6, (o, ratio)                  # linear 1.15–1.3 → volume ×1.5–2.2 (± voxelisation)
+        assert 1.3 < ratio < 2.6, (o, ratio)                  # linear 1.15–1.3 → volume ×1.5–2.2
+                                                              # (± voxelisation)
         ml = float(organs[o].sum()) * math.prod(small.voxel_mm) / 1000
         assert grown[0]["volume_ml"] == pytest.approx(ml, abs=0.1)
         asked = {q["organ"]: q["answer"] for q in qa if "enlarge" in q["question"]}
@@ -145,7 +156,8 @@ def test_counterfactual_is_the_same_scan_without_findings(abdomen):
         if meta["findings"]:
             assert not torch.equal(clean, frames)
     assert changed > 0
-    b = DemoGenerator("test", seed=2, pool=0, backgrounds=bgs, downsample=2.5)   # (re-seeds torch's generator)
+    b = DemoGenerator("test", seed=2, pool=0, backgrounds=bgs, downsample=2.5)   # (re-seeds
+                                                                                 # torch's generator)
     for frames, qa in stream:                                          # calling counterfactual() drew nothing
         fb, qb, _, _ = b.sample(with_findings=1.0)
         assert torch.equal(fb, frames) and qb == qa
@@ -160,7 +172,8 @@ def test_chest_lungs_found_by_density(abdomen):
     ml = math.prod(VOXEL_MM) / 1000
     w = {n: float(m.nonzero()[:, 2].float().mean()) for n, m in chest.organs.items() if n.endswith("lung")}
     assert set(w) == {"left lung", "right lung"} and w["left lung"] > w["right lung"]
-    assert all(1000 < float(chest.organs[n].sum()) * ml < 3000 for n in w)     # ≈ 1.3–1.5 l each (cropped FOV)
+    assert all(1000 < float(chest.organs[n].sum()) * ml < 3000 for n in w)     # ≈ 1.3–1.5 l each
+                                                                               # (cropped FOV)
     wa = {n: float(abdomen.organs[n].nonzero()[:, 2].float().mean()) for n in w}
     assert wa["left lung"] > wa["right lung"]
     # an abdominal scan without lung labels gets none: its body's partial-volume rim passes the density test
@@ -181,13 +194,15 @@ def test_bundled_cases_suggested_questions_are_asked_by_the_generator(abdomen):
     """The app suggests questions for each bundled case; the demo model is trained on the generator's
     words, so each of them is one of its phrasings — answered from the scan's findings and organs."""
     import json
+
     from conftest import ROOT
     cases = json.loads((ROOT / "sample_cases" / "cases.json").read_text())["cases"]
     phrasings = set(all_template_text())
     suggested = [q for c in cases for q in c["questions"]]
     assert suggested and [q for q in suggested if q not in phrasings] == []
-    gen = DemoGenerator("train", seed=4, pool=0, backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": abdomen},
-                        downsample=2.5, enlargement=0.5)
+    gen = DemoGenerator("train", seed=4, pool=0,
+                        backgrounds={"abdomen_ct": abdomen, "chest_aorta_ct": abdomen}, downsample=2.5,
+                        enlargement=0.5)
     fmt = lambda ts, o: [t.format(o=o, p=o) for t in ts]  # noqa: E731
     asked = set()
     for _ in range(16):
@@ -203,11 +218,13 @@ def test_bundled_cases_suggested_questions_are_asked_by_the_generator(abdomen):
                 assert q["family"] == "anomaly_detection" and yes == any(f["organ"] == o for f in found)
             elif q["question"] in fmt(LARGER, "kidney"):
                 vl, vr = (float(organs[f"{s} kidney"].sum()) for s in ("left", "right"))
-                assert max(vl, vr) >= LARGER_RATIO * min(vl, vr) and q["answer"] == ("left" if vl > vr else "right")
+                assert (max(vl, vr) >= LARGER_RATIO * min(vl, vr)
+                        and q["answer"] == ("left" if vl > vr else "right"))
             else:
                 continue
             asked.add(q["question"].split(" the ")[0])
-    assert asked == {"Is there a cyst in", "Is there a nodule in", "Is there an abnormality of", "Which kidney is larger?"}
+    assert asked == {"Is there a cyst in", "Is there a nodule in", "Is there an abnormality of",
+                     "Which kidney is larger?"}
 
 
 def _ground_truth(gen, n):

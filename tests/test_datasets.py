@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from photon_core.eval.datasets import DatasetError, parse_columns, read_records
 
 
@@ -21,11 +21,14 @@ def _csv(path, rows):
 def test_csv_folder_one_task_per_file(tmp_path):
     d = tmp_path / "sets"
     d.mkdir()
-    _csv(d / "existence_detection.csv", [{"VolumeName": "a.nii.gz", "Question": "Is there a cyst?", "Answer": "Yes"}])
-    _csv(d / "medical_computation.csv", [{"VolumeName": "b.nii.gz", "Question": "Size?", "Answer": "23 mm"},
-                                          {"VolumeName": "b.nii.gz", "Question": "Where?", "Answer": "left kidney"}])
+    _csv(d / "existence_detection.csv",
+         [{"VolumeName": "a.nii.gz", "Question": "Is there a cyst?", "Answer": "Yes"}])
+    _csv(d / "medical_computation.csv",
+         [{"VolumeName": "b.nii.gz", "Question": "Size?", "Answer": "23 mm"},
+          {"VolumeName": "b.nii.gz", "Question": "Where?", "Answer": "left kidney"}])
     recs = read_records(d, images=tmp_path / "vols")
-    assert [r["family"] for r in recs] == ["existence_detection", "medical_computation", "medical_computation"]
+    assert [r["family"] for r in recs] == ["existence_detection", "medical_computation",
+                                           "medical_computation"]
     assert [r["answer_type"] for r in recs] == ["closed", "numeric", "open"]
     assert recs[0]["image"] == str(tmp_path / "vols" / "a.nii.gz")
 
@@ -33,7 +36,8 @@ def test_csv_folder_one_task_per_file(tmp_path):
 def test_json_list_with_overrides_and_options(tmp_path):
     f = tmp_path / "dtvqa.json"
     f.write_text(json.dumps({"data": [
-        {"ct": "c.nii.gz", "q": "Which organ?", "Answer": "liver", "options": ["liver", "spleen"], "type": "recognition"},
+        {"ct": "c.nii.gz", "q": "Which organ?", "Answer": "liver", "options": ["liver", "spleen"],
+         "type": "recognition"},
         {"ct": "c.nii.gz", "q": "How many lesions?", "Answer": "3", "type": "counting"}]}))
     recs = read_records(f, parse_columns(["question=q"]))
     assert recs[0]["answer_type"] == "choice" and recs[0]["question"].endswith("Options: liver, spleen")
@@ -56,8 +60,9 @@ def test_evaluate_a_csv_set_end_to_end(tiny_model_dir, tmp_path):
     data = tmp_path / "lesions.csv"
     _csv(data, [r | {"space": "model" if r["image"].endswith(".npy") else ""} for r in rows])
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--model", str(tiny_model_dir), "--device", "cpu",
-                        "--data", str(data), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--model", str(tiny_model_dir),
+                        "--device", "cpu", "--data", str(data), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 3 and "error" in preds[2] and "error" not in preds[0]

@@ -1,7 +1,9 @@
-"""The embedded demo model: loaded by default, answers a suggested question on a sample case, deterministically."""
+"""The embedded demo model: loaded by default, answers a suggested question on a sample case,
+deterministically."""
 import json
 
 from conftest import SAMPLES
+
 from photon_core.inference.predictor import DEMO_MODEL, Predictor
 from photon_core.io.volume import load_volume
 
@@ -9,7 +11,8 @@ from photon_core.io.volume import load_volume
 def test_demo_model_answers_a_suggested_question_deterministically():
     assert (DEMO_MODEL / "config.json").is_file() and (DEMO_MODEL / "MODEL_CARD.md").is_file()
     size = sum(f.stat().st_size for f in DEMO_MODEL.glob("*.safetensors"))
-    assert size <= 40 * 2**20 and all(f.stat().st_size <= 16 * 2**20 for f in DEMO_MODEL.glob("*.safetensors"))
+    assert size <= 40 * 2**20 and all(f.stat().st_size <= 16 * 2**20
+                                      for f in DEMO_MODEL.glob("*.safetensors"))
     case = json.loads((SAMPLES / "cases.json").read_text())["cases"][0]
     p = Predictor(device="cpu")                                   # default = the embedded demo model
     assert "demo" in p.name.lower()

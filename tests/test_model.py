@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from photon_core.model.checkpoint import CheckpointError, load_model, save_model
-from photon_core.model.config import PhotonConfig
 from photon_core.inference.predictor import Predictor
 from photon_core.inference.prompt import Tokenizer, batch_prompts
-from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
 from photon_core.model.baselines import merge_dropped
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
+from photon_core.model.checkpoint import CheckpointError, load_model, save_model
+from photon_core.model.config import PhotonConfig
 from photon_core.model.its import Schedule
 from photon_core.model.sgp import pack_indices, surrogate_gather
 from photon_core.train.config import TrainConfig
@@ -251,15 +251,17 @@ def test_ask_cli_json(tiny_model_dir):
 
     from conftest import ROOT, SAMPLES
 
-    r = subprocess.run([sys.executable, "-m", "photon_core.inference.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
+    r = subprocess.run([sys.executable, "-m", "photon_core.inference.ask",
+                        "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
                         "--question", "Is there a lesion in the liver?", "--budget", "25%", "--model",
                         str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "3", "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["kept"] == 250 and d["total"] == 1000 and d["budget"] == "25%"
-    bad = subprocess.run([sys.executable, "-m", "photon_core.inference.ask", "--scan", "/nonexistent.nii.gz", "--question",
-                          "x?", "--model", str(tiny_model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "photon_core.inference.ask", "--scan", "/nonexistent.nii.gz",
+                          "--question", "x?", "--model", str(tiny_model_dir)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -383,7 +385,8 @@ def test_robustness_perturbations_stay_on_the_scan_device():
     seed = next(s for s in range(30) if random.Random(s).choice(kinds) == "drop")
     y = perturb(x, random.Random(seed))
     patches = y.reshape(2, 14, 2, 14, 2, 14).permute(0, 2, 4, 1, 3, 5).reshape(8, -1)
-    assert y.shape == x.shape and all(bool((p == 0).all()) or bool((p != 0).all()) for p in patches)   # whole patches
+    assert y.shape == x.shape and all(bool((p == 0).all()) or bool((p != 0).all())
+                                      for p in patches)   # whole patches
 
 def test_keep_target_is_the_organ_and_its_nearest_blocks():
     from photon_core.train.targets import keep_target, token_targets
@@ -400,15 +403,16 @@ def test_keep_target_is_the_organ_and_its_nearest_blocks():
     zz, yy, xx = torch.meshgrid(*(torch.arange(10.0),) * 3, indexing="ij")
     d = (torch.stack([zz, yy, xx], -1).reshape(-1, 3) - 1).clamp_min(0).norm(dim=-1)   # distance to the liver
     assert float(d[liver.bool()].max()) <= float(d[~liver.bool()].min())               # nearest first
-    assert int(keep_target("Is there a lesion in the liver?", tg, 0.001).sum()) == 8   # never fewer than the organ
+    assert int(keep_target("Is there a lesion in the liver?", tg, 0.001).sum()) == 8   # never fewer than
+                                                                                       # the organ
     none = {**tg, "organ_known": torch.zeros_like(tg["organ_known"])}
     assert not keep_target("Is there a lesion in the liver?", none, 0.1).any()       # no target: row skipped
 
 
 def test_token_targets_and_guide_targets_follow_the_question():
+    from photon_core.organs import ORGANS
     from photon_core.train.aux_head import AuxHead
     from photon_core.train.targets import guide_target, token_targets
-    from photon_core.organs import ORGANS
     organs = {"liver": torch.zeros(140, 280, 280, dtype=torch.bool),
               "left kidney": torch.zeros(140, 280, 280, dtype=torch.bool),
               "right kidney": torch.zeros(140, 280, 280, dtype=torch.bool)}
@@ -428,10 +432,12 @@ def test_token_targets_and_guide_targets_follow_the_question():
     assert soft[:2].tolist() == [1.0, 1.0] and torch.allclose(soft[2:], torch.full((998,), 0.05))
     halo = guide_target("Is there a lesion in the liver?", tg, floor=0.05, halo=1.0)   # grid 10×10×10
     assert halo[:2].tolist() == [1.0, 1.0]
-    near, far = halo[2], halo[999]                   # one block from the liver; (9, 9, 9): 8 blocks (beyond reach)
+    near, far = halo[2], halo[999]                   # one block from the liver;
+                                                     # (9, 9, 9): 8 blocks (beyond reach)
     assert torch.isclose(near, torch.tensor(0.05 + 0.5 * math.exp(-1.0)))
     assert torch.isclose(far, torch.tensor(0.05 + 0.5 * math.exp(-7.0)))
-    assert torch.isclose(halo[100], near) and torch.isclose(halo[111], near)   # (1,0,0) and (1,1,1) touch it too
+    assert torch.isclose(halo[100], near) and torch.isclose(halo[111], near)   # (1,0,0) and (1,1,1)
+                                                                               # touch it too
     none = {**tg, "organ_known": torch.zeros_like(tg["organ_known"])}
     assert not guide_target("Is there a lesion in the liver?", none, floor=0.05).any()   # still no guidance
     head = AuxHead(16, len(ORGANS))
@@ -459,8 +465,8 @@ def test_token_targets_and_guide_targets_follow_the_question():
 def test_fold_standardise_makes_the_merger_emit_standardised_tokens(tiny_model_dir):
     """--fold-scans: one fixed affine map folded into the merger's last Linear, so the tokens it was
     measured on come out as deviations from their mean over each channel's spread; nothing else moves."""
-    from photon_core.model.checkpoint import load_model
     from photon_core.io.preprocess import patchify
+    from photon_core.model.checkpoint import load_model
     from photon_core.train.aux_head import fold_standardise
     m = load_model(tiny_model_dir, "cpu", torch.float32).eval()
     g = torch.Generator().manual_seed(0)
@@ -482,7 +488,8 @@ def test_slab_targets_are_the_targets_of_the_slab_alone():
     token grid (tokens run depth-major), finding map and all."""
     from photon_core.train.targets import slab_targets, token_targets
     g = torch.Generator().manual_seed(0)
-    organs = {"liver": torch.rand(42, 56, 56, generator=g) > 0.6, "spleen": torch.rand(42, 56, 56, generator=g) > 0.9}
+    organs = {"liver": torch.rand(42, 56, 56, generator=g) > 0.6,
+              "spleen": torch.rand(42, 56, 56, generator=g) > 0.9}
     truth = (torch.rand(42, 56, 56, generator=g) > 0.97) * 9.0
     whole = token_targets(organs, truth, (3, 2, 2))
     for i in range(3):
@@ -490,7 +497,8 @@ def test_slab_targets_are_the_targets_of_the_slab_alone():
         alone = token_targets({o: m[sl] for o, m in organs.items()}, truth[sl], (1, 2, 2))
         got = slab_targets(whole, i, (3, 2, 2))
         assert set(got) == set(alone) and all(torch.equal(got[k], alone[k]) for k in alone)
-    assert not torch.equal(slab_targets(whole, 0, (3, 2, 2))["organ"], slab_targets(whole, 1, (3, 2, 2))["organ"])
+    assert not torch.equal(slab_targets(whole, 0, (3, 2, 2))["organ"],
+                           slab_targets(whole, 1, (3, 2, 2))["organ"])
 
 
 def test_visionzip_plan_dominant_plus_merged_contextual_tokens():
@@ -504,7 +512,8 @@ def test_visionzip_plan_dominant_plus_merged_contextual_tokens():
     top = torch.sort(dominance, descending=True).indices[:n_dom]
     assert bool(keep[top].all())                                  # the dominant tokens
     dropped = (~keep).nonzero().flatten()
-    assert bool((merge[dropped] >= 0).all()) and bool(keep[merge[dropped]].all())   # each merges into a kept token
+    assert bool((merge[dropped] >= 0).all()) and bool(keep[merge[dropped]].all())   # each merges into
+                                                                                    # a kept token
     assert set(merge[dropped].unique().tolist()).isdisjoint(top.tolist())           # ... a contextual one
     assert bool((merge[keep] == -1).all())
     # a dropped token joins its most similar contextual token
@@ -540,8 +549,8 @@ def test_vision_tower_sees_each_depth_slab_alone(tiny_model_dir):
     slab training relies on it); the LLM is where depth context is built."""
     import torch
 
-    from photon_core.model.checkpoint import load_model
     from photon_core.io.preprocess import patchify
+    from photon_core.model.checkpoint import load_model
     model = load_model(tiny_model_dir, "cpu", torch.float32).eval()
     frames = torch.rand(42, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -565,9 +574,9 @@ def test_counterfactual_twin_is_trained_on_the_same_depth_slabs(tmp_path, monkey
         return real(targets, i, grid)
 
     monkeypatch.setattr(train, "slab_targets", record)
-    cfg = train.TrainConfig(out=str(tmp_path / "cf"), preset="tiny", steps=3, scans_per_step=2, pool=0, warmup=1,
-                            device="cpu", downsample=2.5, vision_only=True, aux=1.0, slabs=2, counterfactual=1.0,
-                            log_every=100, save_every=100)
+    cfg = train.TrainConfig(out=str(tmp_path / "cf"), preset="tiny", steps=3, scans_per_step=2, pool=0,
+                            warmup=1, device="cpu", downsample=2.5, vision_only=True, aux=1.0, slabs=2,
+                            counterfactual=1.0, log_every=100, save_every=100)
     train.train(cfg)
     assert len(seen) == 3 * 2 * 2                       # 3 steps × (scan + twin) × 2 slabs
     for k in range(0, len(seen), 4):

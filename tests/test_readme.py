@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 DOCS = [ROOT / "README.md", ROOT / "research" / "README.md"]
@@ -48,7 +47,8 @@ COMMANDS = _commands()
 
 def test_the_readmes_name_commands():
     names = {line.split()[0] for _, line in COMMANDS}
-    assert {".venv/bin/python", ".venv/bin/photon-ask", ".venv/bin/photon-eval", ".venv/bin/photon-train"} <= names
+    assert {".venv/bin/python", ".venv/bin/photon-ask", ".venv/bin/photon-eval",
+            ".venv/bin/photon-train"} <= names
 
 
 @pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{d}:{line.split()[1][:40]}" for d, line in COMMANDS])

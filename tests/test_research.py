@@ -1,5 +1,7 @@
-"""The research probes (research/): each runs end to end on a tiny model, and its measuring parts are right."""
+"""The research probes (research/): each runs end to end on a tiny model, and its measuring parts are
+right."""
 import importlib.util
+
 import pytest
 from conftest import ROOT
 
@@ -28,8 +30,8 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
     """research/closed_auroc.py reads the first answer token of each left-padded row: a question's
     margin in the batch equals its margin asked alone, every yes/no question gets one, the label is
     "finding present" (flipped for the normal question), and the paired comparison runs."""
-    from photon_core.train.synthetic.generator import DemoGenerator
     from photon_core.inference.predictor import Predictor
+    from photon_core.train.synthetic.generator import DemoGenerator
     mod = _script("closed_auroc")
     p = Predictor(tiny_model_dir, device="cpu")
     batched = mod.margins(p, DemoGenerator("test", seed=0, downsample=2.5), 2, "full")
@@ -56,18 +58,20 @@ def test_closed_auroc_margins_are_per_question(tiny_model_dir):
 def test_closed_auroc_scores_enlargement_questions_apart(tiny_model_dir):
     """With enlarged organs in the stream, "is the organ enlarged?" questions are scored in their own
     group (label: enlarged), and only they; the lesion questions keep their families."""
-    from photon_core.train.synthetic.questions import ENLARGED
-    from photon_core.train.synthetic.generator import DemoGenerator
     from photon_core.inference.predictor import Predictor
+    from photon_core.train.synthetic.generator import DemoGenerator
+    from photon_core.train.synthetic.questions import ENLARGED
     mod = _script("closed_auroc")
     gen = DemoGenerator("test", seed=0, downsample=2.5, enlargement=1.0)
     out = mod.margins(Predictor(tiny_model_dir, device="cpu"), gen, 3, "full")
     replay = DemoGenerator("test", seed=0, downsample=2.5, enlargement=1.0)
     enlarged = [q for _ in range(3) for q in replay.sample()[1]
-                if q["family"] == "existence" and any(q["question"] == t.format(o=q["organ"]) for t in ENLARGED)]
+                if q["family"] == "existence"
+                and any(q["question"] == t.format(o=q["organ"]) for t in ENLARGED)]
     assert enlarged and any(q["answer"] == "yes" for q in enlarged)
     assert out["enlargement"][1] == [q["answer"] == "yes" for q in enlarged]
-    assert mod.group(dict(question="Is there a lesion in the liver?", organ="liver", family="existence")) == "existence"
+    assert mod.group(dict(question="Is there a lesion in the liver?", organ="liver",
+                          family="existence")) == "existence"
 
 
 def test_ball_probe_runs(capsys, tmp_path):
@@ -122,9 +126,11 @@ def test_organ_probe(tiny_model_dir, capsys):
     y = torch.stack([0.3 * x[:, 0] + 0.1, -0.2 * x[:, 4]], -1)
     assert mod.r2(mod.fit_probe(x, y)(x), y) > 0.999
     assert mod.r2(mod.fit_probe(x[:, 1:4], y)(x[:, 1:4]), y) < 0.05
-    rows = [dict(organ="liver", enlarged=e, volume=v) for e, v in ((False, 100), (False, 110), (True, 150))] + \
+    rows = [dict(organ="liver", enlarged=e, volume=v)
+            for e, v in ((False, 100), (False, 110), (True, 150))] + \
            [dict(organ="spleen", enlarged=e, volume=v) for e, v in ((False, 20), (False, 22), (True, 30))]
-    assert mod.within_organ_auroc(rows, "volume") == 1.0      # raw volumes would rank the spleen below the liver
+    assert mod.within_organ_auroc(rows, "volume") == 1.0      # raw volumes would rank the spleen
+                                                              # below the liver
     out = mod.main(["--model", str(tiny_model_dir), "--scans", "4", "--enlargement", "1.0"])
     assert set(out["r2"]) == set(out["correlation"]) == set(mod.ENLARGE_ORGANS)
     assert all(0 <= v <= 1 for v in out["auroc"].values()) and out["auroc"]["volume"] > 0.9
@@ -171,7 +177,8 @@ def test_key_bound(tiny_model_dir, capsys):
     a, b = mod.top(x[:, 0], 30), mod.top(x[:, 1], 30)          # two organs of 30 blocks, two features
     assert mod.top(mod.ridge(x, a.astype(float))(x), int(a.sum()))[a].mean() > 0.8
     assert mod.top(np.arange(10.0), 3).tolist() == [False] * 7 + [True] * 3
-    scan = dict(keys=x, tokens=x, rho={"p": x[:, 2], "q": x[:, 2]}, target={"p": a, "q": b}, blocks={"p": a, "q": b})
+    scan = dict(keys=x, tokens=x, rho={"p": x[:, 2], "q": x[:, 2]}, target={"p": a, "q": b},
+                blocks={"p": a, "q": b})
     far = mod.bound([scan], "keys", "best, this scan")
     same = mod.bound([scan], "keys", "model")                  # one ρ for both organs: the same set
     assert same["jaccard"] == 1.0 and far["jaccard"] < 0.3 and far["cover"] > 0.8
@@ -222,14 +229,17 @@ def test_patch_detect(capsys):
     from photon_core.eval.metrics import auroc
     assert auroc(mod.score(model, v).tolist(), y.bool().tolist()) > 0.9
 
-    stream = mod.PatchStream("train", seed=0, downsample=2.5)         # pairs: painted, then the same crop clean
+    stream = mod.PatchStream("train", seed=0, downsample=2.5)         # pairs: painted,
+                                                                      # then the same crop clean
     x, y = stream.batch(8)
     assert x.shape == (8, 14, 14, 14) and y.tolist() == [1.0, 0.0] * 4
     changed = (x[0::2] != x[1::2]).flatten(1).float().mean(1)
-    assert bool((changed >= mod.MIN_SHARE * 0.5).all())               # a lesion in each painted crop (a few of
-    assert torch.equal(x[1::2].clamp(0, 1), x[1::2])                   # its voxels may keep their value by chance)
+    assert bool((changed >= mod.MIN_SHARE * 0.5).all())               # a lesion in each painted crop
+    assert torch.equal(x[1::2].clamp(0, 1), x[1::2])                  # (a few of its voxels may keep
+                                                                      # their value by chance)
     for argv in (["--scans", "6"], ["--stream"]):
-        out = mod.main(argv + ["--test-scans", "4", "--eval-scans", "3", "--steps", "3", "--downsample", "2.5"])
+        out = mod.main(argv + ["--test-scans", "4", "--eval-scans", "3", "--steps", "3",
+                               "--downsample", "2.5"])
         assert set(out) == {"flat", "cnn"}
         assert all(set(f) == {"all", "twin", "tissue", "organ_auroc", "scan_auroc"} and
                    all(0 <= v <= 1 for v in f.values()) for f in out.values())

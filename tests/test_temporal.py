@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, SAMPLES
-from photon_core.model.decoder import rope_index
+
 from photon_core.inference.predictor import Predictor
 from photon_core.model.budget import Budget
+from photon_core.model.decoder import rope_index
 
 
 def _frames(seed, bright=0.6):
@@ -51,7 +51,8 @@ def test_answers_with_a_prior(pred):
     assert (a.total, a.prior_total, a.kept) == (2000, 1000, 300)
     assert a.prior_kept == int(a.prior_keep_grid.sum()) and a.kept == a.prior_kept + int(a.keep_grid.sum())
     assert a.to_dict()["prior_kept"] == a.prior_kept
-    many = pred.ask_many(["Has the liver lesion grown since the prior scan?", "Is there a lesion in the liver?"],
+    many = pred.ask_many(["Has the liver lesion grown since the prior scan?",
+                          "Is there a lesion in the liver?"],
                          ["auto", "ratio:0.1"], max_new_tokens=3)
     one = pred.ask("Is there a lesion in the liver?", "ratio:0.1", max_new_tokens=3)
     assert many[1].text == one.text and many[1].kept_indices == one.kept_indices and many[1].kept == 200
@@ -75,8 +76,8 @@ def test_the_prior_reaches_the_model(tiny_model_dir):
 
 
 def test_generator_pairs_have_exact_change_truth():
-    from photon_core.train.synthetic.questions import CHANGE, GROWN, RESOLVED
     from photon_core.train.synthetic.generator import DemoGenerator
+    from photon_core.train.synthetic.questions import CHANGE, GROWN, RESOLVED
 
     def stream(n=16):      # the generator seeds torch's global stream: one generator at a time
         g = DemoGenerator("test", seed=3, pool=1, downsample=2.5)
@@ -84,7 +85,7 @@ def test_generator_pairs_have_exact_change_truth():
 
     first, again = stream(), stream()
     seen, answers = set(), set()
-    for (prior, cur, qa, meta, organs, truths), (prior2, cur2, qa2, *_) in zip(first, again):
+    for (prior, cur, qa, meta, _, truths), (prior2, cur2, qa2, *_) in zip(first, again):
         assert torch.equal(prior, prior2) and torch.equal(cur, cur2) and qa == qa2      # deterministic
         for c in meta["changes"]:
             seen.add(c["change"])
@@ -114,10 +115,11 @@ def test_generator_pairs_have_exact_change_truth():
 
 def test_temporal_training_steps(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), "--preset", "tiny", "--steps", "2",
-                        "--downsample", "2.5", "--temporal", "1", "--scans-per-step", "1", "--questions-per-scan", "2",
-                        "--pool", "0", "--warmup", "1", "--log-every", "1", "--device", "cpu", "--guide", "0.1",
-                        "--aux", "0.5", "--phase2-start", "0", "--phase3-start", "0.5", "--robust-prob", "0"],
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), "--preset", "tiny",
+                        "--steps", "2", "--downsample", "2.5", "--temporal", "1", "--scans-per-step", "1",
+                        "--questions-per-scan", "2", "--pool", "0", "--warmup", "1", "--log-every", "1",
+                        "--device", "cpu", "--guide", "0.1", "--aux", "0.5", "--phase2-start", "0",
+                        "--phase3-start", "0.5", "--robust-prob", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
@@ -131,10 +133,11 @@ def test_evaluator_reads_prior_images(tiny_model_dir, tmp_path):
 
     for name, seed in (("now.npy", 0), ("before.npy", 1)):
         np.save(tmp_path / name, _frames(seed).numpy())
-    recs = [dict(image="now.npy", prior_image="before.npy", space="model", question="Has the liver lesion grown?",
-                 answer="no", family="temporal"),
+    recs = [dict(image="now.npy", prior_image="before.npy", space="model",
+                 question="Has the liver lesion grown?", answer="no", family="temporal"),
             dict(image="now.npy", space="model", question="Is there a lesion in the liver?", answer="no"),
-            dict(image="now.npy", prior_image="missing.npy", space="model", question="Has it grown?", answer="yes")]
+            dict(image="now.npy", prior_image="missing.npy", space="model", question="Has it grown?",
+                 answer="yes")]
     data = tmp_path / "set.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     read = read_records(data)
@@ -174,10 +177,12 @@ def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
 
 
 def test_ask_cli_with_a_prior(tiny_model_dir):
-    r = subprocess.run([sys.executable, "-m", "photon_core.inference.ask", "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
-                        "--prior", str(SAMPLES / "chest_aorta_ct/ct.nii.gz"), "--question", "Has the lesion grown?",
-                        "--budget", "25%", "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2",
-                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "photon_core.inference.ask",
+                        "--scan", str(SAMPLES / "abdomen_ct/ct.nii.gz"),
+                        "--prior", str(SAMPLES / "chest_aorta_ct/ct.nii.gz"),
+                        "--question", "Has the lesion grown?", "--budget", "25%",
+                        "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "2", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert (d["total"], d["kept"], d["prior_total"]) == (2000, 500, 1000)
@@ -185,10 +190,11 @@ def test_ask_cli_with_a_prior(tiny_model_dir):
 
 def test_counterfactual_training_steps(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), "--preset", "tiny", "--steps", "2",
-                        "--downsample", "2.5", "--counterfactual", "1", "--scans-per-step", "2",
-                        "--questions-per-scan", "2", "--pool", "0", "--warmup", "1", "--log-every", "1", "--device",
-                        "cpu", "--guide", "0.1", "--aux", "0.5", "--robust-prob", "0"],
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), "--preset", "tiny",
+                        "--steps", "2", "--downsample", "2.5", "--counterfactual", "1",
+                        "--scans-per-step", "2", "--questions-per-scan", "2", "--pool", "0", "--warmup", "1",
+                        "--log-every", "1", "--device", "cpu", "--guide", "0.1", "--aux", "0.5",
+                        "--robust-prob", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from photon_core.eval.metrics import aggregate, bleu1, closed_correct, mra, rouge1
 
 pytestmark = pytest.mark.slow
@@ -45,8 +45,8 @@ def _script(name: str):
 def test_two_process_gloo_training_and_resume(tmp_path):
     out = tmp_path / "run"
     r = _torchrun(["-m", "photon_core.train", "--out", str(out), "--preset", "tiny", "--steps", "4",
-                   "--scans-per-step", "1", "--questions-per-scan", "1", "--save-every", "2", "--log-every", "1",
-                   "--pool", "0", "--warmup", "1", "--device", "cpu"], tmp_path)
+                   "--scans-per-step", "1", "--questions-per-scan", "1", "--save-every", "2",
+                   "--log-every", "1", "--pool", "0", "--warmup", "1", "--device", "cpu"], tmp_path)
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert [x["phase"] for x in lines] == [1, 1, 2, 3]                  # the three phases in one short run
     assert all(x["loss"] == x["loss"] for x in lines)                   # finite (not NaN)
@@ -56,8 +56,9 @@ def test_two_process_gloo_training_and_resume(tmp_path):
     assert state["step"] == 4
     # resume: continues at step 4 and runs to 6
     r2 = _torchrun(["-m", "photon_core.train", "--out", str(out), "--preset", "tiny", "--steps", "6",
-                    "--scans-per-step", "1", "--questions-per-scan", "1", "--save-every", "2", "--log-every", "1",
-                    "--pool", "0", "--warmup", "1", "--device", "cpu", "--resume"], tmp_path)
+                    "--scans-per-step", "1", "--questions-per-scan", "1", "--save-every", "2",
+                    "--log-every", "1", "--pool", "0", "--warmup", "1", "--device", "cpu", "--resume"],
+                   tmp_path)
     steps = [json.loads(x)["step"] for x in r2.stdout.splitlines() if x.startswith("{")]
     assert steps == [4, 5]
 
@@ -101,7 +102,8 @@ def test_demo_evaluation_with_baselines_and_curves_rescores_from_its_answers(tin
     closed = next(r for r in again if r["family"] == "existence")
     closed["prediction"] = closed["answer"] if closed["scores"]["accuracy"] == 0 else "maybe"
     rescore(again)
-    assert summarise(again)["families"]["existence"]["accuracy"] != before["families"]["existence"]["accuracy"]
+    assert (summarise(again)["families"]["existence"]["accuracy"]
+            != before["families"]["existence"]["accuracy"])
 
 
 def test_score_mode_reproduces_a_committed_report_and_reads_other_models_predictions(tmp_path):
@@ -138,8 +140,9 @@ def test_score_mode_reproduces_a_committed_report_and_reads_other_models_predict
         r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--score", str(bad), "--out",
                             str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and says in r.stderr and not (tmp_path / "bad").exists(), r.stderr
-    r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--score", str(other), "--demo-split", "test",
-                        "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--score", str(other),
+                        "--demo-split", "test", "--out", str(tmp_path / "bad")],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "runs no model" in r.stderr
 
 
@@ -152,16 +155,19 @@ def test_metrics():
     assert [mra(p, "20") for p in ("19", "21", "23", "26", "14")] == [0.9, 0.9, 0.7, 0.4, 0.4]
     assert mra("3.3 cm", "3.0 cm") == 0.8 and mra("-5", "-4") == 0.5 and mra("0", "0") == 1.0
     assert mra("1,250 ml", "1250") == 1.0 and mra("2, 3 and 4", "2") == 1.0 and mra("1,2500", "1") == 1.0
-    assert bleu1("left kidney", "left kidney") == 1.0 and rouge1("the left kidney", "left kidney") == pytest.approx(0.8)
+    assert (bleu1("left kidney", "left kidney") == 1.0
+            and rouge1("the left kidney", "left kidney") == pytest.approx(0.8))
     agg = aggregate([dict(family="a", scores={"accuracy": 1.0}), dict(family="a", scores={"accuracy": 0.0}),
                      dict(family="b", scores={"mra": 0.5})])
     assert agg["a"]["accuracy"] == 0.5 and agg["macro"] == 0.5
     from photon_core.eval.metrics import balanced_accuracy
-    always_no = [dict(family="existence", answer_type="closed", answer=a, scores={"accuracy": float(a == "no")})
+    always_no = [dict(family="existence", answer_type="closed", answer=a,
+                      scores={"accuracy": float(a == "no")})
                  for a in ["no"] * 9 + ["yes"]]
     assert aggregate(always_no)["existence"]["accuracy"] == 0.9
     assert balanced_accuracy(always_no) == {"existence": 0.5}      # the prior alone scores chance
-    mixed = aggregate([dict(family="obs", scores={"exact": 1.0}), dict(family="obs", scores={"accuracy": 0.0}),
+    mixed = aggregate([dict(family="obs", scores={"exact": 1.0}),
+                       dict(family="obs", scores={"accuracy": 0.0}),
                        dict(family="obs", scores={"accuracy": 1.0})])
     assert mixed["obs"]["n"] == 3 and mixed["obs"]["accuracy"] == 0.5 and mixed["obs"]["exact"] == 1.0
     from photon_core.eval.metrics import auroc
@@ -176,28 +182,31 @@ def test_metrics():
 def test_low_resolution_curriculum_then_init_from(tmp_path):
     """Stage A at 64 visual tokens (downsample 2.5), stage B from its weights at the real 1,000 tokens."""
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    common = ["--preset", "tiny", "--scans-per-step", "1", "--questions-per-scan", "2", "--pool", "0", "--warmup", "1",
-              "--log-every", "1", "--device", "cpu", "--guide", "0.1", "--aux", "0.5"]
+    common = ["--preset", "tiny", "--scans-per-step", "1", "--questions-per-scan", "2", "--pool", "0",
+              "--warmup", "1", "--log-every", "1", "--device", "cpu", "--guide", "0.1", "--aux", "0.5"]
     a, b = tmp_path / "a", tmp_path / "b"
-    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(a), "--steps", "2", "--downsample", "2.5",
-                        *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(a), "--steps", "2",
+                        "--downsample", "2.5", *common],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg_a = json.loads((a / "model" / "config.json").read_text())
     (a / "model" / "config.json").write_text(json.dumps({**cfg_a, "rope_theta": 10.0}))   # not the preset's
-    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(b), "--steps", "2", "--init-from",
-                        str(a / "model"), "--phase2-start", "0", "--phase3-start", "0.5", "--keep-guide", "1",
-                        "--contrast-guide", "1", *common],
+    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(b), "--steps", "2",
+                        "--init-from", str(a / "model"), "--phase2-start", "0", "--phase3-start", "0.5",
+                        "--keep-guide", "1", "--contrast-guide", "1", *common],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert [x["phase"] for x in lines] == [2, 3] and all(x["loss"] == x["loss"] for x in lines)
     assert all("aux" in x and "guide" in x and "keep_guide" in x and "contrast" in x
-               for x in lines if not x["robust"])                                                  # training-only terms
+               for x in lines if not x["robust"])                                        # training-only terms
     from safetensors.torch import load_file
     wa = load_file(str(a / "model" / "model.safetensors"))
     assert (b / "model" / "tokenizer.json").read_bytes() == (a / "model" / "tokenizer.json").read_bytes()
-    assert json.loads((b / "model" / "config.json").read_text())["rope_theta"] == 10.0   # A's configuration kept
-    # stage B started from stage A: after 2 small steps its weights are still close to A's, far from a fresh init
+    assert json.loads((b / "model" / "config.json").read_text())["rope_theta"] == 10.0   # A's configuration
+                                                                                         # kept
+    # stage B started from stage A: after 2 small steps its weights are still close to A's, far from a
+    # fresh init
     wb = load_file(str(b / "model" / "model.safetensors"))
     k = "visual.vision_patch_embed.proj.weight"
     assert (wb[k] - wa[k]).abs().mean() < 0.5 * wa[k].abs().mean()
@@ -209,8 +218,8 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
     import torch
     from safetensors.torch import load_file
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    common = ["--preset", "tiny", "--scans-per-step", "2", "--questions-per-scan", "2", "--pool", "0", "--warmup", "1",
-              "--log-every", "1", "--device", "cpu", "--downsample", "2.5", "--steps", "2"]
+    common = ["--preset", "tiny", "--scans-per-step", "2", "--questions-per-scan", "2", "--pool", "0",
+              "--warmup", "1", "--log-every", "1", "--device", "cpu", "--downsample", "2.5", "--steps", "2"]
 
     def run(out, *extra):
         r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), *common, *extra],
@@ -220,7 +229,8 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
             load_file(str(out / "model" / "model.safetensors"))
 
     _, w0 = run(tmp_path / "init", "--lr", "0")
-    lines, wa = run(tmp_path / "a", "--vision-only", "--aux", "1", "--init-from", str(tmp_path / "init" / "model"))
+    lines, wa = run(tmp_path / "a", "--vision-only", "--aux", "1",
+                    "--init-from", str(tmp_path / "init" / "model"))
     assert all(set(x) >= {"aux"} and x["loss"] == x["aux"] for x in lines)
     vision = [k for k in w0 if k.startswith("visual.")]
     assert vision and all(not k.startswith("visual.") for k in set(w0) - set(vision))
@@ -236,8 +246,8 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
     others = [k for k in vision if k != embed and not bool((ws[k] == w0[k]).all())]
     assert others and (ws[embed] - w0[embed]).abs().mean() > 3 * (wa[embed] - w0[embed]).abs().mean()
     head = load_file(str(tmp_path / "s" / "last" / "aux_head.safetensors"))
-    run(tmp_path / "s", "--vision-only", "--aux", "1", "--slabs", "2", "--patch-embed-lr", "10", "--steps", "3",
-        "--resume", "--lr", "0")                                    # (the last --steps wins)
+    run(tmp_path / "s", "--vision-only", "--aux", "1", "--slabs", "2", "--patch-embed-lr", "10",
+        "--steps", "3", "--resume", "--lr", "0")                    # (the last --steps wins)
     resumed = load_file(str(tmp_path / "s" / "last" / "aux_head.safetensors"))
     assert all(torch.equal(head[k], resumed[k]) for k in head)      # lr 0: the saved head came back unchanged
     # counterfactual pairs on slabs: a scan with findings and its clean twin (the tower alone moves)
@@ -249,14 +259,16 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
     assert all(bool((wb[k] == wa[k]).all()) for k in vision)
     assert any(not bool((wb[k] == wa[k]).all()) for k in wb if k not in vision)
     # --fold-scans with the tower frozen: the merger's last Linear is the only part of it that changes
-    _, wf = run(tmp_path / "f", "--freeze-vision", "--fold-scans", "2", "--init-from", str(tmp_path / "a" / "model"))
+    _, wf = run(tmp_path / "f", "--freeze-vision", "--fold-scans", "2",
+                "--init-from", str(tmp_path / "a" / "model"))
     folded = {k for k in vision if not bool((wf[k] == wa[k]).all())}
     assert folded == {"visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
     r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
                         "--vision-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "--aux" in r.stderr                                # nothing to train on
     r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
-                        "--aux", "1", "--slabs", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        "--aux", "1", "--slabs", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "--vision-only" in r.stderr                       # slabs: the tower alone
 
 
@@ -282,11 +294,13 @@ def test_bertscore_reproduces_the_reference_package():
     from photon_core.eval.metrics import bertscore
     folder = ROOT / "tests" / "fixtures" / "bertscore"
     e = json.loads((folder / "expected.json").read_text())
-    out = bertscore([c for c, _ in e["pairs"]], [r for _, r in e["pairs"]], str(folder), num_layers=e["num_layers"])
+    out = bertscore([c for c, _ in e["pairs"]], [r for _, r in e["pairs"]], str(folder),
+                    num_layers=e["num_layers"])
     for key, ref in (("bertscore_p", e["P"]), ("bertscore_r", e["R"]), ("bertscore_f1", e["F"])):
         assert [o[key] for o in out] == pytest.approx(ref, abs=1e-5)
     assert out[0]["bertscore_f1"] == pytest.approx(1.0) and out[5]["bertscore_f1"] == 0.0
-    assert bertscore(["left kidney"], ["left kidney"], str(folder))[0]["bertscore_f1"] == pytest.approx(1.0)  # last layer
+    assert (bertscore(["left kidney"], ["left kidney"], str(folder))[0]["bertscore_f1"]
+            == pytest.approx(1.0))  # last layer
 
 
 def test_evaluator_adds_bertscore_to_open_answers():
@@ -295,8 +309,8 @@ def test_evaluator_adds_bertscore_to_open_answers():
                  prediction="left kidney", kept=100, scores={"exact": 1.0}),
             dict(family="image_observation", answer_type="open", question="q", answer="liver",
                  prediction="", kept=100, scores={"exact": 0.0}),
-            dict(family="existence", answer_type="closed", question="q", answer="no", prediction="no", kept=100,
-                 scores={"accuracy": 1.0})]
+            dict(family="existence", answer_type="closed", question="q", answer="no", prediction="no",
+                 kept=100, scores={"accuracy": 1.0})]
     add_bertscore(rows, str(ROOT / "tests" / "fixtures" / "bertscore"), 2)
     assert [r["scores"].get("bertscore_f1") for r in rows] == [pytest.approx(1.0), 0.0, None]
     md = markdown(summarise(rows))
@@ -314,7 +328,8 @@ def test_case_answers(tiny_model_dir, capsys):
     left = next(r for r in rows if "left kidney" in r["question"])
     assert list(left["asked_organs"]) == ["kidney_left"] and 0 <= left["asked_organs"]["kidney_left"] <= 1
     assert "| asked organ's blocks kept |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):                            # an unknown case id is an error, not an empty table
+    with pytest.raises(SystemExit):                            # an unknown case id is an error,
+                                                               # not an empty table
         mod.main(["--model", str(tiny_model_dir), "--cases", "no_such_case"])
 
 
@@ -329,7 +344,8 @@ def test_answer_logprobs_agree_with_generation(tiny_model_dir):
     p.set_volume(torch.rand(140, 280, 280))
     qs = ["Is there a lesion in the liver?", "How many lesions are in the left kidney?"]
     lp = p.answer_logprobs(qs, "25%")
-    assert lp.shape == (2, p.model.config.vocab_size) and torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-4)
+    assert (lp.shape == (2, p.model.config.vocab_size)
+            and torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-4))
     eos = p.model.config.eos_token_id
     for row, a in zip(lp.argmax(-1).tolist(), p.ask_many(qs, "25%", max_new_tokens=1)):
         assert a.text == ("" if row == eos else p.tokenizer.decode([row]))

@@ -34,7 +34,8 @@ ALIASES = {
                     "questiontype"),
     "organ": ("organ", "target_organ", "anatomy"),
     "options": ("options", "choices", "choice", "candidates"),
-    "prior_image": ("prior_image", "prior", "prior_volume", "previous_image", "baseline_image", "image_prior"),
+    "prior_image": ("prior_image", "prior", "prior_volume", "previous_image", "baseline_image",
+                    "image_prior"),
 }
 _NUMBER = re.compile(r"^\s*[-+]?\d+(\.\d+)?\s*(mm|cm|ml|cc|%|hu)?\s*$", re.I)
 
@@ -48,7 +49,8 @@ def _pick(row: dict, field: str, columns: dict) -> object:
     if field in columns:
         key = columns[field].strip().lower()
         if key not in lower:
-            raise DatasetError(f"column {columns[field]!r} (for {field}) is not in the data; it has {sorted(lower)}")
+            raise DatasetError(f"column {columns[field]!r} (for {field}) is not in the data; "
+                               f"it has {sorted(lower)}")
         return lower[key]
     for alias in ALIASES[field]:
         if alias in lower and lower[alias] not in (None, ""):
@@ -78,7 +80,8 @@ def _answer_type(answer: str, options, given) -> str:
 
 def _normalise(row: dict, columns: dict, base: Path, family_default: str) -> dict:
     image, question, answer = (_pick(row, f, columns) for f in ("image", "question", "answer"))
-    missing = [n for n, v in (("image", image), ("question", question), ("answer", answer)) if v in (None, "")]
+    missing = [n for n, v in (("image", image), ("question", question), ("answer", answer))
+               if v in (None, "")]
     if missing:
         raise DatasetError(f"a record lacks {', '.join(missing)} (columns seen: {sorted(row)}); "
                            f"name them with --columns field=COLUMN")
@@ -98,7 +101,8 @@ def _normalise(row: dict, columns: dict, base: Path, family_default: str) -> dic
     if prior not in (None, ""):
         rec["prior_image"] = resolve(prior)
     if options:
-        rec["question"] += f" Options: {options if isinstance(options, str) else ', '.join(map(str, options))}"
+        rec["question"] += (" Options: "
+                            f"{options if isinstance(options, str) else ', '.join(map(str, options))}")
     if row.get("space"):
         rec["space"] = row["space"]
     return rec
@@ -128,10 +132,11 @@ def read_records(path: Path, columns: dict | None = None, images: Path | None = 
     elif suffix == ".json":
         data = json.loads(text)
         if isinstance(data, dict):
-            data = next((data[k] for k in ("data", "questions", "annotations", "items") if isinstance(data.get(k), list)),
-                        None)
+            data = next((data[k] for k in ("data", "questions", "annotations", "items")
+                         if isinstance(data.get(k), list)), None)
         if not isinstance(data, list):
-            raise DatasetError(f"{path.name}: expected a JSON list of records (or one under 'data'/'questions')")
+            raise DatasetError(f"{path.name}: expected a JSON list of records "
+                               "(or one under 'data'/'questions')")
         rows = data
     else:
         raise DatasetError(f"{path.name}: expected .jsonl, .json or .csv (or a folder of .csv files)")

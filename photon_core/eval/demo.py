@@ -54,7 +54,8 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             ask_s = time.perf_counter() - t1
             row = dict(scan=i, **{k: q[k] for k in ("question", "answer", "family", "answer_type", "organ")},
                        prediction=a.text, kept=a.kept, total=a.total, theta=a.theta,
-                       latency_first_s=set_s + ask_s if j == 0 and prior is None else None, latency_ask_s=ask_s)
+                       latency_first_s=set_s + ask_s if j == 0 and prior is None else None,
+                       latency_ask_s=ask_s)
             if prior is not None:
                 row["pair"] = True
             if q["organ"] in covers and covers[q["organ"]].any():
@@ -64,27 +65,30 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                     kept_by_organ[q["organ"]] = a.keep_grid.ravel()
             if baselines and a.kept >= MIN_KEEP_TOKENS:      # (a baseline below the floor is refused)
                 for mode in BASELINES:
-                    b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j), max_new_tokens=8)
+                    b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j),
+                                 max_new_tokens=8)
                     row[f"{mode}_prediction"] = b.text
             if curve:
                 row["curve_predictions"] = {}
                 for k in curve:
                     for mode in ("top_k",) + BASELINES:
-                        b = pred.ask(q["question"], budget=Budget(mode, float(k), seed=i * 100 + j), max_new_tokens=8)
+                        b = pred.ask(q["question"], budget=Budget(mode, float(k), seed=i * 100 + j),
+                                     max_new_tokens=8)
                         row["curve_predictions"][f"{mode}:{k}"] = b.text
             rows.append(row)
         names = sorted(kept_by_organ)
         for x in range(len(names)):
             for y in range(x + 1, len(names)):
-                rows.append(dict(scan=i, family="_pair", jaccard=jaccard(kept_by_organ[names[x]], kept_by_organ[names[y]]),
+                rows.append(dict(scan=i, family="_pair",
+                                 jaccard=jaccard(kept_by_organ[names[x]], kept_by_organ[names[y]]),
                                  organs=[names[x], names[y]]))
         if noise:
             pred.set_volume(torch.rand_like(frames), prior=None if prior is None else torch.rand_like(prior))
             for q in qa:
                 if q["answer_type"] in ("closed", "choice"):
                     n = pred.ask(q["question"], max_new_tokens=8)
-                    row = dict(scan=i, family="_noise", answer_type=q["answer_type"], source_family=q["family"],
-                               answer=q["answer"], prediction=n.text)
+                    row = dict(scan=i, family="_noise", answer_type=q["answer_type"],
+                               source_family=q["family"], answer=q["answer"], prediction=n.text)
                     if q["organ"] in covers and covers[q["organ"]].any():    # the same blocks, on noise
                         row["organ_coverage"] = float(n.keep_grid.ravel()[covers[q["organ"]]].mean())
                     rows.append(row)

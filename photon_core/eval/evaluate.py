@@ -1,7 +1,8 @@
 """Evaluate a Photon model: accuracy per task family, MRA, keep rate, retention audit, baselines.
 
     python -m photon_core.eval --demo-split test --scans 60 --out reports/demo_test
-    python -m photon_core.eval --demo-split test --scans 0 --pairs 12 --out reports/demo_temporal   # prior + current
+    python -m photon_core.eval --demo-split test --scans 0 --pairs 12 \\
+        --out reports/demo_temporal                                          # prior + current
     python -m photon_core.eval --data my_set.jsonl --out reports/mine        # open JSONL layout
     python -m photon_core.eval --data 3D-RAD/test_csvs --images 3D-RAD/volumes --out reports/3drad
     python -m photon_core.eval --data DeepTumorVQA/test.json --columns image=image_path --dry-run
@@ -34,15 +35,13 @@ import torch
 import torch.distributed as dist
 
 from photon_core.eval.datasets import parse_columns, read_records
-from photon_core.train.distributed import init_distributed
-from photon_core.eval.report import read_predictions, rescore, write_report
-from photon_core.train.synthetic.splits import SPLITS
 from photon_core.eval.official import PROTOCOLS
+from photon_core.eval.report import read_predictions, rescore, write_report
 from photon_core.inference.predictor import Predictor
-from photon_core.model.hub import add_model_arguments
 from photon_core.io.volume import load_volume
-
-
+from photon_core.model.hub import add_model_arguments
+from photon_core.train.distributed import init_distributed
+from photon_core.train.synthetic.splits import SPLITS
 
 
 def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: int = 1,
@@ -81,8 +80,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--data", type=Path, help="our JSONL, a CSV or folder of CSVs (3D-RAD-style), a JSON list "
-                                              "(DeepTumorVQA-style)")
+    ap.add_argument("--data", type=Path,
+                    help="our JSONL, a CSV or folder of CSVs (3D-RAD-style), a JSON list "
+                         "(DeepTumorVQA-style)")
     ap.add_argument("--images", type=Path, help="folder the records' image paths are relative to")
     ap.add_argument("--columns", nargs="*", default=[], help="field=COLUMN overrides, e.g. image=VolumeName")
     ap.add_argument("--dry-run", action="store_true", help="print the first records as read, then stop")
@@ -92,16 +92,19 @@ def main(argv=None) -> None:
     ap.add_argument("--enlargement", type=float, default=0.0,
                     help="demo split: share of scans with an enlarged organ, and its questions (0 = off)")
     ap.add_argument("--pairs", type=int, default=0,
-                    help="demo split: temporal pairs (prior + current) after the scans, with longitudinal questions")
+                    help="demo split: temporal pairs (prior + current) after the scans, "
+                         "with longitudinal questions")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--curve", type=int, nargs="*", default=[],
                     help="kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the baselines)")
-    ap.add_argument("--bertscore-model", help="local encoder folder (safetensors) for BERTScore of open answers; "
-                                              "off when not given (nothing is downloaded)")
+    ap.add_argument("--bertscore-model",
+                    help="local encoder folder (safetensors) for BERTScore of open answers; "
+                         "off when not given (nothing is downloaded)")
     ap.add_argument("--bertscore-layers", type=int, default=None,
                     help="hidden layer whose states BERTScore compares (default: the last)")
     ap.add_argument("--score", type=Path, metavar="PREDICTIONS_JSONL",
-                    help="compute the metrics of a predictions file (this tool's or another model's); no model is run")
+                    help="compute the metrics of a predictions file (this tool's or another model's); "
+                         "no model is run")
     ap.add_argument("--protocol", choices=PROTOCOLS,
                     help="also compute the figures an official evaluator gives (3D-RAD: Photon's "
                          "evaluation.py; DeepTumorVQA: Photon's scripts or the benchmark's own scorer); rows "
@@ -110,14 +113,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.score:
         if args.data or args.demo_split or args.model:
-            ap.error("--score scores saved answers: it runs no model, so --data, --demo-split and --model do not go with it")
+            ap.error("--score scores saved answers: it runs no model, "
+                     "so --data, --demo-split and --model do not go with it")
         try:
             rows = read_predictions(args.score)
         except (OSError, ValueError) as e:
             ap.error(str(e))
         rescore(rows)
-        write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model, args.bertscore_layers,
-                     args.protocol)
+        write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model,
+                     args.bertscore_layers, args.protocol)
         return
     if args.data and args.dry_run:
         recs = read_records(args.data, parse_columns(args.columns), args.images)
@@ -129,13 +133,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
     if args.data:
-        rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images), rank, world)
+        rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images),
+                                rank, world)
     else:
-        from photon_core.eval.demo import evaluate_demo     # the synthetic data: torch-side generator
+        from photon_core.eval.demo import evaluate_demo  # the synthetic data: torch-side generator
 
         rows = evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
-                             baselines=not args.no_baselines, curve=tuple(args.curve), enlargement=args.enlargement,
-                             pairs=args.pairs)
+                             baselines=not args.no_baselines, curve=tuple(args.curve),
+                             enlargement=args.enlargement, pairs=args.pairs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"predictions.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if world > 1:

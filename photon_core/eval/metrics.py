@@ -87,7 +87,8 @@ def score(pred: str, gt: str, answer_type: str) -> dict:
         return {"mra": mra(pred, gt), "exact": float(normalise(pred) == normalise(gt))}
     if answer_type in ("closed", "choice"):
         return {"accuracy": float(closed_correct(pred, gt))}
-    return {"exact": float(normalise(pred) == normalise(gt)), "bleu1": bleu1(pred, gt), "rouge1": rouge1(pred, gt)}
+    return {"exact": float(normalise(pred) == normalise(gt)), "bleu1": bleu1(pred, gt),
+            "rouge1": rouge1(pred, gt)}
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -103,7 +104,7 @@ def aggregate(rows: list[dict]) -> dict:
     # mean over the questions that have it)
     out = {f: {k: sum(v) / len(v) for k, v in d.items()} | {"n": count[f]} for f, d in fam.items()}
     main = []
-    for f, d in out.items():
+    for _, d in out.items():
         main.append(d.get("accuracy", d.get("mra", d.get("exact", 0.0))))
     out["macro"] = sum(main) / len(main) if main else 0.0
     return out
@@ -169,5 +170,6 @@ def bertscore(cands: list[str], refs: list[str], model_dir: str, num_layers: int
         sim = hc @ hr.T
         p = float((sim.max(1).values * wc).sum() / wc.sum())
         rec = float((sim.max(0).values * wr).sum() / wr.sum())
-        out.append({"bertscore_p": p, "bertscore_r": rec, "bertscore_f1": 2 * p * rec / (p + rec) if p + rec else 0.0})
+        out.append({"bertscore_p": p, "bertscore_r": rec,
+                    "bertscore_f1": 2 * p * rec / (p + rec) if p + rec else 0.0})
     return out

@@ -1,4 +1,5 @@
-"""Scoring and reporting: every score computed from the answer texts, in one place; the summary and its tables.
+"""Scoring and reporting: every score computed from the answer texts, in one place; the summary and its
+tables.
 
 Used by the evaluator after a run and by ``--score`` on saved predictions (ours or another model's),
 so a report can be re-scored after a metric changes.
@@ -77,8 +78,10 @@ def summarise(rows: list[dict]) -> dict:
     if noise:
         out["noise_closed_accuracy"] = float(np.mean([r["scores"]["accuracy"] for r in noise]))
         clean = [r for r in qa if r["answer_type"] in ("closed", "choice")]
-        out["clean_closed_accuracy"] = float(np.mean([r["scores"]["accuracy"] for r in clean])) if clean else None
-        # the same questions' balanced accuracy with the volume replaced by noise (0.5: answers from the words)
+        out["clean_closed_accuracy"] = (float(np.mean([r["scores"]["accuracy"] for r in clean]))
+                                        if clean else None)
+        # the same questions' balanced accuracy with the volume replaced by noise (0.5: answers from the
+        # words)
         scored = [r | {"family": r["source_family"]} for r in noise if "answer" in r and "source_family" in r]
         if scored:                                   # (reports written before these fields were kept: none)
             out["noise_balanced_accuracy"] = balanced_accuracy(scored)
@@ -92,7 +95,8 @@ def summarise(rows: list[dict]) -> dict:
     curve_rows = [r for r in qa if "curve" in r]
     if curve_rows:
         keys = list(curve_rows[0]["curve"])
-        out["curve_macro"] = {key: aggregate([dict(family=r["family"], scores=r["curve"][key]) for r in curve_rows])["macro"]
+        out["curve_macro"] = {key: aggregate([dict(family=r["family"], scores=r["curve"][key])
+                                              for r in curve_rows])["macro"]
                               for key in keys}
     first = [r["latency_first_s"] for r in qa if r.get("latency_first_s") is not None]
     if first:
@@ -104,7 +108,8 @@ def summarise(rows: list[dict]) -> dict:
 def add_bertscore(rows: list[dict], model_dir: str, num_layers: int | None = None) -> None:
     """Add BERTScore F1 (``metrics.bertscore``, a local model folder) to the scores of open-answer rows."""
     from photon_core.eval.metrics import bertscore
-    graded = [r for r in rows if r.get("answer_type") == "open" and "scores" in r and not r["family"].startswith("_")]
+    graded = [r for r in rows
+              if r.get("answer_type") == "open" and "scores" in r and not r["family"].startswith("_")]
     if graded:
         for r, b in zip(graded, bertscore([r["prediction"] for r in graded], [r["answer"] for r in graded],
                                           model_dir, num_layers)):
@@ -112,16 +117,19 @@ def add_bertscore(rows: list[dict], model_dir: str, num_layers: int | None = Non
 
 
 COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "mra": "MRA", "exact": "exact",
-           "bleu1": "BLEU-1", "rouge1": "ROUGE-1", "bertscore_f1": "BERTScore F1"}   # optional: shown if any row has it
+           "bleu1": "BLEU-1", "rouge1": "ROUGE-1",
+           "bertscore_f1": "BERTScore F1"}   # optional: shown if any row has it
 OPTIONAL = ("bertscore_f1",)
 
 
 def markdown(summary: dict) -> str:
     fams = {f: d for f, d in summary["families"].items() if f != "macro"}
     cols = [k for k in COLUMNS if k not in OPTIONAL or any(k in d for d in fams.values())]
-    lines = ["| family | n | " + " | ".join(COLUMNS[k] for k in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| family | n | " + " | ".join(COLUMNS[k] for k in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
     for f, d in fams.items():
-        lines.append(f"| {f} | {d['n']} | " + " | ".join(f"{d[k]:.3f}" if k in d else "" for k in cols) + " |")
+        lines.append(f"| {f} | {d['n']} | "
+                     + " | ".join(f"{d[k]:.3f}" if k in d else "" for k in cols) + " |")
     lines.append(f"\nmacro average: {summary['families']['macro']:.3f}")
     if summary.get("curve_macro"):
         ks = sorted({int(k.split(":")[1]) for k in summary["curve_macro"]})
@@ -129,7 +137,8 @@ def markdown(summary: dict) -> str:
         lines += ["", "macro score vs kept tokens:", "", "| kept | " + " | ".join(modes) + " |",
                   "|---|" + "---|" * len(modes)]
         for k in ks:
-            lines.append(f"| {k} | " + " | ".join(f"{summary['curve_macro'][f'{m}:{k}']:.3f}" for m in modes) + " |")
+            lines.append(f"| {k} | "
+                         + " | ".join(f"{summary['curve_macro'][f'{m}:{k}']:.3f}" for m in modes) + " |")
         lines.append("")
     if summary.get("official"):
         lines += ["", official_markdown(summary["official"])]

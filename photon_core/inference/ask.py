@@ -1,8 +1,10 @@
 """Ask Photon a question about a CT from the command line.
 
-    python -m photon_core.inference.ask --scan sample_cases/abdomen_ct/ct.nii.gz --question "Is there a lesion in the liver?"
+    python -m photon_core.inference.ask --scan sample_cases/abdomen_ct/ct.nii.gz \\
+        --question "Is there a lesion in the liver?"
     python -m photon_core.inference.ask --scan series.zip --question "..." --budget 25% --json
-    python -m photon_core.inference.ask --scan now.nii.gz --prior before.nii.gz --question "Has the liver lesion grown?"
+    python -m photon_core.inference.ask --scan now.nii.gz --prior before.nii.gz \\
+        --question "Has the liver lesion grown?"
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from photon_core.model.hub import add_model_arguments
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Ask Photon a question about a CT scan.")
     ap.add_argument("--scan", required=True, help="NIfTI/NRRD file, DICOM folder or .zip")
-    ap.add_argument("--prior", help="an earlier scan of the same patient, asked together (questions about change)")
+    ap.add_argument("--prior",
+                    help="an earlier scan of the same patient, asked together (questions about change)")
     ap.add_argument("--question", required=True)
-    ap.add_argument("--budget", default=None, help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4 | "
-                                                   "fastv:300 | visionzip:300 | random:300 (default: auto on an S2 "
-                                                   "checkpoint, full on S1)")
+    ap.add_argument("--budget", default=None,
+                    help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4 | "
+                         "fastv:300 | visionzip:300 | random:300 (default: auto on an S2 "
+                         "checkpoint, full on S1)")
     add_model_arguments(ap)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -48,9 +52,9 @@ def main(argv=None) -> int:
     else:
         print(ans.text)
         theta = f"θ={ans.theta:.3f}" if ans.theta == ans.theta else "no θ (S1)"
-        print(f"visual tokens kept: {ans.kept}/{ans.total} ({100 * ans.keep_fraction:.1f}%), budget {ans.budget}, "
-              f"{theta}, prefill {ans.prefill_s * 1000:.0f} ms, decode {ans.decode_s * 1000:.0f} ms, "
-              f"model: {pred.name}")
+        print(f"visual tokens kept: {ans.kept}/{ans.total} ({100 * ans.keep_fraction:.1f}%), "
+              f"budget {ans.budget}, {theta}, prefill {ans.prefill_s * 1000:.0f} ms, "
+              f"decode {ans.decode_s * 1000:.0f} ms, model: {pred.name}")
         if ans.prior_total:
             print(f"of which the prior scan: {ans.prior_kept}/{ans.prior_total}")
     return 0

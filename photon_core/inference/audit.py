@@ -43,8 +43,9 @@ def pairwise_jaccard(sets: list) -> list[float]:
     return [jaccard(sets[i], sets[j]) for i in range(len(sets)) for j in range(i + 1, len(sets))]
 
 
-def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answer, question: str, model_name: str,
-                 retention: dict | None = None, pngs: dict[str, bytes] | None = None, case_title: str = "scan") -> list[Path]:
+def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answer, question: str,
+                 model_name: str, retention: dict | None = None, pngs: dict[str, bytes] | None = None,
+                 case_title: str = "scan") -> list[Path]:
     """Write kept_blocks.nii.gz (uint8 on the original grid), report.json and PNG views; return paths."""
     import nibabel as nib
     import torch
@@ -63,20 +64,24 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
     report = {
         "case": clean_text(case_title, 80) or "scan",     # readable ('Abdomen/pelvis CT'), no paths
         "question": question, "answer": answer.text, "budget": answer.budget,
-        "answer_readable": bool(getattr(answer, "readable", True)),   # False: not an answer of the question's type
+        "answer_readable": bool(getattr(answer, "readable", True)),   # False: not an answer of the
+                                                                      # question's type
         "visual_tokens_total": answer.total, "visual_tokens_kept": answer.kept,
         "keep_fraction": round(answer.keep_fraction, 4),
-        "theta": round(float(answer.theta), 4) if np.isfinite(answer.theta) else None,   # None: an S1 checkpoint
+        "theta": round(float(answer.theta), 4) if np.isfinite(answer.theta) else None,   # None: an S1
+                                                                                         # checkpoint
         "kept_token_indices": answer.kept_indices, "per_organ_retention": retention or {},
         "latency_s": {"prefill": round(answer.prefill_s, 4), "decode": round(answer.decode_s, 4)},
-        "model": model_name, "checkpoint": getattr(answer, "checkpoint", None) or None, "device": answer.device,
+        "model": model_name, "checkpoint": getattr(answer, "checkpoint", None) or None,
+        "device": answer.device,
         "mask_file": "kept_blocks.nii.gz (uint8, original scan grid, 1 = voxel inside a kept token block)",
         "versions": {"photon_ct": getattr(photon_core, "__version__", "0"), "torch": torch.__version__,
                      "nibabel": nib.__version__, "python": platform.python_version()},
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
     }
     if answer.prior_total:     # asked with a prior scan: the counts above hold both, the mask the current
-        report["prior_scan"] = {"visual_tokens_total": answer.prior_total, "visual_tokens_kept": answer.prior_kept,
+        report["prior_scan"] = {"visual_tokens_total": answer.prior_total,
+                                "visual_tokens_kept": answer.prior_kept,
                                 "note": "kept_token_indices and the mask are the current scan's"}
     paths.append(folder / "report.json")
     paths[-1].write_text(json.dumps(report, indent=1))

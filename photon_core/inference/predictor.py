@@ -76,14 +76,15 @@ class Answer:
 
     def to_dict(self) -> dict:
         theta = round(self.theta, 4) if np.isfinite(self.theta) else None     # an S1 checkpoint has no θ
-        return dict(text=self.text, budget=self.budget, theta=theta, total=self.total,
-                    kept=self.kept, keep_fraction=round(self.keep_fraction, 4), prompt_tokens=self.prompt_tokens,
+        return dict(text=self.text, budget=self.budget, theta=theta, total=self.total, kept=self.kept,
+                    keep_fraction=round(self.keep_fraction, 4), prompt_tokens=self.prompt_tokens,
                     generated_tokens=self.generated_tokens, prefill_s=round(self.prefill_s, 4),
                     decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
                     device=self.device, kept_indices=self.kept_indices, checkpoint=self.checkpoint,
                     readable=self.readable,
                     probability=None if self.probability is None else round(self.probability, 4),
-                    **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total else {}))
+                    **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total
+                       else {}))
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -119,7 +120,8 @@ class Predictor:
 
     @property
     def name(self) -> str:
-        """The model's name (its config's for our own checkpoints) and, for official ones, where it came from."""
+        """The model's name (its config's for our own checkpoints) and, for official ones, where it came
+        from."""
         if self.checkpoint.source == "embedded" or self.model.config.model_name != "Photon":
             return self.model.config.model_name
         return f"Photon {self.checkpoint.label()}"
@@ -144,7 +146,8 @@ class Predictor:
                    prior: Volume | Prepared | torch.Tensor | None = None) -> None:
         """Encode a volume once; later asks reuse the cached visual features.
 
-        Accepts a `Volume` (prepared here), a `Prepared`, or model frames (140, 1, 280, 280) / (140, 280, 280).
+        Accepts a `Volume` (prepared here), a `Prepared`, or model frames (140, 1, 280, 280) /
+        (140, 280, 280).
         ``prior``: an earlier scan of the same patient, for questions about change; every question
         then sees both (prior first). Setting a volume without a prior clears the prior.
         """
@@ -153,7 +156,9 @@ class Predictor:
         self.features, self.grid_thw, self.geometry = self.encode(volume)
         self.encode_s = time.perf_counter() - t
 
-    def encode(self, volume: Volume | Prepared | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Geometry | None]:
+    def encode(
+        self, volume: Volume | Prepared | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Geometry | None]:
         """(visual features, grid_thw, geometry or None) of one volume."""
         if isinstance(volume, Volume):
             volume = self.prepare(volume)

@@ -95,7 +95,8 @@ class Geometry:
         """(8, 3) world RAS corners of token block (a, b, c) (voxel-edge bounds)."""
         lo = np.array([a, b, c]) * np.asarray(TOKEN_VOXELS) - 0.5
         hi = lo + np.asarray(TOKEN_VOXELS)
-        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                            for z in (lo[2], hi[2])])
         m = self.model_to_world
         return corners @ m[:3, :3].T + m[:3, 3]
 

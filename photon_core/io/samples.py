@@ -19,8 +19,8 @@ def folder() -> Path:
     env = os.environ.get("PHOTON_CT_SAMPLES")
     d = Path(env) if env else Path(__file__).resolve().parents[2] / "sample_cases"
     if not (d / "cases.json").is_file():
-        raise FileNotFoundError(f"No sample cases at {d.name!r} (no cases.json); set PHOTON_CT_SAMPLES to the "
-                                f"folder that holds them.")
+        raise FileNotFoundError(f"No sample cases at {d.name!r} (no cases.json); "
+                                f"set PHOTON_CT_SAMPLES to the folder that holds them.")
     return d
 
 

@@ -85,7 +85,8 @@ class PhotonConfig:
             (0 <= int(self.its_layer) < self.num_hidden_layers,
              f"its_layer {self.its_layer} outside 0..{self.num_hidden_layers - 1}"),
             (v.hidden_size % v.num_heads == 0, "vision hidden_size should be divisible by num_heads"),
-            (v.out_hidden_size == self.hidden_size, "vision out_hidden_size should equal the LLM hidden_size"),
+            (v.out_hidden_size == self.hidden_size,
+             "vision out_hidden_size should equal the LLM hidden_size"),
             (all(0 <= i < v.depth for i in v.fullatt_block_indexes),
              "vision fullatt_block_indexes should lie within depth"),
             (v.in_chans >= 1 and v.patch_size > 0 and v.temporal_patch_size > 0 and v.spatial_merge_size > 0,
@@ -98,7 +99,7 @@ class PhotonConfig:
 
     # ---------------------------------------------------------------- HF config.json layout
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "PhotonConfig":
+    def from_hf_dict(cls, d: dict) -> PhotonConfig:
         d = dict(d)
         if d.get("model_type") not in ("qwen2_5_vl", "photon"):
             raise ValueError(f"config.json has model_type {d.get('model_type')!r}; expected a Photon "
@@ -131,7 +132,7 @@ class PhotonConfig:
                 "vision_config": vision, "photon": photon, "torch_dtype": "float32"}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PhotonConfig":
+    def from_file(cls, path: str | Path) -> PhotonConfig:
         with open(path) as f:
             return cls.from_hf_dict(json.load(f))
 

@@ -35,7 +35,8 @@ def rope_index(input_ids: torch.Tensor, grid_thw: torch.Tensor | None, attention
         ids = input_ids[b][attention_mask[b] == 1].tolist()
         parts, st = [], 0
         vis_id = {cfg.video_token_id, cfg.image_token_id}
-        n_vis = sum(1 for i, t in enumerate(ids[:-1]) if t == cfg.vision_start_token_id and ids[i + 1] in vis_id)
+        n_vis = sum(1 for i, t in enumerate(ids[:-1])
+                    if t == cfg.vision_start_token_id and ids[i + 1] in vis_id)
         nxt = lambda: int(parts[-1].max()) + 1 if parts else 0  # noqa: E731
         for _ in range(n_vis):
             ed = next(i for i in range(st, len(ids)) if ids[i] in vis_id)

@@ -135,8 +135,10 @@ class PhotonModel(nn.Module):
         return x
 
     # ------------------------------------------------------------------ ITS
-    def _its(self, q, k, vision, question, key_valid, budgets: list[Budget], schedule: Schedule | None) -> ITSState:
-        """Saliency, threshold and keep decision of every row at the ITS layer (q (B, H, L, d), k (B, Hkv, L, d)).
+    def _its(self, q, k, vision, question, key_valid, budgets: list[Budget],
+             schedule: Schedule | None) -> ITSState:
+        """Saliency, threshold and keep decision of every row at the ITS layer (q (B, H, L, d),
+        k (B, Hkv, L, d)).
 
         Saliency is a measurement, not a path for gradients: the loss reaches ITS only through θ (the
         threshold MLP), as in the reference. ``schedule.saliency_graph`` keeps a differentiable copy
@@ -165,7 +167,8 @@ class PhotonModel(nn.Module):
         keeps, merges = [], []
         for b in range(B):
             if is_baseline(budgets[b]):
-                keep_b, merge_b = baselines.select(budgets[b], q[b], kr[b], vision[b], question[b], key_valid[b])
+                keep_b, merge_b = baselines.select(budgets[b], q[b], kr[b], vision[b], question[b],
+                                                   key_valid[b])
             else:
                 keep_b, merge_b = decide(budgets[b], rho[b], theta[b]), None
             keeps.append(keep_b)
@@ -234,7 +237,8 @@ class PhotonModel(nn.Module):
             raise ValueError("grid_thw is needed to place the visual tokens")
         if grid_thw is not None and grid_thw.shape[0] == 1 and B > 1:
             grid_thw = grid_thw.expand(B, 3)
-        budgets = [Budget.parse(b) for b in budget] if isinstance(budget, list) else [Budget.parse(budget)] * B
+        budgets = ([Budget.parse(b) for b in budget] if isinstance(budget, list)
+                   else [Budget.parse(budget)] * B)
         h = self.embed(input_ids, features)
         pos, _ = rope_index(input_ids, grid_thw, attention_mask, c)
         next_pos = pos.max(0).values.masked_fill(attention_mask == 0, -1).max(-1).values + 1   # (B,)

@@ -105,8 +105,10 @@ class VisionTower(nn.Module):
         m = self.cfg.spatial_merge_size
         pos = []
         for t, h, w in grid_thw.tolist():
-            hpos = torch.arange(h)[:, None].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
-            wpos = torch.arange(w)[None, :].expand(h, w).reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+            hpos = (torch.arange(h)[:, None].expand(h, w)
+                    .reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten())
+            wpos = (torch.arange(w)[None, :].expand(h, w)
+                    .reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten())
             pos.append(torch.stack([hpos, wpos], -1).repeat(t, 1))
         pos = torch.cat(pos).to(self.inv_freq.device)
         n = int(grid_thw[:, 1:].max())

@@ -36,8 +36,10 @@ class AuxHead(torch.nn.Module):
 
     def __init__(self, dim: int, n_organs: int, findings: float = 1.0, standardise: bool = False):
         super().__init__()
-        self.n, self.findings = n_organs, findings     # findings: weight of the finding terms (0 = organs only)
-        self.standardise = standardise                 # read each token as its deviation from the scan's mean token
+        self.n, self.findings = n_organs, findings     # findings: weight of the finding terms
+                                                       # (0 = organs only)
+        self.standardise = standardise                 # read each token as its deviation from the
+                                                       # scan's mean token
         self.proj = torch.nn.Linear(dim, n_organs + 2)
 
     def read(self, feats: torch.Tensor, n_scans: int) -> torch.Tensor:
@@ -85,6 +87,7 @@ def tower_features(model: PhotonModel, cfg) -> torch.Tensor:
     gen = DemoGenerator("train", seed=cfg.seed + 7_777, pool=min(cfg.pool, 2), downsample=cfg.downsample)
     was = model.training
     model.eval()
-    feats = torch.cat([model.encode_volume(*patchify(gen.sample()[0][:, None])) for _ in range(cfg.fold_scans)])
+    feats = torch.cat([model.encode_volume(*patchify(gen.sample()[0][:, None]))
+                       for _ in range(cfg.fold_scans)])
     model.train(was)
     return feats

@@ -1,4 +1,5 @@
-"""The trainer's settings: one dataclass, every field a command-line flag (`python -m photon_core.train --help`).
+"""The trainer's settings: one dataclass, every field a command-line flag
+(`python -m photon_core.train --help`).
 
 The official recipe is the default; the rest are the demo model's training-only switches (guidance,
 token supervision, curriculum, counterfactual twins), each off by default.
@@ -35,9 +36,9 @@ class TrainConfig:
     guide: float = 0.0                     # training-only saliency guidance weight (0 = off; demo: 0.1)
     guide_floor: float = 0.0               # weight of every other block in the guidance target, so the
                                            # pull toward the asked organ stays bounded (ρ not too peaky)
-    guide_halo: float = 0.0                # > 0: blocks near the asked organ weigh more in the guidance target
-                                           # (0.5·exp(−distance / halo), distance in blocks), so what is kept
-                                           # beyond the organ depends on the question too
+    guide_halo: float = 0.0                # > 0: blocks near the asked organ weigh more in the guidance
+                                           # target (0.5·exp(−distance / halo), distance in blocks), so what
+                                           # is kept beyond the organ depends on the question too
     keep_guide: float = 0.0                # training-only weight of a BCE pulling the keep probabilities
                                            # σ((ρ − θ)/T) of each question toward its keep target (0 = off)
     keep_guide_frac: float = 0.15          # that target: the asked organ's blocks and the blocks nearest
@@ -56,11 +57,14 @@ class TrainConfig:
                                            # the same scan without, asked the same yes/no questions (0 = off)
     vision_only: bool = False              # detection pre-stage: only the vision tower, trained on the token
                                            # supervision (aux) plus a max-pooled "any finding" per scan
-    freeze_vision: bool = False            # keep the vision tower (and merger) fixed: the LLM learns to read it
-    slabs: int = 0                         # --vision-only on this many random 14-slice depth slabs of each scan
-                                           # (the tower attends within a slab, so a slab alone gives exactly its
-                                           # tokens of the whole scan, at a fraction of the cost); 0 = whole scans
-    aux_standardise: bool = False          # the aux head reads tokens as deviations from their scan's mean token
+    freeze_vision: bool = False            # keep the vision tower (and merger) fixed: the LLM learns to
+                                           # read it
+    slabs: int = 0                         # --vision-only on this many random 14-slice depth slabs of each
+                                           # scan (the tower attends within a slab, so a slab alone gives
+                                           # exactly its tokens of the whole scan, at a fraction of the cost);
+                                           # 0 = whole scans
+    aux_standardise: bool = False          # the aux head reads tokens as deviations from their scan's
+                                           # mean token
     aux_findings: float = 1.0              # weight of the finding terms in the token supervision (0 = organ
                                            # shares only: a stage for organ extent)
     fold_scans: int = 0                    # before training: fold a standardisation of the visual tokens,

@@ -32,11 +32,10 @@ from photon_core.train.aux_head import AuxHead, fold_standardise, tower_features
 from photon_core.train.config import TrainConfig, add_arguments, from_arguments
 from photon_core.train.distributed import init_distributed
 from photon_core.train.losses import contrast_loss, guide_loss, keep_guide_loss, null_keep_loss, photon_loss
-from photon_core.train.targets import guide_target, keep_target, null_targets, slab_targets, token_targets
 from photon_core.train.synthetic.generator import NULL_KINDS, null_frames
 from photon_core.train.synthetic.questions import nothing_seen
+from photon_core.train.targets import guide_target, keep_target, null_targets, slab_targets, token_targets
 from photon_core.train.tokenizer import build_tokenizer, model_config
-
 
 # ----------------------------------------------------------------------------------------------
 
@@ -140,7 +139,8 @@ def train(cfg: TrainConfig) -> Path:
     from photon_core.train.synthetic.generator import DemoGenerator
 
     rank, world = init_distributed()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                          else cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", rank % torch.cuda.device_count())
     out = Path(cfg.out)
@@ -203,7 +203,8 @@ def train(cfg: TrainConfig) -> Path:
     if start and (ckpt / "optimizer.safetensors").is_file():
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
     trainee = Trainee(model, aux)
-    ddp = torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1 else trainee
+    ddp = (torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1
+           else trainee)
     gen = DemoGenerator("train", seed=cfg.seed + 101 * rank + start, pool=cfg.pool, device=device,
                         downsample=cfg.downsample, enlargement=cfg.enlargement)
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -221,7 +222,8 @@ def train(cfg: TrainConfig) -> Path:
         robust = rng.random() < cfg.robust_prob
         flip = (phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
-        temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs (equal token counts)
+        temporal = cfg.temporal > 0 and rng.random() < cfg.temporal   # a whole step on pairs
+                                                                      # (equal token counts)
         counterfactual = (cfg.counterfactual > 0 and not (temporal or robust)
                           and rng.random() < cfg.counterfactual)
         keep_targets = cfg.keep_guide > 0 or cfg.contrast_guide > 0
@@ -239,7 +241,8 @@ def train(cfg: TrainConfig) -> Path:
                     truth = gen.last_truth
                     clean, clean_qa = gen.counterfactual()
                     if cfg.vision_only:        # one unit, so the clean twin is cut at the same slabs: the
-                        yield [frames, clean], [truth, None], organs, None, []   # hard negative of each finding token
+                        yield [frames, clean], [truth, None], organs, None, []   # hard negative of each
+                                                                                 # finding token
                         continue
                     asked = counterfactual_questions(qa, clean_qa, cfg.questions_per_scan, rng)
                     if not asked:
@@ -263,7 +266,8 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.slabs:                  # the scans of one unit are cut at the same slabs
                 chosen = rng.sample(range(token_grid[0]), cfg.slabs)
                 if counterfactual and truths[0] is not None:       # a slab of the pair holds a finding
-                    held = (tg[0]["lesion"].reshape(token_grid[0], -1) > 0).any(-1).nonzero().flatten().tolist()
+                    held = ((tg[0]["lesion"].reshape(token_grid[0], -1) > 0).any(-1)
+                            .nonzero().flatten().tolist())
                     if held and not set(held) & set(chosen):
                         chosen[0] = rng.choice(held)
                 picks = [(f, t, i) for f, t in zip(times, tg) for i in chosen]
@@ -279,7 +283,8 @@ def train(cfg: TrainConfig) -> Path:
                 continue
             for q in questions if questions is not None else pick_questions(qa, cfg.questions_per_scan, rng):
                 if tg is not None and not robust and cfg.guide > 0:
-                    guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor, cfg.guide_halo, token_grid)
+                    guides.append(torch.cat([guide_target(q["question"], t, cfg.guide_floor, cfg.guide_halo,
+                                                          token_grid)
                                             for t in tg]))
                 if tg is not None and not robust and keep_targets:
                     keeps.append(torch.cat([keep_target(q["question"], t, cfg.keep_guide_frac, token_grid)
@@ -298,8 +303,8 @@ def train(cfg: TrainConfig) -> Path:
         else:
             ids, mask, labels = batch_prompts(rows, model.config.pad_token_id, labels_list)
             labels = labels.to(device)
-            kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pv, grid_thw=grid,
-                      row_scan=row_scan, schedule=schedule,
+            kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pv,
+                      grid_thw=grid, row_scan=row_scan, schedule=schedule,
                       token_targets=tgs if len(tgs) == len(scans) and aux is not None else None)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outp, head = ddp(**kw)
@@ -319,8 +324,8 @@ def train(cfg: TrainConfig) -> Path:
             rate = seen / (time.time() - t0)
             line = dict(step=step, phase=phase, loss=round(loss.item(), 4),
                         **{k: round(v.item(), 4) for k, v in losses.items()},
-                        keep=round(keep, 3), p_mean=round(soft, 3), robust=robust, flip=flip, temporal=temporal,
-                        counterfactual=counterfactual,
+                        keep=round(keep, 3), p_mean=round(soft, 3), robust=robust, flip=flip,
+                        temporal=temporal, counterfactual=counterfactual,
                         samples_per_s=round(rate, 2), lr=round(opt.param_groups[0]["lr"], 6))
             print(json.dumps(line), flush=True)
             log.append(line)
@@ -347,7 +352,8 @@ def _save(model, tok: Tokenizer, opt, folder: Path, step: int, cfg: TrainConfig,
     tmp = folder.with_name(folder.name + ".tmp")
     save_model(model, tmp)
     if aux is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()}, str(tmp / AUX_FILE))
+        save_file({k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()},
+                  str(tmp / AUX_FILE))
     tok.tok.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                            "eos_token": "<|im_end|>"}))
@@ -373,7 +379,8 @@ def _load_optimizer(opt, path: Path) -> None:
     tensors = load_file(str(path))
     for gi, g in enumerate(opt.param_groups):
         for pi, p in enumerate(g["params"]):
-            st = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"{gi}.{pi}.")}
+            st = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items()
+                  if k.startswith(f"{gi}.{pi}.")}
             if any(v.dim() and v.shape != p.shape for v in st.values()):
                 raise SystemExit(f"{path}: optimiser state does not match the parameters (a checkpoint of "
                                  "another trainer version?); resume without it by --init-from its folder")

@@ -21,9 +21,10 @@ def model_config(preset: str, vocab_size: int, tok: Tokenizer, vision: dict | No
 
 def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
     """A byte-level BPE (Qwen-style) trained on the question templates, with ChatML/vision specials."""
-    from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from photon_core.train.synthetic.questions import all_template_text   # (the data imports torch)
+    from photon_core.train.synthetic.questions import all_template_text  # (the data imports torch)
 
     tok = _Tok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -35,6 +36,6 @@ def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-         "model_max_length": 4096}, indent=1))
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+         "pad_token": "<|endoftext|>", "model_max_length": 4096}, indent=1))
     return Tokenizer(folder)

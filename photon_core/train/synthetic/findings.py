@@ -75,7 +75,8 @@ class Finding:
 
     @property
     def side(self) -> str | None:
-        return "left" if self.organ.startswith("left") else "right" if self.organ.startswith("right") else None
+        return ("left" if self.organ.startswith("left") else "right" if self.organ.startswith("right")
+                else None)
 
 
 def sphere_mask(shape, center, radius_mm, device, voxel_mm=VOXEL_MM):
@@ -83,7 +84,8 @@ def sphere_mask(shape, center, radius_mm, device, voxel_mm=VOXEL_MM):
     r = [radius_mm / v for v in voxel_mm]
     lo = [max(0, int(math.floor(c - ri))) for c, ri in zip(center, r)]
     hi = [min(n, int(math.ceil(c + ri)) + 1) for n, c, ri in zip(shape, center, r)]
-    axes = [((torch.arange(a, b, device=device).float() - c) / ri) ** 2 for a, b, c, ri in zip(lo, hi, center, r)]
+    axes = [((torch.arange(a, b, device=device).float() - c) / ri) ** 2
+            for a, b, c, ri in zip(lo, hi, center, r)]
     ball = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :] <= 1.0
     return ball, tuple(slice(a, b) for a, b in zip(lo, hi))
 
@@ -172,7 +174,7 @@ class FindingSampler:
         self._mark(frames, sl, inside, diam)
         return float(ball.sum()) * self.voxel_ml
 
-    def add_changing_lesion(self, prior, current, later: "FindingSampler", organs, organ, kind,
+    def add_changing_lesion(self, prior, current, later: FindingSampler, organs, organ, kind,
                             change: str) -> tuple:
         """One lesion seen at two times: ``change`` is larger | smaller | stable | new | resolved.
         ``self`` marks the prior's truth, ``later`` the current's. Returns (prior Finding or None,
@@ -183,7 +185,8 @@ class FindingSampler:
             base = rng.uniform(6, 12) if kind == "nodule" else rng.uniform(12, 26)
             factor = {"larger": rng.uniform(1.3, 1.7), "smaller": rng.uniform(0.5, 0.75),
                       "stable": rng.uniform(0.97, 1.03)}.get(change, 1.0)
-            return (0.0, base) if change == "new" else (base, 0.0) if change == "resolved" else (base, base * factor)
+            return ((0.0, base) if change == "new" else (base, 0.0) if change == "resolved"
+                    else (base, base * factor))
 
         got = self.site(organs[organ], prior.shape, sizes)
         if got is None:

@@ -29,11 +29,23 @@ import torch.nn.functional as F
 
 from photon_core.io.preprocess import MODEL_SHAPE, TOKEN_VOXELS
 from photon_core.organs import MIRROR
-from photon_core.train.synthetic.anatomy import VOXEL_MM, Background, deform, downsample_shape, load_background, shrink
+from photon_core.train.synthetic.anatomy import (
+    VOXEL_MM,
+    Background,
+    deform,
+    downsample_shape,
+    load_background,
+    shrink,
+)
 from photon_core.train.synthetic.findings import NO_LESIONS, Finding, FindingSampler, lesion_sites
+from photon_core.train.synthetic.questions import (
+    CHANGES,
+    ENLARGE_ORGANS,
+    FINDING_FAMILIES,
+    make_questions,
+    make_temporal_questions,
+)
 from photon_core.train.synthetic.splits import REPORT_CASES, SPLITS, TRAIN_CASES
-from photon_core.train.synthetic.questions import (CHANGES, ENLARGE_ORGANS, FINDING_FAMILIES, make_questions,
-                                                   make_temporal_questions)
 
 CLEAN_ACQUISITION = 0.1                      # share of scans without acquisition jitter and noise
 FINDING_COUNTS = (1, 1, 1, 2, 3)             # findings drawn into a scan that has some (one of these)
@@ -66,7 +78,8 @@ class DemoGenerator:
                  frames_device=None, pool_device=None):
         self.split, self.device = split, torch.device(device)     # organ masks: where findings go
         self.frames_device = torch.device(frames_device or device)  # frames and finding maps
-        self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
+        self.enlargement = enlargement      # share of scans with an enlarged organ
+                                            # (0 = off, no such questions)
         base = SPLITS[split]
         self.rng = random.Random(seed + base)
         torch.manual_seed(seed + base)
@@ -176,7 +189,8 @@ class DemoGenerator:
         rng = self.rng
         bg, frames, organs, mirrored = self._body()
         prior, current = self.acquire(frames, bg), self.acquire(frames, bg)
-        early, late = FindingSampler(rng, self.device, bg.voxel_mm), FindingSampler(rng, self.device, bg.voxel_mm)
+        early, late = (FindingSampler(rng, self.device, bg.voxel_mm),
+                       FindingSampler(rng, self.device, bg.voxel_mm))
         changes, now = [], []
         sites = [o for o in organs if o not in NO_LESIONS]
         if sites and rng.random() < with_findings:
@@ -217,5 +231,6 @@ class DemoGenerator:
                         np.save(out_dir / files[key], vol.cpu().numpy().astype(np.float16))
             for q in self.rng.sample(qa, min(per_scan, len(qa))):
                 recs.append(dict(**files, space="model", question=q["question"], answer=q["answer"],
-                                 family=q["family"], answer_type=q["answer_type"], organ=q["organ"], meta=meta))
+                                 family=q["family"], answer_type=q["answer_type"], organ=q["organ"],
+                                 meta=meta))
         return recs

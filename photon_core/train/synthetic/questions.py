@@ -13,14 +13,14 @@ from photon_core.organs import ORGANS, PAIRED
 from photon_core.train.synthetic.anatomy import VOXEL_MM
 from photon_core.train.synthetic.findings import NO_LESIONS, Finding, count, lesion_sites
 
-
-EXIST = ["Is there a lesion in the {o}?", "Does the {o} contain a lesion?", "Is any focal lesion seen in the {o}?",
-         "Are there lesions in the {o}?"]
+EXIST = ["Is there a lesion in the {o}?", "Does the {o} contain a lesion?",
+         "Is any focal lesion seen in the {o}?", "Are there lesions in the {o}?"]
 NORMAL_QUESTION = "Is this scan normal?"       # the one closed question whose "yes" means no finding
-ANOMALY = ["Is there any abnormality in this scan?", "Does this CT show an abnormal finding?", NORMAL_QUESTION]
+ANOMALY = ["Is there any abnormality in this scan?", "Does this CT show an abnormal finding?",
+           NORMAL_QUESTION]
 FINDING_FAMILIES = ("existence", "anomaly_detection")   # yes/no questions a finding decides
-WHICH = ["Which organ contains the lesion?", "Where is the lesion located?", "In which organ is the abnormality?",
-         "Which organ shows the abnormality?"]
+WHICH = ["Which organ contains the lesion?", "Where is the lesion located?",
+         "In which organ is the abnormality?", "Which organ shows the abnormality?"]
 # The bundled cases' suggested questions in the generator's words (so the demo model answers them in kind)
 CYST = ["Is there a cyst in the {o}?"]
 NODULE = ["Is there a nodule in the {o}?"]
@@ -30,7 +30,8 @@ LARGER_RATIO = 1.15                      # asked only when one organ of the pair
 SIDE = ["Which side is the {p} lesion on?", "Is the {p} lesion on the left or the right?"]
 SIZE = ["What is the diameter of the lesion in the {o} in mm?", "How large is the {o} lesion in millimetres?",
         "Measure the largest {o} lesion (mm)."]
-COUNT = ["How many lesions are in the {o}?", "Count the lesions in the {o}.", "What is the number of {o} lesions?"]
+COUNT = ["How many lesions are in the {o}?", "Count the lesions in the {o}.",
+         "What is the number of {o} lesions?"]
 TYPE = ["Is the {o} lesion a cyst or a solid lesion?", "Is the lesion in the {o} cystic or solid?"]
 EFFUSION = ["Is there a pleural effusion?", "Is pleural fluid present?"]
 EFFUSION_SIDE = ["Which side is the pleural effusion on?"]
@@ -41,7 +42,8 @@ ENLARGE_ORGANS = ("liver", "spleen", "left kidney", "right kidney")
 CHANGE = ["Compared with the prior scan, is the {o} lesion larger, smaller or stable?",
           "How has the {o} lesion changed since the prior scan: larger, smaller or stable?"]
 GROWN = ["Has the {o} lesion grown since the prior scan?", "Is the {o} lesion larger than on the prior scan?"]
-NEW = ["Is there a new lesion in the {o} since the prior scan?", "Has a new {o} lesion appeared since the prior?"]
+NEW = ["Is there a new lesion in the {o} since the prior scan?",
+       "Has a new {o} lesion appeared since the prior?"]
 RESOLVED = ["Has the {o} lesion seen on the prior scan resolved?"]
 PRIOR_SIZE = ["What was the diameter of the {o} lesion on the prior scan in mm?"]
 CHANGES = ("larger", "smaller", "stable", "new", "resolved")
@@ -68,20 +70,21 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
     normal_q = rng.choice(ANOMALY)
     abnormal = bool(findings)
     ans = ("no" if abnormal else "yes") if normal_q == NORMAL_QUESTION else ("yes" if abnormal else "no")
-    qa.append(dict(family="anomaly_detection", answer_type="closed", organ=None, question=normal_q, answer=ans))
+    qa.append(dict(family="anomaly_detection", answer_type="closed", organ=None, question=normal_q,
+                   answer=ans))
     # the bundled cases' suggested questions (before any draw that depends on the findings, so that
     # counterfactual() replays these words)
     lungs, solid = lesion_sites(visible)
     if solid:
         o = rng.choice(solid)
         yes = any(f.kind == "cyst" for f in by_organ.get(o, []))
-        qa.append(dict(family="existence", answer_type="closed", organ=o, question=rng.choice(CYST).format(o=o),
-                       answer="yes" if yes else "no"))
+        qa.append(dict(family="existence", answer_type="closed", organ=o,
+                       question=rng.choice(CYST).format(o=o), answer="yes" if yes else "no"))
     if lungs:
         o = rng.choice(lungs + ["lung"])
         hit = [f for f in lesions if f.kind == "nodule" and (f.organ == o or o == "lung")]
-        qa.append(dict(family="existence", answer_type="closed", organ=o, question=rng.choice(NODULE).format(o=o),
-                       answer="yes" if hit else "no"))
+        qa.append(dict(family="existence", answer_type="closed", organ=o,
+                       question=rng.choice(NODULE).format(o=o), answer="yes" if hit else "no"))
     if visible:
         o = rng.choice(visible)
         hit = [f for f in findings if f.organ == o]
@@ -92,7 +95,8 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
         vl, vr = float(count(organs[left])), float(count(organs[right]))
         if max(vl, vr) >= LARGER_RATIO * min(vl, vr):
             qa.append(dict(family="image_observation", answer_type="open", organ="kidney",
-                           question=rng.choice(LARGER).format(p="kidney"), answer="left" if vl > vr else "right"))
+                           question=rng.choice(LARGER).format(p="kidney"),
+                           answer="left" if vl > vr else "right"))
     if len(by_organ) == 1:
         o = next(iter(by_organ))
         qa.append(dict(family="image_observation", answer_type="open", organ=o, question=rng.choice(WHICH),
@@ -113,7 +117,8 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
                        question=rng.choice(SIZE).format(o=o), answer=f"{int(big.diameter_mm)} mm"))
         if len(fs) == 1 and fs[0].kind in ("cyst", "hypodense", "hyperdense"):
             qa.append(dict(family="image_observation", answer_type="choice", organ=o,
-                           question=rng.choice(TYPE).format(o=o), answer="cyst" if fs[0].kind == "cyst" else "solid"))
+                           question=rng.choice(TYPE).format(o=o),
+                           answer="cyst" if fs[0].kind == "cyst" else "solid"))
     if enlargement:
         grown = {f.organ for f in findings if f.kind == "enlargement"}
         for o in (o for o in ENLARGE_ORGANS if o in organs):
@@ -176,6 +181,6 @@ def all_template_text() -> list[str]:
     words = list(ORGANS) + ["lung", "kidney", "yes", "no", "left", "right", "cyst", "solid", "mm", "ml"] + \
         [str(i) for i in range(100)]
     texts = EXIST + ANOMALY + WHICH + SIDE + SIZE + COUNT + TYPE + EFFUSION + EFFUSION_SIDE + ENLARGED + \
-        ORGAN_VOLUME + CYST + NODULE + ORGAN_ABNORMAL + LARGER + CHANGE + GROWN + NEW + RESOLVED + PRIOR_SIZE + \
-        list(CHANGES) + words
+        ORGAN_VOLUME + CYST + NODULE + ORGAN_ABNORMAL + LARGER + CHANGE + GROWN + NEW + RESOLVED + \
+        PRIOR_SIZE + list(CHANGES) + words
     return [t.format(o=o, p=p) for t in texts for o in list(ORGANS) + list(PAIRED) for p in PAIRED]
