@@ -29,8 +29,9 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 
 
-from app.handlers import build_ui  # noqa: E402
+from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
+from app.view import FileStore  # noqa: E402
 
 log = logging.getLogger("photon_ct")
 
@@ -70,15 +71,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     engine = Engine(Settings(model_dir=args.model, device=args.device, max_new_tokens=args.max_new_tokens,
                              cache_volumes=args.cache_volumes))
-    demo = build_ui(engine)
+    store = FileStore.create()           # the sessions' served files, inside Gradio's cache folder
+    demo = build_ui(engine, store)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     log.info("Photon CT on http://%s:%d (model: %s)", args.host, args.port, args.model or "embedded demo model")
     try:
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
-            max_file_size=f"{args.max_upload_mb}mb", footer_links=[])
+            max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"])
     finally:
         demo.close()
+        store.close()
         engine.close()   # Gradio's cache folder goes at exit (atexit above)
         log.info("Photon CT stopped; session files removed")
 
