@@ -76,8 +76,8 @@ def _fail(e: BaseException, where: str):
     raise gr.Error(message(e, where)) from None
 
 
-def ask(question: str, scan: list[str] | None = None, sample: str = "", budget: str = "auto",
-        label_map: str | None = None, label_table: str | None = None, prior: str | None = None, series: str = "",
+def ask(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str = "auto",
+        label_map: str | None = None, label_table: str | None = None, prior: str | None = None, series: str | None = None,
         *, engine: Engine) -> dict:
     """Ask a question about a scan under a keep budget; the answer and its audit as JSON."""
     try:
@@ -88,8 +88,8 @@ def ask(question: str, scan: list[str] | None = None, sample: str = "", budget: 
         _fail(e, "api ask")
 
 
-def compare(question: str, scan: list[str] | None = None, sample: str = "", label_map: str | None = None,
-            label_table: str | None = None, prior: str | None = None, series: str = "", *,
+def compare(question: str, scan: list[str] | None = None, sample: str | None = None, label_map: str | None = None,
+            label_table: str | None = None, prior: str | None = None, series: str | None = None, *,
             engine: Engine) -> dict:
     """The question at Auto / 10% / 25% / 50% / Full in one batch; which answers differ from Full."""
     try:
@@ -105,9 +105,9 @@ def compare(question: str, scan: list[str] | None = None, sample: str = "", labe
         _fail(e, "api compare")
 
 
-def export(question: str, scan: list[str] | None = None, sample: str = "", budget: str = "auto",
+def export(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str = "auto",
            label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
-           series: str = "", request: gr.Request = None, *, engine: Engine, store: FileStore):
+           series: str | None = None, request: gr.Request = None, *, engine: Engine, store: FileStore):
     """As /ask, plus the audit files: the kept blocks on the scan's own grid (NIfTI) and report.json.
     Each client session keeps only its latest export."""
     try:

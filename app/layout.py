@@ -18,12 +18,19 @@ from .view import DEFAULT_WINDOW, FileStore
 
 CACHE_MAX_AGE_S = 6 * 3600          # served files older than this are deleted (hourly sweep)
 UI = "undocumented"
-# Enter in a slider's number box commits the value (Gradio commits on blur only): the budget re-asks.
+# A slider's number box commits on Enter as well as on blur (Gradio commits on blur only), and a typed
+# value outside the slider's range is brought into it first (Gradio would refuse it with an error badge).
 JS = """() => {
-  document.addEventListener('keydown', (e) => {
-    const t = e.target;
-    if (e.key === 'Enter' && t && t.matches && t.matches('.commit-on-enter input[type=number]')) t.blur();
-  });
+  const ours = (t) => t && t.matches && t.matches('.commit-on-enter input[type=number]');
+  const clamp = (t) => {
+    const v = parseFloat(t.value);
+    if (isNaN(v)) return;
+    const lo = t.min === '' ? -Infinity : parseFloat(t.min), hi = t.max === '' ? Infinity : parseFloat(t.max);
+    const c = Math.min(Math.max(v, lo), hi);
+    if (c !== v) { t.value = String(c); t.dispatchEvent(new Event('input', {bubbles: true})); }
+  };
+  document.addEventListener('keydown', (e) => { if (e.key === 'Enter' && ours(e.target)) e.target.blur(); });
+  document.addEventListener('blur', (e) => { if (ours(e.target)) clamp(e.target); }, true);
 }"""
 
 
@@ -86,10 +93,11 @@ def build_ui(engine: Engine, store: FileStore | None = None) -> gr.Blocks:
                                            placeholder="e.g. Is there a lesion in the liver?")
                 c["mode"] = gr.Radio(modes, value=modes[0], label="Keep budget", elem_id="mode",
                                      info=modes_note or None)
-                c["tokens"] = gr.Slider(MIN_KEEP_TOKENS, 1000, value=390, step=10, label="Tokens to keep",
+                # the floor is checked with a message (a slider minimum would refuse without one)
+                c["tokens"] = gr.Slider(0, 1000, value=390, step=10, label=f"Tokens to keep (≥ {MIN_KEEP_TOKENS})",
                                         visible=False, elem_id="budget_tokens", elem_classes="commit-on-enter")
-                c["percent"] = gr.Slider(max(1, -(-MIN_KEEP_TOKENS // 10)), 100, value=25, step=1,
-                                         label="Percent of visual tokens", visible=False, elem_id="budget_percent",
+                c["percent"] = gr.Slider(0, 100, value=25, step=1, label=f"Percent of visual tokens "
+                                         f"(≥ {MIN_KEEP_TOKENS / 10:g}%)", visible=False, elem_id="budget_percent",
                                          elem_classes="commit-on-enter")
                 c["theta"] = gr.Slider(0, 1, value=0.5, step=0.01, label="Threshold θ on ρ", visible=False,
                                        elem_id="budget_theta", elem_classes="commit-on-enter")
@@ -118,7 +126,7 @@ def build_ui(engine: Engine, store: FileStore | None = None) -> gr.Blocks:
                                                label="Level (HU)", elem_id="win_level",
                                                elem_classes="commit-on-enter", scale=2)
                         c["opacity"] = gr.Slider(0, 1, value=0.35, step=0.05, label="Overlay opacity",
-                                                 elem_id="opacity", scale=1)
+                                                 elem_id="opacity", elem_classes="commit-on-enter", scale=1)
                     with gr.Row():
                         c["pt_k"] = gr.Slider(1, 2, value=1, step=1, label="Axial slice", elem_id="pt_axial",
                                               elem_classes="commit-on-enter")

@@ -187,3 +187,69 @@ def test_messages_never_show_server_paths_nor_cut_words():
     assert len(long) <= MAX_MESSAGE + 2 and long.endswith("word …")
     assert "secret" not in message(KeyError("/secret/path/patient_Jane"))
     assert message(VolumeError("/srv/data/x.dcm is one image")) == "x.dcm is one image"
+
+
+def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine, store, monkeypatch, tmp_path):
+    """A PACS export (localizer + two kernels): the series are listed for a dropdown; the default load
+    asks the loader for its default (None), a pick loads that uid."""
+    import types
+
+    from app import handlers as h
+    from app import pending
+    from photon_core.io.volume import load_volume
+
+    series = [types.SimpleNamespace(uid=u, label=f"{d} · {n} slices · {k}", description=d, slices=n, kernel=k,
+                                    orientation=o, modality="CT")
+              for u, d, n, k, o in (("1.1", "Topogram", 1, "T20f", "coronal"), ("1.2", "Abdomen 3.0 B31f", 112, "B31f",
+                                    "axial"), ("1.3", "Abdomen 3.0 B70f", 112, "B70f", "axial"))]
+    asked = []
+    monkeypatch.setattr(pending, "list_series", lambda files: series)
+    monkeypatch.setattr(pending, "load_volume", lambda src, limits, uid=None: asked.append(uid) or
+                        load_volume(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
+    out = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
+    assert asked == [None] and out["series"]["visible"] is True
+    assert [c[1] for c in out["series"]["choices"]] == ["1.1", "1.2", "1.3"]
+    assert "holds 3 series" in out["status"]
+    out = h.load_upload(files, None, None, None, "1.3", out["session"], out["view"], engine=engine, store=store)
+    assert asked == [None, "1.3"] and out["series"]["value"] == "1.3" and out["session"].series_uid == "1.3"
+
+
+def test_load_warnings_reach_the_status_line_and_the_api(engine, store, monkeypatch):
+    from app import api, handlers as h
+    from app import pending
+    from photon_core.io.volume import load_volume
+    from photon_core.model.budget import Budget
+
+    said = ["12 voxels outside [-2000, 4000] HU were clipped", "slices are 50 mm thick (over 5 mm)"]
+
+    def with_warnings(src, limits, uid=None):
+        vol = load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
+        vol.warnings = list(said)
+        return vol
+
+    monkeypatch.setattr(pending, "load_volume", with_warnings)
+    out = h.load_upload([str(SAMPLES / "abdomen_ct/ct.nii.gz")], None, None, None, None, None, None,
+                        engine=engine, store=store)
+    assert "load-warnings" in out["status"] and all(html.escape(w) in out["status"] for w in said)
+    s = out["session"]
+    ans, audit = engine.answer(s, "Is there a lesion in the liver?", Budget("auto"))
+    assert api.result(engine, s, ans, audit)["warnings"][:2] == said
+
+
+@pytest.mark.parametrize("make,expect", [
+    (lambda hu: np.zeros_like(hu), "constant"),
+    (lambda hu: np.where(hu > 0, 1.0, 0.0).astype(np.float32), "mask"),
+])
+def test_real_loader_warnings_are_shown(engine, store, tmp_path, make, expect):
+    from photon_core.io.volume import Volume
+
+    if "warnings" not in getattr(Volume, "__dataclass_fields__", {}):
+        pytest.skip("Volume.warnings comes with branch intake")
+    from app import handlers as h
+
+    img = nib.load(str(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(make(np.asanyarray(img.dataobj).astype(np.float32)), img.affine), str(path))
+    out = h.load_upload([str(path)], None, None, None, None, None, None, engine=engine, store=store)
+    assert "load-warnings" in out.get("status", "") and expect in out["status"].lower()

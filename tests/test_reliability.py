@@ -135,7 +135,7 @@ def _wait_http(port, proc, auth=None, timeout=120):
 
 
 def test_no_outbound_network_at_import_or_launch_and_loopback_bind(tiny_model_dir):
-    from test_browser import _free_port
+    from app_server import free_port as _free_port
 
     port = _free_port()
     proc = _start(tiny_model_dir, port)
@@ -155,7 +155,7 @@ def test_auth_is_enforced(tiny_model_dir):
     import urllib.parse
     import urllib.request
 
-    from test_browser import _free_port
+    from app_server import free_port as _free_port
 
     port = _free_port()
     proc = _start(tiny_model_dir, port, "--auth", "clinician:s3cret")
