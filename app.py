@@ -28,7 +28,6 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 
-
 from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
 from app.view import FileStore  # noqa: E402

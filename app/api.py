@@ -25,14 +25,15 @@ from .view import FileStore
 
 
 def _session(engine: Engine, scan, sample, label_map, label_table, prior, series) -> Session:
-    files = [str(f) for f in (scan or [])] if isinstance(scan, (list, tuple)) else ([str(scan)] if scan else [])
+    files = [str(f) for f in scan] if isinstance(scan, (list, tuple)) else ([str(scan)] if scan else [])
+    opt = lambda f: str(f) if f else None  # noqa: E731
     if files:
-        return engine.load_upload(files, str(label_map) if label_map else None, prior_file=str(prior) if prior else None,
-                                  label_table=str(label_table) if label_table else None, series=series or None)
+        return engine.load_upload(files, opt(label_map), prior_file=opt(prior), label_table=opt(label_table),
+                                  series=series or None)
     if sample:
         if label_map or prior:
-            raise ValueError("A sample case carries its own label map and has no prior scan; give a scan file "
-                             "to add them.")
+            raise ValueError("A sample case carries its own label map and has no prior scan; give a scan "
+                             "file to add them.")
         return engine.load_case(str(sample))
     raise ValueError(f"Give a scan file (NIfTI, NRRD, DICOM files or .zip) or a sample id "
                      f"({', '.join(c['id'] for c in cases())}).")
@@ -77,8 +78,8 @@ def _fail(e: BaseException, where: str):
 
 
 def ask(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str = "auto",
-        label_map: str | None = None, label_table: str | None = None, prior: str | None = None, series: str | None = None,
-        *, engine: Engine) -> dict:
+        label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
+        series: str | None = None, *, engine: Engine) -> dict:
     """Ask a question about a scan under a keep budget; the answer and its audit as JSON."""
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series)
@@ -88,9 +89,9 @@ def ask(question: str, scan: list[str] | None = None, sample: str | None = None,
         _fail(e, "api ask")
 
 
-def compare(question: str, scan: list[str] | None = None, sample: str | None = None, label_map: str | None = None,
-            label_table: str | None = None, prior: str | None = None, series: str | None = None, *,
-            engine: Engine) -> dict:
+def compare(question: str, scan: list[str] | None = None, sample: str | None = None,
+            label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
+            series: str | None = None, *, engine: Engine) -> dict:
     """The question at Auto / 10% / 25% / 50% / Full in one batch; which answers differ from Full."""
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series)
@@ -99,8 +100,8 @@ def compare(question: str, scan: list[str] | None = None, sample: str | None = N
             r["raw_text"] = r["answer"]
             if not r["readable"]:
                 r["answer"] = None
-        return {"scan": {"title": s.title, "summary": s.volume.summary()}, "question": s.question, "rows": rows,
-                "warnings": list(s.warnings), "checkpoint": engine.provenance()}
+        return {"scan": {"title": s.title, "summary": s.volume.summary()}, "question": s.question,
+                "rows": rows, "warnings": list(s.warnings), "checkpoint": engine.provenance()}
     except Exception as e:  # noqa: BLE001
         _fail(e, "api compare")
 

@@ -29,12 +29,24 @@ from viz.slices import WINDOWS, pick
 from . import pending
 from .render import answer_card, compare_table, empty_card, legend_html, status_html
 from .service import Engine, Session, cases
-from .view import (DEFAULT_WINDOW, FileStore, View, build_view, export_pngs, focus, highlighted, organ_legend,
-                   preset_window, scene_file, slices_file)
+from .view import (
+    DEFAULT_WINDOW,
+    FileStore,
+    View,
+    build_view,
+    export_pngs,
+    focus,
+    highlighted,
+    organ_legend,
+    preset_window,
+    scene_file,
+    slices_file,
+)
 
 log = logging.getLogger("photon_ct")
 MODES = ["Auto", "Tokens", "Percent", "Threshold", "Full"]
 MAX_MESSAGE = 400
+PROGRESS = gr.Progress()             # a marker: Gradio hands each event its own progress tracker
 
 
 def bind(fn, **deps):
@@ -74,7 +86,8 @@ def message(e: BaseException, where: str = "") -> str:
         import torch
 
         torch.cuda.empty_cache()
-        return "The GPU ran out of memory for this request; memory was freed, please retry with a lower budget."
+        return ("The GPU ran out of memory for this request; memory was freed, please retry with a lower "
+                "budget.")
     log.error("unexpected error in %s: %s\n%s", where, type(e).__name__, traceback.format_exc())
     return f"Something went wrong ({type(e).__name__}); the app is still running."
 
@@ -112,16 +125,18 @@ def _fresh(engine: Engine, s: Session, view: View, questions: list[str]) -> dict
     """Every output of a newly loaded scan: nothing of the previous scan survives."""
     i, j, k = view.point
     shape = view.hu_ras.shape
-    w, l = preset_window(DEFAULT_WINDOW)
+    w, lv = preset_window(DEFAULT_WINDOW)
     view.files.forget("export")
     return {"session": s, "view": view, "status": status_html(s), "card": empty_card(s),
-            "suggested": gr.update(choices=questions, value=None), "question": questions[0] if questions else "",
+            "suggested": gr.update(choices=questions, value=None),
+            "question": questions[0] if questions else "",
             "model3d": scene_file(view, s),
             "legend": legend_html(None, [], organ_legend(view)),
-            "slices": slices_file(view, s, w, l, 0.35),
-            "pt_i": gr.update(maximum=shape[0], value=i + 1), "pt_j": gr.update(maximum=shape[1], value=j + 1),
+            "slices": slices_file(view, s, w, lv, 0.35),
+            "pt_i": gr.update(maximum=shape[0], value=i + 1),
+            "pt_j": gr.update(maximum=shape[1], value=j + 1),
             "pt_k": gr.update(maximum=shape[2], value=k + 1),
-            "preset": DEFAULT_WINDOW, "width": w, "level": l,
+            "preset": DEFAULT_WINDOW, "width": w, "level": lv,
             "hist": None, "retention": None, "cmp_table": "", "cmp_plot": None, "exp_files": None}
 
 
@@ -132,7 +147,7 @@ def _failed_load(old: Session | None, e: BaseException, name: str | None) -> dic
 
 
 def load_case(title: str, old: Session | None, old_view: View | None, request: gr.Request = None,
-              progress=gr.Progress(), *, engine: Engine, store: FileStore) -> dict:
+              progress=PROGRESS, *, engine: Engine, store: FileStore) -> dict:
     """A sample case replaces the scan (or, failing, leaves everything as it was and says so)."""
     try:
         s = engine.load_case(title, progress)
@@ -147,7 +162,7 @@ def load_case(title: str, old: Session | None, old_view: View | None, request: g
 
 
 def load_upload(files, label_file, label_table, prior_file, series_uid: str | None, old: Session | None,
-                old_view: View | None, request: gr.Request = None, progress=gr.Progress(), *,
+                old_view: View | None, request: gr.Request = None, progress=PROGRESS, *,
                 engine: Engine, store: FileStore) -> dict:
     """An upload replaces the scan; a DICOM upload holding several series lists them to choose from."""
     paths = [str(f) for f in (files or [])]
@@ -155,12 +170,13 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
     try:
         s = engine.load_upload(paths, str(label_file) if label_file else None, progress,
                                prior_file=str(prior_file) if prior_file else None,
-                               label_table=str(label_table) if label_table else None, series=series_uid or None)
+                               label_table=str(label_table) if label_table else None,
+                               series=series_uid or None)
         progress(0.8, desc="Building the 3-D anatomy and the slices")
         view = build_view(s, store.session(_key(request)))
         out = _fresh(engine, s, view, [])
-        out["series"] = (gr.update(choices=[(x.label, x.uid) for x in s.series], value=series_uid or None,
-                                   visible=True) if s.series else gr.update(choices=[], value=None, visible=False))
+        choices = [(x.label, x.uid) for x in s.series]
+        out["series"] = gr.update(choices=choices, value=series_uid or None, visible=bool(choices))
         return out
     except Exception as e:  # noqa: BLE001
         return _failed_load(old, e, name)
@@ -199,7 +215,8 @@ def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacit
     timing = {"views_ms": 1000 * (now - t_views), "total_ms": 1000 * (now - t0)}
     i, j, k = view.point
     return {"session": s, "card": answer_card(s, ans, audit, engine.provenance(), timing),
-            "model3d": glb, "legend": legend_html(ans, highlighted(view, s), organ_legend(view)), "slices": img,
+            "model3d": glb, "legend": legend_html(ans, highlighted(view, s), organ_legend(view)),
+            "slices": img,
             "pt_i": i + 1, "pt_j": j + 1, "pt_k": k + 1, "hist": hist, "retention": ret, "exp_files": None}
 
 
@@ -218,7 +235,7 @@ def _esc(text: str) -> str:
 
 
 def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
-        theta: float, width: float, level: float, opacity: float, progress=gr.Progress(), *,
+        theta: float, width: float, level: float, opacity: float, progress=PROGRESS, *,
         engine: Engine) -> dict:
     """Ask the question under the budget of the controls; the views follow the answer."""
     t0 = time.perf_counter()
@@ -242,8 +259,9 @@ def reask(s: Session | None, view: View | None, question: str, mode: str, tokens
     return ask(s, view, question, mode, tokens, percent, theta, width, level, opacity, engine=engine)
 
 
-def mode_changed(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
-                 theta: float, width: float, level: float, opacity: float, *, engine: Engine) -> dict:
+def mode_changed(s: Session | None, view: View | None, question: str, mode: str, tokens: float,
+                 percent: float, theta: float, width: float, level: float, opacity: float, *,
+                 engine: Engine) -> dict:
     """Show the new mode's own slider (each keeps its value) and re-ask under it."""
     return {**slider_visibility(mode),
             **reask(s, view, question, mode, tokens, percent, theta, width, level, opacity, engine=engine)}
@@ -306,18 +324,19 @@ def set_preset(s, view, preset: str, opacity) -> dict:
     """A window preset sets width and level."""
     if preset not in WINDOWS:
         return {}
-    w, l = preset_window(preset)
-    return {"width": w, "level": l, **redraw_slices(s, view, w, l, opacity)}
+    w, lv = preset_window(preset)
+    return {"width": w, "level": lv, **redraw_slices(s, view, w, lv, opacity)}
 
 
 def set_window(s, view, width, level, opacity) -> dict:
     """Free width/level: the preset reads 'Custom' unless the pair is a preset's."""
-    name = next((n for n, wl in WINDOWS.items() if tuple(map(float, wl)) == (float(width), float(level))), "Custom")
+    pair = (float(width), float(level))
+    name = next((n for n, wl in WINDOWS.items() if tuple(map(float, wl)) == pair), "Custom")
     return {"preset": name, **redraw_slices(s, view, width, level, opacity)}
 
 
-# ---------------------------------------------------------------------------------------------- compare, export
-def compare(s: Session | None, question: str, progress=gr.Progress(), *, engine: Engine) -> dict:
+# ------------------------------------------------------------------------------------- compare, export
+def compare(s: Session | None, question: str, progress=PROGRESS, *, engine: Engine) -> dict:
     try:
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")

@@ -28,9 +28,11 @@ from . import pending
 # What a user of the embedded model must know when reading its answer and its kept blocks (measured
 # in photon_core/demo_model/MODEL_CARD.md): it answers from priors, and where it looks is partly a
 # place learned for the organ's name (on noise it still keeps two thirds of an abdominal organ's blocks).
-DEMO_NOTICE = ("demo model trained on synthetic findings; its answers are priors and its kept blocks partly a "
-               "place learned per organ name, not only what it found (see the model card) — not for clinical use")
-COMPARE = [("Auto", "auto"), ("10%", "ratio:0.1"), ("25%", "ratio:0.25"), ("50%", "ratio:0.5"), ("Full", "full")]
+DEMO_NOTICE = ("demo model trained on synthetic findings; its answers are priors and its kept blocks partly "
+               "a place learned per organ name, not only what it found (see the model card) — not for "
+               "clinical use")
+COMPARE = [("Auto", "auto"), ("10%", "ratio:0.1"), ("25%", "ratio:0.25"), ("50%", "ratio:0.5"),
+           ("Full", "full")]
 LOW_RETENTION = 0.5                      # an asked organ keeping less than this share of its blocks warns
 
 
@@ -199,11 +201,12 @@ class Engine:
         then asked with both, prior first, so questions about change can be answered). ``series``:
         the DICOM series to load when the upload holds several (None: the loader's default)."""
         if not files:
-            raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series (files or .zip).")
+            raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series "
+                              "(files or .zip).")
         volumes = [f for f in files if str(f).lower().endswith((".nii", ".nii.gz", ".nrrd", ".zip", ".gz"))]
         if len(files) > 1 and volumes:
-            raise VolumeError(f"{len(files)} files were uploaded, including {Path(volumes[0]).name}; upload one "
-                              f"NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
+            raise VolumeError(f"{len(files)} files were uploaded, including {Path(volumes[0]).name}; upload "
+                              f"one NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
         progress(0.05, desc="Reading the upload")
         listed = self.series(files)
         vol = pending.load_volume(files if len(files) > 1 else files[0], self.settings.limits, series or None)
@@ -273,7 +276,8 @@ class Engine:
         asked = tuple(organs_in_question(question, list(s.blocks))) if s.blocks else ()
         asked_ret = {n: retention[n] for n in asked if n in retention}
         low = [(n, r) for n, r in asked_ret.items() if r < LOW_RETENTION]
-        warning = "; ".join(f"only {100 * r:.0f}% of the {n.replace('_', ' ')} blocks were kept" for n, r in low)
+        warning = "; ".join(f"only {100 * r:.0f}% of the {n.replace('_', ' ')} blocks were kept"
+                            for n, r in low)
         return Audit(retention=retention, asked=asked, asked_retention=asked_ret, warning=warning,
                      small=tuple(n for n in s.small_structures if n in retention),
                      readable=pending.readable(question, ans), probability=pending.probability(ans))
@@ -282,7 +286,8 @@ class Engine:
         """The audit of the session's last answer as files in ``folder`` (mask, report, PNG views)."""
         if s is None or s.answer is None:
             raise ValueError("Ask a question first; the export holds the audit of an answer.")
-        retention = s.audit.retention if s.audit is not None else self.audit(s, s.question, s.answer).retention
+        audit = s.audit if s.audit is not None else self.audit(s, s.question, s.answer)
+        retention = audit.retention
         return export_audit(Path(folder), s.geometry, s.token_index, s.answer, s.question, self.model_name,
                             retention, pngs, report_title(s.title))
 

@@ -24,7 +24,14 @@ import numpy as np
 
 from photon_core.io.preprocess import TOKEN_GRID
 from photon_core.organs import ORGANS, organs_in_question
-from viz.scene import AnatomyScene, anatomy_surfaces, kept_region, orientation_marker, render_png, world_bounds
+from viz.scene import (
+    AnatomyScene,
+    anatomy_surfaces,
+    kept_region,
+    orientation_marker,
+    render_png,
+    world_bounds,
+)
 from viz.slices import WINDOWS, Layout, to_ras, triplanar
 
 from .service import Session
@@ -42,7 +49,7 @@ class FileStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, parent: str | Path | None = None) -> "FileStore":
+    def create(cls, parent: str | Path | None = None) -> FileStore:
         """A fresh root inside ``parent`` (default: Gradio's cache folder), removed at exit."""
         if parent is None:
             from gradio.utils import get_upload_folder
@@ -53,7 +60,7 @@ class FileStore:
         atexit.register(store.close)
         return store
 
-    def session(self, key: str | None) -> "Files":
+    def session(self, key: str | None) -> Files:
         key = "".join(ch for ch in (key or "local") if ch.isalnum() or ch in "-_")[:64] or "local"
         with self._lock:
             if key not in self._sessions or not self._sessions[key].folder.is_dir():

@@ -32,11 +32,11 @@ def main(argv=None):
     import torch
 
     from app.service import Engine, Settings
+    from app.view import Files, build_view, scene_file, slices_file
     from photon_core.inference.predictor import Predictor, peak_rss_mb
     from photon_core.io.preprocess import prepare
-    from photon_core.model.budget import Budget
     from photon_core.io.volume import load_volume
-    from app.view import Files, build_view, scene_file, slices_file
+    from photon_core.model.budget import Budget
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     memory = dict(after_imports_mb=round(peak_rss_mb(), 1))

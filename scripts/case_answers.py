@@ -15,7 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from app.service import Engine, Settings, cases  # noqa: E402
 from photon_core.model.budget import Budget  # noqa: E402
 

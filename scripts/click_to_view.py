@@ -69,14 +69,15 @@ def start_app(model: str | None, tmp: Path) -> tuple[subprocess.Popen, str]:
     if model:
         cmd += ["--model", model]
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(tmp))
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(tmp / "app.log", "w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(tmp / "app.log", "w"), stderr=subprocess.STDOUT,
+                            env=env)
     for _ in range(480):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc, f"http://127.0.0.1:{port}/"
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit("the app exited:\n" + (tmp / "app.log").read_text()[-2000:])
+                raise SystemExit("the app exited:\n" + (tmp / "app.log").read_text()[-2000:]) from None
             time.sleep(0.5)
     proc.kill()
     raise SystemExit("the app did not start")
@@ -113,10 +114,12 @@ def _model_ms(card: str) -> float | None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None)
-    ap.add_argument("--start", action="store_true", help="start the app (this checkout) on a free loopback port")
+    ap.add_argument("--start", action="store_true",
+                    help="start the app (this checkout) on a free loopback port")
     ap.add_argument("--model", default=None)
     ap.add_argument("--asks", type=int, default=6)
-    ap.add_argument("--slices-tab", default=None, help="the tab holding the slices, if not beside the 3-D view")
+    ap.add_argument("--slices-tab", default=None,
+                    help="the tab holding the slices, if not beside the 3-D view")
     ap.add_argument("--slice-selector", default="#slices img, #slice img")
     args = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
@@ -159,7 +162,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"asks": rows, "median_view_s": statistics.median(r["view"] for r in rows),
               "median_card_s": statistics.median(r["card"] for r in rows),
-              "median_model_ms": statistics.median(r["model_ms"] for r in rows if r.get("model_ms") is not None)}
+              "median_model_ms": statistics.median(r["model_ms"] for r in rows if r.get("model_ms"))}
     print(json.dumps(report))
     return report
 

@@ -50,13 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def client_loop(url: str, deadline: float, seed: int, lat: list, fails: list, lock: threading.Lock, downloads: str):
+def client_loop(url: str, deadline: float, seed: int, lat: list, fails: list, lock: threading.Lock,
+                downloads: str):
     from gradio_client import Client
 
     rng = random.Random(seed)
     case = rng.choice(CASES)
     try:
-        c = Client(url, verbose=False, download_files=downloads)   # fetches every served file, as a browser does
+        # downloads every served file, as a browser fetches it
+        c = Client(url, verbose=False, download_files=downloads)
         c.predict(case, api_name="/ui_load_case")
     except Exception as e:  # noqa: BLE001
         with lock:
@@ -107,7 +109,8 @@ def main(argv=None) -> dict:
     if args.start:
         cache = tempfile.mkdtemp(prefix="photon_ct_load_cache_")     # the app's Gradio cache: all it serves
         port = free_port()
-        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu", "--max-new-tokens", "8"]
+        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu",
+               "--max-new-tokens", "8"]
         if args.model:
             cmd += ["--model", args.model]
         log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
@@ -131,8 +134,9 @@ def main(argv=None) -> dict:
         try:
             start = time.time()
             deadline = start + args.seconds
-            threads = [threading.Thread(target=client_loop, args=(url, deadline, i, lat, fails, lock, downloads),
-                                        daemon=True) for i in range(args.clients)]
+            threads = [threading.Thread(target=client_loop, daemon=True,
+                                        args=(url, deadline, i, lat, fails, lock, downloads))
+                       for i in range(args.clients)]
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads) and time.time() < deadline + 120:
@@ -157,7 +161,8 @@ def main(argv=None) -> dict:
                   failure_samples=fails[:5],
                   p50_s=round(statistics.median(q), 3) if q else None,
                   p95_s=round(q[int(0.95 * (len(q) - 1))], 3) if q else None,
-                  rss_mb_over_time=rss, rss_growth_after_warmup=round(growth, 4) if growth is not None else None,
+                  rss_mb_over_time=rss,
+                  rss_growth_after_warmup=round(growth, 4) if growth is not None else None,
                   disk_mb_over_time=disk, disk_mb_at_end=disk_end,
                   disk_mb_after_stop=disk_after_stop if proc else None)
     print(json.dumps(report))

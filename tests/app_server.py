@@ -20,9 +20,9 @@ def start_app(model_dir, cache: Path, tmp: Path, log: Path, *extra: str) -> tupl
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", GRADIO_TEMP_DIR=str(cache),
                TMPDIR=str(tmp))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(model_dir), "--device", "cpu",
-                             "--port", str(port), "--max-new-tokens", "6", *extra], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    cmd = [sys.executable, str(ROOT / "app.py"), "--model", str(model_dir), "--device", "cpu",
+           "--port", str(port), "--max-new-tokens", "6", *extra]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     for _ in range(240):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):

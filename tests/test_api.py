@@ -5,7 +5,6 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
-
 from app_server import ROOT, start_app, stop_app
 from conftest import SAMPLES
 
@@ -15,8 +14,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def api_url(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("applog") / "app.log"
-    proc, url = start_app(tiny_model_dir, tmp_path_factory.mktemp("gradio_cache"), tmp_path_factory.mktemp("tmp"),
-                          log)
+    tmp = tmp_path_factory.mktemp
+    proc, url = start_app(tiny_model_dir, tmp("gradio_cache"), tmp("tmp"), log)
     yield url
     stop_app(proc, log)
 
@@ -36,7 +35,8 @@ def upload(tmp_path_factory):
     lab = nib.load(str(SAMPLES / "chest_aorta_ct/labels.nii.gz"))
     crop = (slice(10, 110), slice(10, 110), slice(20, 140))
     nib.save(nib.Nifti1Image(np.asanyarray(ct.dataobj)[crop], ct.affine), str(d / "scan.nii.gz"))
-    nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj)[crop].astype(np.int16), ct.affine), str(d / "labels.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj)[crop].astype(np.int16), ct.affine),
+             str(d / "labels.nii.gz"))
     return d
 
 
@@ -64,12 +64,12 @@ def test_ask_and_compare_on_a_sample_case(client):
 def test_ask_and_compare_on_an_uploaded_file(client, upload):
     from gradio_client import handle_file
 
-    r = client.predict(question="Is there an abnormality of the aorta?", scan=[handle_file(str(upload / "scan.nii.gz"))],
-                       budget="top_k:120", label_map=handle_file(str(upload / "labels.nii.gz")), api_name="/ask")
+    scan = [handle_file(str(upload / "scan.nii.gz"))]
+    r = client.predict(question="Is there an abnormality of the aorta?", scan=scan, budget="top_k:120",
+                       label_map=handle_file(str(upload / "labels.nii.gz")), api_name="/ask")
     assert r["kept"] == 120 and r["scan"]["summary"].startswith("100×100×120")
     assert r["per_organ_retention"] and isinstance(r["warnings"], list)
-    c = client.predict(question="Is there a nodule in the lung?", scan=[handle_file(str(upload / "scan.nii.gz"))],
-                       api_name="/compare")
+    c = client.predict(question="Is there a nodule in the lung?", scan=scan, api_name="/compare")
     assert len(c["rows"]) == 5 and c["rows"][-1]["kept"] == 1000
 
 
@@ -77,11 +77,13 @@ def test_export_returns_the_mask_on_the_scan_grid(client, upload):
     from gradio_client import handle_file
 
     files, r = client.predict(question="Is there an abnormality of the aorta?",
-                              scan=[handle_file(str(upload / "scan.nii.gz"))], budget="auto", api_name="/export")
+                              scan=[handle_file(str(upload / "scan.nii.gz"))], budget="auto",
+                              api_name="/export")
     names = {p.rsplit("/", 1)[-1]: p for p in files}
     assert {"kept_blocks.nii.gz", "report.json"} <= set(names)
     mask = nib.load(names["kept_blocks.nii.gz"])
-    assert mask.shape == (100, 100, 120) and int(np.asarray(mask.dataobj).astype(bool).any()) == int(r["kept"] > 0)
+    assert mask.shape == (100, 100, 120)
+    assert np.asarray(mask.dataobj).astype(bool).any() == (r["kept"] > 0)
 
 
 def test_bad_requests_get_readable_errors(client, tmp_path):

@@ -6,7 +6,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
 
 
@@ -32,10 +31,12 @@ ABDOMEN, CHEST = "Abdomen/pelvis CT (3 mm)", "Chest/abdomen CT angiography, aort
 SLICE_CONTROLS = (400, 40, 0.35)
 
 
-def _ask(engine, out, question="Is there a cyst in the left kidney?", mode="Auto", tokens=300, percent=25, theta=0.5):
+def _ask(engine, out, question="Is there a cyst in the left kidney?", mode="Auto", tokens=300, percent=25,
+         theta=0.5):
     from app import handlers as h
 
-    return h.ask(out["session"], out["view"], question, mode, tokens, percent, theta, *SLICE_CONTROLS, engine=engine)
+    return h.ask(out["session"], out["view"], question, mode, tokens, percent, theta, *SLICE_CONTROLS,
+                 engine=engine)
 
 
 def test_a_new_case_resets_every_view_of_the_previous_one(engine, store):
@@ -61,13 +62,14 @@ def test_a_failed_load_keeps_the_previous_scan_and_says_so(engine, store, tmp_pa
     asked = _ask(engine, a)
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
-    out = h.load_upload([str(bad)], None, None, None, None, asked["session"], a["view"], engine=engine, store=store)
-    assert set(out) == {"status"}                     # nothing else changes: the answer still matches the scan
+    out = h.load_upload([str(bad)], None, None, None, None, asked["session"], a["view"], engine=engine,
+                        store=store)
+    assert set(out) == {"status"}          # nothing else changes: the answer still matches the scan
     status = html.unescape(out["status"])
     assert "Could not load 'broken.nii.gz'" in status and "still active" in status
     assert ABDOMEN in status and str(tmp_path) not in status
     again = _ask(engine, a, "Is the spleen enlarged?")
-    assert ABDOMEN in html.unescape(again["card"])                   # the next question is about the scan the screen names
+    assert ABDOMEN in html.unescape(again["card"])     # asked about the scan the screen names
 
 
 def test_served_files_are_replaced_not_accumulated(engine, store):
@@ -127,15 +129,16 @@ def test_unreadable_answers_are_not_shown_as_answers(engine, store):
 
 
 def test_uploaded_label_map_small_structure_counts_by_overlap(engine, store, tmp_path):
-    """A 1.4 ml lesion label (a fraction of one block) stays in the audit and is named as counted by overlap."""
+    """A 1.3 ml lesion label (a fraction of one block) stays in the audit, named as counted by overlap."""
     from app import handlers as h
 
     img = nib.load(str(SAMPLES / "abdomen_ct/ct.nii.gz"))
     lab = np.zeros(img.shape, np.int16)
     lab[60:64, 50:54, 50:53] = 5                        # 4·4·3 voxels of 3 mm: 1.3 ml, in the liver's id
     nib.save(nib.Nifti1Image(lab, img.affine), str(tmp_path / "labels.nii.gz"))
-    out = h.load_upload([str(SAMPLES / "abdomen_ct/ct.nii.gz")], str(tmp_path / "labels.nii.gz"), None, None, None,
-                        None, None, engine=engine, store=store)
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], str(tmp_path / "labels.nii.gz"), None, None, None, None, None, engine=engine,
+                        store=store)
     s = out["session"]
     name = next(iter(s.blocks))
     assert s.small_structures == [name] and "counted by any overlap" in out["status"]
@@ -150,7 +153,8 @@ def test_uploaded_label_maps_take_totalsegmentator_names(engine, store):
         pytest.skip("organs.label_names comes with branch intake")
     from app import handlers as h
 
-    out = h.load_upload([str(SAMPLES / "abdomen_ct/ct.nii.gz")], str(SAMPLES / "abdomen_ct/labels.nii.gz"), None,
+    ct, labels = str(SAMPLES / "abdomen_ct/ct.nii.gz"), str(SAMPLES / "abdomen_ct/labels.nii.gz")
+    out = h.load_upload([ct], labels, None,
                         None, None, None, None, engine=engine, store=store)
     assert "kidney_left" in out["session"].blocks
     asked = _ask(engine, out, "Is there a cyst in the left kidney?")
@@ -189,7 +193,8 @@ def test_messages_never_show_server_paths_nor_cut_words():
     assert message(VolumeError("/srv/data/x.dcm is one image")) == "x.dcm is one image"
 
 
-def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine, store, monkeypatch, tmp_path):
+def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine, store, monkeypatch,
+                                                                         tmp_path):
     """A PACS export (localizer + two kernels): the series are listed for a dropdown; the default load
     asks the loader for its default (None), a pick loads that uid."""
     import types
@@ -200,8 +205,9 @@ def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine,
 
     series = [types.SimpleNamespace(uid=u, label=f"{d} · {n} slices · {k}", description=d, slices=n, kernel=k,
                                     orientation=o, modality="CT")
-              for u, d, n, k, o in (("1.1", "Topogram", 1, "T20f", "coronal"), ("1.2", "Abdomen 3.0 B31f", 112, "B31f",
-                                    "axial"), ("1.3", "Abdomen 3.0 B70f", 112, "B70f", "axial"))]
+              for u, d, n, k, o in (("1.1", "Topogram", 1, "T20f", "coronal"),
+                                    ("1.2", "Abdomen 3.0 B31f", 112, "B31f", "axial"),
+                                    ("1.3", "Abdomen 3.0 B70f", 112, "B70f", "axial"))]
     asked = []
     monkeypatch.setattr(pending, "list_series", lambda files: series)
     monkeypatch.setattr(pending, "load_volume", lambda src, limits, uid=None: asked.append(uid) or
@@ -211,13 +217,14 @@ def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine,
     assert asked == [None] and out["series"]["visible"] is True
     assert [c[1] for c in out["series"]["choices"]] == ["1.1", "1.2", "1.3"]
     assert "holds 3 series" in out["status"]
-    out = h.load_upload(files, None, None, None, "1.3", out["session"], out["view"], engine=engine, store=store)
+    out = h.load_upload(files, None, None, None, "1.3", out["session"], out["view"], engine=engine,
+                        store=store)
     assert asked == [None, "1.3"] and out["series"]["value"] == "1.3" and out["session"].series_uid == "1.3"
 
 
 def test_load_warnings_reach_the_status_line_and_the_api(engine, store, monkeypatch):
-    from app import api, handlers as h
-    from app import pending
+    from app import api, pending
+    from app import handlers as h
     from photon_core.io.volume import load_volume
     from photon_core.model.budget import Budget
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from app_server import start_app, stop_app
 from conftest import ROOT, SAMPLES
 
@@ -72,8 +71,8 @@ def _text(page, sel):
 
 
 def _wait_text(page, sel, text):
-    page.wait_for_function("([s, t]) => document.querySelector(s) && document.querySelector(s).innerText.includes(t)",
-                           arg=[sel, text])
+    page.wait_for_function("([s, t]) => document.querySelector(s) && "
+                           "document.querySelector(s).innerText.includes(t)", arg=[sel, text])
 
 
 def _scene_url(page):
@@ -190,7 +189,7 @@ def test_triplanar_crosshair_follows_a_click(page):
     sag = page.locator("#pt_sagittal input[type=number]").input_value()
     src = page.locator("#slices img").get_attribute("src")
     box = page.locator("#slices img").bounding_box()
-    page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.5)   # left of the axial plane
+    page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.5)   # axial, left
     page.wait_for_function("s => document.querySelector('#slices img').src !== s", arg=src)
     new = page.locator("#pt_sagittal input[type=number]").input_value()
     assert int(new) > int(sag)                  # the image's left is the patient's right: i grows

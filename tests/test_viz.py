@@ -4,14 +4,21 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
+
 from photon_core.inference.audit import export_audit, kept_mask_original, organ_retention
 from photon_core.io.preprocess import TOKEN_GRID, prepare
 from photon_core.io.volume import load_label_map, volume_from_array
 from photon_core.organs import label_blocks, organs_in_question
 from viz.glb import accessor, read_glb
-from viz.scene import (AnatomyScene, anatomy_surfaces, kept_region, orientation_marker, render_png, world_bounds)
+from viz.scene import (
+    AnatomyScene,
+    anatomy_surfaces,
+    kept_region,
+    orientation_marker,
+    render_png,
+    world_bounds,
+)
 from viz.slices import pick, slice_rgb, to_ras, triplanar
 
 
@@ -32,7 +39,8 @@ def phantom():
 
 
 def _corners(geom):
-    return np.stack([geom.token_block_corners(a, b, c) for a in range(10) for b in range(10) for c in range(10)])
+    return np.stack([geom.token_block_corners(a, b,
+                                              c) for a in range(10) for b in range(10) for c in range(10)])
 
 
 def test_glb_is_binary_gltf_with_blend(phantom):
@@ -45,7 +53,7 @@ def test_glb_is_binary_gltf_with_blend(phantom):
     js, binary = read_glb(scene.glb(kept_region(_corners(prep.geometry), keep, rho)))
     assert js["asset"]["version"] == "2.0"
     names = [m["name"] for m in js["meshes"]]
-    assert "body" in names and "bone" in names and "liver" in names and any(n.startswith("kept") for n in names)
+    assert {"body", "bone", "liver"} <= set(names) and any(n.startswith("kept") for n in names)
     assert {f"marker {x}" for x in "RLAPSI"} <= set(names)
     kept_mats = [m for m in js["materials"] if m["name"].startswith("kept")]
     assert kept_mats and all(m["alphaMode"] == "BLEND" for m in kept_mats)
@@ -122,8 +130,9 @@ def test_png_renders_offscreen(phantom):
     vol, labels, prep = phantom
     png = render_png(anatomy_surfaces(vol.hu, vol.affine), [], size=(200, 150), view="anterior")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     im = np.asarray(Image.open(io.BytesIO(png)))
     assert im.shape[:2] == (150, 200) and im.std() > 5          # something was drawn
@@ -143,7 +152,8 @@ def test_overlay_lands_on_the_right_voxels(phantom):
     # the slice overlay uses the same mask reoriented like the scan
     hu_ras, sp = to_ras(vol.hu, vol.affine)
     m_ras, _ = to_ras(mask, vol.affine)
-    img = slice_rgb(hu_ras, sp, "axial", 30 / 79, "Soft tissue", m_ras, opacity=1.0, colour=(0, 1, 0), out_px=300)
+    img = slice_rgb(hu_ras, sp, "axial", 30 / 79, "Soft tissue", m_ras, opacity=1.0, colour=(0, 1, 0),
+                    out_px=300)
     assert img.shape[2] == 3 and (img[..., 1] > 200).any()
 
 

@@ -29,7 +29,8 @@ def retention_bars(retention: dict[str, float], asked=None, small=()):
     asked = {asked} if isinstance(asked, str) else set(asked or ())
     names = list(retention)
     vals = [retention[n] for n in names]
-    colours = [("#d62728" if v < 0.5 else "#2ca05a") if n in asked else "#1f77b4" for n, v in zip(names, vals)]
+    colours = [("#d62728" if v < 0.5 else "#2ca05a") if n in asked else "#1f77b4"
+               for n, v in zip(names, vals)]
     labels = [f"{n} ◦" if n in small else n for n in names]
     fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", marker_color=colours))
     title = "Share of each structure's token blocks kept"
@@ -43,8 +44,8 @@ def retention_bars(retention: dict[str, float], asked=None, small=()):
 def kept_vs_budget(rows: list[dict]):
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Scatter(x=[r["budget"] for r in rows], y=[r["kept"] for r in rows], mode="lines+markers",
-                               text=[r["answer"] for r in rows]))
+    fig = go.Figure(go.Scatter(x=[r["budget"] for r in rows], y=[r["kept"] for r in rows],
+                               mode="lines+markers", text=[r["answer"] for r in rows]))
     fig.update_layout(title="Visual tokens kept per budget", yaxis=dict(title="kept tokens", range=[0, 1050]),
                       height=300, margin=dict(l=40, r=10, t=40, b=40))
     return fig

@@ -66,7 +66,8 @@ def glb(items: list[tuple[str, MeshPart, tuple]]) -> bytes:
     def add(arr: np.ndarray, target: int, comp: int, typ: str, minmax: bool = False) -> int:
         nonlocal offset
         data = _pad4(arr.tobytes())
-        gltf["bufferViews"].append({"buffer": 0, "byteOffset": offset, "byteLength": arr.nbytes, "target": target})
+        gltf["bufferViews"].append({"buffer": 0, "byteOffset": offset, "byteLength": arr.nbytes,
+                                    "target": target})
         chunks.append(data)
         offset += len(data)
         acc = {"bufferView": len(gltf["bufferViews"]) - 1, "componentType": comp, "count": int(arr.shape[0]),
@@ -86,8 +87,8 @@ def glb(items: list[tuple[str, MeshPart, tuple]]) -> bytes:
             attrs["TEXCOORD_0"] = add(part.uv, ARRAY_BUFFER, FLOAT, "VEC2")
         idx = add(part.indices, ELEMENT_ARRAY_BUFFER, UINT32, "SCALAR")
         rgba = [float(c) for c in rgba]
-        mat = {"name": name, "doubleSided": True,
-               "pbrMetallicRoughness": {"baseColorFactor": rgba, "metallicFactor": 0.0, "roughnessFactor": 0.8}}
+        pbr = {"baseColorFactor": rgba, "metallicFactor": 0.0, "roughnessFactor": 0.8}
+        mat = {"name": name, "doubleSided": True, "pbrMetallicRoughness": pbr}
         if rgba[3] < 1.0:
             mat["alphaMode"] = "BLEND"
         gltf["materials"].append(mat)
@@ -104,7 +105,8 @@ def glb(items: list[tuple[str, MeshPart, tuple]]) -> bytes:
 
 def meshes_to_glb(items: list[dict]) -> bytes:
     """items: dicts with ``mesh`` (pyvista mesh), ``rgba``, optional ``uv`` and ``name`` → GLB bytes."""
-    return glb([(i.get("name", "surface"), encode(i["mesh"], i.get("uv")), i.get("rgba", (0.8, 0.8, 0.8, 1.0)))
+    grey = (0.8, 0.8, 0.8, 1.0)
+    return glb([(i.get("name", "surface"), encode(i["mesh"], i.get("uv")), i.get("rgba", grey))
                 for i in items])
 
 

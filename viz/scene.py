@@ -71,7 +71,8 @@ def _contour(mask_or_hu: np.ndarray, level: float, affine: np.ndarray, max_dim: 
 def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None,
                      label_names: dict | None = None, max_organs: int = 10, first=()) -> list[dict]:
     """Body (−300 HU), bone (+250 HU) and up to ``max_organs`` labelled structures: the label ids in
-    ``first`` (those present, in that order), then the largest others. Each organ item's ``ids``: its labels."""
+    ``first`` (those present, in that order), then the largest others. Each organ item's ``ids``: its
+    labels."""
     items = [dict(name="body", mesh=_contour(hu, -300.0, affine, 96, max_triangles=20_000),
                   rgba=(0.85, 0.72, 0.62, 0.16), ids=()),
              dict(name="bone", mesh=_contour(hu, 250.0, affine, 128, max_triangles=30_000),
@@ -85,7 +86,8 @@ def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | No
         names = {str(k): v for k, v in (label_names or {}).items()}
         for n, lid in enumerate(order):
             name = names.get(str(int(lid)), f"label {int(lid)}")
-            mesh = _contour((labels == lid).astype(np.float32), 0.5, affine, 128, smooth=10, max_triangles=6_000)
+            mesh = _contour((labels == lid).astype(np.float32), 0.5, affine, 128, smooth=10,
+                            max_triangles=6_000)
             items.append(dict(name=name, mesh=mesh, rgba=(*ORGAN_COLOURS[n % len(ORGAN_COLOURS)], 0.5),
                               ids=(int(lid),)))
     return [i for i in items if i["mesh"].n_points > 0]
@@ -111,9 +113,10 @@ def orientation_marker(bounds: np.ndarray) -> list[dict]:
     lo, hi = np.asarray(bounds, float)
     mid, ext = (lo + hi) / 2, hi - lo
     h = max(12.0, 0.07 * float(ext.max()))
-    places = {"R": ((hi[0] + h, mid[1], mid[2]), _FACING_ANTERIOR), "L": ((lo[0] - h, mid[1], mid[2]), _FACING_ANTERIOR),
-              "S": ((mid[0], mid[1], hi[2] + h), _FACING_ANTERIOR), "I": ((mid[0], mid[1], lo[2] - h), _FACING_ANTERIOR),
-              "A": ((lo[0] - h, hi[1] + h, mid[2]), _FACING_LEFT), "P": ((lo[0] - h, lo[1] - h, mid[2]), _FACING_LEFT)}
+    front, side = _FACING_ANTERIOR, _FACING_LEFT
+    places = {"R": ((hi[0] + h, mid[1], mid[2]), front), "L": ((lo[0] - h, mid[1], mid[2]), front),
+              "S": ((mid[0], mid[1], hi[2] + h), front), "I": ((mid[0], mid[1], lo[2] - h), front),
+              "A": ((lo[0] - h, hi[1] + h, mid[2]), side), "P": ((lo[0] - h, lo[1] - h, mid[2]), side)}
     axis_of = {"R": "R", "L": "R", "A": "A", "P": "A", "S": "S", "I": "S"}
     items = []
     for letter, (pos, basis) in places.items():
@@ -152,8 +155,8 @@ _FACES = (((0, 1, 3, 2), (-1, 0, 0)), ((4, 5, 7, 6), (1, 0, 0)), ((0, 1, 5, 4), 
           ((2, 3, 7, 6), (0, 1, 0)), ((0, 2, 6, 4), (0, 0, -1)), ((1, 3, 7, 5), (0, 0, 1)))
 
 
-def kept_region(corners: np.ndarray, keep: np.ndarray, rho: np.ndarray, grid=(10, 10, 10), bins: int = RHO_BINS,
-                opacity: float = 0.3) -> list[dict]:
+def kept_region(corners: np.ndarray, keep: np.ndarray, rho: np.ndarray, grid=(10, 10, 10),
+                bins: int = RHO_BINS, opacity: float = 0.3) -> list[dict]:
     """The outer faces of the kept token blocks as translucent quads, one mesh per ρ bin.
 
     corners: (N, 8, 3) world corners of every token block (N = a·b·c, flat index a·(b·c) + b·c + c);
@@ -180,7 +183,8 @@ def kept_region(corners: np.ndarray, keep: np.ndarray, rho: np.ndarray, grid=(10
             continue
         pts = quads[sel].reshape(-1, 3)
         faces = np.hstack([np.full((int(sel.sum()), 1), 4), np.arange(len(pts)).reshape(-1, 4)]).ravel()
-        items.append(dict(name=f"kept ρ {low:.1f}-{high:.1f}", mesh=pv.PolyData(pts, faces), rgba=(*colour, opacity)))
+        items.append(dict(name=f"kept ρ {low:.1f}-{high:.1f}", mesh=pv.PolyData(pts, faces),
+                          rgba=(*colour, opacity)))
     return items
 
 
@@ -192,7 +196,7 @@ class AnatomyScene:
     organ_ids: dict = field(default_factory=dict)          # surface name -> label ids
 
     @classmethod
-    def build(cls, surfaces: list[dict], marker: list[dict]) -> "AnatomyScene":
+    def build(cls, surfaces: list[dict], marker: list[dict]) -> AnatomyScene:
         s = cls()
         for item in list(surfaces) + list(marker):
             part = encode(item["mesh"])
@@ -236,7 +240,8 @@ def _render_locked(pv, surfaces, blocks, size, view) -> np.ndarray:
         p.set_background(BACKGROUND)
         for item in list(surfaces) + list(blocks):
             r, g, b, a = item["rgba"]
-            p.add_mesh(item["mesh"], color=(r, g, b), opacity=a, smooth_shading=not item["name"].startswith("kept"))
+            p.add_mesh(item["mesh"], color=(r, g, b), opacity=a,
+                       smooth_shading=not item["name"].startswith("kept"))
         if view == "anterior":
             p.view_vector((0.0, 1.0, 0.0), viewup=(0, 0, 1))
         elif view == "left":

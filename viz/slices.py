@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 WINDOWS = {  # name: (width, level) in HU
-    "Soft tissue": (400, 40), "Lung": (1500, -600), "Liver": (150, 90), "Bone": (2500, 480), "Brain": (80, 40),
+    "Soft tissue": (400, 40), "Lung": (1500, -600), "Liver": (150, 90), "Bone": (2500, 480),
+    "Brain": (80, 40),
 }
 LABELS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
 VIEWS = ("axial", "coronal", "sagittal")
@@ -28,7 +29,8 @@ CROSS_COLOUR = (0.2, 0.8, 1.0)
 
 
 def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Permute/flip an array to the closest RAS orientation (a view, no copy); returns it and its spacing (mm)."""
+    """Permute/flip an array to the closest RAS orientation (a view, no copy); returns it and its spacing
+    (mm)."""
     from nibabel import orientations as ornt
 
     t = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
@@ -39,9 +41,9 @@ def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def window(hu: np.ndarray, name_or_wl) -> np.ndarray:
     """HU → [0, 1] under a named window or a (width, level) pair."""
-    w, l = WINDOWS[name_or_wl] if isinstance(name_or_wl, str) else name_or_wl
+    w, level = WINDOWS[name_or_wl] if isinstance(name_or_wl, str) else name_or_wl
     w = max(float(w), 1.0)
-    return np.clip((hu - (float(l) - w / 2)) / w, 0, 1)
+    return np.clip((hu - (float(level) - w / 2)) / w, 0, 1)
 
 
 def _plane(vol: np.ndarray, view: str, index: int) -> np.ndarray:
@@ -164,7 +166,8 @@ def triplanar(hu_ras: np.ndarray, spacing: np.ndarray, point, wl=(400, 40), over
     canvas = Image.new("RGB", (W, panel_px), (0, 0, 0))
     d = ImageDraw.Draw(canvas)
     panels = []
-    wl_text = f"W {wl[0]:.0f} L {wl[1]:.0f}" if not isinstance(wl, str) else f"{wl} {WINDOWS[wl][0]}/{WINDOWS[wl][1]}"
+    wl = WINDOWS[wl] if isinstance(wl, str) else wl
+    wl_text = f"W {wl[0]:.0f} L {wl[1]:.0f}"
     for n, view in enumerate(VIEWS):
         idx = point[_AXIS[view]]
         rgb = _plane_rgb(hu_ras, view, idx, wl, overlay, opacity, outline)
