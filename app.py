@@ -1,15 +1,24 @@
 """Photon CT — ask a question about a CT scan and audit which parts of it the model kept.
 
-    python app.py [--model DIR] [--device auto|cpu|cuda] [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
+    python app.py [--model DIR|ORG/NAME [--subfolder SUB] [--revision REV]] [--device auto|cpu|cuda]
+                  [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
 
-Analytics are off, nothing is fetched from the network, no share link is ever created.
+Analytics are off, no share link is ever created, and nothing is fetched from the network unless
+--model names a hub id (official weights, fetched once into the HF cache).
 """
 from __future__ import annotations
 
 import os
+import sys
+
+from photon_core.model.hub import is_hub_id
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: no outbound calls
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# huggingface_hub reads these when gradio imports it: offline unless the command line names a hub id.
+_MODEL = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--model"),
+              next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--model=")), None))
+if not (__name__ == "__main__" and _MODEL and is_hub_id(_MODEL)):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CACHE_DIR = None                                  # Gradio's cache folder of this process (run as a script)
 if __name__ == "__main__":
@@ -31,13 +40,14 @@ import signal  # noqa: E402
 from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
 from app.view import FileStore  # noqa: E402
+from photon_core.model.hub import add_model_arguments  # noqa: E402
 
 log = logging.getLogger("photon_ct")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Photon CT: question answering on CT with a token-retention audit.")
-    ap.add_argument("--model", default=None, help="Photon checkpoint folder (default: the embedded demo model)")
+    add_model_arguments(ap)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     ap.add_argument("--port", type=int, default=7860)
@@ -68,12 +78,15 @@ def main(argv=None) -> None:
     limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    engine = Engine(Settings(model_dir=args.model, device=args.device, max_new_tokens=args.max_new_tokens,
+    engine = Engine(Settings(model_dir=args.model, subfolder=args.subfolder, revision=args.revision,
+                             device=args.device, max_new_tokens=args.max_new_tokens,
                              cache_volumes=args.cache_volumes))
     store = FileStore.create()           # the sessions' served files, inside Gradio's cache folder
     demo = build_ui(engine, store)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    log.info("Photon CT on http://%s:%d (model: %s)", args.host, args.port, args.model or "embedded demo model")
+    log.info("Photon CT on http://%s:%d (model: %s%s%s)", args.host, args.port,
+             args.model or "embedded demo model", f", subfolder {args.subfolder}" if args.subfolder else "",
+             f", revision {args.revision}" if args.revision else "")
     try:
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 import traceback
 import typing
 
 import gradio as gr
 
-from photon_core.io.volume import VolumeError
-from photon_core.model.budget import Budget
+from photon_core.io.volume import VolumeError, clean_text
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.slices import WINDOWS, pick
 
-from . import pending
 from .render import answer_card, compare_table, empty_card, legend_html, status_html
 from .service import Engine, Session, cases
 from .view import (
@@ -65,21 +63,10 @@ def bind(fn, **deps):
 
 
 # ---------------------------------------------------------------------------------------------- messages
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"`:;,()]+)+[/\\]([^\s/\\'\"`:;,()]+)")
-
-
-def clean_message(text: str) -> str:
-    """A message fit for the user: no server path (a path keeps its file name only), no cut word."""
-    text = _PATH.sub(r"\1", str(text)).strip()
-    if len(text) > MAX_MESSAGE:
-        text = text[:MAX_MESSAGE].rsplit(" ", 1)[0].rstrip(",;:") + " …"
-    return text
-
-
 def message(e: BaseException, where: str = "") -> str:
     """What to tell the user about an exception; unexpected ones are logged in full, shown in a line."""
     if isinstance(e, (VolumeError, ValueError)):
-        return clean_message(str(e))
+        return clean_text(str(e), MAX_MESSAGE)            # no server path, no word cut in half
     if isinstance(e, MemoryError):
         return "The server ran out of memory for this request; try a smaller scan."
     if type(e).__name__ == "OutOfMemoryError":
@@ -111,7 +98,6 @@ def budget_from(mode: str, tokens: float, percent: float, theta: float) -> Budge
         b = Budget("threshold", float(theta))
     else:
         raise ValueError(f"Unknown budget mode {mode!r}.")
-    pending.check_budget(b)
     return b
 
 
@@ -280,7 +266,7 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, *, 
         if s is None or view is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         auto = engine.ask(s, question, Budget("auto"))
-        k = int(min(auto.total, max(2 * auto.kept, 100, pending.MIN_KEEP_TOKENS)))
+        k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
         engine.answer(s, question, Budget("top_k", float(k)))
         out = _answer_outputs(engine, s, view, width, level, opacity, t0)
         return {**out, "mode": "Tokens", "tokens": gr.update(value=k, visible=True),

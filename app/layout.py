@@ -8,12 +8,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from photon_core.model.budget import MIN_KEEP_TOKENS
 from viz.scene import ANTERIOR_CAMERA, BACKGROUND
 from viz.slices import WINDOWS
 
 from . import api
 from . import handlers as h
-from .pending import MIN_KEEP_TOKENS
 from .service import Engine, cases
 from .view import DEFAULT_WINDOW, FileStore
 
@@ -102,7 +102,8 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
     c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
     c["question"] = gr.Textbox(label="Question", lines=2, elem_id="question",
                                placeholder="e.g. Is there a lesion in the liver?")
-    c["mode"] = gr.Radio(modes, value=modes[0], label="Keep budget", elem_id="mode", info=modes_note or None)
+    c["mode"] = gr.Radio(modes, value=modes[0][1], label="Keep budget", elem_id="mode",
+                         info=modes_note or None)
     # each mode its own slider (its own value); the floor is checked with a message (a slider minimum
     # would refuse a typed value without one)
     c["tokens"] = gr.Slider(0, 1000, value=390, step=10, label=f"Tokens to keep (≥ {MIN_KEEP_TOKENS})",

@@ -69,8 +69,9 @@ def empty_card(s: Session | None) -> str:
 
 
 def _provenance(info: dict) -> str:
-    keys = ("name", "source", "repo_id", "subfolder", "revision", "stage")
-    text = " · ".join(esc(info[k]) if k == "name" else f"{k} {esc(info[k])}" for k in keys if info.get(k))
+    text = esc(info.get("name", ""))
+    if info.get("label"):
+        text += f" · {esc(info['label'])}"
     notice = f" — {esc(info['notice'])}" if info.get("notice") else ""
     return f"<div id='provenance' style='{_MUTED}'>Model: {text}{notice}</div>"
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from photon_core import organs
+from photon_core.inference.answers import readable
 from photon_core.inference.audit import export_audit, organ_retention
 from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
 from photon_core.io.preprocess import prepare
-from photon_core.io.volume import Limits, Volume, VolumeError, load_label_map
+from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
 from photon_core.model.budget import Budget
 from photon_core.organs import label_blocks, organs_in_question
-
-from . import pending
 
 # What a user of the embedded model must know when reading its answer and its kept blocks (measured
 # in photon_core/demo_model/MODEL_CARD.md): it answers from priors, and where it looks is partly a
@@ -46,9 +46,25 @@ cases = samples.cases
 case_by_title = samples.case
 
 
+def budget_modes(has_its: bool) -> tuple[list[tuple[str, str]], str]:
+    """The keep-budget modes a checkpoint supports, as (label, mode) choices for the UI, and a note.
+
+    S2: Auto (the model's θ), Tokens, Percent, Threshold, Full. S1 has no learned threshold: Full
+    (what S1 does), and Tokens / Percent ranked by the ITS layer's attention saliency ρ; Auto and
+    Threshold need an S2 checkpoint."""
+    if has_its:
+        return [(m, m) for m in ("Auto", "Tokens", "Percent", "Threshold", "Full")], ""
+    return ([("Full (S1: every visual token)", "Full"), ("Tokens (top-k by attention saliency ρ)", "Tokens"),
+             ("Percent (by attention saliency ρ)", "Percent")],
+            "S1 checkpoint: no learned threshold θ, so Auto and Threshold need an S2 checkpoint; "
+            "Tokens and Percent rank tokens by the ITS layer's attention saliency.")
+
+
 @dataclass
 class Settings:
-    model_dir: str | None = None
+    model_dir: str | None = None           # checkpoint folder or hub id (None: the embedded demo model)
+    subfolder: str | None = None           # the checkpoint's folder inside model_dir (a task's S2 weights)
+    revision: str | None = None            # hub branch / tag / commit
     device: str = "auto"
     max_new_tokens: int = 32
     cache_volumes: int = 4                 # encoded volumes kept in memory (LRU, whole server)
@@ -114,8 +130,16 @@ class Engine:
             if self._predictor is None:
                 from photon_core.inference.predictor import Predictor
 
-                self._predictor = Predictor(self.settings.model_dir, self.settings.device)
+                st = self.settings
+                self._predictor = Predictor(st.model_dir, subfolder=st.subfolder, revision=st.revision,
+                                            device=st.device)
             return self._predictor
+
+    def budget_modes(self) -> tuple[list[tuple[str, str]], str]:
+        return budget_modes(self.predictor.checkpoint.has_its)
+
+    def supports(self, budget: Budget) -> bool:
+        return self.predictor.supports(budget) is None
 
     @property
     def model_name(self) -> str:
@@ -123,27 +147,18 @@ class Engine:
         return f"{name} — {DEMO_NOTICE}" if "demo" in name.lower() or "synthetic" in name.lower() else name
 
     def provenance(self) -> dict:
-        """Where the weights come from (the checkpoint's record; the model name at least)."""
-        info = pending.checkpoint(self.predictor)
+        """Where the weights come from: the checkpoint's record (source, repo, revision, stage, …)."""
+        info = dict(self.predictor.checkpoint.to_dict())
+        info["folder"] = info.pop("path", None)         # a "path" key reads as a file to Gradio's clients
+        info["label"] = self.predictor.checkpoint.label()
         if self.model_name != self.predictor.name:
             info["notice"] = DEMO_NOTICE
         return info
 
-    def budget_modes(self) -> tuple[list[str], str]:
-        """The budget modes this checkpoint supports and a note when some are missing (S1: no θ)."""
-        if pending.has_its(self.predictor):
-            return ["Auto", "Tokens", "Percent", "Threshold", "Full"], ""
-        return (["Full", "Tokens", "Percent"],
-                "S1 checkpoint: no learned threshold θ, so Auto and Threshold need an S2 checkpoint; "
-                "Tokens and Percent rank tokens by the ITS layer's attention saliency.")
-
-    def supports(self, budget: Budget) -> bool:
-        return pending.supports(self.predictor, budget) is None
-
     # ------------------------------------------------------------------ loading
     def open_session(self, vol: Volume, title: str, labels_path: Path | None, label_names: dict | None,
                      progress=lambda *a, **k: None, label_table: str | None = None) -> Session:
-        s = Session(title=title, volume=vol, warnings=pending.volume_warnings(vol))
+        s = Session(title=title, volume=vol, warnings=list(vol.warnings))
         s.key = volume_key(vol)
         progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
         s.geometry = self._encode(s.key, vol)
@@ -153,7 +168,7 @@ class Engine:
             if label_names:
                 s.label_names = {str(k): v for k, v in label_names.items()}
             else:
-                names, s.label_note = pending.label_names(np.unique(s.labels), label_table)
+                names, s.label_note = organs.label_names(np.unique(s.labels), label_table)
                 s.label_names = {str(k): v for k, v in names.items()}
             s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
         return s
@@ -182,7 +197,7 @@ class Engine:
     def load_case(self, title: str, progress=lambda *a, **k: None) -> Session:
         c = case_by_title(title)
         progress(0.05, desc=f"Loading {c['title']}")
-        vol = pending.load_volume(samples.path(c["file"]), self.settings.limits)
+        vol = load_volume(samples.path(c["file"]), self.settings.limits)
         lab = samples.path(c["label_map"]) if c.get("label_map") else None
         return self.open_session(vol, c["title"], lab, c.get("labels"), progress)
 
@@ -191,7 +206,7 @@ class Engine:
         files = [str(f) for f in files or []]
         if not files or (len(files) == 1 and not files[0].lower().endswith(".zip")):
             return []
-        found = pending.list_series(files if len(files) > 1 else files[0])
+        found = list_series(files if len(files) > 1 else files[0], self.settings.limits)
         return found if len(found) > 1 else []
 
     def load_upload(self, files: list[str], label_file: str | None, progress=lambda *a, **k: None,
@@ -209,12 +224,12 @@ class Engine:
                               f"one NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
         progress(0.05, desc="Reading the upload")
         listed = self.series(files)
-        vol = pending.load_volume(files if len(files) > 1 else files[0], self.settings.limits, series or None)
+        vol = load_volume(files if len(files) > 1 else files[0], self.settings.limits, series=series or None)
         prior = None
         if prior_file:
             progress(0.1, desc="Reading the prior scan")
             try:
-                prior = pending.load_volume(prior_file, self.settings.limits)
+                prior = load_volume(prior_file, self.settings.limits)
             except VolumeError as e:
                 raise VolumeError(f"The prior scan could not be read: {e}") from None
         s = self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress,
@@ -223,7 +238,7 @@ class Engine:
         if prior is not None:
             progress(0.9, desc="Encoding the prior scan")
             s.prior, s.prior_key = prior, volume_key(prior)
-            s.warnings += [f"prior scan: {w}" for w in pending.volume_warnings(prior)]
+            s.warnings += [f"prior scan: {w}" for w in prior.warnings]
             self._encode(s.prior_key, prior)
         return s
 
@@ -241,7 +256,7 @@ class Engine:
 
     def answer(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):
         """Ask, then audit the answer once; the session keeps both. Returns (answer, audit)."""
-        why = pending.supports(self.predictor, budget)
+        why = self.predictor.supports(budget)
         if why:
             raise ValueError(why)
         ans = self.ask(s, question, budget, max_new_tokens)
@@ -263,9 +278,9 @@ class Engine:
         full = answers[-1]
         rows = []
         for (name, _), a in zip(runs, answers):
-            ok = pending.readable(question, a)
+            ok = readable(question, a.text, list(s.blocks))
             rows.append(dict(budget=name, kept=a.kept, total=a.total, answer=a.text, readable=ok,
-                             probability=pending.probability(a), differs_from_full=a.text != full.text,
+                             probability=probability(a), differs_from_full=a.text != full.text,
                              latency_ms=round(1000 * (a.prefill_s + a.decode_s))))
         return rows
 
@@ -280,7 +295,7 @@ class Engine:
                             for n, r in low)
         return Audit(retention=retention, asked=asked, asked_retention=asked_ret, warning=warning,
                      small=tuple(n for n in s.small_structures if n in retention),
-                     readable=pending.readable(question, ans), probability=pending.probability(ans))
+                     readable=readable(question, ans.text, list(s.blocks)), probability=probability(ans))
 
     def export(self, s: Session, pngs: dict[str, bytes], folder: Path) -> list[Path]:
         """The audit of the session's last answer as files in ``folder`` (mask, report, PNG views)."""
@@ -289,9 +304,11 @@ class Engine:
         audit = s.audit if s.audit is not None else self.audit(s, s.question, s.answer)
         retention = audit.retention
         return export_audit(Path(folder), s.geometry, s.token_index, s.answer, s.question, self.model_name,
-                            retention, pngs, report_title(s.title))
+                            retention, pngs, s.title)
 
 
-def report_title(title: str) -> str:
-    """The case title as the report's sanitiser keeps it ('Abdomen/pelvis' would lose its '/')."""
-    return title.replace("/", "-")
+def probability(ans) -> float | None:
+    """exp(mean token log-prob) of an answer. FALLBACK until branch ``engine`` adds
+    `Answer.probability`: None (shown as '—')."""
+    p = getattr(ans, "probability", None)
+    return None if p is None or not np.isfinite(p) else float(p)

@@ -42,7 +42,7 @@ def main(argv=None):
     memory = dict(after_imports_mb=round(peak_rss_mb(), 1))
     q = "Is there a lesion in the liver?"
     rows = {}
-    pred = Predictor(args.model, args.device)
+    pred = Predictor(args.model, device=args.device)
     vol = load_volume(ROOT / "sample_cases/abdomen_ct/ct.nii.gz")
     prep = prepare(vol, pred.device)
     t_set, t_first, t_again, t_budget = [], [], [], []

@@ -13,7 +13,7 @@ __version__ = "0.2.0"
 
 _API = {"Predictor": "photon_core.inference.predictor", "Answer": "photon_core.inference.predictor",
         "load_volume": "photon_core.io.volume", "Volume": "photon_core.io.volume",
-        "Budget": "photon_core.model.its", "load_model": "photon_core.model.checkpoint"}
+        "Budget": "photon_core.model.budget", "load_model": "photon_core.model.checkpoint"}
 
 
 def __getattr__(name):          # lazy: importing the package does not import torch

@@ -8,10 +8,19 @@
   when at least `BLOCK_FRACTION` of its voxels belong to it (the paper's retention analysis). A structure
   smaller than that everywhere (a 1 ml lesion in a 36 mm block) would vanish from the audit: it then counts
   by any overlap instead, and the caller is told (`label_blocks` returns which structures fell back).
+* `label_names` — names for the ids of an uploaded label map: from the user's table (JSON or CSV), else
+  TotalSegmentator's "total" classes (`TOTALSEG_CLASSES`, totalsegmentator_total.json) when the ids
+  fit them, else numbered; with a note for the user whenever the names are not the user's own.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -67,8 +76,9 @@ def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
         if not hits.any():
             continue
         blocks = hits >= fraction * per_block
-        if not blocks.any():
-            blocks, _ = hits > 0, small.append(name)
+        if not blocks.any():          # smaller than a block's share everywhere: any overlap counts
+            blocks = hits > 0
+            small.append(name)
         out[name] = blocks
     return out, small
 
@@ -78,3 +88,190 @@ def block_cover(share, fraction: float = BLOCK_FRACTION):
     or any overlap where no block reaches it."""
     cover = share >= fraction
     return cover if bool(cover.any()) else share > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Names of an uploaded label map
+# --------------------------------------------------------------------------------------------
+
+_TOTALSEG = json.loads((Path(__file__).resolve().parent / "totalsegmentator_total.json").read_text())
+TOTALSEG_CLASSES: dict[int, str] = {int(k): v for k, v in _TOTALSEG["classes"].items()}   # 117 classes
+TOTALSEG_MIN_LABELS = 3    # fewer ids (a mask: 1 = lesion) are more often a user's own than TotalSeg's
+MAX_TABLE_BYTES = 1_000_000
+MAX_NAME_CHARS = 64
+_BACKGROUND = {"background", "bg", "none", "clear label", "unlabeled", "unlabelled", "0", ""}
+
+
+def numbered(label_id: int) -> str:
+    return f"label_{int(label_id)}"
+
+
+def label_names(label_ids: Iterable[int],
+                table_path: str | Path | None = None) -> tuple[dict[int, str], str | None]:
+    """Names for the non-zero ids of a label map, and a note for the user (None when the names are the
+    user's own and complete).
+
+    With ``table_path`` (JSON or CSV, see `read_label_table`): the table's names; ids it lacks are
+    numbered and the note says which. Without: TotalSegmentator's "total" class names when every id is
+    one of its 117 classes and there are at least `TOTALSEG_MIN_LABELS` ids (a note says the names are
+    assumed), else numbered (``label_5``) with a note saying so. Raises ValueError (readable) for a
+    table that cannot be read."""
+    ids = sorted({int(i) for i in label_ids if int(i) != 0})
+    if table_path is not None:
+        table = read_label_table(table_path)
+        names = _unique({i: table.get(i, numbered(i)) for i in ids})
+        missing = [i for i in ids if i not in table]
+        note = None
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", …" if len(missing) > 10 else "")
+            note = (f"{len(missing)} label id{'s' * (len(missing) != 1)} of the label map "
+                    f"{'are' if len(missing) != 1 else 'is'} not in '{Path(table_path).name}' ({shown}); "
+                    f"shown as numbers.")
+        return names, note
+    if ids and len(ids) >= TOTALSEG_MIN_LABELS and all(i in TOTALSEG_CLASSES for i in ids):
+        return ({i: TOTALSEG_CLASSES[i] for i in ids},
+                "Label names assumed from TotalSegmentator's 'total' classes (its ids fit them); upload a "
+                "names table (JSON or CSV) if this label map comes from another tool.")
+    if not ids:
+        return {}, None
+    few = len(ids) < TOTALSEG_MIN_LABELS and all(i in TOTALSEG_CLASSES for i in ids)
+    why = "too few to be a TotalSegmentator map" if few else "its ids are not TotalSegmentator's classes"
+    return ({i: numbered(i) for i in ids},
+            f"The label map's {len(ids)} label{'s' * (len(ids) != 1)} {'are' if len(ids) != 1 else 'is'} "
+            f"shown as numbers ({', '.join(numbered(i) for i in ids[:3])}{', …' * (len(ids) > 3)}): {why}. "
+            f"Upload a names table to name them: JSON {{\"{ids[0]}\": \"tumour\"}} or CSV rows 'id,name'.")
+
+
+def _unique(names: dict[int, str]) -> dict[int, str]:
+    """Two ids with one name would merge in every per-structure table: the later ones get their id."""
+    seen: dict[str, int] = {}
+    out = {}
+    for i, n in names.items():
+        out[i] = n if n.lower() not in seen else f"{n} ({i})"
+        seen.setdefault(n.lower(), i)
+    return out
+
+
+def read_label_table(path: str | Path) -> dict[int, str]:
+    """{id: name} from a user's table. Accepted:
+
+    * JSON: {"5": "liver", ...} (id → name); {"liver": 5, ...} (name → id, as nnU-Net's dataset.json
+      "labels"; also inside {"labels": {...}}); a list of {"id": 5, "name": "liver"} objects or [5, "liver"]
+      pairs; a list of names whose position is the id, starting with the background ("background", ...).
+    * CSV/TSV/text: one 'id,name' row per label (comma, semicolon, tab or spaces; a header row and '#'
+      comments are skipped; 3D Slicer colour tables and ITK-SNAP label files read too: the first field is
+      the id, the name is the quoted field or else the second).
+    Id 0 (background) is dropped. Raises ValueError with a readable message."""
+    path = Path(path)
+    what = f"The names table '{path.name}'"
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ValueError(f"{what} could not be opened.") from None
+    if size > MAX_TABLE_BYTES:
+        raise ValueError(f"{what} is {size / 1e6:.1f} MB; a names table is at most "
+                         f"{MAX_TABLE_BYTES // 1000} kB.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text; save it as a UTF-8 JSON or CSV file.") from None
+    if not text.strip():
+        raise ValueError(f"{what} is empty.")
+    if path.suffix.lower() == ".json" or text.lstrip()[:1] in "{[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+        pairs = _json_pairs(data, what)
+    else:
+        pairs = _text_pairs(text, what)
+    table: dict[int, str] = {}
+    for raw_id, raw_name in pairs:
+        i, name = _label_id(raw_id, what), _label_name(raw_name, raw_id, what)
+        if i == 0:
+            continue
+        if i in table and table[i] != name:
+            raise ValueError(f"{what} names id {i} twice ('{table[i]}' and '{name}').")
+        table[i] = name
+    if not table:
+        raise ValueError(f"{what} names no label (only the background, id 0).")
+    return table
+
+
+def _json_pairs(data, what: str) -> list[tuple]:
+    if isinstance(data, dict) and isinstance(data.get("labels"), (dict, list)):
+        data = data["labels"]
+    if isinstance(data, dict):
+        keys_are_ids = all(re.fullmatch(r"\s*\d+\s*", str(k)) for k in data)
+        if keys_are_ids:
+            return list(data.items())
+        if all(isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()) for v in data.values()):
+            return [(v, k) for k, v in data.items()]                   # nnU-Net: name → id
+        raise ValueError(f"{what} must map ids to names, e.g. {{\"1\": \"spleen\", \"5\": \"liver\"}}.")
+    if isinstance(data, list):
+        if all(isinstance(x, dict) for x in data):
+            if not all("id" in x and "name" in x for x in data):
+                raise ValueError(f"{what}: each entry of the list needs an \"id\" and a \"name\".")
+            return [(x["id"], x["name"]) for x in data]
+        if all(isinstance(x, (list, tuple)) and len(x) == 2 for x in data):
+            return [tuple(x) for x in data]
+        if all(isinstance(x, str) for x in data):
+            if data and data[0].strip().lower() not in _BACKGROUND:
+                raise ValueError(f"{what} is a list of names, so its first entry ('{_short(data[0])}') would "
+                                 f"be id 0, the background; start the list with \"background\", or write "
+                                 f"{{\"1\": \"{_short(data[0])}\"}}.")
+            return list(enumerate(data))
+    raise ValueError(f"{what} must map ids to names, e.g. {{\"1\": \"spleen\", \"5\": \"liver\"}}, or list "
+                     f"{{\"id\": 5, \"name\": \"liver\"}} entries.")
+
+
+def _text_pairs(text: str, what: str) -> list[tuple]:
+    pairs, header_allowed = [], True
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        delimiter = next((d for d in "\t;," if d in line), None)
+        try:
+            fields = (next(csv.reader(io.StringIO(line), delimiter=delimiter)) if delimiter
+                      else shlex.split(line))
+        except (ValueError, csv.Error):
+            fields = []
+        fields = [f.strip() for f in fields]
+        first_row, header_allowed = header_allowed, False
+        if not fields or not fields[0].isdigit():
+            if first_row and fields and not fields[0][:1].isdigit():
+                continue                                            # a header row such as 'id,name'
+            raise ValueError(f"{what}, line {n}: expected 'id,name' (an id number, then the name), got "
+                             f"'{_short(line)}'.")
+        quoted = re.search(r'"([^"]*)"', line)                   # ITK-SNAP: the name is the quoted field
+        name = quoted.group(1) if quoted and not delimiter else (fields[1] if len(fields) > 1 else "")
+        pairs.append((fields[0], name))
+    return pairs
+
+
+def _short(text, limit: int = 40) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _label_id(raw, what: str) -> int:
+    is_id = isinstance(raw, int) or (isinstance(raw, str) and raw.strip().isdigit())
+    if isinstance(raw, bool) or not is_id:
+        raise ValueError(f"{what}: '{_short(raw)}' is not a label id (a whole number from 0).")
+    i = int(raw)
+    if i > np.iinfo(np.int16).max:
+        raise ValueError(f"{what}: id {i} is too large (label ids go up to {np.iinfo(np.int16).max}).")
+    return i
+
+
+def _label_name(raw, raw_id, what: str) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"{what}: the name of id {raw_id} is not text.")
+    name = " ".join("".join(ch if ch.isprintable() else " " for ch in raw).split())
+    if not name:
+        raise ValueError(f"{what}: id {raw_id} has an empty name.")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"{what}: the name of id {raw_id} is {len(name)} characters long; the limit is "
+                         f"{MAX_NAME_CHARS}.")
+    return name

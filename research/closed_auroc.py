@@ -23,7 +23,8 @@ import argparse
 
 from photon_core.train.synthetic.questions import ENLARGED, FINDING_FAMILIES as FAMILIES, NORMAL_QUESTION as NORMAL
 
-from photon_core.train.synthetic.generator import SPLITS, DemoGenerator
+from photon_core.train.synthetic.generator import DemoGenerator
+from photon_core.train.synthetic.splits import SPLITS
 from photon_core.eval.metrics import auroc
 from photon_core.inference.predictor import Predictor
 

@@ -6,7 +6,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-PARITY = ROOT.parent / "shared" / "parity"
+# the reference-parity fixtures: ../shared/parity beside the checkout, or where PHOTON_PARITY says
+PARITY = Path(os.environ.get("PHOTON_PARITY") or ROOT.parent / "shared" / "parity")
 SAMPLES = ROOT / "sample_cases"
 torch.set_num_threads(2)
 

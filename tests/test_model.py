@@ -10,7 +10,7 @@ from photon_core.model.checkpoint import CheckpointError, load_model, save_model
 from photon_core.model.config import PhotonConfig
 from photon_core.inference.predictor import Predictor
 from photon_core.inference.prompt import Tokenizer, batch_prompts
-from photon_core.model.budget import Budget
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
 from photon_core.model.baselines import merge_dropped
 from photon_core.model.its import Schedule
 from photon_core.model.sgp import pack_indices, surrogate_gather
@@ -28,7 +28,7 @@ def _frames(seed=0):
 
 @pytest.fixture(scope="module")
 def pred(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     p.set_volume(_frames())
     return p
 
@@ -54,7 +54,7 @@ def test_dropped_tokens_are_absent_from_the_cache(pred):
 
 @pytest.mark.parametrize("budget,expected", [("top_k:123", 123), ("ratio:0.25", 250), ("full", 1000),
                                              ("fastv:77", 77), ("visionzip:150", 150), ("random:200", 200),
-                                             ("0", 0)])
+                                             (str(MIN_KEEP_TOKENS), MIN_KEEP_TOKENS)])   # the floor
 def test_budget_modes_keep_what_they_promise(pred, budget, expected):
     a = pred.ask("Is the spleen enlarged?", budget=budget, max_new_tokens=2)
     assert a.kept == expected and a.keep_grid.sum() == expected and a.total == 1000
@@ -83,7 +83,7 @@ def test_full_equals_model_without_its(pred):
 
 
 def test_two_asks_encode_once(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     calls = []
     p.model.visual.register_forward_hook(lambda *a: calls.append(1))
     p.set_volume(_frames(1))
@@ -198,19 +198,20 @@ def test_checkpoint_round_trip_and_shards(tiny_model_dir, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_checkpoint_refuses_pickles_and_strangers(tiny_model_dir, tmp_path):
+def test_checkpoint_ignores_pickles_and_strangers_beside_safetensors(tiny_model_dir, tmp_path):
+    """Official folders carry args.json, README.md, results.zip, even training_args.bin: ignored, never
+    opened (a pickle-only folder is refused: tests/test_official.py)."""
     import shutil
 
     d = tmp_path / "m"
     shutil.copytree(tiny_model_dir, d)
     (d / "pytorch_model.bin").write_bytes(b"not even read")
+    (d / "run.sh").write_text("echo hi")
+    load_model(d)
+    (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pickle"):
         load_model(d)
-    (d / "pytorch_model.bin").unlink()
-    (d / "run.sh").write_text("echo hi")
-    with pytest.raises(CheckpointError, match="unexpected file"):
-        load_model(d)
-    (d / "run.sh").unlink()
+    shutil.copy(tiny_model_dir / "model.safetensors", d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["hidden_size"] = 33
     (d / "config.json").write_text(json.dumps(cfg))

@@ -22,7 +22,7 @@ def _frames(seed, bright=0.6):
 
 @pytest.fixture(scope="module")
 def pred(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     p.set_volume(_frames(0), prior=_frames(1, 0.3))
     return p
 
@@ -58,7 +58,7 @@ def test_answers_with_a_prior(pred):
 
 
 def test_the_prior_reaches_the_model(tiny_model_dir):
-    p = Predictor(tiny_model_dir, "cpu")
+    p = Predictor(tiny_model_dir, device="cpu")
     m, tok = p.model, p.tokenizer
     cur, grid, _ = p.encode(_frames(0))
     logits = []
@@ -139,7 +139,7 @@ def test_evaluator_reads_prior_images(tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     read = read_records(data)
     assert read[0]["prior_image"] == str(tmp_path / "before.npy") and "prior_image" not in read[1]
-    rows = evaluate_records(Predictor(tiny_model_dir, "cpu"), read, max_new_tokens=2)
+    rows = evaluate_records(Predictor(tiny_model_dir, device="cpu"), read, max_new_tokens=2)
     by_q = {r["question"]: r for r in rows}
     assert by_q["Has the liver lesion grown?"]["total"] == 2000
     assert by_q["Is there a lesion in the liver?"]["total"] == 1000

@@ -79,9 +79,10 @@ def test_demo_evaluation_with_baselines_and_curves_rescores_from_its_answers(tin
     changed answer changes it."""
     import copy
 
-    from photon_core.eval.evaluate import BASELINES, evaluate_demo, rescore, summarise
+    from photon_core.eval.demo import evaluate_demo
+    from photon_core.eval.report import BASELINES, rescore, summarise
     from photon_core.inference.predictor import Predictor
-    rows = evaluate_demo(Predictor(tiny_model_dir, "cpu"), "test", scans=1, seed=0, curve=(50,))
+    rows = evaluate_demo(Predictor(tiny_model_dir, device="cpu"), "test", scans=1, seed=0, curve=(50,))
     qa = [r for r in rows if not r["family"].startswith("_")]
     assert qa and all(f"{m}_prediction" in r for r in qa if r["kept"] for m in BASELINES)
     assert all(set(r["curve_predictions"]) == {f"{m}:50" for m in ("top_k",) + BASELINES} for r in qa)
@@ -289,7 +290,7 @@ def test_bertscore_reproduces_the_reference_package():
 
 
 def test_evaluator_adds_bertscore_to_open_answers():
-    from photon_core.eval.evaluate import add_bertscore, markdown, summarise
+    from photon_core.eval.report import add_bertscore, markdown, summarise
     rows = [dict(family="image_observation", answer_type="open", question="q", answer="left kidney",
                  prediction="left kidney", kept=100, scores={"exact": 1.0}),
             dict(family="image_observation", answer_type="open", question="q", answer="liver",

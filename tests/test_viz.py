@@ -161,6 +161,7 @@ def test_retention_and_organ_words(phantom):
     vol, labels, prep = phantom
     tok = prep.geometry.token_index_volume()
     blocks, small = label_blocks(tok, labels, {"5": "liver"})
+    assert small == []
     keep = np.zeros(1000, bool)
     keep[np.flatnonzero(blocks["liver"])[:1]] = True
     r = organ_retention(blocks, keep)["liver"]
@@ -169,6 +170,7 @@ def test_retention_and_organ_words(phantom):
     assert organs_in_question("Is there a lesion in the liver?", names) == ["liver"]
     assert organs_in_question("Which kidney is larger?", names) == ["kidney_left", "kidney_right"]
     assert organs_in_question("Cyst in the left kidney?", names) == ["kidney_left"]
+    assert organs_in_question("Is there a nodule in the left lung?", names) == ["lung_upper_lobe_left"]
 
 
 def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):

@@ -1,16 +1,51 @@
-"""Loading every sample, and a clear error for every kind of bad input."""
+"""Loading every sample; a clear error for every kind of bad input and a warning for every doubtful one,
+none naming a server path; DICOM uploads holding several series, as a PACS exports them."""
 import gzip
 import json
+import re
+import shutil
 import zipfile
 
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
-from photon_core.io.volume import Limits, VolumeError, load_label_map, load_volume, volume_from_array
+
+from photon_core.io.volume import (
+    HU_RANGE,
+    NONFINITE_HU,
+    Limits,
+    VolumeError,
+    clean_text,
+    list_series,
+    load_label_map,
+    load_volume,
+    volume_from_array,
+)
 
 CASES = json.loads((SAMPLES / "cases.json").read_text())["cases"]
+ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(=])(/[\w.~-]+/|[A-Za-z]:\\|~/)")
+
+
+def no_paths(text: str, tmp_path) -> str:
+    """A message or warning shows no server path: not the test's temporary folder, nor any absolute path."""
+    assert str(tmp_path) not in text and tmp_path.name not in text, text
+    assert not ABSOLUTE_PATH.search(text), text
+    return text
+
+
+def refused(tmp_path, source, match, **kw) -> str:
+    with pytest.raises(VolumeError, match=match) as e:
+        load_volume(source, **kw)
+    return no_paths(str(e.value), tmp_path)
+
+
+def warned(tmp_path, vol, match) -> str:
+    hits = [w for w in vol.warnings if re.search(match, w)]
+    assert len(hits) == 1, vol.warnings
+    for w in vol.warnings:
+        no_paths(w, tmp_path)
+    return hits[0]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -23,6 +58,7 @@ def test_every_sample_loads(case):
     assert labels.shape == vol.shape
     for lid in case["labels"]:
         assert (labels == int(lid)).any()
+    assert vol.warnings == []          # a good scan loads without a word of warning
 
 
 def test_sample_orientations():
@@ -53,76 +89,103 @@ def test_dicom_aligns_with_its_nifti_label_map():
     assert 0 < np.median(hu) < 200
 
 
-# ------------------------------------------------------------------ bad inputs
+def test_a_label_map_in_another_axis_order_is_moved_onto_the_scan():
+    dcm = load_volume(SAMPLES / "dicom_ct/series")                      # LPS; its label map is LAS
+    labels, affine = load_label_map(SAMPLES / "dicom_ct/labels.nii.gz", like=dcm)
+    assert labels.shape == dcm.shape and np.allclose(affine, dcm.affine, atol=1e-2)
+    assert 0 < np.median(dcm.hu[labels == 5]) < 200                     # the liver lands on soft tissue
 
-def _nifti(tmp_path, arr, name="x.nii.gz", affine=None):
+
+# ------------------------------------------------------------------ bad inputs: refused in words
+
+def _nifti(tmp_path, arr, name="x.nii.gz", affine=None, scaling=None):
     p = tmp_path / name
     nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else affine), str(p))
+    if scaling is not None:          # nibabel writes no NaN slope beside a real intercept: patch the header
+        data = bytearray(gzip.decompress(p.read_bytes()) if name.endswith(".gz") else p.read_bytes())
+        data[112:120] = np.array(scaling, "<f4").tobytes()          # scl_slope, scl_inter
+        p.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
     return p
 
 
+def _ct_like(shape=(20, 20, 20), seed=0):
+    """HU values as a CT has them: air, fat, soft tissue, bone (thousands of distinct values)."""
+    return np.random.default_rng(seed).uniform(-1000, 1500, shape).astype(np.float32)
+
+
 def test_2d_image(tmp_path):
-    with pytest.raises(VolumeError, match="2-D image"):
-        load_volume(_nifti(tmp_path, np.zeros((64, 64), np.int16)))
+    refused(tmp_path, _nifti(tmp_path, np.zeros((64, 64), np.int16)), "2-D image")
 
 
 def test_single_slice(tmp_path):
-    with pytest.raises(VolumeError, match="2-D image"):
-        load_volume(_nifti(tmp_path, np.zeros((64, 64, 1), np.int16)))
+    refused(tmp_path, _nifti(tmp_path, np.zeros((64, 64, 1), np.int16)), "2-D image")
 
 
 def test_4d_series(tmp_path):
-    with pytest.raises(VolumeError, match="4-D series"):
-        load_volume(_nifti(tmp_path, np.zeros((32, 32, 32, 3), np.int16)))
+    refused(tmp_path, _nifti(tmp_path, np.zeros((32, 32, 32, 3), np.int16)), "4-D series")
 
 
 def test_too_few_slices(tmp_path):
-    with pytest.raises(VolumeError, match="at least 16"):
-        load_volume(_nifti(tmp_path, np.zeros((64, 64, 8), np.int16)))
+    refused(tmp_path, _nifti(tmp_path, np.zeros((64, 64, 8), np.int16)), "at least 16")
 
 
-def test_nan_voxels(tmp_path):
-    a = np.zeros((20, 20, 20), np.float32)
-    a[3, 4, 5] = np.nan
-    a[1, 1, 1] = np.inf
-    with pytest.raises(VolumeError, match="2 NaN/Inf"):
-        load_volume(_nifti(tmp_path, a))
+def test_complex_voxels_are_refused(tmp_path):
+    a = (_ct_like() + 1j * _ct_like(seed=1)).astype(np.complex64)
+    msg = refused(tmp_path, _nifti(tmp_path, a), "complex numbers")
+    assert "truncated" not in msg and "corrupt" not in msg
+    with pytest.raises(VolumeError, match="complex"):
+        volume_from_array(a)
+
+
+def test_rgb_nifti_is_called_a_colour_image(tmp_path):
+    rgb = np.zeros((20, 20, 20), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    msg = refused(tmp_path, _nifti(tmp_path, rgb, name="photo.nii"), "colour \\(RGB\\) image")
+    assert "truncated" not in msg and "corrupt" not in msg
+
+
+def test_a_picture_is_called_a_picture(tmp_path):
+    p = tmp_path / "screenshot.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 200)
+    refused(tmp_path, p, "'screenshot.png' is a PNG picture")
 
 
 def test_truncated_gzip(tmp_path):
     good = _nifti(tmp_path, np.random.randint(-1000, 1000, (40, 40, 40)).astype(np.int16))
     bad = tmp_path / "trunc.nii.gz"
     bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
-    with pytest.raises(VolumeError, match="truncated|corrupt|not a readable"):
-        load_volume(bad)
+    refused(tmp_path, bad, "truncated|corrupt|not a readable")
 
 
 def test_gzip_that_is_not_nifti(tmp_path):
     p = tmp_path / "notes.nii.gz"
     p.write_bytes(gzip.compress(b"hello, this is not an image" * 50))
-    with pytest.raises(VolumeError):
-        load_volume(p)
+    refused(tmp_path, p, "NIfTI")
+
+
+def test_garbage_nifti_message_has_no_server_path(tmp_path):
+    """nibabel's own message names the full path of the file (the server's upload cache): not shown."""
+    p = tmp_path / "scan.nii"
+    p.write_bytes(b"\x07garbage that is not a NIfTI header " * 40)
+    msg = refused(tmp_path, p, "'scan.nii' is not a readable NIfTI file")
+    assert msg.endswith(").")             # nibabel's text: path-free, and whole words when shortened
 
 
 def test_not_gzip_at_all(tmp_path):
     p = tmp_path / "x.nii.gz"
     p.write_bytes(b"\x00\x01garbage" * 100)
-    with pytest.raises(VolumeError, match="gzip"):
-        load_volume(p)
+    refused(tmp_path, p, "gzip")
 
 
 def test_empty_file(tmp_path):
     p = tmp_path / "e.nii"
     p.write_bytes(b"")
-    with pytest.raises(VolumeError, match="empty"):
-        load_volume(p)
+    refused(tmp_path, p, "empty")
 
 
 def test_unknown_format(tmp_path):
-    p = tmp_path / "x.png"
-    p.write_bytes(b"\x89PNG....")
-    with pytest.raises(VolumeError, match="not a supported CT file"):
-        load_volume(p)
+    p = tmp_path / "notes.txt"
+    p.write_bytes(b"hello, not a scan")
+    refused(tmp_path, p, "not a supported CT file")
 
 
 def test_header_claims_gigabytes(tmp_path):
@@ -133,8 +196,7 @@ def test_header_claims_gigabytes(tmp_path):
     p = tmp_path / "huge.nii"
     with open(p, "wb") as f:
         f.write(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 1000)
-    with pytest.raises(VolumeError, match="GB|limit"):
-        load_volume(p)
+    refused(tmp_path, p, "GB|limit")
 
 
 def test_absurd_axis(tmp_path):
@@ -147,9 +209,111 @@ def test_configurable_limits():
         volume_from_array(np.zeros((64, 64, 64), np.float32), limits=Limits(max_bytes=1000))
 
 
+def test_zero_size_dimension(tmp_path):
+    refused(tmp_path, _nifti(tmp_path, np.zeros((0, 32, 32), np.int16)), "empty dimension")
+
+
+def test_huge_upload_is_refused_before_reading(tmp_path):
+    p = tmp_path / "big.nii"
+    with open(p, "wb") as f:
+        f.truncate(50_000_000)                      # sparse 50 MB file
+    refused(tmp_path, p, "upload limit", limits=Limits(max_file_bytes=10_000_000))
+
+
+def test_clean_text_drops_paths_and_cuts_at_a_word():
+    text = "Cannot work out file type of \"/tmp/gradio/4f1e9a/upload cache/scan.nii\" in C:\\Users\\me\\x.nii"
+    out = clean_text(text)
+    assert "/tmp" not in out and "gradio" not in out and "Users" not in out and "scan.nii" in out
+    assert clean_text("Abdomen/pelvis CT (3 mm)") == "Abdomen/pelvis CT (3 mm)"      # not a path
+    cut = clean_text("the quick brown fox jumps over the lazy dog", 20)
+    assert cut == "the quick brown fox…" and len(cut) <= 20
+    assert clean_text("line\x00one\nline two\x1b[31m") == "line one line two [31m"
+
+
+# ------------------------------------------------------------------ doubtful inputs: loaded, with a warning
+
+def test_nan_and_inf_voxels_are_replaced_and_counted(tmp_path):
+    a = _ct_like()
+    a[3, 4, 5], a[1, 1, 1], a[2, 2, 2] = np.nan, np.inf, -np.inf
+    vol = load_volume(_nifti(tmp_path, a))
+    warned(tmp_path, vol, r"^3 voxels held no number")
+    assert np.isfinite(vol.hu).all() and vol.hu[3, 4, 5] == vol.hu[1, 1, 1] == NONFINITE_HU
+
+
+def test_values_far_outside_hu_are_clipped_with_a_warning(tmp_path):
+    a = _ct_like()
+    a[0, 0, :4] = [1e9, -1e9, 5e3, -3e3]
+    vol = load_volume(_nifti(tmp_path, a))
+    w = warned(tmp_path, vol, r"^4 voxels lay outside -2000…4000 HU")
+    assert "1.0e+09" in w and "-1.0e+09" in w
+    assert vol.hu.min() == HU_RANGE[0] and vol.hu.max() == HU_RANGE[1]
+
+
+def test_scanner_padding_below_range_is_clipped_silently():
+    a = _ct_like()
+    a[:3] = -3024.0                                   # one value outside the field of view: padding
+    vol = volume_from_array(a)
+    assert vol.warnings == [] and vol.hu.min() == HU_RANGE[0]
+    a[:3] = -1e9                                      # one value, but no scanner pads with that
+    assert any("clipped" in w for w in volume_from_array(a).warnings)
+
+
+def test_constant_volume(tmp_path):
+    vol = load_volume(_nifti(tmp_path, np.full((20, 20, 20), 40, np.int16)))
+    warned(tmp_path, vol, r"Every voxel holds the same value \(40 HU\)")
+
+
+def test_boolean_mask():
+    m = np.zeros((20, 20, 20), bool)
+    m[5:10, 5:10, 5:10] = True
+    vol = volume_from_array(m)
+    assert any("boolean" in w and "mask" in w for w in vol.warnings), vol.warnings
+
+
+def test_binary_and_label_like_files(tmp_path):
+    m = np.zeros((20, 20, 20), np.uint8)
+    m[5:10, 5:10, 5:10] = 1
+    warned(tmp_path, load_volume(_nifti(tmp_path, m, "mask.nii.gz")), r"only two values \(0 and 1\).*mask")
+    m[12:15] = 5
+    m[0:2] = 117
+    labels = load_volume(_nifti(tmp_path, m, "labels.nii.gz"))
+    warned(tmp_path, labels, r"only 4 whole-number values from 0 to 117.*label map")
+
+
+def test_nan_scale_slope_that_drops_an_intercept(tmp_path):
+    raw = np.random.default_rng(0).integers(0, 2000, (20, 20, 20)).astype(np.int16)   # stored, not HU
+    vol = load_volume(_nifti(tmp_path, raw, scaling=(np.nan, -1024.0)))
+    warned(tmp_path, vol, r"scale slope \(scl_slope\) is NaN, so its intercept \(-1024\) was not applied")
+    assert vol.hu.min() >= 0                          # as stored: nibabel applied no scaling
+    # nibabel's own 'no scaling' (NaN slope and NaN intercept) says nothing
+    assert load_volume(_nifti(tmp_path, raw, "plain.nii.gz")).warnings == []
+
+
+def test_thick_slices(tmp_path):
+    vol = load_volume(_nifti(tmp_path, _ct_like(), affine=np.diag([0.8, 0.8, 50.0, 1.0])))
+    warned(tmp_path, vol, r"The slices are 50\.0 mm apart")
+
+
+def test_a_label_map_must_hold_label_ids(tmp_path):
+    with pytest.raises(VolumeError, match="fractional or NaN values") as e:
+        load_label_map(_nifti(tmp_path, _ct_like() / 7, "ct_as_labels.nii.gz"))
+    no_paths(str(e.value), tmp_path)
+    with pytest.raises(VolumeError, match="label ids from -1000 to 1200"):
+        ct = np.linspace(-1000, 1200, 8000).round().reshape(20, 20, 20).astype(np.int16)
+        load_label_map(_nifti(tmp_path, ct, "ct_int.nii.gz"))
+
+
+def test_the_callers_array_is_not_changed():
+    a = _ct_like()
+    a[0, 0, 0] = np.nan
+    volume_from_array(a)
+    assert np.isnan(a[0, 0, 0])
+
+
 # ------------------------------------------------------------------ DICOM
 
-def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(), name="Doe^Jane"):
+def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(),
+                  name="Doe^Jane", slope=1, dup_hu=40, kernel=None):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -167,10 +331,14 @@ def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, sk
         ds.PixelSpacing = [0.8, 0.8]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [0, 0, z]
+        ds.InstanceNumber = k + 1
+        if kernel:
+            ds.ConvolutionKernel = kernel
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (np.full((32, 32), 1024 + 40, np.uint16)).tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = slope, -1024
+        hu = dup_hu if k >= n - len(skip) else 40                       # the repeated slices come last
+        ds.PixelData = np.full((32, 32), 1024 + hu, np.uint16).tobytes()
         ds.save_as(str(folder / f"s{k}.dcm"), enforce_file_format=True)
     return folder
 
@@ -179,30 +347,55 @@ def test_dicom_series_rescale_and_no_identity(tmp_path):
     vol = load_volume(_dicom_series(tmp_path / "ok"))
     assert vol.shape == (32, 32, 20) and np.allclose(vol.hu, 40)       # slope/intercept applied
     assert np.allclose(vol.spacing, (0.8, 0.8, 2.0))
-    text = repr(vol.meta) + repr(vol)[:2000]
+    text = repr(vol.meta) + repr(vol)[:2000] + repr(vol.warnings)
     assert "Doe" not in text and "12345" not in text and "1970" not in text
+    assert vol.warnings == [] or all("same value" in w for w in vol.warnings)
 
 
 def test_dicom_missing_slices(tmp_path):
-    with pytest.raises(VolumeError, match="missing slices"):
-        load_volume(_dicom_series(tmp_path / "m", skip=(7, 8)))
+    refused(tmp_path, _dicom_series(tmp_path / "m", skip=(7, 8)), "missing slices")
 
 
-def test_dicom_duplicate_slices(tmp_path):
-    with pytest.raises(VolumeError, match="duplicate"):
-        load_volume(_dicom_series(tmp_path / "d", dup=(5,)))
+def test_dicom_duplicate_copies_are_dropped_with_a_warning(tmp_path):
+    vol = load_volume(_dicom_series(tmp_path / "d", dup=(5, 9)))
+    assert vol.shape == (32, 32, 20)
+    warned(tmp_path, vol, r"^2 duplicate slices \(identical copies")
 
 
-def test_dicom_two_series(tmp_path):
-    _dicom_series(tmp_path / "two" / "a", uid="1.1")
+def test_dicom_repeated_position_with_another_image(tmp_path):
+    vol = load_volume(_dicom_series(tmp_path / "r", dup=(3,), dup_hu=300))
+    assert vol.shape == (32, 32, 20) and np.allclose(vol.hu, 40)       # the first by instance number is kept
+    warned(tmp_path, vol, r"^1 slice repeated a position with a different image and was dropped")
+
+
+def test_dicom_nan_rescale_slope(tmp_path):
+    vol = load_volume(_dicom_series(tmp_path / "s", slope="NaN"))
+    warned(tmp_path, vol, r"^20 slices had no usable rescale slope.*slope 1")
+    assert np.isfinite(vol.hu).all() and np.allclose(vol.hu, 40)
+
+
+def test_dicom_two_series_load_the_larger_and_name_the_other(tmp_path):
+    _dicom_series(tmp_path / "two" / "a", uid="1.1", n=18)
     _dicom_series(tmp_path / "two" / "b", uid="2.2", z0=100)
-    with pytest.raises(VolumeError, match="2 different DICOM series"):
-        load_volume(tmp_path / "two")
+    series = list_series(tmp_path / "two")
+    assert [s.slices for s in series] == [20, 18] and all(s.loadable for s in series)
+    vol = load_volume(tmp_path / "two")
+    assert vol.shape == (32, 32, 20)
+    warned(tmp_path, vol, r"^This upload holds 2 series.*Not loaded: .*18 axial CT slices")
+    assert load_volume(tmp_path / "two", series=series[1].uid).shape == (32, 32, 18)
+    refused(tmp_path, tmp_path / "two", "chosen series is not in this upload", series="s000000000000")
+
+
+def test_dicom_series_apart_when_an_anonymiser_blanked_their_uids(tmp_path):
+    _dicom_series(tmp_path / "blank" / "a", uid="", kernel="B30f")
+    _dicom_series(tmp_path / "blank" / "b", uid="", kernel="B70f", n=17)
+    assert [(s.kernel, s.slices) for s in list_series(tmp_path / "blank")] == [("B30f", 20), ("B70f", 17)]
+    vol = load_volume(tmp_path / "blank")
+    assert vol.shape == (32, 32, 20) and not any("duplicate" in w or "repeated" in w for w in vol.warnings)
 
 
 def test_dicom_non_ct(tmp_path):
-    with pytest.raises(VolumeError, match="modality 'MR'"):
-        load_volume(_dicom_series(tmp_path / "mr", modality="MR"))
+    refused(tmp_path, _dicom_series(tmp_path / "mr", modality="MR"), "modality 'MR'")
 
 
 def _zip(path, members):
@@ -214,14 +407,15 @@ def _zip(path, members):
 
 def test_dicom_zip_loads(tmp_path):
     folder = _dicom_series(tmp_path / "z")
-    p = _zip(tmp_path / "series.zip", [(f"series/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())])
+    members = [(f"series/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())]
+    p = _zip(tmp_path / "series.zip", members)
     assert load_volume(p).shape == (32, 32, 20)
+    assert [s.uid for s in list_series(p)] == [s.uid for s in list_series(folder)]   # keys survive unzipping
 
 
 def test_zip_slip(tmp_path):
     p = _zip(tmp_path / "evil.zip", [("../../etc/evil.dcm", b"x" * 10)])
-    with pytest.raises(VolumeError, match="escapes its folder"):
-        load_volume(p)
+    refused(tmp_path, p, "escapes its folder")
 
 
 def test_zip_symlink(tmp_path):
@@ -230,36 +424,101 @@ def test_zip_symlink(tmp_path):
         info = zipfile.ZipInfo("series/link")
         info.external_attr = (0o120777 << 16)
         z.writestr(info, "/etc/passwd")
-    with pytest.raises(VolumeError, match="symbolic link"):
-        load_volume(p)
+    refused(tmp_path, p, "symbolic link")
 
 
 def test_zip_bomb(tmp_path):
     p = _zip(tmp_path / "bomb.zip", [("a.bin", b"\0" * 60_000_000)])
-    with pytest.raises(VolumeError, match="zip bombs|limit"):
-        load_volume(p)
+    refused(tmp_path, p, "zip bombs|limit")
 
 
 def test_zip_too_many_files(tmp_path):
     p = _zip(tmp_path / "many.zip", [(f"f{i}", b"x") for i in range(30)])
-    with pytest.raises(VolumeError, match="limit is 10"):
-        load_volume(p, Limits(max_zip_files=10))
+    refused(tmp_path, p, "limit is 10", limits=Limits(max_zip_files=10))
 
 
 def test_single_dicom_file(tmp_path):
     f = sorted(_dicom_series(tmp_path / "one").iterdir())[0]
-    with pytest.raises(VolumeError, match="single DICOM image"):
-        load_volume(f)
+    refused(tmp_path, f, r"single DICOM image \(32×32, one slice\)")
 
 
-def test_zero_size_dimension(tmp_path):
-    with pytest.raises(VolumeError, match="empty dimension"):
-        load_volume(_nifti(tmp_path, np.zeros((0, 32, 32), np.int16)))
+def test_fake_dcm_is_not_called_a_dicom_image(tmp_path):
+    p = tmp_path / "scan.dcm"
+    p.write_text("this is a text file renamed to .dcm\n" * 10)
+    msg = refused(tmp_path, p, "named like a DICOM file but holds no DICOM data")
+    assert "single DICOM image" not in msg
+    q = tmp_path / "broken.dcm"
+    q.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    msg = refused(tmp_path, q, "could not be read|without an image")
+    assert "single DICOM image" not in msg
 
 
-def test_huge_upload_is_refused_before_reading(tmp_path):
-    p = tmp_path / "big.nii"
-    with open(p, "wb") as f:
-        f.truncate(50_000_000)                      # sparse 50 MB file
-    with pytest.raises(VolumeError, match="upload limit"):
-        load_volume(p, Limits(max_file_bytes=10_000_000))
+# ------------------------------------------------------- a PACS export: localizer, two kernels, duplicates
+
+def _pacs_export(tmp_path):
+    """The bundled JPEG2000 series rewritten as a study folder: a soft-tissue series (20 slices, two of
+    them exported twice), a lung-kernel series (17 slices) and a coronal localizer, with a patient name
+    in every file."""
+    import pydicom
+
+    z = lambda f: float(pydicom.dcmread(str(f), stop_before_pixels=True).ImagePositionPatient[2])  # noqa: E731
+    src = sorted((SAMPLES / "dicom_ct/series").iterdir(), key=z)        # by slice position, from the bottom
+    out = tmp_path / "study"
+    out.mkdir()
+
+    def write(f, name, **attrs):
+        ds = pydicom.dcmread(str(f))
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "ID-12345", "19700101"
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(str(out / name))
+
+    for n, f in enumerate(src):
+        write(f, f"soft_{n:02d}.dcm", SeriesInstanceUID="1.2.826.0.1.1",
+              SeriesDescription="Abdomen 2.0 Br38f", ConvolutionKernel="Br38f", InstanceNumber=n + 1)
+    for n in (4, 11):
+        shutil.copy(out / f"soft_{n:02d}.dcm", out / f"soft_{n:02d}_again.dcm")
+    for n, f in enumerate(src[:17]):
+        write(f, f"lung_{n:02d}.dcm", SeriesInstanceUID="1.2.826.0.1.2", SeriesDescription="Lung 2.0 Bl57",
+              ConvolutionKernel="Bl57", InstanceNumber=n + 1)
+    write(src[0], "scout.dcm", SeriesInstanceUID="1.2.826.0.1.3", SeriesDescription="Topogram 0.6 T20s",
+          ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], ImageOrientationPatient=[1, 0, 0, 0, 0, -1],
+          ConvolutionKernel="T20s")
+    (out / "README.txt").write_text("exported by a PACS")
+    return out
+
+
+def test_pacs_export_lists_its_series_and_loads_the_chosen_one(tmp_path, monkeypatch):
+    import pydicom
+
+    study = _pacs_export(tmp_path)
+    read = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: read.append(real(*a, **k)) or read[-1])
+
+    series = list_series(study)
+    assert [(s.description, s.slices, s.kernel, s.orientation, s.modality, s.loadable) for s in series] == [
+        ("Abdomen 2.0 Br38f", 20, "Br38f", "axial", "CT", True),
+        ("Lung 2.0 Bl57", 17, "Bl57", "axial", "CT", True),
+        ("Topogram 0.6 T20s", 1, "T20s", "coronal", "CT", False)]
+    assert "localizer" in series[2].label and "20 axial CT slices" in series[0].label
+    assert all(s.uid.startswith("s") and "1.2.826" not in s.uid for s in series)    # no UID leaves
+
+    vol = load_volume(study)                                    # the default: axial CT with most slices
+    assert vol.shape == (512, 512, 20) and vol.meta["ConvolutionKernel"] == "Br38f"
+    reference = load_volume(SAMPLES / "dicom_ct/series")
+    assert np.array_equal(vol.hu, reference.hu) and np.allclose(vol.affine, reference.affine)
+    warned(tmp_path, vol, r"^2 duplicate slices \(identical copies")
+    others = warned(tmp_path, vol, r"^This upload holds 3 series; loaded: Abdomen 2\.0 Br38f")
+    assert "Lung 2.0 Bl57" in others and "Topogram 0.6 T20s" in others
+
+    lung = load_volume(study, series=series[1].uid)             # the one the user picks
+    assert lung.shape == (512, 512, 17) and lung.meta["ConvolutionKernel"] == "Bl57"
+    assert np.array_equal(lung.hu, reference.hu[:, :, :17])
+    assert not any("duplicate" in w for w in lung.warnings)
+    refused(tmp_path, study, "single image", series=series[2].uid)
+
+    everything = repr([vol.meta, vol.warnings, lung.meta, lung.warnings, series])
+    assert "Doe" not in everything and "12345" not in everything and "1970" not in everything
+    assert read and all(t not in ds for ds in read for t in ("PatientName", "PatientID", "PatientBirthDate"))

@@ -27,8 +27,11 @@ ALIASES = {
               "ct_path", "nii", "file", "filename", "image_name", "path"),
     "question": ("question", "query", "prompt"),
     "answer": ("answer", "gt", "gt_answer", "label", "ground_truth", "answer_text"),
-    "family": ("family", "task", "task_type", "question_type", "category", "type", "subtype"),
-    "answer_type": ("answer_type", "question_format", "format", "closed_open", "answer_format"),
+    "family": ("family", "task", "task_type", "question_type", "question type", "category", "type",
+               "subtype"),
+    "subtype": ("subtype", "subtask", "question_subtype", "question subtype"),
+    "answer_type": ("answer_type", "question_format", "format", "closed_open", "answer_format",
+                    "questiontype"),
     "organ": ("organ", "target_organ", "anatomy"),
     "options": ("options", "choices", "choice", "candidates"),
     "prior_image": ("prior_image", "prior", "prior_volume", "previous_image", "baseline_image", "image_prior"),
@@ -56,7 +59,7 @@ def _pick(row: dict, field: str, columns: dict) -> object:
 def _answer_type(answer: str, options, given) -> str:
     if given:
         g = str(given).strip().lower()
-        if g in ("closed", "yes/no", "yesno", "binary"):
+        if g in ("closed", "close", "close-ended", "closed-ended", "yes/no", "yesno", "binary"):
             return "closed"
         if g in ("choice", "multiple choice", "mcq", "multi-choice"):
             return "choice"
@@ -88,6 +91,9 @@ def _normalise(row: dict, columns: dict, base: Path, family_default: str) -> dic
     rec = dict(image=resolve(image), question=str(question), answer=str(answer),
                family=str(_pick(row, "family", columns) or family_default), answer_type=atype,
                organ=_pick(row, "organ", columns))
+    subtype = _pick(row, "subtype", columns)
+    if subtype not in (None, ""):
+        rec["subtype"] = str(subtype)       # the official evaluators score per subtype (evaluate --protocol)
     prior = _pick(row, "prior_image", columns)
     if prior not in (None, ""):
         rec["prior_image"] = resolve(prior)

@@ -11,14 +11,18 @@ import json
 import sys
 import time
 
+from photon_core.model.hub import add_model_arguments
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Ask Photon a question about a CT scan.")
     ap.add_argument("--scan", required=True, help="NIfTI/NRRD file, DICOM folder or .zip")
     ap.add_argument("--prior", help="an earlier scan of the same patient, asked together (questions about change)")
     ap.add_argument("--question", required=True)
-    ap.add_argument("--budget", default="auto", help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4 | fastv:300 | visionzip:300 | random:300")
-    ap.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    ap.add_argument("--budget", default=None, help="auto | full | 300 | 25%% | top_k:300 | ratio:0.25 | threshold:0.4 | "
+                                                   "fastv:300 | visionzip:300 | random:300 (default: auto on an S2 "
+                                                   "checkpoint, full on S1)")
+    add_model_arguments(ap)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -29,7 +33,7 @@ def main(argv=None) -> int:
     try:
         t = time.perf_counter()
         vol = load_volume(args.scan)
-        pred = Predictor(args.model, args.device)
+        pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
         pred.set_volume(vol, prior=load_volume(args.prior) if args.prior else None)
         prep_s = time.perf_counter() - t
         ans = pred.ask(args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
@@ -43,8 +47,9 @@ def main(argv=None) -> int:
         print(json.dumps(d))
     else:
         print(ans.text)
+        theta = f"θ={ans.theta:.3f}" if ans.theta == ans.theta else "no θ (S1)"
         print(f"visual tokens kept: {ans.kept}/{ans.total} ({100 * ans.keep_fraction:.1f}%), budget {ans.budget}, "
-              f"θ={ans.theta:.3f}, prefill {ans.prefill_s * 1000:.0f} ms, decode {ans.decode_s * 1000:.0f} ms, "
+              f"{theta}, prefill {ans.prefill_s * 1000:.0f} ms, decode {ans.decode_s * 1000:.0f} ms, "
               f"model: {pred.name}")
         if ans.prior_total:
             print(f"of which the prior scan: {ans.prior_kept}/{ans.prior_total}")

@@ -4,7 +4,8 @@
 * `organ_retention` — per organ, the share of its token blocks that were kept (which blocks count for
   an organ: `photon_core.organs.label_blocks`).
 * `export_audit` — NIfTI mask (opens over the scan in 3D Slicer), JSON report, and given PNGs.
-Nothing here writes a patient identifier or an original file path.
+Nothing here writes a patient identifier or an original file path (the case title goes
+through `clean_text`, which keeps its words and drops any absolute path).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from photon_core.io.preprocess import Geometry
+from photon_core.io.volume import clean_text
+
 
 def kept_mask_original(token_index: np.ndarray, keep_flat: np.ndarray) -> np.ndarray:
     """token_index: (I, J, K) flat token per original voxel (−1 outside); keep_flat (1000,) → uint8 mask."""
@@ -58,13 +61,15 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
     import photon_core
 
     report = {
-        "case": re.sub(r"[^A-Za-z0-9 _().,-]", "", case_title)[:80],
+        "case": clean_text(case_title, 80) or "scan",     # readable ('Abdomen/pelvis CT'), no paths
         "question": question, "answer": answer.text, "budget": answer.budget,
+        "answer_readable": bool(getattr(answer, "readable", True)),   # False: not an answer of the question's type
         "visual_tokens_total": answer.total, "visual_tokens_kept": answer.kept,
-        "keep_fraction": round(answer.keep_fraction, 4), "theta": round(float(answer.theta), 4),
+        "keep_fraction": round(answer.keep_fraction, 4),
+        "theta": round(float(answer.theta), 4) if np.isfinite(answer.theta) else None,   # None: an S1 checkpoint
         "kept_token_indices": answer.kept_indices, "per_organ_retention": retention or {},
         "latency_s": {"prefill": round(answer.prefill_s, 4), "decode": round(answer.decode_s, 4)},
-        "model": model_name, "device": answer.device,
+        "model": model_name, "checkpoint": getattr(answer, "checkpoint", None) or None, "device": answer.device,
         "mask_file": "kept_blocks.nii.gz (uint8, original scan grid, 1 = voxel inside a kept token block)",
         "versions": {"photon_ct": getattr(photon_core, "__version__", "0"), "torch": torch.__version__,
                      "nibabel": nib.__version__, "python": platform.python_version()},

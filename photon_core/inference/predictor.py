@@ -1,6 +1,8 @@
 """`Predictor`: encode a volume once, ask many questions under any keep budget.
 
     p = Predictor()                       # the embedded demo model, CPU or CUDA
+    p = Predictor("Alibaba-DAMO-Academy/Photon-S2", subfolder="3D-RAD")   # official weights (HF cache)
+    p.checkpoint.label(), p.checkpoint.stage   # where they came from; S1 (no ITS) or S2
     p.set_volume(load_volume("scan.nii.gz"))
     a = p.ask("Is there a lesion in the liver?", budget="auto")
     a.text, a.kept, a.total, a.keep_grid    # answer, token counts, (10, 10, 10) kept mask
@@ -12,20 +14,22 @@ What the app, the CLI, the evaluator and the benchmark all call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from photon_core.model.checkpoint import load_model
+from photon_core.inference.answers import readable
+from photon_core.inference.prompt import GenerationSettings, Tokenizer, batch_prompts, clean_question
 from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
-from photon_core.inference.prompt import Tokenizer, batch_prompts, clean_question
-from photon_core.model.budget import Budget
-from photon_core.io.volume import Volume
 from photon_core.inference.generate import generate
+from photon_core.io.volume import Volume
+from photon_core.model import hub
+from photon_core.model.budget import S1_MESSAGE, THRESHOLD_MODES, Budget
+from photon_core.model.checkpoint import CheckpointInfo, load_model
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
+DEMO_MODEL = hub.DEMO_MODEL
 MAX_NEW_TOKENS_LIMIT = 256
 
 
@@ -49,17 +53,21 @@ class Answer:
     prior_keep_grid: np.ndarray | None = None   # the prior scan's kept mask, when one was given
     prior_kept: int = 0                          # of ``kept``, tokens of the prior scan
     prior_total: int = 0                         # of ``total``, tokens of the prior scan
+    checkpoint: dict = field(default_factory=dict)   # CheckpointInfo.to_dict() of the model that answered
+    readable: bool = True                        # the text parses as an answer of the question's type
 
     @property
     def keep_fraction(self) -> float:
         return self.kept / max(1, self.total)
 
     def to_dict(self) -> dict:
-        return dict(text=self.text, budget=self.budget, theta=round(self.theta, 4), total=self.total,
+        theta = round(self.theta, 4) if np.isfinite(self.theta) else None     # an S1 checkpoint has no θ
+        return dict(text=self.text, budget=self.budget, theta=theta, total=self.total,
                     kept=self.kept, keep_fraction=round(self.keep_fraction, 4), prompt_tokens=self.prompt_tokens,
                     generated_tokens=self.generated_tokens, prefill_s=round(self.prefill_s, 4),
                     decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
-                    device=self.device, kept_indices=self.kept_indices,
+                    device=self.device, kept_indices=self.kept_indices, checkpoint=self.checkpoint,
+                    readable=self.readable,
                     **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total else {}))
 
 
@@ -72,13 +80,21 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 class Predictor:
-    def __init__(self, model_dir: str | Path | None = None, device: str | None = "auto",
-                 dtype: torch.dtype | None = None):
-        self.model_dir = Path(model_dir) if model_dir else DEMO_MODEL
+    """``model``: None (the embedded demo model), a checkpoint folder, or a hub id (ORG/NAME, fetched into
+    the HF cache; ``subfolder`` / ``revision`` pick a task's weights). S1 or S2 is read from the weights."""
+
+    def __init__(self, model: str | Path | None = None, *, subfolder: str | None = None,
+                 revision: str | None = None, device: str | None = "auto", dtype: torch.dtype | None = None):
+        where = hub.resolve(model, subfolder, revision)
         self.device = resolve_device(device)
-        self.model = load_model(self.model_dir, self.device, dtype)
+        self.model = load_model(where.path, self.device, dtype)
+        has_its = self.model.config.has_its
+        self.checkpoint: CheckpointInfo = replace(where, stage="S2" if has_its else "S1", has_its=has_its)
+        self.model_dir = where.path
         self.tokenizer = Tokenizer(self.model_dir)
         self.tokenizer.check_config(self.model.config)
+        self.generation = GenerationSettings.from_folder(self.model_dir, self.model.config.eos_token_id,
+                                                         self.tokenizer)
         self.features: torch.Tensor | None = None
         self.grid_thw: torch.Tensor | None = None
         self.geometry: Geometry | None = None
@@ -88,7 +104,22 @@ class Predictor:
 
     @property
     def name(self) -> str:
-        return self.model.config.model_name
+        """The model's name (its config's for our own checkpoints) and, for official ones, where it came from."""
+        if self.checkpoint.source == "embedded" or self.model.config.model_name != "Photon":
+            return self.model.config.model_name
+        return f"Photon {self.checkpoint.label()}"
+
+    @property
+    def default_budget(self) -> Budget:
+        """What Photon does: the model's own θ (S2); every visual token for an S1 checkpoint."""
+        return Budget("auto") if self.checkpoint.has_its else Budget("full")
+
+    def supports(self, budget: str | Budget | None) -> str | None:
+        """None if ``budget`` can run on this checkpoint, else the message saying why not."""
+        b = self.default_budget if budget is None else Budget.parse(budget)
+        if b.mode in THRESHOLD_MODES and not self.checkpoint.has_its:
+            return S1_MESSAGE.format(mode=b.mode)
+        return None
 
     # ------------------------------------------------------------------ volume
     def prepare(self, volume: Volume) -> Prepared:
@@ -128,17 +159,19 @@ class Predictor:
         self.prior = (prior[0], prior[1].to(self.device)) if prior is not None else None
 
     # ------------------------------------------------------------------ asking
-    def ask(self, question: str, budget: str | Budget = "auto", max_new_tokens: int = 32,
-            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Answer:
+    def ask(self, question: str, budget: str | Budget | None = None, max_new_tokens: int = 32,
+            do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+            seed: int = 0) -> Answer:
         return self.ask_many([question], [budget], max_new_tokens, do_sample, temperature, top_p, seed)[0]
 
-    def ask_many(self, questions: list[str] | str, budgets: list | str | Budget = "auto",
-                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[Answer]:
+    def ask_many(self, questions: list[str] | str, budgets: list | str | Budget | None = None,
+                 max_new_tokens: int = 32, do_sample: bool | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int = 0) -> list[Answer]:
         """Several questions and/or budgets on the current volume in ONE batched forward.
 
         ``questions`` and ``budgets`` broadcast: one question × many budgets (the Compare view),
-        many questions × one budget, or pairwise lists of equal length.
+        many questions × one budget, or pairwise lists of equal length. A budget of None is
+        `default_budget`; decoding settings left None come from the checkpoint's generation config.
         """
         if self.features is None:
             raise ValueError("No volume is loaded; call set_volume() first.")
@@ -149,27 +182,35 @@ class Predictor:
         n = max(len(qs), len(bs))
         if len(qs) not in (1, n) or len(bs) not in (1, n):
             raise ValueError("questions and budgets must have equal lengths or length 1")
-        bs = [Budget.parse(b) for b in (bs * n if len(bs) == 1 else bs)]
-        ids, mask, feats, grid, P, V = self._inputs(qs * n if len(qs) == 1 else qs)
+        bs = [self.default_budget if b is None else Budget.parse(b) for b in (bs * n if len(bs) == 1 else bs)]
+        for b in bs:
+            if (why := self.supports(b)) is not None:
+                raise ValueError(why)
+        qs = qs * n if len(qs) == 1 else qs
+        ids, mask, feats, grid, P, V = self._inputs(qs)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(seed) if do_sample else None
+        g = self.generation
+        sampling = replace(g, do_sample=g.do_sample if do_sample is None else bool(do_sample),
+                           temperature=g.temperature if temperature is None else float(temperature),
+                           top_p=g.top_p if top_p is None else float(top_p))
+        gen = torch.Generator(device=self.device).manual_seed(seed) if sampling.do_sample else None
         t0 = time.perf_counter()
         with torch.inference_mode():
             timing = {}
-            toks, out, _ = self._generate(ids, mask, feats, grid, bs, max_new_tokens, do_sample, temperature,
-                                          top_p, gen, timing)
+            toks, out, _ = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing)
         total_s = time.perf_counter() - t0
         prefill_s = timing.get("prefill", total_s)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else peak_rss_mb()
         answers = []
         st = out.its
+        stops = set(sampling.eos_token_ids)
         for b in range(n):
             row = toks[b].tolist()
-            eos = self.model.config.eos_token_id
-            gen_ids = row[:row.index(eos)] if eos in row else row
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            gen_ids = row if end is None else row[:end]
             if st is not None:
                 keep_all = st.keep[b].cpu().numpy().astype(bool)
                 rho = st.rho[b].float().cpu().numpy()[P:]
@@ -177,23 +218,26 @@ class Predictor:
             else:
                 keep_all, rho, theta = np.ones(P + V, bool), np.zeros(V, np.float32), 0.0
             keep, prior_keep = keep_all[P:], keep_all[:P]
+            text = self.tokenizer.decode(gen_ids)
             answers.append(Answer(
-                text=self.tokenizer.decode(gen_ids), budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
-                kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta, total=P + V,
-                kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()), generated_tokens=len(gen_ids) + (eos in row),
-                prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device),
-                extra={"batch": n}, prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
-                prior_kept=int(prior_keep.sum()), prior_total=P))
+                text=text, budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
+                kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta,
+                total=P + V, kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()),
+                generated_tokens=len(gen_ids) + (end is not None), prefill_s=prefill_s,
+                decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device), extra={"batch": n},
+                checkpoint=self.checkpoint.to_dict(), prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
+                prior_kept=int(prior_keep.sum()), prior_total=P, readable=readable(qs[b], text)))
         return answers
 
-    def answer_logprobs(self, questions: list[str], budget: str | Budget = "auto") -> torch.Tensor:
+    def answer_logprobs(self, questions: list[str], budget: str | Budget | None = None) -> torch.Tensor:
         """(len(questions), vocab) log-probabilities of each question's first answer token on the
         current volume, in one batched prefill (a diagnostic read-out: e.g. P("yes") vs P("no"))."""
         if self.features is None:
             raise ValueError("No volume is loaded; call set_volume() first.")
         ids, mask, feats, grid, _, _ = self._inputs(list(questions))
         with torch.inference_mode():
-            out = self.model(ids, mask, features=feats, grid_thw=grid, budget=[Budget.parse(budget)] * len(ids))
+            b = self.default_budget if budget is None else Budget.parse(budget)
+            out = self.model(ids, mask, features=feats, grid_thw=grid, budget=[b] * len(ids))
         return out.logits[:, -1].float().log_softmax(-1)       # left-padded: the last position answers
 
     def _inputs(self, questions: list[str]):
@@ -213,8 +257,7 @@ class Predictor:
             feats, grid = self.features.repeat(n, 1), self.grid_thw
         return ids, mask, feats, grid, P, V
 
-    def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, do_sample, temperature, top_p, gen,
-                  timing):
+    def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, sampling: GenerationSettings, gen, timing):
         t0 = time.perf_counter()
 
         def mark(_out):
@@ -222,10 +265,11 @@ class Predictor:
                 torch.cuda.synchronize(self.device)
             timing["prefill"] = time.perf_counter() - t0
 
-        m = self.model
-        return generate(m, ids, mask, features=feats, grid_thw=grid, budget=budgets,
-                          max_new_tokens=max_new_tokens, eos_token_id=m.config.eos_token_id, do_sample=do_sample,
-                          temperature=temperature, top_p=top_p, generator=gen, on_prefill=mark)
+        return generate(self.model, ids, mask, features=feats, grid_thw=grid, budget=budgets,
+                        max_new_tokens=max_new_tokens, eos_token_id=list(sampling.eos_token_ids),
+                        do_sample=sampling.do_sample, temperature=sampling.temperature,
+                        top_p=sampling.top_p, top_k=sampling.top_k,
+                        repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark)
 
 
 def peak_rss_mb() -> float:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from photon_core.io.orientation import reorient
 from photon_core.io.volume import Volume
 
 PREP_SIZE = 364                   # mm, = voxels after 1 mm resampling and crop/pad
@@ -140,15 +141,7 @@ def _resample_axis(x: torch.Tensor, axis: int, src: torch.Tensor, fill: float) -
 
 def reorient_rai(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
     """Return the (z, y, x) RAI array and the affine from its indices to ORIGINAL voxel indices."""
-    import nibabel as nib
-    from nibabel import orientations as ornt
-
-    src = ornt.io_orientation(vol.affine)
-    dst = ornt.axcodes2ornt(RAI_AXCODES)
-    trans = ornt.ornt_transform(src, dst)
-    arr = ornt.apply_orientation(vol.hu, trans)
-    new_to_orig = ornt.inv_ornt_aff(trans, vol.hu.shape)
-    del nib
+    arr, new_to_orig = reorient(vol.hu, vol.affine, RAI_AXCODES)
     return np.ascontiguousarray(arr), new_to_orig
 
 

@@ -1,7 +1,10 @@
 """Loading a CT scan into one `Volume` value.
 
-Supported inputs: NIfTI (.nii, .nii.gz), NRRD (.nrrd), a DICOM series (a folder, a list of files,
-or a .zip of them; JPEG2000-compressed series decode through pylibjpeg).
+Supported inputs: NIfTI (.nii, .nii.gz), NRRD (.nrrd), a DICOM upload (a folder, a list of files,
+or a .zip of them; JPEG2000-compressed series decode through pylibjpeg). A DICOM upload may hold
+several series, as a PACS export does (a localizer, two reconstruction kernels, ...): `list_series`
+lists them and ``load_volume(..., series=key)`` loads one (by default the axial CT series with the
+most slices); the DICOM specifics live in `photon_core.io.dicom`.
 
 Conventions
 -----------
@@ -11,23 +14,32 @@ Conventions
 * ``Volume.affine`` maps voxel indices ``(i, j, k, 1)`` to world millimetres in **RAS+** (the
   NIfTI / nibabel / 3D Slicer convention: +x = Right, +y = Anterior, +z = Superior).
   DICOM and NRRD-LPS geometry (+x = Left, +y = Posterior) is converted by negating x and y.
-* Patient-identifying DICOM attributes are never read into ``Volume``; only the fields listed in
-  ``_SAFE_DICOM_FIELDS`` reach ``Volume.meta``.
+* Patient-identifying DICOM attributes are never read: DICOM files are read with pydicom's
+  ``specific_tags`` (only the attributes the loader needs; see `photon_core.io.dicom`), and only the
+  fields listed in ``SAFE_DICOM_FIELDS`` reach ``Volume.meta``.
 
-Every rejection raises `VolumeError` (a `ValueError`) whose message says what was wrong and what
-is expected, in words a clinician can act on.
+What the loader does with doubtful data
+---------------------------------------
+It refuses what cannot be a CT (complex or colour data, 2-D images, absurd sizes) with a `VolumeError`
+(a `ValueError`) whose message says what was wrong and what is expected, in words a clinician can act
+on. It loads, and says so in ``Volume.warnings``, what can be read but deserves a second look:
+mask- or label-like data, values outside [−2000, 4000] HU (clipped), a constant volume, NaN/Inf
+voxels (replaced by −1000 HU, counted), slices thicker than 5 mm, a NIfTI scale slope that kept its
+intercept from being applied, duplicate DICOM slices (dropped) and other series in the upload.
+No message names a server path: only file names as the user uploaded them (`clean_text`).
 """
 from __future__ import annotations
 
 import gzip
 import os
+import re
 import stat
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -50,6 +62,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+HU_RANGE = (-2000.0, 4000.0)    # values outside are clipped (with a warning): no CT tissue lies outside
+NONFINITE_HU = -1000.0          # what a NaN/Inf voxel becomes: air, as outside the field of view
+THICK_SLICE_MM = 5.0            # thicker slices get a warning: small findings fall between them
 
 
 @dataclass
@@ -60,6 +75,7 @@ class Volume:
     affine: np.ndarray               # (4, 4) float64, voxel index -> RAS mm
     source_format: str               # "nifti" | "dicom" | "nrrd" | "array"
     meta: dict = field(default_factory=dict)  # non-identifying metadata only
+    warnings: list[str] = field(default_factory=list)   # readable load warnings, for the UI and the API
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -84,9 +100,59 @@ class Volume:
                 f"HU [{float(self.hu.min()):.0f}, {float(self.hu.max()):.0f}]")
 
 
-# DICOM attributes we keep (none identifies a patient).
-_SAFE_DICOM_FIELDS = ("Modality", "Manufacturer", "SliceThickness", "KVP", "ConvolutionKernel",
-                      "BodyPartExamined", "ContrastBolusAgent")
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series of a DICOM upload, for a chooser. Holds no patient identifier: ``uid`` is a digest
+    of the SeriesInstanceUID (a UID is an identifier under DICOM PS3.15), not the UID itself."""
+
+    uid: str               # key to pass to ``load_volume(..., series=uid)``
+    description: str       # SeriesDescription (free text written by the scanner), '' if none
+    slices: int            # distinct slice positions (a repeated slice counts once); frames if multi-frame
+    kernel: str            # ConvolutionKernel, '' if none
+    orientation: str       # 'axial' | 'coronal' | 'sagittal' | 'oblique' ('unknown' without geometry)
+    modality: str          # 'CT', 'MR', ...
+    label: str             # one line for a dropdown
+    loadable: bool = True  # False: a localizer, not CT, too few slices, ... (``note`` says which)
+    note: str = ""
+
+
+# DICOM attributes kept in Volume.meta (none identifies a patient).
+SAFE_DICOM_FIELDS = ("Modality", "Manufacturer", "SliceThickness", "KVP", "ConvolutionKernel",
+                     "BodyPartExamined", "ContrastBolusAgent")
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------
+
+_QUOTED_PATH = re.compile(r"""(["'])((?:[A-Za-z]:[\\/]|\\\\|~/|/)[^"'\n]*)\1""")
+_ABS_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:[\\/]|\\\\|~/|/(?=[^\s/'\"()<>|]+/))[^\s'\"()<>|]*")
+
+
+def clean_text(text: object, limit: int | None = None) -> str:
+    """Text safe to show a user or write to a report: control characters removed, every absolute path
+    replaced by its last part (a server's temporary folder never shows), shortened at a word boundary
+    with '…' when over ``limit`` characters. Relative text such as 'Abdomen/pelvis CT' is kept."""
+    s = "".join(ch if ch.isprintable() else " " for ch in str(text))
+
+    def last_part(m: re.Match) -> str:
+        parts = [p for p in re.split(r"[\\/]+", m.group()) if p and not re.fullmatch(r"[A-Za-z]:|~", p)]
+        return parts[-1] if parts else ""
+
+    s = _QUOTED_PATH.sub(lambda m: m.group(1) + last_part(re.match(r".*", m.group(2))) + m.group(1), s)
+    s = " ".join(_ABS_PATH.sub(last_part, s).split())
+    if limit is not None and len(s) > limit:
+        cut = s[: max(1, limit - 1)]
+        if " " in cut and not s[len(cut)].isspace():
+            cut = cut[: cut.rfind(" ")]
+        s = cut.rstrip(" ,;:-") + "…"
+    return s
+
+
+def _reason(e: BaseException, limit: int = 100) -> str:
+    """An exception as a short parenthesis for a message: its type and (cleaned) text."""
+    text = clean_text(e, limit)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,13 +189,68 @@ def _check_shape(shape: Sequence[int], limits: Limits, what: str = "This file") 
     return tuple(core)
 
 
-def _check_values(hu: np.ndarray) -> np.ndarray:
-    hu = np.asarray(hu, dtype=np.float32)
+def _check_dtype(dtype: np.dtype, what: str) -> None:
+    """Refuse voxel types that cannot hold Hounsfield units, before any voxel is read."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        raise VolumeError(f"{what} holds complex numbers ({dtype}), as MR raw or phase data does; a CT "
+                          f"volume holds one real Hounsfield value per voxel.")
+    if dtype.kind == "V" or dtype.names:
+        raise VolumeError(f"{what} is a colour (RGB) image; a CT volume holds one grey value (Hounsfield "
+                          f"units) per voxel.")
+    if dtype.kind not in "biuf":
+        raise VolumeError(f"{what} does not hold numbers ({dtype}); a CT volume holds Hounsfield units.")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) < 1e6 else f"{x:.1e}"
+
+
+def _mask_like(hu: np.ndarray, was_bool: bool) -> str | None:
+    """A warning when the values look like a mask or a label map rather than HU (judged on ≤ 2 M voxels)."""
+    if was_bool:
+        return ("The volume is a yes/no (boolean) mask, not a CT in Hounsfield units; answers about it "
+                "mean nothing. Load the CT itself (a label map goes in the label-map field).")
+    flat = hu.reshape(-1)
+    sample = flat[:: max(1, flat.size // 2_000_000)]
+    values = np.unique(sample[np.isfinite(sample)])
+    if values.size == 2:
+        return (f"The volume holds only two values ({_fmt(values[0])} and {_fmt(values[1])}): it looks like "
+                f"a mask, not a CT in Hounsfield units; answers about it mean nothing.")
+    if 2 < values.size <= 256 and values[0] >= 0 and np.all(values == np.round(values)):
+        return (f"The volume holds only {values.size} whole-number values from {_fmt(values[0])} to "
+                f"{_fmt(values[-1])}: it looks like a label map, a mask or an 8-bit picture, not a CT in "
+                f"Hounsfield units. Load the CT itself (a label map goes in the label-map field).")
+    return None
+
+
+def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, list[str]]:
+    """float32 HU, cleaned in place (the caller owns ``hu``), and the warnings about its values."""
+    warnings = []
+    mask = _mask_like(hu, was_bool)
     bad = ~np.isfinite(hu)
-    if bad.any():
-        raise VolumeError(f"The volume holds {int(bad.sum())} NaN/Inf voxels; a CT volume must hold "
-                          f"finite Hounsfield units.")
-    return hu
+    n_bad = int(bad.sum())
+    if n_bad:
+        hu[bad] = NONFINITE_HU
+        warnings.append(f"{n_bad:,} voxels held no number (NaN or infinite); they were set to "
+                        f"{NONFINITE_HU:.0f} HU (air).")
+    lo, hi = float(hu.min()), float(hu.max())
+    if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
+        below, above = hu < HU_RANGE[0], hu > HU_RANGE[1]
+        n_below, n_above = int(below.sum()), int(above.sum())
+        # one int16 value below the range and nothing above: the scanner's padding outside its field of view
+        padding = n_above == 0 and lo >= np.iinfo(np.int16).min and float(hu[below].max()) == lo
+        np.clip(hu, *HU_RANGE, out=hu)
+        if not padding:
+            warnings.append(f"{n_below + n_above:,} voxels lay outside {HU_RANGE[0]:.0f}…{HU_RANGE[1]:.0f} "
+                            f"HU (from {_fmt(lo)} to {_fmt(hi)}) and were clipped to that range; values like "
+                            f"these mean metal, or a file whose values are not Hounsfield units.")
+    if float(hu.max()) - float(hu.min()) < 1e-3:
+        warnings.append(f"Every voxel holds the same value ({_fmt(float(hu.flat[0]))} HU): the volume is "
+                        f"blank, and answers about it mean nothing.")
+    elif mask:
+        warnings.append(mask)
+    return hu, warnings
 
 
 def _check_affine(affine: np.ndarray) -> np.ndarray:
@@ -143,9 +264,44 @@ def _check_affine(affine: np.ndarray) -> np.ndarray:
     return affine
 
 
+def make_volume(hu: np.ndarray, affine: np.ndarray, source_format: str, meta: dict,
+                warnings: Sequence[str] = (), was_bool: bool = False,
+                slice_thickness: float | None = None) -> Volume:
+    """The one place a loader builds its `Volume`: values checked and cleaned in place (``hu``: an array
+    the caller owns), affine checked, every warning collected."""
+    hu = np.require(np.asarray(hu), np.float32, ["W"])      # a read-only memory map is copied
+    affine = _check_affine(affine)
+    hu, value_warnings = _check_values(hu, was_bool)
+    warnings = list(warnings) + value_warnings
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    thick = max(float(spacing.max()), float(slice_thickness or 0))
+    if thick > THICK_SLICE_MM:
+        what = (f"{spacing.max():.1f} mm apart" if spacing.max() >= thick
+                else f"{thick:.1f} mm thick (every {spacing.max():.1f} mm)")
+        warnings.append(f"The slices are {what}, over {THICK_SLICE_MM:.0f} mm: findings smaller than that "
+                        f"can fall between slices, and the model sees an interpolated volume.")
+    return Volume(hu=hu, affine=affine, source_format=source_format, meta=meta, warnings=warnings)
+
+
 # --------------------------------------------------------------------------------------------
 # NIfTI and NRRD
 # --------------------------------------------------------------------------------------------
+
+def _nifti_scaling_warning(header) -> str | None:
+    """nibabel applies no scaling when scl_slope is 0, NaN or infinite, and then drops scl_inter too.
+    NaN/NaN is nibabel's own 'no scaling' and says nothing; a NaN, zero or infinite slope beside a real
+    intercept means the intercept was lost."""
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if np.isfinite(slope) and slope != 0:
+        return None
+    what = "NaN" if np.isnan(slope) else "zero" if slope == 0 else "infinite"
+    has_inter = bool(np.isfinite(inter) and inter)
+    if np.isinf(slope) or has_inter:
+        lost = f", so its intercept ({inter:g}) was not applied either" if has_inter else ""
+        return (f"The file's scale slope (scl_slope) is {what}{lost}: the values are used as stored and may "
+                f"not be Hounsfield units.")
+    return None
+
 
 def _load_nifti(path: Path, limits: Limits) -> Volume:
     import nibabel as nib
@@ -163,10 +319,10 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for corrupt headers
-        raise VolumeError(f"'{path.name}' is not a readable NIfTI file ({type(e).__name__}: "
-                          f"{str(e)[:120]}).") from None
+        raise VolumeError(f"'{path.name}' is not a readable NIfTI file ({_reason(e)}).") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"'{path.name}' is not a NIfTI volume.")
+    _check_dtype(img.get_data_dtype(), f"'{path.name}'")
     _check_shape(img.header.get_data_shape(), limits, f"'{path.name}'")
     try:
         data = np.asanyarray(img.dataobj, dtype=np.float32)
@@ -175,8 +331,12 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
                           f"({type(e).__name__}).") from None
     data = data.reshape(_check_shape(data.shape, limits, f"'{path.name}'"))
     affine = img.affine if img.affine is not None else np.eye(4)
-    return Volume(hu=_check_values(data), affine=_check_affine(affine), source_format="nifti",
-                  meta={"format": "NIfTI"})
+    try:        # the header as stored: nibabel's img.header already has the scaling it did not apply removed
+        with nib.openers.ImageOpener(str(path)) as f:
+            scaling = _nifti_scaling_warning(img.header_class.from_fileobj(f))
+    except Exception:
+        scaling = None
+    return make_volume(data, affine, "nifti", {"format": "NIfTI"}, [scaling] if scaling else [])
 
 
 def _load_nrrd(path: Path, limits: Limits) -> Volume:
@@ -186,12 +346,17 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
         header = nrrd.read_header(str(path))
     except Exception as e:
         raise VolumeError(f"'{path.name}' is not a readable NRRD file ({type(e).__name__}).") from None
+    kinds = [str(k).lower() for k in header.get("kinds", [])]
+    if any(k in ("rgb-color", "rgba-color", "hsv-color", "xyz-color", "3-color", "4-color") for k in kinds):
+        raise VolumeError(f"'{path.name}' is a colour (RGB) image; a CT volume holds one grey value "
+                          f"(Hounsfield units) per voxel.")
     _check_shape(header.get("sizes", ()), limits, f"'{path.name}'")
     try:
         data, header = nrrd.read(str(path))
     except Exception as e:
         raise VolumeError(f"'{path.name}' is truncated or corrupt ({type(e).__name__}).") from None
-    data = np.asarray(data, dtype=np.float32).reshape(_check_shape(data.shape, limits))
+    _check_dtype(data.dtype, f"'{path.name}'")
+    data = np.asarray(data, dtype=np.float32).reshape(_check_shape(data.shape, limits, f"'{path.name}'"))
     directions = np.asarray(header.get("space directions", np.eye(3)), dtype=np.float64)
     origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
     affine = np.eye(4)
@@ -201,89 +366,14 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
     if space in ("left-posterior-superior", "lps"):
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     elif space not in ("right-anterior-superior", "ras"):
-        raise VolumeError(f"'{path.name}' uses the NRRD space '{space}'; expected LPS or RAS.")
-    return Volume(hu=_check_values(data), affine=_check_affine(affine), source_format="nrrd",
-                  meta={"format": "NRRD"})
+        raise VolumeError(f"'{path.name}' uses the NRRD space '{clean_text(space, 40)}'; expected LPS or "
+                          f"RAS.")
+    return make_volume(data, affine, "nrrd", {"format": "NRRD"})
 
 
 # --------------------------------------------------------------------------------------------
-# DICOM
+# Zip uploads
 # --------------------------------------------------------------------------------------------
-
-def _load_dicom_files(files: Sequence[Path], limits: Limits) -> Volume:
-    import pydicom
-
-    slices = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=False, force=False)
-        except Exception:
-            continue  # not a DICOM file (README, DICOMDIR viewer files, ...): skip it
-        if "PixelData" not in ds:
-            continue
-        slices.append(ds)
-    if not slices:
-        raise VolumeError("No DICOM images were found; expected the files (or a .zip) of one CT "
-                          "series.")
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in slices}
-    if len(series) > 1:
-        raise VolumeError(f"The files hold {len(series)} different DICOM series; upload one series "
-                          f"at a time.")
-    modality = str(getattr(slices[0], "Modality", "CT"))
-    if modality != "CT":
-        raise VolumeError(f"This DICOM series is modality '{modality}'; Photon reads CT only.")
-    for ds in slices:
-        if not hasattr(ds, "ImagePositionPatient") or not hasattr(ds, "ImageOrientationPatient"):
-            raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "
-                              "the series geometry cannot be rebuilt.")
-    iop = np.asarray(slices[0].ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    for ds in slices:
-        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
-            raise VolumeError("The DICOM slices have different orientations; expected one series.")
-    slices.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
-    pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for ds in slices])
-    gaps = np.diff(pos)
-    if len(slices) >= 2 and np.any(gaps < 1e-3):
-        raise VolumeError(f"The DICOM series has duplicate slices ({int(np.sum(gaps < 1e-3))} slice "
-                          f"positions repeat); upload one copy of each slice.")
-    if len(slices) >= 3:
-        med = float(np.median(gaps))
-        if np.any(np.abs(gaps - med) > 0.1 * med + 0.01):
-            if np.any(gaps > 1.5 * med):
-                raise VolumeError(f"The DICOM series has missing slices (a gap of {gaps.max():.2f} mm "
-                                  f"where the spacing is {med:.2f} mm).")
-            raise VolumeError(f"The DICOM slice spacing varies ({gaps.min():.2f}–{gaps.max():.2f} mm); "
-                              f"expected a regularly spaced series.")
-    rows, cols = int(slices[0].Rows), int(slices[0].Columns)
-    _check_shape((cols, rows, len(slices)), limits, "This DICOM series")
-    hu = np.empty((cols, rows, len(slices)), dtype=np.float32)
-    for n, ds in enumerate(slices):
-        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise VolumeError("The DICOM slices have different image sizes; expected one series.")
-        try:
-            px = ds.pixel_array.astype(np.float32)
-        except Exception as e:
-            raise VolumeError(f"A DICOM slice could not be decoded ({type(e).__name__}: "
-                              f"{str(e)[:100]}).") from None
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        hu[:, :, n] = (px * slope + intercept).T  # pixel_array is (row, col); i runs along columns
-    ps = [float(v) for v in slices[0].PixelSpacing]  # (row spacing, column spacing)
-    dz = float(np.median(gaps)) if len(slices) > 1 else float(getattr(slices[0], "SliceThickness", 1))
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * ps[1]   # i: along a row (next column)
-    lps[:3, 1] = col_dir * ps[0]   # j: down a column (next row)
-    lps[:3, 2] = normal * dz
-    lps[:3, 3] = np.asarray(slices[0].ImagePositionPatient, dtype=np.float64)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    meta = {"format": "DICOM", "n_slices": len(slices)}
-    for name in _SAFE_DICOM_FIELDS:
-        if hasattr(slices[0], name):
-            meta[name] = str(getattr(slices[0], name))
-    return Volume(hu=_check_values(hu), affine=_check_affine(affine), source_format="dicom", meta=meta)
-
 
 def _safe_extract_zip(path: Path, dest: Path, limits: Limits) -> list[Path]:
     """Extract a zip into ``dest`` refusing path escapes, links, bombs and oversize archives."""
@@ -325,46 +415,84 @@ def _safe_extract_zip(path: Path, dest: Path, limits: Limits) -> list[Path]:
     return out
 
 
+
+
 # --------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 # --------------------------------------------------------------------------------------------
 
-def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
-                limits: Limits = DEFAULT_LIMITS) -> Volume:
-    """Load a CT volume from a NIfTI/NRRD file, a DICOM folder, a DICOM .zip, or a list of DICOM files.
-
-    Raises `VolumeError` with a user-readable message for anything that is not a usable CT volume.
-    """
+def _dicom_files(source, limits: Limits, tmp: str) -> list[Path] | None:
+    """The files of a DICOM upload (a folder, a list of files, a .zip extracted into ``tmp``), or None
+    when ``source`` is a single file of another kind."""
     if isinstance(source, (list, tuple)):
         paths = [Path(p) for p in source]
-        if len(paths) == 1:
-            return load_volume(paths[0], limits)
-        for p in paths:
-            _check_file(p, limits)
-        return _load_dicom_files(paths, limits)
+        if len(paths) != 1:
+            for p in paths:
+                _check_file(p, limits)
+            return paths
+        source = paths[0]
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-        return _load_dicom_files(files, limits)
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     _check_file(path, limits)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".gz")):
+        return None
+    if name.endswith(".zip") or zipfile.is_zipfile(path):
+        return sorted(_safe_extract_zip(path, Path(tmp), limits))
+    return None
+
+
+def list_series(files_or_zip: str | os.PathLike | Sequence[str | os.PathLike],
+                limits: Limits = DEFAULT_LIMITS) -> list[SeriesInfo]:
+    """The series of a DICOM upload (folder, files or .zip), the default first (the axial CT series with
+    the most slices), then the others; [] for a NIfTI/NRRD file. Reads headers only."""
+    from photon_core.io import dicom
+
+    with tempfile.TemporaryDirectory(prefix="photon_zip_") as tmp:
+        files = _dicom_files(files_or_zip, limits, tmp)
+        return [] if files is None else dicom.list_series(files, limits)
+
+
+def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
+                limits: Limits = DEFAULT_LIMITS, series: str | None = None) -> Volume:
+    """Load a CT volume from a NIfTI/NRRD file, a DICOM folder, a DICOM .zip, or a list of DICOM files.
+
+    ``series``: for a DICOM upload holding several series, the ``uid`` of the `SeriesInfo` to load
+    (`list_series`); None loads the default (the axial CT series with the most slices) and names the
+    others in ``Volume.warnings``. Ignored for NIfTI/NRRD files.
+    Raises `VolumeError` with a user-readable message for anything that is not a usable CT volume.
+    """
+    from photon_core.io import dicom
+
+    with tempfile.TemporaryDirectory(prefix="photon_zip_") as tmp:
+        files = _dicom_files(source, limits, tmp)
+        if files is not None:
+            return dicom.load_series(files, limits, series)
+    path = Path(source[0] if isinstance(source, (list, tuple)) else source)
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return _load_nifti(path, limits)
     if name.endswith((".nrrd", ".nhdr")):
         return _load_nrrd(path, limits)
-    if name.endswith(".zip") or zipfile.is_zipfile(path):
-        with tempfile.TemporaryDirectory(prefix="photon_zip_") as tmp:
-            files = _safe_extract_zip(path, Path(tmp), limits)
-            return _load_dicom_files(sorted(files), limits)
     if name.endswith(".gz"):
         return _load_nifti(path, limits)  # gives the gzip/NIfTI error message
     with open(path, "rb") as f:
         head = f.read(132)
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        raise VolumeError(f"'{path.name}' is a single DICOM image; upload the whole series (all of its "
-                          f"files, or a .zip of them).")
+    if head[128:132] == b"DICM" or name.endswith((".dcm", ".dicom", ".ima")):
+        raise dicom.single_file_error(path, head, limits)
+    picture = _picture_kind(head)
+    if picture:
+        raise VolumeError(f"'{path.name}' is a {picture} picture (a flat 2-D image, e.g. a screenshot); a CT "
+                          f"volume is NIfTI (.nii/.nii.gz), NRRD, or a DICOM series (folder or .zip).")
     raise VolumeError(f"'{path.name}' is not a supported CT file; expected NIfTI (.nii/.nii.gz), NRRD, "
                       f"or a DICOM series (folder or .zip).")
+
+
+def _picture_kind(head: bytes) -> str | None:
+    signatures = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP",
+                  b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"%PDF": "PDF"}
+    return next((kind for sig, kind in signatures.items() if head.startswith(sig)), None)
 
 
 def _check_file(path: Path, limits: Limits) -> None:
@@ -385,22 +513,35 @@ def load_label_map(path: str | os.PathLike, like: Volume | None = None,
 
     path = Path(path)
     _check_file(path, limits)
+    what = f"'{path.name}'"
     try:
         img = nib.load(str(path))
-        _check_shape(img.header.get_data_shape(), limits, f"'{path.name}'")
-        labels = np.asanyarray(img.dataobj).astype(np.int16)
+        _check_dtype(img.get_data_dtype(), what)
+        _check_shape(img.header.get_data_shape(), limits, what)
+        raw = np.asanyarray(img.dataobj)
     except VolumeError:
         raise
     except Exception as e:
-        raise VolumeError(f"'{path.name}' is not a readable NIfTI label map ({type(e).__name__}).") from None
+        raise VolumeError(f"{what} is not a readable NIfTI label map ({type(e).__name__}).") from None
+    raw = raw.reshape(_check_shape(raw.shape, limits, what))
+    if raw.dtype.kind == "f":
+        finite = np.isfinite(raw)
+        if not finite.all() or np.any(raw != np.round(raw)):
+            raise VolumeError(f"{what} holds fractional or NaN values; a label map holds whole-number label "
+                              f"ids (0 = background). Is it the CT rather than its label map?")
+    lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+    top = np.iinfo(np.int16).max
+    if lo < 0 or hi > top:
+        raise VolumeError(f"{what} holds label ids from {lo:g} to {hi:g}; a label map holds ids from 0 "
+                          f"(background) to {top}. Is it the CT rather than its label map?")
+    labels = raw.astype(np.int16)
     affine = np.asarray(img.affine, dtype=np.float64)
     if like is not None and not (labels.shape == like.shape and np.allclose(affine, like.affine, atol=1e-2)):
         # Same voxels stored in another axis order (e.g. LAS vs LPS): permute/flip onto the scan grid.
-        from nibabel import orientations as ornt
+        from photon_core.io.orientation import reorient
 
-        t = ornt.ornt_transform(ornt.io_orientation(affine), ornt.io_orientation(like.affine))
-        moved = ornt.apply_orientation(labels, t)
-        moved_aff = affine @ ornt.inv_ornt_aff(t, labels.shape)
+        moved, to_source = reorient(labels, affine, like.affine)
+        moved_aff = affine @ to_source
         if moved.shape != like.shape or not np.allclose(moved_aff, like.affine, atol=1e-2):
             raise VolumeError(f"The label map grid ({'×'.join(map(str, labels.shape))}) does not match "
                               f"the scan ({'×'.join(map(str, like.shape))}); expected a label map "
@@ -411,8 +552,10 @@ def load_label_map(path: str | os.PathLike, like: Volume | None = None,
 
 def volume_from_array(hu: np.ndarray, affine: np.ndarray | None = None,
                       limits: Limits = DEFAULT_LIMITS) -> Volume:
-    """Wrap an in-memory HU array (I, J, K) with an affine (identity = 1 mm RAS) as a Volume."""
+    """Wrap an in-memory HU array (I, J, K) with an affine (identity = 1 mm RAS) as a Volume (the
+    array is copied: the caller's array is never changed)."""
     hu = np.asarray(hu)
-    hu = hu.reshape(_check_shape(hu.shape, limits, "This array"))
-    return Volume(hu=_check_values(hu), affine=_check_affine(np.eye(4) if affine is None else affine),
-                  source_format="array", meta={"format": "array"})
+    _check_dtype(hu.dtype, "This array")
+    shape = _check_shape(hu.shape, limits, "This array")
+    return make_volume(np.array(hu, dtype=np.float32).reshape(shape), np.eye(4) if affine is None else affine,
+                       "array", {"format": "array"}, was_bool=hu.dtype == bool)

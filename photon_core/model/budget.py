@@ -4,9 +4,14 @@ Only the decision changes; ITS's saliency is always computed. ``auto`` is what P
 model's own θ); the manual modes override the decision (top-k or a share by ρ, a user θ, all);
 ``fastv`` / ``visionzip`` / ``random`` are pruning baselines at k tokens (`baselines.py`), computed
 only for the rows that ask for them.
+
+A manual budget never keeps fewer than `MIN_KEEP_TOKENS` visual tokens (`Budget` refuses counts and
+shares below it; a user θ that would leave fewer keeps the most salient `MIN_KEEP_TOKENS`, see
+`decide`). ``auto`` is Photon's own decision and is not floored.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +23,25 @@ BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "vi
 MODES = ("auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random")
 COUNT_MODES = ("top_k", "fastv", "visionzip", "random")
 BASELINE_MODES = ("fastv", "visionzip", "random")
+SCAN_TOKENS = 1000            # visual tokens of one scan on the official geometry (10 × 10 × 10 blocks)
+MIN_KEEP_TOKENS = 20
+"""The fewest visual tokens a manual budget may keep: 20 tokens, 2 % of one scan's 1,000.
+
+Each token is a block of about 36 mm a side (≈ 48 ml), so 20 tokens cover about a litre of the body:
+less than one liver, and less than half of what Photon's own threshold kept on any of the demo test
+split's 296 questions (at least 43, reports/demo_test). Below this an answer is formed from almost none
+of the scan and reflects the question's wording more than the image, which the UI would still present
+as an answer about the scan; 0 tokens (the budget '0') answers from the text alone. The floor is a
+share of the official 1,000-token scan (`MIN_KEEP_RATIO`) for the ratio mode, whose token count is
+only known at the ITS layer.
+"""
+MIN_KEEP_RATIO = MIN_KEEP_TOKENS / SCAN_TOKENS
+# Modes that read the learned threshold θ: an S1 checkpoint (no ITS weights) cannot run them. Every
+# other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
+THRESHOLD_MODES = ("auto", "threshold")
+S1_MESSAGE = ("{mode!r} needs a learned threshold θ, which only an S2 checkpoint has; this is an S1 "
+              "checkpoint (no token-scheduling weights): use full, a token count (top_k), a percent, or a "
+              "baseline")
 
 
 @dataclass(frozen=True)
@@ -25,7 +49,9 @@ class Budget:
     """How the keep decision is made. Only the decision changes; saliency is always computed.
 
     auto: the model's own θ (what Photon does). top_k: the k most salient tokens. ratio: a fraction
-    of the visual tokens (top by ρ). threshold: keep ρ > value (a user θ). full: keep everything.
+    of the visual tokens (top by ρ). threshold: keep ρ > value (a user θ), and at least the
+    `MIN_KEEP_TOKENS` most salient. full: keep everything. Counts and ratios below the floor raise
+    ValueError; a θ cannot be checked before ρ is known, so its floor is applied in `decide`.
     fastv / visionzip / random: pruning baselines at k tokens — FastV (attention of the last
     instruction token), VisionZip-style (text-agnostic: dominant tokens by attention received from
     the other visual tokens, plus contextual tokens that each merge the remaining tokens most similar
@@ -39,15 +65,22 @@ class Budget:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown budget mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        if self.mode in COUNT_MODES and (self.value is None or self.value < 0):
-            raise ValueError(f"budget mode {self.mode!r} needs a token count >= 0")
-        if self.mode == "ratio" and (self.value is None or not 0 <= self.value <= 1):
-            raise ValueError("budget mode 'ratio' needs a fraction in [0, 1]")
-        if self.mode == "threshold" and (self.value is None or not 0 <= self.value <= 1):
+        value = None if self.value is None else float(self.value)
+        if self.mode in COUNT_MODES:
+            if value is None or not math.isfinite(value) or value < 0:
+                raise ValueError(f"budget mode {self.mode!r} needs a token count >= {MIN_KEEP_TOKENS}")
+            if value < MIN_KEEP_TOKENS:
+                raise ValueError(_below_floor(f"{value:g} visual tokens"))
+        if self.mode == "ratio":
+            if value is None or not 0 <= value <= 1:
+                raise ValueError("budget mode 'ratio' needs a fraction in [0, 1]")
+            if value < MIN_KEEP_RATIO:
+                raise ValueError(_below_floor(f"{value:.1%} of the visual tokens"))
+        if self.mode == "threshold" and (value is None or not 0 <= value <= 1):
             raise ValueError("budget mode 'threshold' needs θ in [0, 1]")
 
     @classmethod
-    def parse(cls, text: str | "Budget" | None) -> "Budget":
+    def parse(cls, text: str | Budget | None) -> Budget:
         """'auto' | 'full' | 'top_k:300' | 'ratio:0.25' | '25%' | 'threshold:0.4' | 'fastv:300'."""
         if text is None:
             return cls()
@@ -76,6 +109,12 @@ class Budget:
         return f"{self.mode}:{int(self.value)}"
 
 
+def _below_floor(what: str) -> str:
+    return (f"A budget of {what} is below the floor of {MIN_KEEP_TOKENS} tokens ({MIN_KEEP_RATIO:.0%} of a "
+            f"scan): an answer from so little of the scan would rest on the question alone. Keep at least "
+            f"{MIN_KEEP_TOKENS} tokens or {MIN_KEEP_RATIO:.0%}.")
+
+
 def is_baseline(budget: Budget) -> bool:
     """A pruning baseline (FastV, VisionZip-style, random), selected by `baselines.select`."""
     return budget.mode in BASELINE_MODES
@@ -84,12 +123,16 @@ def is_baseline(budget: Budget) -> bool:
 def decide(budget: Budget, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Keep mask (V,) for one sample under an ITS budget (ρ (V,), θ scalar tensor)."""
     V = rho.numel()
+    if budget.mode in THRESHOLD_MODES and bool(torch.isnan(theta).any()):
+        raise ValueError(S1_MESSAGE.format(mode=budget.mode))
     if budget.mode == "auto":
         return torch.sigmoid((rho - theta) / TEMPERATURE) > 0.5
     if budget.mode == "full":
         return torch.ones(V, dtype=torch.bool, device=rho.device)
-    if budget.mode == "threshold":
-        return torch.sigmoid((rho - float(budget.value)) / TEMPERATURE) > 0.5
+    if budget.mode == "threshold":      # a θ that leaves fewer than the floor keeps the floor's top tokens
+        keep = torch.sigmoid((rho - float(budget.value)) / TEMPERATURE) > 0.5
+        floor = top_k(rho, MIN_KEEP_TOKENS)
+        return torch.where(keep.sum() < floor.sum(), floor, keep)
     if budget.mode == "top_k":
         return top_k(rho, int(budget.value))
     if budget.mode == "ratio":

@@ -1,85 +1,215 @@
-"""Loading and saving Photon checkpoint folders (safetensors only).
+"""Loading and saving Photon checkpoint folders (safetensors only), and what a loaded one is.
 
 A folder holds ``config.json`` (HF layout, see config.py), ``model.safetensors`` or sharded
-``model-0000x-of-0000y.safetensors`` + ``model.safetensors.index.json``, and the tokenizer files.
+``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``, and the tokenizer files.
 Official Photon-S1/S2 folders (transformers 4.51 key names) load unchanged; transformers-5 key
 names (``model.language_model.*``, ``model.visual.*``) are mapped to the same layout.
-Pickle-based weight files are refused, never opened.
+
+What a folder may hold besides (ms-swift's ``args.json``, a hub repository's ``README.md`` and
+``.gitattributes``, the S2 repository's ``results.zip``, images, sub-folders of other tasks) is
+ignored and logged. Pickle files (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, …) are never opened: beside
+safetensors weights they are ignored; a folder whose weights exist only as pickles is refused with
+a message saying to convert them.
+
+S1 or S2 is read from the weights: threshold-MLP weights at the ITS layer
+(``model.layers.<s>.atp.*``) make an S2 checkpoint; without them it is S1 (the aligned model of
+the reference's ``modeling_photon_s1``, which has no token scheduling).
 """
+
 from __future__ import annotations
 
 import json
+import logging
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from photon_core.model.config import PhotonConfig
 from photon_core.model.photon import PhotonModel
 
+log = logging.getLogger(__name__)
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
-ALLOWED_FILES = {
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "video_preprocessor_config.json", "MODEL_CARD.md", "README.md", "LICENSE", "NOTICE", "eval.json",
-    "training_args.json", "trainer_state.json", "train_state.json", "optimizer.safetensors", "configuration.json",
-    "aux_head.safetensors", ".gitattributes",
-}
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+# Everything the loader, the tokenizer and the prompt read; any other file is ignored (and logged).
+READ_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "model.safetensors",
+    INDEX,
+) + TOKENIZER_FILES
 MAX_SHARD_BYTES = 16 * 1024 * 1024
+_ITS_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.atp\.")
 
 
 class CheckpointError(ValueError):
     """The folder is not a usable Photon checkpoint; the message says why."""
 
 
-def _check_folder(path: Path) -> list[Path]:
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Which checkpoint a Predictor runs: where it came from and whether it schedules tokens."""
+
+    source: Literal["embedded", "folder", "hub"]
+    name: str  # what the card and the export show
+    path: Path  # the local folder (reports show only its name)
+    repo_id: str | None = None  # hub id, when fetched from the hub
+    subfolder: str | None = None
+    revision: str | None = None  # as the user named it (branch, tag or commit)
+    stage: Literal["S1", "S2"] = "S2"
+    has_its: bool = True  # S2: learned threshold θ at the ITS layer
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = self.path.name  # never a server path in a report
+        return d
+
+    def label(self) -> str:
+        """One line: 'Alibaba-DAMO-Academy/Photon-S2 / 3D-RAD @ main (S2)', 'folder my_ckpt (S1)'."""
+        if self.source == "hub":
+            where = self.repo_id + (f" / {self.subfolder}" if self.subfolder else "")
+            where += f" @ {self.revision}" if self.revision else ""
+        elif self.source == "folder":
+            where = f"folder {self.path.name}"
+        else:
+            where = self.name
+        return f"{where} ({self.stage})"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors weight files (through the index when sharded); checks the folder policy.
+
+    Logs what it ignores; refuses a folder without config.json or without safetensors weights."""
     if not path.is_dir():
         raise CheckpointError(f"Model folder '{path}' does not exist or is not a folder.")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"'{path.name}' is not a Photon checkpoint: it has no config.json.")
-    for f in path.iterdir():
-        if f.name.endswith(PICKLE_SUFFIXES):
-            raise CheckpointError(f"'{path.name}' contains '{f.name}', a pickle-based file. Only "
-                                  f"safetensors weights are accepted; convert it with the safetensors "
-                                  f"library in a trusted environment.")
-        if f.is_file() and f.name not in ALLOWED_FILES and not (
-                f.name.startswith("model-") and f.name.endswith(".safetensors")):
-            raise CheckpointError(f"'{path.name}' contains an unexpected file '{f.name}'; a Photon "
-                                  f"checkpoint folder holds config, safetensors weights and tokenizer files.")
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX
     if index.is_file():
-        with open(index) as fh:
-            shards = sorted(set(json.load(fh)["weight_map"].values()))
+        try:
+            with open(index) as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(
+                f"'{path.name}/{INDEX}' is not a safetensors index (no weight_map)."
+            ) from None
+        bad = [s for s in shards if "/" in s or "\\" in s or not s.endswith(".safetensors")]
+        if bad:
+            raise CheckpointError(
+                f"'{path.name}/{INDEX}' names weight files that are not safetensors files of "
+                f"this folder: {', '.join(bad[:3])}."
+            )
         files = [path / s for s in shards]
     else:
         files = [path / "model.safetensors"]
+    names = {f.name for f in files}
+    entries = sorted(path.iterdir())
+    pickles = [f.name for f in entries if f.name.lower().endswith(PICKLE_SUFFIXES)]
+    if not any(f.is_file() for f in files):
+        if pickles:
+            raise CheckpointError(
+                f"'{path.name}' holds its weights only as pickle files ({', '.join(pickles[:3])}), which are "
+                f"never opened here (unpickling runs code). Convert them to safetensors in a trusted "
+                f"environment (e.g. load them with transformers there and save_pretrained(..., "
+                f"safe_serialization=True))."
+            )
+        others = [f.name for f in entries if f.name.endswith(".safetensors")]
+        hint = (
+            f" (it has {', '.join(others[:3])}: an adapter or optimizer state, not the model)"
+            if others
+            else ""
+        )
+        raise CheckpointError(
+            f"'{path.name}' has no model weights: no model.safetensors and no {INDEX}{hint}."
+        )
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"'{path.name}' is missing weight files: {', '.join(missing)}.")
+    ignored = [
+        f.name + ("/" if f.is_dir() else "")
+        for f in entries
+        if f.name not in READ_FILES and f.name not in names
+    ]
+    if ignored:
+        log.info(
+            "Checkpoint '%s': ignoring %s%s",
+            path.name,
+            ", ".join(ignored[:12]),
+            f" and {len(ignored) - 12} more" if len(ignored) > 12 else "",
+        )
     return files
+
+
+def tensor_names(files: list[Path]) -> list[str]:
+    """Tensor names of safetensors files, read from their headers (no tensor is loaded)."""
+    names = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                names += list(fh.keys())
+        except Exception as e:
+            raise CheckpointError(
+                f"'{f.name}' is not a readable safetensors file ({type(e).__name__})."
+            ) from None
+    return names
+
+
+def stage_of(names: list[str], cfg: PhotonConfig) -> bool:
+    """True (S2) if the weights hold the threshold MLP at the config's ITS layer, False (S1) if none."""
+    layers = sorted({int(m.group(1)) for n in names if (m := _ITS_KEY.match(n))})
+    if not layers:
+        return False
+    if layers != [int(cfg.its_layer)]:
+        raise CheckpointError(
+            f"The checkpoint has token-scheduling weights at decoder layer(s) {layers}, but its "
+            f"config puts ITS at layer {cfg.its_layer} (int(num_hidden_layers / 4 - 1))."
+        )
+    return True
 
 
 def _rename(key: str) -> str:
     if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+        return "model." + key[len("model.language_model.") :]
     if key.startswith("model.visual."):
-        return key[len("model."):]
+        return key[len("model.") :]
     return key
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> PhotonModel:
-    """Build a `PhotonModel` from a checkpoint folder. bf16 on CUDA, fp32 on CPU unless ``dtype``."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> PhotonModel:
+    """Build a `PhotonModel` from a checkpoint folder. bf16 on CUDA, fp32 on CPU unless ``dtype``.
+
+    The weights decide S1 or S2 (``model.config.has_its``)."""
     path = Path(path)
-    files = _check_folder(path)
+    files = weight_files(path)
     cfg = PhotonConfig.from_file(path / "config.json")
+    cfg = replace(cfg, has_its=stage_of([_rename(n) for n in tensor_names(files)], cfg))
     state = {}
     for f in files:
         try:
             part = load_file(str(f))
         except Exception as e:
-            raise CheckpointError(f"'{f.name}' is not a readable safetensors file ({type(e).__name__}).") from None
+            raise CheckpointError(
+                f"'{f.name}' is not a readable safetensors file ({type(e).__name__})."
+            ) from None
         state.update({_rename(k): v for k, v in part.items()})
     with torch.device("meta"):
         model = PhotonModel(cfg)
@@ -92,16 +222,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if "visual.patch_embed.proj.weight" in unexpected:
-        raise CheckpointError("The checkpoint has a stock Qwen2.5-VL image patch embed "
-                              "('visual.patch_embed'), not Photon's 3-D CT patch embed.")
+        raise CheckpointError(
+            "The checkpoint has a stock Qwen2.5-VL image patch embed "
+            "('visual.patch_embed'), not Photon's 3-D CT patch embed."
+        )
     if missing or unexpected:
-        raise CheckpointError(f"'{path.name}' does not match the Photon architecture of its config: "
-                              f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
-                              f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}.")
+        raise CheckpointError(
+            f"'{path.name}' does not match the Photon architecture of its config: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}."
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"Weight '{k}' has shape {tuple(v.shape)} but the config implies "
-                                  f"{tuple(own[k].shape)}; the checkpoint and config.json disagree.")
+            raise CheckpointError(
+                f"Weight '{k}' has shape {tuple(v.shape)} but the config implies "
+                f"{tuple(own[k].shape)}; the checkpoint and config.json disagree."
+            )
     model.load_state_dict(state, strict=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -109,7 +245,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype)
-    model.reset_buffers()   # built on meta; rotary frequencies stay fp32
+    model.reset_buffers()  # built on meta; rotary frequencies stay fp32
     model.eval()
     return model
 

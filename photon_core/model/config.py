@@ -55,6 +55,8 @@ class PhotonConfig:
     max_position_embeddings: int = 128000
     second_per_grid_t: float = 14.0      # temporal_patch_size / FPS with the official FPS = 1
     its_layer: int | None = None         # None -> int(num_hidden_layers / 4 - 1), the official rule
+    has_its: bool = True                 # S2 (threshold MLP at its_layer) or S1 (aligned, no ITS weights):
+                                         # the checkpoint's weights decide when it is loaded
     vision: VisionConfig = field(default_factory=VisionConfig)
     model_name: str = "Photon"           # provenance shown in the app
 
@@ -123,7 +125,7 @@ class PhotonConfig:
         vision["spatial_patch_size"] = vision["patch_size"]
         vision["model_type"] = "qwen2_5_vl"
         mrope = own.pop("mrope_section")
-        photon = {k: own.pop(k) for k in ("its_layer", "second_per_grid_t", "model_name")}
+        photon = {k: own.pop(k) for k in ("its_layer", "has_its", "second_per_grid_t", "model_name")}
         return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
                 **own, "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": mrope},
                 "vision_config": vision, "photon": photon, "torch_dtype": "float32"}

@@ -71,8 +71,9 @@ class PhotonModel(nn.Module):
         return int(self.config.its_layer)
 
     @property
-    def its_module(self) -> its.ITSModule:
-        return self.model.layers[self.its_layer].atp
+    def its_module(self) -> its.ITSModule | None:
+        """The threshold MLP's module at the ITS layer; None for an S1 checkpoint (no ITS weights)."""
+        return getattr(self.model.layers[self.its_layer], "atp", None)
 
     def reset_buffers(self) -> None:
         """Recompute the (non-persistent) rotary frequencies in fp32 on the model's device."""
@@ -91,7 +92,8 @@ class PhotonModel(nn.Module):
                 nn.init.normal_(mod.weight, std=std)
             elif isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
-        self.its_module.predictor.reset_its_init()
+        if self.its_module is not None:
+            self.its_module.predictor.reset_its_init()
 
     # ------------------------------------------------------------------ inputs
     def encode_volume(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -152,8 +154,11 @@ class PhotonModel(nn.Module):
         rho = its.minmax(u)
         # Phase 1 measures ITS without training it: keep the threshold MLP out of the graph.
         frozen = self.training and schedule is not None and schedule.phase == 1
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            theta, desc = self.its_module.threshold(rho, u)
+        if self.its_module is None:        # S1: saliency without a learned threshold (θ undefined)
+            theta, desc = torch.full((B,), float("nan"), device=u.device), its.descriptor(rho, u)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                theta, desc = self.its_module.threshold(rho, u)
         p = torch.sigmoid((rho - theta[:, None]) / its.TEMPERATURE)
         keeps, merges = [], []
         for b in range(B):

@@ -26,13 +26,10 @@ from photon_core.io.preprocess import MODEL_SHAPE
 from photon_core.organs import MIRROR
 from photon_core.train.synthetic.anatomy import VOXEL_MM, Background, deform, downsample_shape, load_background, shrink
 from photon_core.train.synthetic.findings import NO_LESIONS, Finding, FindingSampler, lesion_sites
+from photon_core.train.synthetic.splits import REPORT_CASES, SPLITS, TRAIN_CASES
 from photon_core.train.synthetic.questions import (CHANGES, ENLARGE_ORGANS, FINDING_FAMILIES, make_questions,
                                                    make_temporal_questions)
 
-# each split's seed base: its own deformed bodies and findings (``report``: a body never trained on)
-SPLITS = {"train": 0, "test": 1_000_003, "report": 2_000_003, "val": 3_000_003}
-TRAIN_CASES = ("abdomen_ct", "chest_aorta_ct")
-REPORT_CASES = ("dicom_ct",)
 CLEAN_ACQUISITION = 0.1                      # share of scans without acquisition jitter and noise
 
 

@@ -1,0 +1,338 @@
+"""DICOM uploads as a PACS exports them: several series, one of which is the CT volume to load.
+
+    list_series(files)             # [SeriesInfo], the default first
+    load_series(files, limits)     # the default series as a Volume (warnings name the others)
+    load_series(files, limits, series=info.uid)
+
+A study folder typically holds a localizer (scout), one or more axial reconstructions (a soft-tissue
+and a lung kernel, thin and thick slices) and perhaps coronal/sagittal reformats. The default is the
+axial CT series with the most slices; any loadable CT series can be chosen instead.
+
+Privacy: every file is read with pydicom's ``specific_tags``: only the attributes named in
+``HEADER_TAGS`` (and, for the series being loaded, ``PIXEL_TAGS``) are read; pydicom seeks past every
+other element, so no patient name, id, birth date or free-text comment is ever read into memory.
+A series is keyed by a digest of its SeriesInstanceUID, so the UID itself leaves this module neither.
+
+Duplicate slices (one position twice: copies in the export, or a re-sent image) are dropped with a
+warning; the first by instance number is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from photon_core.io.volume import (
+    SAFE_DICOM_FIELDS,
+    Limits,
+    SeriesInfo,
+    Volume,
+    VolumeError,
+    _check_shape,
+    _reason,
+    clean_text,
+    make_volume,
+)
+
+HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality", "ImageType", "ConvolutionKernel",
+               "ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns", "PixelSpacing",
+               "SliceThickness", "NumberOfFrames", "SamplesPerPixel", "InstanceNumber") + SAFE_DICOM_FIELDS
+PIXEL_TAGS = HEADER_TAGS + ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                            "PhotometricInterpretation", "PlanarConfiguration", "RescaleSlope",
+                            "RescaleIntercept", "PixelData")
+POSITION_TOLERANCE_MM = 1e-3      # two slices closer than this along the normal share a position
+AXIAL_COSINE = 0.9                # |slice normal · axis| above this names the orientation (≈ 26°)
+
+
+@dataclass
+class _Image:
+    path: Path
+    ds: object                    # the pydicom Dataset of HEADER_TAGS only
+
+
+def _read(path: Path, tags: Sequence[str], pixels: bool):
+    import pydicom
+
+    return pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=False, specific_tags=list(tags))
+
+
+def _scan(files: Sequence[Path]) -> dict[str, list[_Image]]:
+    """Header of every DICOM image among ``files``, grouped by series (non-DICOM files and DICOM objects
+    without an image, such as DICOMDIR or reports, are skipped). A series is its SeriesInstanceUID and,
+    in case an anonymiser blanked the UIDs, its description, kernel, orientation and image size."""
+    groups: dict[str, list[_Image]] = {}
+    for f in files:
+        try:
+            ds = _read(f, HEADER_TAGS, pixels=False)
+        except Exception:
+            continue
+        if "Rows" not in ds or "Columns" not in ds:
+            continue
+        key = "|".join([str(ds.get("SeriesInstanceUID", "")), _text(ds.get("SeriesDescription")),
+                        _text(ds.get("ConvolutionKernel")), _orientation(_normal(ds)),
+                        f"{int(ds.Rows)}x{int(ds.Columns)}"])
+        groups.setdefault(key, []).append(_Image(Path(f), ds))
+    return groups
+
+
+def _key(group: str) -> str:
+    return "s" + hashlib.sha256(group.encode()).hexdigest()[:12]
+
+
+def _text(value, limit: int = 64) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
+        value = " ".join(str(v) for v in value)
+    return clean_text(value, limit)
+
+
+def _normal(ds) -> np.ndarray | None:
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+    v = np.asarray(iop, dtype=np.float64)
+    n = np.cross(v[:3], v[3:])
+    norm = np.linalg.norm(n)
+    return n / norm if norm > 1e-6 else None
+
+
+def _orientation(normal: np.ndarray | None) -> str:
+    if normal is None:
+        return "unknown"
+    axis = int(np.argmax(np.abs(normal)))
+    if abs(normal[axis]) < AXIAL_COSINE:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]       # the normal along x, y (patient LPS) or z
+
+
+def _positions(images: list[_Image], normal: np.ndarray | None) -> np.ndarray | None:
+    if normal is None or any("ImagePositionPatient" not in im.ds for im in images):
+        return None
+    return np.array([float(np.dot(np.asarray(im.ds.ImagePositionPatient, float), normal)) for im in images])
+
+
+def _distinct(pos: np.ndarray) -> int:
+    s = np.sort(pos)
+    return int(1 + np.sum(np.diff(s) >= POSITION_TOLERANCE_MM)) if s.size else 0
+
+
+def _describe(group: str, images: list[_Image], limits: Limits) -> SeriesInfo:
+    ds = images[0].ds
+    modality = _text(ds.get("Modality"), 16) or "?"
+    description, kernel = _text(ds.get("SeriesDescription")), _text(ds.get("ConvolutionKernel"), 32)
+    normal = _normal(ds)
+    orientation = _orientation(normal)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    pos = _positions(images, normal)
+    slices = frames if frames > 1 else (_distinct(pos) if pos is not None else len(images))
+    image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
+    note = ""
+    if "LOCALIZER" in image_type:
+        note = "a localizer/scout image"
+    elif modality != "CT":
+        note = f"modality {modality}, not CT"
+    elif int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        note = "a colour image (a screen capture)"
+    elif frames > 1:
+        note = "a multi-frame (enhanced) file, not read yet"
+    elif slices < limits.min_slices:
+        note = f"only {slices} slice{'s' * (slices != 1)}; a volume needs {limits.min_slices}"
+    name = description or "Series without description"
+    label = f"{name} — {slices} {orientation} {modality} slice{'s' * (slices != 1)}"
+    label += f", kernel {kernel}" if kernel else ""
+    label += f" ({note})" if note else ""
+    return SeriesInfo(uid=_key(group), description=description, slices=slices, kernel=kernel,
+                      orientation=orientation, modality=modality, label=label, loadable=not note, note=note)
+
+
+def _ordered(groups: dict[str, list[_Image]], limits: Limits) -> list[tuple[SeriesInfo, list[_Image]]]:
+    """Series described, the default first: loadable, axial, most slices, then by description."""
+    out = [(_describe(group, images, limits), images) for group, images in groups.items()]
+    return sorted(out, key=lambda x: (not x[0].loadable, x[0].orientation != "axial", -x[0].slices,
+                                      x[0].description, x[0].uid))
+
+
+def list_series(files: Sequence[Path], limits: Limits) -> list[SeriesInfo]:
+    """The DICOM series among ``files``, the default first (see `load_series`)."""
+    return [info for info, _ in _ordered(_scan(files), limits)]
+
+
+def load_series(files: Sequence[Path], limits: Limits, series: str | None = None) -> Volume:
+    """One series of a DICOM upload as a Volume: ``series`` (a `SeriesInfo.uid`), or by default the
+    first of `list_series` (the axial CT series with the most slices). The others are named in the
+    Volume's warnings."""
+    ordered = _ordered(_scan(files), limits)
+    if not ordered:
+        raise VolumeError("No DICOM images were found; expected the files (or a .zip) of a CT series.")
+    if series is not None:
+        chosen = [x for x in ordered if x[0].uid == series]
+        if not chosen:
+            raise VolumeError(f"The chosen series is not in this upload; it holds: "
+                              f"{'; '.join(i.label for i, _ in ordered)}.")
+        info, images = chosen[0]
+    else:
+        info, images = ordered[0]
+        if not info.loadable:
+            ct = [i for i, _ in ordered if i.modality == "CT"]
+            if not ct:
+                raise VolumeError(f"This DICOM series is modality '{info.modality}'; Photon reads CT only.")
+            listing = "; ".join(i.label for i, _ in ordered)
+            raise VolumeError(f"No series in this upload is a CT volume: {listing}.")
+    if info.modality != "CT":
+        raise VolumeError(f"This DICOM series is modality '{info.modality}'; Photon reads CT only.")
+    warnings = []
+    others = [i.label for i, _ in ordered if i.uid != info.uid]
+    if others:
+        warnings.append(f"This upload holds {len(ordered)} series; loaded: {info.label}. Not loaded: "
+                        f"{'; '.join(others)}. Choose another series to load it instead.")
+    return _load_images(images, limits, warnings)
+
+
+def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> Volume:
+    """One series' images as a Volume (geometry checked, duplicates dropped, rescale applied)."""
+    ds0 = images[0].ds
+    if int(ds0.get("SamplesPerPixel", 1) or 1) != 1:
+        raise VolumeError("This DICOM series holds colour (RGB) images, such as screen captures, not CT "
+                          "slices; a CT slice holds one grey value (Hounsfield units) per pixel.")
+    if int(ds0.get("NumberOfFrames", 1) or 1) > 1:
+        raise VolumeError("This DICOM series is a multi-frame (enhanced) file, which is not read yet; export "
+                          "the series as classic single-slice images.")
+    if len(images) == 1:
+        raise VolumeError(f"This DICOM series holds a single image ({int(ds0.Rows)}×{int(ds0.Columns)}); "
+                          f"a CT volume needs at least {limits.min_slices} slices: upload the whole series.")
+    for im in images:
+        if "ImagePositionPatient" not in im.ds or "ImageOrientationPatient" not in im.ds:
+            raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "
+                              "the series geometry cannot be rebuilt.")
+    iop = np.asarray(ds0.ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    for im in images:
+        if not np.allclose(np.asarray(im.ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
+            raise VolumeError("The DICOM slices have different orientations; expected one series.")
+    rows, cols = int(ds0.Rows), int(ds0.Columns)
+    if any((int(im.ds.Rows), int(im.ds.Columns)) != (rows, cols) for im in images):
+        raise VolumeError("The DICOM slices have different image sizes; expected one series.")
+    try:
+        slices = [_read(im.path, PIXEL_TAGS, pixels=True) for im in images]
+    except Exception as e:
+        raise VolumeError(f"A DICOM slice of the series could not be read ({_reason(e)}).") from None
+    slices = _drop_duplicates(slices, normal, warnings)
+    pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for ds in slices])
+    gaps = np.diff(pos)
+    if len(slices) >= 3:
+        med = float(np.median(gaps))
+        if np.any(np.abs(gaps - med) > 0.1 * med + 0.01):
+            if np.any(gaps > 1.5 * med):
+                raise VolumeError(f"The DICOM series has missing slices (a gap of {gaps.max():.2f} mm "
+                                  f"where the spacing is {med:.2f} mm).")
+            raise VolumeError(f"The DICOM slice spacing varies ({gaps.min():.2f}–{gaps.max():.2f} mm); "
+                              f"expected a regularly spaced series.")
+    _check_shape((cols, rows, len(slices)), limits, "This DICOM series")
+    hu = np.empty((cols, rows, len(slices)), dtype=np.float32)
+    bad_slope = bad_inter = 0
+    for n, ds in enumerate(slices):
+        if "PixelData" not in ds:
+            raise VolumeError("A DICOM slice of the series holds no image data; the file may be truncated.")
+        try:
+            px = ds.pixel_array.astype(np.float32)
+        except Exception as e:
+            raise VolumeError(f"A DICOM slice could not be decoded ({_reason(e)}).") from None
+        slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+        if not np.isfinite(slope) or slope == 0:
+            slope, bad_slope = 1.0, bad_slope + 1
+        if not np.isfinite(intercept):
+            intercept, bad_inter = 0.0, bad_inter + 1
+        hu[:, :, n] = (px * slope + intercept).T  # pixel_array is (row, col); i runs along columns
+    if bad_slope:
+        warnings.append(f"{bad_slope} slice{'s' * (bad_slope != 1)} had no usable rescale slope (NaN, zero "
+                        f"or infinite); slope 1, the usual CT value, was assumed.")
+    if bad_inter:
+        warnings.append(f"{bad_inter} slice{'s' * (bad_inter != 1)} had no usable rescale intercept; 0 was "
+                        f"assumed, so the values may not be Hounsfield units.")
+    ps = [float(v) for v in ds0.PixelSpacing] if "PixelSpacing" in ds0 else [1.0, 1.0]
+    dz = float(np.median(gaps))
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * ps[1]   # i: along a row (next column)
+    lps[:3, 1] = col_dir * ps[0]   # j: down a column (next row)
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = np.asarray(slices[0].ImagePositionPatient, dtype=np.float64)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    meta = {"format": "DICOM", "n_slices": len(slices)}
+    for name in SAFE_DICOM_FIELDS:
+        if name in ds0:
+            meta[name] = _text(ds0.get(name), 64)
+    thickness = _number(ds0, "SliceThickness", 0.0)
+    return make_volume(hu, affine, "dicom", meta, warnings,
+                       slice_thickness=thickness if np.isfinite(thickness) else None)
+
+
+def _number(ds, name: str, default: float) -> float:
+    value = ds.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _instance(ds) -> float:
+    n = _number(ds, "InstanceNumber", 0.0)
+    return n if np.isfinite(n) else 0.0
+
+
+def _drop_duplicates(slices: list, normal: np.ndarray, warnings: list[str]) -> list:
+    """Slices sorted along the normal, one per position (the lowest instance number is kept)."""
+    where = [float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)) for ds in slices]
+    order = sorted(range(len(slices)), key=lambda n: (where[n], _instance(slices[n]), n))
+    kept, same, different = [], 0, 0
+    last = None
+    for n in order:
+        ds, p = slices[n], where[n]
+        if last is not None and abs(p - last) < POSITION_TOLERANCE_MM:
+            if kept[-1].get("PixelData") == ds.get("PixelData"):
+                same += 1
+            else:
+                different += 1
+            continue
+        kept.append(ds)
+        last = p
+    if same:
+        warnings.append(f"{same} duplicate slice{'s' * (same != 1)} (identical copies at a position already "
+                        f"loaded) {'were' if same != 1 else 'was'} dropped.")
+    if different:
+        warnings.append(f"{different} slice{'s' * (different != 1)} repeated a position with a different "
+                        f"image and {'were' if different != 1 else 'was'} dropped (the first by instance "
+                        f"number was kept); check that the series holds one acquisition.")
+    return kept
+
+
+def single_file_error(path: Path, head: bytes, limits: Limits) -> VolumeError:
+    """What to tell a user who uploaded one file that is, or is named like, a DICOM file."""
+    name = f"'{path.name}'"
+    if head[128:132] != b"DICM":
+        return VolumeError(f"{name} is named like a DICOM file but holds no DICOM data (no 'DICM' marker); "
+                           f"it may be renamed or damaged. A CT volume is NIfTI, NRRD, or a DICOM series.")
+    try:
+        ds = _read(path, HEADER_TAGS, pixels=False)
+    except Exception:
+        return VolumeError(f"{name} starts like a DICOM file but could not be read; it is truncated or "
+                           f"damaged.")
+    if "Rows" not in ds or "Columns" not in ds:
+        return VolumeError(f"{name} is a DICOM file without an image (a directory, report or similar); "
+                           f"upload the image files of a CT series.")
+    size = f"{int(ds.Rows)}×{int(ds.Columns)}"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return VolumeError(f"{name} is a colour DICOM image ({size}), such as a screen capture, not a CT "
+                           f"series.")
+    if frames > 1:
+        return VolumeError(f"{name} is a multi-frame (enhanced) DICOM file of {frames} frames, which is not "
+                           f"read yet; export the series as classic single-slice images.")
+    return VolumeError(f"{name} is a single DICOM image ({size}, one slice); a CT volume needs at least "
+                       f"{limits.min_slices} slices: upload every file of the series (or a .zip of them).")
