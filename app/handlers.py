@@ -162,7 +162,7 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
         view = build_view(s, store.session(_key(request)))
         out = _fresh(engine, s, view, [])
         choices = [(x.label, x.uid) for x in s.series]
-        out["series"] = gr.update(choices=choices, value=series_uid or None, visible=bool(choices))
+        out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
         return out
     except Exception as e:  # noqa: BLE001
         return _failed_load(old, e, name)

@@ -234,7 +234,8 @@ class Engine:
                 raise VolumeError(f"The prior scan could not be read: {e}") from None
         s = self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress,
                               label_table)
-        s.series, s.series_uid = listed, series or None
+        s.series = listed
+        s.series_uid = series or (listed[0].uid if listed else None)     # the loader's default is listed first
         if prior is not None:
             progress(0.9, desc="Encoding the prior scan")
             s.prior, s.prior_key = prior, volume_key(prior)

@@ -174,8 +174,8 @@ def test_messages_never_show_server_paths_nor_cut_words():
     from app.handlers import MAX_MESSAGE, message
     from photon_core.io.volume import VolumeError
 
-    m = message(VolumeError("'/tmp/gradio/3f2a/upload/scan.nii.gz' is not a readable NIfTI file "
-                            "(ImageFileError: Cannot work out file type of \"/tmp/gradio/3f2a/scan.nii.gz\")"))
+    m = message(VolumeError("'/tmp/gradio/3f2a/upload/scan.nii.gz' is not a readable NIfTI file (Image"
+                            "FileError: Cannot work out file type of \"/tmp/gradio/3f2a/scan.nii.gz\")"))
     assert "/tmp" not in m and "scan.nii.gz" in m
     assert message(ValueError("C:\\Users\\jane\\scan.nii is bad")) == "scan.nii is bad"
     assert message(ValueError("a 3/4 of the Abdomen/pelvis")) == "a 3/4 of the Abdomen/pelvis"
@@ -206,7 +206,7 @@ def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine,
                         load_volume(SAMPLES / "abdomen_ct/ct.nii.gz"))
     files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
     out = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
-    assert asked == [None] and out["series"]["visible"] is True
+    assert asked == [None] and out["series"]["visible"] is True and out["series"]["value"] == "1.1"
     assert [c[1] for c in out["series"]["choices"]] == ["1.1", "1.2", "1.3"]
     assert "holds 3 series" in out["status"]
     out = h.load_upload(files, None, None, None, "1.3", out["session"], out["view"], engine=engine,

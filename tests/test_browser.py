@@ -278,3 +278,26 @@ def test_compare_export_and_a_prior_scan(page, tmp_path):
     page.wait_for_selector("#prior-count")
     assert "/ 2000" in _text(page, "#token-count")
     page.screenshot(path=str(SHOTS / "06_prior_and_current.png"), full_page=True)
+
+
+def test_a_pacs_study_lists_its_series_and_loads_the_one_picked(page, tmp_path):
+    """Item 5: a study folder (two kernels, a localizer, slices exported twice) loads its default series
+    with the loader's warnings shown, lists the others, and loads the one the user picks."""
+    from test_volume import _pacs_export
+
+    study = _pacs_export(tmp_path)
+    page.get_by_role("tab", name="Upload").click()
+    clear = page.locator("#upload button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+    page.set_input_files("#upload input[type=file]", [str(p) for p in sorted(study.iterdir())])
+    page.click("#load_upload")
+    _wait_text(page, "#status", "512×512×20")
+    status = _text(page, "#status")
+    assert "duplicate" in status and "3 series" in status
+    page.locator("#series input").click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert len(options) == 3 and "Lung 2.0 Bl57" in " ".join(options)
+    page.get_by_role("option", name=next(o for o in options if "Lung" in o)).click()
+    _wait_text(page, "#status", "512×512×17")
+    page.screenshot(path=str(SHOTS / "07_pacs_series.png"), full_page=True)
