@@ -88,7 +88,7 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
         c["load_case"] = gr.Button("Load case", elem_id="load_case")
     with gr.Tab("Upload"):
         c["files"] = gr.File(label="CT: NIfTI / NRRD file, or the files / .zip of a DICOM study",
-                             file_count="multiple", elem_id="upload")
+                             file_count="multiple", elem_id="upload", height=220)
         c["series"] = gr.Dropdown([], label="Series (the upload holds several)", visible=False,
                                   elem_id="series")
         c["label_file"] = gr.File(label="Optional label map (NIfTI, same grid)", elem_id="label_upload")

@@ -69,9 +69,7 @@ def empty_card(s: Session | None) -> str:
 
 
 def _provenance(info: dict) -> str:
-    text = esc(info.get("name", ""))
-    if info.get("label"):
-        text += f" · {esc(info['label'])}"
+    text = esc(info.get("label") or info.get("name", ""))      # e.g. 'Org/Photon-S2 / 3D-RAD @ main (S2)'
     notice = f" — {esc(info['notice'])}" if info.get("notice") else ""
     return f"<div id='provenance' style='{_MUTED}'>Model: {text}{notice}</div>"
 

@@ -1,12 +1,14 @@
 """Click-to-view time in a real browser: from the Ask click to the answer card, the 3-D view's scene
 file and the slice image all being updated (headless Debian Chromium, Playwright, 1600×1200).
 
-    python scripts/click_to_view.py --start [--model DIR] [--asks 6]       # starts the app itself
+    python scripts/click_to_view.py --start [--model DIR] [--asks 6] [--shots docs]   # starts the app itself
     python scripts/click_to_view.py --url http://127.0.0.1:7860/ --slices-tab Slices   # an app whose
                                                        # slices sit in another tab (asked twice per question)
 
 Loopback only. Prints one JSON line: per ask the times (s) to the card, the scene file (.glb fetched)
 and the slice image (loaded), the slowest of them (click-to-view), and the model time the card reports.
+``--shots DIR`` then saves screenshots of the app (the liver question on the abdomen sample): the page,
+the 3-D view with its legend, the tri-planar slices and the Compare tab, as small PNGs.
 """
 from __future__ import annotations
 
@@ -104,10 +106,37 @@ def measure(page, question: str, slice_sel: str, need_slice: bool, need_glb: boo
     return out
 
 
+def screenshots(page, folder: Path, slice_sel: str) -> None:
+    """The app after the liver question (3-D view drawn), its 3-D view and legend, its slices, Compare."""
+    folder.mkdir(parents=True, exist_ok=True)
+    measure(page, "Is there a lesion in the liver?", slice_sel, True, True)
+    page.wait_for_timeout(5000)                                   # Babylon draws the new scene
+    _save(page.screenshot(), folder / "screenshot_answer.png")
+    box3d, legend = page.locator("#model3d").bounding_box(), page.locator("#legend_box").bounding_box()
+    clip = {"x": box3d["x"], "y": box3d["y"], "width": legend["x"] + legend["width"] - box3d["x"],
+            "height": box3d["height"]}
+    _save(page.screenshot(clip=clip), folder / "screenshot_3d_anterior.png")
+    _save(page.locator("#slices").screenshot(), folder / "screenshot_triplanar.png")
+    page.get_by_role("tab", name="Compare").click()
+    page.click("#compare")
+    page.wait_for_function("document.querySelectorAll('#compare_table tr').length >= 6")
+    page.wait_for_timeout(1000)
+    _save(page.screenshot(), folder / "screenshot_compare.png")
+
+
+def _save(png: bytes, path: Path) -> None:
+    """A small PNG: the screenshot quantised to 256 colours."""
+    import io
+
+    from PIL import Image
+
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def _model_ms(card: str) -> float | None:
     import re
 
-    m = re.search(r"prefill (\d+) ms · decode (\d+) ms", card)
+    m = re.search(r"prefill (\d+)(?: ms)? · decode (\d+)", card)
     return float(m.group(1)) + float(m.group(2)) if m else None
 
 
@@ -121,6 +150,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--slices-tab", default=None,
                     help="the tab holding the slices, if not beside the 3-D view")
     ap.add_argument("--slice-selector", default="#slices img, #slice img")
+    ap.add_argument("--shots", default=None, help="save screenshots (screenshot_*.png) into this folder")
     args = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -154,6 +184,8 @@ def main(argv=None) -> dict:
                         row[k] = v if k not in row else max(row[k], v)
                 row["view"] = max(row[k] for k in ("card", "slice", "glb"))
                 rows.append(row)
+            if args.shots:
+                screenshots(page, Path(args.shots), args.slice_selector)
             browser.close()
     finally:
         if proc:
