@@ -224,7 +224,8 @@ class Engine:
                               f"one NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
         progress(0.05, desc="Reading the upload")
         listed = self.series(files)
-        vol = load_volume(files if len(files) > 1 else files[0], self.settings.limits, series=series or None)
+        source = files if len(files) > 1 else files[0]
+        vol = load_volume(source, self.settings.limits, series=series or None)
         prior = None
         if prior_file:
             progress(0.1, desc="Reading the prior scan")
@@ -235,7 +236,7 @@ class Engine:
         s = self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress,
                               label_table)
         s.series = listed
-        s.series_uid = series or (listed[0].uid if listed else None)     # the loader's default is listed first
+        s.series_uid = series or (listed[0].uid if listed else None)   # the default is listed first
         if prior is not None:
             progress(0.9, desc="Encoding the prior scan")
             s.prior, s.prior_key = prior, volume_key(prior)

@@ -10,15 +10,8 @@ from photon_core.inference.audit import export_audit, kept_mask_original, organ_
 from photon_core.io.preprocess import TOKEN_GRID, prepare
 from photon_core.io.volume import load_label_map, volume_from_array
 from photon_core.organs import label_blocks, organs_in_question
+from viz import scene as vs
 from viz.glb import accessor, read_glb
-from viz.scene import (
-    AnatomyScene,
-    anatomy_surfaces,
-    kept_region,
-    orientation_marker,
-    render_png,
-    world_bounds,
-)
 from viz.slices import pick, slice_rgb, to_ras, triplanar
 
 
@@ -45,12 +38,12 @@ def _corners(geom):
 
 def test_glb_is_binary_gltf_with_blend(phantom):
     vol, labels, prep = phantom
-    surf = anatomy_surfaces(vol.hu, vol.affine, labels, {"5": "liver"})
+    surf = vs.anatomy_surfaces(vol.hu, vol.affine, labels, {"5": "liver"})
     keep = np.zeros(1000, bool)
     keep[[5, 123, 456]] = True
     rho = np.linspace(0, 1, 1000)
-    scene = AnatomyScene.build(surf, orientation_marker(world_bounds(vol.shape, vol.affine)))
-    js, binary = read_glb(scene.glb(kept_region(_corners(prep.geometry), keep, rho)))
+    scene = vs.AnatomyScene.build(surf, vs.orientation_marker(vs.world_bounds(vol.shape, vol.affine)))
+    js, binary = read_glb(scene.glb(vs.kept_region(_corners(prep.geometry), keep, rho)))
     assert js["asset"]["version"] == "2.0"
     names = [m["name"] for m in js["meshes"]]
     assert {"body", "bone", "liver"} <= set(names) and any(n.startswith("kept") for n in names)
@@ -59,8 +52,8 @@ def test_glb_is_binary_gltf_with_blend(phantom):
     assert kept_mats and all(m["alphaMode"] == "BLEND" for m in kept_mats)
     assert js["buffers"][0]["byteLength"] == len(binary)
     # three separate kept blocks = 3 boxes × 6 faces × 2 triangles
-    tri = sum(js["accessors"][p["indices"]]["count"] // 3 for m in js["meshes"] if m["name"].startswith("kept")
-              for p in m["primitives"])
+    tri = sum(js["accessors"][p["indices"]]["count"] // 3 for m in js["meshes"]
+              if m["name"].startswith("kept") for p in m["primitives"])
     assert tri == 36
 
 
@@ -69,17 +62,17 @@ def test_kept_region_draws_only_outer_faces(phantom):
     vol, labels, prep = phantom
     keep = np.zeros(1000, bool)
     keep[[0, 1]] = True                                  # (0, 0, 0) and (0, 0, 1)
-    items = kept_region(_corners(prep.geometry), keep, np.full(1000, 0.7))
+    items = vs.kept_region(_corners(prep.geometry), keep, np.full(1000, 0.7))
     assert sum(i["mesh"].n_cells for i in items) == 10
-    full = kept_region(_corners(prep.geometry), np.ones(1000, bool), np.full(1000, 0.7))
+    full = vs.kept_region(_corners(prep.geometry), np.ones(1000, bool), np.full(1000, 0.7))
     assert sum(i["mesh"].n_cells for i in full) == 6 * 100    # everything kept: the grid's hull only
 
 
 def test_marker_letters_sit_on_their_sides_of_the_patient(phantom):
     """R is beyond the patient's right (+x in RAS, +x in glTF), S above (glTF +y), A in front (glTF −z)."""
     vol, labels, prep = phantom
-    lo, hi = world_bounds(vol.shape, vol.affine)
-    scene = AnatomyScene.build([], orientation_marker(np.stack([lo, hi])))
+    lo, hi = vs.world_bounds(vol.shape, vol.affine)
+    scene = vs.AnatomyScene.build([], vs.orientation_marker(np.stack([lo, hi])))
     js, binary = read_glb(scene.glb())
     centre = {}
     for m in js["meshes"]:
@@ -128,7 +121,7 @@ def test_triplanar_is_radiological_and_windows_freely(phantom):
 
 def test_png_renders_offscreen(phantom):
     vol, labels, prep = phantom
-    png = render_png(anatomy_surfaces(vol.hu, vol.affine), [], size=(200, 150), view="anterior")
+    png = vs.render_png(vs.anatomy_surfaces(vol.hu, vol.affine), [], size=(200, 150), view="anterior")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import io
 
@@ -185,8 +178,9 @@ def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):
     A.kept = int(A.keep_grid.sum())
     A.keep_fraction = A.kept / 1000
     A.kept_indices = np.flatnonzero(A.keep_grid).tolist()
-    paths = export_audit(tmp_path, prep.geometry, tok, A, "Is there a lesion in the liver?", "demo", {"liver": 1.0},
-                         {"view3d": b"\x89PNG"}, case_title="/home/someone/patient_jane.nii.gz")
+    paths = export_audit(tmp_path, prep.geometry, tok, A, "Is there a lesion in the liver?", "demo",
+                         {"liver": 1.0}, {"view3d": b"\x89PNG"},
+                         case_title="/home/someone/patient_jane.nii.gz")
     img = nib.load(str(tmp_path / "kept_blocks.nii.gz"))
     assert img.shape == vol.shape and np.allclose(img.affine, vol.affine)
     assert np.asarray(img.dataobj)[labels == 5].all()
