@@ -23,7 +23,5 @@ def test_eight_concurrent_clients(tiny_model_dir, capsys):
 
 
 def test_load_script_refuses_non_loopback_targets():
-    import load_test
-
     with pytest.raises(SystemExit, match="loopback"):
         load_test.main(["--url", "http://10.1.2.3:7860/", "--seconds", "1"])
