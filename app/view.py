@@ -188,7 +188,7 @@ def highlighted(v: View, s: Session) -> list[str]:
 def _overlay(v: View, s: Session) -> list[dict]:
     if s.answer is None:
         return []
-    return kept_region(v.corners, s.answer.keep_grid.ravel(), s.answer.rho.ravel(), TOKEN_GRID)
+    return kept_region(v.corners, s.answer.keep_grid.ravel(), s.answer.rho.ravel(), TOKEN_GRID, opacity=0.25)
 
 
 def scene_file(v: View, s: Session) -> str:

@@ -108,6 +108,14 @@ def _phantom(path):
     nib.save(nib.Nifti1Image(hu, aff), str(path))
 
 
+def _luminous(png_bytes) -> int:
+    """Pixels brighter than anything the translucent skin or kept blocks draw on the dark background."""
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("L")).astype(int)
+    return int((img > 170).sum())
+
+
 def _bright_halves(png_bytes, box=None):
     """Bone-like (bright, unsaturated) pixels in the left and right halves of an image (or a box of it)."""
     from PIL import Image
@@ -183,16 +191,41 @@ def test_the_3d_view_is_anterior_like_the_slices(page, tmp_path):
     left, right = _bright_halves(png, (0, 0, panel, panel))   # the axial plane
     assert left > 50 and left > 4 * right, (left, right)
     page.locator("#model3d").screenshot(path=str(SHOTS / "03_anterior_phantom.png"))
+    # half the tokens kept: the kept region is drawn as a translucent hull, the anatomy stays visible
+    anatomy_only = _luminous(canvas)
+    old = _scene_url(page)
+    page.locator("#mode label", has_text="Percent").click()
+    box = page.locator("#budget_percent input[type=number]")
+    box.fill("50")
+    box.press("Enter")                                       # no answer yet: nothing to re-ask
+    _ask(page, "Is there a lesion in the liver?")
+    _wait_text(page, "#token-count", "Visual tokens kept: 500 /")
+    page.wait_for_function("o => { const a = document.querySelector('#model3d a[download]'); "
+                           "return a && a.href !== o && performance.getEntriesByType('resource')"
+                           ".some(e => e.name === a.href); }", arg=old)
+    page.wait_for_timeout(4000)
+    with_half = _luminous(page.locator("#model3d canvas").screenshot())
+    assert with_half > 0.5 * anatomy_only, (with_half, anatomy_only)
+    page.locator("#model3d").screenshot(path=str(SHOTS / "03b_half_kept.png"))
+    page.locator("#mode label", has_text="Auto").click()
+    _wait_text(page, "#token-count", "budget auto")
 
 
 def test_triplanar_crosshair_follows_a_click(page):
-    sag = page.locator("#pt_sagittal input[type=number]").input_value()
-    src = page.locator("#slices img").get_attribute("src")
-    box = page.locator("#slices img").bounding_box()
-    page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.5)   # axial, left
-    page.wait_for_function("s => document.querySelector('#slices img').src !== s", arg=src)
-    new = page.locator("#pt_sagittal input[type=number]").input_value()
-    assert int(new) > int(sag)                  # the image's left is the patient's right: i grows
+    """A click on the axial plane moves the crosshair there: further left on the image is further to
+    the patient's right (radiological), so the sagittal slice number grows."""
+    def click_axial(fraction):                       # a fraction across the axial plane (the first third)
+        src = page.locator("#slices img").get_attribute("src")
+        box = page.locator("#slices img").bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 3 * fraction, box["y"] + box["height"] * 0.5)
+        page.wait_for_function("s => document.querySelector('#slices img').src !== s", arg=src)
+        page.wait_for_function("s => document.querySelector('#pt_sagittal input[type=number]') && "
+                               "document.querySelector('#pt_sagittal input[type=number]').value", arg=None)
+        return int(page.locator("#pt_sagittal input[type=number]").input_value())
+
+    middle = click_axial(0.6)
+    right = click_axial(0.25)
+    assert right > middle, (right, middle)
     page.locator("#slices").screenshot(path=str(SHOTS / "04_triplanar.png"))
 
 
@@ -217,24 +250,31 @@ def test_a_small_structure_counts_by_overlap(page, tmp_path):
 
 
 def test_budget_sliders_reask_on_enter_and_keep_their_values(page):
-    """Item 8: typing a value + Enter re-asks; each mode's slider keeps its own value."""
+    """Item 8: typing a value + Enter re-asks; each mode's slider keeps its own value across modes."""
+    def set_value(slider, value, expect):
+        box = page.locator(f"#{slider} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+        _wait_text(page, "#token-count", expect)
+
+    page.locator("#mode label", has_text="Percent").click()
+    _wait_text(page, "#token-count", "budget ")
+    set_value("budget_percent", "30", "budget 30%")
     page.locator("#mode label", has_text="Tokens").click()
     _wait_text(page, "#token-count", "top_k")
-    box = page.locator("#budget_tokens input[type=number]")
-    box.fill("150")
-    box.press("Enter")
-    _wait_text(page, "#token-count", "Visual tokens kept: 150 /")
+    set_value("budget_tokens", "150", "Visual tokens kept: 150 /")
+    assert not page.locator("#budget_percent").is_visible()
     page.locator("#mode label", has_text="Percent").click()
-    _wait_text(page, "#token-count", "budget 25%")
-    assert page.locator("#budget_percent input[type=number]").input_value() == "25"
-    assert not page.locator("#budget_tokens").is_visible()
+    _wait_text(page, "#token-count", "budget 30%")
+    assert page.locator("#budget_percent input[type=number]").input_value() == "30"
     page.locator("#mode label", has_text="Tokens").click()
     _wait_text(page, "#token-count", "Visual tokens kept: 150 /")
     assert page.locator("#budget_tokens input[type=number]").input_value() == "150"
+    box = page.locator("#budget_tokens input[type=number]")
     box.fill("0")
     box.press("Enter")                                       # under the floor: refused, with a message
     page.wait_for_selector("#card-notice")
-    assert page.locator(NO_ERROR_BADGE).count() == 0
+    assert "floor" in _text(page, "#card-notice") and page.locator(NO_ERROR_BADGE).count() == 0
     page.screenshot(path=str(SHOTS / "05_budget.png"), full_page=True)
     page.locator("#mode label", has_text="Auto").click()
     _wait_text(page, "#token-count", "budget auto")
