@@ -2,8 +2,10 @@
 
 One `Engine` per server holds the model (loaded lazily, once) and an LRU cache of encoded volumes.
 A `Session` is one loaded scan: its volume, geometry, label map and the last answer — the domain
-state only (what the browser shows of it is cached in `app.view.View`). A lock serialises model
-calls (the Predictor holds the current volume).
+state only (what the browser shows of it is cached in `app.view.View`). Asks (and Compare's budgets)
+from different sessions that arrive together run as one batched forward
+(`photon_core.inference.batching.AskBatcher`, each row with its own session's encoded volume); a lock
+guards only the encoded-volume cache and encoding.
 """
 from __future__ import annotations
 
@@ -116,12 +118,16 @@ class Engine:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._predictor = None
+        self._batcher = None
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, tuple] = OrderedDict()
 
     def close(self) -> None:
-        """Drop the encoded volumes (the app is shutting down)."""
+        """Stop the ask batcher and drop the encoded volumes (the app is shutting down)."""
         with self._lock:
+            if self._batcher is not None:
+                self._batcher.close()
+                self._batcher = None
             self._cache.clear()
 
     @property
@@ -140,6 +146,15 @@ class Engine:
 
     def supports(self, budget: Budget) -> bool:
         return self.predictor.supports(budget) is None
+
+    @property
+    def batcher(self):
+        with self._lock:
+            if self._batcher is None:
+                from photon_core.inference.batching import AskBatcher
+
+                self._batcher = AskBatcher(self.predictor)
+            return self._batcher
 
     @property
     def model_name(self) -> str:
@@ -185,14 +200,19 @@ class Engine:
                 self._cache.popitem(last=False)
             return self._cache[key][2]
 
-    def _activate(self, s: Session) -> None:
-        prior = None
-        if s.prior is not None:
-            self._encode(s.prior_key, s.prior)
-            prior = self._cache[s.prior_key][:2]
-        self._encode(s.key, s.volume)
-        feats, grid, geom = self._cache[s.key]
-        self.predictor.set_features(feats, grid, geom, prior=prior)
+    def _queries(self, s: Session, question: str, budgets: list[Budget]) -> list:
+        """Rows for the batcher: the question under each budget on the session's encoded volume (and
+        prior); encodes on first use (cached per volume)."""
+        from photon_core.inference.predictor import Query
+
+        with self._lock:
+            prior = None
+            if s.prior is not None:
+                self._encode(s.prior_key, s.prior)
+                prior = self._cache[s.prior_key][:2]
+            self._encode(s.key, s.volume)
+            volume = self._cache[s.key][:2]
+        return [Query(question, b, volume, prior) for b in budgets]
 
     def load_case(self, title: str, progress=lambda *a, **k: None) -> Session:
         c = case_by_title(title)
@@ -249,10 +269,8 @@ class Engine:
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         question = clean_question(question)
-        with self._lock:
-            self._activate(s)
-            ans = self.predictor.ask(question, budget=budget,
-                                     max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
+        ans, = self.batcher.ask(self._queries(s, question, [budget]),
+                                max_new_tokens=max_new_tokens or self.settings.max_new_tokens, tag=s.key[:8])
         s.answer, s.question = ans, question
         return ans
 
@@ -269,9 +287,8 @@ class Engine:
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         question = clean_question(question)
-        with self._lock:
-            self._activate(s)
-            return self.predictor.ask_many(question, budgets, max_new_tokens=self.settings.max_new_tokens)
+        return self.batcher.ask(self._queries(s, question, budgets),
+                                max_new_tokens=self.settings.max_new_tokens, tag=s.key[:8])
 
     def compare_rows(self, s: Session, question: str) -> list[dict]:
         """Auto / 10% / 25% / 50% / Full (those the checkpoint supports) in one batch, as table rows."""
@@ -310,7 +327,6 @@ class Engine:
 
 
 def probability(ans) -> float | None:
-    """exp(mean token log-prob) of an answer. FALLBACK until branch ``engine`` adds
-    `Answer.probability`: None (shown as '—')."""
-    p = getattr(ans, "probability", None)
+    """exp(mean token log-prob) of an answer's tokens, None when it has none (shown as '—')."""
+    p = ans.probability
     return None if p is None or not np.isfinite(p) else float(p)

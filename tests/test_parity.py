@@ -111,7 +111,7 @@ def test_its_and_prefill(model, fx, feats):
 def test_greedy_generation(model, fx, feats, mode):
     t, _ = fx
     for case in _cases(fx, batch=False):
-        toks, _, steps = generate(
+        toks, _, steps, _, _ = generate(
             model,
             t[f"{case}.input_ids"],
             t[f"{case}.attention_mask"],

@@ -54,9 +54,8 @@ def test_budget_change_does_not_re_encode(engine, session):
 
 
 def test_max_new_tokens_is_bounded(engine, session):
-    engine._activate(session)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        engine.predictor.ask("Is there a lesion?", max_new_tokens=100_000)
+        engine.ask(session, "Is there a lesion?", Budget("auto"), max_new_tokens=100_000)
 
 
 def test_patient_identifiers_never_leak(engine, tmp_path, caplog):
@@ -200,15 +199,15 @@ def test_cuda_oom_during_a_request_is_reported_and_the_server_goes_on(monkeypatc
 
     freed = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
-    real = engine.predictor.ask
+    real = engine.batcher.ask
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(engine.predictor, "ask", oom)
+    monkeypatch.setattr(engine.batcher, "ask", oom)
     out = h.ask(session, view, "Is there a lesion?", "Auto", 300, 25, 0.5, 400, 40, 0.35, engine=engine)
     assert "ran out of memory" in out["card"] and freed == [1]
-    monkeypatch.setattr(engine.predictor, "ask", real)
+    monkeypatch.setattr(engine.batcher, "ask", real)
     assert engine.ask(session, "Is there a lesion?", Budget("auto")).total == 1000
     store.close()
 
@@ -234,7 +233,7 @@ def test_asked_organ_retention_and_its_warning(engine):
     blocks["liver"][:10], blocks["kidney_left"][10:20], blocks["kidney_right"][20:30] = True, True, True
     keep = np.zeros(1000, bool)
     keep[:8], keep[10:12] = True, True                   # liver 0.8, left kidney 0.2, right kidney 0
-    ans = types.SimpleNamespace(keep_grid=keep.reshape(10, 10, 10), text="yes")
+    ans = types.SimpleNamespace(keep_grid=keep.reshape(10, 10, 10), text="yes", probability=0.9)
     s = Session(blocks=blocks)
     a = engine.audit(s, "Is there a cyst in the left kidney?", ans)
     assert a.asked_retention == {"kidney_left": 0.2} and a.retention["liver"] == 0.8

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from photon_core.inference.answers import readable
+from photon_core.inference.engine import vision_for
+from photon_core.inference.generate import Generation, generate
 from photon_core.inference.prompt import GenerationSettings, Tokenizer, batch_prompts, clean_question
 from photon_core.io.preprocess import TOKEN_GRID, Geometry, Prepared, patchify, prepare
-from photon_core.inference.generate import generate
 from photon_core.io.volume import Volume
 from photon_core.model import hub
 from photon_core.model.budget import S1_MESSAGE, THRESHOLD_MODES, Budget
@@ -31,6 +32,18 @@ from photon_core.model.checkpoint import CheckpointInfo, load_model
 
 DEMO_MODEL = hub.DEMO_MODEL
 MAX_NEW_TOKENS_LIMIT = 256
+
+
+@dataclass
+class Query:
+    """One row of a batched ask: a question and a budget (None: the checkpoint's default) on a volume's
+    encoded features (and a prior's). ``volume`` / ``prior``: (features (V, D), grid_thw (1, 3)) as
+    `Predictor.encode` returns them."""
+
+    question: str
+    budget: str | Budget | None
+    volume: tuple[torch.Tensor, torch.Tensor]
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -55,6 +68,7 @@ class Answer:
     prior_total: int = 0                         # of ``total``, tokens of the prior scan
     checkpoint: dict = field(default_factory=dict)   # CheckpointInfo.to_dict() of the model that answered
     readable: bool = True                        # the text parses as an answer of the question's type
+    probability: float | None = None             # exp(mean log-prob) of the answer's tokens and its stop id
 
     @property
     def keep_fraction(self) -> float:
@@ -68,6 +82,7 @@ class Answer:
                     decode_s=round(self.decode_s, 4), peak_memory_mb=round(self.peak_memory_mb, 1),
                     device=self.device, kept_indices=self.kept_indices, checkpoint=self.checkpoint,
                     readable=self.readable,
+                    probability=None if self.probability is None else round(self.probability, 4),
                     **(dict(prior_total=self.prior_total, prior_kept=self.prior_kept) if self.prior_total else {}))
 
 
@@ -147,8 +162,10 @@ class Predictor:
         else:
             frames = volume if volume.ndim == 4 else volume[:, None]
             (pv, grid), geometry = patchify(frames.float()), None
+        # on CUDA the tower runs as one captured graph per grid (engine.VisionEngine; eager on failure)
+        encode = vision_for(self.model) if self.device.type == "cuda" else self.model.encode_volume
         with torch.inference_mode():
-            features = self.model.encode_volume(pv.to(self.device), grid.to(self.device))
+            features = encode(pv.to(self.device), grid.to(self.device))
         self.encode_calls += 1
         return features, grid.to(self.device), geometry
 
@@ -175,19 +192,36 @@ class Predictor:
         """
         if self.features is None:
             raise ValueError("No volume is loaded; call set_volume() first.")
-        if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
         qs = [questions] if isinstance(questions, str) else list(questions)
         bs = budgets if isinstance(budgets, list) else [budgets]
         n = max(len(qs), len(bs))
         if len(qs) not in (1, n) or len(bs) not in (1, n):
             raise ValueError("questions and budgets must have equal lengths or length 1")
-        bs = [self.default_budget if b is None else Budget.parse(b) for b in (bs * n if len(bs) == 1 else bs)]
+        qs, bs = (qs * n if len(qs) == 1 else qs), (bs * n if len(bs) == 1 else bs)
+        return self.answer([self.query(q, b) for q, b in zip(qs, bs)], max_new_tokens, do_sample, temperature,
+                           top_p, seed)
+
+    def query(self, question: str, budget: str | Budget | None = None) -> Query:
+        """A question on the current volume (and prior), as a row for `answer`."""
+        if self.features is None:
+            raise ValueError("No volume is loaded; call set_volume() first.")
+        return Query(question, budget, (self.features, self.grid_thw), self.prior)
+
+    def answer(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool | None = None,
+               temperature: float | None = None, top_p: float | None = None, seed: int = 0) -> list[Answer]:
+        """Rows of (question, budget, volume features, prior) — possibly of different volumes, e.g. the
+        asks of several users (`batching.AskBatcher`) — answered in ONE batched forward. Every row
+        must carry as many visual tokens as the others; each gives exactly what it gives alone.
+        Decoding settings left None come from the checkpoint's generation config."""
+        if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
+        n = len(queries)
+        bs = [self.default_budget if q.budget is None else Budget.parse(q.budget) for q in queries]
         for b in bs:
             if (why := self.supports(b)) is not None:
                 raise ValueError(why)
-        qs = qs * n if len(qs) == 1 else qs
-        ids, mask, feats, grid, P, V = self._inputs(qs)
+        qs = [clean_question(q.question) for q in queries]
+        ids, mask, feats, grid, P, V = self._inputs(queries)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -200,17 +234,19 @@ class Predictor:
         t0 = time.perf_counter()
         with torch.inference_mode():
             timing = {}
-            toks, out, _ = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing)
+            res = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing)
         total_s = time.perf_counter() - t0
         prefill_s = timing.get("prefill", total_s)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else peak_rss_mb()
         answers = []
-        st = out.its
+        st = res.prefill.its
         stops = set(sampling.eos_token_ids)
+        toks, logps = res.tokens.tolist(), res.logprobs.float().cpu().numpy()
         for b in range(n):
-            row = toks[b].tolist()
+            row = toks[b]
             end = next((i for i, t in enumerate(row) if t in stops), None)
             gen_ids = row if end is None else row[:end]
+            used = len(gen_ids) + (end is not None)          # the answer's tokens and the stop that ended it
             if st is not None:
                 keep_all = st.keep[b].cpu().numpy().astype(bool)
                 rho = st.rho[b].float().cpu().numpy()[P:]
@@ -223,10 +259,12 @@ class Predictor:
                 text=text, budget=bs[b].label(), keep_grid=keep.reshape(TOKEN_GRID),
                 kept_indices=np.flatnonzero(keep).tolist(), rho=rho.reshape(TOKEN_GRID), theta=theta,
                 total=P + V, kept=int(keep_all.sum()), prompt_tokens=int(mask[b].sum()),
-                generated_tokens=len(gen_ids) + (end is not None), prefill_s=prefill_s,
-                decode_s=total_s - prefill_s, peak_memory_mb=peak, device=str(self.device), extra={"batch": n},
-                checkpoint=self.checkpoint.to_dict(), prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
-                prior_kept=int(prior_keep.sum()), prior_total=P, readable=readable(qs[b], text)))
+                generated_tokens=used, prefill_s=prefill_s, decode_s=total_s - prefill_s, peak_memory_mb=peak,
+                device=str(self.device), extra={"batch": n, "decode": res.stats.get("path")},
+                checkpoint=self.checkpoint.to_dict(),
+                prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
+                prior_kept=int(prior_keep.sum()), prior_total=P, readable=readable(qs[b], text),
+                probability=float(np.exp(logps[b, :used].mean())) if used else None))
         return answers
 
     def answer_logprobs(self, questions: list[str], budget: str | Budget | None = None) -> torch.Tensor:
@@ -234,30 +272,30 @@ class Predictor:
         current volume, in one batched prefill (a diagnostic read-out: e.g. P("yes") vs P("no"))."""
         if self.features is None:
             raise ValueError("No volume is loaded; call set_volume() first.")
-        ids, mask, feats, grid, _, _ = self._inputs(list(questions))
+        ids, mask, feats, grid, _, _ = self._inputs([self.query(q) for q in questions])
         with torch.inference_mode():
             b = self.default_budget if budget is None else Budget.parse(budget)
             out = self.model(ids, mask, features=feats, grid_thw=grid, budget=[b] * len(ids))
         return out.logits[:, -1].float().log_softmax(-1)       # left-padded: the last position answers
 
-    def _inputs(self, questions: list[str]):
-        """Batched prompt ids/mask and visual features of the questions on the current volume (and the
-        prior's, first in each row); also the prior's and the current volume's token counts."""
-        qs = [clean_question(q) for q in questions]
-        V = self.features.shape[0]
-        P = self.prior[0].shape[0] if self.prior is not None else 0
-        prompts = [self.tokenizer.prompt(q, V, prior_visual=P)[0] for q in qs]
+    def _inputs(self, queries: list[Query]):
+        """Batched prompt ids/mask and visual features of the rows (each row: its prior's tokens, then its
+        volume's); also the prior's and the volume's token counts, which every row must share."""
+        counts = {(q.prior[0].shape[0] if q.prior is not None else 0, q.volume[0].shape[0]) for q in queries}
+        if len(counts) != 1:
+            raise ValueError(f"rows of one forward must carry the same visual token counts (prior, volume); "
+                             f"got {sorted(counts)}")
+        (P, V), = counts
+        prompts = [self.tokenizer.prompt(clean_question(q.question), V, prior_visual=P)[0] for q in queries]
         ids, mask, _ = batch_prompts(prompts, self.model.config.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        n = len(qs)
-        if self.prior is not None:      # each row: the prior's tokens, then the current's
-            feats = torch.cat([self.prior[0], self.features]).repeat(n, 1)
-            grid = torch.cat([self.prior[1], self.grid_thw]).repeat(n, 1)
-        else:
-            feats, grid = self.features.repeat(n, 1), self.grid_thw
+        vols = [v for q in queries for v in ([q.prior] if q.prior is not None else []) + [q.volume]]
+        feats = torch.cat([f.to(self.device) for f, _ in vols])
+        grid = torch.cat([g.to(self.device).reshape(-1, 3) for _, g in vols])
         return ids, mask, feats, grid, P, V
 
-    def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, sampling: GenerationSettings, gen, timing):
+    def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, sampling: GenerationSettings, gen,
+                  timing) -> Generation:
         t0 = time.perf_counter()
 
         def mark(_out):

@@ -1,16 +1,25 @@
 """Attention kernels, chosen in one place.
 
-* `attend` — decoder attention on a padded batch (B, H, Lq, d) × (B, Hkv, Lk, d) with a boolean
-  "may attend" mask; PyTorch SDPA (GQA via ``enable_gqa``), on CPU and GPU.
+* `Packing` + `causal_attention` — the decoder's causal attention over a (left-padded) batch
+  (B, H, L, d) × (B, Hkv, L, d). With ``varlen`` (inference on CUDA) the real tokens of every row are
+  packed and ONE varlen FlashAttention call runs over explicit cumulative lengths (flash-attn's kernel
+  when the package is installed, else torch's own ``varlen_attn``); otherwise PyTorch SDPA with a
+  boolean "may attend" mask (CPU, training). Packing is derived from the validity mask, never from
+  position ids: after the ITS drop the kept tokens keep gapped original positions.
+* `decode_attention` — one new query per row against a static KV cache (B, Hkv, S, d) with a (B, S)
+  validity mask; plain matmuls and a softmax in fp32, grouped by KV head (no repeat), fixed shapes, so
+  the step can be captured as a CUDA graph or compiled. The same code runs on CPU.
 * `block_attention` — non-causal attention restricted to consecutive blocks given by cumulative
-  lengths (the vision tower's windows and per-slice full attention). On CUDA it makes ONE call of
-  flash-attn's varlen kernel when the package is installed, else torch's own varlen FlashAttention
-  (`torch.nn.attention.varlen.varlen_attn`) when present; elsewhere the blocks are padded into one
-  batched SDPA call (equal-length blocks need no mask).
+  lengths (the vision tower's windows and per-slice full attention): one varlen call on CUDA,
+  else the blocks padded into one batched SDPA call (equal-length blocks need no mask).
 
 `backend_name()` says which path runs, for benchmarks and the app's device line.
 """
 from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,34 +34,132 @@ try:
 except Exception:  # pragma: no cover - older torch
     _torch_varlen = None
 
+# torch 2.11: varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)),
+# causal = window_size (-1, 0); a release with an ``is_causal`` keyword is accepted too.
+_TORCH_VARLEN_CAUSAL = {}
+if _torch_varlen is not None:
+    try:
+        _params = inspect.signature(_torch_varlen).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        _params = {}
+    _TORCH_VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _params else {"window_size": (-1, 0)}
 
-def backend_name(device: torch.device | str) -> str:
-    if torch.device(device).type == "cuda":
-        if _flash_varlen is not None:
-            return "flash-attn varlen"
-        if _torch_varlen is not None:
-            return "torch varlen_attn (FlashAttention)"
+
+def varlen_available(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """A varlen FlashAttention kernel for this device and dtype (CUDA, fp16/bf16 only)."""
+    return (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and (_flash_varlen is not None or _torch_varlen is not None))
+
+
+def backend_name(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
+    if varlen_available(device, dtype):
+        return "flash-attn varlen" if _flash_varlen is not None else "torch varlen_attn (FlashAttention)"
     return "PyTorch SDPA"
+
+
+def _varlen(q, k, v, cu: torch.Tensor, max_len: int, causal: bool) -> torch.Tensor:
+    """q (N, H, d), k/v (N, Hkv, d) packed, cu (n+1,) int32 → (N, H, d). One kernel call."""
+    if _flash_varlen is not None:
+        return _flash_varlen(q, k, v, cu, cu, max_len, max_len, causal=causal)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:                               # torch's kernel has no GQA switch in 2.11: repeat KV heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return _torch_varlen(q, k, v, cu, cu, max_len, max_len, **(_TORCH_VARLEN_CAUSAL if causal else {}))
+
+
+# ---------------------------------------------------------------------- decoder prefill
+@dataclass
+class Packing:
+    """Where the real tokens of a padded batch (B, L) are, in the form the chosen kernel needs.
+
+    varlen: ``index`` (n,) flat positions b·L + l of the real tokens (None: every slot is real),
+    ``cu_seqlens`` (B+1,) int32 and ``max_len``. SDPA: ``allowed`` (B, 1, L, L) causal & valid keys, or
+    None with ``plain`` (no padding: SDPA's own causal mask)."""
+
+    key_valid: torch.Tensor
+    varlen: bool
+    plain: bool
+    allowed: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_len: int = 0
+
+    @classmethod
+    def build(cls, key_valid: torch.Tensor, varlen: bool) -> Packing:
+        plain = bool(key_valid.all())
+        if not varlen:
+            return cls(key_valid, False, plain, None if plain else causal_mask(key_valid, key_valid.shape[1]))
+        B, L = key_valid.shape
+        counts = key_valid.sum(-1)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        index = None if plain else key_valid.flatten().nonzero().flatten()
+        return cls(key_valid, True, plain, index=index, cu_seqlens=cu, max_len=int(counts.max()))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: Packing) -> torch.Tensor:
+    """q (B, H, L, d), k/v (B, Hkv, L, d) → (B, H, L, d); padded query slots give 0 (varlen) or attend
+    to themselves (SDPA): either way no real token ever sees a padded key."""
+    if not pk.varlen:
+        return attend(q, k, v, pk.allowed, causal=pk.plain)
+    B, H, L, d = q.shape
+
+    def packed(t):
+        t = t.transpose(1, 2).reshape(B * L, t.shape[1], d)                   # (B·L, h, d)
+        return t if pk.index is None else t.index_select(0, pk.index)          # (n, h, d)
+
+    o = _varlen(packed(q), packed(k), packed(v), pk.cu_seqlens, pk.max_len, causal=True)
+    if pk.index is not None:
+        o = q.new_zeros(B * L, H, d).index_copy_(0, pk.index, o)
+    return o.view(B, L, H, d).transpose(1, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
            causal: bool = False) -> torch.Tensor:
-    """q (B, H, Lq, d), k/v (B, Hkv, Lk, d), allowed (B, 1, Lq, Lk) bool or None → (B, H, Lq, d)."""
+    """SDPA: q (B, H, Lq, d), k/v (B, Hkv, Lk, d), allowed (B, 1, Lq, Lk) bool or None → (B, H, Lq, d)."""
     gqa = q.shape[1] != k.shape[1]
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
 
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """q/k/v (N, H, d) packed; attention only inside each block [cu[i], cu[i+1]) → (N, H, d)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    if q.is_cuda and (_flash_varlen is not None or _torch_varlen is not None):
+def causal_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, Lk) valid keys → (B, 1, q_len, Lk) causal mask aligned to the end; padded rows see themselves."""
+    B, Lk = key_valid.shape
+    qi = torch.arange(Lk - q_len, Lk, device=key_valid.device)[:, None]
+    kj = torch.arange(Lk, device=key_valid.device)[None]
+    causal = kj <= qi                                                          # (q_len, Lk)
+    allowed = causal[None] & key_valid[:, None, :]
+    allowed = allowed | (kj == qi)[None]                                        # never an empty row
+    return allowed[:, None]
+
+
+# ---------------------------------------------------------------------- decode
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     allowed: torch.Tensor) -> torch.Tensor:
+    """q (B, H, 1, d), static cache k/v (B, Hkv, S, d), allowed (B, S) bool → (B, H, 1, d).
+
+    Scores and softmax in fp32; each KV head serves its H/Hkv query heads without a repeat."""
+    B, H, _, d = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, d)                                         # (B, Hkv, r, d)
+    s = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))     # (B, Hkv, r, S)
+    s = s.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1).to(v.dtype)
+    return torch.matmul(p, v).reshape(B, H, 1, d)
+
+
+# ---------------------------------------------------------------------- vision tower
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                    max_len: int | None = None) -> torch.Tensor:
+    """q/k/v (N, H, d) packed; attention only inside each block [cu[i], cu[i+1]) → (N, H, d).
+
+    ``max_len`` (the longest block) spares the CUDA path a device-to-host read."""
+    if varlen_available(q.device, q.dtype):
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        m = max(lengths)
-        if _flash_varlen is not None:
-            return _flash_varlen(q, k, v, cu, cu, m, m)
-        return _torch_varlen(q, k, v, cu, cu, m, m)
+        if max_len is None:
+            max_len = int((cu[1:] - cu[:-1]).max())
+        return _varlen(q, k, v, cu, max_len, causal=False)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     N, H, d = q.shape
     if len(set(lengths)) == 1:  # equal blocks: a plain batch
         n = lengths[0]
@@ -68,4 +175,3 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     mask = valid[:, None, None, :] | ~valid[:, None, :, None]           # padded queries see all (unused)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)    # (nb, H, m, d)
     return out.transpose(1, 2)[valid]                                   # (N, H, d) in block order
-

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from photon_core.model import its
-from photon_core.model.attention import attend
+from photon_core.model.attention import Packing, causal_attention, decode_attention
 from photon_core.model.config import PhotonConfig
 from photon_core.model.layers import RMSNorm, activation, rotate_half
 
@@ -97,8 +97,8 @@ class TextAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         return q, k, v
 
-    def out(self, q, k, v, allowed, causal):
-        o = attend(q, k, v, allowed, causal)                                 # (B, H, Lq, d)
+    def out(self, o):
+        """(B, H, Lq, d) attention output → (B, Lq, D)."""
         B, _, Lq, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, Lq, -1))
 
@@ -125,16 +125,23 @@ class DecoderLayer(nn.Module):
         if has_its:
             self.atp = its.ITSModule(cfg.hidden_size)
 
-    def forward(self, h, cos, sin, allowed, causal, cache=None, qkv_out=None):
+    def forward(self, h, cos, sin, pk: Packing, qkv_out=None):
+        """Prefill / training: h (B, L, D) → h, (k, v) (B, Hkv, L, d) for the KV cache."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
         if qkv_out is not None:
             qkv_out.extend([q, k])
-        if cache is not None:                  # decode: append the new key/value, attend to all
-            k = torch.cat([cache[0], k], 2)
-            v = torch.cat([cache[1], v], 2)
-        h = h + self.self_attn.out(q, k, v, allowed, causal)
+        h = h + self.self_attn.out(causal_attention(q, k, v, pk))
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (k, v)
+
+    def decode(self, h, cos, sin, k_cache, v_cache, slot, allowed):
+        """One decode step: h (B, 1, D); the new key/value go to cache slot ``slot`` ((1,) long) of the
+        static cache (B, Hkv, S, d), in place; ``allowed`` (B, S) marks the slots this token may see."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v)
+        h = h + self.self_attn.out(decode_attention(q, k_cache, v_cache, allowed))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class TextModel(nn.Module):
@@ -145,13 +152,3 @@ class TextModel(nn.Module):
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-
-def causal_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
-    """(B, Lk) valid keys → (B, 1, q_len, Lk) causal mask aligned to the end; padded rows see themselves."""
-    B, Lk = key_valid.shape
-    qi = torch.arange(Lk - q_len, Lk, device=key_valid.device)[:, None]
-    kj = torch.arange(Lk, device=key_valid.device)[None]
-    causal = kj <= qi                                                          # (q_len, Lk)
-    allowed = causal[None] & key_valid[:, None, :]
-    allowed = allowed | (kj == qi)[None]                                        # never an empty row
-    return allowed[:, None]

@@ -4,7 +4,7 @@ Our own implementation of the Qwen2.5-VL computation with the official parameter
 (transformers 4.51 layout), so official Photon checkpoints load unchanged. This file holds the whole
 model's forward; the parts live beside it (vision.py, decoder.py, its.py, budget.py, sgp.py).
 The model computes; training (losses, phases, guidance) lives in `photon_core.train`, decoding in
-`photon_core.inference.generate`.
+`photon_core.inference.engine` (static KV cache, CUDA-graph decode step) behind `inference.generate`.
 
 Dimensions used in comments:
     B batch, L sequence (prompt) length, N sequence length after the hard drop, D hidden size,
@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 
 from photon_core.model import baselines, its
+from photon_core.model.attention import Packing, varlen_available
 from photon_core.model.budget import Budget, decide, is_baseline
 from photon_core.model.config import PhotonConfig
-from photon_core.model.decoder import MRoPE, TextModel, causal_mask, rope_index
+from photon_core.model.decoder import MRoPE, TextModel, rope_index
 from photon_core.model.its import ITSState, Schedule
 from photon_core.model.layers import RMSNorm
 from photon_core.model.sgp import gather_tokens, pack_indices, surrogate_gather
@@ -79,6 +80,7 @@ class PhotonModel(nn.Module):
         """Recompute the (non-persistent) rotary frequencies in fp32 on the model's device."""
         dev = self.model.embed_tokens.weight.device
         self.visual.inv_freq = VisionTower.frequencies(self.config.vision).to(dev)
+        self.visual._layouts.clear()
         self.rope.inv_freq = MRoPE.frequencies(self.config).to(dev)
 
     def init_weights(self, std: float = 0.02) -> None:
@@ -201,7 +203,7 @@ class PhotonModel(nn.Module):
                 features: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 grid_thw: torch.Tensor | None = None, budget: Budget | list | None = None,
                 use_cache: bool = False, use_its: bool = True, row_scan: list | None = None,
-                schedule: Schedule | None = None) -> Output:
+                schedule: Schedule | None = None, last_logits: bool = False) -> Output:
         """Prefill (eval) or training forward over a left-padded batch (B, L).
 
         ``features`` = cached `encode_volume` output for the whole batch (concatenated in row order);
@@ -210,6 +212,9 @@ class PhotonModel(nn.Module):
         (prior, current), so several questions on one scan encode it once, inside this forward.
         ``budget``: one Budget or one per row (eval). ``use_its=False`` runs without ITS.
         ``schedule``: how ITS is applied in training mode (default: hard drop); ignored in eval mode.
+        ``last_logits``: logits of the last position only (B, 1, vocab), what decoding needs.
+        Attention: in eval mode on CUDA one varlen FlashAttention call per layer over the packed real
+        tokens (`attention.Packing`); otherwise (CPU, training) SDPA with a padding-aware causal mask.
         Returns logits over the surviving positions and what the trainer's losses need (`Output`).
         """
         c = self.config
@@ -237,8 +242,8 @@ class PhotonModel(nn.Module):
         key_valid = attention_mask.bool()
         vision, question = self.masks(input_ids, attention_mask)
         orig_index = torch.arange(L, device=h.device).expand(B, L)
-        plain = bool(key_valid.all())
-        allowed = None if plain else causal_mask(key_valid, L)
+        varlen = not self.training and varlen_available(h.device, h.dtype)
+        pk = Packing.build(key_valid, varlen)
         caches: list = []
         state: ITSState | None = None
         seq_lens = []
@@ -247,7 +252,7 @@ class PhotonModel(nn.Module):
             seq_lens.append(h.shape[1])
             if i == self.its_layer and run_its:
                 qk: list = []
-                h, kv = layer(h, cos, sin, allowed, plain, qkv_out=qk)
+                h, kv = layer(h, cos, sin, pk, qkv_out=qk)
                 if use_cache:
                     caches.append(kv)
                 state = self._its(qk[0], qk[1], vision, question, key_valid, budgets, schedule)
@@ -260,13 +265,12 @@ class PhotonModel(nn.Module):
                     cos, sin = self.rope(pos, h.dtype)
                     key_valid = valid
                     orig_index = gather_tokens(orig_index, idx, valid)
-                    plain = bool(key_valid.all())
-                    allowed = None if plain else causal_mask(key_valid, h.shape[1])
+                    pk = Packing.build(key_valid, varlen)
             else:
-                h, kv = layer(h, cos, sin, allowed, plain)
+                h, kv = layer(h, cos, sin, pk)
                 if use_cache:
                     caches.append(kv)
-        logits = self.lm_head(self.model.norm(h))
+        logits = self.lm_head(self.model.norm(h[:, -1:] if last_logits else h))
         return Output(logits=logits, its=state, key_valid=key_valid, orig_index=orig_index,
                       cache=caches if use_cache else None, next_position=next_pos, seq_len_per_layer=seq_lens,
                       scan_features=scan_features)

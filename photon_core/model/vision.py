@@ -47,14 +47,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, cu_seqlens, cos, sin):
+    def forward(self, x, cu_seqlens, cos, sin, max_len: int | None = None):
         P = x.shape[0]
         q, k, v = self.qkv(x).reshape(P, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # (P, H, d)
         dtype = q.dtype
         c, s = cos[:, None].float(), sin[:, None].float()
         q = (q.float() * c + rotate_half(q.float()) * s).to(dtype)
         k = (k.float() * c + rotate_half(k.float()) * s).to(dtype)
-        out = block_attention(q, k, v, cu_seqlens)
+        out = block_attention(q, k, v, cu_seqlens, max_len)
         return self.proj(out.reshape(P, -1))
 
 
@@ -66,8 +66,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(v.hidden_size, v.num_heads)
         self.mlp = VisionMLP(v.hidden_size, v.intermediate_size, v.hidden_act)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x, cu_seqlens, cos, sin, max_len: int | None = None):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin, max_len)
         return x + self.mlp(self.norm2(x))
 
 
@@ -93,6 +93,7 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(v) for _ in range(v.depth))
         self.merger = PatchMerger(v)
         self.register_buffer("inv_freq", self.frequencies(v), persistent=False)
+        self._layouts: dict = {}          # grid → `layout` (window order, rotary tables, block lengths)
 
     @staticmethod
     def frequencies(v: VisionConfig) -> torch.Tensor:
@@ -133,19 +134,41 @@ class VisionTower(nn.Module):
         cu_t = torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
         return torch.cat(index), cu_t
 
+    def layout(self, grid_thw: torch.Tensor, device: torch.device) -> dict:
+        """What the blocks need that depends on the grid alone, built once per grid (on the CPU, then
+        kept on ``device``): the window permutation and its inverse, rotary cos/sin in window order,
+        the windows' and the slices' cumulative lengths and longest block (no device reads later)."""
+        grids = tuple(tuple(int(x) for x in g) for g in grid_thw.tolist())
+        key = (grids, str(device))
+        if key in self._layouts:
+            return self._layouts[key]
+        g = torch.tensor(grids)
+        unit = self.cfg.spatial_merge_size ** 2
+        rot = self.rot_pos_emb(g).to(device)                                # (P, d/2)
+        win, cu_win = self.window_index(g)
+        P = rot.shape[0]
+        rot = rot.reshape(P // unit, unit, -1)[win.to(device)].reshape(P, -1)
+        emb = torch.cat([rot, rot], -1)
+        cu_full = F.pad(torch.repeat_interleave(g[:, 1] * g[:, 2], g[:, 0]).cumsum(0), (1, 0)).to(torch.int32)
+        longest = lambda cu: int((cu[1:] - cu[:-1]).max())  # noqa: E731
+        lay = dict(win=win.to(device), unwin=torch.argsort(win).to(device), cos=emb.cos(), sin=emb.sin(),
+                   full=(cu_full.to(device), longest(cu_full)), window=(cu_win.to(device), longest(cu_win)))
+        if len(self._layouts) >= 8:
+            self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = lay
+        return lay
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.run(pixel_values, self.layout(grid_thw, pixel_values.device))
+
+    def run(self, pixel_values: torch.Tensor, lay: dict) -> torch.Tensor:
+        """The tower's device work for a prepared `layout` (no host reads: a CUDA graph can capture it)."""
         unit = self.cfg.spatial_merge_size ** 2
         x = self.vision_patch_embed(pixel_values)                           # (P, Dv)
-        rot = self.rot_pos_emb(grid_thw)                                    # (P, d/2)
-        win, cu_win = self.window_index(grid_thw)
         P = x.shape[0]
-        x = x.reshape(P // unit, unit, -1)[win.to(x.device)].reshape(P, -1)
-        rot = rot.reshape(P // unit, unit, -1)[win.to(rot.device)].reshape(P, -1)
-        emb = torch.cat([rot, rot], -1)
-        cos, sin = emb.cos(), emb.sin()
-        cu_full = F.pad(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).cumsum(0), (1, 0))
-        cu_full, cu_win = cu_full.to(x.device), cu_win.to(x.device)
+        x = x.reshape(P // unit, unit, -1)[lay["win"]].reshape(P, -1)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu_full if i in self.cfg.fullatt_block_indexes else cu_win, cos, sin)
+            cu, longest = lay["full"] if i in self.cfg.fullatt_block_indexes else lay["window"]
+            x = blk(x, cu, lay["cos"], lay["sin"], longest)
         x = self.merger(x)                                                  # (V, D)
-        return x[torch.argsort(win.to(x.device))]
+        return x[lay["unwin"]]

@@ -40,6 +40,16 @@ class AuxHead(torch.nn.Module):
         self.standardise = standardise                 # read each token as its deviation from the scan's mean token
         self.proj = torch.nn.Linear(dim, n_organs + 2)
 
+    def read(self, feats: torch.Tensor, n_scans: int) -> torch.Tensor:
+        """(n_scans·V, D) visual tokens → (n_scans, V, n_organs + 2) logits: organ shares, finding,
+        diameter."""
+        f = feats.float().reshape(n_scans, -1, feats.shape[-1])
+        return self.proj(standardise_tokens(f) if self.standardise else f)
+
+    def finding_logits(self, feats: torch.Tensor, n_scans: int) -> torch.Tensor:
+        """(n_scans, V): how much each token looks like a finding, as the head reads it."""
+        return self.read(feats, n_scans)[..., self.n]
+
     def loss(self, feats: torch.Tensor, tg: list[dict], detect: bool = False) -> torch.Tensor:
         """BCE on organ shares, weighted BCE on finding shares, MSE on diameters; ``detect``: also
         BCE of each scan's most finding-like token against "the scan has a finding" (a max-pooled
@@ -49,10 +59,7 @@ class AuxHead(torch.nn.Module):
         common vector plus small deviations, and through a raw read-out it learns to flatten them
         (every token the same) before it finds a lesion-sized change (research/ball_probe.py
         --standardise)."""
-        f = feats.float().reshape(len(tg), -1, feats.shape[-1])
-        if self.standardise:
-            f = standardise_tokens(f)
-        y = self.proj(f)
+        y = self.read(feats, len(tg))
         organ = torch.stack([t["organ"] for t in tg])
         known = torch.stack([t["organ_known"] for t in tg])[:, None, :].expand_as(organ)
         lesion = torch.stack([t["lesion"] for t in tg])
@@ -63,8 +70,11 @@ class AuxHead(torch.nn.Module):
         has = diam > 1.0
         ld = F.mse_loss(y[..., self.n + 1][has], diam[has] / 40.0) if bool(has.any()) else y.sum() * 0
         found = le + ld
+        self.parts = dict(organ=lo.detach(), finding=le.detach(), diameter=ld.detach())   # (progress lines)
         if detect:
-            found = found + bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
+            scan_term = bce(y[..., self.n].amax(1), (lesion.amax(1) > 0).float())
+            found = found + scan_term
+            self.parts["scan"] = scan_term.detach()
         return lo + self.findings * found
 
 

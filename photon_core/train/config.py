@@ -5,7 +5,7 @@ token supervision, curriculum, counterfactual twins), each off by default.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -68,3 +68,25 @@ class TrainConfig:
                                            # merger's last Linear (`fold_standardise`; 0 = off)
     patch_embed_lr: float = 1.0            # learning-rate multiplier of the patch embedding (the model card's
                                            # organ-extent runs of the vision tower used 10)
+    null_volumes: float = 0.0              # share of scans replaced by a volume that shows no body (noise,
+                                           # air, smooth noise), its finding questions answered "nothing seen"
+    null_keep: float = 1.0                 # weight of `losses.null_keep_loss` on those rows (keep nothing)
+
+
+def add_arguments(ap, cls) -> None:
+    """One command-line flag per field of the dataclass ``cls`` (``--a-b`` for ``a_b``; bools are switches,
+    tuples take two numbers)."""
+    for f in fields(cls):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, action="store_true", default=f.default)
+        elif f.type in ("tuple", tuple):
+            ap.add_argument(flag, type=float, nargs=2, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            ap.add_argument(flag, type=typ, default=f.default)
+
+
+def from_arguments(cls, args):
+    """The dataclass ``cls`` from parsed arguments (`add_arguments`)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -29,10 +29,12 @@ from photon_core.model.its import Schedule
 from photon_core.model.photon import Output, PhotonModel
 from photon_core.organs import ORGANS
 from photon_core.train.aux_head import AuxHead, fold_standardise, tower_features
-from photon_core.train.config import TrainConfig
+from photon_core.train.config import TrainConfig, add_arguments, from_arguments
 from photon_core.train.distributed import init_distributed
-from photon_core.train.losses import contrast_loss, guide_loss, keep_guide_loss, photon_loss
-from photon_core.train.targets import guide_target, keep_target, slab_targets, token_targets
+from photon_core.train.losses import contrast_loss, guide_loss, keep_guide_loss, null_keep_loss, photon_loss
+from photon_core.train.targets import guide_target, keep_target, null_targets, slab_targets, token_targets
+from photon_core.train.synthetic.generator import NULL_KINDS, null_frames
+from photon_core.train.synthetic.questions import nothing_seen
 from photon_core.train.tokenizer import build_tokenizer, model_config
 
 
@@ -84,6 +86,12 @@ def counterfactual_questions(qa: list[dict], clean_qa: list[dict], k: int, rng: 
     return [rng.choice(differ if differ and i % 2 == 0 else both) for i in range(k)] if both else []
 
 
+def question_row(tok: Tokenizer, q: dict, n_visual: int, prior_visual: int = 0) -> tuple[list, list]:
+    """One training row: the prompt with its answer, and labels that score only the answer."""
+    ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=prior_visual)
+    return ids, [-100] * a0 + ids[a0:]
+
+
 class Trainee(torch.nn.Module):
     """The model plus the training-only head, as one module for DDP: the forward returns the model's
     `Output` (or None in the vision-only pre-stage) and the head's loss terms."""
@@ -103,13 +111,19 @@ class Trainee(torch.nn.Module):
 
 
 def step_losses(out: Output | None, head: dict, labels, schedule: Schedule, cfg: TrainConfig, robust: bool,
-                guides: torch.Tensor | None, keeps: torch.Tensor | None, row_scan: list | None) -> dict:
+                guides: torch.Tensor | None, keeps: torch.Tensor | None, row_scan: list | None,
+                null_rows: list | None = None) -> dict:
     """Every loss term of one step, weighted (their sum is the loss): the official ones (`photon_loss`),
-    then the demo recipe's training-only terms where they are switched on."""
+    then the demo recipe's training-only terms where they are switched on. ``null_rows``: per row,
+    whether its volume shows no body (no retention band there; `null_keep_loss` instead)."""
     if out is None:                                            # the vision-only pre-stage
         return head
-    losses = photon_loss(out, labels, schedule, band=cfg.band, robust=robust)
+    nulls = torch.tensor(null_rows, device=labels.device) if null_rows and any(null_rows) else None
+    losses = photon_loss(out, labels, schedule, band=cfg.band, robust=robust,
+                         band_rows=None if nulls is None else ~nulls)
     st = out.its
+    if nulls is not None and st is not None and cfg.null_keep > 0 and schedule.phase > 1:
+        losses["null_keep"] = cfg.null_keep * null_keep_loss(st.p, nulls)
     if st is not None and st.u_graph is not None:
         if guides is not None:
             losses["guide"] = cfg.guide * guide_loss(st.u_graph, guides)
@@ -203,7 +217,7 @@ def train(cfg: TrainConfig) -> Path:
         lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * max(lr_scale, 0.05)
-        rows, labels_list, row_scan, scans, tgs, guides, keeps = [], [], [], [], [], [], []
+        rows, labels_list, row_scan, scans, tgs, guides, keeps, null_rows = [], [], [], [], [], [], [], []
         robust = rng.random() < cfg.robust_prob
         flip = (phase == 3 and step >= cfg.flip_start * cfg.steps and rng.random() < cfg.flip_prob
                 and not robust)
@@ -233,12 +247,19 @@ def train(cfg: TrainConfig) -> Path:
                         continue
                     yield [frames], [truth], organs, None, [a for a, _ in asked]
                     yield [clean], [None], organs, None, [b for _, b in asked]
+                elif cfg.null_volumes and rng.random() < cfg.null_volumes:   # no body: nothing seen
+                    qa = nothing_seen(gen.sample()[1])
+                    yield [null_frames(rng.choice(NULL_KINDS), gen.shape, device)], [None], {}, qa, None
                 else:
                     frames, qa, meta, organs = gen.sample()
                     yield [frames], [gen.last_truth], organs, qa, None
 
         for times, truths, organs, qa, questions in units():
-            tg = [token_targets(organs, t, token_grid) for t in truths] if supervise else None
+            null = not organs            # a volume that shows no body: zero targets (its rows are skipped)
+            tg = None
+            if supervise:
+                tg = [null_targets(token_grid, device)] if null else [token_targets(organs, t, token_grid)
+                                                                       for t in truths]
             if cfg.slabs:                  # the scans of one unit are cut at the same slabs
                 chosen = rng.sample(range(token_grid[0]), cfg.slabs)
                 if counterfactual and truths[0] is not None:       # a slab of the pair holds a finding
@@ -263,10 +284,11 @@ def train(cfg: TrainConfig) -> Path:
                 if tg is not None and not robust and keep_targets:
                     keeps.append(torch.cat([keep_target(q["question"], t, cfg.keep_guide_frac, token_grid)
                                            for t in tg]))
-                ids, a0 = tok.prompt(q["question"], n_visual, q["answer"], prior_visual=n_visual if temporal else 0)
+                ids, labels_row = question_row(tok, q, n_visual, prior_visual=n_visual if temporal else 0)
                 rows.append(ids)
-                labels_list.append([-100] * a0 + ids[a0:])
+                labels_list.append(labels_row)
                 row_scan.append(list(range(first, len(scans))))
+                null_rows.append(null)
         pv = torch.cat([p for p, _ in scans]).to(device)
         grid = torch.cat([g for _, g in scans]).to(device)
         schedule = Schedule(phase=phase, flip=flip, saliency_graph=bool(guides or keeps))
@@ -283,7 +305,7 @@ def train(cfg: TrainConfig) -> Path:
             outp, head = ddp(**kw)
             losses = step_losses(outp, head, labels, schedule, cfg, robust,
                                  torch.stack(guides).to(device) if guides else None,
-                                 torch.stack(keeps).to(device) if keeps else None, row_scan)
+                                 torch.stack(keeps).to(device) if keeps else None, row_scan, null_rows)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -361,16 +383,8 @@ def _load_optimizer(opt, path: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=f.default)
-        elif f.name == "band":
-            ap.add_argument("--band", type=float, nargs=2, default=f.default)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=f.default)
-    args = ap.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    add_arguments(ap, TrainConfig)
+    cfg = from_arguments(TrainConfig, ap.parse_args(argv))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
     print(train(cfg))
 

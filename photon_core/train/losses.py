@@ -9,7 +9,8 @@ trainer computes from them:
   (complement mask kept) −log(1 − p_y) and no band.
 * Guidance (training-only, not part of official Photon training; the demo model's recipe, off by
   default): `guide_loss` (saliency toward target blocks), `keep_guide_loss` (keep probabilities toward a
-  keep set), `contrast_loss` (two questions on one scan).
+  keep set), `contrast_loss` (two questions on one scan), `null_keep_loss` (nothing kept of a volume
+  that shows no body).
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ OFFICIAL_BAND = (0.3, 0.8)      # the reference's retention band on the mean kee
 
 
 def photon_loss(out: Output, labels: torch.Tensor, schedule: Schedule, band: tuple = OFFICIAL_BAND,
-                robust: bool = False) -> dict:
+                robust: bool = False, band_rows: torch.Tensor | None = None) -> dict:
     """The official losses of one training forward: {"lm": …, "band": … (phase ≥ 2, not flip)}.
 
-    ``labels`` (B, L) over the prompt positions (−100 where not scored)."""
+    ``labels`` (B, L) over the prompt positions (−100 where not scored); ``band_rows`` (B,) bool: the
+    rows the retention band applies to (default all)."""
     labels = out.gather(labels)
     if robust:
         losses = {"lm": neg_entropy_loss(out.logits, labels)}
@@ -35,7 +37,9 @@ def photon_loss(out: Output, labels: torch.Tensor, schedule: Schedule, band: tup
     else:
         losses = {"lm": lm_loss(out.logits, labels)}
     if out.its is not None and schedule.phase > 1 and not schedule.flip:
-        losses["band"] = band_loss(out.its.p, lo=band[0], hi=band[1])
+        p = out.its.p if band_rows is None else out.its.p[band_rows]
+        if p.shape[0]:
+            losses["band"] = band_loss(p, lo=band[0], hi=band[1])
     return losses
 
 
@@ -129,3 +133,10 @@ def contrast_loss(u: torch.Tensor, target: torch.Tensor, row_scan: list,
         total = total + ((loss * only).sum(-1) / n.clamp_min(1)).sum()
         count = count + (n > 0).sum()
     return total / count.clamp_min(1)   # mean over the pairs' terms
+
+
+def null_keep_loss(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """On the rows whose volume shows no body (noise, air; training only): −log(1 − p) of every keep
+    probability — nothing there is worth keeping, so ITS keeps only the token it must (ρ = 1). The
+    gradient reaches θ (ρ is a measurement), so the threshold learns what a body's saliency looks like."""
+    return -torch.log1p(-p[rows].float().clamp(max=1 - 1e-6)).mean()

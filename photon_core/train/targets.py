@@ -20,11 +20,15 @@ from photon_core.io.preprocess import TOKEN_GRID, block_fractions, blocks
 from photon_core.organs import BLOCK_FRACTION, ORGANS, PAIRED, organs_in_question
 
 
-def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_GRID) -> dict:
-    """Per-token targets of one scan: organ shares (V, n_organs), finding share, diameter (mm)."""
-    fr = {o: block_fractions(organs[o], grid) if o in organs else None for o in ORGANS}
+def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_GRID, share=None) -> dict:
+    """Per-token targets of one scan: organ shares (V, n_organs), finding share, diameter (mm).
+    ``share(mask)`` gives an organ's shares (default `block_fractions` on ``grid``; a stream passes a
+    cached one, on its device)."""
+    share = share or (lambda m: block_fractions(m, grid))
+    fr = {o: share(organs[o]) if o in organs else None for o in ORGANS}
     n = grid[0] * grid[1] * grid[2]
-    dev = truth.device if truth is not None else next((m.device for m in organs.values()), torch.device("cpu"))
+    dev = truth.device if truth is not None else next((f.device for f in fr.values() if f is not None),
+                                                      torch.device("cpu"))
     organ = torch.stack([fr[o] if fr[o] is not None else torch.zeros(n, device=dev) for o in ORGANS], -1)
     organ_known = torch.tensor([fr[o] is not None for o in ORGANS], device=dev)
     if truth is None:
@@ -34,6 +38,14 @@ def token_targets(organs: dict, truth: torch.Tensor | None, grid: tuple = TOKEN_
         lesion = block_fractions(truth > 0, grid)
         diam = blocks(truth, grid).amax((1, 3, 5)).flatten()
     return dict(organ=organ, organ_known=organ_known, lesion=lesion, diameter=diam)
+
+
+def null_targets(grid: tuple = TOKEN_GRID, device="cpu") -> dict:
+    """The targets of a volume that shows no body: no organ known, no finding."""
+    n = grid[0] * grid[1] * grid[2]
+    return dict(organ=torch.zeros(n, len(ORGANS), device=device),
+                organ_known=torch.zeros(len(ORGANS), dtype=torch.bool, device=device),
+                lesion=torch.zeros(n, device=device), diameter=torch.zeros(n, device=device))
 
 
 def slab_targets(targets: dict, i: int, grid: tuple = TOKEN_GRID) -> dict:
@@ -86,11 +98,18 @@ def _block_distance(mask: torch.Tensor, grid: tuple, reach: int = 6) -> torch.Te
     return d.reshape(-1)
 
 
-def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
-    names = list(ORGANS)
-    asked = set(organs_in_question(question, names))     # 'kidney' with no side → both kidneys
+def asked_organs(question: str) -> set:
+    """The organs a question is about ('kidney' with no side: both kidneys; a pleural question: the
+    lungs); empty when it names none (its guidance then goes to the findings)."""
+    asked = set(organs_in_question(question, list(ORGANS)))
     if "pleural" in question.lower():
         asked |= set(PAIRED["lung"])
+    return asked
+
+
+def _guide_blocks(question: str, targets: dict) -> torch.Tensor:
+    names = list(ORGANS)
+    asked = asked_organs(question)
     organ = targets["organ"]
     if asked:
         cols = [names.index(o) for o in asked if bool(targets["organ_known"][names.index(o)])]

@@ -41,6 +41,20 @@ class Background:
         """Smallest organ kept, in voxels: 200 model voxels, scaled to this grid."""
         return max(4, int(200 * math.prod(VOXEL_MM) / math.prod(self.voxel_mm)))
 
+    def to(self, device, frames_device=None) -> Background:
+        """This body with its organ masks on ``device`` and its frames on ``frames_device`` (default
+        ``device``); itself when everything is there already."""
+        fd, md = torch.device(frames_device or device), torch.device(device)
+        if _on(self.frames, fd) and all(_on(m, md) for m in self.organs.values()):
+            return self
+        return Background(self.name, self.frames.to(fd), {n: m.to(device) for n, m in self.organs.items()},
+                          self.voxel_mm)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """``t`` is on ``device`` (any index of its type when it names none)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
 
 def downsample_shape(factor: float) -> tuple:
     """Model-space shape shrunk by ``factor``, kept divisible into whole token blocks."""
@@ -150,12 +164,11 @@ def deform(bg: Background, rng: random.Random) -> Background:
     frames = F.grid_sample(bg.frames[None, None], grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)[0, 0]
     organs = {}
-    if bg.organs:
+    if bg.organs:            # nearest neighbour at the frames' own float32 coordinates, on every device
         names = list(bg.organs)
-        stack = torch.stack([bg.organs[n].half() for n in names])[None]
-        warped = F.grid_sample(stack, grid.half() if dev.type == "cuda" else grid, mode="nearest",
-                               padding_mode="zeros", align_corners=False)[0] if dev.type == "cuda" else \
-            F.grid_sample(stack.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-        organs = {n: warped[i] > 0.5 for i, n in enumerate(names)
-                  if int((warped[i] > 0.5).sum()) > bg.min_voxels}
+        stack = torch.stack([bg.organs[n].float() for n in names])[None]
+        warped = F.grid_sample(stack, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+        warped = warped > 0.5
+        sizes = warped.flatten(1).sum(1).tolist()
+        organs = {n: warped[i] for i, n in enumerate(names) if sizes[i] > bg.min_voxels}
     return Background(bg.name + "*", frames, organs, bg.voxel_mm)

@@ -7,7 +7,11 @@ them; `counterfactual()` the last scan without its findings, asked the same ques
 writes scans and JSONL records {image, question, answer, family, answer_type, organ, meta}.
 
 Everything happens in model space (140, 280, 280), so generation is cheap enough to feed training on a
-CPU and runs on the GPU when one is given (all tensor ops take ``device``). ``downsample`` > 1 runs the
+CPU and runs on the GPU when one is given (all tensor ops take ``device``). With ``frames_device`` the
+work splits: where findings go is decided on the organ masks on ``device`` (the CPU: a pool body's
+masks are indexed once), and the frames and finding maps are made on ``frames_device`` (a GPU) with
+no host sync — the same decisions, so the same findings, questions and answers
+(`photon_core.train.synthetic.gpu` batches that stream). ``downsample`` > 1 runs the
 whole stream on a coarser grid (a training curriculum: 2.5 → 56×112×112, 64 visual tokens), sizes in mm
 and volumes in ml kept exact. Splits are disjoint by seed and by body deformation: ``train``, ``val``
 (to choose between runs) and ``test`` draw different pool bodies and lesions; ``report`` uses a body
@@ -21,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from photon_core.io.preprocess import MODEL_SHAPE
+from photon_core.io.preprocess import MODEL_SHAPE, TOKEN_VOXELS
 from photon_core.organs import MIRROR
 from photon_core.train.synthetic.anatomy import VOXEL_MM, Background, deform, downsample_shape, load_background, shrink
 from photon_core.train.synthetic.findings import NO_LESIONS, Finding, FindingSampler, lesion_sites
@@ -31,6 +36,22 @@ from photon_core.train.synthetic.questions import (CHANGES, ENLARGE_ORGANS, FIND
                                                    make_temporal_questions)
 
 CLEAN_ACQUISITION = 0.1                      # share of scans without acquisition jitter and noise
+FINDING_COUNTS = (1, 1, 1, 2, 3)             # findings drawn into a scan that has some (one of these)
+NULL_KINDS = ("noise", "air", "smooth")      # volumes that show no body (`null_frames`)
+
+
+def null_frames(kind: str, shape: tuple, device="cpu") -> torch.Tensor:
+    """A volume that shows no body, in the model's unit: ``noise`` uniform in [0, 1] (what the evaluator
+    asks on in place of a scan), ``air`` all zeros (an all-air scan as the official preparation makes
+    it: min-max of a constant), ``smooth`` one uniform value per token-sized block, blended."""
+    if kind == "noise":
+        return torch.rand(shape, device=device)
+    if kind == "air":
+        return torch.zeros(shape, device=device)
+    if kind == "smooth":
+        coarse = torch.rand(1, 1, *(n // v for n, v in zip(shape, TOKEN_VOXELS)), device=device)
+        return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=False)[0, 0]
+    raise ValueError(f"unknown null volume {kind!r}; expected one of {', '.join(NULL_KINDS)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,8 +62,10 @@ class DemoGenerator:
     """Deterministic stream of (frames, record) for a split; backgrounds deformed into a pool."""
 
     def __init__(self, split: str = "train", seed: int = 0, pool: int = 6, device="cpu",
-                 backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0):
-        self.split, self.device = split, torch.device(device)
+                 backgrounds: dict | None = None, downsample: float = 1.0, enlargement: float = 0.0,
+                 frames_device=None, pool_device=None):
+        self.split, self.device = split, torch.device(device)     # organ masks: where findings go
+        self.frames_device = torch.device(frames_device or device)  # frames and finding maps
         self.enlargement = enlargement      # share of scans with an enlarged organ (0 = off, no such questions)
         base = SPLITS[split]
         self.rng = random.Random(seed + base)
@@ -53,11 +76,14 @@ class DemoGenerator:
         # so a 64-token stage costs little more than the model itself.
         self.shape = downsample_shape(downsample) if downsample != 1 else MODEL_SHAPE
         bgs = {c: shrink(bgs[c], self.shape) for c in cases}
+        # the pool's deformations run on ``pool_device`` (a GPU: fast; the CPU: the reference, exact)
         self.pool = []
         for c in cases:
-            self.pool.append(bgs[c])
+            src = bgs[c].to(pool_device or self.device)
+            self.pool.append(bgs[c].to(self.device, self.frames_device))
             for _ in range(pool if split != "report" else 0):
-                self.pool.append(deform(bgs[c], self.rng))
+                self.pool.append(deform(src, self.rng).to(self.device, self.frames_device))
+        self._mirrored: dict = {}           # id(pool body) -> its organs mirrored (made once, kept)
 
     def _body(self):
         """A pool body, mirrored left-right half of the time (label sides swapped)."""
@@ -68,7 +94,10 @@ class DemoGenerator:
         mirrored = rng.random() < 0.5
         if mirrored:
             frames = frames.flip(-1)
-            organs = {MIRROR.get(n, n): m.flip(-1) for n, m in organs.items()}
+            key = id(bg)
+            if key not in self._mirrored:
+                self._mirrored[key] = {MIRROR.get(n, n): m.flip(-1) for n, m in organs.items()}
+            organs = dict(self._mirrored[key])
         return bg, frames, organs, mirrored
 
     def acquire(self, frames, bg: Background):
@@ -83,7 +112,9 @@ class DemoGenerator:
         fine = math.sqrt(math.prod(VOXEL_MM) / math.prod(bg.voxel_mm))
         return (frames + torch.randn_like(frames) * rng.uniform(0.0, 0.01) * fine).clamp(0, 1)
 
-    def sample(self, with_findings: float = 0.65):
+    def sample(self, with_findings: float = 0.65, counts: tuple = FINDING_COUNTS):
+        """One scan: (frames, qa, meta, organs). With probability ``with_findings`` it gets findings, as
+        many as a draw from ``counts`` (tries; a finding with no site that fits is skipped)."""
         rng = self.rng
         bg, frames, organs, mirrored = self._body()
         frames = self.acquire(frames, bg)
@@ -96,7 +127,7 @@ class DemoGenerator:
                 findings.append(f)
         before = list(findings)                  # (an enlargement) kept by counterfactual()
         if organs and rng.random() < with_findings:
-            for _ in range(rng.choice([1, 1, 1, 2, 3])):
+            for _ in range(rng.choice(counts)):
                 lungs, solid = lesion_sites(organs)
                 r = rng.random()
                 if lungs and r < 0.2:
@@ -132,8 +163,7 @@ class DemoGenerator:
         answers apart."""
         frames, organs, before, sampler, qa_state = self._last
         frames = frames.clone()
-        for sl, mask, values in reversed(sampler.undo):
-            (frames[sl] if sl is not None else frames)[mask] = values
+        sampler.restore(frames)
         replay = random.Random()
         replay.setstate(qa_state)
         qa = make_questions(before, organs, replay, bool(self.enlargement), sampler.voxel_ml)

@@ -11,7 +11,7 @@ import random
 
 from photon_core.organs import ORGANS, PAIRED
 from photon_core.train.synthetic.anatomy import VOXEL_MM
-from photon_core.train.synthetic.findings import NO_LESIONS, Finding, lesion_sites
+from photon_core.train.synthetic.findings import NO_LESIONS, Finding, count, lesion_sites
 
 
 EXIST = ["Is there a lesion in the {o}?", "Does the {o} contain a lesion?", "Is any focal lesion seen in the {o}?",
@@ -89,7 +89,7 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
                        question=rng.choice(ORGAN_ABNORMAL).format(o=o), answer="yes" if hit else "no"))
     left, right = PAIRED["kidney"]             # (the lungs: only their bases are in the abdomen scans)
     if left in organs and right in organs:
-        vl, vr = float(organs[left].sum()), float(organs[right].sum())
+        vl, vr = float(count(organs[left])), float(count(organs[right]))
         if max(vl, vr) >= LARGER_RATIO * min(vl, vr):
             qa.append(dict(family="image_observation", answer_type="open", organ="kidney",
                            question=rng.choice(LARGER).format(p="kidney"), answer="left" if vl > vr else "right"))
@@ -120,10 +120,23 @@ def make_questions(findings: list[Finding], organs: dict, rng: random.Random, en
             qa.append(dict(family="existence", answer_type="closed", organ=o,
                            question=rng.choice(ENLARGED).format(o=o), answer="yes" if o in grown else "no"))
             if o in grown or rng.random() < 0.25:
-                ml = float(organs[o].sum()) * voxel_ml
+                ml = float(count(organs[o])) * voxel_ml
                 qa.append(dict(family="measurement", answer_type="numeric", organ=o,
                                question=rng.choice(ORGAN_VOLUME).format(o=o), answer=f"{round(ml)} ml"))
     return qa
+
+
+def nothing_seen(qa: list[dict]) -> list[dict]:
+    """The questions of ``qa`` as asked of a volume that shows no body (noise, air): every existence and
+    anomaly question answered as nothing seen ("no"; "yes" to "Is this scan normal?"), the others kept
+    as they are (their answer's form). Training on these gives such a volume a well-formed answer that
+    does not come from the body the questions were drawn for."""
+    out = []
+    for q in qa:
+        if q["family"] in FINDING_FAMILIES:
+            q = dict(q, answer="yes" if q["question"] == NORMAL_QUESTION else "no")
+        out.append(q)
+    return out
 
 
 def make_temporal_questions(changes: list[dict], organs: dict, rng: random.Random) -> list[dict]:

@@ -1,0 +1,164 @@
+"""Serving several users: asks that arrive together run as ONE batched forward.
+
+    batcher = AskBatcher(predictor, window_s=0.005, max_rows=8)
+    answers = batcher.ask([Query(question, budget, (features, grid_thw), prior)], max_new_tokens=32)
+
+Any thread may call `ask`; it blocks until its answers are ready. One worker thread owns the model:
+it takes the first waiting ask, collects whatever else arrives within ``window_s`` (asks that queued
+while the previous batch ran are taken at once), groups the asks that can share a forward (same
+visual token counts, decoding settings) into batches of at most ``max_rows`` rows — an ask's rows
+(e.g. the Compare view's budgets) stay together — and answers each batch with `Predictor.answer`.
+Every row gives exactly what it gives alone (the batched path's guarantee); each ask brings its own
+volume's cached features, prior and budget. If a batch raises, its asks run one by one so that only
+the faulty ask gets the error. Queue depth, wait and batch size are logged (logger
+``photon_core.inference.batching``, INFO) and kept in `stats`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from photon_core.inference.predictor import Answer, Predictor, Query
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Ask:
+    queries: list[Query]
+    settings: tuple                       # (max_new_tokens, do_sample, temperature, top_p, seed)
+    tag: str
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple:
+        """Asks with equal keys can share a forward."""
+        q = self.queries[0]
+        return (q.prior[0].shape[0] if q.prior is not None else 0, q.volume[0].shape[0], self.settings)
+
+
+class AskBatcher:
+    def __init__(self, predictor: Predictor, window_s: float = 0.005, max_rows: int = 8):
+        self.predictor = predictor
+        self.window_s, self.max_rows = float(window_s), int(max_rows)
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+        self.stats = dict(batches=0, asks=0, rows=0, max_rows=0, max_queue_depth=0, max_wait_s=0.0)
+
+    # ------------------------------------------------------------------ callers
+    def ask(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool | None = None,
+            temperature: float | None = None, top_p: float | None = None, seed: int = 0,
+            tag: str = "") -> list[Answer]:
+        """Answers of ``queries`` (rows of one ask, e.g. one question × several budgets), in order;
+        decoding settings left None are the checkpoint's (`Predictor.answer`)."""
+        if not queries:
+            return []
+        counts = {(q.prior[0].shape[0] if q.prior is not None else 0, q.volume[0].shape[0]) for q in queries}
+        if len(counts) != 1:
+            raise ValueError("the rows of one ask must carry the same visual token counts")
+        if self._closed:
+            raise RuntimeError("the ask batcher is closed")
+        item = _Ask(list(queries), (int(max_new_tokens), do_sample, temperature, top_p, int(seed)), tag)
+        self._ensure_worker()
+        self._queue.put(item)
+        return item.future.result()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+
+    # ------------------------------------------------------------------ worker
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._loop, name="photon-ask-batcher", daemon=True)
+                self._worker.start()
+
+    def _collect(self, first: _Ask) -> tuple[list[_Ask], bool]:
+        """The first ask, those already queued, and those arriving within the window (up to max_rows)."""
+        items, rows, stop = [first], len(first.queries), False
+        deadline = time.perf_counter() + self.window_s
+        while rows < self.max_rows:
+            timeout = deadline - time.perf_counter()
+            try:
+                nxt = self._queue.get_nowait() if timeout <= 0 else self._queue.get(timeout=timeout)
+            except queue.Empty:
+                break
+            if nxt is None:
+                stop = True
+                break
+            items.append(nxt)
+            rows += len(nxt.queries)
+        return items, stop
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items, stop = self._collect(first)
+            depth = self._queue.qsize()
+            try:
+                for batch in self._batches(items):
+                    self._run(batch, depth)
+            except BaseException as e:  # never leave a caller waiting on a dead worker
+                for it in items:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+            if stop:
+                return
+
+    def _batches(self, items: list[_Ask]) -> list[list[_Ask]]:
+        groups: dict = {}
+        for it in items:
+            groups.setdefault(it.key, []).append(it)
+        out = []
+        for group in groups.values():
+            cur, rows = [], 0
+            for it in group:
+                if cur and rows + len(it.queries) > self.max_rows:
+                    out.append(cur)
+                    cur, rows = [], 0
+                cur.append(it)
+                rows += len(it.queries)
+            out.append(cur)
+        return out
+
+    def _run(self, batch: list[_Ask], depth: int) -> None:
+        t0 = time.perf_counter()
+        waits = [t0 - it.arrived for it in batch]
+        rows = [q for it in batch for q in it.queries]
+        max_new_tokens, do_sample, temperature, top_p, seed = batch[0].settings
+        try:
+            answers = self.predictor.answer(rows, max_new_tokens, do_sample, temperature, top_p, seed)
+        except Exception as e:  # noqa: BLE001 - find the faulty ask: the others still get answers
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+                return
+            for it in batch:
+                self._run([it], depth)
+            return
+        run_s = time.perf_counter() - t0
+        i = 0
+        for it, wait in zip(batch, waits):
+            mine = answers[i:i + len(it.queries)]
+            i += len(it.queries)
+            for a in mine:
+                a.extra.update(queue_wait_s=round(wait, 4), batch_asks=len(batch))
+            it.future.set_result(mine)
+        s = self.stats
+        s.update(batches=s["batches"] + 1, asks=s["asks"] + len(batch), rows=s["rows"] + len(rows),
+                 max_rows=max(s["max_rows"], len(rows)), max_queue_depth=max(s["max_queue_depth"], depth),
+                 max_wait_s=max(s["max_wait_s"], max(waits)))
+        log.info("ask batch: %d asks (%s), %d rows; %d still queued; waited %.1f ms max; forward %.0f ms",
+                 len(batch), ", ".join(sorted({it.tag or "-" for it in batch})), len(rows), depth,
+                 1000 * max(waits), 1000 * run_s)

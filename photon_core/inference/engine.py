@@ -1,0 +1,451 @@
+"""The decode engine: a static KV cache, one fixed-shape decode step, captured as a CUDA graph.
+
+After the prefill (where ITS drops tokens) every later token costs one step: embed the last token,
+run the decoder layers against the cache of the survivors, choose the next token. Following
+gpt-fast, the step has fixed shapes and no host synchronisation, so on CUDA it is captured once
+and replayed per token:
+
+    static state (one per (batch B, cache length S, sampling) bucket, reused across calls)
+        k, v        per layer (B, Hkv, S, d)   slots [0, N) the prompt's survivors (right-aligned,
+                                               padding in front), slot N + t the t-th fed token
+        allowed     (B, S) bool                which slots each row may attend to
+        tokens, pos (B,)                       the token to feed and its (3-axis, equal) position id
+        slot, t     (1,)                       its cache slot; the output column being written
+        done        (B,) bool                  rows that produced a stop id (then emit stop id 0)
+        out_tokens, out_logprobs (B, S)        what was generated, and its log-probability
+    step:  allowed[:, slot] = 1 → embed → RoPE(pos) → layers (write k/v at slot, attend) → norm →
+           lm_head → choose (greedy, or sampling from pre-drawn Exp(1) noise) → record → advance
+
+The host loop only replays the step (and, when sampling, draws the noise into a static buffer) and
+reads ``done`` every ``check_every`` steps. Modes: ``eager`` (CPU default; the same step, run as
+Python), ``graph`` (CUDA default: the eager step captured by hand as a `torch.cuda.CUDAGraph`),
+``compile`` (each decoder layer and the step's ends compiled with torch.compile — one compiled graph
+reused by every layer — then the whole step captured by hand), ``reduce-overhead`` (the whole step
+under ``torch.compile(mode="reduce-overhead")``). A capture or compile that raises falls back to eager;
+``Decoded.stats['path']`` and ``['fallback']`` say what ran.
+
+Every row of a batch decodes exactly as it would alone (its own prompt length, positions, mask);
+greedy tokens of a batch row equal the single run's. Sampling draws one noise tensor per step for
+the whole batch, so a sampled row depends on its batch (as any batched sampler's does).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from photon_core.inference.prompt import GenerationSettings as Sampling
+from photon_core.model.photon import Output, PhotonModel
+
+log = logging.getLogger(__name__)
+MODES = ("eager", "graph", "compile", "reduce-overhead")
+SLOT_BUCKET = 64          # cache lengths are rounded up to a multiple of this (fewer graphs)
+
+
+def choose(logits: torch.Tensor, sp: Sampling, noise: torch.Tensor | None = None,
+           seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, vocab) logits → next token (B,) and its log-probability under the model's own distribution
+    (B,). ``sp``: greedy unless ``do_sample``; transformers' order (repetition penalty, top-k,
+    temperature, top-p). ``noise`` (B, vocab) Exp(1) draws when sampling (argmax of p/noise samples
+    from p, with no host sync); ``seen`` (B, vocab) bool: ids already in the row, for the penalty."""
+    scores = logits.float()
+    logp_all = scores.log_softmax(-1)
+    scores = repetition_penalised(scores, seen, sp.repetition_penalty)
+    if sp.do_sample:
+        if sp.top_k > 0:
+            kth = scores.topk(min(int(sp.top_k), scores.shape[-1]), -1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = top_p_filter(F.softmax(scores / max(sp.temperature, 1e-5), -1), sp.top_p)
+        nxt = (probs / noise.clamp_min(1e-20)).argmax(-1)
+    else:
+        nxt = scores.argmax(-1)
+    return nxt, logp_all.gather(1, nxt[:, None])[:, 0]
+
+
+def repetition_penalised(scores: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the score of every id already in the row is divided by ``penalty``
+    if positive, multiplied by it if negative. ``seen``: (B, vocab) bool, or (B, L) ids (−1 = padding)."""
+    if penalty == 1.0:
+        return scores
+    if seen.dtype != torch.bool:
+        seen = seen_ids(seen, scores.shape[-1])
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def seen_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, L) ids (−1 = padding) → (B, vocab) bool: which ids each row holds."""
+    seen = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids.clamp_min(0), ids >= 0)
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of a (B, vocab) distribution, renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sp, si = probs.sort(-1, descending=True)
+    cut = sp.cumsum(-1) - sp > top_p
+    sp = sp.masked_fill(cut, 0)
+    return torch.zeros_like(probs).scatter(-1, si, sp) / sp.sum(-1, keepdim=True)
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor                      # (B, T') ids, T' ≤ max_new_tokens; stop id 0 after a stop
+    logprobs: torch.Tensor                    # (B, T') log-probability of each under the model
+    step_logits: torch.Tensor | None = None   # (B, T', vocab) fp32 raw logits, when asked for
+    stats: dict = field(default_factory=dict)  # path, fallback, bucket, steps
+
+
+class _State:
+    """Static buffers of one bucket (B rows, S cache slots, one sampling setting)."""
+
+    def __init__(self, model: PhotonModel, B: int, S: int, sp: Sampling, step_logits: bool):
+        c = model.config
+        w = model.model.embed_tokens.weight
+        dev, dt = w.device, w.dtype
+        shape = (B, c.num_key_value_heads, S, c.head_dim)
+        self.B, self.S, self.sampling = B, S, sp
+        self.k = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(c.num_hidden_layers)]
+        long = dict(device=dev, dtype=torch.long)
+        self.allowed = torch.zeros(B, S, device=dev, dtype=torch.bool)
+        self.tokens, self.pos = torch.zeros(B, **long), torch.zeros(B, **long)
+        self.slot, self.t = torch.zeros(1, **long), torch.zeros(1, **long)
+        self.done = torch.zeros(B, device=dev, dtype=torch.bool)
+        self.out_tokens = torch.zeros(B, S, **long)
+        self.out_logprobs = torch.zeros(B, S, device=dev, dtype=torch.float)
+        self.stop = torch.tensor(sp.eos_token_ids, **long) if sp.eos_token_ids else None
+        V = c.vocab_size
+        self.noise = torch.ones(B, V, device=dev) if sp.do_sample else None
+        self.seen = torch.zeros(B, V, device=dev, dtype=torch.bool) if sp.repetition_penalty != 1.0 else None
+        self.step_logits = torch.zeros(B, S, V, device=dev) if step_logits else None
+        self.graph = None            # torch.cuda.CUDAGraph once captured
+
+    def tensors(self) -> list[torch.Tensor]:
+        ts = [*self.k, *self.v, self.allowed, self.tokens, self.pos, self.slot, self.t, self.done,
+              self.out_tokens, self.out_logprobs]
+        return ts + [x for x in (self.stop, self.noise, self.seen, self.step_logits) if x is not None]
+
+
+# ---------------------------------------------------------------------- the step, in three pieces
+def _prologue(model: PhotonModel, st: _State):
+    """Open the token's slot, embed it, RoPE at its position → h (B, 1, D), cos, sin."""
+    st.allowed.index_fill_(1, st.slot, True)
+    h = model.model.embed_tokens(st.tokens[:, None])
+    cos, sin = model.rope(st.pos[None, :, None].expand(3, -1, 1), h.dtype)
+    return h, cos, sin
+
+
+def _layer(layer, h, cos, sin, k, v, slot, allowed):
+    return layer.decode(h, cos, sin, k, v, slot, allowed)
+
+
+def _record(st: _State, logits: torch.Tensor) -> None:
+    """Choose from (B, vocab) logits, apply stops, write the outputs, advance pos / slot / t."""
+    if st.step_logits is not None:
+        st.step_logits.index_copy_(1, st.t, logits.float()[:, None])
+    nxt, logp = choose(logits, st.sampling, st.noise, st.seen)
+    if st.stop is not None:
+        nxt = torch.where(st.done, st.stop[0], nxt)
+        st.done.logical_or_((nxt[:, None] == st.stop[None, :]).any(-1))
+    st.out_tokens.index_copy_(1, st.t, nxt[:, None])
+    st.out_logprobs.index_copy_(1, st.t, logp[:, None])
+    if st.seen is not None:
+        st.seen.scatter_(1, nxt[:, None], True)
+    st.tokens.copy_(nxt)
+    st.pos.add_(1)
+    st.slot.add_(1)
+    st.t.add_(1)
+
+
+def _epilogue(model: PhotonModel, st: _State, h: torch.Tensor) -> None:
+    _record(st, model.lm_head(model.model.norm(h))[:, 0])
+
+
+class DecodeEngine:
+    """Decoding for one model: static state per bucket, the step (eager, captured or compiled)."""
+
+    def __init__(self, model: PhotonModel, mode: str = "auto", check_every: int | None = None,
+                 max_buckets: int = 4):
+        cuda = model.lm_head.weight.is_cuda
+        mode = ("graph" if cuda else "eager") if mode == "auto" else mode
+        if mode not in MODES:
+            raise ValueError(f"decode mode must be one of {MODES} or 'auto', not {mode!r}")
+        if mode in ("graph", "reduce-overhead") and not cuda:
+            raise ValueError(f"decode mode {mode!r} needs CUDA; the model is on the CPU")
+        self.model, self.mode, self.cuda = model, mode, cuda
+        self.check_every = check_every or (4 if cuda else 1)
+        self.max_buckets = max_buckets
+        self.states: dict = {}
+        self.fallback: str | None = None
+        self._lock = threading.Lock()
+        self._prologue, self._layer, self._epilogue = _prologue, _layer, _epilogue
+        self._whole = None
+        if mode == "compile":
+            kw = dict(fullgraph=True)         # a second shape (batch, cache length) compiles a dynamic graph
+            self._prologue, self._layer, self._epilogue = (torch.compile(f, **kw) for f in
+                                                           (_prologue, _layer, _epilogue))
+        elif mode == "reduce-overhead":
+            self._whole = torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=True)
+
+    @property
+    def path(self) -> str:
+        if self.fallback:
+            return "eager (fallback)"
+        return {"eager": "eager", "graph": "cuda-graph", "compile": "compiled + cuda-graph" if self.cuda
+                else "compiled", "reduce-overhead": "torch.compile reduce-overhead"}[self.mode]
+
+    # ------------------------------------------------------------------ the step
+    def _eager_step(self, st: _State) -> None:
+        m = self.model
+        h, cos, sin = self._prologue(m, st)
+        for i, layer in enumerate(m.model.layers):
+            h = self._layer(layer, h, cos, sin, st.k[i], st.v[i], st.slot, st.allowed)
+        self._epilogue(m, st, h)
+
+    def _run_step(self, st: _State) -> None:
+        if st.graph is not None:
+            st.graph.replay()
+        elif self._whole is not None and not self.fallback:
+            self._whole(st)
+        else:
+            self._eager_step(st)
+
+    def _fall_back(self, what: str, e: Exception) -> None:
+        self.fallback = f"{what} failed: {type(e).__name__}: {str(e)[:300]}"
+        log.warning("decode engine: %s; decoding eagerly", self.fallback)
+        self._prologue, self._layer, self._epilogue, self._whole = _prologue, _layer, _epilogue, None
+        for st in self.states.values():
+            st.graph = None
+
+    def _capture(self, st: _State) -> None:
+        """Warm up (compiles, if compiling) and capture the step as a CUDA graph; eager on failure."""
+        st.slot.zero_()
+        st.t.zero_()
+        try:
+            if self._whole is not None:          # reduce-overhead: torch's cudagraph trees record it
+                for _ in range(3):
+                    self._run_step(st)
+                    st.slot.zero_()
+                    st.t.zero_()
+                torch.cuda.synchronize()
+                return
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run_step(st)
+                    st.slot.zero_()
+                    st.t.zero_()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                self._eager_step(st)
+            st.graph = g
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - any capture/compile error: decode eagerly, say so
+            torch.cuda.synchronize()
+            self._fall_back("graph capture" if self.mode == "graph" else f"{self.mode} warm-up", e)
+
+    def _state(self, B: int, S: int, sp: Sampling, step_logits: bool) -> _State:
+        key = (B, S, sp, step_logits)
+        st = self.states.pop(key, None)
+        if st is None:
+            if len(self.states) >= self.max_buckets:
+                self.states.pop(next(iter(self.states)))
+            st = _State(self.model, B, S, sp, step_logits)
+            if self.mode == "reduce-overhead":
+                for x in st.tensors():
+                    torch._dynamo.mark_static_address(x)
+            if self.mode == "compile" and not self.cuda and not self.fallback:
+                try:                                   # CPU: compile on first use, no graph
+                    self._run_step(st)
+                except Exception as e:  # noqa: BLE001
+                    self._fall_back("compile", e)
+            elif self.cuda and self.mode != "eager" and not self.fallback:
+                self._capture(st)
+        self.states[key] = st                    # most recently used last
+        return st
+
+    # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def decode(self, prefill: Output, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               max_new_tokens: int, sampling: Sampling | None = None,
+               generator: torch.Generator | None = None, return_step_logits: bool = False) -> Decoded:
+        """Continue from a prefill run with ``use_cache=True`` (its logits' last position chooses the first
+        token). ``input_ids``/``attention_mask``: the prompt (for the repetition penalty). ``sampling``:
+        `prompt.GenerationSettings` (default greedy, no stop)."""
+        if prefill.cache is None:
+            raise ValueError("decode needs the prefill's KV cache (run the model with use_cache=True)")
+        sampling = sampling or Sampling()
+        T = int(max_new_tokens)
+        B, N = prefill.key_valid.shape
+        last = prefill.logits[:, -1]
+        if T == 1:                         # the prefill chooses the only token: no step, no buffers
+            V = last.shape[-1]
+            noise = torch.empty(B, V, device=last.device).exponential_(generator=generator) \
+                if sampling.do_sample else None
+            seen = _seen(input_ids, attention_mask, V) if sampling.repetition_penalty != 1.0 else None
+            nxt, logp = choose(last, sampling, noise, seen)
+            return Decoded(nxt[:, None], logp[:, None], last.float()[:, None] if return_step_logits else None,
+                           dict(path=self.path, fallback=self.fallback, bucket=None, steps=1))
+        S = -(-(N + T) // SLOT_BUCKET) * SLOT_BUCKET
+        with self._lock:
+            st = self._state(B, S, sampling, return_step_logits)
+            for i, (k, v) in enumerate(prefill.cache):
+                st.k[i][:, :, :N].copy_(k)
+                st.v[i][:, :, :N].copy_(v)
+            st.allowed.zero_()
+            st.allowed[:, :N] = prefill.key_valid
+            st.pos.copy_(prefill.next_position - 1)     # the last prompt token's position and slot
+            st.slot.fill_(N - 1)
+            st.t.zero_()
+            st.done.zero_()
+            if st.seen is not None:
+                st.seen.copy_(_seen(input_ids, attention_mask, st.seen.shape[1]))
+            if st.noise is not None:
+                st.noise.exponential_(generator=generator)
+            _record(st, last)
+            n = 1
+            for i in range(1, T):
+                if st.stop is not None and i % self.check_every == 0 and bool(st.done.all()):
+                    break
+                if st.noise is not None:
+                    st.noise.exponential_(generator=generator)
+                self._run_step(st)
+                n = i + 1
+            out = Decoded(st.out_tokens[:, :n].clone(), st.out_logprobs[:, :n].clone(),
+                          st.step_logits[:, :n].clone() if st.step_logits is not None else None,
+                          dict(path=self.path, fallback=self.fallback, bucket=[B, S], steps=n))
+        return out
+
+
+def _vision_block(blk, x, cu, cos, sin, longest: int):
+    return blk(x, cu, cos, sin, longest)
+
+
+class VisionEngine:
+    """The vision tower for a fixed grid (a CT always has one): ``graph`` captures the whole tower
+    (patch embed, 32 blocks with one varlen call each, merger) as one CUDA graph on a static input;
+    ``compile`` first compiles the block (one compiled graph per attention kind, reused by every
+    block) and the merger, then captures; ``eager`` runs `VisionTower.forward`. A failing capture or
+    compile falls back to eager, recorded in ``fallback``."""
+
+    def __init__(self, model: PhotonModel, mode: str = "auto"):
+        cuda = model.lm_head.weight.is_cuda
+        self.mode = ("graph" if cuda else "eager") if mode == "auto" else mode
+        if self.mode not in ("eager", "graph", "compile"):
+            raise ValueError(f"vision mode must be eager, graph, compile or auto, not {mode!r}")
+        if self.mode == "graph" and not cuda:
+            raise ValueError("vision mode 'graph' needs CUDA")
+        self.model, self.cuda = model, cuda
+        self.fallback: str | None = None
+        self.graphs: dict = {}
+        self._lock = threading.Lock()
+        self._block = torch.compile(_vision_block, fullgraph=True) if self.mode == "compile" else None
+
+    @property
+    def path(self) -> str:
+        if self.fallback:
+            return "eager (fallback)"
+        return {"eager": "eager", "graph": "cuda-graph",
+                "compile": "compiled + cuda-graph" if self.cuda else "compiled"}[self.mode]
+
+    def _run(self, pv: torch.Tensor, lay: dict) -> torch.Tensor:
+        vis = self.model.visual
+        if self._block is None:
+            return vis.run(pv, lay)
+        unit = vis.cfg.spatial_merge_size ** 2
+        x = vis.vision_patch_embed(pv)
+        P = x.shape[0]
+        x = x.reshape(P // unit, unit, -1)[lay["win"]].reshape(P, -1)
+        for i, blk in enumerate(vis.blocks):
+            cu, longest = lay["full"] if i in vis.cfg.fullatt_block_indexes else lay["window"]
+            x = self._block(blk, x, cu, lay["cos"], lay["sin"], longest)
+        return vis.merger(x)[lay["unwin"]]
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """(P, C) patches → (V, D) visual tokens, as `PhotonModel.encode_volume`."""
+        vis = self.model.visual
+        pv = pixel_values.to(next(vis.parameters()).dtype)
+        if self.mode == "eager" or self.fallback:
+            return vis(pv, grid_thw)
+        with self._lock:
+            lay = vis.layout(grid_thw, pv.device)
+            key = (tuple(tuple(int(x) for x in g) for g in grid_thw.tolist()), tuple(pv.shape), pv.dtype)
+            if not self.cuda:                          # compile on CPU: no graph
+                try:
+                    return self._run(pv, lay)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(e)
+                    return vis(pv, grid_thw)
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = self._capture(pv, lay)
+                except Exception as e:  # noqa: BLE001
+                    torch.cuda.synchronize()
+                    self._fail(e)
+                    return vis(pv, grid_thw)
+            g, static_in, static_out, _ = self.graphs[key]
+            static_in.copy_(pv)
+            g.replay()
+            return static_out.clone()
+
+    def _capture(self, pv: torch.Tensor, lay: dict):
+        static_in = pv.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(static_in, lay)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            static_out = self._run(static_in, lay)
+        torch.cuda.synchronize()
+        return g, static_in, static_out, lay          # the graph reads lay's tensors: keep them alive
+
+    def _fail(self, e: Exception) -> None:
+        self.fallback = f"vision {self.mode} failed: {type(e).__name__}: {str(e)[:300]}"
+        log.warning("%s; encoding eagerly", self.fallback)
+        self.graphs.clear()
+
+
+def _seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, V: int) -> torch.Tensor:
+    """(B, vocab) bool: the ids present in each row's prompt (padding excluded)."""
+    ids = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -1)
+    return seen_ids(ids, V)
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(model: PhotonModel, mode: str = "auto") -> DecodeEngine:
+    """The model's decode engine (one per model and mode; its buffers and graphs are reused)."""
+    with _ENGINES_LOCK:
+        per_model = _ENGINES.setdefault(model, {})
+        if mode not in per_model:
+            per_model[mode] = DecodeEngine(model, mode)
+        return per_model[mode]
+
+
+def release(model: PhotonModel) -> None:
+    """Drop the model's engines (their buffers and graphs hold the model and device memory)."""
+    with _ENGINES_LOCK:
+        _ENGINES.pop(model, None)
+
+
+def vision_for(model: PhotonModel, mode: str = "auto") -> VisionEngine:
+    """The model's vision engine (one per model and mode; a CUDA graph per grid)."""
+    with _ENGINES_LOCK:
+        per_model = _ENGINES.setdefault(model, {})
+        key = ("vision", mode)
+        if key not in per_model:
+            per_model[key] = VisionEngine(model, mode)
+        return per_model[key]

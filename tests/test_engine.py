@@ -1,0 +1,380 @@
+"""The decode engine on CPU: static cache + fixed-shape step against independent recomputation, batch rows
+against single runs, stops, sampling, log-probabilities, the packed (varlen) prefill's bookkeeping, and
+the import hygiene of what runs on the GPU machine."""
+import logging
+import math
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from photon_core.inference import engine as eng
+from photon_core.inference.generate import generate
+from photon_core.model import attention
+from photon_core.model.budget import Budget
+from photon_core.model.checkpoint import load_model
+from photon_core.model.sgp import pack_indices
+
+
+@pytest.fixture(scope="module")
+def fx(parity_dir):
+    return load_file(str(parity_dir / "fixture.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def model(parity_dir):
+    return load_model(parity_dir / "model", "cpu")
+
+
+@pytest.fixture(scope="module")
+def feats(model, fx):
+    with torch.no_grad():
+        return model.encode_volume(fx["pixel_values_videos"].float(), fx["video_grid_thw"])
+
+
+def left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - r.numel():] = r
+        mask[b, L - r.numel():] = 1
+    return ids, mask
+
+
+def test_step_logits_equal_a_fresh_prefill_of_the_continuation(model, fx, feats):
+    """Teacher forcing: a prefill of prompt + generated[:-1] gives, at its last positions, the logits each
+    decode step produced — the engine's cache slots, positions and masks are right. (Without ITS: with it,
+    decode steps see the pruned cache in every layer, which a longer prefill would not; the ITS path is
+    checked against the reference's own generation in test_parity.)"""
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    g = generate(model, ids, features=feats, grid_thw=grid, use_its=False, max_new_tokens=6,
+                 return_step_logits=True)
+    full = torch.cat([ids, g.tokens[:, :-1]], 1)
+    with torch.no_grad():
+        out = model(full, features=feats, grid_thw=grid, use_its=False)
+    T = g.tokens.shape[1]
+    assert torch.allclose(out.logits[:, -T:], g.step_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.logits[:, -T:].argmax(-1), g.tokens)
+
+
+def test_batch_rows_with_different_kept_lengths_equal_single_runs(model, fx, feats):
+    q1, q2, grid = fx["q1.input_ids"][0], fx["q2.input_ids"][0], fx["video_grid_thw"]
+    V = feats.shape[0]
+    budgets = [Budget("top_k", V // 4), Budget("top_k", 3 * V // 4), Budget("auto")]
+    rows = [q1, q2, q2]
+    ids, mask = left_pad(rows, model.config.pad_token_id)
+    many = generate(model, ids, mask, features=feats.repeat(3, 1), grid_thw=grid.repeat(3, 1), budget=budgets,
+                    max_new_tokens=8, return_step_logits=True)
+    kept = many.prefill.its.kept_count.tolist()
+    assert len(set(kept)) == 3 and len({r.numel() for r in rows}) == 2      # rows of different lengths
+    for b, (r, bud) in enumerate(zip(rows, budgets)):
+        one = generate(model, r[None], features=feats, grid_thw=grid, budget=bud, max_new_tokens=8,
+                       return_step_logits=True)
+        assert torch.equal(many.tokens[b], one.tokens[0]), b
+        assert torch.allclose(many.step_logits[b], one.step_logits[0], atol=1e-4, rtol=1e-4), b
+        assert torch.allclose(many.logprobs[b], one.logprobs[0], atol=1e-5), b
+
+
+def test_logprobs_are_those_of_the_chosen_tokens(model, fx, feats):
+    g = generate(model, fx["q2.input_ids"], features=feats, grid_thw=fx["video_grid_thw"], max_new_tokens=5,
+                 return_step_logits=True)
+    ref = g.step_logits.log_softmax(-1).gather(-1, g.tokens[..., None])[..., 0]
+    assert torch.allclose(g.logprobs, ref, atol=1e-6)
+    assert bool((g.logprobs <= 0).all())
+
+
+def test_rows_stop_at_a_stop_id_and_the_loop_ends(model, fx, feats):
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    free = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8)
+    stop = int(free.tokens[0, 2])
+    first = free.tokens[0].tolist().index(stop)
+    g = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8, eos_token_id=[999_999, stop])
+    assert g.tokens[0, :first + 1].tolist() == free.tokens[0, :first + 1].tolist()
+    assert g.tokens.shape[1] == first + 1            # CPU checks every step: nothing after the stop
+    # a batch: the row that stops pads with the first stop id until the other stops too
+    ids2, mask2 = left_pad([fx["q1.input_ids"][0], fx["q2.input_ids"][0]], model.config.pad_token_id)
+    both = generate(model, ids2, mask2, features=feats.repeat(2, 1), grid_thw=grid.repeat(2, 1),
+                    max_new_tokens=8, eos_token_id=stop)
+    r0 = both.tokens[0].tolist()
+    assert r0[:first + 1] == free.tokens[0, :first + 1].tolist() and set(r0[first:]) == {stop}
+
+
+def test_engine_reuses_its_buffers_without_leaking_state(model, fx, feats):
+    """A second prompt of another length in the same bucket gives what a fresh engine gives."""
+    grid = fx["video_grid_thw"]
+    e = eng.DecodeEngine(model, "eager")
+    fresh = eng.DecodeEngine(model, "eager")
+    outs = []
+    for ids in (fx["q1.input_ids"], fx["q2.input_ids"]):
+        with torch.no_grad():
+            pre = model(ids, features=feats, grid_thw=grid, use_cache=True, last_logits=True)
+        outs.append((e.decode(pre, ids, None, 6), pre, ids))
+    assert len(e.states) == 1
+    d2, pre2, ids2 = outs[1]
+    ref = fresh.decode(pre2, ids2, None, 6)
+    assert torch.equal(d2.tokens, ref.tokens) and torch.equal(d2.logprobs, ref.logprobs)
+
+
+def test_choose_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.1, 3.0, 2.9, 0.0]])
+    greedy, lp = eng.choose(logits, eng.Sampling())
+    assert greedy.tolist() == [0, 1]
+    assert torch.allclose(lp, logits.log_softmax(-1).gather(1, greedy[:, None])[:, 0])
+    noise = torch.empty(2, 4).exponential_()
+    top1, _ = eng.choose(logits, eng.Sampling(do_sample=True, top_k=1), noise)
+    assert top1.tolist() == [0, 1]                     # top-k 1 is greedy whatever the noise
+    seen = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    pen, _ = eng.choose(logits, eng.Sampling(repetition_penalty=4.0), seen=seen)
+    assert pen.tolist() == [1, 2]                      # the seen maxima are divided by 4
+    # sampling frequencies follow the distribution (exponential race), temperature flattens it
+    n = 20000
+    p = torch.tensor([0.6, 0.3, 0.1])
+    noise = torch.empty(n, 3).exponential_()
+    draws, _ = eng.choose(p.log().expand(n, 3), eng.Sampling(do_sample=True), noise)
+    freq = torch.bincount(draws, minlength=3).float() / n
+    assert torch.allclose(freq, p, atol=0.02)
+    hot, _ = eng.choose(p.log().expand(n, 3), eng.Sampling(do_sample=True, temperature=100.0),
+                        torch.empty(n, 3).exponential_())
+    assert float(torch.bincount(hot, minlength=3).float().min() / n) > 0.3
+
+
+def test_repetition_penalty_sees_the_prompt_and_every_generated_token(model, fx, feats):
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    pen = 1.8
+    g = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8, repetition_penalty=pen,
+                 return_step_logits=True)
+    seen = set(ids[0].tolist())
+    for t in range(g.tokens.shape[1]):
+        s = g.step_logits[0, t].clone()
+        hit = torch.tensor([i in seen for i in range(s.numel())])
+        s = torch.where(hit, torch.where(s < 0, s * pen, s / pen), s)
+        assert int(g.tokens[0, t]) == int(s.argmax())
+        seen.add(int(g.tokens[0, t]))
+    plain = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8)
+    assert not torch.equal(plain.tokens, g.tokens)          # the penalty changed the choice somewhere
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(model, fx, feats):
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    kw = dict(features=feats, grid_thw=grid, max_new_tokens=6, do_sample=True, temperature=1.5)
+    a = generate(model, ids, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(model, ids, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    greedy = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=6)
+    k1 = generate(model, ids, generator=torch.Generator().manual_seed(3), top_k=1, **kw)
+    assert torch.equal(k1.tokens, greedy.tokens)
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_on_cpu(model, fx, feats):
+    """The compiled decode step (one compiled graph reused by every layer) — the GPU's `compile` mode
+    without the graph capture — gives the eager step's tokens and logits."""
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    free = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=6)
+    stop = int(free.tokens[0, 4])                  # stop ids and the repetition penalty run in the step too
+    kw = dict(features=feats, grid_thw=grid, max_new_tokens=6, return_step_logits=True, eos_token_id=[stop],
+              repetition_penalty=1.3)
+    a = generate(model, ids, mode="eager", **kw)
+    b = generate(model, ids, mode="compile", **kw)
+    assert b.stats["path"] == "compiled" and b.stats["fallback"] is None
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.step_logits, b.step_logits, atol=1e-4)
+    s = dict(features=feats, grid_thw=grid, max_new_tokens=4, do_sample=True, top_k=20, top_p=0.9)
+    c = generate(model, ids, mode="eager", generator=torch.Generator().manual_seed(1), **s)
+    d = generate(model, ids, mode="compile", generator=torch.Generator().manual_seed(1), **s)
+    assert d.stats["fallback"] is None and torch.equal(c.tokens, d.tokens)
+
+
+def _reference_varlen(q, k, v, cu, max_len, causal):
+    """The packed kernel's contract, in plain PyTorch: attention inside each [cu[i], cu[i+1])."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+def test_packed_prefill_equals_the_masked_one(model, fx, feats, monkeypatch):
+    """The varlen path's packing (explicit cu_seqlens from the validity mask, gapped positions after the
+    drop) run through a reference kernel gives the SDPA-mask prefill's logits, before and after ITS."""
+    q1, q2, grid = fx["q1.input_ids"][0], fx["q2.input_ids"][0], fx["video_grid_thw"]
+    ids, mask = left_pad([q1, q2], model.config.pad_token_id)
+    kw = dict(features=feats.repeat(2, 1), grid_thw=grid.repeat(2, 1), budget=[Budget("top_k", 20), "auto"])
+    with torch.no_grad():
+        ref = model(ids, mask, **kw)
+        calls = []
+        counted = lambda *a, **k: calls.append(1) or _reference_varlen(*a, **k)  # noqa: E731
+        monkeypatch.setattr(attention, "_varlen", counted)
+        monkeypatch.setattr("photon_core.model.photon.varlen_available", lambda device, dtype: True)
+        out = model(ids, mask, **kw)
+    assert len(calls) == model.config.num_hidden_layers
+    assert torch.equal(out.key_valid, ref.key_valid)
+    v = ref.key_valid
+    assert torch.allclose(out.logits[v], ref.logits[v], atol=1e-4, rtol=1e-4)
+
+
+def test_packing_reads_the_validity_mask_not_positions():
+    valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    pk = attention.Packing.build(valid, varlen=True)
+    assert pk.cu_seqlens.tolist() == [0, 3, 8] and pk.max_len == 5
+    assert pk.index.tolist() == [2, 3, 4, 5, 6, 7, 8, 9]
+    idx, ok = pack_indices(torch.tensor([[True, False, True, False, True]]), "right")
+    assert attention.Packing.build(ok, varlen=True).cu_seqlens.tolist() == [0, 3]
+
+
+def test_block_attention_varlen_route_equals_padded(monkeypatch):
+    torch.manual_seed(0)
+    lengths = [16, 16, 8, 4, 16]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
+    ref = attention.block_attention(q, k, v, cu)
+    monkeypatch.setattr(attention, "varlen_available", lambda device, dtype: True)
+    monkeypatch.setattr(attention, "_varlen", _reference_varlen)
+    assert torch.allclose(attention.block_attention(q, k, v, cu, max(lengths)), ref, atol=1e-6)
+
+
+def test_decode_attention_equals_sdpa():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 8)
+    k, v = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    allowed = torch.rand(2, 10) > 0.3
+    allowed[:, -1] = True
+    ref = attention.attend(q, k, v, allowed[:, None, None, :])
+    assert torch.allclose(attention.decode_attention(q, k, v, allowed), ref, atol=1e-6)
+
+
+def test_answer_probability(tiny_model_dir):
+    from photon_core.inference.predictor import Predictor
+
+    p = Predictor(tiny_model_dir, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    p.set_volume(torch.rand(140, 1, 280, 280, generator=g))
+    a = p.ask("Is there a lesion in the liver?", max_new_tokens=4)
+    assert 0 < a.probability <= 1 and a.to_dict()["probability"] == round(a.probability, 4)
+    ids, _ = p.tokenizer.prompt("Is there a lesion in the liver?", p.features.shape[0])
+    gen = generate(p.model, torch.tensor([ids]), features=p.features, grid_thw=p.grid_thw, max_new_tokens=4,
+                   eos_token_id=p.model.config.eos_token_id)
+    assert math.isclose(a.probability, math.exp(float(gen.logprobs[0, :a.generated_tokens].mean())),
+                        rel_tol=1e-5)
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {"gradio", "pyvista", "nibabel", "pydicom", "plotly", "vtk"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not on the GPU machine")
+        return None
+sys.meta_path.insert(0, Block())
+for m in list(sys.modules):
+    if m.split(".")[0] in BLOCKED:
+        del sys.modules[m]
+"""
+
+
+def test_gpu_bench_and_gpu_tests_import_without_ui_or_io_packages():
+    """The GPU image has no gradio, pyvista, nibabel, pydicom: the benchmark and the GPU tests must import
+    (and the benchmark's smoke plan must be built) with them blocked."""
+    code = BLOCKER + """
+sys.path[:0] = ["tests", "."]
+import bench.gpu_bench as gb, test_gpu
+gb.parse_args(["--smoke", "--section", "ours"])
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    # and the blocker does block: importing the app must fail under it
+    r = subprocess.run([sys.executable, "-c", BLOCKER + "import gradio"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "not on the GPU machine" in r.stderr
+
+
+# ---------------------------------------------------------------------- serving several users
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    from photon_core.inference.predictor import Predictor
+
+    p = Predictor(tiny_model_dir, device="cpu")
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    vols = [p.encode(torch.rand(140, 1, 280, 280, generator=g))[:2] for g in gens]
+    return p, vols
+
+
+def _same(a, b):
+    assert a.text == b.text and a.kept_indices == b.kept_indices and a.budget == b.budget
+    assert np.allclose(a.rho, b.rho, atol=1e-5) and math.isclose(a.probability, b.probability, rel_tol=1e-4)
+
+
+def test_concurrent_asks_from_several_sessions_equal_single_runs(served, caplog):
+    """Asks from threads that arrive together (different volumes, priors, budgets; one Compare ask of
+    three budgets) are answered in shared forwards, each exactly as it is alone."""
+    from photon_core.inference.batching import AskBatcher
+    from photon_core.inference.predictor import Query
+
+    p, (v1, v2, v3) = served
+    asks = [[Query("Is there a lesion in the liver?", "auto", v1)],
+            [Query("How many lesions are in the left kidney?", "top_k:100", v2)],
+            [Query("Is the spleen enlarged?", b, v3) for b in ("auto", "25%", "full")],
+            [Query("Is there a lesion in the liver?", "ratio:0.1", v2)],
+            [Query("Has the liver lesion grown since the prior scan?", "auto", v1, prior=v3)],  # 2,000 tokens
+            [Query("Is there a lesion in the liver?", "top_k:300", v2, prior=v1)]]
+    singles = [[p.answer([q], max_new_tokens=4)[0] for q in qs] for qs in asks]
+    batcher = AskBatcher(p, window_s=0.5, max_rows=8)
+    results, barrier = [None] * len(asks), threading.Barrier(len(asks))
+
+    def user(i):
+        barrier.wait()
+        results[i] = batcher.ask(asks[i], max_new_tokens=4, tag=f"user{i}")
+
+    with caplog.at_level(logging.INFO, logger="photon_core.inference.batching"):
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    batcher.close()
+    for got, want in zip(results, singles):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            _same(a, b)
+    # 6 rows of 1,000 tokens + 2 rows of 2,000 tokens: two forwards, not six
+    assert batcher.stats["asks"] == 6 and batcher.stats["batches"] == 2 and batcher.stats["max_rows"] == 6
+    assert any(a.extra["batch"] == 6 for r in results for a in r)
+    assert "ask batch: 4 asks" in caplog.text and "still queued" in caplog.text
+
+
+def test_a_faulty_ask_fails_alone(served):
+    from photon_core.inference.batching import AskBatcher
+    from photon_core.inference.predictor import Query
+
+    p, (v1, v2, _) = served
+    batcher = AskBatcher(p, window_s=0.5)
+    good, bad = [Query("Is there a lesion in the liver?", "auto", v1)], [Query("Is it?", "nonsense", v2)]
+    out, barrier = {}, threading.Barrier(2)
+
+    def user(name, qs):
+        barrier.wait()
+        try:
+            out[name] = batcher.ask(qs, max_new_tokens=3)
+        except ValueError as e:
+            out[name] = e
+
+    threads = [threading.Thread(target=user, args=a) for a in (("good", good), ("bad", bad))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    batcher.close()
+    assert isinstance(out["bad"], ValueError)
+    _same(out["good"][0], p.answer(good, max_new_tokens=3)[0])
