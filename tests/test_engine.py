@@ -89,6 +89,15 @@ def test_logprobs_are_those_of_the_chosen_tokens(model, fx, feats):
     assert bool((g.logprobs <= 0).all())
 
 
+def test_decoding_under_autocast_of_an_fp32_model(model, fx, feats):
+    """A training run's checks decode its fp32 model under bf16 autocast: the step's keys and values
+    (bf16) go into the static cache kept in the model's dtype (the first GPU run failed here)."""
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=4)
+    assert g.tokens.shape == (1, 4) and bool(torch.isfinite(g.logprobs).all())
+
+
 def test_rows_stop_at_a_stop_id_and_the_loop_ends(model, fx, feats):
     ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
     free = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8)
@@ -378,3 +387,31 @@ def test_a_faulty_ask_fails_alone(served):
     batcher.close()
     assert isinstance(out["bad"], ValueError)
     _same(out["good"][0], p.answer(good, max_new_tokens=3)[0])
+
+
+def test_the_gpu_logit_bound_is_far_below_what_a_bug_gives(model, fx, feats, monkeypatch):
+    """tests/test_gpu.py compares bf16 CUDA logits with fp32 CPU ones within LOGIT_BOUND of their scale:
+    the bugs it guards against (positions off by one after the volume, a wrong visual token) must
+    exceed that bound by far, here in fp32 on the CPU."""
+    from test_gpu import LOGIT_BOUND
+
+    from photon_core.model import photon
+
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    with torch.inference_mode():
+        ref = model(ids, features=feats, grid_thw=grid, use_its=False).logits
+        wrong = feats.clone()
+        wrong[len(wrong) // 2] = 0
+        token_bug = rel(model(ids, features=wrong, grid_thw=grid, use_its=False).logits, ref)
+        rope = photon.rope_index
+
+        def shifted(*args, **kw):
+            pos, deltas = rope(*args, **kw)
+            pos = pos.clone()
+            pos[:, :, -12:] += 1
+            return pos, deltas
+
+        monkeypatch.setattr(photon, "rope_index", shifted)
+        position_bug = rel(model(ids, features=feats, grid_thw=grid, use_its=False).logits, ref)
+    assert min(token_bug, position_bug) > 2 * LOGIT_BOUND, (token_bug, position_bug)

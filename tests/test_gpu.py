@@ -24,12 +24,15 @@ pytestmark = pytest.mark.gpu
 
 # bf16 keeps 8 significant bits: one rounding is ≤ 2^-9 ≈ 2e-3 relative. The parity model (8 decoder layers,
 # 4 vision blocks, weights of std 0.25 so that its logits are not flat) rounds every matmul input, norm and
-# residual sum; errors of independent roundings add roughly in quadrature and are amplified by the softmaxes,
-# so a few × 1e-2 of the logits' scale is the expected size and 5e-2 the bound (a wrong mask, position or
-# cache slot gives errors of the order of the logits themselves, ≥ 0.3 here). ρ is a min-max of bf16
-# q·k sums: its error is of the same relative size, so keep decisions may differ only where |ρ − θ| is
-# within a few × 1e-2; the band is 0.05.
-LOGIT_BOUND = 5e-2
+# residual sum, and the softmaxes amplify it. Measured on the H200 (2026-12-04, bench/gpu_run.sh): vision
+# features 1.9e-2, teacher-forced logits 1.13e-1 of their scale over every position (7.7e-2 at the answer
+# positions), argmax agreement 1.00. The bugs this test is for give 0.86-1.06 on the same model in fp32
+# (positions off by one after the volume, one visual token wrong: tests/test_engine.py measures them against
+# this bound), so 0.25 sits between the two with a margin of 2x on either side (the first bound, 5e-2, was
+# set before any GPU run and was below what bf16 gives this model).
+# ρ is a min-max of bf16 q·k sums (measured |Δρ| 2.6e-2, |Δθ| 5e-6): a decision can flip only where
+# |ρ − θ| < |Δρ| + |Δθ|, so with that sum below the band no decision outside it may differ.
+LOGIT_BOUND = 0.25
 BAND = 0.05
 
 
@@ -100,7 +103,7 @@ def test_keep_masks_agree_outside_a_band_around_theta(cpu, gpu, fx, inputs):
         print(f"\n{case}: max |Δρ| {d_rho:.2e}, |Δθ| {d_theta:.2e}; {int(outside.sum())} of "
               f"{outside.numel()} tokens outside the band, {int(differ.sum())} decisions differ (all inside: "
               f"{not bool((differ & outside).any())})")
-        assert d_rho < BAND / 2 and d_theta < BAND / 2
+        assert d_rho + d_theta < BAND
         assert not bool((differ & outside).any())
         if not bool(differ.any()):                                  # same kept set: the logits must agree
             with torch.inference_mode():

@@ -138,8 +138,8 @@ class DecoderLayer(nn.Module):
         """One decode step: h (B, 1, D); the new key/value go to cache slot ``slot`` ((1,) long) of the
         static cache (B, Hkv, S, d), in place; ``allowed`` (B, S) marks the slots this token may see."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
-        k_cache.index_copy_(2, slot, k)
-        v_cache.index_copy_(2, slot, v)
+        k_cache.index_copy_(2, slot, k.to(k_cache.dtype))      # (autocast computes k/v in bf16 over an
+        v_cache.index_copy_(2, slot, v.to(v_cache.dtype))      #  fp32 model's cache: a no-op otherwise)
         h = h + self.self_attn.out(decode_attention(q, k_cache, v_cache, allowed))
         return h + self.mlp(self.post_attention_layernorm(h))
 
