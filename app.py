@@ -46,7 +46,8 @@ log = logging.getLogger("photon_ct")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Photon CT: question answering on CT with a token-retention audit.")
+    ap = argparse.ArgumentParser(
+        description="Photon CT: question answering on CT with a token-retention audit.")
     add_model_arguments(ap)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-upload-mb", type=int, default=1000)
     ap.add_argument("--cache-volumes", type=int, default=4, help="encoded volumes kept in memory (LRU)")
     args = ap.parse_args(argv)
-    if args.auth is not None and (":" not in args.auth or args.auth.startswith(":") or args.auth.endswith(":")):
+    auth = args.auth
+    if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
         ap.error("--auth must look like USER:PASS")
     return args
 

@@ -73,7 +73,7 @@ def test_patient_identifiers_never_leak(engine, tmp_path, caplog):
     import nibabel as nib
 
     hdr = nib.load(str([f for f in files if f.name.endswith(".nii.gz")][0])).header
-    blob += hdr["descrip"].tobytes().decode(errors="ignore") + hdr["db_name"].tobytes().decode(errors="ignore")
+    blob += "".join(hdr[k].tobytes().decode(errors="ignore") for k in ("descrip", "db_name"))
     for secret in ("Doe", "Jane", "ID-12345", "19700101", str(tmp_path)):
         assert secret not in blob
 
@@ -172,8 +172,8 @@ def test_auth_is_enforced(tiny_model_dir):
 
 def test_cli_rejects_malformed_auth(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword"], cwd=ROOT, capture_output=True, text=True,
-                       env=env)
+    r = subprocess.run([sys.executable, "app.py", "--auth", "nopassword"], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
     assert r.returncode != 0 and "USER:PASS" in r.stderr
     assert list(tmp_path.iterdir()) == []          # its Gradio cache folder went with it
 
