@@ -9,6 +9,7 @@ sliders re-ask on Enter and keep their own values across modes; Compare; Export;
 Screenshots go to artifacts/screenshots/.
 """
 import io
+import re
 import shutil
 import time
 import urllib.request
@@ -25,6 +26,14 @@ SHOTS = ROOT / "artifacts" / "screenshots"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHEST = "Chest/abdomen CT angiography, aortic dissection (1.5 mm)"
 NO_ERROR_BADGE = "[data-testid='status-tracker'] span.error"
+SERVED = {}                                                  # the app's Gradio cache folder
+
+
+def _busiest_session_folder():
+    """The served-files folder of the session that made the most files (the test page's)."""
+    folders = {p.parent for p in SERVED["cache"].glob("photon_ct_gradio_*/photon_ct_*/*/*")}
+    made = lambda f: max(int(re.search(r"_(\d+)", p.name).group(1)) for p in f.iterdir())  # noqa: E731
+    return max(folders, key=made) if folders else None
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +44,8 @@ def app_url(tiny_model_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("gradio_cache")          # Gradio's cache: every file the app serves
     tmp = tmp_path_factory.mktemp("app_tmp")
     proc, url = start_app(tiny_model_dir, cache, tmp, log)
+    SERVED["cache"] = cache
     yield url
-    # the browser has gone: its session's served files (scenes, slices, exports) go with it
-    session_files = lambda: [p for p in cache.glob("photon_ct_gradio_*/photon_ct_*/*/*")]  # noqa: E731
-    for _ in range(60):
-        if not session_files():
-            break
-        time.sleep(0.5)
-    assert not session_files(), session_files()[:5]
     stop_app(proc, log)
     left = [p for p in cache.rglob("*") if p.is_file()] + list(tmp.glob("photon_ct_*"))
     assert not left, f"files left after shutdown: {left[:5]}"
@@ -63,7 +66,15 @@ def page(app_url):
         pg.goto(app_url)
         pg.wait_for_selector("#load_case")
         yield pg
+        ours = _busiest_session_folder()
+        assert ours is not None and ours.is_dir()
         browser.close()
+    # the browser has gone: its session's served files (scenes, slices, exports) go with it
+    for _ in range(60):
+        if not ours.exists():
+            break
+        time.sleep(0.5)
+    assert not ours.exists(), sorted(p.name for p in ours.iterdir())
 
 
 def _text(page, sel):
@@ -293,8 +304,14 @@ def test_compare_export_and_a_prior_scan(page, tmp_path):
     rows = page.locator("#compare_table tr").all_inner_texts()
     assert [r.split("\t")[0].strip() for r in rows[1:]] == ["Auto", "10%", "25%", "50%", "Full"]
     page.get_by_role("tab", name="Export").click()
+    page.locator("#export_files").wait_for(state="visible")     # the tab's content is rendered on first visit
     page.click("#export")
-    page.wait_for_selector("#export_files a")
+    try:
+        page.wait_for_selector("#export_files a")
+    except Exception:
+        page.screenshot(path=str(SHOTS / "export_failed.png"), full_page=True)
+        toasts = " | ".join(page.locator(".toast-body").all_inner_texts())
+        raise AssertionError(f"no export files; toasts: {toasts}") from None
     names = page.locator("#export_files").inner_text().replace("\n", "")
     assert "kept_blocks.nii.gz" in names and "report.json" in names and "slices_triplanar.png" in names
     with page.expect_download() as dl:
