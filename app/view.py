@@ -97,6 +97,7 @@ class Files:
     def write(self, kind: str, suffix: str, data: bytes) -> Path:
         """A new file of ``kind`` (a fresh name, so browsers fetch it); the previous one is removed."""
         with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)   # again, if the session was ended and came back
             path = self.folder / f"{kind}_{next(self._n)}{suffix}"
             path.write_bytes(data)
             self._replace(kind, path)
@@ -106,7 +107,7 @@ class Files:
         """An empty folder of ``kind`` (an export), replacing the previous one."""
         with self._lock:
             path = self.folder / f"{kind}_{next(self._n)}"
-            path.mkdir()
+            path.mkdir(parents=True)
             self._replace(kind, path)
         return path
 

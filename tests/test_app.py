@@ -85,6 +85,8 @@ def test_served_files_are_replaced_not_accumulated(engine, store):
     assert [f.split("_")[0] for f in files] == ["scene", "slices"], files
     h.session_ended(None, store=store)
     assert not a["view"].files.folder.exists()
+    back = _ask(engine, a, mode="Tokens", tokens=250)     # a browser that comes back after its files went
+    assert back["model3d"].endswith(".glb") and a["view"].files.folder.is_dir()
 
 
 def test_budgets_below_the_floor_are_refused_with_a_message(engine, store):
