@@ -69,11 +69,12 @@ class FileStore:
 
     def drop(self, key: str | None) -> None:
         """A session ended: its files go."""
-        key = "".join(ch for ch in (key or "local") if ch.isalnum() or ch in "-_")[:64] or "local"
+        key = self._safe(key)
         with self._lock:
             f = self._sessions.pop(key, None)
         if f is not None:
             f.remove()
+        shutil.rmtree(self.root / key, ignore_errors=True)      # also a folder its View made again
 
     def usage_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
