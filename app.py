@@ -37,16 +37,17 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 
-
-from app.handlers import build_ui  # noqa: E402
-from photon_core.model.hub import add_model_arguments  # noqa: E402
+from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
+from app.view import FileStore  # noqa: E402
+from photon_core.model.hub import add_model_arguments  # noqa: E402
 
 log = logging.getLogger("photon_ct")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Photon CT: question answering on CT with a token-retention audit.")
+    ap = argparse.ArgumentParser(
+        description="Photon CT: question answering on CT with a token-retention audit.")
     add_model_arguments(ap)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-upload-mb", type=int, default=1000)
     ap.add_argument("--cache-volumes", type=int, default=4, help="encoded volumes kept in memory (LRU)")
     args = ap.parse_args(argv)
-    if args.auth is not None and (":" not in args.auth or args.auth.startswith(":") or args.auth.endswith(":")):
+    auth = args.auth
+    if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
         ap.error("--auth must look like USER:PASS")
     return args
 
@@ -81,7 +83,8 @@ def main(argv=None) -> None:
     engine = Engine(Settings(model_dir=args.model, subfolder=args.subfolder, revision=args.revision,
                              device=args.device, max_new_tokens=args.max_new_tokens,
                              cache_volumes=args.cache_volumes))
-    demo = build_ui(engine)
+    store = FileStore.create()           # the sessions' served files, inside Gradio's cache folder
+    demo = build_ui(engine, store)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     log.info("Photon CT on http://%s:%d (model: %s%s%s)", args.host, args.port,
              args.model or "embedded demo model", f", subfolder {args.subfolder}" if args.subfolder else "",
@@ -89,9 +92,10 @@ def main(argv=None) -> None:
     try:
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
-            max_file_size=f"{args.max_upload_mb}mb", footer_links=[])
+            max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"])
     finally:
         demo.close()
+        store.close()
         engine.close()   # Gradio's cache folder goes at exit (atexit above)
         log.info("Photon CT stopped; session files removed")
 

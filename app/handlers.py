@@ -1,294 +1,356 @@
-"""The Gradio Blocks: layout and event wiring. The work happens in `service.Engine`."""
+"""What each control of the app does, as module-level functions (testable without a browser).
+
+A handler takes the inputs of its event, then its dependencies as keyword-only arguments (``engine``,
+``store``), and returns a dict from output name to value; `app.layout` maps the names to components
+(a name left out is left as it is). A handler never raises: a failure becomes a readable message in
+the place it concerns (the status line for a load, the card for a question) and a toast, and
+everything else stays as it was — so no output shows a stale "Error" badge and the screen never
+mixes two scans.
+
+State that cannot lie: a successful load resets every view of the previous scan (card, 3-D, slices,
+charts, Compare, Export); a failed load keeps them all and says the previous scan is still active.
+"""
 from __future__ import annotations
 
-import html
+import functools
 import logging
+import time
 import traceback
-from pathlib import Path
+import typing
 
 import gradio as gr
-import numpy as np
 
-from photon_core.model.budget import Budget
-from photon_core.io.volume import VolumeError
+from photon_core.io.volume import VolumeError, clean_text
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
-from viz.scene import render_png, scene_glb, token_blocks
-from viz.slices import WINDOWS, slice_rgb
+from viz.slices import WINDOWS, pick
 
+from .render import answer_card, compare_table, empty_card, legend_html, status_html
 from .service import Engine, Session, cases
+from .view import (
+    DEFAULT_WINDOW,
+    FileStore,
+    View,
+    build_view,
+    export_pngs,
+    focus,
+    highlighted,
+    organ_legend,
+    preset_window,
+    scene_file,
+    slices_file,
+)
 
 log = logging.getLogger("photon_ct")
 MODES = ["Auto", "Tokens", "Percent", "Threshold", "Full"]
-COMPARE = [("Auto", Budget("auto")), ("10%", Budget("ratio", 0.10)), ("25%", Budget("ratio", 0.25)),
-           ("50%", Budget("ratio", 0.50)), ("Full", Budget("full"))]
+MAX_MESSAGE = 400
+PROGRESS = gr.Progress()             # a marker: Gradio hands each event its own progress tracker
 
 
-def budget_from(mode: str, value: float) -> Budget:
+def bind(fn, **deps):
+    """``fn`` with its keyword-only dependencies bound, as a plain function Gradio can read: the same
+    parameters (minus the bound ones) and resolved type hints (gr.Request, gr.SelectData are injected)."""
+    bound = functools.partial(fn, **deps)
+
+    def call(*args, **kwargs):
+        return bound(*args, **kwargs)
+
+    call.__wrapped__ = bound
+    call.__name__ = call.__qualname__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    call.__annotations__ = {k: v for k, v in typing.get_type_hints(fn).items() if k not in deps}
+    return call
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def message(e: BaseException, where: str = "") -> str:
+    """What to tell the user about an exception; unexpected ones are logged in full, shown in a line."""
+    if isinstance(e, (VolumeError, ValueError)):
+        return clean_text(str(e), MAX_MESSAGE)            # no server path, no word cut in half
+    if isinstance(e, MemoryError):
+        return "The server ran out of memory for this request; try a smaller scan."
+    if type(e).__name__ == "OutOfMemoryError":
+        import torch
+
+        torch.cuda.empty_cache()
+        return ("The GPU ran out of memory for this request; memory was freed, please retry with a lower "
+                "budget.")
+    log.error("unexpected error in %s: %s\n%s", where, type(e).__name__, traceback.format_exc())
+    return f"Something went wrong ({type(e).__name__}); the app is still running."
+
+
+def toast(text: str) -> None:
+    gr.Warning(text, duration=8)
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+def budget_from(mode: str, tokens: float, percent: float, theta: float) -> Budget:
+    """The keep budget of the controls (each mode has its own slider)."""
     if mode == "Auto":
-        return Budget("auto")
-    if mode == "Full":
-        return Budget("full")
-    if mode == "Tokens":
-        return Budget("top_k", float(int(round(value))))
-    if mode == "Percent":
-        return Budget("ratio", float(value) / 100)
-    if mode == "Threshold":
-        return Budget("threshold", float(value))
-    raise gr.Error(f"Unknown budget mode {mode!r}.")
+        b = Budget("auto")
+    elif mode == "Full":
+        b = Budget("full")
+    elif mode == "Tokens":
+        b = Budget("top_k", float(int(round(tokens))))
+    elif mode == "Percent":
+        b = Budget("ratio", float(percent) / 100)
+    elif mode == "Threshold":
+        b = Budget("threshold", float(theta))
+    else:
+        raise ValueError(f"Unknown budget mode {mode!r}.")
+    return b
 
 
-def slider_for(mode: str, kept: int | None = None, total: int = 1000):
-    if mode == "Tokens":
-        return gr.update(minimum=0, maximum=total, step=10, value=kept or 390, label="Tokens to keep", interactive=True)
-    if mode == "Percent":
-        return gr.update(minimum=0, maximum=100, step=1, value=25, label="Percent of visual tokens", interactive=True)
-    if mode == "Threshold":
-        return gr.update(minimum=0, maximum=1, step=0.01, value=0.5, label="Threshold θ on ρ", interactive=True)
-    return gr.update(label="(the model decides)" if mode == "Auto" else f"(all {total:,} tokens)", interactive=False)
+def slider_visibility(mode: str) -> dict:
+    return {"tokens": gr.update(visible=mode == "Tokens"), "percent": gr.update(visible=mode == "Percent"),
+            "theta": gr.update(visible=mode == "Threshold")}
 
 
-def _guard(fn):
-    """Every handler: a readable message for the user, a log line for us, and the server goes on."""
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (VolumeError, ValueError) as e:
-            raise gr.Error(str(e)) from None
-        except MemoryError:
-            raise gr.Error("The server ran out of memory for this request; try a smaller scan.") from None
-        except Exception as e:  # noqa: BLE001 - the UI must survive anything
-            if type(e).__name__ == "OutOfMemoryError":
-                import torch
-
-                torch.cuda.empty_cache()
-                raise gr.Error("The GPU ran out of memory for this request; memory was freed, please retry "
-                               "with a lower budget.") from None
-            log.error("unexpected error in %s: %s\n%s", fn.__name__, type(e).__name__, traceback.format_exc())
-            raise gr.Error(f"Something went wrong ({type(e).__name__}); the app is still running.") from None
-    wrapped.__name__ = fn.__name__
-    return wrapped
+# ---------------------------------------------------------------------------------------------- loading
+def _fresh(engine: Engine, s: Session, view: View, questions: list[str]) -> dict:
+    """Every output of a newly loaded scan: nothing of the previous scan survives."""
+    i, j, k = view.point
+    shape = view.hu_ras.shape
+    w, lv = preset_window(DEFAULT_WINDOW)
+    view.files.forget("export")
+    return {"session": s, "view": view, "status": status_html(s), "card": empty_card(s),
+            "suggested": gr.update(choices=questions, value=None),
+            "question": questions[0] if questions else "",
+            "model3d": scene_file(view, s),
+            "legend": legend_html(None, [], organ_legend(view)),
+            "slices": slices_file(view, s, w, lv, 0.35),
+            "pt_i": gr.update(maximum=shape[0], value=i + 1),
+            "pt_j": gr.update(maximum=shape[1], value=j + 1),
+            "pt_k": gr.update(maximum=shape[2], value=k + 1),
+            "preset": DEFAULT_WINDOW, "width": w, "level": lv,
+            "hist": None, "retention": None, "cmp_table": "", "cmp_plot": None, "exp_files": None}
 
 
-CACHE_MAX_AGE_S = 6 * 3600          # served files older than this are deleted (hourly sweep)
+def _failed_load(old: Session | None, e: BaseException, name: str | None) -> dict:
+    text = message(e, "load")
+    toast(f"Could not load {name}: {text}" if name else f"Could not load: {text}")
+    return {"status": status_html(old, error=text, failed_name=name)}
 
 
-def build_ui(engine: Engine) -> gr.Blocks:
-    from viz.scene import warm_up
-
-    warm_up()
-    titles = [c["title"] for c in cases()]
-
-    # ---------------------------------------------------------------- renderers
-    def render_slices(s: Session, view, position, window_name, opacity):
-        if s is None or s.hu_ras is None:
-            return None
-        overlay = None
-        if s.answer is not None:
-            keep = np.concatenate([s.answer.keep_grid.ravel(), [False]])
-            overlay = keep[s.token_ras]
-        return slice_rgb(s.hu_ras, s.spacing_ras, view.lower(), position, window_name, overlay, opacity)
-
-    def render_answer(s: Session, ans):
-        blocks = token_blocks(s.corners, ans.keep_grid.ravel(), ans.rho.ravel())
-        glb = Path(s.workdir) / f"scene_{abs(hash((ans.budget, ans.kept, s.question))) % 10**8}.glb"
-        glb.write_bytes(scene_glb(s.surfaces, blocks))
-        png = render_png(s.surfaces, blocks, size=(560, 420))
-        (Path(s.workdir) / "view3d.png").write_bytes(png)
-        warning = engine.warning(s, s.question, ans)
-        ret = engine.retention(s, ans)
-        asked = next(iter([n for n in ret if n in (warning or "")] or [None]))
-        card = answer_card(ans, engine.model_name, warning)
-        return card, str(glb), str(Path(s.workdir) / "view3d.png"), saliency_histogram(ans.rho, ans.theta, ans.keep_grid), \
-            (retention_bars(ret, asked) if ret else None)
-
-    # ---------------------------------------------------------------- handlers
-    @_guard
-    def on_load_case(title, old, progress=gr.Progress()):
-        if old is not None:
-            old.cleanup()
+def load_case(title: str, old: Session | None, old_view: View | None, request: gr.Request = None,
+              progress=PROGRESS, *, engine: Engine, store: FileStore) -> dict:
+    """A sample case replaces the scan (or, failing, leaves everything as it was and says so)."""
+    try:
         s = engine.load_case(title, progress)
+        progress(0.8, desc="Building the 3-D anatomy and the slices")
+        view = build_view(s, store.session(_key(request)))
         c = next(c for c in cases() if c["title"] == s.title)
-        progress(0.95, desc="Rendering slices")
-        return (s, status_md(s), gr.update(choices=c["questions"], value=None), c["questions"][0],
-                render_slices(s, "Axial", 0.5, "Soft tissue", 0.35), None, None, None, None, None, "", None)
+        out = _fresh(engine, s, view, c.get("questions", []))
+        out["series"] = gr.update(choices=[], value=None, visible=False)
+        return out
+    except Exception as e:  # noqa: BLE001 - the UI must survive anything
+        return _failed_load(old, e, title)
 
-    @_guard
-    def on_upload(files, label_file, prior_file, old, progress=gr.Progress()):
-        paths = [str(f) for f in (files or [])]                 # gr.File gives file paths
+
+def load_upload(files, label_file, label_table, prior_file, series_uid: str | None, old: Session | None,
+                old_view: View | None, request: gr.Request = None, progress=PROGRESS, *,
+                engine: Engine, store: FileStore) -> dict:
+    """An upload replaces the scan; a DICOM upload holding several series lists them to choose from."""
+    paths = [str(f) for f in (files or [])]
+    name = _upload_name(paths)
+    try:
         s = engine.load_upload(paths, str(label_file) if label_file else None, progress,
-                               prior_file=str(prior_file) if prior_file else None)
-        if old is not None:
-            old.cleanup()
-        return (s, status_md(s), gr.update(choices=[], value=None), "",
-                render_slices(s, "Axial", 0.5, "Soft tissue", 0.35), None, None, None, None, None, "", None)
+                               prior_file=str(prior_file) if prior_file else None,
+                               label_table=str(label_table) if label_table else None,
+                               series=series_uid or None)
+        progress(0.8, desc="Building the 3-D anatomy and the slices")
+        view = build_view(s, store.session(_key(request)))
+        out = _fresh(engine, s, view, [])
+        choices = [(x.label, x.uid) for x in s.series]
+        out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
+        return out
+    except Exception as e:  # noqa: BLE001
+        return _failed_load(old, e, name)
 
-    @_guard
-    def on_ask(s, question, mode, value, view, position, window_name, opacity, progress=gr.Progress()):
+
+def upload_changed(files) -> dict:
+    """New files: the series choice of the previous upload no longer applies."""
+    return {"series": gr.update(choices=[], value=None, visible=False)}
+
+
+def _upload_name(paths: list[str]) -> str | None:
+    from pathlib import Path
+
+    if not paths:
+        return None
+    first = Path(paths[0]).name
+    return f"'{first}'" if len(paths) == 1 else f"{len(paths)} files ('{first}', …)"
+
+
+def _key(request) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+# ---------------------------------------------------------------------------------------------- asking
+def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacity, t0: float) -> dict:
+    """Card, 3-D overlay, slices at the answer, charts — the audit computed once (s.audit)."""
+    ans, audit = s.answer, s.audit
+    t_views = time.perf_counter()
+    view.point = focus(view, s)
+    glb = scene_file(view, s)
+    img = slices_file(view, s, width, level, opacity)
+    hist = saliency_histogram(ans.rho, ans.theta, ans.keep_grid)
+    ret = retention_bars(audit.retention, audit.asked, audit.small) if audit.retention else None
+    view.files.forget("export")                     # an export belongs to the answer it was made from
+    now = time.perf_counter()
+    timing = {"views_ms": 1000 * (now - t_views), "total_ms": 1000 * (now - t0)}
+    i, j, k = view.point
+    return {"session": s, "card": answer_card(s, ans, audit, engine.provenance(), timing),
+            "model3d": glb, "legend": legend_html(ans, highlighted(view, s), organ_legend(view)),
+            "slices": img,
+            "pt_i": i + 1, "pt_j": j + 1, "pt_k": k + 1, "hist": hist, "retention": ret, "exp_files": None}
+
+
+def _failed_ask(engine: Engine, s: Session | None, e: BaseException) -> dict:
+    text = message(e, "ask")
+    toast(text)
+    if s is not None and s.answer is not None:
+        return {"card": answer_card(s, s.answer, s.audit, engine.provenance(), notice=text)}
+    return {"card": empty_card(s).replace("Ask a question", f"Not asked: {_esc(text)} Ask a question", 1)}
+
+
+def _esc(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
+        theta: float, width: float, level: float, opacity: float, progress=PROGRESS, *,
+        engine: Engine) -> dict:
+    """Ask the question under the budget of the controls; the views follow the answer."""
+    t0 = time.perf_counter()
+    try:
+        if s is None or view is None or s.volume is None:
+            raise ValueError("Load a sample case or upload a scan first.")
+        budget = budget_from(mode, tokens, percent, theta)
         progress(0.1, desc="Asking Photon")
-        ans = engine.ask(s, question, budget_from(mode, value))
-        progress(0.7, desc="Rendering the audit")
-        card, glb, png, hist, ret = render_answer(s, ans)
-        return s, card, glb, png, render_slices(s, view, position, window_name, opacity), hist, ret
+        engine.answer(s, question, budget)
+        progress(0.7, desc="Drawing the kept blocks")
+        return _answer_outputs(engine, s, view, width, level, opacity, t0)
+    except Exception as e:  # noqa: BLE001
+        return _failed_ask(engine, s, e)
 
-    @_guard
-    def on_review(s, question, view, position, window_name, opacity):
+
+def reask(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
+          theta: float, width: float, level: float, opacity: float, *, engine: Engine) -> dict:
+    """A budget control moved: re-ask only when there is an answer to update."""
+    if s is None or s.answer is None or not (question or "").strip():
+        return {}
+    return ask(s, view, question, mode, tokens, percent, theta, width, level, opacity, engine=engine)
+
+
+def mode_changed(s: Session | None, view: View | None, question: str, mode: str, tokens: float,
+                 percent: float, theta: float, width: float, level: float, opacity: float, *,
+                 engine: Engine) -> dict:
+    """Show the new mode's own slider (each keeps its value) and re-ask under it."""
+    return {**slider_visibility(mode),
+            **reask(s, view, question, mode, tokens, percent, theta, width, level, opacity, engine=engine)}
+
+
+def triage(s, view, question, tokens, percent, theta, width, level, opacity, *, engine: Engine) -> dict:
+    """Auto: what Photon itself keeps."""
+    out = ask(s, view, question, "Auto", tokens, percent, theta, width, level, opacity, engine=engine)
+    return {**out, "mode": "Auto", **slider_visibility("Auto")}
+
+
+def review(s, view, question, tokens, percent, theta, width, level, opacity, *, engine: Engine) -> dict:
+    """At least twice what Auto keeps (≥ 100 tokens), as a Tokens budget."""
+    t0 = time.perf_counter()
+    try:
+        if s is None or view is None or s.volume is None:
+            raise ValueError("Load a sample case or upload a scan first.")
         auto = engine.ask(s, question, Budget("auto"))
-        k = int(min(auto.total, max(2 * auto.kept, 100)))
-        ans = engine.ask(s, question, Budget("top_k", float(k)))
-        card, glb, png, hist, ret = render_answer(s, ans)
-        return (s, card, glb, png, render_slices(s, view, position, window_name, opacity), hist, ret,
-                gr.update(value="Tokens"), slider_for("Tokens", k, ans.total))
+        k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
+        engine.answer(s, question, Budget("top_k", float(k)))
+        out = _answer_outputs(engine, s, view, width, level, opacity, t0)
+        return {**out, "mode": "Tokens", "tokens": gr.update(value=k, visible=True),
+                "percent": gr.update(visible=False), "theta": gr.update(visible=False)}
+    except Exception as e:  # noqa: BLE001
+        return _failed_ask(engine, s, e)
 
-    @_guard
-    def on_compare(s, question, progress=gr.Progress()):
+
+# ---------------------------------------------------------------------------------------------- views
+def redraw_slices(s: Session | None, view: View | None, width: float, level: float, opacity: float) -> dict:
+    if s is None or view is None or view.hu_ras is None:
+        return {}
+    try:
+        return {"slices": slices_file(view, s, width, level, opacity)}
+    except Exception as e:  # noqa: BLE001
+        toast(message(e, "slices"))
+        return {}
+
+
+def move_point(s, view, i, j, k, width, level, opacity) -> dict:
+    """The crosshair sliders moved (1-based slice numbers)."""
+    if view is None or view.hu_ras is None:
+        return {}
+    view.point = tuple(int(max(1, min(int(v), n))) - 1 for v, n in zip((i, j, k), view.hu_ras.shape))
+    return redraw_slices(s, view, width, level, opacity)
+
+
+def click_slices(s, view, width, level, opacity, evt: gr.SelectData) -> dict:
+    """A click on a plane moves the crosshair there; the other two planes follow."""
+    if view is None or view.layout is None or evt is None or not evt.index:
+        return {}
+    point = pick(view.layout, float(evt.index[0]), float(evt.index[1]), view.point)
+    if point is None:
+        return {}
+    view.point = point
+    i, j, k = point
+    return {**redraw_slices(s, view, width, level, opacity), "pt_i": i + 1, "pt_j": j + 1, "pt_k": k + 1}
+
+
+def set_preset(s, view, preset: str, opacity) -> dict:
+    """A window preset sets width and level."""
+    if preset not in WINDOWS:
+        return {}
+    w, lv = preset_window(preset)
+    return {"width": w, "level": lv, **redraw_slices(s, view, w, lv, opacity)}
+
+
+def set_window(s, view, width, level, opacity) -> dict:
+    """Free width/level: the preset reads 'Custom' unless the pair is a preset's."""
+    pair = (float(width), float(level))
+    name = next((n for n, wl in WINDOWS.items() if tuple(map(float, wl)) == pair), "Custom")
+    return {"preset": name, **redraw_slices(s, view, width, level, opacity)}
+
+
+# ------------------------------------------------------------------------------------- compare, export
+def compare(s: Session | None, question: str, progress=PROGRESS, *, engine: Engine) -> dict:
+    try:
+        if s is None or s.volume is None:
+            raise ValueError("Load a sample case or upload a scan first.")
         progress(0.1, desc="Asking at Auto, 10%, 25%, 50% and Full (one batch)")
-        compare = [(n, b) for n, b in COMPARE if engine.supports(b)]     # an S1 checkpoint has no Auto
-        answers = engine.compare(s, question, [b for _, b in compare])
-        full = answers[-1].text
-        rows = [dict(budget=n, kept=a.kept, answer=a.text, latency_ms=round(1000 * (a.prefill_s + a.decode_s)))
-                for (n, _), a in zip(compare, answers)]
-        body = "".join(
-            f"<tr{' class=diff' if r['answer'] != full else ''}><td>{r['budget']}</td><td>{r['kept']}</td>"
-            f"<td>{html.escape(r['answer'])}{' ⚠ differs from Full' if r['answer'] != full else ''}</td>"
-            f"<td>{r['latency_ms']} ms (batch)</td></tr>" for r in rows)
-        table = ("<table class='cmp'><tr><th>budget</th><th>kept tokens</th><th>answer</th><th>latency</th></tr>"
-                 f"{body}</table><style>.cmp tr.diff td{{background:#ffe4c4}} .cmp td,.cmp th{{padding:4px 10px}}</style>")
-        return table, kept_vs_budget(rows)
-
-    @_guard
-    def on_export(s, view, position, window_name, opacity):
-        from PIL import Image
-        import io
-
-        pngs = {}
-        img = render_slices(s, view, position, window_name, opacity)
-        if img is not None:
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            pngs[f"slice_{view}"] = buf.getvalue()
-        if s is not None and s.answer is not None:   # the 3-D view of the answer being exported
-            blocks = token_blocks(s.corners, s.answer.keep_grid.ravel(), s.answer.rho.ravel())
-            pngs["view3d"] = render_png(s.surfaces, blocks, size=(800, 600))
-        return [str(p) for p in engine.export(s, pngs)]
-
-    def on_budget_change(s, question, mode, value, view, position, window_name, opacity):
-        """Slider/mode moved: re-ask only when there is something to re-ask."""
-        if s is None or s.answer is None or not (question or "").strip():
-            return tuple(gr.skip() for _ in range(7))
-        return on_ask(s, question, mode, value, view, position, window_name, opacity)
-
-    def on_mode_change(s, question, mode, view, position, window_name, opacity):
-        """A new mode: set the slider to that mode's default and re-ask under it."""
-        kept = s.answer.kept if s is not None and s.answer is not None else None
-        upd = slider_for(mode, kept, 2000 if s is not None and s.prior is not None else 1000)
-        default = upd.get("value", 0)
-        return (*on_budget_change(s, question, mode, default, view, position, window_name, opacity), upd)
-
-    # ---------------------------------------------------------------- layout
-    # Gradio copies every file it serves (3-D scenes, slices, exports) into its cache; without a
-    # limit a long-running app fills the disk. Hourly, files older than CACHE_MAX_AGE_S go; the
-    # cache of this app is removed when it shuts down.
-    with gr.Blocks(title="Photon CT", analytics_enabled=False, delete_cache=(3600, CACHE_MAX_AGE_S)) as demo:
-        state = gr.State(None, delete_callback=lambda s: s.cleanup() if s is not None else None)
-        gr.Markdown("## Photon CT — ask a CT scan, audit what the model kept\n"
-                    f"<small>Model: {html.escape(Path(engine.settings.model_dir).name if engine.settings.model_dir else 'embedded demo model')} · "
-                    "research software, not for clinical use</small>")
-        with gr.Row():
-            with gr.Column(scale=4, min_width=330):
-                with gr.Tab("Sample case"):
-                    case = gr.Dropdown(titles, value=titles[0], label="Sample case", elem_id="case")
-                    load_btn = gr.Button("Load case", elem_id="load_case")
-                with gr.Tab("Upload"):
-                    files = gr.File(label="CT: NIfTI / NRRD file, or the files / .zip of a DICOM series",
-                                    file_count="multiple", elem_id="upload")
-                    labels_file = gr.File(label="Optional label map (NIfTI, same grid)", file_count="single")
-                    prior_file = gr.File(label="Optional prior scan of the same patient, for questions about "
-                                               "change (NIfTI / NRRD, or a DICOM .zip)", file_count="single",
-                                         elem_id="prior_upload")
-                    upload_btn = gr.Button("Load upload", elem_id="load_upload")
-                status = gr.Markdown("No scan loaded.", elem_id="status")
-                suggested = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
-                question = gr.Textbox(label="Question", lines=2, elem_id="question",
-                                      placeholder="e.g. Is there a lesion in the liver?")
-                modes, modes_note = engine.budget_modes()
-                mode = gr.Radio(modes, value=modes[0][1], label="Keep budget", elem_id="mode",
-                                info=modes_note or None)
-                value = gr.Slider(0, 1000, value=390, step=10, label="(the model decides)", interactive=False,
-                                  elem_id="budget")
-                with gr.Row():
-                    triage = gr.Button("Triage (Auto)", elem_id="triage")
-                    review = gr.Button("Review (≥2× Auto)", elem_id="review")
-                ask_btn = gr.Button("Ask", variant="primary", elem_id="ask")
-            with gr.Column(scale=7):
-                card = gr.HTML("<i>Load a case and ask a question.</i>", elem_id="card")
-                with gr.Tab("3D"):
-                    model3d = gr.Model3D(label="Kept token blocks over the anatomy (colour = saliency ρ)",
-                                         clear_color=(1, 1, 1, 1), height=420, elem_id="model3d")
-                    png3d = gr.Image(label="Static render", type="filepath", height=300, elem_id="png3d")
-                with gr.Tab("Slices"):
-                    with gr.Row():
-                        view = gr.Radio(["Axial", "Coronal", "Sagittal"], value="Axial", label="View")
-                        window_name = gr.Dropdown(list(WINDOWS), value="Soft tissue", label="Window")
-                    with gr.Row():
-                        position = gr.Slider(0, 1, value=0.5, step=0.01, label="Slice position")
-                        opacity = gr.Slider(0, 1, value=0.35, step=0.05, label="Overlay opacity")
-                    slice_img = gr.Image(label="Original scan with kept blocks", type="numpy", elem_id="slice")
-                with gr.Tab("Saliency"):
-                    hist = gr.Plot(label="ρ histogram")
-                    ret = gr.Plot(label="Per-organ retention")
-                with gr.Tab("Compare"):
-                    cmp_btn = gr.Button("Compare Auto / 10% / 25% / 50% / Full", elem_id="compare")
-                    cmp_table = gr.HTML(elem_id="compare_table")
-                    cmp_plot = gr.Plot()
-                with gr.Tab("Export"):
-                    exp_btn = gr.Button("Export audit (NIfTI mask + JSON + PNG)", elem_id="export")
-                    exp_files = gr.File(label="Files", file_count="multiple", elem_id="export_files")
-
-        slice_inputs = [view, position, window_name, opacity]
-        answer_outputs = [state, card, model3d, png3d, slice_img, hist, ret]
-        load_outputs = [state, status, suggested, question, slice_img, model3d, png3d, hist, ret, cmp_plot, cmp_table,
-                        exp_files]                     # a new scan clears the previous scan's export
-        load_btn.click(on_load_case, [case, state], load_outputs)
-        demo.load(on_load_case, [case, state], load_outputs)          # open on the first sample case
-        upload_btn.click(on_upload, [files, labels_file, prior_file, state], load_outputs)
-        suggested.change(lambda q: q or gr.update(), suggested, question)
-        mode.input(on_mode_change, [state, question, mode, *slice_inputs], answer_outputs + [value],
-                   trigger_mode="always_last")
-        ask_btn.click(on_ask, [state, question, mode, value, *slice_inputs], answer_outputs)
-        question.submit(on_ask, [state, question, mode, value, *slice_inputs], answer_outputs)
-        value.release(on_budget_change, [state, question, mode, value, *slice_inputs], answer_outputs,
-                      trigger_mode="always_last")
-        triage.click(lambda: (gr.update(value="Auto"), slider_for("Auto")), None, [mode, value]).then(
-            on_ask, [state, question, gr.State("Auto"), value, *slice_inputs], answer_outputs)
-        review.click(on_review, [state, question, *slice_inputs], answer_outputs + [mode, value])
-        for comp in slice_inputs:
-            comp.change(_guard(render_slices), [state, *slice_inputs], slice_img, trigger_mode="always_last")
-        cmp_btn.click(on_compare, [state, question], [cmp_table, cmp_plot])
-        exp_btn.click(on_export, [state, *slice_inputs], exp_files)
-    return demo
+        rows = engine.compare_rows(s, question)
+        return {"cmp_table": compare_table(rows), "cmp_plot": kept_vs_budget(rows)}
+    except Exception as e:  # noqa: BLE001
+        text = message(e, "compare")
+        toast(text)
+        return {"cmp_table": f"<div id='compare-error' style='color:#b00'>Not compared: {_esc(text)}</div>"}
 
 
-def status_md(s: Session) -> str:
-    v = s.volume
-    organs = f" · label map: {len(s.blocks)} organs" if s.blocks else ""
-    prior = f"<br>Prior scan (asked together, first): {html.escape(s.prior.summary())}" if s.prior is not None else ""
-    return f"**{html.escape(s.title)}** — {html.escape(v.summary())}{organs}{prior}"
+def export(s: Session | None, view: View | None, width, level, opacity, *, engine: Engine) -> dict:
+    try:
+        if s is None or s.answer is None or view is None:
+            raise ValueError("Ask a question first; the export holds the audit of an answer.")
+        pngs = export_pngs(view, s, width, level, opacity)
+        return {"exp_files": [str(p) for p in engine.export(s, pngs, view.files.new_folder("export"))]}
+    except Exception as e:  # noqa: BLE001
+        toast(message(e, "export"))
+        return {"exp_files": None}
 
 
-def answer_card(ans, model_name: str, warning: str) -> str:
-    warn = (f"<div id='retention-warning' style='background:#fde2e1;border-left:4px solid #d62728;padding:6px;"
-            f"margin-top:6px'>⚠ Retention warning: {html.escape(warning)}. Small lesions and rare anatomy are "
-            f"Photon's known failure cases; check the slices before trusting this answer.</div>") if warning else ""
-    split = (f"<div id='prior-count'>prior scan {ans.prior_kept} / {ans.prior_total} · current scan "
-             f"{ans.kept - ans.prior_kept} / {ans.total - ans.prior_total} (the views show the current scan)</div>"
-             if ans.prior_total else "")
-    return (f"<div id='answer-card' style='border:1px solid #ccc;border-radius:6px;padding:10px'>"
-            f"<div style='font-size:1.3em'><b>Answer:</b> <span id='answer-text'>{html.escape(ans.text) or '(empty)'}</span></div>"
-            f"<div id='token-count'>Visual tokens kept: <b>{ans.kept}</b> / {ans.total} ({100 * ans.keep_fraction:.1f}%)"
-            f" · budget <b>{html.escape(ans.budget)}</b> · "
-            f"{f'θ = {ans.theta:.3f}' if np.isfinite(ans.theta) else 'no θ (S1 checkpoint)'}</div>{split}"
-            f"<div>Latency: prefill {1000 * ans.prefill_s:.0f} ms · decode {1000 * ans.decode_s:.0f} ms "
-            f"({ans.generated_tokens} tokens) · device {html.escape(ans.device)}</div>"
-            f"<div style='color:#666'>Model: {html.escape(model_name)}</div>{warn}</div>")
+def session_ended(request: gr.Request = None, *, store: FileStore) -> None:
+    """The browser left: its files go now (its state goes with Gradio's state expiry)."""
+    store.drop(_key(request))
+
+
+def drop_view(view: View | None) -> None:
+    if view is not None:
+        view.cleanup()

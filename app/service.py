@@ -1,38 +1,41 @@
-"""Plain functions behind the app: load a case, ask, compare, export. No Gradio in here.
+"""Plain functions behind the app and its API: load a scan, ask, audit, compare, export. No Gradio here.
 
-One `Engine` per server holds the model (loaded lazily, once) and an LRU cache of encoded volumes;
-each browser session holds a `Session` (in `gr.State`): its volume, geometry, label map, cached
-surfaces and answers. Asks (and Compare's budgets) from different sessions that arrive together run as
-one batched forward (`photon_core.inference.batching.AskBatcher`, each row with its own session's
-encoded volume); a lock guards only the encoded-volume cache and encoding.
+One `Engine` per server holds the model (loaded lazily, once) and an LRU cache of encoded volumes.
+A `Session` is one loaded scan: its volume, geometry, label map and the last answer — the domain
+state only (what the browser shows of it is cached in `app.view.View`). Asks (and Compare's budgets)
+from different sessions that arrive together run as one batched forward
+(`photon_core.inference.batching.AskBatcher`, each row with its own session's encoded volume); a lock
+guards only the encoded-volume cache and encoding.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
-import shutil
-import tempfile
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from photon_core import organs
+from photon_core.inference.answers import readable
 from photon_core.inference.audit import export_audit, organ_retention
-from photon_core.organs import label_blocks, organs_in_question
-from photon_core.io import samples
-from photon_core.io.preprocess import TOKEN_GRID, prepare
 from photon_core.inference.prompt import clean_question
+from photon_core.io import samples
+from photon_core.io.preprocess import prepare
+from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
 from photon_core.model.budget import Budget
-from photon_core.io.volume import Limits, Volume, VolumeError, load_label_map, load_volume
+from photon_core.organs import label_blocks, organs_in_question
 
 # What a user of the embedded model must know when reading its answer and its kept blocks (measured
 # in photon_core/demo_model/MODEL_CARD.md): it answers from priors, and where it looks is partly a
 # place learned for the organ's name (on noise it still keeps two thirds of an abdominal organ's blocks).
-DEMO_NOTICE = ("demo model trained on synthetic findings; its answers are priors and its kept blocks partly a "
-               "place learned per organ name, not only what it found (see the model card) — not for clinical use")
+DEMO_NOTICE = ("demo model trained on synthetic findings; its answers are priors and its kept blocks partly "
+               "a place learned per organ name, not only what it found (see the model card) — not for "
+               "clinical use")
+COMPARE = [("Auto", "auto"), ("10%", "ratio:0.1"), ("25%", "ratio:0.25"), ("50%", "ratio:0.5"),
+           ("Full", "full")]
+LOW_RETENTION = 0.5                      # an asked organ keeping less than this share of its blocks warns
 
 
 def volume_key(vol: Volume) -> str:
@@ -70,35 +73,45 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
 
 
+@dataclass(frozen=True)
+class Audit:
+    """What an answer kept, read against the scan's label map — computed once per answer."""
+
+    retention: dict                        # structure name -> share of its token blocks kept
+    asked: tuple                           # the label map's structures the question names
+    asked_retention: dict                  # of those, the share kept
+    warning: str                           # an asked structure kept below LOW_RETENTION, in words
+    small: tuple                           # structures smaller than a block, counted by any overlap
+    readable: bool                         # the answer parses for its question type
+    probability: float | None              # exp(mean token log-prob), when the model reports it
+
+
 @dataclass
 class Session:
-    """Everything one user has loaded. Lives in gr.State; holds no patient identifiers."""
+    """One loaded scan (a browser session's, or one API call's). Holds no patient identifiers."""
 
     key: str = ""                          # content hash of the volume (cache key)
     title: str = ""
     volume: Volume | None = None
     geometry: object = None
-    token_index: np.ndarray | None = None  # (I, J, K) flat token per original voxel
+    token_index: np.ndarray | None = None  # (I, J, K) flat token per original voxel (−1 outside)
     labels: np.ndarray | None = None
-    label_names: dict = field(default_factory=dict)
-    blocks: dict = field(default_factory=dict)   # organ -> (1000,) bool blocks
+    label_names: dict = field(default_factory=dict)        # {label id (str): name}
+    label_note: str | None = None          # how the names were found, when not from the user's table
+    blocks: dict = field(default_factory=dict)             # structure -> (1000,) bool blocks
     small_structures: list = field(default_factory=list)   # structures counted by any overlap
-    surfaces: list = field(default_factory=list)
-    corners: np.ndarray | None = None      # (1000, 8, 3) world corners of the token blocks
-    hu_ras: np.ndarray | None = None
-    labels_ras: np.ndarray | None = None
-    token_ras: np.ndarray | None = None
-    spacing_ras: np.ndarray | None = None
-    answer: object = None
-    question: str = ""
-    workdir: str = ""
+    warnings: list = field(default_factory=list)           # the loader's, for the user
+    series: list = field(default_factory=list)             # DICOM series of the upload (SeriesInfo)
+    series_uid: str | None = None          # the series loaded (None: the loader's default)
     prior: Volume | None = None            # an earlier scan of the same patient (questions about change)
     prior_key: str = ""
+    answer: object = None                  # the last answer, its question and audit
+    question: str = ""
+    audit: Audit | None = None
 
-    def cleanup(self) -> None:
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = ""
+    def ids_of(self, names) -> list[int]:
+        """Label ids of structure names, in the order of the names."""
+        return [int(i) for n in dict.fromkeys(names) for i, m in self.label_names.items() if m == n]
 
 
 class Engine:
@@ -108,25 +121,14 @@ class Engine:
         self._batcher = None
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, tuple] = OrderedDict()
-        self._workroot: str | None = None      # every session's folder lives in it; close() removes it
-
-    def _session_dir(self) -> str:
-        with self._lock:
-            if self._workroot is None or not Path(self._workroot).is_dir():
-                self._workroot = tempfile.mkdtemp(prefix="photon_ct_")
-                atexit.register(shutil.rmtree, self._workroot, ignore_errors=True)   # if close() is never called
-            return tempfile.mkdtemp(prefix="session_", dir=self._workroot)
 
     def close(self) -> None:
-        """Remove every session's files (scenes, slices, exports) and stop the ask batcher: the app is
-        shutting down."""
+        """Stop the ask batcher and drop the encoded volumes (the app is shutting down)."""
         with self._lock:
             if self._batcher is not None:
                 self._batcher.close()
                 self._batcher = None
-            if self._workroot:
-                shutil.rmtree(self._workroot, ignore_errors=True)
-                self._workroot = None
+            self._cache.clear()
 
     @property
     def predictor(self):
@@ -156,33 +158,34 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        p = self.predictor
-        name = p.name
+        name = self.predictor.name
         return f"{name} — {DEMO_NOTICE}" if "demo" in name.lower() or "synthetic" in name.lower() else name
+
+    def provenance(self) -> dict:
+        """Where the weights come from: the checkpoint's record (source, repo, revision, stage, …)."""
+        info = dict(self.predictor.checkpoint.to_dict())
+        info["folder"] = info.pop("path", None)         # a "path" key reads as a file to Gradio's clients
+        info["label"] = self.predictor.checkpoint.label()
+        if self.model_name != self.predictor.name:
+            info["notice"] = DEMO_NOTICE
+        return info
 
     # ------------------------------------------------------------------ loading
     def open_session(self, vol: Volume, title: str, labels_path: Path | None, label_names: dict | None,
-                     progress=lambda *a, **k: None) -> Session:
-        from viz.scene import anatomy_surfaces
-        from viz.slices import to_ras
-
-        s = Session(title=title, volume=vol, workdir=self._session_dir())
+                     progress=lambda *a, **k: None, label_table: str | None = None) -> Session:
+        s = Session(title=title, volume=vol, warnings=list(vol.warnings))
         s.key = volume_key(vol)
         progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
         s.geometry = self._encode(s.key, vol)
         s.token_index = s.geometry.token_index_volume()
         if labels_path is not None:
             s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
-            s.label_names = label_names or {str(int(i)): f"label_{int(i)}" for i in np.unique(s.labels) if i}
+            if label_names:
+                s.label_names = {str(k): v for k, v in label_names.items()}
+            else:
+                names, s.label_note = organs.label_names(np.unique(s.labels), label_table)
+                s.label_names = {str(k): v for k, v in names.items()}
             s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
-        progress(0.7, desc="Building 3-D surfaces")
-        s.surfaces = anatomy_surfaces(vol.hu, vol.affine, s.labels, s.label_names)
-        s.corners = np.stack([s.geometry.token_block_corners(a, b, c) for a in range(TOKEN_GRID[0])
-                              for b in range(TOKEN_GRID[1]) for c in range(TOKEN_GRID[2])])
-        s.hu_ras, s.spacing_ras = to_ras(vol.hu, vol.affine)
-        s.token_ras, _ = to_ras(s.token_index, vol.affine)
-        if s.labels is not None:
-            s.labels_ras, _ = to_ras(s.labels, vol.affine)
         return s
 
     def _encode(self, key: str, vol: Volume):
@@ -218,18 +221,31 @@ class Engine:
         lab = samples.path(c["label_map"]) if c.get("label_map") else None
         return self.open_session(vol, c["title"], lab, c.get("labels"), progress)
 
+    def series(self, files: list[str]) -> list:
+        """The DICOM series among uploaded files (empty for a NIfTI/NRRD file or a single series)."""
+        files = [str(f) for f in files or []]
+        if not files or (len(files) == 1 and not files[0].lower().endswith(".zip")):
+            return []
+        found = list_series(files if len(files) > 1 else files[0], self.settings.limits)
+        return found if len(found) > 1 else []
+
     def load_upload(self, files: list[str], label_file: str | None, progress=lambda *a, **k: None,
-                    prior_file: str | None = None) -> Session:
+                    prior_file: str | None = None, label_table: str | None = None,
+                    series: str | None = None) -> Session:
         """An uploaded scan (and, optionally, a prior scan of the same patient: every question is
-        then asked with both, prior first, so questions about change can be answered)."""
+        then asked with both, prior first, so questions about change can be answered). ``series``:
+        the DICOM series to load when the upload holds several (None: the loader's default)."""
         if not files:
-            raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series (files or .zip).")
+            raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series "
+                              "(files or .zip).")
         volumes = [f for f in files if str(f).lower().endswith((".nii", ".nii.gz", ".nrrd", ".zip", ".gz"))]
         if len(files) > 1 and volumes:
-            raise VolumeError(f"{len(files)} files were uploaded, including {Path(volumes[0]).name}; upload one "
-                              f"NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
+            raise VolumeError(f"{len(files)} files were uploaded, including {Path(volumes[0]).name}; upload "
+                              f"one NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
         progress(0.05, desc="Reading the upload")
-        vol = load_volume(files if len(files) > 1 else files[0], self.settings.limits)
+        listed = self.series(files)
+        source = files if len(files) > 1 else files[0]
+        vol = load_volume(source, self.settings.limits, series=series or None)
         prior = None
         if prior_file:
             progress(0.1, desc="Reading the prior scan")
@@ -237,10 +253,14 @@ class Engine:
                 prior = load_volume(prior_file, self.settings.limits)
             except VolumeError as e:
                 raise VolumeError(f"The prior scan could not be read: {e}") from None
-        s = self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress)
+        s = self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress,
+                              label_table)
+        s.series = listed
+        s.series_uid = series or (listed[0].uid if listed else None)   # the default is listed first
         if prior is not None:
             progress(0.9, desc="Encoding the prior scan")
             s.prior, s.prior_key = prior, volume_key(prior)
+            s.warnings += [f"prior scan: {w}" for w in prior.warnings]
             self._encode(s.prior_key, prior)
         return s
 
@@ -254,6 +274,15 @@ class Engine:
         s.answer, s.question = ans, question
         return ans
 
+    def answer(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):
+        """Ask, then audit the answer once; the session keeps both. Returns (answer, audit)."""
+        why = self.predictor.supports(budget)
+        if why:
+            raise ValueError(why)
+        ans = self.ask(s, question, budget, max_new_tokens)
+        s.audit = self.audit(s, s.question, ans)
+        return ans, s.audit
+
     def compare(self, s: Session, question: str, budgets: list[Budget]):
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
@@ -261,24 +290,43 @@ class Engine:
         return self.batcher.ask(self._queries(s, question, budgets),
                                 max_new_tokens=self.settings.max_new_tokens, tag=s.key[:8])
 
-    def retention(self, s: Session, ans) -> dict[str, float]:
-        return organ_retention(s.blocks, ans.keep_grid.ravel()) if s.blocks else {}
+    def compare_rows(self, s: Session, question: str) -> list[dict]:
+        """Auto / 10% / 25% / 50% / Full (those the checkpoint supports) in one batch, as table rows."""
+        runs = [(name, Budget.parse(b)) for name, b in COMPARE if self.supports(Budget.parse(b))]
+        answers = self.compare(s, question, [b for _, b in runs])
+        full = answers[-1]
+        rows = []
+        for (name, _), a in zip(runs, answers):
+            ok = readable(question, a.text, list(s.blocks))
+            rows.append(dict(budget=name, kept=a.kept, total=a.total, answer=a.text, readable=ok,
+                             probability=probability(a), differs_from_full=a.text != full.text,
+                             latency_ms=round(1000 * (a.prefill_s + a.decode_s))))
+        return rows
 
-    def asked_retention(self, s: Session, question: str, ans) -> dict[str, float]:
-        """Share of each organ the question names (and the label map holds) whose blocks were kept."""
-        if not s.blocks:
-            return {}
-        ret = self.retention(s, ans)
-        return {n: ret[n] for n in organs_in_question(question, list(s.blocks)) if n in ret}
+    def audit(self, s: Session, question: str, ans) -> Audit:
+        """Retention per structure (once), the structures the question names, and the warnings."""
+        keep = np.asarray(ans.keep_grid, bool).ravel()
+        retention = organ_retention(s.blocks, keep) if s.blocks else {}
+        asked = tuple(organs_in_question(question, list(s.blocks))) if s.blocks else ()
+        asked_ret = {n: retention[n] for n in asked if n in retention}
+        low = [(n, r) for n, r in asked_ret.items() if r < LOW_RETENTION]
+        warning = "; ".join(f"only {100 * r:.0f}% of the {n.replace('_', ' ')} blocks were kept"
+                            for n, r in low)
+        return Audit(retention=retention, asked=asked, asked_retention=asked_ret, warning=warning,
+                     small=tuple(n for n in s.small_structures if n in retention),
+                     readable=readable(question, ans.text, list(s.blocks)), probability=probability(ans))
 
-    def warning(self, s: Session, question: str, ans) -> str:
-        """Visible warning when the asked organ kept less than half of its blocks."""
-        low = [(n, r) for n, r in self.asked_retention(s, question, ans).items() if r < 0.5]
-        return "; ".join(f"only {100 * r:.0f}% of the {n.replace('_', ' ')} blocks were kept" for n, r in low)
-
-    def export(self, s: Session, pngs: dict[str, bytes]) -> list[Path]:
+    def export(self, s: Session, pngs: dict[str, bytes], folder: Path) -> list[Path]:
+        """The audit of the session's last answer as files in ``folder`` (mask, report, PNG views)."""
         if s is None or s.answer is None:
             raise ValueError("Ask a question first; the export holds the audit of an answer.")
-        folder = Path(s.workdir) / f"export_{int(time.time() * 1000)}"
-        return export_audit(folder, s.geometry, s.token_index, s.answer, s.question, self.model_name,
-                            self.retention(s, s.answer), pngs, s.title)
+        audit = s.audit if s.audit is not None else self.audit(s, s.question, s.answer)
+        retention = audit.retention
+        return export_audit(Path(folder), s.geometry, s.token_index, s.answer, s.question, self.model_name,
+                            retention, pngs, s.title)
+
+
+def probability(ans) -> float | None:
+    """exp(mean token log-prob) of an answer's tokens, None when it has none (shown as '—')."""
+    p = ans.probability
+    return None if p is None or not np.isfinite(p) else float(p)

@@ -25,14 +25,10 @@ def case_answers(engine: Engine, budget, case_ids: list[str] | None = None) -> l
         if case_ids and c["id"] not in case_ids:
             continue
         s = engine.load_case(c["id"])
-        try:
-            for q in c.get("questions", []):
-                ans = engine.ask(s, q, budget)
-                asked = engine.asked_retention(s, q, ans)
-                rows.append({"case": c["id"], "question": q, "answer": ans.text, "kept": ans.kept,
-                             "asked_organs": {o: round(r, 3) for o, r in asked.items()}})
-        finally:
-            s.cleanup()
+        for q in c.get("questions", []):
+            ans, audit = engine.answer(s, q, budget)
+            rows.append({"case": c["id"], "question": q, "answer": ans.text, "kept": ans.kept,
+                         "asked_organs": {o: round(r, 3) for o, r in audit.asked_retention.items()}})
     return rows
 
 

@@ -3,8 +3,11 @@
     python scripts/load_test.py --url http://127.0.0.1:7860/ --clients 8 --seconds 300
     python scripts/load_test.py --start --clients 8 --seconds 120      # starts the app itself
 
-Loopback only (refuses any other host). Stops by itself. Prints requests, failures, p50/p95 latency
-and the server's RSS over time (when it started the server), as JSON on the last line.
+Each user loads a case through the UI's own event (3-D scene and slices are written and fetched, as a
+browser does), then asks through the UI's event, and every fourth question through the public /ask.
+Loopback only (refuses any other host). Stops by itself. Prints requests, failures, p50/p95 latency,
+and — when it started the server — the server's RSS over time and the disk use of the app's folder
+(Gradio's cache, which holds the sessions' files) over time and at the end, as JSON on the last line.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -24,6 +28,7 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["Abdomen/pelvis CT (3 mm)", "Chest/abdomen CT angiography, aortic dissection (1.5 mm)"]
+CASE_IDS = dict(zip(CASES, ["abdomen_ct", "chest_aorta_ct"]))
 QUESTIONS = ["Is there a lesion in the liver?", "Is the spleen enlarged?", "Which kidney is larger?",
              "Is there an abnormality of the aorta?"]
 
@@ -45,28 +50,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def client_loop(url: str, deadline: float, seed: int, lat: list, fails: list, lock: threading.Lock, downloads: str):
+def client_loop(url: str, deadline: float, seed: int, lat: list, fails: list, lock: threading.Lock,
+                downloads: str):
     from gradio_client import Client
 
     rng = random.Random(seed)
+    case = rng.choice(CASES)
     try:
-        c = Client(url, verbose=False, download_files=downloads)   # fetches every served file, as a browser does
-        c.predict(rng.choice(CASES), api_name="/on_load_case")
+        # downloads every served file, as a browser fetches it
+        c = Client(url, verbose=False, download_files=downloads)
+        c.predict(case, api_name="/ui_load_case")
     except Exception as e:  # noqa: BLE001
         with lock:
             fails.append(f"load: {type(e).__name__}: {e}")
         return
-    budgets = [("Auto", 390), ("Tokens", 200), ("Percent", 25), ("Full", 390)]
+    budgets = [("Auto", 390, 25), ("Tokens", 200, 25), ("Percent", 390, 25), ("Full", 390, 25)]
+    n = 0
     while time.time() < deadline:
-        mode, value = rng.choice(budgets)
+        mode, tokens, percent = rng.choice(budgets)
+        question = rng.choice(QUESTIONS)
         t = time.perf_counter()
         try:
-            c.predict(rng.choice(QUESTIONS), mode, value, "Axial", 0.5, "Soft tissue", 0.35, api_name="/on_ask")
+            if n % 4 == 3:                       # an integrator's call: stateless, JSON back
+                r = c.predict(question=question, sample=CASE_IDS[case], budget="auto", api_name="/ask")
+                assert r["total"] == 1000, r
+            else:
+                out = c.predict(question, mode, tokens, percent, 0.5, 400, 40, 0.35, api_name="/ui_ask")
+                assert any("Visual tokens kept" in str(o) for o in out), str(out)[:300]
             with lock:
                 lat.append(time.perf_counter() - t)
         except Exception as e:  # noqa: BLE001
             with lock:
                 fails.append(f"ask: {type(e).__name__}: {str(e)[:200]}")
+        n += 1
+
+
+def disk_mb(folder: str | None) -> float | None:
+    if not folder:
+        return None
+    return round(sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 2**20, 2)
 
 
 def main(argv=None) -> dict:
@@ -83,14 +105,17 @@ def main(argv=None) -> dict:
         ap.error("--seconds is capped at 600")
     proc = None
     url = args.url
+    cache = None
     if args.start:
+        cache = tempfile.mkdtemp(prefix="photon_ct_load_cache_")     # the app's Gradio cache: all it serves
         port = free_port()
-        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu", "--max-new-tokens", "8"]
+        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu",
+               "--max-new-tokens", "8"]
         if args.model:
             cmd += ["--model", args.model]
         log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+                                env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=cache))
         url = f"http://127.0.0.1:{port}/"
         for _ in range(240):
             try:
@@ -101,7 +126,7 @@ def main(argv=None) -> dict:
     host = urlparse(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("load tests only target loopback addresses")
-    lat, fails, lock, rss = [], [], threading.Lock(), []
+    lat, fails, lock, rss, disk = [], [], threading.Lock(), [], []
     # The clients' downloads go to a folder removed at the end; so do the empty folders gradio_client
     # leaves in the temporary directory for each download (it makes them with tempfile.gettempdir()).
     with tempfile.TemporaryDirectory(prefix="photon_ct_load_") as downloads:
@@ -109,21 +134,26 @@ def main(argv=None) -> dict:
         try:
             start = time.time()
             deadline = start + args.seconds
-            threads = [threading.Thread(target=client_loop, args=(url, deadline, i, lat, fails, lock, downloads),
-                                        daemon=True) for i in range(args.clients)]
+            threads = [threading.Thread(target=client_loop, daemon=True,
+                                        args=(url, deadline, i, lat, fails, lock, downloads))
+                       for i in range(args.clients)]
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads) and time.time() < deadline + 120:
                 if proc:
                     rss.append((round(time.time() - start, 1), round(rss_mb(proc.pid), 1)))
+                    disk.append((round(time.time() - start, 1), disk_mb(cache)))
                 time.sleep(5)
             for t in threads:
                 t.join(timeout=1)
         finally:
             tempfile.tempdir = temp
+    disk_end = disk_mb(cache)
     if proc:
         proc.terminate()
         proc.wait(20)
+        disk_after_stop = disk_mb(cache)
+        shutil.rmtree(cache, ignore_errors=True)
     base = [m for s, m in rss if s >= args.warmup]
     growth = (base[-1] - base[0]) / base[0] if len(base) >= 2 else None
     q = sorted(lat)
@@ -131,7 +161,10 @@ def main(argv=None) -> dict:
                   failure_samples=fails[:5],
                   p50_s=round(statistics.median(q), 3) if q else None,
                   p95_s=round(q[int(0.95 * (len(q) - 1))], 3) if q else None,
-                  rss_mb_over_time=rss, rss_growth_after_warmup=round(growth, 4) if growth is not None else None)
+                  rss_mb_over_time=rss,
+                  rss_growth_after_warmup=round(growth, 4) if growth is not None else None,
+                  disk_mb_over_time=disk, disk_mb_at_end=disk_end,
+                  disk_mb_after_stop=disk_after_stop if proc else None)
     print(json.dumps(report))
     return report
 

@@ -17,10 +17,11 @@ def test_eight_concurrent_clients(tiny_model_dir, capsys):
     assert report["failures"] == 0, report["failure_samples"]
     assert report["requests"] >= 8
     assert report["p95_s"] is not None
+    # served files are replaced per session, not accumulated: a few MB per user, whatever the duration
+    assert report["disk_mb_at_end"] < 8 * 10, report["disk_mb_over_time"]
+    assert report["disk_mb_after_stop"] == 0
 
 
 def test_load_script_refuses_non_loopback_targets():
-    import load_test
-
     with pytest.raises(SystemExit, match="loopback"):
         load_test.main(["--url", "http://10.1.2.3:7860/", "--seconds", "1"])

@@ -150,7 +150,7 @@ def test_evaluator_reads_prior_images(tiny_model_dir, tmp_path):
 
 
 def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
-    from app.handlers import answer_card, status_md
+    from app.render import answer_card, status_html
     from app.service import Engine, Settings
     from photon_core.io.volume import VolumeError
 
@@ -158,10 +158,10 @@ def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
     ct = str(SAMPLES / "abdomen_ct" / "ct.nii.gz")
     prior = str(SAMPLES / "chest_aorta_ct" / "ct.nii.gz")
     s = engine.load_upload([ct], None, prior_file=prior)
-    a = engine.ask(s, "Has the liver lesion grown since the prior scan?", Budget("top_k", 400))
+    a, audit = engine.answer(s, "Has the liver lesion grown since the prior scan?", Budget("top_k", 400))
     assert (a.total, a.prior_total, a.kept) == (2000, 1000, 400)
-    assert "Prior scan" in status_md(s) and "prior scan" in answer_card(a, "m", "")
-    files = engine.export(s, {})
+    assert "Prior scan" in status_html(s) and "prior scan" in answer_card(s, a, audit, {"name": "m"})
+    files = engine.export(s, {}, tmp_path / "export")
     report = json.loads(next(p for p in files if p.name == "report.json").read_text())
     assert report["prior_scan"]["visual_tokens_kept"] == a.prior_kept
     other = engine.load_case("dicom_ct")                       # evicts both from the 1-volume cache
@@ -171,8 +171,6 @@ def test_app_session_with_a_prior_scan(tiny_model_dir, tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(VolumeError, match="prior scan could not be read"):
         engine.load_upload([ct], None, prior_file=str(bad))
-    for x in (s, other):
-        x.cleanup()
     engine.close()
 
 

@@ -4,15 +4,15 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
+
 from photon_core.inference.audit import export_audit, kept_mask_original, organ_retention
-from photon_core.organs import label_blocks, organs_in_question
 from photon_core.io.preprocess import TOKEN_GRID, prepare
 from photon_core.io.volume import load_label_map, volume_from_array
-from viz.glb import read_glb
-from viz.scene import anatomy_surfaces, render_png, scene_glb, token_blocks
-from viz.slices import slice_rgb, to_ras
+from photon_core.organs import label_blocks, organs_in_question
+from viz import scene as vs
+from viz.glb import accessor, read_glb
+from viz.slices import pick, slice_rgb, to_ras, triplanar
 
 
 @pytest.fixture(scope="module")
@@ -32,35 +32,100 @@ def phantom():
 
 
 def _corners(geom):
-    return np.stack([geom.token_block_corners(a, b, c) for a in range(10) for b in range(10) for c in range(10)])
+    return np.stack([geom.token_block_corners(a, b,
+                                              c) for a in range(10) for b in range(10) for c in range(10)])
 
 
 def test_glb_is_binary_gltf_with_blend(phantom):
     vol, labels, prep = phantom
-    surf = anatomy_surfaces(vol.hu, vol.affine, labels, {"5": "liver"})
+    surf = vs.anatomy_surfaces(vol.hu, vol.affine, labels, {"5": "liver"})
     keep = np.zeros(1000, bool)
     keep[[5, 123, 456]] = True
     rho = np.linspace(0, 1, 1000)
-    blocks = token_blocks(_corners(prep.geometry), keep, rho)
-    js, binary = read_glb(scene_glb(surf, blocks))
+    scene = vs.AnatomyScene.build(surf, vs.orientation_marker(vs.world_bounds(vol.shape, vol.affine)))
+    js, binary = read_glb(scene.glb(vs.kept_region(_corners(prep.geometry), keep, rho)))
     assert js["asset"]["version"] == "2.0"
     names = [m["name"] for m in js["meshes"]]
-    assert "body" in names and "bone" in names and "liver" in names and any(n.startswith("kept") for n in names)
+    assert {"body", "bone", "liver"} <= set(names) and any(n.startswith("kept") for n in names)
+    assert {f"marker {x}" for x in "RLAPSI"} <= set(names)
     kept_mats = [m for m in js["materials"] if m["name"].startswith("kept")]
     assert kept_mats and all(m["alphaMode"] == "BLEND" for m in kept_mats)
     assert js["buffers"][0]["byteLength"] == len(binary)
-    # three kept blocks = 3 boxes × 12 triangles
-    tri = sum(js["accessors"][p["indices"]]["count"] // 3 for m in js["meshes"] if m["name"].startswith("kept")
-              for p in m["primitives"])
+    # three separate kept blocks = 3 boxes × 6 faces × 2 triangles
+    tri = sum(js["accessors"][p["indices"]]["count"] // 3 for m in js["meshes"]
+              if m["name"].startswith("kept") for p in m["primitives"])
     assert tri == 36
+
+
+def test_kept_region_draws_only_outer_faces(phantom):
+    """Two neighbouring kept blocks share a face that is not drawn: 10 quads, not 12."""
+    vol, labels, prep = phantom
+    keep = np.zeros(1000, bool)
+    keep[[0, 1]] = True                                  # (0, 0, 0) and (0, 0, 1)
+    items = vs.kept_region(_corners(prep.geometry), keep, np.full(1000, 0.7))
+    assert sum(i["mesh"].n_cells for i in items) == 10
+    full = vs.kept_region(_corners(prep.geometry), np.ones(1000, bool), np.full(1000, 0.7))
+    assert sum(i["mesh"].n_cells for i in full) == 6 * 100    # everything kept: the grid's hull only
+
+
+def test_marker_letters_sit_on_their_sides_of_the_patient(phantom):
+    """R is beyond the patient's right (+x in RAS, +x in glTF), S above (glTF +y), A in front (glTF −z)."""
+    vol, labels, prep = phantom
+    lo, hi = vs.world_bounds(vol.shape, vol.affine)
+    scene = vs.AnatomyScene.build([], vs.orientation_marker(np.stack([lo, hi])))
+    js, binary = read_glb(scene.glb())
+    centre = {}
+    for m in js["meshes"]:
+        pos = accessor(js, binary, m["primitives"][0]["attributes"]["POSITION"])
+        centre[m["name"]] = pos.mean(0)
+    mid = (lo + hi) / 2
+    assert centre["marker R"][0] > hi[0] and centre["marker L"][0] < lo[0]
+    assert centre["marker S"][1] > hi[2] and centre["marker I"][1] < lo[2]
+    assert centre["marker A"][2] < -hi[1] and centre["marker P"][2] > -lo[1]
+    assert abs(centre["marker R"][1] - mid[2]) < 1e-3 * (hi - lo).max() + 5
+
+
+def test_triplanar_click_moves_the_crosshair_to_the_clicked_voxel(phantom):
+    vol, labels, prep = phantom
+    hu_ras, sp = to_ras(vol.hu, vol.affine)
+    point = (30, 40, 50)
+    img, layout = triplanar(hu_ras, sp, point, (400, 40))
+    assert img.shape[:2] == (layout.size[1], layout.size[0])
+    for panel in layout.panels:                       # a click at another voxel of each plane
+        target = (10, 20, 30)
+        from viz.slices import _to_pixel
+
+        x, y = _to_pixel(panel, target)
+        new = pick(layout, x, y, point)
+        moved = {"axial": (0, 1), "coronal": (0, 2), "sagittal": (1, 2)}[panel.view]
+        for ax in range(3):
+            assert new[ax] == (target[ax] if ax in moved else point[ax]), (panel.view, new)
+    assert pick(layout, layout.size[0] + 5, 0, point) is None
+
+
+def test_triplanar_is_radiological_and_windows_freely(phantom):
+    """The patient's right is on the image left of the axial and coronal planes; W/L is any pair."""
+    vol, labels, prep = phantom
+    hu_ras, sp = to_ras(vol.hu, vol.affine)
+    right = np.zeros(hu_ras.shape, bool)
+    right[-20:] = True                                  # RAS i high = patient right
+    img, layout = triplanar(hu_ras, sp, np.array(hu_ras.shape) // 2, (1, 39), overlay=right, opacity=1.0)
+    axial = layout.panels[0]
+    half = img[axial.y0:axial.y0 + axial.h, axial.x0:axial.x0 + axial.w]
+    green = (half[..., 1] > 150) & (half[..., 0] < 100)
+    assert green[:, : axial.w // 2].sum() > 10 * green[:, axial.w // 2:].sum()
+    narrow, _ = triplanar(hu_ras, sp, np.array(hu_ras.shape) // 2, (1, 39))
+    wide, _ = triplanar(hu_ras, sp, np.array(hu_ras.shape) // 2, (4000, 0))
+    assert (narrow != wide).any()
 
 
 def test_png_renders_offscreen(phantom):
     vol, labels, prep = phantom
-    png = render_png(anatomy_surfaces(vol.hu, vol.affine), [], size=(200, 150))
+    png = vs.render_png(vs.anatomy_surfaces(vol.hu, vol.affine), [], size=(200, 150), view="anterior")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     im = np.asarray(Image.open(io.BytesIO(png)))
     assert im.shape[:2] == (150, 200) and im.std() > 5          # something was drawn
@@ -80,7 +145,8 @@ def test_overlay_lands_on_the_right_voxels(phantom):
     # the slice overlay uses the same mask reoriented like the scan
     hu_ras, sp = to_ras(vol.hu, vol.affine)
     m_ras, _ = to_ras(mask, vol.affine)
-    img = slice_rgb(hu_ras, sp, "axial", 30 / 79, "Soft tissue", m_ras, opacity=1.0, colour=(0, 1, 0), out_px=300)
+    img = slice_rgb(hu_ras, sp, "axial", 30 / 79, "Soft tissue", m_ras, opacity=1.0, colour=(0, 1, 0),
+                    out_px=300)
     assert img.shape[2] == 3 and (img[..., 1] > 200).any()
 
 
@@ -112,8 +178,9 @@ def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):
     A.kept = int(A.keep_grid.sum())
     A.keep_fraction = A.kept / 1000
     A.kept_indices = np.flatnonzero(A.keep_grid).tolist()
-    paths = export_audit(tmp_path, prep.geometry, tok, A, "Is there a lesion in the liver?", "demo", {"liver": 1.0},
-                         {"view3d": b"\x89PNG"}, case_title="/home/someone/patient_jane.nii.gz")
+    paths = export_audit(tmp_path, prep.geometry, tok, A, "Is there a lesion in the liver?", "demo",
+                         {"liver": 1.0}, {"view3d": b"\x89PNG"},
+                         case_title="/home/someone/patient_jane.nii.gz")
     img = nib.load(str(tmp_path / "kept_blocks.nii.gz"))
     assert img.shape == vol.shape and np.allclose(img.affine, vol.affine)
     assert np.asarray(img.dataobj)[labels == 5].all()

@@ -21,24 +21,31 @@ def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = 
     return fig
 
 
-def retention_bars(retention: dict[str, float], asked: str | None = None):
+def retention_bars(retention: dict[str, float], asked=None, small=()):
+    """Share of each structure's token blocks kept; ``asked``: the organ(s) the question names (green,
+    red below half); ``small``: structures smaller than a block, counted by any overlap (marked ◦)."""
     import plotly.graph_objects as go
 
+    asked = {asked} if isinstance(asked, str) else set(asked or ())
     names = list(retention)
     vals = [retention[n] for n in names]
-    colours = ["#d62728" if asked and n == asked and v < 0.5 else "#1f77b4" if n != asked else "#2ca05a"
+    colours = [("#d62728" if v < 0.5 else "#2ca05a") if n in asked else "#1f77b4"
                for n, v in zip(names, vals)]
-    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", marker_color=colours))
-    fig.update_layout(title="Share of each organ's token blocks kept", xaxis=dict(range=[0, 1], title="kept"),
-                      height=max(220, 22 * len(names) + 80), margin=dict(l=150, r=10, t=40, b=40))
+    labels = [f"{n} ◦" if n in small else n for n in names]
+    fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", marker_color=colours))
+    title = "Share of each structure's token blocks kept"
+    if small:
+        title += "<br><sup>◦ smaller than a block: counted by any overlap</sup>"
+    fig.update_layout(title=title, xaxis=dict(range=[0, 1], title="kept"),
+                      height=max(220, 22 * len(names) + 90), margin=dict(l=150, r=10, t=50, b=40))
     return fig
 
 
 def kept_vs_budget(rows: list[dict]):
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Scatter(x=[r["budget"] for r in rows], y=[r["kept"] for r in rows], mode="lines+markers",
-                               text=[r["answer"] for r in rows]))
+    fig = go.Figure(go.Scatter(x=[r["budget"] for r in rows], y=[r["kept"] for r in rows],
+                               mode="lines+markers", text=[r["answer"] for r in rows]))
     fig.update_layout(title="Visual tokens kept per budget", yaxis=dict(title="kept tokens", range=[0, 1050]),
                       height=300, margin=dict(l=40, r=10, t=40, b=40))
     return fig

@@ -1,21 +1,37 @@
-"""The 3-D audit scene: body/bone (and organ) surfaces with the kept token blocks over them.
+"""The 3-D audit scene: anatomy surfaces, an orientation marker, and the kept region over them.
 
-Surfaces are computed once per volume (`anatomy_surfaces`); only the blocks (`token_blocks`)
-change with the budget. Outputs: a GLB for the browser (`scene_glb`) and a PNG render
-(`render_png`, off-screen VTK) as fallback and for reports. All coordinates are world RAS mm.
+Built in two parts so that an answer only pays for its overlay:
+
+* per scan, once: `anatomy_surfaces` (body, bone, the largest labelled organs) and `orientation_marker`
+  (letters R/L/S/I facing the anterior viewer, A/P facing the lateral one, and an R/A/S axis triad),
+  encoded once (`AnatomyScene`);
+* per answer: `kept_region` — the outer faces of the kept token blocks only (no face between two kept
+  blocks), translucent and coloured by saliency ρ, so the anatomy stays readable at any budget.
+
+`AnatomyScene.glb(overlay, highlight)` assembles the GLB (milliseconds). `render_png` is the off-screen
+VTK render (exports, reports) from the same anterior viewpoint, with the ρ colour bar. All
+coordinates are world RAS mm. The viewer's camera for the anterior view is `ANTERIOR_CAMERA`.
 """
 from __future__ import annotations
 
 import io
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .glb import meshes_to_glb
+from .glb import MeshPart, encode, glb
 
 ORGAN_COLOURS = [(0.85, 0.37, 0.33), (0.36, 0.62, 0.85), (0.55, 0.78, 0.42), (0.93, 0.70, 0.30),
                  (0.65, 0.48, 0.80), (0.40, 0.80, 0.78), (0.90, 0.55, 0.70), (0.70, 0.70, 0.35)]
-
+AXIS_COLOURS = {"R": (0.90, 0.25, 0.25), "A": (0.30, 0.75, 0.35), "S": (0.35, 0.55, 1.0)}   # as in 3D Slicer
+BACKGROUND = (0.10, 0.11, 0.13)
+HIGHLIGHT = (1.0, 0.25, 0.85)            # the asked organ
+RHO_BINS = 5
+# gr.Model3D (Babylon, left-handed; its glTF loader mirrors z) puts the camera at (alpha, beta) degrees:
+# alpha = −90 looks from the patient's anterior side with superior up, so the patient's right is on the
+# viewer's left — as on radiological axial and coronal slices.
+ANTERIOR_CAMERA = (-90.0, 90.0, None)
 
 _RENDER_LOCK = threading.Lock()   # VTK rendering is not thread-safe; the app serves several users
 
@@ -53,18 +69,67 @@ def _contour(mask_or_hu: np.ndarray, level: float, affine: np.ndarray, max_dim: 
 
 
 def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None,
-                     label_names: dict | None = None, max_organs: int = 8) -> list[dict]:
-    """Body (−300 HU), bone (+250 HU) and up to ``max_organs`` largest labelled organs."""
-    items = [dict(name="body", mesh=_contour(hu, -300.0, affine, 96), rgba=(0.85, 0.75, 0.68, 0.12)),
-             dict(name="bone", mesh=_contour(hu, 250.0, affine, 128), rgba=(0.95, 0.93, 0.86, 0.9))]
+                     label_names: dict | None = None, max_organs: int = 10, first=()) -> list[dict]:
+    """Body (−300 HU), bone (+250 HU) and up to ``max_organs`` labelled structures: the label ids in
+    ``first`` (those present, in that order), then the largest others. Each organ item's ``ids``: its
+    labels."""
+    items = [dict(name="body", mesh=_contour(hu, -300.0, affine, 96, max_triangles=20_000),
+                  rgba=(0.85, 0.72, 0.62, 0.16), ids=()),
+             dict(name="bone", mesh=_contour(hu, 250.0, affine, 128, max_triangles=30_000),
+                  rgba=(0.95, 0.93, 0.86, 1.0), ids=())]
     if labels is not None:
         ids, counts = np.unique(labels[labels > 0], return_counts=True)
-        order = ids[np.argsort(-counts)][:max_organs]
+        present = {int(i) for i in ids}
+        order = [int(i) for i in dict.fromkeys(first) if int(i) in present]
+        order += [int(i) for i in ids[np.argsort(-counts)] if int(i) not in order]
+        order = order[:max_organs]
+        names = {str(k): v for k, v in (label_names or {}).items()}
         for n, lid in enumerate(order):
-            name = (label_names or {}).get(str(int(lid)), f"label {int(lid)}")
-            mesh = _contour((labels == lid).astype(np.float32), 0.5, affine, 128, smooth=10)
-            items.append(dict(name=name, mesh=mesh, rgba=(*ORGAN_COLOURS[n % len(ORGAN_COLOURS)], 0.55)))
+            name = names.get(str(int(lid)), f"label {int(lid)}")
+            mesh = _contour((labels == lid).astype(np.float32), 0.5, affine, 128, smooth=10,
+                            max_triangles=6_000)
+            items.append(dict(name=name, mesh=mesh, rgba=(*ORGAN_COLOURS[n % len(ORGAN_COLOURS)], 0.5),
+                              ids=(int(lid),)))
     return [i for i in items if i["mesh"].n_points > 0]
+
+
+def world_bounds(shape, affine: np.ndarray) -> np.ndarray:
+    """(2, 3) RAS min/max of a volume's voxel-edge box."""
+    ijk = np.array([[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
+                    for k in (-0.5, shape[2] - 0.5)])
+    xyz = ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return np.stack([xyz.min(0), xyz.max(0)])
+
+
+# Text basis (reading direction, up, normal towards the viewer) in RAS for the viewer who reads it:
+_FACING_ANTERIOR = np.array([[-1, 0, 0], [0, 0, 1], [0, 1, 0]], float).T    # reads right→left of the patient
+_FACING_LEFT = np.array([[0, -1, 0], [0, 0, 1], [-1, 0, 0]], float).T       # seen from the patient's left
+
+
+def orientation_marker(bounds: np.ndarray) -> list[dict]:
+    """Letters R/L/S/I (read from the anterior view), A/P (read from the left lateral view) just outside
+    the scan's box, and an axis triad (R red, A green, S blue) at its right-posterior-inferior corner."""
+    pv = _pv()
+    lo, hi = np.asarray(bounds, float)
+    mid, ext = (lo + hi) / 2, hi - lo
+    h = max(12.0, 0.07 * float(ext.max()))
+    front, side = _FACING_ANTERIOR, _FACING_LEFT
+    places = {"R": ((hi[0] + h, mid[1], mid[2]), front), "L": ((lo[0] - h, mid[1], mid[2]), front),
+              "S": ((mid[0], mid[1], hi[2] + h), front), "I": ((mid[0], mid[1], lo[2] - h), front),
+              "A": ((lo[0] - h, hi[1] + h, mid[2]), side), "P": ((lo[0] - h, lo[1] - h, mid[2]), side)}
+    axis_of = {"R": "R", "L": "R", "A": "A", "P": "A", "S": "S", "I": "S"}
+    items = []
+    for letter, (pos, basis) in places.items():
+        m = pv.Text3D(letter, depth=0.15 * h, height=h)
+        pts = np.asarray(m.points) - np.asarray(m.center)
+        m.points = pts @ basis.T + np.asarray(pos)
+        items.append(dict(name=f"marker {letter}", mesh=m, rgba=(*AXIS_COLOURS[axis_of[letter]], 1.0)))
+    corner = np.array([hi[0] + 0.5 * h, lo[1] - 0.5 * h, lo[2] - 0.5 * h])
+    for letter, direction in (("R", (1, 0, 0)), ("A", (0, 1, 0)), ("S", (0, 0, 1))):
+        arrow = pv.Arrow(start=corner, direction=direction, scale=2.5 * h, tip_length=0.3, tip_radius=0.12,
+                         shaft_radius=0.04)
+        items.append(dict(name=f"axis {letter}", mesh=arrow, rgba=(*AXIS_COLOURS[letter], 1.0)))
+    return items
 
 
 def saliency_colour(rho: float) -> tuple[float, float, float]:
@@ -77,61 +142,135 @@ def saliency_colour(rho: float) -> tuple[float, float, float]:
     return (1.0, 0.9 - 0.7 * t, 0.2 - 0.1 * t)
 
 
-def token_blocks(corners: np.ndarray, keep: np.ndarray, rho: np.ndarray, bins: int = 5,
-                 opacity: float = 0.3) -> list[dict]:
-    """Kept blocks as translucent boxes, one mesh per saliency bin.
+def rho_bins(bins: int = RHO_BINS) -> list[tuple[float, float, tuple]]:
+    """(low, high, colour) of each ρ bin the kept region is drawn in (the legend's steps)."""
+    edges = np.linspace(0, 1, bins + 1)
+    return [(float(edges[b]), float(edges[b + 1]), saliency_colour(0.5 * (edges[b] + edges[b + 1])))
+            for b in range(bins)]
 
-    corners: (1000, 8, 3) world corners of every token block (Geometry.token_block_corners order);
-    keep, rho: (1000,) flattened over the 10×10×10 grid.
+
+# Faces of a token block as corner indices (corners ordered (a∈{lo,hi}) × (b) × (c), see
+# Geometry.token_block_corners), with the neighbour across each face.
+_FACES = (((0, 1, 3, 2), (-1, 0, 0)), ((4, 5, 7, 6), (1, 0, 0)), ((0, 1, 5, 4), (0, -1, 0)),
+          ((2, 3, 7, 6), (0, 1, 0)), ((0, 2, 6, 4), (0, 0, -1)), ((1, 3, 7, 5), (0, 0, 1)))
+
+
+def kept_region(corners: np.ndarray, keep: np.ndarray, rho: np.ndarray, grid=(10, 10, 10),
+                bins: int = RHO_BINS, opacity: float = 0.3) -> list[dict]:
+    """The outer faces of the kept token blocks as translucent quads, one mesh per ρ bin.
+
+    corners: (N, 8, 3) world corners of every token block (N = a·b·c, flat index a·(b·c) + b·c + c);
+    keep, rho: (N,) flattened over the token grid. A face between two kept blocks is not drawn, so a
+    large kept set reads as one hull over the anatomy instead of stacked boxes.
     """
     pv = _pv()
-    keep = np.asarray(keep, bool).ravel()
-    rho = np.asarray(rho, float).ravel()
+    keep = np.asarray(keep, bool).reshape(grid)
+    rho = np.asarray(rho, float).reshape(grid)
+    padded = np.pad(keep, 1)
+    quads, colour_of = [], []
+    for face, (da, db, dc) in _FACES:
+        nb = padded[1 + da:1 + da + grid[0], 1 + db:1 + db + grid[1], 1 + dc:1 + dc + grid[2]]
+        outer = np.flatnonzero((keep & ~nb).ravel())
+        quads.append(corners[outer][:, list(face)])
+        colour_of.append(rho.ravel()[outer])
+    if not quads or sum(len(q) for q in quads) == 0:
+        return []
+    quads, rq = np.concatenate(quads), np.concatenate(colour_of)
     items = []
-    edges = np.linspace(0, 1, bins + 1)
-    for b in range(bins):
-        sel = np.flatnonzero(keep & (rho >= edges[b]) & ((rho < edges[b + 1]) | (b == bins - 1)))
-        if len(sel) == 0:
+    for b, (low, high, colour) in enumerate(rho_bins(bins)):
+        sel = (rq >= low) & ((rq < high) | (b == bins - 1))
+        if not sel.any():
             continue
-        # corners are ordered by (x∈{lo,hi}) × (y) × (z): a VTK hexahedron wants 0,4,6,2,1,5,7,3
-        order = [0, 4, 6, 2, 1, 5, 7, 3]
-        pts = corners[sel][:, order].reshape(-1, 3)
-        cells = np.hstack([np.full((len(sel), 1), 8), np.arange(len(sel) * 8).reshape(-1, 8)]).ravel()
-        grid = pv.UnstructuredGrid(cells, np.full(len(sel), 12, np.uint8), pts)
-        mid = 0.5 * (edges[b] + edges[b + 1])
-        items.append(dict(name=f"kept ρ {edges[b]:.1f}-{edges[b + 1]:.1f}", mesh=grid.extract_surface(algorithm="dataset_surface"),
-                          rgba=(*saliency_colour(mid), opacity)))
+        pts = quads[sel].reshape(-1, 3)
+        faces = np.hstack([np.full((int(sel.sum()), 1), 4), np.arange(len(pts)).reshape(-1, 4)]).ravel()
+        items.append(dict(name=f"kept ρ {low:.1f}-{high:.1f}", mesh=pv.PolyData(pts, faces),
+                          rgba=(*colour, opacity)))
     return items
 
 
-def scene_glb(surfaces: list[dict], blocks: list[dict]) -> bytes:
-    return meshes_to_glb(list(surfaces) + list(blocks))
+@dataclass
+class AnatomyScene:
+    """A scan's anatomy and marker, encoded once; `glb` adds an answer's overlay to it."""
+
+    items: list[tuple[str, MeshPart, tuple]] = field(default_factory=list)
+    organ_ids: dict = field(default_factory=dict)          # surface name -> label ids
+
+    @classmethod
+    def build(cls, surfaces: list[dict], marker: list[dict]) -> AnatomyScene:
+        s = cls()
+        for item in list(surfaces) + list(marker):
+            part = encode(item["mesh"])
+            if part is not None:
+                s.items.append((item["name"], part, tuple(item["rgba"])))
+                if item.get("ids"):
+                    s.organ_ids[item["name"]] = tuple(item["ids"])
+        return s
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for _, p, _ in self.items)
+
+    def glb(self, overlay: list[dict] = (), highlight: set | frozenset = frozenset()) -> bytes:
+        """GLB of the anatomy (``highlight``: surface names drawn in the highlight colour) and the overlay."""
+        items = [(n, p, (*HIGHLIGHT, 0.75) if n in highlight else rgba) for n, p, rgba in self.items]
+        items += [(o["name"], encode(o["mesh"]), o["rgba"]) for o in overlay]
+        return glb(items)
 
 
-def render_png(surfaces: list[dict], blocks: list[dict], size=(640, 480), view: str = "iso") -> bytes:
-    """Off-screen PNG of the scene (no depth peeling: it is unreliable off-screen)."""
+def render_png(surfaces: list[dict], blocks: list[dict], size=(640, 480), view: str = "anterior",
+               colour_bar: bool = True, theta: float | None = None) -> bytes:
+    """Off-screen PNG of the scene (no depth peeling: it is unreliable off-screen). ``view``: 'anterior'
+    (patient right on the image left, superior up), 'left' (left lateral) or 'iso'."""
     pv = _pv()
     with _RENDER_LOCK:
-        return _render_png_locked(pv, surfaces, blocks, size, view)
-
-
-def _render_png_locked(pv, surfaces, blocks, size, view) -> bytes:
+        img = _render_locked(pv, surfaces, blocks, size, view)
     from PIL import Image
 
+    im = Image.fromarray(img)
+    if colour_bar and blocks:
+        im = _with_colour_bar(im, theta)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _render_locked(pv, surfaces, blocks, size, view) -> np.ndarray:
     p = pv.Plotter(off_screen=True, window_size=size)
     try:
-        p.set_background("white")
+        p.set_background(BACKGROUND)
         for item in list(surfaces) + list(blocks):
             r, g, b, a = item["rgba"]
-            p.add_mesh(item["mesh"], color=(r, g, b), opacity=a, smooth_shading=True,
-                       show_edges=item["name"].startswith("kept"), edge_color=(0.3, 0.3, 0.3))
-        if view == "iso":
-            p.view_vector((-1.0, -1.2, 0.6), viewup=(0, 0, 1))
+            p.add_mesh(item["mesh"], color=(r, g, b), opacity=a,
+                       smooth_shading=not item["name"].startswith("kept"))
+        if view == "anterior":
+            p.view_vector((0.0, 1.0, 0.0), viewup=(0, 0, 1))
+        elif view == "left":
+            p.view_vector((-1.0, 0.0, 0.0), viewup=(0, 0, 1))
         else:
-            p.view_yz() if view == "sagittal" else p.view_xz()
-        img = p.screenshot(return_img=True)
+            p.view_vector((-1.0, 1.2, 0.6), viewup=(0, 0, 1))
+        return p.screenshot(return_img=True)
     finally:
         p.close()
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
+
+
+def _with_colour_bar(im, theta: float | None):
+    """The image with a vertical ρ colour bar (the kept region's bins, θ marked) on its right."""
+    from PIL import Image, ImageDraw
+
+    W, H = im.size
+    out = Image.new("RGB", (W + 80, H), tuple(int(255 * c) for c in BACKGROUND))
+    out.paste(im, (0, 0))
+    d = ImageDraw.Draw(out)
+    top, bottom, x0 = 30, H - 30, W + 12
+    for low, high, colour in rho_bins():
+        y1 = bottom - (bottom - top) * low
+        y0 = bottom - (bottom - top) * high
+        d.rectangle([x0, y0, x0 + 16, y1], fill=tuple(int(255 * c) for c in colour))
+    d.text((x0 - 2, 10), "rho", fill=(235, 235, 235))
+    for v in (0.0, 0.5, 1.0):
+        d.text((x0 + 20, bottom - (bottom - top) * v - 6), f"{v:.1f}", fill=(235, 235, 235))
+    if theta is not None and np.isfinite(theta):
+        y = bottom - (bottom - top) * float(np.clip(theta, 0, 1))
+        d.line([x0 - 4, y, x0 + 20, y], fill=(255, 255, 255), width=2)
+        d.text((x0 + 20, y - 6), "theta", fill=(255, 255, 255))
+    return out

@@ -1,0 +1,216 @@
+"""The Gradio Blocks: components and wiring only. What each event does is in `app.handlers`; the
+integrators' endpoints (/ask, /compare, /export) are in `app.api`. The UI's own events are callable
+but left off the API page (``api_visibility="undocumented"``)."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+from photon_core.model.budget import MIN_KEEP_TOKENS
+from viz.scene import ANTERIOR_CAMERA, BACKGROUND
+from viz.slices import WINDOWS
+
+from . import api
+from . import handlers as h
+from .service import Engine, cases
+from .view import DEFAULT_WINDOW, FileStore
+
+CACHE_MAX_AGE_S = 6 * 3600          # served files older than this are deleted (hourly sweep)
+UI = "undocumented"
+# A slider's number box commits on Enter as well as on blur (Gradio commits on blur only), and a typed
+# value outside the slider's range is brought into it first (Gradio would refuse it with an error badge).
+JS = """() => {
+  const ours = (t) => t && t.matches && t.matches('.commit-on-enter input[type=number]');
+  const clamp = (t) => {
+    const v = parseFloat(t.value);
+    if (isNaN(v)) return;
+    const lo = t.min === '' ? -Infinity : parseFloat(t.min), hi = t.max === '' ? Infinity : parseFloat(t.max);
+    const c = Math.min(Math.max(v, lo), hi);
+    if (c !== v) { t.value = String(c); t.dispatchEvent(new Event('input', {bubbles: true})); }
+  };
+  document.addEventListener('keydown', (e) => { if (e.key === 'Enter' && ours(e.target)) e.target.blur(); });
+  document.addEventListener('blur', (e) => { if (ours(e.target)) clamp(e.target); }, true);
+}"""
+
+
+def wire(fn, outputs: list[str], comps: dict, **deps):
+    """A handler bound to its dependencies, returning its dict as a tuple in ``outputs`` order
+    (a name the handler leaves out is skipped: that component keeps its value)."""
+    bound = h.bind(fn, **deps)
+
+    def call(*args, **kwargs):
+        out = bound(*args, **kwargs) or {}
+        vals = tuple(out.get(name, gr.skip()) for name in outputs)
+        return vals[0] if len(vals) == 1 else vals
+
+    call.__wrapped__ = bound            # Gradio reads the handler's parameters and type hints from it
+    call.__annotations__ = bound.__annotations__
+    call.__name__ = f"ui_{fn.__name__}"   # the UI's events never take the API's names
+    return call, [comps[n] for n in outputs]
+
+
+P, LAST, ENTER = "private", "always_last", "commit-on-enter"
+
+
+def build_ui(engine: Engine, store: FileStore | None = None) -> gr.Blocks:
+    from viz.scene import warm_up
+
+    warm_up()
+    store = store or FileStore.create()
+    c: dict = {}
+    # Gradio copies every file it serves into its cache unless it is already there: our files are
+    # written there (FileStore) and replaced per kind; what else lands in the cache (uploads, charts)
+    # is swept hourly once older than CACHE_MAX_AGE_S; the cache of this app goes when it stops.
+    with gr.Blocks(title="Photon CT", analytics_enabled=False, delete_cache=(3600, CACHE_MAX_AGE_S)) as demo:
+        c["session"] = gr.State(None)
+        c["view"] = gr.State(None, delete_callback=h.drop_view)
+        model = Path(engine.settings.model_dir).name if engine.settings.model_dir else "embedded demo model"
+        gr.Markdown("## Photon CT — ask a CT scan, audit what the model kept\n"
+                    f"<small>Model: {html.escape(model)} · research software, not for clinical use</small>")
+        with gr.Row():
+            with gr.Column(scale=3, min_width=340):
+                _scan_and_question(c, engine)
+            with gr.Column(scale=8):
+                _views(c)
+        _wire(c, demo, engine, store)
+        api.register(engine, store)
+    demo.photon_store = store
+    return demo
+
+
+def _scan_and_question(c: dict, engine: Engine) -> None:
+    titles = [x["title"] for x in cases()]
+    modes, modes_note = engine.budget_modes()
+    with gr.Tab("Sample case"):
+        c["case"] = gr.Dropdown(titles, value=titles[0], label="Sample case", elem_id="case")
+        c["load_case"] = gr.Button("Load case", elem_id="load_case")
+    with gr.Tab("Upload"):
+        c["files"] = gr.File(label="CT: NIfTI / NRRD file, or the files / .zip of a DICOM study",
+                             file_count="multiple", elem_id="upload", height=220)
+        c["series"] = gr.Dropdown([], label="Series (the upload holds several)", visible=False,
+                                  elem_id="series")
+        c["label_file"] = gr.File(label="Optional label map (NIfTI, same grid)", elem_id="label_upload")
+        c["label_table"] = gr.File(label="Optional label names (JSON {id: name} or CSV id,name; default: "
+                                         "TotalSegmentator's class map when the ids fit)",
+                                   file_types=[".json", ".csv"], elem_id="label_table")
+        c["prior"] = gr.File(label="Optional prior scan of the same patient, for questions about change "
+                                   "(NIfTI / NRRD, or a DICOM .zip)", elem_id="prior_upload")
+        c["load_upload"] = gr.Button("Load upload", elem_id="load_upload")
+    c["status"] = gr.HTML("<div id='scan-status'>No scan loaded.</div>", elem_id="status")
+    c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
+    c["question"] = gr.Textbox(label="Question", lines=2, elem_id="question",
+                               placeholder="e.g. Is there a lesion in the liver?")
+    c["mode"] = gr.Radio(modes, value=modes[0][1], label="Keep budget", elem_id="mode",
+                         info=modes_note or None)
+    # each mode its own slider (its own value); the floor is checked with a message (a slider minimum
+    # would refuse a typed value without one)
+    c["tokens"] = gr.Slider(0, 1000, value=390, step=10, label=f"Tokens to keep (≥ {MIN_KEEP_TOKENS})",
+                            visible=False, elem_id="budget_tokens", elem_classes=ENTER)
+    c["percent"] = gr.Slider(0, 100, value=25, step=1, visible=False, elem_id="budget_percent",
+                             label=f"Percent of visual tokens (≥ {MIN_KEEP_TOKENS / 10:g}%)",
+                             elem_classes=ENTER)
+    c["theta"] = gr.Slider(0, 1, value=0.5, step=0.01, label="Threshold θ on ρ", visible=False,
+                           elem_id="budget_theta", elem_classes=ENTER)
+    with gr.Row():
+        c["triage"] = gr.Button("Triage (Auto)", elem_id="triage")
+        c["review"] = gr.Button("Review (≥2× Auto)", elem_id="review")
+    c["ask"] = gr.Button("Ask", variant="primary", elem_id="ask")
+
+
+def _views(c: dict) -> None:
+    c["card"] = gr.HTML("<div id='answer-card' data-empty='1'>Load a case and ask a question.</div>",
+                        elem_id="card")
+    with gr.Tab("Views"):
+        with gr.Row():
+            c["model3d"] = gr.Model3D(label="3-D: anatomy and the kept blocks (anterior view)", height=430,
+                                      clear_color=(*BACKGROUND, 1.0), camera_position=ANTERIOR_CAMERA,
+                                      scale=3, elem_id="model3d")
+            c["legend"] = gr.HTML("", elem_id="legend_box", min_height=100, scale=1)
+        c["slices"] = gr.Image(label="Axial · coronal · sagittal (click to move the crosshair)",
+                               type="filepath", interactive=False, elem_id="slices", buttons=["download"],
+                               height=400)
+        w, lv = WINDOWS[DEFAULT_WINDOW]
+        with gr.Row():
+            c["preset"] = gr.Dropdown([*WINDOWS, "Custom"], value=DEFAULT_WINDOW, label="Window",
+                                      elem_id="preset", scale=1, min_width=120)
+            c["width"] = gr.Slider(1, 4000, value=w, step=1, label="Width (HU)", elem_id="win_width",
+                                   elem_classes=ENTER, scale=2)
+            c["level"] = gr.Slider(-1350, 1500, value=lv, step=1, label="Level (HU)", elem_id="win_level",
+                                   elem_classes=ENTER, scale=2)
+            c["opacity"] = gr.Slider(0, 1, value=0.35, step=0.05, label="Overlay opacity", elem_id="opacity",
+                                     elem_classes=ENTER, scale=1)
+        with gr.Row():
+            for key, name in (("pt_k", "axial"), ("pt_j", "coronal"), ("pt_i", "sagittal")):
+                c[key] = gr.Slider(1, 2, value=1, step=1, label=f"{name.capitalize()} slice",
+                                   elem_id=f"pt_{name}", elem_classes=ENTER)
+    with gr.Tab("Saliency"):
+        c["hist"] = gr.Plot(label="ρ histogram")
+        c["retention"] = gr.Plot(label="Per-structure retention", elem_id="retention")
+    with gr.Tab("Compare"):
+        c["compare"] = gr.Button("Compare Auto / 10% / 25% / 50% / Full", elem_id="compare")
+        c["cmp_table"] = gr.HTML(elem_id="compare_table")
+        c["cmp_plot"] = gr.Plot()
+    with gr.Tab("Export"):
+        c["export"] = gr.Button("Export audit (NIfTI mask + JSON + PNG)", elem_id="export")
+        c["exp_files"] = gr.File(label="Files", file_count="multiple", elem_id="export_files")
+
+
+def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
+    ins = lambda *names: [c[n] for n in names]  # noqa: E731
+    budget_in = ins("session", "view", "question", "mode", "tokens", "percent", "theta", "width", "level",
+                    "opacity")
+    no_mode = [x for x in budget_in if x is not c["mode"]]
+    slices_in = ins("session", "view", "width", "level", "opacity")
+    answer_out = ["session", "card", "model3d", "legend", "slices", "pt_i", "pt_j", "pt_k", "hist",
+                  "retention", "exp_files"]
+    sliders_out = ["tokens", "percent", "theta"]
+    load_out = ["session", "view", "status", "card", "suggested", "question", "model3d", "legend", "slices",
+                "pt_i", "pt_j", "pt_k", "preset", "width", "level", "hist", "retention", "cmp_table",
+                "cmp_plot", "exp_files", "series"]
+
+    fn, outs = wire(h.load_case, load_out, c, engine=engine, store=store)
+    c["load_case"].click(fn, ins("case", "session", "view"), outs, api_name="ui_load_case", api_visibility=UI)
+    demo.load(fn, ins("case", "session", "view"), outs, api_visibility=P)       # open on a sample case
+    fn, outs = wire(h.load_upload, load_out, c, engine=engine, store=store)
+    upload_in = ins("files", "label_file", "label_table", "prior", "series", "session", "view")
+    c["load_upload"].click(fn, upload_in, outs, api_name="ui_load_upload", api_visibility=UI)
+    c["series"].input(fn, upload_in, outs, api_visibility=P)
+    fn, outs = wire(h.upload_changed, ["series"], c)
+    c["files"].change(fn, c["files"], outs, api_visibility=P)
+    c["suggested"].input(lambda q: q or gr.skip(), c["suggested"], c["question"], api_visibility=P)
+
+    fn, outs = wire(h.ask, answer_out, c, engine=engine)
+    c["ask"].click(fn, budget_in, outs, api_name="ui_ask", api_visibility=UI)
+    c["question"].submit(fn, budget_in, outs, api_visibility=P)
+    fn, outs = wire(h.reask, answer_out, c, engine=engine)
+    for slider in sliders_out:
+        c[slider].release(fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
+    fn, outs = wire(h.mode_changed, answer_out + sliders_out, c, engine=engine)
+    c["mode"].input(fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
+    fn, outs = wire(h.triage, answer_out + ["mode", *sliders_out], c, engine=engine)
+    c["triage"].click(fn, no_mode, outs, api_visibility=P)
+    fn, outs = wire(h.review, answer_out + ["mode", *sliders_out], c, engine=engine)
+    c["review"].click(fn, no_mode, outs, api_visibility=P)
+
+    fn, outs = wire(h.redraw_slices, ["slices"], c)
+    c["opacity"].release(fn, slices_in, outs, trigger_mode=LAST, api_visibility=P)
+    fn, outs = wire(h.set_preset, ["width", "level", "slices"], c)
+    c["preset"].input(fn, ins("session", "view", "preset", "opacity"), outs, api_visibility=P)
+    fn, outs = wire(h.set_window, ["preset", "slices"], c)
+    for comp in ("width", "level"):
+        c[comp].release(fn, slices_in, outs, trigger_mode=LAST, api_visibility=P)
+    fn, outs = wire(h.move_point, ["slices"], c)
+    point_in = ins("session", "view", "pt_i", "pt_j", "pt_k", "width", "level", "opacity")
+    for comp in ("pt_i", "pt_j", "pt_k"):
+        c[comp].release(fn, point_in, outs, trigger_mode=LAST, api_visibility=P)
+    fn, outs = wire(h.click_slices, ["slices", "pt_i", "pt_j", "pt_k"], c)
+    c["slices"].select(fn, slices_in, outs, trigger_mode=LAST, api_visibility=P)
+
+    fn, outs = wire(h.compare, ["cmp_table", "cmp_plot"], c, engine=engine)
+    c["compare"].click(fn, ins("session", "question"), outs, api_visibility=P)
+    fn, outs = wire(h.export, ["exp_files"], c, engine=engine)
+    c["export"].click(fn, slices_in, outs, api_visibility=P)
+    demo.load(None, js=JS)
+    demo.unload(h.bind(h.session_ended, store=store))

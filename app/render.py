@@ -1,0 +1,156 @@
+"""The app's HTML, as plain functions of the session and the answer (no Gradio): the status line, the
+answer card, the 3-D view's legend and the Compare table. Every value from a user or a model is escaped."""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from viz.scene import AXIS_COLOURS, HIGHLIGHT, rho_bins
+
+from .service import Audit, Session
+
+_BOX = "border:1px solid #ccc;border-radius:6px;padding:10px"
+_WARN = "background:#fff4e0;border-left:4px solid #e08a00;padding:6px;margin-top:6px"
+_ERROR = "background:#fde2e1;border-left:4px solid #d62728;padding:6px;margin-top:6px"
+_MUTED = "color:#666"
+
+
+def esc(x) -> str:
+    return html.escape(str(x))
+
+
+def names(xs) -> str:
+    """Structure names as words: 'kidney_left, liver' → 'kidney left, liver' (escaped)."""
+    return esc(", ".join(n.replace("_", " ") for n in xs))
+
+
+def _rgb(c) -> str:
+    return "rgb({},{},{})".format(*(int(255 * v) for v in c[:3]))
+
+
+def status_html(s: Session | None, error: str | None = None, failed_name: str | None = None) -> str:
+    """The scan now active, what the loader and the label map say about it, and a failed load's reason."""
+    parts = []
+    if error:
+        what = f" {esc(failed_name)}" if failed_name else ""
+        still = (f" The previous scan is still active: <b>{esc(s.title)}</b>; questions are asked about it."
+                 if s is not None and s.volume is not None else " No scan is loaded.")
+        parts.append(f"<div id='load-error' style='{_ERROR}'>Could not load{what}: {esc(error)}{still}</div>")
+    if s is None or s.volume is None:
+        return "".join(parts) or "<div id='scan-status'>No scan loaded.</div>"
+    body = f"<b id='scan-title'>{esc(s.title)}</b> — {esc(s.volume.summary())}"
+    if s.blocks:
+        body += f" · label map: {len(s.blocks)} structures"
+    if s.label_note:
+        body += f"<div id='label-note' style='{_MUTED}'>Label names: {esc(s.label_note)}</div>"
+    if s.small_structures:
+        n = len(s.small_structures)
+        body += (f"<details id='small-structures' style='{_MUTED}'><summary>{n} "
+                 f"structure{'s' if n > 1 else ''} smaller than a token block: counted by any "
+                 f"overlap</summary>"
+                 f"{names(s.small_structures)}</details>")
+    if s.prior is not None:
+        body += f"<div>Prior scan (asked together, first): {esc(s.prior.summary())}</div>"
+    if s.series:
+        body += (f"<div id='series-note' style='{_MUTED}'>The upload holds {len(s.series)} series; choose "
+                 f"one under “Series” (default: the axial CT series with most slices).</div>")
+    if s.warnings:
+        items = "".join(f"<li>{esc(w)}</li>" for w in s.warnings)
+        body += (f"<div id='load-warnings' style='{_WARN}'>⚠ Check before reading answers:"
+                 f"<ul style='margin:2px 0'>{items}</ul></div>")
+    parts.append(f"<div id='scan-status'>{body}</div>")
+    return "".join(parts)
+
+
+def empty_card(s: Session | None) -> str:
+    what = f" about <b>{esc(s.title)}</b>" if s is not None and s.volume is not None else ""
+    return f"<div id='answer-card' data-empty='1' style='{_BOX};{_MUTED}'>Ask a question{what}.</div>"
+
+
+def _provenance(info: dict) -> str:
+    text = esc(info.get("label") or info.get("name", ""))      # e.g. 'Org/Photon-S2 / 3D-RAD @ main (S2)'
+    notice = f" — {esc(info['notice'])}" if info.get("notice") else ""
+    return f"<div id='provenance' style='{_MUTED}'>Model: {text}{notice}</div>"
+
+
+def answer_card(s: Session, ans, audit: Audit | None, provenance: dict, timing: dict | None = None,
+                notice: str | None = None) -> str:
+    """The answer, what it belongs to (question, scan), how sure and how lean it was, and its warnings."""
+    audit = audit or Audit({}, (), {}, "", (), True, None)
+    note = (f"<div id='card-notice' style='{_ERROR}'>Not asked: {esc(notice)} Shown: the previous "
+            f"answer.</div>" if notice else "")
+    if audit.readable:
+        answer = f"<span id='answer-text'>{esc(ans.text) or '(empty)'}</span>"
+    else:
+        answer = (f"<span id='unreadable' style='color:#b00'>unreadable answer</span> <span style='{_MUTED}'>"
+                  f"(the model's text: <code id='answer-text'>{esc(ans.text) or '(empty)'}</code>)</span>")
+    prob = ("—" if audit.probability is None else f"{100 * audit.probability:.0f}%")
+    theta = f"θ = {ans.theta:.3f}" if np.isfinite(ans.theta) else "no θ (S1 checkpoint)"
+    split = (f"<div id='prior-count'>prior scan {ans.prior_kept} / {ans.prior_total} · current scan "
+             f"{ans.kept - ans.prior_kept} / {ans.total - ans.prior_total} (the views show the current "
+             f"scan)</div>" if ans.prior_total else "")
+    t = timing or {}
+    model_ms = 1000 * (ans.prefill_s + ans.decode_s)
+    lat = (f"model {model_ms:.0f} ms (prefill {1000 * ans.prefill_s:.0f} · decode "
+           f"{1000 * ans.decode_s:.0f}, {ans.generated_tokens} tokens)")
+    if "views_ms" in t:
+        lat += f" · views {t['views_ms']:.0f} ms · server total {t['total_ms']:.0f} ms"
+    warn = ""
+    if audit.warning:
+        warn += (f"<div id='retention-warning' style='{_ERROR}'>⚠ Retention warning: {esc(audit.warning)}. "
+                 f"Small lesions and rare anatomy are Photon's known failure cases; check the slices before "
+                 f"trusting this answer.</div>")
+    small_asked = [n for n in audit.asked if n in audit.small]
+    if small_asked:
+        warn += (f"<div id='small-note' style='{_WARN}'>{names(small_asked)}: smaller than a token block, so "
+                 f"its retention counts every block it touches (any overlap).</div>")
+    asked = f" · asked structure: {names(audit.asked)}" if audit.asked else ""
+    return (f"<div id='answer-card' style='{_BOX}'>{note}"
+            f"<div id='card-question' style='{_MUTED}'>Q: {esc(s.question)} — on <b>{esc(s.title)}</b>"
+            f"{asked}</div><div style='font-size:1.3em'><b>Answer:</b> {answer} <span id='probability' "
+            f"style='font-size:0.75em;{_MUTED}' title='exp(mean token log-probability)'>probability {prob}"
+            f"</span></div><div id='token-count'>Visual tokens kept: <b>{ans.kept}</b> / {ans.total} "
+            f"({100 * ans.keep_fraction:.1f}%) · budget <b>{esc(ans.budget)}</b> · {theta}</div>{split}"
+            f"<div id='latency'>{lat} · device {esc(ans.device)}</div>{_provenance(provenance)}{warn}</div>")
+
+
+def legend_html(ans=None, highlighted: list[str] = (), organs: list[tuple[str, tuple]] = ()) -> str:
+    """The 3-D view's key: orientation, the ρ colour steps of the kept region (θ marked), the organs."""
+    steps = "".join(f"<div style='flex:1;background:{_rgb(c)}' title='ρ {lo:.1f}–{hi:.1f}'></div>"
+                    for lo, hi, c in rho_bins())
+    theta = ""
+    if ans is not None and np.isfinite(ans.theta):
+        theta = (f"<div style='position:absolute;left:{100 * float(np.clip(ans.theta, 0, 1)):.1f}%;top:-3px;"
+                 f"height:20px;border-left:2px solid #000' title='θ'></div>")
+    kept = (f"kept region of this answer: {ans.kept} / {ans.total} tokens" if ans is not None
+            else "no answer yet: the anatomy only")
+    axes = " ".join(f"<span style='color:{_rgb(c)};font-weight:bold'>{a}</span>"
+                    for a, c in AXIS_COLOURS.items())
+    organ_rows = "".join(
+        f"<div><span style='display:inline-block;width:10px;height:10px;background:"
+        f"{_rgb(HIGHLIGHT) if n in highlighted else _rgb(c)}'></span> {esc(n.replace('_', ' '))}"
+        f"{' (asked)' if n in highlighted else ''}</div>" for n, c in organs)
+    return (f"<div id='legend' style='font-size:0.85em'>"
+            f"<div><b>Anterior view</b>: the patient faces you, their right on your left — as on the "
+            f"axial and coronal slices. Letters mark the sides; axes {axes}.</div>"
+            f"<div style='margin-top:8px'><b>Kept blocks</b>, coloured by saliency ρ ({kept}):</div>"
+            f"<div style='position:relative;display:flex;height:14px;margin:4px 0'>{steps}{theta}</div>"
+            f"<div style='display:flex;justify-content:space-between'><span>ρ 0</span>"
+            f"{f'<span>black tick: θ = {ans.theta:.3f}</span>' if theta else ''}<span>1</span></div>"
+            f"<div style='margin-top:8px'>{organ_rows}</div></div>")
+
+
+def compare_table(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        text = (esc(r["answer"]) if r["readable"]
+                else f"<i>unreadable answer</i> <code>{esc(r['answer']) or '(empty)'}</code>")
+        prob = "—" if r["probability"] is None else f"{100 * r['probability']:.0f}%"
+        flag = " ⚠ differs from Full" if r["differs_from_full"] else ""
+        body.append(f"<tr{' class=diff' if r['differs_from_full'] else ''}><td>{esc(r['budget'])}</td>"
+                    f"<td>{r['kept']}</td><td>{text}{flag}</td><td>{prob}</td>"
+                    f"<td>{r['latency_ms']} ms (batch)</td></tr>")
+    return ("<table class='cmp'><tr><th>budget</th><th>kept tokens</th><th>answer</th><th>probability</th>"
+            f"<th>latency</th></tr>{''.join(body)}</table>"
+            "<style>.cmp tr.diff td{background:#ffe4c4} .cmp td,.cmp th{padding:4px 10px}</style>")

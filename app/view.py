@@ -1,0 +1,268 @@
+"""What a browser session shows of its scan: caches built once per scan, files replaced per answer.
+
+* `FileStore` / `Files` — every served file lives in a session's folder inside Gradio's cache, so Gradio
+  serves it from there instead of copying it; one file per kind per session (scene, slices, export),
+  each new one replacing the last; a session's folder goes when its browser leaves, all of them when
+  the app stops.
+* `View` — per scan: the anatomy scene (surfaces and marker encoded once), the token-block corners,
+  the scan, token map and label map in RAS order for the slices, the crosshair point and the last
+  tri-planar layout (to turn a click into a point). An answer only adds its overlay.
+"""
+from __future__ import annotations
+
+import atexit
+import io
+import itertools
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from photon_core.io.preprocess import TOKEN_GRID
+from photon_core.organs import ORGANS, organs_in_question
+from viz.scene import (
+    AnatomyScene,
+    anatomy_surfaces,
+    kept_region,
+    orientation_marker,
+    render_png,
+    world_bounds,
+)
+from viz.slices import WINDOWS, Layout, to_ras, triplanar
+
+from .service import Session
+
+DEFAULT_WINDOW = "Soft tissue"
+
+
+class FileStore:
+    """The folders of every session's served files, under one root that `close` removes."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._sessions: dict[str, Files] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, parent: str | Path | None = None) -> FileStore:
+        """A fresh root inside ``parent`` (default: Gradio's cache folder), removed at exit."""
+        if parent is None:
+            from gradio.utils import get_upload_folder
+
+            parent = get_upload_folder()
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        store = cls(tempfile.mkdtemp(prefix="photon_ct_", dir=parent))
+        atexit.register(store.close)
+        return store
+
+    def session(self, key: str | None) -> Files:
+        key = "".join(ch for ch in (key or "local") if ch.isalnum() or ch in "-_")[:64] or "local"
+        with self._lock:
+            if key not in self._sessions or not self._sessions[key].folder.is_dir():
+                self._sessions[key] = Files(self.root / key)
+            return self._sessions[key]
+
+    def drop(self, key: str | None) -> None:
+        """A session ended: its files go."""
+        key = self._safe(key)
+        with self._lock:
+            f = self._sessions.pop(key, None)
+        if f is not None:
+            f.remove()
+        shutil.rmtree(self.root / key, ignore_errors=True)      # also a folder its View made again
+
+    def usage_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        with self._lock:
+            self._sessions.clear()
+
+
+class Files:
+    """One session's served files: a new file of a kind replaces the previous one of that kind."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._current: dict[str, Path] = {}
+        self._n = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def write(self, kind: str, suffix: str, data: bytes) -> Path:
+        """A new file of ``kind`` (a fresh name, so browsers fetch it); the previous one is removed."""
+        with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)   # again, if the session was ended and came back
+            path = self.folder / f"{kind}_{next(self._n)}{suffix}"
+            path.write_bytes(data)
+            self._replace(kind, path)
+        return path
+
+    def new_folder(self, kind: str) -> Path:
+        """An empty folder of ``kind`` (an export), replacing the previous one."""
+        with self._lock:
+            path = self.folder / f"{kind}_{next(self._n)}"
+            path.mkdir(parents=True)
+            self._replace(kind, path)
+        return path
+
+    def _replace(self, kind: str, path: Path) -> None:
+        old = self._current.get(kind)
+        self._current[kind] = path
+        if old is not None and old != path:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+    def forget(self, kind: str) -> None:
+        """Remove the current file of a kind (e.g. an export that belongs to an earlier answer)."""
+        with self._lock:
+            old = self._current.pop(kind, None)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._current.clear()
+
+
+@dataclass
+class View:
+    """A session's view caches, built once per scan."""
+
+    files: Files
+    surfaces: list = field(default_factory=list)
+    marker: list = field(default_factory=list)
+    scene: AnatomyScene | None = None
+    corners: np.ndarray | None = None      # (1000, 8, 3) world corners of the token blocks
+    hu_ras: np.ndarray | None = None
+    spacing_ras: np.ndarray | None = None
+    token_ras: np.ndarray | None = None
+    labels_ras: np.ndarray | None = None
+    point: tuple = (0, 0, 0)               # crosshair: voxel (i, j, k) of the RAS-ordered scan
+    layout: Layout | None = None           # of the last tri-planar image
+    build_s: float = 0.0
+
+    def cleanup(self) -> None:
+        self.files.remove()
+
+
+def build_view(s: Session, files: Files) -> View:
+    """Surfaces, marker and RAS arrays of a newly loaded scan; the crosshair at the scan's centre."""
+    t = time.perf_counter()
+    vol = s.volume
+    v = View(files=files)
+    v.surfaces = anatomy_surfaces(vol.hu, vol.affine, s.labels, s.label_names, first=clinical_first(s))
+    v.marker = orientation_marker(world_bounds(vol.shape, vol.affine))
+    v.scene = AnatomyScene.build(v.surfaces, v.marker)
+    v.corners = np.stack([s.geometry.token_block_corners(a, b, c) for a in range(TOKEN_GRID[0])
+                          for b in range(TOKEN_GRID[1]) for c in range(TOKEN_GRID[2])])
+    v.hu_ras, v.spacing_ras = to_ras(vol.hu, vol.affine)
+    v.token_ras, _ = to_ras(s.token_index, vol.affine)
+    if s.labels is not None:
+        v.labels_ras, _ = to_ras(s.labels, vol.affine)
+    v.point = tuple(int(n) // 2 for n in v.hu_ras.shape)
+    v.build_s = time.perf_counter() - t
+    return v
+
+
+def clinical_first(s: Session) -> list[int]:
+    """Label ids of the organs questions name (liver, kidneys, lungs, …) — drawn before larger structures."""
+    names = list(s.label_names.values())
+    return s.ids_of([n for organ in ORGANS for n in organs_in_question(organ, names)])
+
+
+def organ_legend(v: View) -> list[tuple[str, tuple]]:
+    """(name, colour) of the organ surfaces shown."""
+    return [(i["name"], i["rgba"]) for i in v.surfaces if i.get("ids")]
+
+
+def highlighted(v: View, s: Session) -> list[str]:
+    """The organ surfaces of the structures the question names."""
+    asked = set(s.audit.asked) if s.audit is not None else set()
+    return [n for n in v.scene.organ_ids if n in asked]
+
+
+def _overlay(v: View, s: Session) -> list[dict]:
+    if s.answer is None:
+        return []
+    return kept_region(v.corners, s.answer.keep_grid.ravel(), s.answer.rho.ravel(), TOKEN_GRID, opacity=0.25)
+
+
+def scene_file(v: View, s: Session) -> str:
+    """The GLB of the anatomy with the current answer's kept region (anatomy only before an answer)."""
+    return str(v.files.write("scene", ".glb", v.scene.glb(_overlay(v, s), set(highlighted(v, s)))))
+
+
+def kept_mask(v: View, s: Session) -> np.ndarray | None:
+    if s.answer is None:
+        return None
+    return np.concatenate([s.answer.keep_grid.ravel(), [False]])[v.token_ras]
+
+
+def asked_mask(v: View, s: Session) -> np.ndarray | None:
+    if v.labels_ras is None or s.audit is None or not s.audit.asked:
+        return None
+    ids = s.ids_of(s.audit.asked)
+    return np.isin(v.labels_ras, ids) if ids else None
+
+
+def focus(v: View, s: Session) -> tuple[int, int, int]:
+    """Where the slices open for an answer: the asked structure's centre, else the most salient kept
+    block's centre, else the crosshair stays."""
+    organ = asked_mask(v, s)
+    if organ is not None and organ.any():
+        return _central_voxel(np.argwhere(organ))
+    if s.answer is not None and s.answer.keep_grid.any():
+        keep, rho = s.answer.keep_grid.ravel(), s.answer.rho.ravel()
+        best = int(np.flatnonzero(keep)[np.argmax(rho[keep])])
+        where = np.argwhere(v.token_ras == best)
+        if len(where):
+            return _central_voxel(where)
+    return v.point
+
+
+def _central_voxel(points: np.ndarray) -> tuple[int, int, int]:
+    """The voxel of a set nearest its centroid (inside it, whatever its shape)."""
+    c = points.mean(0)
+    return tuple(int(x) for x in points[np.argmin(((points - c) ** 2).sum(1))])
+
+
+def window_of(width, level) -> tuple[float, float]:
+    return (float(width), float(level))
+
+
+def slices_image(v: View, s: Session, width: float, level: float, opacity: float) -> np.ndarray:
+    img, v.layout = triplanar(v.hu_ras, v.spacing_ras, v.point, window_of(width, level), kept_mask(v, s),
+                              float(opacity), asked_mask(v, s))
+    return img
+
+
+def slices_file(v: View, s: Session, width: float, level: float, opacity: float) -> str:
+    """The tri-planar image at the crosshair (PNG, replacing the session's previous one)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(slices_image(v, s, width, level, opacity)).save(buf, format="PNG", compress_level=3)
+    return str(v.files.write("slices", ".png", buf.getvalue()))
+
+
+def export_pngs(v: View, s: Session, width: float, level: float, opacity: float) -> dict[str, bytes]:
+    """The images an export carries: the tri-planar slices and the anterior 3-D render."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(slices_image(v, s, width, level, opacity)).save(buf, format="PNG")
+    pngs = {"slices_triplanar": buf.getvalue()}
+    if s.answer is not None:
+        pngs["view3d_anterior"] = render_png(v.surfaces + v.marker, _overlay(v, s), size=(800, 600),
+                                               theta=s.answer.theta)
+    return pngs
+
+
+def preset_window(name: str) -> tuple[float, float]:
+    return tuple(float(x) for x in WINDOWS.get(name, WINDOWS[DEFAULT_WINDOW]))

@@ -1,0 +1,113 @@
+"""The integrators' API through gradio_client against the running app: named endpoints only, /ask and
+/compare on a sample case and on an uploaded file, /export's files, readable errors, the README example."""
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+from app_server import ROOT, start_app, stop_app
+from conftest import SAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def api_url(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("applog") / "app.log"
+    tmp = tmp_path_factory.mktemp
+    proc, url = start_app(tiny_model_dir, tmp("gradio_cache"), tmp("tmp"), log)
+    yield url
+    stop_app(proc, log)
+
+
+@pytest.fixture(scope="module")
+def client(api_url, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(api_url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+@pytest.fixture(scope="module")
+def upload(tmp_path_factory):
+    """A crop of the chest sample as an uploaded NIfTI, with its label map cropped alike."""
+    d = tmp_path_factory.mktemp("upload")
+    ct = nib.load(str(SAMPLES / "chest_aorta_ct/ct.nii.gz"))
+    lab = nib.load(str(SAMPLES / "chest_aorta_ct/labels.nii.gz"))
+    crop = (slice(10, 110), slice(10, 110), slice(20, 140))
+    nib.save(nib.Nifti1Image(np.asanyarray(ct.dataobj)[crop], ct.affine), str(d / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj)[crop].astype(np.int16), ct.affine),
+             str(d / "labels.nii.gz"))
+    return d
+
+
+def test_the_api_page_lists_the_named_endpoints_only(client):
+    info = client.view_api(return_format="dict", print_info=False)
+    assert set(info["named_endpoints"]) == {"/ask", "/compare", "/export"}
+    assert not info["unnamed_endpoints"]
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/ask"]["parameters"]]
+    assert params == ["question", "scan", "sample", "budget", "label_map", "label_table", "prior", "series"]
+
+
+def test_ask_and_compare_on_a_sample_case(client):
+    r = client.predict(question="Is there a cyst in the left kidney?", sample="abdomen_ct", budget="25%",
+                       api_name="/ask")
+    assert r["kept"] == 250 and r["total"] == 1000 and len(r["kept_token_indices"]) == 250
+    assert r["budget"] == "25%" and 0 <= r["theta"] <= 1 and r["raw_text"] is not None
+    assert r["asked_structures"] == ["kidney_left"] and "liver" in r["per_organ_retention"]
+    assert r["readable"] is (r["answer"] is not None)
+    assert r["checkpoint"]["name"] and r["scan"]["title"] == "Abdomen/pelvis CT (3 mm)"
+    c = client.predict(question="Is the spleen enlarged?", sample="abdomen_ct", api_name="/compare")
+    assert [row["budget"] for row in c["rows"]] == ["Auto", "10%", "25%", "50%", "Full"]
+    assert [row["kept"] for row in c["rows"]][1:] == [100, 250, 500, 1000]
+
+
+def test_ask_and_compare_on_an_uploaded_file(client, upload):
+    from gradio_client import handle_file
+
+    scan = [handle_file(str(upload / "scan.nii.gz"))]
+    r = client.predict(question="Is there an abnormality of the aorta?", scan=scan, budget="top_k:120",
+                       label_map=handle_file(str(upload / "labels.nii.gz")), api_name="/ask")
+    assert r["kept"] == 120 and r["scan"]["summary"].startswith("100×100×120")
+    assert r["per_organ_retention"] and isinstance(r["warnings"], list)
+    c = client.predict(question="Is there a nodule in the lung?", scan=scan, api_name="/compare")
+    assert len(c["rows"]) == 5 and c["rows"][-1]["kept"] == 1000
+
+
+def test_export_returns_the_mask_on_the_scan_grid(client, upload):
+    from gradio_client import handle_file
+
+    files, r = client.predict(question="Is there an abnormality of the aorta?",
+                              scan=[handle_file(str(upload / "scan.nii.gz"))], budget="auto",
+                              api_name="/export")
+    names = {p.rsplit("/", 1)[-1]: p for p in files}
+    assert {"kept_blocks.nii.gz", "report.json"} <= set(names)
+    mask = nib.load(names["kept_blocks.nii.gz"])
+    assert mask.shape == (100, 100, 120)
+    assert np.asarray(mask.dataobj).astype(bool).any() == (r["kept"] > 0)
+
+
+def test_bad_requests_get_readable_errors(client, tmp_path):
+    from gradio_client import handle_file
+
+    with pytest.raises(Exception, match="at least") as e:
+        client.predict(question="Is there a lesion?", sample="abdomen_ct", budget="0", api_name="/ask")
+    with pytest.raises(Exception, match="sample id") as e:
+        client.predict(question="Is there a lesion?", api_name="/ask")
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
+    with pytest.raises(Exception, match="broken.nii.gz") as e:
+        client.predict(question="Is there a lesion?", scan=[handle_file(str(bad))], api_name="/ask")
+    assert "/tmp" not in str(e.value) and "gradio" not in str(e.value)
+
+
+def test_the_readme_example_runs(api_url, monkeypatch, tmp_path):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(# Photon CT API example.*?)```", text, re.S)
+    assert block, "README has no API example"
+    code = block.group(1)
+    assert len(code.strip().splitlines()) <= 12
+    monkeypatch.chdir(ROOT)                          # the example uploads a bundled sample by its path
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    exec(compile(code.replace("http://127.0.0.1:7860/", api_url), "README", "exec"), {})
+    assert printed

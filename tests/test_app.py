@@ -1,0 +1,256 @@
+"""The app's handlers without a browser: state that cannot lie, failed loads, files replaced, budgets,
+answers that do not parse, the asked organ as data, and messages without server paths."""
+import html
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from app.service import Engine, Settings
+
+    e = Engine(Settings(model_dir=str(tiny_model_dir), device="cpu", max_new_tokens=4, cache_volumes=2))
+    yield e
+    e.close()
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from app.view import FileStore
+
+    s = FileStore(tmp_path / "served")
+    yield s
+    s.close()
+
+
+ABDOMEN, CHEST = "Abdomen/pelvis CT (3 mm)", "Chest/abdomen CT angiography, aortic dissection (1.5 mm)"
+SLICE_CONTROLS = (400, 40, 0.35)
+
+
+def _ask(engine, out, question="Is there a cyst in the left kidney?", mode="Auto", tokens=300, percent=25,
+         theta=0.5):
+    from app import handlers as h
+
+    return h.ask(out["session"], out["view"], question, mode, tokens, percent, theta, *SLICE_CONTROLS,
+                 engine=engine)
+
+
+def test_a_new_case_resets_every_view_of_the_previous_one(engine, store):
+    from app import handlers as h
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    assert "Abdomen" in a["status"] and a["model3d"].endswith(".glb") and a["slices"].endswith(".png")
+    asked = _ask(engine, a)
+    assert "Visual tokens kept" in asked["card"] and "Abdomen" in asked["card"]
+    b = h.load_case(CHEST, asked["session"], a["view"], engine=engine, store=store)
+    # every output that showed the previous answer is reset by the load, none is left out
+    assert "Visual tokens kept" not in b["card"] and "Chest" in b["card"] and "θ" not in b["card"]
+    for name in ("hist", "retention", "cmp_plot", "exp_files"):
+        assert b[name] is None
+    assert b["cmp_table"] == "" and b["session"].answer is None and b["session"].title == CHEST
+    assert b["question"] == "Is there an abnormality of the aorta?"
+
+
+def test_a_failed_load_keeps_the_previous_scan_and_says_so(engine, store, tmp_path):
+    from app import handlers as h
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    asked = _ask(engine, a)
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
+    out = h.load_upload([str(bad)], None, None, None, None, asked["session"], a["view"], engine=engine,
+                        store=store)
+    assert set(out) == {"status"}          # nothing else changes: the answer still matches the scan
+    status = html.unescape(out["status"])
+    assert "Could not load 'broken.nii.gz'" in status and "still active" in status
+    assert ABDOMEN in status and str(tmp_path) not in status
+    again = _ask(engine, a, "Is the spleen enlarged?")
+    assert ABDOMEN in html.unescape(again["card"])     # asked about the scan the screen names
+
+
+def test_served_files_are_replaced_not_accumulated(engine, store):
+    from app import handlers as h
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    for k in (100, 200, 300):
+        _ask(engine, a, mode="Tokens", tokens=k)
+    out = h.export(a["session"], a["view"], *SLICE_CONTROLS, engine=engine)
+    assert any(p.endswith("kept_blocks.nii.gz") for p in out["exp_files"])
+    _ask(engine, a, mode="Tokens", tokens=400)        # a new answer: the old export goes
+    files = sorted(p.name for p in a["view"].files.folder.iterdir())
+    assert [f.split("_")[0] for f in files] == ["scene", "slices"], files
+    h.session_ended(None, store=store)
+    assert not a["view"].files.folder.exists()
+    back = _ask(engine, a, mode="Tokens", tokens=250)     # a browser that comes back after its files went
+    assert back["model3d"].endswith(".glb") and a["view"].files.folder.is_dir()
+
+
+def test_budgets_below_the_floor_are_refused_with_a_message(engine, store):
+    from app import handlers as h
+    from photon_core.model.budget import MIN_KEEP_TOKENS
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    out = _ask(engine, a, mode="Tokens", tokens=0)
+    assert set(out) == {"card"} and "Not asked" in out["card"] and str(MIN_KEEP_TOKENS) in out["card"]
+    ok = _ask(engine, a, mode="Tokens", tokens=MIN_KEEP_TOKENS)
+    assert f"Visual tokens kept: <b>{MIN_KEEP_TOKENS}</b>" in ok["card"]
+    refused = _ask(engine, a, mode="Percent", percent=0.5)
+    assert "Not asked" in refused["card"] and "previous answer" in refused["card"]
+
+
+def test_the_asked_organ_is_data_and_is_highlighted(engine, store):
+    from app import handlers as h
+    from app.view import asked_mask, highlighted
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    out = _ask(engine, a, "Is there a cyst in the left kidney?")
+    s, v = out["session"], a["view"]
+    assert s.audit.asked == ("kidney_left",)          # TotalSegmentator's name, from the question's words
+    assert set(s.audit.retention) == set(s.blocks)    # retention of every structure, computed once
+    assert highlighted(v, s) == ["kidney_left"] and "(asked)" in out["legend"]
+    mask = asked_mask(v, s)
+    assert mask is not None and mask[tuple(v.point)]  # the slices open inside the asked organ
+
+
+def test_unreadable_answers_are_not_shown_as_answers(engine, store):
+    from app import handlers as h
+    from app.render import answer_card
+    from app.service import Audit
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    out = _ask(engine, a)
+    s = out["session"]
+    s.answer.text = "norightno"
+    card = answer_card(s, s.answer, Audit({}, (), {}, "", (), False, 0.42), {"name": "m"})
+    assert "unreadable answer" in card and "norightno" in card and "probability 42%" in card
+    assert "<span id='answer-text'>norightno" not in card
+
+
+def test_uploaded_label_map_small_structure_counts_by_overlap(engine, store, tmp_path):
+    """A 1.3 ml lesion label (a fraction of one block) stays in the audit, named as counted by overlap."""
+    from app import handlers as h
+
+    img = nib.load(str(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    lab = np.zeros(img.shape, np.int16)
+    lab[60:64, 50:54, 50:53] = 5                        # 4·4·3 voxels of 3 mm: 1.3 ml, in the liver's id
+    nib.save(nib.Nifti1Image(lab, img.affine), str(tmp_path / "labels.nii.gz"))
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], str(tmp_path / "labels.nii.gz"), None, None, None, None, None, engine=engine,
+                        store=store)
+    s = out["session"]
+    name = next(iter(s.blocks))
+    assert s.small_structures == [name] and "counted by any overlap" in out["status"]
+    asked = _ask(engine, out, f"Is there a lesion in the {name.replace('_', ' ')}?")
+    assert name in asked["session"].audit.retention
+
+
+def test_uploaded_label_maps_take_totalsegmentator_names(engine, store):
+    from app import handlers as h
+
+    ct, labels = str(SAMPLES / "abdomen_ct/ct.nii.gz"), str(SAMPLES / "abdomen_ct/labels.nii.gz")
+    out = h.load_upload([ct], labels, None,
+                        None, None, None, None, engine=engine, store=store)
+    assert "kidney_left" in out["session"].blocks
+    asked = _ask(engine, out, "Is there a cyst in the left kidney?")
+    assert asked["session"].audit.asked == ("kidney_left",)
+
+
+def test_label_names_from_a_table(engine, store, tmp_path):
+    from app import handlers as h
+
+    img = nib.load(str(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    lab = np.zeros(img.shape, np.int16)
+    lab[40:80, 30:70, 40:70] = 7
+    nib.save(nib.Nifti1Image(lab, img.affine), str(tmp_path / "labels.nii.gz"))
+    (tmp_path / "names.json").write_text(json.dumps({"7": "tumour"}))
+    out = h.load_upload([str(SAMPLES / "abdomen_ct/ct.nii.gz")], str(tmp_path / "labels.nii.gz"),
+                        str(tmp_path / "names.json"), None, None, None, None, engine=engine, store=store)
+    assert list(out["session"].blocks) == ["tumour"]
+
+
+def test_messages_never_show_server_paths_nor_cut_words():
+    from app.handlers import MAX_MESSAGE, message
+    from photon_core.io.volume import VolumeError
+
+    m = message(VolumeError("'/tmp/gradio/3f2a/upload/scan.nii.gz' is not a readable NIfTI file (Image"
+                            "FileError: Cannot work out file type of \"/tmp/gradio/3f2a/scan.nii.gz\")"))
+    assert "/tmp" not in m and "scan.nii.gz" in m
+    assert message(ValueError("C:\\Users\\jane\\scan.nii is bad")) == "scan.nii is bad"
+    assert message(ValueError("a 3/4 of the Abdomen/pelvis")) == "a 3/4 of the Abdomen/pelvis"
+    long = message(ValueError("word " * 200))
+    assert len(long) <= MAX_MESSAGE + 2 and long.endswith("word…")
+    assert "secret" not in message(KeyError("/secret/path/patient_Jane"))
+    assert message(VolumeError("/srv/data/x.dcm is one image")) == "x.dcm is one image"
+
+
+def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine, store, monkeypatch,
+                                                                         tmp_path):
+    """A PACS export (localizer + two kernels): the series are listed for a dropdown; the default load
+    asks the loader for its default (None), a pick loads that uid."""
+    import types
+
+    from app import handlers as h
+    from app import service
+    from photon_core.io.volume import load_volume
+
+    series = [types.SimpleNamespace(uid=u, label=f"{d} · {n} slices · {k}", description=d, slices=n, kernel=k,
+                                    orientation=o, modality="CT")
+              for u, d, n, k, o in (("1.1", "Topogram", 1, "T20f", "coronal"),
+                                    ("1.2", "Abdomen 3.0 B31f", 112, "B31f", "axial"),
+                                    ("1.3", "Abdomen 3.0 B70f", 112, "B70f", "axial"))]
+    asked = []
+    monkeypatch.setattr(service, "list_series", lambda files, limits: series)
+    monkeypatch.setattr(service, "load_volume", lambda src, limits, series=None: asked.append(series) or
+                        load_volume(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
+    out = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
+    assert asked == [None] and out["series"]["visible"] is True and out["series"]["value"] == "1.1"
+    assert [c[1] for c in out["series"]["choices"]] == ["1.1", "1.2", "1.3"]
+    assert "holds 3 series" in out["status"]
+    out = h.load_upload(files, None, None, None, "1.3", out["session"], out["view"], engine=engine,
+                        store=store)
+    assert asked == [None, "1.3"] and out["series"]["value"] == "1.3" and out["session"].series_uid == "1.3"
+
+
+def test_load_warnings_reach_the_status_line_and_the_api(engine, store, monkeypatch):
+    from app import api, service
+    from app import handlers as h
+    from photon_core.io.volume import load_volume
+    from photon_core.model.budget import Budget
+
+    said = ["12 voxels outside [-2000, 4000] HU were clipped", "slices are 50 mm thick (over 5 mm)"]
+
+    def with_warnings(src, limits, series=None):
+        vol = load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
+        vol.warnings = list(said)
+        return vol
+
+    monkeypatch.setattr(service, "load_volume", with_warnings)
+    out = h.load_upload([str(SAMPLES / "abdomen_ct/ct.nii.gz")], None, None, None, None, None, None,
+                        engine=engine, store=store)
+    assert "load-warnings" in out["status"] and all(html.escape(w) in out["status"] for w in said)
+    s = out["session"]
+    ans, audit = engine.answer(s, "Is there a lesion in the liver?", Budget("auto"))
+    assert api.result(engine, s, ans, audit)["warnings"][:2] == said
+
+
+@pytest.mark.parametrize("make", [
+    lambda hu: np.zeros_like(hu),                                   # a constant volume
+    lambda hu: np.where(hu > 0, 1.0, 0.0).astype(np.float32),       # a mask saved as a scan
+    lambda hu: np.where(hu > 1000, 9e8, hu).astype(np.float32),     # values far outside CT's range
+])
+def test_the_loaders_own_warnings_reach_the_status_line(engine, store, tmp_path, make):
+    from app import handlers as h
+    from photon_core.io.volume import load_volume
+
+    img = nib.load(str(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(make(np.asanyarray(img.dataobj).astype(np.float32)), img.affine), str(path))
+    said = load_volume(path).warnings
+    assert said                                                      # the loader warns about each of these
+    out = h.load_upload([str(path)], None, None, None, None, None, None, engine=engine, store=store)
+    assert "load-warnings" in out["status"] and all(html.escape(w) in out["status"] for w in said)
