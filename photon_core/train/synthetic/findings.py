@@ -26,11 +26,14 @@ NO_LESIONS = {"aorta"}                       # organs the generator draws no les
 
 def per_mask(fn):
     """Cache ``fn(mask)`` while that mask tensor lives unmodified: a pool body's organs serve many
-    scans, so what is computed from them (their voxels, their token shares) is computed once."""
+    scans, so what is computed from them (their voxels, their token shares) is computed once. (A mask
+    made under `torch.inference_mode` has no version counter: it is computed each time.)"""
     store: dict = {}
 
     @functools.wraps(fn)
     def cached(mask: torch.Tensor):
+        if mask.is_inference():          # made under inference_mode: no version counter to trust
+            return fn(mask)
         key = id(mask)
         hit = store.get(key)
         if hit is not None and hit[0]() is mask and hit[1] == mask._version:
