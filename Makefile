@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
