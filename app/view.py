@@ -60,8 +60,13 @@ class FileStore:
         atexit.register(store.close)
         return store
 
+    @staticmethod
+    def _safe(key: str | None) -> str:
+        """A session key as a folder name: letters, digits, ``-`` and ``_`` only."""
+        return "".join(ch for ch in (key or "local") if ch.isalnum() or ch in "-_")[:64] or "local"
+
     def session(self, key: str | None) -> Files:
-        key = "".join(ch for ch in (key or "local") if ch.isalnum() or ch in "-_")[:64] or "local"
+        key = self._safe(key)
         with self._lock:
             if key not in self._sessions or not self._sessions[key].folder.is_dir():
                 self._sessions[key] = Files(self.root / key)

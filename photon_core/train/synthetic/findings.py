@@ -32,7 +32,7 @@ def per_mask(fn):
 
     @functools.wraps(fn)
     def cached(mask: torch.Tensor):
-        if mask.is_inference():          # made under inference_mode: no version counter to trust
+        if not isinstance(mask, torch.Tensor) or mask.is_inference():   # no version counter to trust
             return fn(mask)
         key = id(mask)
         hit = store.get(key)
