@@ -59,7 +59,7 @@ def status_html(s: Session | None, error: str | None = None, failed_name: str | 
         items = "".join(f"<li>{esc(w)}</li>" for w in s.warnings)
         body += (f"<div id='load-warnings' style='{_WARN}'>⚠ Check before reading answers:"
                  f"<ul style='margin:2px 0'>{items}</ul></div>")
-    parts.append(f"<div id='scan-status'>{body}</div>")
+    parts.append(f"<div id='scan-status' data-load='{s.serial}'>{body}</div>")
     return "".join(parts)
 
 

@@ -10,6 +10,7 @@ guards only the encoded-volume cache and encoding.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ class Audit:
     probability: float | None              # exp(mean token log-prob), when the model reports it
 
 
+_LOADS = itertools.count(1)
+
+
 @dataclass
 class Session:
     """One loaded scan (a browser session's, or one API call's). Holds no patient identifiers."""
@@ -108,6 +112,7 @@ class Session:
     answer: object = None                  # the last answer, its question and audit
     question: str = ""
     audit: Audit | None = None
+    serial: int = field(default_factory=lambda: next(_LOADS))   # which load this is (the page shows it)
 
     def ids_of(self, names) -> list[int]:
         """Label ids of structure names, in the order of the names."""

@@ -86,6 +86,20 @@ def _wait_text(page, sel, text):
                            "document.querySelector(s).innerText.includes(t)", arg=[sel, text])
 
 
+def _load_case(page, name, expect):
+    """Load a sample case and wait until THIS load has landed (the status names a newer load), so that a
+    question asked next cannot be answered before the load resets the card."""
+    before = page.locator("#scan-status").first.get_attribute("data-load") if page.locator(
+        "#scan-status").count() else None
+    page.get_by_role("tab", name="Sample case").click()
+    page.locator("#case input").click()
+    page.get_by_role("option", name=name).click()
+    page.click("#load_case")
+    page.wait_for_function("([b, t]) => { const e = document.querySelector('#scan-status');"
+                           " return e && e.dataset.load !== b && e.innerText.includes(t); }",
+                           arg=[before, expect])
+
+
 def _scene_url(page):
     return page.locator("#model3d a[download]").get_attribute("href")
 
@@ -152,10 +166,7 @@ def test_opens_with_anatomy_then_an_answer_belongs_to_its_scan(page):
     assert "Visual tokens kept" in card and "budget auto" in card and "Abdomen/pelvis" in card
     assert "probability" in card
     page.screenshot(path=str(SHOTS / "01_answer_auto.png"), full_page=True)
-    page.locator("#case input").click()
-    page.get_by_role("option", name=CHEST).click()
-    page.click("#load_case")
-    _wait_text(page, "#status", "Chest")
+    _load_case(page, CHEST, "Chest")
     page.wait_for_selector("#answer-card[data-empty]")
     card = _text(page, "#answer-card")
     assert "Visual tokens kept" not in card and "θ" not in card and "Chest" in card
@@ -292,11 +303,7 @@ def test_budget_sliders_reask_on_enter_and_keep_their_values(page):
 
 
 def test_compare_export_and_a_prior_scan(page, tmp_path):
-    page.get_by_role("tab", name="Sample case").click()
-    page.locator("#case input").click()
-    page.get_by_role("option", name="Abdomen/pelvis CT (3 mm)").click()
-    page.click("#load_case")
-    _wait_text(page, "#status", "Abdomen")
+    _load_case(page, "Abdomen/pelvis CT (3 mm)", "Abdomen")
     _ask(page, "Is the spleen enlarged?")
     page.get_by_role("tab", name="Compare").click()
     page.click("#compare")
