@@ -31,12 +31,9 @@ CROSS_COLOUR = (0.2, 0.8, 1.0)
 def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Permute/flip an array to the closest RAS orientation (a view, no copy); returns it and its spacing
     (mm)."""
-    from nibabel import orientations as ornt
+    from photon_core.io.orientation import reorient, spacing_after
 
-    t = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
-    out = ornt.apply_orientation(arr, t)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(t[:, 0])]   # output axis k <- input axis
-    return out, spacing
+    return reorient(arr, affine, "RAS")[0], spacing_after(affine, "RAS")
 
 
 def window(hu: np.ndarray, name_or_wl) -> np.ndarray:

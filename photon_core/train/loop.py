@@ -35,7 +35,7 @@ from photon_core.train.losses import contrast_loss, guide_loss, keep_guide_loss,
 from photon_core.train.synthetic.generator import NULL_KINDS, null_frames
 from photon_core.train.synthetic.questions import nothing_seen
 from photon_core.train.targets import guide_target, keep_target, null_targets, slab_targets, token_targets
-from photon_core.train.tokenizer import build_tokenizer, model_config
+from photon_core.train.tokenizer import build_tokenizer, model_config, write_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 
@@ -354,9 +354,7 @@ def _save(model, tok: Tokenizer, opt, folder: Path, step: int, cfg: TrainConfig,
     if aux is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in aux.state_dict().items()},
                   str(tmp / AUX_FILE))
-    tok.tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                           "eos_token": "<|im_end|>"}))
+    write_tokenizer(tok.tok, tmp)
     tensors, layout = {}, []
     for gi, g in enumerate(opt.param_groups):
         for pi, p in enumerate(g["params"]):

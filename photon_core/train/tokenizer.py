@@ -33,9 +33,14 @@ def build_tokenizer(folder: Path, vocab_size: int = 1024) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = all_template_text() + ["system", "user", "assistant", "You are a helpful assistant.", "\n"]
     tok.train_from_iterator(corpus * 4, trainer)
+    write_tokenizer(tok, folder)
+    return Tokenizer(folder)
+
+
+def write_tokenizer(tok, folder: Path) -> None:
+    """``tokenizer.json`` and the one ``tokenizer_config.json`` every checkpoint we write carries."""
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
          "pad_token": "<|endoftext|>", "model_max_length": 4096}, indent=1))
-    return Tokenizer(folder)
