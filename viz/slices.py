@@ -31,9 +31,10 @@ CROSS_COLOUR = (0.2, 0.8, 1.0)
 def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Permute/flip an array to the closest RAS orientation (a view, no copy); returns it and its spacing
     (mm)."""
-    from photon_core.io.orientation import reorient, spacing_after
+    from photon_core.io.orientation import reorient
 
-    return reorient(arr, affine, "RAS")[0], spacing_after(affine, "RAS")
+    out, to_source = reorient(arr, affine, "RAS")
+    return out, np.linalg.norm(affine[:3, :3] @ to_source[:3, :3], axis=0)   # mm along the output axes
 
 
 def window(hu: np.ndarray, name_or_wl) -> np.ndarray:

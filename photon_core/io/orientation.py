@@ -27,8 +27,3 @@ def reorient(arr: np.ndarray, affine: np.ndarray, target) -> tuple[np.ndarray, n
     t = transform(affine, target)
     return ornt.apply_orientation(arr, t), ornt.inv_ornt_aff(t, arr.shape[:3])
 
-
-def spacing_after(affine: np.ndarray, target) -> np.ndarray:
-    """Voxel sizes (mm) along the axes of the reoriented array."""
-    t = transform(affine, target)
-    return np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(t[:, 0])]
