@@ -8,19 +8,23 @@
 
 `bench/gpu_run.sh` runs the GPU tests and these sections, each in its own process under a time limit.
 
-Section ``ours`` (in this order, each part guarded: an error or the time budget skips it, recorded):
+Section ``ours`` (the model fused as the Predictor runs it, `PhotonModel.fuse_projections`; in this
+order, each part guarded: an error or the time budget skips it, recorded):
   C ITS top-390 (the paper's average keep): vision tower (CUDA graph / eager), prefill (vision included),
     TTFT, answer = prefill + 32 tokens (vision included, and on cached features), decode tok/s at batch
     1 and 8 (CUDA-graph step) and batch 1 (eager step), peak memory against the weights' bytes;
+  kernels and kernel time per graph decode step (``decode_step_profile``); the same row with separate
+    projections (vision, prefill, decode b1 and its step profile: the fusion's effect, same run);
   service: one ask through the ask batcher vs 8 concurrent asks from 8 sessions (8 volumes);
   B Photon without ITS; torch profiler of prefill and of eager decode steps; the compiled decode step at
   batch 1 (and the answer with it); D FastV at 390; C at 10 / 25 / 50 %; A stock geometry (temporal
   patch 2, 3 channels → 7,000 tokens; its own model); training step (SGP, frozen tower) for B and C;
-  the compiled step at batch 8; the compiled vision tower; the whole step under
+  the compiled step at batch 8 and its step profile; the compiled vision tower; the whole step under
   torch.compile(mode="reduce-overhead").
 Section ``peer``: stock transformers `Qwen2_5_VLForConditionalGeneration` (SDPA) at the same shape and
   prompt: vision tower, prefill, answer and decode tok/s eager (DynamicCache) and with static cache +
-  torch.compile (generate's own compile of the decode step), peak memory.
+  torch.compile (generate's own compile of the decode step), peak memory; kernels and kernel time per
+  decode step of the compiled peer (``decode_step_profile``, beside ours: where the step's time differs).
 Times: CUDA events, warm-ups, medians; decode tok/s = 32·B / (t(33 tokens) − t(1 token)). Roofline:
 prefill FLOPs / time vs bf16 dense peak, decode bytes (weights + KV read) / time vs HBM bandwidth.
 It measures and records; it asserts nothing. A figure not measured is absent, never guessed.
@@ -209,7 +213,7 @@ def build(cfg: PhotonConfig, device: str, dtype: torch.dtype) -> PhotonModel:
     torch.manual_seed(0)
     m.init_weights(0.02)
     m.reset_buffers()
-    return m
+    return m.fuse_projections()                 # as the Predictor runs it (one matmul for q/k/v, gate/up)
 
 
 class Inputs:
@@ -412,6 +416,78 @@ def profile(rec: Record, model, x: Inputs, budget, path: Path | None):
         path.write_text("\n\n".join(out_txt))
 
 
+def step_profile(run_n, run_1, steps: int, top: int = 15) -> dict:
+    """Per decode step: device kernels launched and their time, from a profile of ``run_n`` (``steps`` more
+    decode steps) less one of ``run_1``; the kernels by time per step. On the CPU (smoke) it counts aten
+    ops and their CPU time instead (``unit`` says which)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def kernels(fn) -> dict:
+        fn()
+        sync()
+        with tprofile(activities=acts) as prof:
+            fn()
+            sync()
+        out: dict = {}
+        for e in prof.key_averages():
+            if cuda and e.device_type != DeviceType.CUDA:
+                continue
+            if not cuda and not e.key.startswith("aten::"):
+                continue
+            t = (getattr(e, "self_device_time_total", 0) or 0) if cuda else e.self_cpu_time_total
+            n, tt = out.get(e.key, (0, 0.0))
+            out[e.key] = (n + e.count, tt + t)
+        return out
+
+    a, b = kernels(run_n), kernels(run_1)
+    per = {k: ((n - b.get(k, (0, 0))[0]) / steps, (t - b.get(k, (0, 0.0))[1]) / steps / 1e3)
+           for k, (n, t) in a.items()}
+    per = {k: v for k, v in per.items() if v[0] > 0}
+    return dict(unit="CUDA kernels" if cuda else "CPU aten ops (smoke)",
+                launches_per_step=round(sum(n for n, _ in per.values()), 1),
+                ms_per_step=round(sum(t for _, t in per.values()), 4),
+                top=[(k[:90], round(n, 2), round(t, 4)) for k, (n, t) in
+                     sorted(per.items(), key=lambda kv: -kv[1][1])[:top]])
+
+
+def ours_step_profiles(rec: Record, m, x: Inputs, budget, modes):
+    """Kernels and kernel time per decode step of our engine, batch 1, per mode."""
+    steps = 8
+    prof = rec.data.setdefault("decode_step_profile", {})
+    for mode in modes:
+        prof[f"ours {mode}"] = step_profile(answer_fn(m, x, budget, True, steps + 1, 1, mode),
+                                            answer_fn(m, x, budget, True, 1, 1, mode), steps)
+        rec.write()
+
+
+def fused_vs_separate(rec: Record, name: str, m, x: Inputs, budget, rep: int):
+    """The same row with the projections unfused (separate q/k/v, gate/up; the tower's MLP unpadded):
+    vision tower (graph), prefill and batch-1 decode, so the fusion's effect is measured in this run."""
+    r = rec.row(name)
+    release(m)
+    m.fuse_projections(False)
+    try:
+        enc = vision_for(m, "auto")
+        with torch.inference_mode():
+            r["vision_s_separate"] = timed(lambda: enc(x.pv, x.grid), rep)
+        r["prefill_s_separate"] = timed(prefill_fn(m, x, budget, True, enc), rep)
+        mode = "eager" if SMOKE else "graph"
+        rate = decode_rate(m, x, budget, True, 1, mode, max(3, rep // 2))
+        r["decode_tok_s_b1_separate"] = rate["decode_tok_s_b1"]
+        r["decode_path_b1_separate"] = rate["decode_path_b1"]
+        rec.data.setdefault("decode_step_profile", {})[f"ours {mode}, separate projections"] = step_profile(
+            answer_fn(m, x, budget, True, 9, 1, mode), answer_fn(m, x, budget, True, 1, 1, mode), 8)
+    finally:
+        release(m)
+        m.fuse_projections(True)
+    rec.write()
+
+
 def service(rec: Record, model, frames_list, repeats: int, new: int):
     """One ask through the ask batcher vs 8 concurrent asks from 8 sessions (each its own volume)."""
     import photon_core.inference.predictor as predictor_mod
@@ -514,6 +590,8 @@ def photon_parts(args, rec: Record, m: PhotonModel, x: Inputs, frames: torch.Ten
     c390, top = f"C ITS top-{k}", Budget("top_k", k)
     c_modes = modes if smoke else ("graph", "eager")
     rec.part("C core (graph, eager decode)", lambda: core_row(rec, c390, m, x, top, True, rep, c_modes), 15)
+    rec.part("decode step profile (graph)", lambda: ours_step_profiles(rec, m, x, top, modes), 4)
+    rec.part("fused vs separate projections", lambda: fused_vs_separate(rec, c390, m, x, top, rep), 10)
     frames_list = [torch.rand(140, 1, 280, 280) for _ in range(8)]       # 8 sessions' CTs (1,000 tokens each)
     rec.part("service: 1 ask vs 8 concurrent",
              lambda: service(rec, m, frames_list, 1 if smoke else 5, NEW), 15)
@@ -550,6 +628,7 @@ def photon_parts(args, rec: Record, m: PhotonModel, x: Inputs, frames: torch.Ten
         return
     rec.part("compiled decode, batch 8 (warm-up included)",
              lambda: _compiled(rec, c390, m, x, top, rep, 8), 30)
+    rec.part("decode step profile (compiled)", lambda: ours_step_profiles(rec, m, x, top, ("compile",)), 5)
     rec.part("compiled vision tower", lambda: _compiled_vision(rec, c390, m, x, rep), 25)
     rec.part("reduce-overhead decode (warm-up included)",
              lambda: _reduce_overhead(rec, c390, m, x, top, rep), 40)
@@ -666,6 +745,13 @@ def section_peer(args, rec: Record):
                                     "CUDA (transformers' auto-compile); on CPU it runs uncompiled")
     rec.part("peer: static cache + torch.compile", static_compiled, 30)
 
+    def peer_steps():
+        prof = rec.data.setdefault("decode_step_profile", {})
+        extra = {} if smoke else dict(cache_implementation="static")
+        prof["peer static + compile" if not smoke else "peer eager"] = step_profile(gen(9, **extra),
+                                                                                   gen(1, **extra), 8)
+    rec.part("peer: decode step profile", peer_steps, 5)
+
 
 # ---------------------------------------------------------------------- merge and main
 def merge(paths: list[Path], out: Path | None) -> dict:
@@ -682,6 +768,7 @@ def merge(paths: list[Path], out: Path | None) -> dict:
         for k in ("service", "profile"):
             if k in d:
                 merged[k] = d[k]
+        merged.setdefault("decode_step_profile", {}).update(d.get("decode_step_profile", {}))
     c = next((v for k, v in merged["rows"].items() if k.startswith("C ITS top-")), {})
     peer = merged["rows"].get("stock transformers, Photon geometry (no drop)", {})
     t = merged["targets"] = {}

@@ -36,6 +36,12 @@ def test_gpu_run_smoke_writes_every_section(tmp_path):
               "decode_tok_s_b8", "train_step_s"):
         assert c[f] > 0, f
     assert c["decode_path_b1"] == "eager" and "peak_mem_gib_b1" not in c          # no GPU figures on CPU
+    for f in ("vision_s_separate", "prefill_s_separate", "decode_tok_s_b1_separate"):
+        assert c[f] > 0, f
+    steps = ours["decode_step_profile"]
+    fused, separate = steps["ours eager"], steps["ours eager, separate projections"]
+    assert 0 < fused["launches_per_step"] < separate["launches_per_step"]    # fusion: fewer ops per step
+    assert fused["ms_per_step"] > 0 and fused["top"]
     s = ours["service"]
     assert s["sessions"] == 8 and s["batch_sizes_seen"] == [8] and s["one_ask_s"] > 0
     assert s["batcher_stats"]["max_rows"] == 8
@@ -44,7 +50,9 @@ def test_gpu_run_smoke_writes_every_section(tmp_path):
     assert all(v["status"] == "ok" for v in peer["parts"].values()), peer["parts"]
     p = peer["rows"]["stock transformers, Photon geometry (no drop)"]
     assert p["decode_tok_s_b1_eager"] > 0 and p["decode_tok_s_b1_static_compile"] > 0
+    assert peer["decode_step_profile"]["peer eager"]["launches_per_step"] > 0
     merged = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert set(merged["decode_step_profile"]) >= {"ours eager", "peer eager"}
     assert merged["meta"]["device"].startswith("cpu") and merged["meta"]["attention"] == "PyTorch SDPA"
     assert "decode_b1_vs_stock_compiled (≥ 2.4)" in merged["targets"]
     assert "skipped" in (tmp_path / "tests.log").read_text()      # the GPU tests skip cleanly without CUDA

@@ -415,3 +415,91 @@ def test_the_gpu_logit_bound_is_far_below_what_a_bug_gives(model, fx, feats, mon
         monkeypatch.setattr(photon, "rope_index", shifted)
         position_bug = rel(model(ids, features=feats, grid_thw=grid, use_its=False).logits, ref)
     assert min(token_bug, position_bug) > 2 * LOGIT_BOUND, (token_bug, position_bug)
+
+
+# ---------------------------------------------------------------------- fewer kernels, same numbers
+def test_rmsnorm_and_rope_round_as_the_reference_formulas():
+    """RMSNorm (one rms_norm) and rope (roll + signed sin) give, bit for bit, transformers' Qwen2RMSNorm and
+    ``x·cos + rotate_half(x)·sin`` in fp32 and bf16 (their rounding is what official weights were trained
+    with)."""
+    from photon_core.model.layers import RMSNorm, rope, signed_sin
+
+    torch.manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16):
+        norm = RMSNorm(64, 1e-6)
+        norm.weight.data = torch.randn(64)
+        norm = norm.to(dt)
+        x = (torch.randn(3, 7, 64) * 5).to(dt)
+        xf = x.float()
+        ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt)
+        assert torch.equal(norm(x), ref), dt
+        cos, sin = torch.randn(1, 1, 7, 64).to(dt), torch.randn(1, 1, 7, 64).to(dt)
+        q = torch.randn(3, 4, 7, 64).to(dt)
+        rotated = torch.cat((-q[..., 32:], q[..., :32]), -1)
+        assert torch.equal(rope(q, cos, signed_sin(sin)), q * cos + rotated * sin), dt
+
+
+def test_fused_projections_equal_separate_layers_and_stay_official(parity_dir, fx, feats, tmp_path):
+    """One matmul for q/k/v and for gate/up (inference): the same prefill, ITS decision and decode as the
+    separate layers; the state_dict keeps its official names and values and saves; moving the model
+    unfuses; with gradients the separate layers run (their weights get the gradient)."""
+    from photon_core.model.checkpoint import save_model
+
+    m = load_model(parity_dir / "model", "cpu")                   # its own copy: this test changes it
+    ids, grid = fx["q2.input_ids"], fx["video_grid_thw"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sep = generate(m, ids, features=feats, grid_thw=grid, max_new_tokens=6, return_step_logits=True)
+    assert not m.fused
+    m.fuse_projections()
+    attn = m.model.layers[0].self_attn
+    storage = attn._fused[0].untyped_storage().data_ptr()
+    assert m.fused and attn.k_proj.weight.untyped_storage().data_ptr() == storage     # views: no copy
+    fused = generate(m, ids, features=feats, grid_thw=grid, max_new_tokens=6, return_step_logits=True)
+    eng.release(m)
+    with torch.inference_mode():
+        assert torch.allclose(m.encode_volume(fx["pixel_values_videos"].float(), grid), feats, atol=1e-5)
+    assert torch.equal(fused.prefill.its.keep, sep.prefill.its.keep)
+    assert torch.allclose(fused.prefill.its.u, sep.prefill.its.u, atol=1e-6, rtol=1e-5)
+    assert torch.equal(fused.tokens, sep.tokens)
+    assert torch.allclose(fused.step_logits, sep.step_logits, atol=1e-5, rtol=1e-5)
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    save_model(m, tmp_path / "saved")
+    again = load_model(tmp_path / "saved", "cpu")
+    assert all(torch.equal(again.state_dict()[k], before[k]) for k in before)
+    # gradients: the separate layers run, so q_proj's weight gets one
+    m.train()
+    out = m(ids, features=feats.clone(), grid_thw=grid, use_its=False)
+    out.logits.float().pow(2).mean().backward()
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
+    m.zero_grad(set_to_none=True)
+    m.eval()
+    m.to(torch.float64)                       # a move or cast replaces the parameters: no stale fused weight
+    assert not m.fused
+
+
+def test_fused_mlps_pad_an_unaligned_hidden_width_without_changing_the_output():
+    """The 3B tower's MLP width (3,420) is not a multiple of 8; fused, it runs padded with zeros — the
+    tower's features and the decoder's output equal the separate layers', and the padded matmul is what
+    runs."""
+    from photon_core.model.config import preset_config
+    from photon_core.model.photon import PhotonModel
+
+    torch.manual_seed(0)
+    m = PhotonModel(preset_config("tiny", vision=dict(intermediate_size=60), intermediate_size=66)).eval()
+    m.init_weights(0.2)
+    v = m.config.vision
+    pv = torch.randn(64, v.in_chans * v.temporal_patch_size * v.patch_size ** 2)
+    grid = torch.tensor([[1, 8, 8]])
+    x = torch.randn(2, 9, m.config.hidden_size)
+    layer = m.model.layers[-1]
+    with torch.inference_mode():
+        f_sep, y_sep = m.encode_volume(pv, grid), layer.mlp(x)
+        m.fuse_projections()
+        f_fused, y_fused = m.encode_volume(pv, grid), layer.mlp(x)
+    w, _, wd = m.visual.blocks[0].mlp._fused
+    assert w.shape[0] == 2 * 64 and wd.shape[1] == 64                                    # 60 → 64
+    assert bool((w[60:64] == 0).all()) and bool((wd[:, 60:] == 0).all())
+    assert layer.mlp._fused[0].shape[0] == 2 * 72                                        # 66 → 72
+    assert torch.allclose(f_fused, f_sep, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(y_fused, y_sep, atol=1e-5, rtol=1e-5)

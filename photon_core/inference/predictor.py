@@ -103,7 +103,7 @@ class Predictor:
                  revision: str | None = None, device: str | None = "auto", dtype: torch.dtype | None = None):
         where = hub.resolve(model, subfolder, revision)
         self.device = resolve_device(device)
-        self.model = load_model(where.path, self.device, dtype)
+        self.model = load_model(where.path, self.device, dtype).fuse_projections()
         has_its = self.model.config.has_its
         self.checkpoint: CheckpointInfo = replace(where, stage="S2" if has_its else "S1", has_its=has_its)
         self.model_dir = where.path

@@ -143,7 +143,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, d)                                         # (B, Hkv, r, d)
     s = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))     # (B, Hkv, r, S)
-    s = s.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    s = torch.where(allowed[:, None, None, :], s, float("-inf"))              # one kernel, no negation
     p = torch.softmax(s, -1).to(v.dtype)
     return torch.matmul(p, v).reshape(B, H, 1, d)
 

@@ -250,12 +250,17 @@ def load_model(
     return model
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with storage of its own (safetensors refuses views of a larger tensor, e.g. fused weights)."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_model(model: PhotonModel, path: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """Write config.json and safetensors shards (≤ ``max_shard_bytes`` each), official key names."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save(path / "config.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: _own(v.detach().contiguous().cpu()) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards, cur, size = [], {}, 0

@@ -11,7 +11,7 @@ import torch.nn as nn
 from photon_core.model import its
 from photon_core.model.attention import Packing, causal_attention, decode_attention
 from photon_core.model.config import PhotonConfig
-from photon_core.model.layers import RMSNorm, activation, rotate_half
+from photon_core.model.layers import FusedLinears, GatedMLP, RMSNorm, rope, signed_sin
 
 
 def rope_index(input_ids: torch.Tensor, grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -71,15 +71,18 @@ class MRoPE(nn.Module):
         return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device="cpu") / d))
 
     def forward(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (3, B, L) → cos, sin (B, 1, L, d): axis i%3 feeds the i-th frequency section."""
+        """pos (3, B, L) → cos, signed sin (B, 1, L, d) (`layers.signed_sin`, what `layers.rope` takes):
+        axis i%3 feeds the i-th frequency section."""
         freqs = pos[..., None].float() * self.inv_freq                       # (3, B, L, d/2)
         emb = torch.cat([freqs, freqs], -1)                                 # (3, B, L, d)
         cos, sin = emb.cos(), emb.sin()
         pick = lambda t: torch.cat([c[i % 3] for i, c in enumerate(t.split(self.section, -1))], -1)  # noqa
-        return pick(cos)[:, None].to(dtype), pick(sin)[:, None].to(dtype)
+        return pick(cos)[:, None].to(dtype), signed_sin(pick(sin))[:, None].to(dtype)
 
 
-class TextAttention(nn.Module):
+class TextAttention(FusedLinears):
+    FUSED = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, cfg: PhotonConfig):
         super().__init__()
         D, H, Hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -90,13 +93,19 @@ class TextAttention(nn.Module):
         self.o_proj = nn.Linear(H * d, D, bias=False)
 
     def qkv(self, x, cos, sin):
+        """x (B, L, D), `MRoPE` tables → q (B, H, L, d), k, v (B, Hkv, L, d); q and k rotated in one pass."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.H, self.d).transpose(1, 2)        # (B, H, L, d)
-        k = self.k_proj(x).view(B, L, self.Hkv, self.d).transpose(1, 2)      # (B, Hkv, L, d)
-        v = self.v_proj(x).view(B, L, self.Hkv, self.d).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k, v
+        H, Hkv, d = self.H, self.Hkv, self.d
+        y = self.fused_linear(x)
+        if y is not None:                                                    # one matmul for q, k and v
+            y = y.view(B, L, H + 2 * Hkv, d).transpose(1, 2)                # (B, H + 2·Hkv, L, d)
+            qk, v = rope(y[:, :H + Hkv].contiguous(), cos, sin), y[:, H + Hkv:]
+        else:
+            q = self.q_proj(x).view(B, L, H, d).transpose(1, 2)             # (B, H, L, d)
+            k = self.k_proj(x).view(B, L, Hkv, d).transpose(1, 2)           # (B, Hkv, L, d)
+            v = self.v_proj(x).view(B, L, Hkv, d).transpose(1, 2)
+            qk = rope(torch.cat((q, k), 1), cos, sin)                        # (B, H + Hkv, L, d)
+        return qk[:, :H], qk[:, H:], v
 
     def out(self, o):
         """(B, H, Lq, d) attention output → (B, Lq, D)."""
@@ -104,23 +113,11 @@ class TextAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, Lq, -1))
 
 
-class TextMLP(nn.Module):
-    def __init__(self, cfg: PhotonConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = activation(cfg.hidden_act)
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: PhotonConfig, has_its: bool):
         super().__init__()
         self.self_attn = TextAttention(cfg)
-        self.mlp = TextMLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if has_its:

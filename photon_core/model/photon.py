@@ -31,7 +31,7 @@ from photon_core.model.budget import Budget, decide, is_baseline
 from photon_core.model.config import PhotonConfig
 from photon_core.model.decoder import MRoPE, TextModel, rope_index
 from photon_core.model.its import ITSState, Schedule
-from photon_core.model.layers import RMSNorm
+from photon_core.model.layers import Fusable, RMSNorm
 from photon_core.model.sgp import gather_tokens, pack_indices, surrogate_gather
 from photon_core.model.vision import VisionTower
 
@@ -82,6 +82,23 @@ class PhotonModel(nn.Module):
         self.visual.inv_freq = VisionTower.frequencies(self.config.vision).to(dev)
         self.visual._layouts.clear()
         self.rope.inv_freq = MRoPE.frequencies(self.config).to(dev)
+
+    def fuse_projections(self, on: bool = True) -> PhotonModel:
+        """Inference: each decoder layer's q/k/v and each MLP's gate/up projections as one matmul each,
+        the MLPs' hidden width padded for aligned matmuls (`layers.Fusable`; parameters become views).
+        Call after the model is on its device and dtype (moving it unfuses). ``on=False`` unfuses.
+        Returns the model. A decode engine captured before a change keeps its graphs:
+        `inference.engine.release` the model first."""
+        for mod in self.modules():
+            if isinstance(mod, Fusable) and on:
+                mod.fuse()
+            elif isinstance(mod, Fusable):
+                mod.unfuse()
+        return self
+
+    @property
+    def fused(self) -> bool:
+        return self.model.layers[0].self_attn._fused is not None
 
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh initialisation (normal std, zero biases, unit norms), then the ITS init."""

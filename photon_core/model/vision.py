@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from photon_core.model.attention import block_attention
 from photon_core.model.config import VisionConfig
-from photon_core.model.layers import RMSNorm, activation, rotate_half
+from photon_core.model.layers import GatedMLP, RMSNorm, rope, signed_sin
 
 
 class PatchEmbed3D(nn.Module):
@@ -28,18 +28,6 @@ class PatchEmbed3D(nn.Module):
         return F.conv3d(x.to(w.dtype).view(-1, *w.shape[1:]), w, stride=w.shape[2:]).view(-1, w.shape[0])
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=True)
-        self.up_proj = nn.Linear(dim, hidden, bias=True)
-        self.down_proj = nn.Linear(hidden, dim, bias=True)
-        self.act = activation(act)
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -48,13 +36,13 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x, cu_seqlens, cos, sin, max_len: int | None = None):
+        """x (P, Dv); cos and the signed sin (`layers.signed_sin`) (P, d) fp32, in the window order."""
         P = x.shape[0]
-        q, k, v = self.qkv(x).reshape(P, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # (P, H, d)
-        dtype = q.dtype
-        c, s = cos[:, None].float(), sin[:, None].float()
-        q = (q.float() * c + rotate_half(q.float()) * s).to(dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(dtype)
-        out = block_attention(q, k, v, cu_seqlens, max_len)
+        qkv = self.qkv(x).reshape(P, 3, self.heads, -1)
+        c, s = cos[:, None, None], sin[:, None, None]
+        qk = rope(qkv[:, :2].float(), c, s).to(qkv.dtype)                  # q and k in one pass, in fp32
+        q, k = qk.unbind(1)                                                 # (P, H, d)
+        out = block_attention(q, k, qkv[:, 2], cu_seqlens, max_len)
         return self.proj(out.reshape(P, -1))
 
 
@@ -64,7 +52,7 @@ class VisionBlock(nn.Module):
         self.norm1 = RMSNorm(v.hidden_size, v.rms_norm_eps)
         self.norm2 = RMSNorm(v.hidden_size, v.rms_norm_eps)
         self.attn = VisionAttention(v.hidden_size, v.num_heads)
-        self.mlp = VisionMLP(v.hidden_size, v.intermediate_size, v.hidden_act)
+        self.mlp = GatedMLP(v.hidden_size, v.intermediate_size, v.hidden_act, bias=True)
 
     def forward(self, x, cu_seqlens, cos, sin, max_len: int | None = None):
         x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin, max_len)
@@ -138,8 +126,9 @@ class VisionTower(nn.Module):
 
     def layout(self, grid_thw: torch.Tensor, device: torch.device) -> dict:
         """What the blocks need that depends on the grid alone, built once per grid (on the CPU, then
-        kept on ``device``): the window permutation and its inverse, rotary cos/sin in window order,
-        the windows' and the slices' cumulative lengths and longest block (no device reads later)."""
+        kept on ``device``): the window permutation and its inverse, rotary cos and signed sin
+        (`layers.signed_sin`) in window order, the windows' and the slices' cumulative lengths and longest
+        block (no device reads later)."""
         grids = tuple(tuple(int(x) for x in g) for g in grid_thw.tolist())
         key = (grids, str(device))
         if key in self._layouts:
@@ -153,7 +142,8 @@ class VisionTower(nn.Module):
         emb = torch.cat([rot, rot], -1)
         cu_full = F.pad(torch.repeat_interleave(g[:, 1] * g[:, 2], g[:, 0]).cumsum(0), (1, 0)).to(torch.int32)
         longest = lambda cu: int((cu[1:] - cu[:-1]).max())  # noqa: E731
-        lay = dict(win=win.to(device), unwin=torch.argsort(win).to(device), cos=emb.cos(), sin=emb.sin(),
+        lay = dict(win=win.to(device), unwin=torch.argsort(win).to(device),
+                   cos=emb.cos(), sin=signed_sin(emb.sin()),
                    full=(cu_full.to(device), longest(cu_full)), window=(cu_win.to(device), longest(cu_win)))
         if len(self._layouts) >= 8:
             self._layouts.pop(next(iter(self._layouts)))
