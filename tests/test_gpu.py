@@ -5,10 +5,14 @@
 * ITS keep masks agree outside a band around θ;
 * the CUDA-graph decode step gives exactly the eager step's tokens and logits; the compiled step
   (fp32) the eager step's tokens; the graph-captured vision tower the eager tower's features;
-* varlen FlashAttention prefill against the SDPA-mask prefill; varlen blocks against padded ones.
+* varlen FlashAttention prefill against the SDPA-mask prefill; varlen blocks against padded ones;
+* the GPU model runs as the Predictor runs it (fused projections); fused against separate layers;
+* a prefill with ITS reads the device twice (the prompt's copy, the survivors' count), nothing more.
 
 Measured errors are printed (``pytest -s``): bench/gpu_run.sh keeps them in tests.log.
 """
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,7 +57,7 @@ def cpu(parity_dir):
 
 @pytest.fixture(scope="module")
 def gpu(parity_dir):
-    return load_model(parity_dir / "model", "cuda")               # bf16 on CUDA
+    return load_model(parity_dir / "model", "cuda").fuse_projections()   # bf16 on CUDA, as the Predictor
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +193,48 @@ def test_compiled_decode_gives_the_eager_tokens_in_fp32(parity_dir, fx, inputs):
     assert c.stats["fallback"] is None and c.stats["path"] == "compiled + cuda-graph"
     assert torch.equal(c.tokens, e.tokens)
     assert rel(c.step_logits, e.step_logits) < 1e-4
+
+
+def test_fused_projections_match_separate_layers_on_cuda(parity_dir, gpu, fx, inputs):
+    """One matmul for q/k/v and gate/up (the tower's MLP padded) against the separate layers, both bf16 on
+    CUDA: only the matmuls' summation order differs, so the logits agree within the bf16 bound (a wrong
+    slice or padding gives errors of order one) and the keep decisions outside the band are the same."""
+    sep = load_model(parity_dir / "model", "cuda")
+    pv, g = inputs
+    f_sep, f_fused = _feats(sep, pv, g), _feats(gpu, pv, g)
+    r_vis = rel(f_fused, f_sep)
+    assert gpu.fused and not sep.fused
+    for case in ("q1", "q2"):
+        ids = fx[f"{case}.input_ids"].cuda()
+        with torch.inference_mode():
+            a = sep(ids, features=f_sep, grid_thw=g.cuda(), use_its=False).logits
+            b = gpu(ids, features=f_fused, grid_thw=g.cuda(), use_its=False).logits
+            ka, kb = (m(ids, features=f, grid_thw=g.cuda()).its for m, f in ((sep, f_sep), (gpu, f_fused)))
+        outside = (ka.rho - ka.theta[:, None]).abs() > BAND
+        differ = ka.keep != kb.keep
+        print(f"\n{case}: fused vs separate (bf16, CUDA): vision features {r_vis:.2e}, logits "
+              f"{rel(b, a):.2e}; {int(differ.sum())} keep decisions differ")
+        assert r_vis < LOGIT_BOUND and rel(b, a) < LOGIT_BOUND
+        assert not bool((differ & outside).any())
+
+
+def test_a_prefill_with_its_reads_the_device_twice(gpu, fx, inputs):
+    """Every device read stalls the host until the queued layers finish, and the GPU then idles while the
+    host issues the next work. A prefill needs two: one copy of the prompt's ids (its structure is worked
+    out on the host) and the survivors' count after the ITS decision (the drop's length)."""
+    pv, g = inputs
+    f = _feats(gpu, pv, g)
+    ids, grid = fx["q2.input_ids"].cuda(), g.cuda()
+    with torch.inference_mode():
+        gpu(ids, features=f, grid_thw=grid, use_cache=True, last_logits=True)         # warm
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = gpu(ids, features=f, grid_thw=grid, use_cache=True, last_logits=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    print(f"\nprefill with ITS (kept {int(out.its.kept_count[0])}): {len(syncs)} device reads: {syncs}")
+    assert out.its is not None and len(syncs) <= 2

@@ -85,15 +85,20 @@ class Packing:
     max_len: int = 0
 
     @classmethod
-    def build(cls, key_valid: torch.Tensor, varlen: bool) -> Packing:
-        plain = bool(key_valid.all())
-        if not varlen:
-            return cls(key_valid, False, plain, None if plain else causal_mask(key_valid, key_valid.shape[1]))
+    def build(cls, key_valid: torch.Tensor, varlen: bool, counts: list[int] | None = None) -> Packing:
+        """``counts``: the real tokens of each row, when the caller has them on the host — then nothing
+        here reads the device (a read would stall a GPU prefill until the queued layers finish)."""
         B, L = key_valid.shape
-        counts = key_valid.sum(-1)
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        index = None if plain else key_valid.flatten().nonzero().flatten()
-        return cls(key_valid, True, plain, index=index, cu_seqlens=cu, max_len=int(counts.max()))
+        if counts is None:
+            counts = key_valid.sum(-1).tolist()
+        plain = all(n == L for n in counts)
+        if not varlen:
+            return cls(key_valid, False, plain, None if plain else causal_mask(key_valid, L))
+        cu = F.pad(key_valid.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
+        index = None
+        if not plain:       # flat positions of the real tokens, in order: a stable sort puts them first
+            index = torch.argsort((~key_valid).flatten().to(torch.uint8), stable=True)[:sum(counts)]
+        return cls(key_valid, True, plain, index=index, cu_seqlens=cu, max_len=max(counts))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: Packing) -> torch.Tensor:

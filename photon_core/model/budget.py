@@ -121,10 +121,9 @@ def is_baseline(budget: Budget) -> bool:
 
 
 def decide(budget: Budget, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Keep mask (V,) for one sample under an ITS budget (ρ (V,), θ scalar tensor)."""
+    """Keep mask (V,) for one sample under an ITS budget (ρ (V,), θ scalar tensor). θ must be a model's
+    (an S2 checkpoint's): `PhotonModel.forward` refuses threshold budgets on S1 before it gets here."""
     V = rho.numel()
-    if budget.mode in THRESHOLD_MODES and bool(torch.isnan(theta).any()):
-        raise ValueError(S1_MESSAGE.format(mode=budget.mode))
     if budget.mode == "auto":
         return torch.sigmoid((rho - theta) / TEMPERATURE) > 0.5
     if budget.mode == "full":

@@ -50,7 +50,8 @@ def minmax(u: torch.Tensor) -> torch.Tensor:
 
 def descriptor(rho: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(B, V), (B, V) → (B, 12): ρ mean/std/min/max/q25/median, u mean/std/min/max, slog mean/max."""
-    q = torch.quantile(rho, torch.tensor([0.25, 0.5], dtype=rho.dtype, device=rho.device), dim=-1)
+    # the levels made on the device (a torch.tensor from a list would be a blocking host-to-device copy)
+    q = torch.quantile(rho, torch.linspace(0.25, 0.5, 2, dtype=rho.dtype, device=rho.device), dim=-1)
     slog = torch.sign(u) * torch.log1p(u.abs())
     feats = [rho.mean(-1), rho.std(-1, unbiased=False), rho.min(-1).values, rho.max(-1).values, q[0], q[1],
              u.mean(-1), u.std(-1, unbiased=False), u.min(-1).values, u.max(-1).values,

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from photon_core.model import baselines, its
 from photon_core.model.attention import Packing, varlen_available
-from photon_core.model.budget import Budget, decide, is_baseline
+from photon_core.model.budget import S1_MESSAGE, THRESHOLD_MODES, Budget, decide, is_baseline
 from photon_core.model.config import PhotonConfig
 from photon_core.model.decoder import MRoPE, TextModel, rope_index
 from photon_core.model.its import ITSState, Schedule
@@ -139,10 +139,13 @@ class PhotonModel(nn.Module):
                     question[b, e + 1:last] = True
         return vision, question & valid
 
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None,
+              n_visual: int | None = None) -> torch.Tensor:
+        """Token embeddings with the visual features at the <|video_pad|> slots. ``n_visual``: how many
+        there are, when the caller counted them on the host (else counted here: a device read)."""
         x = self.model.embed_tokens(input_ids)
         vis = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-        n_tok = int(vis.sum())
+        n_tok = int(vis.sum()) if n_visual is None else n_visual
         n_feat = 0 if features is None else features.shape[0]
         if n_tok != n_feat:
             raise ValueError(f"Visual tokens and features do not match: the prompt has {n_tok} "
@@ -153,7 +156,7 @@ class PhotonModel(nn.Module):
 
     # ------------------------------------------------------------------ ITS
     def _its(self, q, k, vision, question, key_valid, budgets: list[Budget],
-             schedule: Schedule | None) -> ITSState:
+             schedule: Schedule | None, rows: list | None = None) -> ITSState:
         """Saliency, threshold and keep decision of every row at the ITS layer (q (B, H, L, d),
         k (B, Hkv, L, d)).
 
@@ -166,7 +169,8 @@ class PhotonModel(nn.Module):
         B = q.shape[0]
         rep = q.shape[1] // k.shape[1]
         kr = k.repeat_interleave(rep, 1)                                       # (B, H, L, d)
-        rows = [(vision[b].nonzero().flatten(), question[b].nonzero().flatten()) for b in range(B)]
+        if rows is None:                  # (visual, question) positions of each row; the forward passes them
+            rows = [(vision[b].nonzero().flatten(), question[b].nonzero().flatten()) for b in range(B)]
         us = [its.saliency(q[b][:, qi], kr[b][:, qi], kr[b][:, vi]) for b, (vi, qi) in enumerate(rows)]
         if len({u.numel() for u in us}) != 1:
             raise ValueError("every sample in a batch must carry the same number of visual tokens")
@@ -195,7 +199,9 @@ class PhotonModel(nn.Module):
                         u_graph=u_graph)
 
     def _apply_its(self, h, state: ITSState, vision, key_valid, schedule: Schedule | None):
-        """Apply the decision at the ITS layer's output. Returns h and (idx, valid) if tokens dropped."""
+        """Apply the decision at the ITS layer's output. Returns h and, if tokens dropped, (idx, valid,
+        survivors per row): the survivors are read on the host here, the prefill's one read after its
+        first layers (the drop's length is the only thing the host must know)."""
         B, L, _ = h.shape
         keep_full = torch.zeros_like(vision)
         if self.training:
@@ -209,14 +215,16 @@ class PhotonModel(nn.Module):
             keep = ~state.keep if schedule.flip else state.keep
             keep_full = keep_full.masked_scatter(vision, keep)
             presence = key_valid & (~vision | keep_full)
-            idx, valid = pack_indices(presence, "right")
-            return surrogate_gather(h, p_full.to(h.dtype), vision, idx, valid), (idx, valid)
+            counts = presence.sum(-1).tolist()
+            idx, valid = pack_indices(presence, "right", counts)
+            return surrogate_gather(h, p_full.to(h.dtype), vision, idx, valid), (idx, valid, counts)
         keep_full = keep_full.masked_scatter(vision, state.keep)
         if state.merge is not None:
             h = baselines.merge_dropped(h, vision, state.merge)
         presence = key_valid & (~vision | keep_full)
-        idx, valid = pack_indices(presence, "right")
-        return gather_tokens(h, idx, valid), (idx, valid)
+        counts = presence.sum(-1).tolist()
+        idx, valid = pack_indices(presence, "right", counts)
+        return gather_tokens(h, idx, valid), (idx, valid, counts)
 
     # ------------------------------------------------------------------ prefill / training forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -256,19 +264,31 @@ class PhotonModel(nn.Module):
             grid_thw = grid_thw.expand(B, 3)
         budgets = ([Budget.parse(b) for b in budget] if isinstance(budget, list)
                    else [Budget.parse(budget)] * B)
-        h = self.embed(input_ids, features)
-        pos, _ = rope_index(input_ids, grid_thw, attention_mask, c)
-        next_pos = pos.max(0).values.masked_fill(attention_mask == 0, -1).max(-1).values + 1   # (B,)
+        # The prompt's structure (positions, visual and question spans, lengths) is worked out on the
+        # host from ONE copy of the ids, and sent back without waiting: no device read per row or check.
+        dev = input_ids.device
+        ids_h, mask_h, grid_h = _host_copy(input_ids, attention_mask, grid_thw)
+        vision_h, question_h = self.masks(ids_h, mask_h)
+        n_visual = int(((ids_h == c.video_token_id) | (ids_h == c.image_token_id)).sum())
+        h = self.embed(input_ids, features, n_visual)
+        pos_h, _ = rope_index(ids_h, grid_h, mask_h, c)
+        next_pos = _to(pos_h.max(0).values.masked_fill(mask_h == 0, -1).max(-1).values + 1, dev)   # (B,)
+        pos = _to(pos_h, dev)
         cos, sin = self.rope(pos, h.dtype)
         key_valid = attention_mask.bool()
-        vision, question = self.masks(input_ids, attention_mask)
+        vision, question = _to(vision_h, dev), _to(question_h, dev)
         orig_index = torch.arange(L, device=h.device).expand(B, L)
         varlen = not self.training and varlen_available(h.device, h.dtype)
-        pk = Packing.build(key_valid, varlen)
+        pk = Packing.build(key_valid, varlen, mask_h.bool().sum(-1).tolist())
         caches: list = []
         state: ITSState | None = None
         seq_lens = []
-        run_its = use_its and bool(vision.any()) and bool(question.any())
+        run_its = use_its and bool(vision_h.any()) and bool(question_h.any())
+        needs_theta = [b.mode for b in budgets if b.mode in THRESHOLD_MODES]
+        if run_its and self.its_module is None and needs_theta:          # S1: no learned threshold θ
+            raise ValueError(S1_MESSAGE.format(mode=needs_theta[0]))
+        rows = [(_to(vision_h[b].nonzero().flatten(), dev), _to(question_h[b].nonzero().flatten(), dev))
+                for b in range(B)] if run_its else None
         for i, layer in enumerate(self.model.layers):
             seq_lens.append(h.shape[1])
             if i == self.its_layer and run_its:
@@ -276,17 +296,17 @@ class PhotonModel(nn.Module):
                 h, kv = layer(h, cos, sin, pk, qkv_out=qk)
                 if use_cache:
                     caches.append(kv)
-                state = self._its(qk[0], qk[1], vision, question, key_valid, budgets, schedule)
+                state = self._its(qk[0], qk[1], vision, question, key_valid, budgets, schedule, rows)
                 h, dropped = self._apply_its(h, state, vision, key_valid, schedule)
                 if dropped is not None:
-                    idx, valid = dropped
+                    idx, valid, counts = dropped
                     caches = [tuple(gather_tokens(t.transpose(1, 2), idx, valid).transpose(1, 2) for t in kv)
                               for kv in caches]
                     pos = torch.stack([gather_tokens(pp, idx, valid) for pp in pos])
                     cos, sin = self.rope(pos, h.dtype)
                     key_valid = valid
                     orig_index = gather_tokens(orig_index, idx, valid)
-                    pk = Packing.build(key_valid, varlen)
+                    pk = Packing.build(key_valid, varlen, counts)
             else:
                 h, kv = layer(h, cos, sin, pk)
                 if use_cache:
@@ -295,3 +315,25 @@ class PhotonModel(nn.Module):
         return Output(logits=logits, its=state, key_valid=key_valid, orig_index=orig_index,
                       cache=caches if use_cache else None, next_position=next_pos, seq_len_per_layer=seq_lens,
                       scan_features=scan_features)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto ``device`` without waiting for the device's queued work (pageable memory is
+    staged at once, so the source may be freed after)."""
+    return t.to(device, non_blocking=True)
+
+
+def _host_copy(*ts: torch.Tensor | None) -> tuple:
+    """CPU copies of small integer tensors (ids, mask, grid) with one device read in all; None stays None."""
+    present = [t for t in ts if t is not None]
+    if all(t.device.type == "cpu" for t in present):
+        return ts
+    flat = torch.cat([t.reshape(-1).long() for t in present]).cpu()
+    out, i = [], 0
+    for t in ts:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+        i += t.numel()
+    return tuple(out)

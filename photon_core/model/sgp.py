@@ -29,14 +29,18 @@ SAT_FLOOR = 5e-3
 EPS = 1e-6
 
 
-def pack_indices(presence: torch.Tensor, align: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+def pack_indices(presence: torch.Tensor, align: str = "left",
+                 counts_host: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Survivor mask (B, L) → gather indices (B, N) and validity (B, N), N = max survivors.
 
     Survivors keep their order. ``align='left'`` puts them first (padding at the end);
     ``'right'`` puts them last (padding in front, so the last real token ends every row).
+    ``counts_host``: the survivors per row, read by the caller already (else read here).
     """
     counts = presence.sum(-1)
-    N = int(counts.max()) if presence.numel() else 0
+    if counts_host is None:
+        counts_host = counts.tolist()
+    N = max(counts_host, default=0)
     B, L = presence.shape
     ar = torch.arange(L, device=presence.device).expand(B, L)
     # Survivors sorted first, in order: key = position for survivors, L + position otherwise.
