@@ -56,3 +56,21 @@ def test_gpu_run_smoke_writes_every_section(tmp_path):
     assert merged["meta"]["device"].startswith("cpu") and merged["meta"]["attention"] == "PyTorch SDPA"
     assert "decode_b1_vs_stock_compiled (≥ 2.4)" in merged["targets"]
     assert "skipped" in (tmp_path / "tests.log").read_text()      # the GPU tests skip cleanly without CUDA
+
+
+def test_cpu_ops_counts_fewer_kernels_fused(tmp_path):
+    """bench/cpu_ops.py runs, and the fused projections launch fewer operations per decode step and
+    fewer matmuls per layer than the separate ones."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def run(*extra):
+        r = subprocess.run([sys.executable, "bench/cpu_ops.py", *extra], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout)
+
+    fused, separate = run(), run("--separate")
+    assert fused["fused"] and not separate["fused"]
+    assert fused["decode_step_ops"] < separate["decode_step_ops"]
+    assert fused["decode_step_matmuls_per_layer"] < separate["decode_step_matmuls_per_layer"]
+    assert fused["prefill_ops"] < separate["prefill_ops"]

@@ -135,5 +135,5 @@ class GatedMLP(Fusable):
         if self.fused_ready():
             w, b, wd = self._fused
             gate, up = F.linear(x, w, b).chunk(2, -1)
-            return F.linear(self.act(gate) * up, wd, self.down_proj.bias)
+            return F.linear(self.act(gate).mul_(up), wd, self.down_proj.bias)     # no gradient here: in place
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
