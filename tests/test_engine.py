@@ -454,6 +454,10 @@ def test_fused_projections_equal_separate_layers_and_stay_official(parity_dir, f
     attn = m.model.layers[0].self_attn
     storage = attn._fused[0].untyped_storage().data_ptr()
     assert m.fused and attn.k_proj.weight.untyped_storage().data_ptr() == storage     # views: no copy
+    m.fuse_projections(False)
+    assert not m.fused
+    m.fuse_projections(True)            # built once: a graph captured on either path reads live memory
+    assert m.fused and attn._fused[0].untyped_storage().data_ptr() == storage
     fused = generate(m, ids, features=feats, grid_thw=grid, max_new_tokens=6, return_step_logits=True)
     eng.release(m)
     with torch.inference_mode():

@@ -196,6 +196,9 @@ def test_s1_folder_runs_full_and_saliency_budgets_not_auto(s1_dir, s2_dir, frame
         with pytest.raises(ValueError, match="S2 checkpoint"):
             s1.ask(QUESTION, budget, max_new_tokens=1)
     assert s2.supports("auto") is None and s1.supports("25%") is None
+    ids = torch.tensor([s1.tokenizer.prompt(QUESTION, s1.features.shape[0])[0]])
+    with torch.inference_mode(), pytest.raises(ValueError, match="S2 checkpoint"):   # the model refuses too
+        s1.model(ids, features=s1.features, grid_thw=s1.grid_thw, budget="auto")
 
 
 def test_pickle_only_folder_is_refused_without_unpickling(parity_dir, tmp_path, no_unpickling):

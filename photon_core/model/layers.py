@@ -50,21 +50,29 @@ class Fusable(nn.Module):
     tensor is not a parameter). Moving or casting the module (``.to``, ``.half``, …) replaces the
     parameters, so it unfuses; fuse again after."""
 
-    _fused: tuple | None = None
+    _fused: tuple | None = None       # the fused tensors, built once (the parameters are views of them)
+    _active: bool = False
 
     def fuse(self) -> None:
+        """Run fused. The fused tensors are built on the first call and kept: a CUDA graph captured on
+        either path keeps reading live memory whatever is switched later."""
+        if self._fused is None:
+            self._fused = self._build()
+        self._active = True
+
+    def _build(self) -> tuple:
         raise NotImplementedError
 
     def unfuse(self) -> None:
-        """Back to the separate layers (their parameters stay views of the fused tensor: same values)."""
-        self._fused = None
+        """Back to the separate layers (their parameters stay views of the fused tensors: same values)."""
+        self._active = False
 
     def _apply(self, fn, recurse=True):
-        self.unfuse()
+        self._fused, self._active = None, False        # the parameters are being replaced
         return super()._apply(fn, recurse)
 
     def fused_ready(self) -> bool:
-        return self._fused is not None and not torch.is_grad_enabled()
+        return self._active and not torch.is_grad_enabled()
 
 
 def _repoint(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -80,7 +88,7 @@ class FusedLinears(Fusable):
 
     FUSED: tuple[str, ...] = ()
 
-    def fuse(self) -> None:
+    def _build(self) -> tuple:
         lins = [getattr(self, n) for n in self.FUSED]
         sizes = [lin.out_features for lin in lins]
         with torch.no_grad():
@@ -88,7 +96,7 @@ class FusedLinears(Fusable):
             b = torch.cat([lin.bias for lin in lins]) if lins[0].bias is not None else None
             for i, lin in enumerate(lins):
                 _repoint(lin, w.split(sizes)[i], None if b is None else b.split(sizes)[i])
-        self._fused = (w, b)
+        return w, b
 
     def fused_linear(self, x: torch.Tensor) -> torch.Tensor | None:
         """All the fused layers' outputs side by side (…, Σ out_features), or None (not fused, or a
@@ -113,7 +121,7 @@ class GatedMLP(Fusable):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
 
-    def fuse(self) -> None:
+    def _build(self) -> tuple:
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         n = g.out_features
         m = -(-n // self.PAD) * self.PAD
@@ -129,7 +137,7 @@ class GatedMLP(Fusable):
             _repoint(g, w[:n], None if b is None else b[:n])
             _repoint(u, w[m:m + n], None if b is None else b[m:m + n])
             _repoint(d, wd[:, :n], None)
-        self._fused = (w, b, wd)
+        return w, b, wd
 
     def forward(self, x):
         if self.fused_ready():

@@ -87,8 +87,8 @@ class PhotonModel(nn.Module):
         """Inference: each decoder layer's q/k/v and each MLP's gate/up projections as one matmul each,
         the MLPs' hidden width padded for aligned matmuls (`layers.Fusable`; parameters become views).
         Call after the model is on its device and dtype (moving it unfuses). ``on=False`` unfuses.
-        Returns the model. A decode engine captured before a change keeps its graphs:
-        `inference.engine.release` the model first."""
+        Returns the model. Graphs captured before a switch keep running the path they captured (the
+        same weights in the same memory); `inference.engine.release` the model to capture the other."""
         for mod in self.modules():
             if isinstance(mod, Fusable) and on:
                 mod.fuse()
@@ -98,7 +98,7 @@ class PhotonModel(nn.Module):
 
     @property
     def fused(self) -> bool:
-        return self.model.layers[0].self_attn._fused is not None
+        return self.model.layers[0].self_attn._active
 
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh initialisation (normal std, zero biases, unit norms), then the ITS init."""
