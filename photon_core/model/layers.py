@@ -58,6 +58,10 @@ class Fusable(nn.Module):
         either path keeps reading live memory whatever is switched later."""
         if self._fused is None:
             self._fused = self._build()
+            if self._fused[0].is_cuda:      # weights, not inputs: compiled CUDA graphs must not copy them
+                for t in self._fused:
+                    if t is not None:
+                        torch._dynamo.mark_static_address(t, guard=False)
         self._active = True
 
     def _build(self) -> tuple:
