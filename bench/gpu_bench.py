@@ -14,7 +14,8 @@ order, each part guarded: an error or the time budget skips it, recorded):
     TTFT, answer = prefill + 32 tokens (vision included, and on cached features), decode tok/s at batch
     1 and 8 (CUDA-graph step) and batch 1 (eager step), peak memory against the weights' bytes;
   kernels and kernel time per graph decode step (``decode_step_profile``); the same row with separate
-    projections (vision, prefill, decode b1 and its step profile: the fusion's effect, same run);
+    projections (vision, prefill, decode b1 and its step profile: the fusion's effect, same run); decode b1
+    with each decode-attention kernel (matmul, sdpa) and their step profiles;
   service: one ask through the ask batcher vs 8 concurrent asks from 8 sessions (8 volumes);
   B Photon without ITS; torch profiler of prefill and of eager decode steps; the compiled decode step at
   batch 1 (and the answer with it); D FastV at 390; C at 10 / 25 / 50 %; A stock geometry (temporal
@@ -488,6 +489,29 @@ def fused_vs_separate(rec: Record, name: str, m, x: Inputs, budget, rep: int):
     rec.write()
 
 
+def decode_kernel_ab(rec: Record, name: str, m, x: Inputs, budget, rep: int):
+    """Batch-1 decode with each decode-attention kernel (`attention.set_decode_kernel`), steps rebuilt for
+    each, and its step profile: which one the default should be."""
+    from photon_core.model import attention
+
+    r = rec.row(name)
+    mode = "eager" if SMOKE else "graph"
+    default = attention.decode_kernel()
+    try:
+        for kernel in attention.DECODE_KERNELS:
+            release(m)
+            attention.set_decode_kernel(kernel)
+            rate = decode_rate(m, x, budget, True, 1, mode, max(3, rep // 2))
+            r[f"decode_tok_s_b1_{kernel}_kernel"] = rate["decode_tok_s_b1"]
+            prof = step_profile(answer_fn(m, x, budget, True, 9, 1, mode),
+                                answer_fn(m, x, budget, True, 1, 1, mode), 8)
+            rec.data.setdefault("decode_step_profile", {})[f"ours {mode}, {kernel} decode attention"] = prof
+            rec.write()
+    finally:
+        attention.set_decode_kernel(default)
+        release(m)
+
+
 def service(rec: Record, model, frames_list, repeats: int, new: int):
     """One ask through the ask batcher vs 8 concurrent asks from 8 sessions (each its own volume)."""
     import photon_core.inference.predictor as predictor_mod
@@ -592,6 +616,7 @@ def photon_parts(args, rec: Record, m: PhotonModel, x: Inputs, frames: torch.Ten
     rec.part("C core (graph, eager decode)", lambda: core_row(rec, c390, m, x, top, True, rep, c_modes), 15)
     rec.part("decode step profile (graph)", lambda: ours_step_profiles(rec, m, x, top, modes), 4)
     rec.part("fused vs separate projections", lambda: fused_vs_separate(rec, c390, m, x, top, rep), 10)
+    rec.part("decode attention kernels", lambda: decode_kernel_ab(rec, c390, m, x, top, rep), 8)
     frames_list = [torch.rand(140, 1, 280, 280) for _ in range(8)]       # 8 sessions' CTs (1,000 tokens each)
     rec.part("service: 1 ask vs 8 concurrent",
              lambda: service(rec, m, frames_list, 1 if smoke else 5, NEW), 15)

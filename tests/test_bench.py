@@ -36,12 +36,15 @@ def test_gpu_run_smoke_writes_every_section(tmp_path):
               "decode_tok_s_b8", "train_step_s"):
         assert c[f] > 0, f
     assert c["decode_path_b1"] == "eager" and "peak_mem_gib_b1" not in c          # no GPU figures on CPU
-    for f in ("vision_s_separate", "prefill_s_separate", "decode_tok_s_b1_separate"):
+    for f in ("vision_s_separate", "prefill_s_separate", "decode_tok_s_b1_separate",
+              "decode_tok_s_b1_matmul_kernel", "decode_tok_s_b1_sdpa_kernel"):
         assert c[f] > 0, f
     steps = ours["decode_step_profile"]
     fused, separate = steps["ours eager"], steps["ours eager, separate projections"]
     assert 0 < fused["launches_per_step"] < separate["launches_per_step"]    # fusion: fewer ops per step
     assert fused["ms_per_step"] > 0 and fused["top"]
+    sdpa = steps["ours eager, sdpa decode attention"]
+    assert sdpa["launches_per_step"] < steps["ours eager, matmul decode attention"]["launches_per_step"]
     s = ours["service"]
     assert s["sessions"] == 8 and s["batch_sizes_seen"] == [8] and s["one_ask_s"] > 0
     assert s["batcher_stats"]["max_rows"] == 8

@@ -259,7 +259,14 @@ def test_decode_attention_equals_sdpa():
     allowed = torch.rand(2, 10) > 0.3
     allowed[:, -1] = True
     ref = attention.attend(q, k, v, allowed[:, None, None, :])
-    assert torch.allclose(attention.decode_attention(q, k, v, allowed), ref, atol=1e-6)
+    try:
+        for kernel in attention.DECODE_KERNELS:
+            attention.set_decode_kernel(kernel)
+            assert torch.allclose(attention.decode_attention(q, k, v, allowed), ref, atol=1e-6), kernel
+    finally:
+        attention.set_decode_kernel("matmul")
+    with pytest.raises(ValueError, match="decode kernel"):
+        attention.set_decode_kernel("flash-decoding")
 
 
 def test_answer_probability(tiny_model_dir):

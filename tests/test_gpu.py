@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from test_engine import left_pad
 
-from photon_core.inference.engine import vision_for
+from photon_core.inference.engine import release, vision_for
 from photon_core.inference.generate import generate
-from photon_core.model import photon
+from photon_core.model import attention, photon
 from photon_core.model.attention import block_attention
 from photon_core.model.checkpoint import load_model
 
@@ -121,7 +121,18 @@ def _two_rows(fx, pad):
     return ids.cuda(), mask.cuda()
 
 
-def test_cuda_graph_decode_is_identical_to_eager_decode(gpu, fx, inputs):
+@pytest.mark.parametrize("kernel", attention.DECODE_KERNELS)
+def test_cuda_graph_decode_is_identical_to_eager_decode(gpu, fx, inputs, kernel):
+    release(gpu)                                  # the steps are rebuilt with this decode-attention kernel
+    attention.set_decode_kernel(kernel)
+    try:
+        _graph_equals_eager(gpu, fx, inputs)
+    finally:
+        attention.set_decode_kernel("matmul")
+        release(gpu)
+
+
+def _graph_equals_eager(gpu, fx, inputs):
     pv, g = inputs
     f = _feats(gpu, pv, g)
     ids, mask = _two_rows(fx, gpu.config.pad_token_id)

@@ -7,8 +7,10 @@
   boolean "may attend" mask (CPU, training). Packing is derived from the validity mask, never from
   position ids: after the ITS drop the kept tokens keep gapped original positions.
 * `decode_attention` — one new query per row against a static KV cache (B, Hkv, S, d) with a (B, S)
-  validity mask; plain matmuls and a softmax in fp32, grouped by KV head (no repeat), fixed shapes, so
-  the step can be captured as a CUDA graph or compiled. The same code runs on CPU.
+  validity mask, grouped by KV head (no repeat), fixed shapes, so the step can be captured as a CUDA
+  graph or compiled; the same code runs on CPU. Two kernels (`set_decode_kernel`): ``matmul`` (two
+  matmuls and an fp32 softmax, 7 kernels a layer) and ``sdpa`` (one fused SDPA call, the H/Hkv query
+  heads of a KV head as its query rows); which is faster on a GPU is for bench/gpu_bench.py to say.
 * `block_attention` — non-causal attention restricted to consecutive blocks given by cumulative
   lengths (the vision tower's windows and per-slice full attention): one varlen call on CUDA,
   else the blocks padded into one batched SDPA call (equal-length blocks need no mask).
@@ -139,14 +141,35 @@ def causal_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- decode
+DECODE_KERNELS = ("matmul", "sdpa")
+_decode_kernel = "matmul"
+
+
+def set_decode_kernel(name: str) -> None:
+    """Choose `decode_attention`'s kernel for steps built from now on (captured graphs and compiled steps
+    keep theirs: `inference.engine.release` the model to rebuild them)."""
+    global _decode_kernel
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, not {name!r}")
+    _decode_kernel = name
+
+
+def decode_kernel() -> str:
+    return _decode_kernel
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      allowed: torch.Tensor) -> torch.Tensor:
     """q (B, H, 1, d), static cache k/v (B, Hkv, S, d), allowed (B, S) bool → (B, H, 1, d).
 
-    Scores and softmax in fp32; each KV head serves its H/Hkv query heads without a repeat."""
+    Each KV head serves its H/Hkv query heads without a repeat (they are its r query rows). ``matmul``:
+    scores and softmax in fp32; ``sdpa``: PyTorch's fused kernel (fp32 accumulation inside)."""
     B, H, _, d = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, H // Hkv, d)                                         # (B, Hkv, r, d)
+    if _decode_kernel == "sdpa":
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed[:, None, None, :])
+        return o.reshape(B, H, 1, d)
     s = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))     # (B, Hkv, r, S)
     s = torch.where(allowed[:, None, None, :], s, float("-inf"))              # one kernel, no negation
     p = torch.softmax(s, -1).to(v.dtype)
