@@ -98,8 +98,9 @@ class FusedLinears(Fusable):
         with torch.no_grad():
             w = torch.cat([lin.weight for lin in lins])
             b = torch.cat([lin.bias for lin in lins]) if lins[0].bias is not None else None
-            for i, lin in enumerate(lins):
-                _repoint(lin, w.split(sizes)[i], None if b is None else b.split(sizes)[i])
+            biases = b.split(sizes) if b is not None else [None] * len(lins)
+            for lin, wi, bi in zip(lins, w.split(sizes), biases):
+                _repoint(lin, wi, bi)
         return w, b
 
     def fused_linear(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -139,13 +139,12 @@ class PhotonModel(nn.Module):
                     question[b, e + 1:last] = True
         return vision, question & valid
 
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None,
-              n_visual: int | None = None) -> torch.Tensor:
-        """Token embeddings with the visual features at the <|video_pad|> slots. ``n_visual``: how many
-        there are, when the caller counted them on the host (else counted here: a device read)."""
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None, n_visual: int) -> torch.Tensor:
+        """Token embeddings with the visual features at the <|video_pad|> slots; ``n_visual``: how many
+        there are, counted by the caller on the host."""
         x = self.model.embed_tokens(input_ids)
         vis = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-        n_tok = int(vis.sum()) if n_visual is None else n_visual
+        n_tok = n_visual
         n_feat = 0 if features is None else features.shape[0]
         if n_tok != n_feat:
             raise ValueError(f"Visual tokens and features do not match: the prompt has {n_tok} "
@@ -156,9 +155,9 @@ class PhotonModel(nn.Module):
 
     # ------------------------------------------------------------------ ITS
     def _its(self, q, k, vision, question, key_valid, budgets: list[Budget],
-             schedule: Schedule | None, rows: list | None = None) -> ITSState:
+             schedule: Schedule | None, rows: list) -> ITSState:
         """Saliency, threshold and keep decision of every row at the ITS layer (q (B, H, L, d),
-        k (B, Hkv, L, d)).
+        k (B, Hkv, L, d)); ``rows``: each row's (visual, question) positions, on the device.
 
         Saliency is a measurement, not a path for gradients: the loss reaches ITS only through θ (the
         threshold MLP), as in the reference. ``schedule.saliency_graph`` keeps a differentiable copy
@@ -169,8 +168,6 @@ class PhotonModel(nn.Module):
         B = q.shape[0]
         rep = q.shape[1] // k.shape[1]
         kr = k.repeat_interleave(rep, 1)                                       # (B, H, L, d)
-        if rows is None:                  # (visual, question) positions of each row; the forward passes them
-            rows = [(vision[b].nonzero().flatten(), question[b].nonzero().flatten()) for b in range(B)]
         us = [its.saliency(q[b][:, qi], kr[b][:, qi], kr[b][:, vi]) for b, (vi, qi) in enumerate(rows)]
         if len({u.numel() for u in us}) != 1:
             raise ValueError("every sample in a batch must carry the same number of visual tokens")
