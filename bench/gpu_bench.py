@@ -456,13 +456,17 @@ def step_profile(run_n, run_1, steps: int, top: int = 15) -> dict:
                      sorted(per.items(), key=lambda kv: -kv[1][1])[:top]])
 
 
+def ours_step_profile(m, x: Inputs, budget, mode: str, steps: int = 8) -> dict:
+    """`step_profile` of our engine's decode step, batch 1, in ``mode``."""
+    return step_profile(answer_fn(m, x, budget, True, steps + 1, 1, mode),
+                        answer_fn(m, x, budget, True, 1, 1, mode), steps)
+
+
 def ours_step_profiles(rec: Record, m, x: Inputs, budget, modes):
     """Kernels and kernel time per decode step of our engine, batch 1, per mode."""
-    steps = 8
     prof = rec.data.setdefault("decode_step_profile", {})
     for mode in modes:
-        prof[f"ours {mode}"] = step_profile(answer_fn(m, x, budget, True, steps + 1, 1, mode),
-                                            answer_fn(m, x, budget, True, 1, 1, mode), steps)
+        prof[f"ours {mode}"] = ours_step_profile(m, x, budget, mode)
         rec.write()
 
 
@@ -481,8 +485,8 @@ def fused_vs_separate(rec: Record, name: str, m, x: Inputs, budget, rep: int):
         rate = decode_rate(m, x, budget, True, 1, mode, max(3, rep // 2))
         r["decode_tok_s_b1_separate"] = rate["decode_tok_s_b1"]
         r["decode_path_b1_separate"] = rate["decode_path_b1"]
-        rec.data.setdefault("decode_step_profile", {})[f"ours {mode}, separate projections"] = step_profile(
-            answer_fn(m, x, budget, True, 9, 1, mode), answer_fn(m, x, budget, True, 1, 1, mode), 8)
+        prof = ours_step_profile(m, x, budget, mode)
+        rec.data.setdefault("decode_step_profile", {})[f"ours {mode}, separate projections"] = prof
     finally:
         release(m)
         m.fuse_projections(True)
@@ -503,8 +507,7 @@ def decode_kernel_ab(rec: Record, name: str, m, x: Inputs, budget, rep: int):
             attention.set_decode_kernel(kernel)
             rate = decode_rate(m, x, budget, True, 1, mode, max(3, rep // 2))
             r[f"decode_tok_s_b1_{kernel}_kernel"] = rate["decode_tok_s_b1"]
-            prof = step_profile(answer_fn(m, x, budget, True, 9, 1, mode),
-                                answer_fn(m, x, budget, True, 1, 1, mode), 8)
+            prof = ours_step_profile(m, x, budget, mode)
             rec.data.setdefault("decode_step_profile", {})[f"ours {mode}, {kernel} decode attention"] = prof
             rec.write()
     finally:
