@@ -10,7 +10,8 @@
 
 Section ``ours`` (the model fused as the Predictor runs it, `PhotonModel.fuse_projections`; in this
 order, each part guarded: an error or the time budget skips it, recorded):
-  C ITS top-390 (the paper's average keep): vision tower (CUDA graph / eager), prefill (vision included),
+  C ITS top-390 (the paper's average keep): vision tower (CUDA graph / eager), prefill (vision included;
+    the decoder layers as captured spans, as `generate` serves them, and run one by one: ``_eager_layers``),
     TTFT, answer = prefill + 32 tokens (vision included, and on cached features), decode tok/s at batch
     1 and 8 (CUDA-graph step) and batch 1 (eager step), peak memory against the weights' bytes;
   kernels and kernel time per graph decode step (``decode_step_profile``); the same row with separate
@@ -51,7 +52,7 @@ from pathlib import Path
 import torch
 
 from photon_core.inference.batching import AskBatcher
-from photon_core.inference.engine import engine_for, release, vision_for
+from photon_core.inference.engine import engine_for, prefill_for, release, vision_for
 from photon_core.inference.generate import generate
 from photon_core.inference.prompt import Tokenizer
 from photon_core.io.preprocess import patchify
@@ -255,12 +256,16 @@ def peak_gib() -> float | None:
 
 
 # ---------------------------------------------------------------------- ours
-def prefill_fn(model, x: Inputs, budget, use_its: bool, encode):
+def prefill_fn(model, x: Inputs, budget, use_its: bool, encode, layers: str = "auto"):
+    """Vision (``encode``) + the prefill; ``layers``: the prefill engine's mode ('auto': CUDA graphs on
+    the GPU, as `generate` serves it; 'eager': the layers run one by one)."""
+    spans = prefill_for(model, layers)
+
     def run():
         with torch.inference_mode():
             f = encode(x.pv, x.grid)
             return model(x.ids(), features=f, grid_thw=x.grid, budget=budget, use_its=use_its, use_cache=True,
-                         last_logits=True)
+                         last_logits=True, layers=spans)
     return run
 
 
@@ -309,7 +314,11 @@ def core_row(rec: Record, name: str, model, x: Inputs, budget, use_its: bool, re
     eager_enc = model.encode_volume
     graph_enc = vision_for(model, "auto")
     pre = prefill_fn(model, x, budget, use_its, graph_enc)
-    out = pre()
+    sync()
+    t0 = time.perf_counter()
+    out = pre()                                       # captures the tower's graph and the prefill's spans
+    sync()
+    r["prefill_first_call_s"] = time.perf_counter() - t0
     r["kept"] = int(out.its.kept_count[0]) if out.its is not None else x.V
     r["prompt_tokens"] = len(x.prompt)
     with torch.inference_mode():
@@ -318,7 +327,11 @@ def core_row(rec: Record, name: str, model, x: Inputs, budget, use_its: bool, re
         if detail:
             r["vision_eager_s"] = timed(lambda: eager_enc(x.pv, x.grid), repeats)
     r["prefill_s"] = timed(pre, repeats)
+    r["prefill_path"] = prefill_for(model, "auto").path
+    r["prefill_fallback"] = prefill_for(model, "auto").fallback
     if detail:
+        eager_layers = prefill_fn(model, x, budget, use_its, graph_enc, "eager")
+        r["prefill_eager_layers_s"] = timed(eager_layers, repeats)
         r["prefill_eager_vision_s"] = timed(prefill_fn(model, x, budget, use_its, eager_enc), repeats)
         r["ttft_s"] = timed(lambda: pre().logits[:, -1].argmax(-1).cpu(), repeats)
     rec.write()
@@ -384,16 +397,19 @@ def train_step(rec: Record, name: str, model, x: Inputs, use_its: bool, repeats:
 
 
 def profile(rec: Record, model, x: Inputs, budget, path: Path | None):
-    """Where the time goes: prefill (eager decoder, graph vision) and one eager decode step."""
+    """Where the time goes: prefill (graph vision; decoder layers eager, then as captured spans) and eager
+    decode steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.dev.type == "cuda" else [])
     out_txt, summary = [], {}
-    pre = prefill_fn(model, x, budget, True, vision_for(model, "auto"))
+    pre = prefill_fn(model, x, budget, True, vision_for(model, "auto"), "eager")
+    spans = prefill_fn(model, x, budget, True, vision_for(model, "auto"))
     eng = engine_for(model, "eager")
     gen = answer_fn(model, x, budget, True, 9, 1, "eager")
-    for what, fn in (("prefill", pre), ("eager decode, 8 steps (prefill included)", gen)):
+    for what, fn in (("prefill", pre), ("prefill, captured spans", spans),
+                     ("eager decode, 8 steps (prefill included)", gen)):
         fn()
         sync()
         t = time.perf_counter()

@@ -48,7 +48,9 @@ def test_gpu_run_smoke_writes_every_section(tmp_path):
     s = ours["service"]
     assert s["sessions"] == 8 and s["batch_sizes_seen"] == [8] and s["one_ask_s"] > 0
     assert s["batcher_stats"]["max_rows"] == 8
-    assert set(ours["profile"]) == {"prefill", "eager decode, 8 steps (prefill included)"}
+    assert set(ours["profile"]) == {"prefill", "prefill, captured spans",
+                                    "eager decode, 8 steps (prefill included)"}
+    assert c["prefill_path"] == "eager" and c["prefill_eager_layers_s"] > 0     # no captured spans on a CPU
     peer = json.loads((tmp_path / "bench_peer.json").read_text())
     assert all(v["status"] == "ok" for v in peer["parts"].values()), peer["parts"]
     p = peer["rows"]["stock transformers, Photon geometry (no drop)"]

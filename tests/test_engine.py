@@ -232,6 +232,76 @@ def test_packed_prefill_equals_the_masked_one(model, fx, feats, monkeypatch):
     assert torch.allclose(out.logits[v], ref.logits[v], atol=1e-4, rtol=1e-4)
 
 
+def _strict_varlen(monkeypatch):
+    """The reference kernel, holding the caller to what a real kernel needs: no segment longer than
+    ``max_len``, no empty segment."""
+    def kernel(q, k, v, cu, max_len, causal):
+        lens = cu[1:] - cu[:-1]
+        assert int(lens.max()) <= max_len and int(lens.min()) > 0, lens.tolist()
+        return _reference_varlen(q, k, v, cu, max_len, causal)
+    monkeypatch.setattr(attention, "_varlen", kernel)
+    monkeypatch.setattr("photon_core.model.photon.varlen_available", lambda device, dtype: True)
+
+
+def _same_prefill(a, b, atol=1e-5):
+    v = b.key_valid
+    assert torch.equal(a.key_valid, v) and torch.equal(a.orig_index, b.orig_index)
+    assert torch.equal(a.its.keep, b.its.keep) and a.seq_len_per_layer == b.seq_len_per_layer
+    assert torch.allclose(a.logits[v], b.logits[v], atol=atol, rtol=atol)
+    assert len(a.cache) == len(b.cache)
+    for (ka, va), (kb, vb) in zip(a.cache, b.cache):        # (B, Hkv, N, d): compare the real slots
+        for x, y in ((ka, kb), (va, vb)):
+            assert torch.allclose(x.transpose(1, 2)[v], y.transpose(1, 2)[v], atol=atol, rtol=atol)
+
+
+def test_padded_prefill_spans_equal_the_plain_prefill(model, fx, feats, monkeypatch):
+    """What a captured prefill graph runs (`engine.PrefillEngine`: the layers before and after the ITS
+    decision as two spans, padded to a length bucket, every slot packed in place), run eagerly: the same
+    logits, keep decisions, survivors and cache as the plain varlen prefill, for a batch of rows of
+    different lengths and budgets; later prompts reuse a bucket's buffers without leaking into them."""
+    _strict_varlen(monkeypatch)
+    q1, q2, grid = fx["q1.input_ids"][0], fx["q2.input_ids"][0], fx["video_grid_thw"]
+    V = feats.shape[0]
+    ids, mask = left_pad([q2, q1, q1], model.config.pad_token_id)
+    kw = dict(features=feats.repeat(3, 1), grid_thw=grid.repeat(3, 1), use_cache=True,
+              budget=[Budget("top_k", V // 4), Budget("top_k", 3 * V // 4), Budget("auto")])
+    e = eng.PrefillEngine(model, "padded")
+    with torch.no_grad():
+        _same_prefill(model(ids, mask, **kw, layers=e), model(ids, mask, **kw))
+        first = model.its_layer + 1
+        assert sorted(k[:2] for k in e.spans) == [(0, first), (first, model.config.num_hidden_layers)]
+        one = dict(features=feats, grid_thw=grid, use_cache=True, budget="auto")
+        for r in (q2, q1, q2):                         # longer, shorter, longer: stale slots in between
+            _same_prefill(model(r[None], **one, layers=e), model(r[None], **one))
+        plain = model(q1[None], features=feats, grid_thw=grid, use_its=False, use_cache=True)
+        padded = model(q1[None], features=feats, grid_thw=grid, use_its=False, use_cache=True, layers=e)
+    assert padded.its is None and torch.allclose(padded.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    assert any(k[:3] == (0, model.config.num_hidden_layers, None) for k in e.spans)   # no ITS: one span
+    assert e.path == "padded (eager)" and e.fallback is None
+
+
+def test_generation_through_the_padded_prefill_equals_the_plain_one(model, fx, feats, monkeypatch):
+    _strict_varlen(monkeypatch)
+    ids, mask = left_pad([fx["q1.input_ids"][0], fx["q2.input_ids"][0]], model.config.pad_token_id)
+    kw = dict(features=feats.repeat(2, 1), grid_thw=fx["video_grid_thw"].repeat(2, 1), max_new_tokens=6,
+              budget=["top_k:20", "auto"], return_step_logits=True)
+    a = generate(model, ids, mask, prefill_mode="padded", **kw)
+    b = generate(model, ids, mask, prefill_mode="eager", **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.step_logits, b.step_logits, atol=1e-5, rtol=1e-5)
+    assert eng.prefill_for(model, "padded").spans            # the engine ran
+
+
+def test_segment_packing_keeps_every_slot_in_place(model):
+    valid = torch.tensor([[False, False, True, True, True], [False, True, True, True, True]])
+    pk = attention.Packing.segments(valid)
+    assert pk.varlen and pk.index is None and pk.max_len == 5
+    assert pk.cu_seqlens.tolist() == [0, 2, 5, 6, 10]       # row 0: 2 padding, 3 real; row 1: 1, 4
+    with pytest.raises(ValueError, match="needs CUDA"):
+        eng.PrefillEngine(model, "graph")
+    assert eng.PrefillEngine(model).mode == "eager"             # auto on the CPU
+
+
 def test_packing_reads_the_validity_mask_not_positions():
     valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
     pk = attention.Packing.build(valid, varlen=True)

@@ -7,7 +7,10 @@
   (fp32) the eager step's tokens; the graph-captured vision tower the eager tower's features;
 * varlen FlashAttention prefill against the SDPA-mask prefill; varlen blocks against padded ones;
 * the GPU model runs as the Predictor runs it (fused projections); fused against separate layers;
-* a prefill with ITS reads the device twice (the prompt's copy, the survivors' count), nothing more.
+* the prefill's spans captured as CUDA graphs give exactly what they give eagerly, and agree with the
+  plain varlen prefill within bf16;
+* a prefill with ITS reads the device twice (the prompt's copy, the survivors' count), nothing more,
+  with and without the captured spans.
 
 Measured errors are printed (``pytest -s``): bench/gpu_run.sh keeps them in tests.log.
 """
@@ -18,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from test_engine import left_pad
 
-from photon_core.inference.engine import release, vision_for
+from photon_core.inference.engine import PrefillEngine, release, vision_for
 from photon_core.inference.generate import generate
 from photon_core.model import attention, photon
 from photon_core.model.attention import block_attention
@@ -229,23 +232,65 @@ def test_fused_projections_match_separate_layers_on_cuda(parity_dir, gpu, fx, in
         assert not bool((differ & outside).any())
 
 
-def test_a_prefill_with_its_reads_the_device_twice(gpu, fx, inputs):
+def _same_outputs(a, b):
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.its.keep, b.its.keep)
+    assert torch.equal(a.key_valid, b.key_valid) and torch.equal(a.orig_index, b.orig_index)
+    for (ka, va), (kb, vb) in zip(a.cache, b.cache):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_graph_captured_prefill_equals_its_eager_body(gpu, fx, inputs):
+    """The layers before and after the ITS decision, captured as two CUDA graphs (rows of different
+    lengths and budgets, padded to a length bucket), give exactly what the same spans give run eagerly
+    (`padded`), on the capturing call and on a replay; the padded spans agree with the plain varlen
+    prefill within the bf16 bound (the same sums over more rows: only the matmuls' tiling differs), with
+    the same keep decisions outside the band around θ."""
+    pv, g = inputs
+    f = _feats(gpu, pv, g)
+    ids, mask = _two_rows(fx, gpu.config.pad_token_id)
+    kw = dict(features=f.repeat(2, 1), grid_thw=g.cuda().repeat(2, 1), budget=["top_k:30", "auto"],
+              use_cache=True, last_logits=True)
+    graph, padded = PrefillEngine(gpu, "graph"), PrefillEngine(gpu, "padded")
+    with torch.inference_mode():
+        a = gpu(ids, mask, **kw, layers=padded)
+        b = gpu(ids, mask, **kw, layers=graph)                        # captures both spans
+        b2 = gpu(ids, mask, **kw, layers=graph)                       # replays them
+        plain = gpu(ids, mask, **kw)
+    r = rel(a.logits, plain.logits)
+    outside = (plain.its.rho - plain.its.theta[:, None]).abs() > BAND
+    differ = plain.its.keep != a.its.keep
+    print(f"\nprefill graphs: path {graph.path}, fallback {graph.fallback}, spans {len(graph.spans)}; "
+          f"logits equal to the eager spans {torch.equal(a.logits, b.logits)}; padded vs plain max rel "
+          f"{r:.2e}, "
+          f"{int(differ.sum())} keep decisions differ")
+    assert graph.path == "cuda-graph" and graph.fallback is None
+    assert len(graph.spans) == 2 and all(sp.graph is not None for sp in graph.spans.values())
+    _same_outputs(b, a)
+    _same_outputs(b2, a)
+    assert r < LOGIT_BOUND and not bool((differ & outside).any())
+
+
+@pytest.mark.parametrize("spans", ["eager", "graph"])
+def test_a_prefill_with_its_reads_the_device_twice(gpu, fx, inputs, spans):
     """Every device read stalls the host until the queued layers finish, and the GPU then idles while the
     host issues the next work. A prefill needs two: one copy of the prompt's ids (its structure is worked
-    out on the host) and the survivors' count after the ITS decision (the drop's length)."""
+    out on the host) and the survivors' count after the ITS decision (the drop's length); the captured
+    spans add none."""
     pv, g = inputs
     f = _feats(gpu, pv, g)
     ids, grid = fx["q2.input_ids"].cuda(), g.cuda()
+    layers = PrefillEngine(gpu, spans)
     with torch.inference_mode():
-        gpu(ids, features=f, grid_thw=grid, use_cache=True, last_logits=True)         # warm
+        gpu(ids, features=f, grid_thw=grid, use_cache=True, last_logits=True, layers=layers)   # warm, capture
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                out = gpu(ids, features=f, grid_thw=grid, use_cache=True, last_logits=True)
+                out = gpu(ids, features=f, grid_thw=grid, use_cache=True, last_logits=True, layers=layers)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    print(f"\nprefill with ITS (kept {int(out.its.kept_count[0])}): {len(syncs)} device reads: {syncs}")
-    assert out.its is not None and len(syncs) <= 2
+    print(f"\nprefill with ITS ({spans} spans, kept {int(out.its.kept_count[0])}): {len(syncs)} device "
+          f"reads: {syncs}")
+    assert out.its is not None and layers.fallback is None and len(syncs) <= 2

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from photon_core.inference.engine import Sampling, engine_for, repetition_penalised, top_p_filter
+from photon_core.inference.engine import Sampling, engine_for, prefill_for, repetition_penalised, top_p_filter
 from photon_core.model.photon import Output, PhotonModel
 
 __all__ = ["Generation", "Sampling", "generate", "repetition_penalised", "top_p_filter"]
@@ -29,15 +29,17 @@ def generate(model: PhotonModel, input_ids, attention_mask=None, features=None, 
              max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None, use_its: bool = True,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-             return_step_logits: bool = False, on_prefill=None, mode: str = "auto") -> Generation:
+             return_step_logits: bool = False, on_prefill=None, mode: str = "auto",
+             prefill_mode: str = "auto") -> Generation:
     """Greedy (or sampled) decoding with a KV cache that holds only the surviving tokens.
 
     Rows that produce one of the ``eos_token_id`` ids continue with the first of them until all are
     done (checked every few steps on CUDA, so a finished batch may carry a few more stop ids).
-    ``mode``: the engine's (`engine.MODES`; 'auto' = CUDA graph on GPU, eager on CPU).
+    ``mode``: the decode engine's (`engine.MODES`; 'auto' = CUDA graph on GPU, eager on CPU);
+    ``prefill_mode``: the prefill layers' (`engine.PREFILL_MODES`; 'auto' = CUDA graphs on GPU).
     """
     out = model(input_ids, attention_mask, features=features, grid_thw=grid_thw, budget=budget,
-                use_cache=True, use_its=use_its, last_logits=True)
+                use_cache=True, use_its=use_its, last_logits=True, layers=prefill_for(model, prefill_mode))
     if on_prefill is not None:
         on_prefill(out)
     stops = () if eos_token_id is None else tuple(int(i) for i in torch.as_tensor(eos_token_id).flatten())

@@ -74,9 +74,10 @@ def _varlen(q, k, v, cu: torch.Tensor, max_len: int, causal: bool) -> torch.Tens
 class Packing:
     """Where the real tokens of a padded batch (B, L) are, in the form the chosen kernel needs.
 
-    varlen: ``index`` (n,) flat positions b·L + l of the real tokens (None: every slot is real),
-    ``cu_seqlens`` (B+1,) int32 and ``max_len``. SDPA: ``allowed`` (B, 1, L, L) causal & valid keys, or
-    None with ``plain`` (no padding: SDPA's own causal mask)."""
+    varlen: ``index`` (n,) flat positions b·L + l of the real tokens (None: every slot is packed in
+    place), ``cu_seqlens`` int32 (B+1 from `build`, 2B+1 from `segments`) and ``max_len``. SDPA:
+    ``allowed`` (B, 1, L, L) causal & valid keys, or None with ``plain`` (no padding: SDPA's own causal
+    mask)."""
 
     key_valid: torch.Tensor
     varlen: bool
@@ -101,6 +102,18 @@ class Packing:
         if not plain:       # flat positions of the real tokens, in order: a stable sort puts them first
             index = torch.argsort((~key_valid).flatten().to(torch.uint8), stable=True)[:sum(counts)]
         return cls(key_valid, True, plain, index=index, cu_seqlens=cu, max_len=max(counts))
+
+    @classmethod
+    def segments(cls, key_valid: torch.Tensor) -> Packing:
+        """Varlen packing of a left-padded batch with every slot in place: row b is two segments,
+        [its padding, its real tokens], so the kernel runs over all B·L slots (no gather, no scatter)
+        and the padding attends only to padding (finite, never seen by a real token). Reads nothing from
+        the device and has fixed shapes: what a captured prefill graph runs (`engine.PrefillEngine`).
+        Each row's real tokens must end the row; a row without padding gives an empty segment."""
+        B, L = key_valid.shape
+        real = key_valid.sum(-1)
+        cu = F.pad(torch.stack((L - real, real), -1).flatten().cumsum(0), (1, 0)).to(torch.int32)
+        return cls(key_valid, True, False, cu_seqlens=cu, max_len=L)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: Packing) -> torch.Tensor:

@@ -223,12 +223,24 @@ class PhotonModel(nn.Module):
         idx, valid = pack_indices(presence, "right", counts)
         return gather_tokens(h, idx, valid), (idx, valid, counts)
 
+    def run_layers(self, start: int, stop: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   pk: Packing, qk_at: int | None = None) -> tuple[torch.Tensor, list, list | None]:
+        """Decoder layers [start, stop) over h (B, L, D) with the `MRoPE` tables and the attention's
+        `Packing` → h, each layer's (k, v) (B, Hkv, L, d), and layer ``qk_at``'s roped (q, k) (what ITS
+        scores), else None."""
+        kvs: list = []
+        qk: list = []
+        for i in range(start, stop):
+            h, kv = self.model.layers[i](h, cos, sin, pk, qkv_out=qk if i == qk_at else None)
+            kvs.append(kv)
+        return h, kvs, qk or None
+
     # ------------------------------------------------------------------ prefill / training forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 features: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 grid_thw: torch.Tensor | None = None, budget: Budget | list | None = None,
                 use_cache: bool = False, use_its: bool = True, row_scan: list | None = None,
-                schedule: Schedule | None = None, last_logits: bool = False) -> Output:
+                schedule: Schedule | None = None, last_logits: bool = False, layers=None) -> Output:
         """Prefill (eval) or training forward over a left-padded batch (B, L).
 
         ``features`` = cached `encode_volume` output for the whole batch (concatenated in row order);
@@ -238,6 +250,10 @@ class PhotonModel(nn.Module):
         ``budget``: one Budget or one per row (eval). ``use_its=False`` runs without ITS.
         ``schedule``: how ITS is applied in training mode (default: hard drop); ignored in eval mode.
         ``last_logits``: logits of the last position only (B, 1, vocab), what decoding needs.
+        ``layers``: what runs a span of decoder layers at inference when the varlen kernel is in use
+        (`inference.engine.PrefillEngine`: the span captured as a CUDA graph per length bucket), called
+        as ``layers(model, start, stop, h, cos, sin, key_valid, counts, qk_at)`` and returning what
+        `run_layers` returns; default (and in training, and without varlen): `run_layers`.
         Attention: in eval mode on CUDA one varlen FlashAttention call per layer over the packed real
         tokens (`attention.Packing`); otherwise (CPU, training) SDPA with a padding-aware causal mask.
         Returns logits over the surviving positions and what the trainer's losses need (`Output`).
@@ -276,38 +292,43 @@ class PhotonModel(nn.Module):
         vision, question = _to(vision_h, dev), _to(question_h, dev)
         orig_index = torch.arange(L, device=h.device).expand(B, L)
         varlen = not self.training and varlen_available(h.device, h.dtype)
-        pk = Packing.build(key_valid, varlen, mask_h.bool().sum(-1).tolist())
+        counts = mask_h.bool().sum(-1).tolist()
         caches: list = []
         state: ITSState | None = None
-        seq_lens = []
         run_its = use_its and bool(vision_h.any()) and bool(question_h.any())
         needs_theta = [b.mode for b in budgets if b.mode in THRESHOLD_MODES]
         if run_its and self.its_module is None and needs_theta:          # S1: no learned threshold θ
             raise ValueError(S1_MESSAGE.format(mode=needs_theta[0]))
         rows = [(_to(vision_h[b].nonzero().flatten(), dev), _to(question_h[b].nonzero().flatten(), dev))
                 for b in range(B)] if run_its else None
-        for i, layer in enumerate(self.model.layers):
-            seq_lens.append(h.shape[1])
-            if i == self.its_layer and run_its:
-                qk: list = []
-                h, kv = layer(h, cos, sin, pk, qkv_out=qk)
-                if use_cache:
-                    caches.append(kv)
-                state = self._its(qk[0], qk[1], vision, question, key_valid, budgets, schedule, rows)
-                h, dropped = self._apply_its(h, state, vision, key_valid, schedule)
-                if dropped is not None:
-                    idx, valid, counts = dropped
-                    caches = [tuple(gather_tokens(t.transpose(1, 2), idx, valid).transpose(1, 2) for t in kv)
-                              for kv in caches]
-                    pos = torch.stack([gather_tokens(pp, idx, valid) for pp in pos])
-                    cos, sin = self.rope(pos, h.dtype)
-                    key_valid = valid
-                    orig_index = gather_tokens(orig_index, idx, valid)
-                    pk = Packing.build(key_valid, varlen, counts)
-            else:
-                h, kv = layer(h, cos, sin, pk)
-                if use_cache:
-                    caches.append(kv)
+        graphs = layers if (layers is not None and varlen) else None
+        seq_lens: list = []                       # the attention length each layer saw
+
+        def span(start, stop, h, cos, sin, key_valid, counts, qk_at=None):
+            seq_lens.extend([h.shape[1]] * (stop - start))
+            if graphs is not None:
+                return graphs(self, start, stop, h, cos, sin, key_valid, counts, qk_at)
+            return self.run_layers(start, stop, h, cos, sin, Packing.build(key_valid, varlen, counts), qk_at)
+
+        n_layers = len(self.model.layers)
+        first = self.its_layer + 1 if run_its else n_layers
+        h, kvs, qk = span(0, first, h, cos, sin, key_valid, counts, self.its_layer if run_its else None)
+        if use_cache:
+            caches.extend(kvs)
+        if run_its:
+            state = self._its(qk[0], qk[1], vision, question, key_valid, budgets, schedule, rows)
+            h, dropped = self._apply_its(h, state, vision, key_valid, schedule)
+            if dropped is not None:
+                idx, valid, counts = dropped
+                caches = [tuple(gather_tokens(t.transpose(1, 2), idx, valid).transpose(1, 2) for t in kv)
+                          for kv in caches]
+                pos = torch.stack([gather_tokens(pp, idx, valid) for pp in pos])
+                cos, sin = self.rope(pos, h.dtype)
+                key_valid = valid
+                orig_index = gather_tokens(orig_index, idx, valid)
+            h, kvs, _ = span(first, n_layers, h, cos, sin, key_valid, counts)
+            if use_cache:
+                caches.extend(kvs)
         logits = self.lm_head(self.model.norm(h[:, -1:] if last_logits else h))
         return Output(logits=logits, its=state, key_valid=key_valid, orig_index=orig_index,
                       cache=caches if use_cache else None, next_position=next_pos, seq_len_per_layer=seq_lens,
