@@ -16,7 +16,9 @@ from photon_core.model.layers import GatedMLP, RMSNorm, rope, signed_sin
 
 
 class PatchEmbed3D(nn.Module):
-    """(P, C) patch rows → (P, Dv). A Conv3d whose kernel is the whole patch, i.e. one matmul."""
+    """(P, C) patch rows → (P, Dv). A Conv3d whose kernel is the whole patch (the official parameter), run
+    as the one matmul it is: the same products and sums as the convolution (cuDNN ran it as an implicit
+    3-D convolution GEMM, 1.5 ms of the H200 prefill, for a 4,000 × 2,744 × 1,280 matmul)."""
 
     def __init__(self, v: VisionConfig):
         super().__init__()
@@ -25,7 +27,7 @@ class PatchEmbed3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
-        return F.conv3d(x.to(w.dtype).view(-1, *w.shape[1:]), w, stride=w.shape[2:]).view(-1, w.shape[0])
+        return F.linear(x.to(w.dtype).reshape(-1, w[0].numel()), w.view(w.shape[0], -1))
 
 
 class VisionAttention(nn.Module):
