@@ -318,15 +318,17 @@ class PhotonModel(nn.Module):
         if run_its:
             state = self._its(qk[0], qk[1], vision, question, key_valid, budgets, schedule, rows)
             h, dropped = self._apply_its(h, state, vision, key_valid, schedule)
+            # After the survivors' count was read the device idles until the later layers are queued:
+            # only what they need comes first (their rotary tables: the survivors' rows of the full ones).
             if dropped is not None:
                 idx, valid, counts = dropped
+                cos, sin = (gather_tokens(t[:, 0], idx, valid)[:, None] for t in (cos, sin))
+                key_valid = valid
+            h, kvs, _ = span(first, n_layers, h, cos, sin, key_valid, counts)
+            if dropped is not None:
                 caches = [tuple(gather_tokens(t.transpose(1, 2), idx, valid).transpose(1, 2) for t in kv)
                           for kv in caches]
-                pos = torch.stack([gather_tokens(pp, idx, valid) for pp in pos])
-                cos, sin = self.rope(pos, h.dtype)
-                key_valid = valid
                 orig_index = gather_tokens(orig_index, idx, valid)
-            h, kvs, _ = span(first, n_layers, h, cos, sin, key_valid, counts)
             if use_cache:
                 caches.extend(kvs)
         logits = self.lm_head(self.model.norm(h[:, -1:] if last_logits else h))
