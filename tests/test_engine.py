@@ -292,6 +292,20 @@ def test_generation_through_the_padded_prefill_equals_the_plain_one(model, fx, f
     assert eng.prefill_for(model, "padded").spans            # the engine ran
 
 
+def test_prefill_spans_are_dropped_oldest_first_beyond_the_limits(model, fx, feats, monkeypatch):
+    _strict_varlen(monkeypatch)
+    grid = fx["video_grid_thw"]
+    e = eng.PrefillEngine(model, "padded", max_spans=3)
+    with torch.no_grad():
+        for B in (1, 2, 3):                     # two spans (before / after ITS) per batch size
+            ids, mask = left_pad([fx["q1.input_ids"][0]] * B, model.config.pad_token_id)
+            model(ids, mask, features=feats.repeat(B, 1), grid_thw=grid.repeat(B, 1), layers=e)
+        assert len(e.spans) == 3 and [k[3] for k in e.spans] == [2, 3, 3]     # rows of the spans kept
+        e.max_bytes = 1
+        out = model(fx["q1.input_ids"], features=feats, grid_thw=grid, layers=e, use_cache=True)
+    assert len(e.spans) == 1 and next(iter(e.spans))[3] == 1 and out.cache is not None
+
+
 def test_segment_packing_keeps_every_slot_in_place(model):
     valid = torch.tensor([[False, False, True, True, True], [False, True, True, True, True]])
     pk = attention.Packing.segments(valid)
