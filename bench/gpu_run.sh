@@ -5,12 +5,12 @@
 #
 # (PYTHON=... picks the interpreter; default: python on the PATH.)
 # Runs, each in its own process under its own limit, within GPU_RUN_LIMIT_S (default 280 s; ≤ 300 s in all):
-#   1. tests/test_gpu.py (bf16 vs fp32, graph vs eager decode and prefill spans, varlen, fused, device reads), 60 s
+#   1. tests/test_gpu.py (bf16 vs fp32, graph vs eager decode and prefill spans, varlen, fused, device reads), 75 s
 #                                                                                       -> tests.log, tests.xml
-#   2. bench/gpu_bench.py --section ours (rows A-D, decode modes, fused vs separate, service, profiles), 160 s
+#   2. bench/gpu_bench.py --section ours (rows A-D, decode modes, fused vs separate, service, profiles), 150 s
 #                                                                                       -> bench_ours.json,
 #                                                                                          profile.txt
-#   3. bench/gpu_bench.py --section peer (stock transformers eager, static + compile, step profile), 60 s
+#   3. bench/gpu_bench.py --section peer (stock transformers eager, static + compile, step profile), 55 s
 #                                                                                       -> bench_peer.json
 #   4. merge                                                                             -> gpu_bench.json
 # Every section writes its results as they come; one that fails or runs out of time leaves what it had and
@@ -58,11 +58,11 @@ section() {   # section NAME LIMIT_S COMMAND...: run under min(LIMIT_S, time lef
 'transformers', transformers.__version__, 'gpu', torch.cuda.is_available())" 2>&1 || true
 } >>"$LOG"
 
-section "gpu tests" 60 bash -c "\"$PY\" -m pytest tests/test_gpu.py -q -rA -s -p no:cacheprovider \
+section "gpu tests" 75 bash -c "\"$PY\" -m pytest tests/test_gpu.py -q -rA -s -p no:cacheprovider \
     --junitxml=\"$OUT/tests.xml\" >\"$OUT/tests.log\" 2>&1"
-section "ours" 160 bash -c "\"$PY\" bench/gpu_bench.py $SMOKE_ARG --section ours --budget-s \$SECTION_BUDGET_S \
+section "ours" 150 bash -c "\"$PY\" bench/gpu_bench.py $SMOKE_ARG --section ours --budget-s \$SECTION_BUDGET_S \
     --json \"$OUT/bench_ours.json\" --profile \"$OUT/profile.txt\""
-section "peer" 60 bash -c "\"$PY\" bench/gpu_bench.py $SMOKE_ARG --section peer --budget-s \$SECTION_BUDGET_S \
+section "peer" 55 bash -c "\"$PY\" bench/gpu_bench.py $SMOKE_ARG --section peer --budget-s \$SECTION_BUDGET_S \
     --json \"$OUT/bench_peer.json\""
 timeout 60 "$PY" bench/gpu_bench.py --merge "$OUT/bench_ours.json" "$OUT/bench_peer.json" \
     --json "$OUT/gpu_bench.json" >>"$LOG" 2>&1 || echo "== merge failed" >>"$LOG"

@@ -4,7 +4,8 @@
   near-tie cannot send the two greedy runs apart — why comparing greedy tokens was ill-posed);
 * ITS keep masks agree outside a band around θ;
 * the CUDA-graph decode step gives exactly the eager step's tokens and logits; the compiled step
-  (fp32) the eager step's tokens; the graph-captured vision tower the eager tower's features;
+  (fp32) the eager step's tokens; the graph-captured vision tower the eager tower's features; the
+  served (compiled) tower is as close to the fp32 tower as the eager bf16 one;
 * varlen FlashAttention prefill against the SDPA-mask prefill; varlen blocks against padded ones;
 * the GPU model runs as the Predictor runs it (fused projections); fused against separate layers;
 * the prefill's spans captured as CUDA graphs give exactly what they give eagerly, and agree with the
@@ -164,6 +165,22 @@ def test_graph_captured_vision_tower_equals_eager(gpu, inputs):
     print(f"\nvision graph: path {eng.path}; bitwise equal {torch.equal(a, b)}, max rel {rel(b, a):.2e}")
     assert eng.path == "cuda-graph" and eng.fallback is None
     assert rel(b, a) < 1e-3 and torch.equal(b, b2)
+
+
+def test_served_vision_tower_is_as_close_to_fp32_as_the_eager_one(cpu, gpu, inputs):
+    """The tower as served on CUDA (`vision_for` auto: compiled blocks, then captured) against the fp32 CPU
+    tower: no further than twice the eager bf16 tower's own distance (the compiled kernels keep the
+    fused rotary and norms in fp32, so it should be as close or closer), and a replay gives the same."""
+    pv, g = inputs
+    ref, eager = _feats(cpu, pv, g), _feats(gpu, pv, g)
+    eng = vision_for(gpu)
+    with torch.inference_mode():
+        a = eng(pv.cuda(), g.cuda())
+        b = eng(pv.cuda(), g.cuda())
+    print(f"\nserved vision: path {eng.path}, fallback {eng.fallback}; max rel vs fp32 CPU {rel(a, ref):.2e} "
+          f"(eager bf16: {rel(eager, ref):.2e}), vs eager bf16 {rel(a, eager):.2e}")
+    assert eng.path == "compiled + cuda-graph" and eng.fallback is None
+    assert torch.equal(a, b) and rel(a, ref) <= 2 * rel(eager, ref)
 
 
 def test_varlen_prefill_equals_masked_sdpa_prefill(gpu, fx, inputs, monkeypatch):
