@@ -15,16 +15,16 @@ order, each part guarded: an error or the time budget skips it, recorded):
     one by one: ``_eager_layers``), TTFT, answer = prefill + 32 tokens (vision included, and on cached
     features), decode tok/s at batch 1 and 8 (CUDA-graph step) and batch 1 (eager step), peak memory
     against the weights' bytes;
-  kernels and kernel time per graph decode step (``decode_step_profile``); the tower compiled and only
-    captured (``vision_compile_s``, ``vision_graph_s``, the prefill with each); the same row with separate
-    projections (vision, prefill, decode b1 and its step profile: the fusion's effect, same run); decode b1
-    with each decode-attention kernel (matmul, sdpa) and their step profiles;
+  kernels and kernel time per graph decode step (``decode_step_profile``); as served on CUDA, the
+    compiled decode step at batch 1 (``*_compile``, and the answer with it) and the tower compiled and
+    only captured (``vision_compile_s``, ``vision_graph_s``, the prefill with each); the same row with
+    separate projections (vision, prefill, decode b1 and its step profile: the fusion's effect, same
+    run); decode b1 with each decode-attention kernel (matmul, sdpa) and their step profiles;
   service: one ask through the ask batcher vs 8 concurrent asks from 8 sessions (8 volumes);
-  B Photon without ITS; torch profiler of prefill and of eager decode steps; the compiled decode step at
-  batch 1 (and the answer with it); D FastV at 390; C at 10 / 25 / 50 %; A stock geometry (temporal
-  patch 2, 3 channels → 7,000 tokens; its own model); training step (SGP, frozen tower) for B and C;
-  the compiled step at batch 8 and its step profile; the whole step under
-  torch.compile(mode="reduce-overhead").
+  B Photon without ITS; torch profiler of prefill and of eager decode steps; D FastV at 390; C at 10 /
+  25 / 50 %; A stock geometry (temporal patch 2, 3 channels → 7,000 tokens; its own model); training
+  step (SGP, frozen tower) for B and C; the compiled step at batch 8 and its step profile; the whole
+  step under torch.compile(mode="reduce-overhead").
 Section ``peer``: stock transformers `Qwen2_5_VLForConditionalGeneration` (SDPA) at the same shape and
   prompt: vision tower, prefill, answer and decode tok/s eager (DynamicCache) and with static cache +
   torch.compile (generate's own compile of the decode step), peak memory; kernels and kernel time per
@@ -636,7 +636,9 @@ def photon_parts(args, rec: Record, m: PhotonModel, x: Inputs, frames: torch.Ten
     c_modes = modes if smoke else ("graph", "eager")
     rec.part("C core (graph, eager decode)", lambda: core_row(rec, c390, m, x, top, True, rep, c_modes), 15)
     rec.part("decode step profile (graph)", lambda: ours_step_profiles(rec, m, x, top, modes), 4)
-    if not smoke:                                     # the tower served (compiled) and captured only
+    if not smoke:                 # as served on CUDA: the compiled decode step and the compiled tower
+        rec.part("compiled decode, batch 1 (warm-up included)",
+                 lambda: _compiled(rec, c390, m, x, top, rep, 1), 40)
         rec.part("vision tower: compiled and captured", lambda: _compiled_vision(rec, c390, m, x, rep), 10)
     rec.part("fused vs separate projections", lambda: fused_vs_separate(rec, c390, m, x, top, rep), 10)
     rec.part("decode attention kernels", lambda: decode_kernel_ab(rec, c390, m, x, top, rep), 8)
@@ -646,9 +648,6 @@ def photon_parts(args, rec: Record, m: PhotonModel, x: Inputs, frames: torch.Ten
     rec.part("B core", lambda: core_row(rec, "B Photon, no ITS", m, x, None, False, rep, modes=modes,
                                         detail=False), 8)
     rec.part("profile", lambda: profile(rec, m, x, top, args.profile), 6)
-    if not smoke:
-        rec.part("compiled decode, batch 1 (warm-up included)",
-                 lambda: _compiled(rec, c390, m, x, top, rep, 1), 40)
     small = dict(modes=modes, batches=(1,), detail=False)
     few = min(rep, 3)
     name = f"D FastV top-{k}"

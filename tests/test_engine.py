@@ -130,6 +130,30 @@ def test_engine_reuses_its_buffers_without_leaking_state(model, fx, feats):
     assert torch.equal(d2.tokens, ref.tokens) and torch.equal(d2.logprobs, ref.logprobs)
 
 
+def _failing_compile(monkeypatch):
+    def compile_(fn, **kw):
+        def broken(*a, **k):
+            raise RuntimeError("inductor is unavailable here")
+        return broken
+    monkeypatch.setattr(eng.torch, "compile", compile_)
+
+
+def test_a_compile_that_fails_falls_back_and_says_so(model, fx, feats, monkeypatch):
+    """On the CPU a failing compile leaves the eager step (on CUDA: the eager step captured, test_gpu);
+    the tokens are the eager engine's and the stats name the failure."""
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    with torch.no_grad():
+        pre = model(ids, features=feats, grid_thw=grid, use_cache=True, last_logits=True)
+    ref = eng.DecodeEngine(model, "eager").decode(pre, ids, None, 5)
+    _failing_compile(monkeypatch)
+    e = eng.DecodeEngine(model, "compile")
+    d = e.decode(pre, ids, None, 5)
+    assert torch.equal(d.tokens, ref.tokens) and torch.equal(d.logprobs, ref.logprobs)
+    assert e.mode == "eager" and d.stats["path"] == "eager (fallback)"
+    assert "compile failed: RuntimeError: inductor is unavailable here" in d.stats["fallback"]
+    assert eng.DecodeEngine(model).mode == "eager"              # auto on the CPU
+
+
 def test_choose_sampling_rules():
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.1, 3.0, 2.9, 0.0]])

@@ -136,6 +136,30 @@ def test_cuda_graph_decode_is_identical_to_eager_decode(gpu, fx, inputs, kernel)
         release(gpu)
 
 
+def test_a_failing_decode_compile_falls_back_to_the_captured_eager_step(gpu, fx, inputs, monkeypatch):
+    """compile is the CUDA default; if inductor fails on a server, the step still runs captured (the
+    eager step's graph), not eagerly, and says so."""
+    from photon_core.inference import engine as eng
+
+    pv, g = inputs
+    f = _feats(gpu, pv, g)
+    ids = fx["q1.input_ids"].cuda()
+    with torch.inference_mode():
+        pre = gpu(ids, features=f, grid_thw=g.cuda(), use_cache=True, last_logits=True)
+    ref = eng.DecodeEngine(gpu, "eager").decode(pre, ids, None, 8, return_step_logits=True)
+
+    def compile_(fn, **kw):
+        def broken(*a, **k):
+            raise RuntimeError("inductor is unavailable here")
+        return broken
+    monkeypatch.setattr(eng.torch, "compile", compile_)
+    e = eng.DecodeEngine(gpu)
+    d = e.decode(pre, ids, None, 8, return_step_logits=True)
+    print(f"\nfailed compile: path {d.stats['path']}, fallback {d.stats['fallback']}")
+    assert d.stats["path"] == "cuda-graph (fallback)" and "inductor is unavailable" in d.stats["fallback"]
+    assert torch.equal(d.tokens, ref.tokens) and torch.equal(d.step_logits, ref.step_logits)
+
+
 def _graph_equals_eager(gpu, fx, inputs):
     pv, g = inputs
     f = _feats(gpu, pv, g)
