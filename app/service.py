@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from photon_core.io.preprocess import prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
 from photon_core.model.budget import Budget
 from photon_core.organs import label_blocks, organs_in_question
+
+log = logging.getLogger(__name__)
 
 # What a user of the embedded model must know when reading its answer and its kept blocks (measured
 # in photon_core/demo_model/MODEL_CARD.md): it answers from priors, and where it looks is partly a
@@ -142,8 +145,12 @@ class Engine:
                 from photon_core.inference.predictor import Predictor
 
                 st = self.settings
-                self._predictor = Predictor(st.model_dir, subfolder=st.subfolder, revision=st.revision,
-                                            device=st.device)
+                pred = Predictor(st.model_dir, subfolder=st.subfolder, revision=st.revision, device=st.device)
+                took = pred.warm_up(st.max_new_tokens)   # CUDA: compile and capture now, not at a first ask
+                if took:
+                    log.info("model warmed up on %s in %.1f s (compiled and captured for the CT grid)",
+                             pred.device, took)
+                self._predictor = pred
             return self._predictor
 
     def budget_modes(self) -> tuple[list[tuple[str, str]], str]:

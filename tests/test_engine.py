@@ -440,6 +440,21 @@ def _same(a, b):
     assert np.allclose(a.rho, b.rho, atol=1e-5) and math.isclose(a.probability, b.probability, rel_tol=1e-4)
 
 
+def test_warm_up_builds_on_cuda_only_and_leaves_the_session_as_it_was(served):
+    """On the CPU there is nothing to compile (0 s, nothing run); forced, the warm-up runs a whole ask on a
+    blank volume of the CT grid and leaves the loaded volume, the encode count and later answers as
+    they were."""
+    p, (v1, _, _) = served
+    p.set_features(*v1)
+    before = p.ask("Is there a lesion in the liver?", "auto", max_new_tokens=6)
+    calls = p.encode_calls
+    assert p.warm_up() == 0.0 and p.encode_calls == calls
+    assert p.warm_up(4, always=True) > 0
+    assert p.encode_calls == calls and p.features is v1[0]
+    after = p.ask("Is there a lesion in the liver?", "auto", max_new_tokens=6)
+    assert after.text == before.text and after.kept_indices == before.kept_indices
+
+
 def test_concurrent_asks_from_several_sessions_equal_single_runs(served, caplog):
     """Asks from threads that arrive together (different volumes, priors, budgets; one Compare ask of
     three budgets) are answered in shared forwards, each exactly as it is alone."""
