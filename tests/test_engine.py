@@ -304,6 +304,23 @@ def test_padded_prefill_spans_equal_the_plain_prefill(model, fx, feats, monkeypa
     assert e.path == "padded (eager)" and e.fallback is None
 
 
+def test_its_at_the_last_layer_leaves_an_empty_second_span(model, fx, feats, monkeypatch):
+    import dataclasses
+
+    from photon_core.model.photon import PhotonModel
+
+    _strict_varlen(monkeypatch)
+    n, its = model.config.num_hidden_layers, model.its_layer
+    last = PhotonModel(dataclasses.replace(model.config, its_layer=n - 1)).eval()
+    last.load_state_dict({k.replace(f"layers.{its}.atp.", f"layers.{n - 1}.atp."): v
+                          for k, v in model.state_dict().items()})
+    kw = dict(features=feats, grid_thw=fx["video_grid_thw"], use_cache=True)
+    e = eng.PrefillEngine(last, "padded")
+    with torch.no_grad():
+        _same_prefill(last(fx["q1.input_ids"], **kw, layers=e), last(fx["q1.input_ids"], **kw))
+    assert [k[:2] for k in e.spans] == [(0, n)]
+
+
 def test_generation_through_the_padded_prefill_equals_the_plain_one(model, fx, feats, monkeypatch):
     _strict_varlen(monkeypatch)
     ids, mask = left_pad([fx["q1.input_ids"][0], fx["q2.input_ids"][0]], model.config.pad_token_id)

@@ -306,6 +306,8 @@ class PhotonModel(nn.Module):
 
         def span(start, stop, h, cos, sin, key_valid, counts, qk_at=None):
             seq_lens.extend([h.shape[1]] * (stop - start))
+            if start == stop:                     # ITS at the last layer: nothing after it
+                return h, [], None
             if graphs is not None:
                 return graphs(self, start, stop, h, cos, sin, key_valid, counts, qk_at)
             return self.run_layers(start, stop, h, cos, sin, Packing.build(key_valid, varlen, counts), qk_at)
