@@ -586,13 +586,19 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ENGINES_LOCK = threading.Lock()
 
 
-def engine_for(model: PhotonModel, mode: str = "auto") -> DecodeEngine:
-    """The model's decode engine (one per model and mode; its buffers and graphs are reused)."""
+def _engine(model: PhotonModel, key, make):
+    """The model's engine under ``key``, made by ``make(model)`` on first use (its buffers and graphs are
+    then reused)."""
     with _ENGINES_LOCK:
         per_model = _ENGINES.setdefault(model, {})
-        if mode not in per_model:
-            per_model[mode] = DecodeEngine(model, mode)
-        return per_model[mode]
+        if key not in per_model:
+            per_model[key] = make(model)
+        return per_model[key]
+
+
+def engine_for(model: PhotonModel, mode: str = "auto") -> DecodeEngine:
+    """The model's decode engine (one per model and mode; a static state and graph per bucket)."""
+    return _engine(model, mode, lambda m: DecodeEngine(m, mode))
 
 
 def release(model: PhotonModel) -> None:
@@ -603,19 +609,9 @@ def release(model: PhotonModel) -> None:
 
 def prefill_for(model: PhotonModel, mode: str = "auto") -> PrefillEngine:
     """The model's prefill engine (one per model and mode; a CUDA graph per span and length bucket)."""
-    with _ENGINES_LOCK:
-        per_model = _ENGINES.setdefault(model, {})
-        key = ("prefill", mode)
-        if key not in per_model:
-            per_model[key] = PrefillEngine(model, mode)
-        return per_model[key]
+    return _engine(model, ("prefill", mode), lambda m: PrefillEngine(m, mode))
 
 
 def vision_for(model: PhotonModel, mode: str = "auto") -> VisionEngine:
     """The model's vision engine (one per model and mode; a CUDA graph per grid)."""
-    with _ENGINES_LOCK:
-        per_model = _ENGINES.setdefault(model, {})
-        key = ("vision", mode)
-        if key not in per_model:
-            per_model[key] = VisionEngine(model, mode)
-        return per_model[key]
+    return _engine(model, ("vision", mode), lambda m: VisionEngine(m, mode))
