@@ -415,16 +415,7 @@ class VisionEngine:
 
     def _capture(self, pv: torch.Tensor, lay: dict):
         static_in = pv.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run(static_in, lay)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, capture_error_mode="thread_local"):
-            static_out = self._run(static_in, lay)
-        torch.cuda.synchronize()
+        g, static_out = _captured(lambda: self._run(static_in, lay))
         return g, static_in, static_out, lay          # the graph reads lay's tensors: keep them alive
 
     def _fail(self, e: Exception) -> None:
@@ -547,19 +538,9 @@ class PrefillEngine:
 
     def _capture(self, sp: _Span) -> None:
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._body(sp)
-            torch.cuda.current_stream().wait_stream(side)
             if self.pool is None:                # spans never run at once (the lock): they share a pool
                 self.pool = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                sp.out = self._body(sp)
-            torch.cuda.synchronize()
-            sp.graph = g
+            sp.graph, sp.out = _captured(lambda: self._body(sp), self.pool)
         except Exception as e:  # noqa: BLE001 - any capture error: run the layers eagerly, say so
             torch.cuda.synchronize()
             self.fallback = f"prefill graph capture failed: {type(e).__name__}: {str(e)[:300]}"
@@ -574,6 +555,22 @@ def _read(out, o: int):
     kv = kv[..., o:, :].clone()
     kvs = [(kv[i], kv[i + 1]) for i in range(0, kv.shape[0], 2)]
     return h[:, o:].clone(), kvs, [t[..., o:, :].clone() for t in qk] if qk else None
+
+
+def _captured(run, pool=None):
+    """``run()`` warmed up twice on a side stream, then captured as a CUDA graph (in ``pool`` if given)
+    → (graph, what the captured call returned: the static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+        out = run()
+    torch.cuda.synchronize()
+    return g, out
 
 
 def _seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, V: int) -> torch.Tensor:

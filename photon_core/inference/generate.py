@@ -35,7 +35,7 @@ def generate(model: PhotonModel, input_ids, attention_mask=None, features=None, 
 
     Rows that produce one of the ``eos_token_id`` ids continue with the first of them until all are
     done (checked every few steps on CUDA, so a finished batch may carry a few more stop ids).
-    ``mode``: the decode engine's (`engine.MODES`; 'auto' = CUDA graph on GPU, eager on CPU);
+    ``mode``: the decode engine's (`engine.MODES`; 'auto' = compiled and captured on GPU, eager on CPU);
     ``prefill_mode``: the prefill layers' (`engine.PREFILL_MODES`; 'auto' = CUDA graphs on GPU).
     """
     out = model(input_ids, attention_mask, features=features, grid_thw=grid_thw, budget=budget,
