@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 
@@ -79,3 +80,57 @@ def test_cpu_ops_counts_fewer_kernels_fused(tmp_path):
     assert fused["decode_step_ops"] < separate["decode_step_ops"]
     assert fused["decode_step_matmuls_per_layer"] < separate["decode_step_matmuls_per_layer"]
     assert fused["prefill_ops"] < separate["prefill_ops"]
+
+
+@pytest.mark.slow
+def test_device_call_prepares_runs_both_parts_and_packs_them_into_what_comes_back(tmp_path):
+    """scripts/device_call.sh, the one command a session's device time holds, end to end on the CPU
+    (SMOKE=1): `prepare` makes the carried folder (bodies; no parity fixtures here: it says so and goes
+    on) and checks what travels; `run` runs the engine check and then trains in the time left, and leaves
+    at most 8 files of ≤ 16 MiB with plain names in OUT, the weights beside the packed model folder;
+    `unpack` puts the model folder back together where the Predictor loads it, and files the engine's
+    results and the trainer's metrics without overwriting earlier ones."""
+    from photon_core.inference.predictor import Predictor
+
+    carried, out = tmp_path / "gpu", tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_DIR=str(carried),
+               SHARED_PARITY=str(tmp_path / "no-parity-here"))
+    r = subprocess.run(["bash", "scripts/device_call.sh", "prepare"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no parity fixtures" in r.stderr and "of 64" in r.stdout
+    assert '"bash scripts/device_call.sh run"' in r.stdout
+    assert (carried / "bodies.safetensors.xz").is_file() and not (carried / "parity").exists()
+
+    run_env = dict(env, OUT=str(out), SMOKE="1", ENGINE_LIMIT_S="2", CALL_LIMIT_S="70", PACK_S="10",
+                   SEPARATE_BYTES="4096", TRAIN_ARGS="--stages vision:0.5,llm:0.5")
+    r = subprocess.run(["bash", "scripts/device_call.sh", "run"], cwd=ROOT, env=run_env, capture_output=True,
+                       text=True, timeout=400)
+    log = (out / "call.log").read_text()
+    assert r.returncode == 0, log[-3000:]
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    names = [p.name for p in files]
+    assert {"call.log", "engine.tar.gz", "demo.tar.gz", "demo_model.safetensors"} <= set(names), (names, log)
+    assert len(files) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in files)
+    assert all(p.parent == out and all(c.isalnum() or c in "._-" for c in p.name) for p in files)
+    assert "== engine: start" in log and "== train: exit 0" in log, log[-3000:]
+
+    results, runs, device = tmp_path / "results", tmp_path / "gpu_runs", tmp_path / "device"
+    results.mkdir()
+    runs.mkdir()
+    unpack_env = dict(env, RESULTS=str(results), GPU_RUNS=str(runs), DEVICE_RUNS=str(device))
+    for _ in (1, 2):                                   # the second files beside the first, never over it
+        r = subprocess.run(["bash", "scripts/device_call.sh", "unpack", str(out)], cwd=ROOT, env=unpack_env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "photon-eval --model" in r.stdout
+    metrics = sorted(p.name for p in runs.glob("*_call1_metrics*.json"))
+    assert len(metrics) == 2 and metrics[0].endswith("_call1_metrics-2.json"), metrics
+    assert len(list(results.glob("gpu_nogpu_*.json"))) == 2
+    folders = sorted(device.iterdir())
+    assert len(folders) == 2
+    model = folders[0] / "demo" / "model"
+    assert json.loads((model / "train_state.json").read_text())["done"] == ["vision", "llm"]
+    p = Predictor(model, device="cpu")
+    p.set_volume(torch.rand(140, 280, 280))
+    assert isinstance(p.ask("Is there a lesion in the liver?", max_new_tokens=4).text, str)
