@@ -127,6 +127,21 @@ run() {
     exit 0
 }
 
+summary() {   # summary engine|demo FILE: the figures to read first
+    "$PY" - "$@" <<'PY'
+import json, sys
+kind, path = sys.argv[1:3]
+d = json.load(open(path))
+if kind == "engine":
+    print("engine targets:", json.dumps(d.get("targets", {}), ensure_ascii=False))
+    bad = {k: v.get("status") for k, v in d.get("parts", {}).items() if not str(v.get("status")).startswith("ok")}
+    print("engine parts not ok:", json.dumps(bad, ensure_ascii=False)[:2000])
+else:
+    keep = ("generator", "vision_probe", "val", "null_answers", "error")
+    print("training:", json.dumps({k: d[k] for k in keep if k in d}, default=str)[:3000])
+PY
+}
+
 unpack() {
     local src=${1:?unpack DIR: the folder the files of the device call came back to}
     PY=${PYTHON:-$ROOT/.venv/bin/python}
@@ -142,6 +157,7 @@ unpack() {
     if [ -f "$src/engine.tar.gz" ]; then
         tar -xzf "$src/engine.tar.gz" -C "$dest"
         local f
+        [ -f "$dest/engine/gpu_bench.json" ] && summary engine "$dest/engine/gpu_bench.json"
         echo "engine: $dest/engine; filed:"
         for f in gpu_bench.json:.json tests.log:_tests.log profile.txt:_profile.txt; do
             [ -f "$dest/engine/${f%%:*}" ] && place "$dest/engine/${f%%:*}" \
@@ -154,6 +170,7 @@ unpack() {
             [ -f "$w" ] && cp "$w" "$dest/demo/model/$(basename "$w" | sed 's/^demo_//')"
         done
         if [ -f "$dest/demo/metrics.json" ]; then
+            summary demo "$dest/demo/metrics.json"
             local call
             call=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('call', 0))" \
                    "$dest/demo/metrics.json")

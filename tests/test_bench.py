@@ -124,6 +124,7 @@ def test_device_call_prepares_runs_both_parts_and_packs_them_into_what_comes_bac
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
     assert "photon-eval --model" in r.stdout
+    assert "engine targets:" in r.stdout and '"vision_probe"' in r.stdout     # the figures to read first
     metrics = sorted(p.name for p in runs.glob("*_call1_metrics*.json"))
     assert len(metrics) == 2 and metrics[0].endswith("_call1_metrics-2.json"), metrics
     assert len(list(results.glob("gpu_nogpu_*.json"))) == 2
