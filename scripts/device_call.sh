@@ -8,7 +8,7 @@
 #   bash scripts/device_call.sh prepare        # here, first: .gpu/parity (from ../shared), .gpu/bodies.safetensors.xz,
 #                                              # RESUME=DIR also .gpu/resume (a model folder an earlier call wrote);
 #                                              # checks what travels is under 64 MiB; prints the run to make
-#   bash scripts/device_call.sh run [PARTS]    # there, with carry [".gpu"]; OUT set; PARTS engine,train (default)
+#   bash scripts/device_call.sh run [PARTS]    # there (kind nvidia-h200), carry [".gpu"]; OUT set; PARTS engine,train
 #   bash scripts/device_call.sh unpack DIR     # here: DIR the folder the files came back to; unpacks into
 #                                              # runs/device/DATE_GPU/ and files the results under bench/results/
 #                                              # and research/gpu_runs/; prints the evaluation to run on the CPU
@@ -66,7 +66,7 @@ prepare() {
          "$GPU_DIR $((carried / 1048576)) MiB: $((total / 1048576)) MiB of 64"
     if [ "$total" -gt $((64 * 1048576)) ]; then echo "over the 64 MiB a call carries" >&2; exit 1; fi
     echo "run: command \"bash scripts/device_call.sh run\", carry [\"$GPU_DIR\"]," \
-         "timeout_s $(( ${CALL_LIMIT_S:-570} + 30 ))"
+         "timeout_s $(( ${CALL_LIMIT_S:-570} + 30 )), kind \"nvidia-h200\" (the issues' targets are the H200's)"
 }
 
 run() {
