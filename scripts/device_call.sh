@@ -80,7 +80,8 @@ run() {
     log="$OUT/call.log"
     {
         echo "device call, $(date -u), parts $parts, limit ${limit}s, python $PY"
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+        echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
     } >>"$log"
     pack() {    # what the parts left, into at most 8 files (runs again on a signal: packs what is there)
         if [ -d "$work/engine" ] && [ ! -f "$OUT/engine.tar.gz" ]; then
@@ -147,8 +148,9 @@ unpack() {
     PY=${PYTHON:-$ROOT/.venv/bin/python}
     [ -f "$src/call.log" ] || { echo "$src holds no call.log: not a device call's files" >&2; exit 1; }
     local gpu stamp dest
-    gpu=$(sed -n 2p "$src/call.log" | cut -d, -f1 | sed 's/NVIDIA //; s/[^A-Za-z0-9]\+/-/g; s/-$//' | tr A-Z a-z)
-    case "$gpu" in ''|*not-found*|*failed*|*command*) gpu=nogpu ;; esac
+    gpu=$(sed -n 's/^gpu: //p' "$src/call.log" | head -1 | sed 's/NVIDIA //; s/[^A-Za-z0-9]\+/-/g; s/^-//; s/-$//' \
+          | tr A-Z a-z)
+    gpu=${gpu:-nogpu}
     stamp=$(date -u +%F)_$gpu
     dest=$DEVICE_RUNS/$stamp
     [ -e "$dest" ] && dest=$dest-$(date -u +%H%M%S)
