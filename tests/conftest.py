@@ -56,3 +56,31 @@ def abdomen():
     from photon_core.io.volume import load_volume
 
     return load_volume(SAMPLES / "abdomen_ct" / "ct.nii.gz")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prepared_bodies_once():
+    """Each sample case prepared into a training body once per test session, not once per generator:
+    `anatomy.load_background` (≈ 2.5 s a case on the 2-core CI box, called by every `DemoGenerator`)
+    memoised for the modules that call it, each call given its own copy. The first call of a key is
+    the real function, so every test still sees its exact result; the tests of the function itself
+    import it by name before this runs and call it unmemoised."""
+    from photon_core.io import samples
+    from photon_core.train.synthetic import anatomy, bodies, generator
+    from photon_core.train.synthetic.anatomy import Background
+
+    real, made = anatomy.load_background, {}
+
+    def load_background(case, device="cpu"):
+        key = (case, str(torch.device(device)), str(samples.path(samples.case(case)["file"])))
+        if key not in made:
+            made[key] = real(case, device)
+        bg = made[key]
+        return Background(bg.name, bg.frames.clone(), {n: m.clone() for n, m in bg.organs.items()},
+                          bg.voxel_mm)
+
+    mp = pytest.MonkeyPatch()
+    for module in (anatomy, bodies, generator):
+        mp.setattr(module, "load_background", load_background)
+    yield
+    mp.undo()

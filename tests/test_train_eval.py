@@ -212,20 +212,23 @@ def test_low_resolution_curriculum_then_init_from(tmp_path):
     assert (wb[k] - wa[k]).abs().mean() < 0.5 * wa[k].abs().mean()
 
 
-def test_vision_only_prestage_then_frozen_vision(tmp_path):
+def test_vision_only_prestage_then_frozen_vision(tmp_path, capsys, request):
     """--vision-only moves the vision tower alone (token supervision + max-pooled "any finding");
-    --freeze-vision then trains everything but the vision tower."""
+    --freeze-vision then trains everything but the vision tower. The trainer's command line runs in
+    this process (the same `main` as `python -m photon_core.train`, whose start the torchrun tests
+    cover), so its nine runs share one preparation of the sample cases."""
     import torch
     from safetensors.torch import load_file
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+
+    from photon_core.train.loop import main
+    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))   # main sets them
     common = ["--preset", "tiny", "--scans-per-step", "2", "--questions-per-scan", "2", "--pool", "0",
               "--warmup", "1", "--log-every", "1", "--device", "cpu", "--downsample", "2.5", "--steps", "2"]
 
     def run(out, *extra):
-        r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(out), *common, *extra],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")], \
+        capsys.readouterr()
+        main(["--out", str(out), *common, *extra])
+        return [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")], \
             load_file(str(out / "model" / "model.safetensors"))
 
     _, w0 = run(tmp_path / "init", "--lr", "0")
@@ -263,13 +266,10 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path):
                 "--init-from", str(tmp_path / "a" / "model"))
     folded = {k for k in vision if not bool((wf[k] == wa[k]).all())}
     assert folded == {"visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
-    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
-                        "--vision-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "--aux" in r.stderr                                # nothing to train on
-    r = subprocess.run([sys.executable, "-m", "photon_core.train", "--out", str(tmp_path / "c"), *common,
-                        "--aux", "1", "--slabs", "2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "--vision-only" in r.stderr                       # slabs: the tower alone
+    with pytest.raises(SystemExit, match="--aux"):                                 # nothing to train on
+        main(["--out", str(tmp_path / "c"), *common, "--vision-only"])
+    with pytest.raises(SystemExit, match="--vision-only"):                         # slabs: the tower alone
+        main(["--out", str(tmp_path / "c"), *common, "--aux", "1", "--slabs", "2"])
 
 
 def test_bleu1_and_rouge1_reproduce_their_reference_packages():
