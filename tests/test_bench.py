@@ -102,7 +102,8 @@ def test_device_call_prepares_runs_both_parts_and_packs_them_into_what_comes_bac
     assert '"bash scripts/device_call.sh run"' in r.stdout
     assert (carried / "bodies.safetensors.xz").is_file() and not (carried / "parity").exists()
 
-    run_env = dict(env, OUT=str(out), SMOKE="1", ENGINE_LIMIT_S="2", CALL_LIMIT_S="70", PACK_S="10",
+    run_env = dict(env, OUT=str(out), SMOKE="1", ENGINE_LIMIT_S="2", CALL_LIMIT_S="55", PACK_S="10",
+                   TRAIN_MIN_S="25",
                    SEPARATE_BYTES="4096", TRAIN_ARGS="--stages vision:0.5,llm:0.5")
     r = subprocess.run(["bash", "scripts/device_call.sh", "run"], cwd=ROOT, env=run_env, capture_output=True,
                        text=True, timeout=400)
