@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
     ap.add_argument("--scans", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=6,
+                    help="deformed bodies per case in the generator's pool (default %(default)s)")
     args = ap.parse_args(argv)
     folder = args.model or DEMO_MODEL
     pred = Predictor(folder, device="cpu")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.masks = catch_prompt
     model.model.layers[model.its_layer].register_forward_pre_hook(catch_its_input)
-    gen = DemoGenerator("test", seed=args.seed)
+    gen = DemoGenerator("test", seed=args.seed, pool=args.pool)
     rows: dict[str, list] = {}
     for _ in range(args.scans):
         frames, _, meta, organs = gen.sample()

@@ -52,7 +52,7 @@ def top(score: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-def collect(pred: Predictor, n: int, frac: float, seed: int = 0) -> list[dict]:
+def collect(pred: Predictor, n: int, frac: float, seed: int = 0, pool: int = 6) -> list[dict]:
     """Per scan: body, keys at the ITS layer (V, Hkv·d), visual tokens (V, D), and per organ the
     model's ρ, the keep target and the organ's blocks."""
     model = pred.model
@@ -66,7 +66,7 @@ def collect(pred: Predictor, n: int, frac: float, seed: int = 0) -> list[dict]:
 
     model._its = catch
     try:
-        gen = DemoGenerator("test", seed=seed)
+        gen = DemoGenerator("test", seed=seed, pool=pool)
         scans = []
         for _ in range(n):
             frames, _, meta, organs = gen.sample()
@@ -120,10 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scans", type=int, default=16)
     ap.add_argument("--frac", type=float, default=0.15, help="keep target's share of the tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=6,
+                    help="deformed bodies per case in the generator's pool (default %(default)s)")
     args = ap.parse_args(argv)
     folder = args.model or DEMO_MODEL
     with torch.inference_mode():
-        scans = collect(Predictor(folder, device="cpu"), args.scans, args.frac, args.seed)
+        scans = collect(Predictor(folder, device="cpu"), args.scans, args.frac, args.seed, args.pool)
     print(f"model: {folder}; {args.scans} test scans; keep target {args.frac:.0%} of the tokens; "
           "top-k at its size")
     out: dict = {}
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         for feature, label in (("keys", "keys at the ITS layer"), ("tokens", "visual tokens (LLM input)")):
             for mode in MODES if feature == "keys" else MODES[1:]:
+                if mode == "best, one per organ" and len(ss) < 2:
+                    print(f"{body:8s} {label:26s} {mode:20s} needs two scans of this body (has one)")
+                    continue
                 r = out.setdefault(body, {}).setdefault(feature, {})[mode] = bound(ss, feature, mode)
                 print(f"{body:8s} {label:26s} {mode:20s} Jaccard {r['jaccard']:.3f} (targets' own "
                       f"{r['target_jaccard']:.3f}, {r['pairs']} pairs), "

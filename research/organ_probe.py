@@ -64,10 +64,10 @@ def within_organ_auroc(rows: list[dict], key: str) -> float:
 
 
 @torch.no_grad()
-def scans(model, split: str, n: int, enlargement: float, seed: int = 7):
+def scans(model, split: str, n: int, enlargement: float, seed: int = 7, pool: int = 3):
     """Yields ``n`` scans (bodies with abdominal organs) as (frames, visual tokens (V, D), organ shares
     (V, 4), {organ: voxels}, enlarged organs), one at a time."""
-    gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
+    gen = DemoGenerator(split, seed=seed, pool=pool, enlargement=enlargement)
     done = 0
     while done < n:
         frames, _, meta, organs = gen.sample()
@@ -86,16 +86,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--scans", type=int, default=24, help="scans to fit the probe on, and as many to score")
     ap.add_argument("--enlargement", type=float, default=0.6,
                     help="share of test scans with an enlarged organ")
+    ap.add_argument("--pool", type=int, default=3,
+                    help="deformed bodies per case in the generator's pool (default %(default)s)")
     args = ap.parse_args(argv)
     path = args.model or DEMO_MODEL
     model = load_model(path, "cpu", torch.float32).eval()
-    fit = [(x, share) for _, x, share, _, _ in scans(model, "train", args.scans, 1.0)]
+    fit = [(x, share) for _, x, share, _, _ in scans(model, "train", args.scans, 1.0, pool=args.pool)]
     probe = fit_probe(torch.cat([x for x, _ in fit]), torch.cat([s for _, s in fit]))
     block = torch.tensor(TOKEN_VOXELS).prod().item()        # voxels a token block holds
     pred = Predictor(path, device="cpu")
     yes, no = pred.tokenizer.encode("yes")[0], pred.tokenizer.encode("no")[0]
     rows, cover, preds, shares = [], {"scan": [], "noise": []}, [], []
-    for frames, x, share, volumes, grown in scans(model, "test", args.scans, args.enlargement):
+    test = scans(model, "test", args.scans, args.enlargement, pool=args.pool)
+    for frames, x, share, volumes, grown in test:
         preds.append(probe(x))
         shares.append(share)
         est = preds[-1].clamp(min=0).sum(0) * block

@@ -131,7 +131,7 @@ def test_organ_probe(tiny_model_dir, capsys):
            [dict(organ="spleen", enlarged=e, volume=v) for e, v in ((False, 20), (False, 22), (True, 30))]
     assert mod.within_organ_auroc(rows, "volume") == 1.0      # raw volumes would rank the spleen
                                                               # below the liver
-    out = mod.main(["--model", str(tiny_model_dir), "--scans", "4", "--enlargement", "1.0"])
+    out = mod.main(["--model", str(tiny_model_dir), "--scans", "4", "--enlargement", "1.0", "--pool", "1"])
     assert set(out["r2"]) == set(out["correlation"]) == set(mod.ENLARGE_ORGANS)
     assert all(0 <= v <= 1 for v in out["auroc"].values()) and out["auroc"]["volume"] > 0.9
     assert set(out["coverage"]) == {"scan", "noise"} and all(0 <= v <= 1 for v in out["coverage"].values())
@@ -158,7 +158,7 @@ def test_feature_rank(tiny_model_dir, capsys):
     keep = np.zeros(10, bool)
     keep[:4] = True
     assert mod.pairwise_jaccard([keep, keep, ~keep]) == [1.0, 0.0, 0.0]
-    out = mod.main(["--model", str(tiny_model_dir), "--scans", "2"])
+    out = mod.main(["--model", str(tiny_model_dir), "--scans", "2", "--pool", "1"])
     assert out and all(-1 <= v["corr"] <= 1 and 0 <= v["tokens_top1"] <= 1 for v in out.values())
     for v in out.values():
         assert 0 <= v["jaccard"] <= 1 and 0 <= v["cover"] <= 1 and 0 < v["kept"] <= 1000
@@ -183,10 +183,11 @@ def test_key_bound(tiny_model_dir, capsys):
     same = mod.bound([scan], "keys", "model")                  # one ρ for both organs: the same set
     assert same["jaccard"] == 1.0 and far["jaccard"] < 0.3 and far["cover"] > 0.8
     assert far["target_jaccard"] == same["target_jaccard"] < 0.3 and far["pairs"] == 1
-    out = mod.main(["--model", str(tiny_model_dir), "--scans", "2"])
+    out = mod.main(["--model", str(tiny_model_dir), "--scans", "3", "--pool", "1"])   # 2 of one body
     for body in out.values():
         for modes in body.values():
             assert all(0 <= r["jaccard"] <= 1 and 0 <= r["cover"] <= 1 for r in modes.values())
+    assert any("best, one per organ" in body["keys"] for body in out.values())
     assert "one per organ" in capsys.readouterr().out
 
 
