@@ -34,6 +34,7 @@ from .view import (
     build_view,
     export_pngs,
     focus,
+    handling,
     highlighted,
     organ_legend,
     preset_window,
@@ -53,7 +54,8 @@ def bind(fn, **deps):
     bound = functools.partial(fn, **deps)
 
     def call(*args, **kwargs):
-        return bound(*args, **kwargs)
+        with handling():                    # when this request began, for files written after a session end
+            return bound(*args, **kwargs)
 
     call.__wrapped__ = bound
     call.__name__ = call.__qualname__ = fn.__name__

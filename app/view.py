@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import itertools
 import shutil
@@ -90,8 +91,30 @@ class FileStore:
             self._sessions.clear()
 
 
+_request = threading.local()
+
+
+@contextlib.contextmanager
+def handling():
+    """Marks the handler running in this thread with the time its request began (`handlers.bind` wraps
+    every handler in it), so that `Files` can tell a write for a request begun before its session ended
+    from a write for a browser that came back."""
+    _request.started = time.monotonic()
+    try:
+        yield
+    finally:
+        _request.started = None
+
+
 class Files:
-    """One session's served files: a new file of a kind replaces the previous one of that kind."""
+    """One session's served files: a new file of a kind replaces the previous one of that kind.
+
+    After `remove` (the browser left), a file written for a request begun before it (a render still
+    running when its browser left) is still written, for the answer in flight to return, and removed
+    ``late_s`` seconds later: nobody is left to fetch it, and nothing else would remove it before the
+    app stops. A request begun after it is a browser that came back: its files stay, as before."""
+
+    late_s = 10.0
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -99,11 +122,12 @@ class Files:
         self._current: dict[str, Path] = {}
         self._n = itertools.count(1)
         self._lock = threading.Lock()
+        self._removed_at: float | None = None
 
     def write(self, kind: str, suffix: str, data: bytes) -> Path:
         """A new file of ``kind`` (a fresh name, so browsers fetch it); the previous one is removed."""
         with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True)   # again, if the session was ended and came back
+            self.folder.mkdir(parents=True, exist_ok=True)   # again, if the session was ended meanwhile
             path = self.folder / f"{kind}_{next(self._n)}{suffix}"
             path.write_bytes(data)
             self._replace(kind, path)
@@ -121,18 +145,45 @@ class Files:
         old = self._current.get(kind)
         self._current[kind] = path
         if old is not None and old != path:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            _delete(old)
+        if self._removed_at is None:
+            return
+        started = getattr(_request, "started", None)
+        if started is not None and started < self._removed_at:     # in flight when the session ended
+            timer = threading.Timer(self.late_s, self._drop_late, (path,))
+            timer.daemon = True
+            timer.start()
+        else:                                                       # the browser came back
+            self._removed_at = None
+
+    def _drop_late(self, path: Path) -> None:
+        """Remove a file written after `remove`, and the folder if that left it empty (the files of a
+        browser that came back keep it)."""
+        with self._lock:
+            _delete(path)
+            self._current = {k: p for k, p in self._current.items() if p != path}
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
 
     def forget(self, kind: str) -> None:
         """Remove the current file of a kind (e.g. an export that belongs to an earlier answer)."""
         with self._lock:
             old = self._current.pop(kind, None)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            _delete(old)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self._current.clear()
+        """The session ended: its files go, and those its requests in flight write go ``late_s`` after."""
+        with self._lock:
+            self._removed_at = time.monotonic()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._current.clear()
+
+
+def _delete(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 @dataclass

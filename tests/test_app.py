@@ -2,6 +2,7 @@
 answers that do not parse, the asked organ as data, and messages without server paths."""
 import html
 import json
+import time
 
 import nibabel as nib
 import numpy as np
@@ -87,6 +88,32 @@ def test_served_files_are_replaced_not_accumulated(engine, store):
     assert not a["view"].files.folder.exists()
     back = _ask(engine, a, mode="Tokens", tokens=250)     # a browser that comes back after its files went
     assert back["model3d"].endswith(".glb") and a["view"].files.folder.is_dir()
+
+
+def test_files_written_after_the_browser_left_go_unless_it_came_back(tmp_path, monkeypatch):
+    """A render still running when its browser leaves writes after the session's files went: the answer
+    in flight can return its file, which goes shortly after (else it stays until the app stops). A request
+    begun after the end is a browser that came back: its files stay."""
+    from app.view import Files, FileStore, handling
+
+    monkeypatch.setattr(Files, "late_s", 0.2)
+    store = FileStore(tmp_path / "served")
+    f = store.session("abc")
+    with handling():                                  # one request, in flight across the end
+        f.write("scene", ".glb", b"1")
+        store.drop("abc")
+        late = f.write("slices", ".png", b"2")
+        assert late.is_file()
+    for _ in range(50):
+        if not f.folder.exists():
+            break
+        time.sleep(0.1)
+    assert not f.folder.exists()
+    with handling():                                  # a request begun after the end
+        back = f.write("scene", ".glb", b"3")
+    time.sleep(0.6)
+    assert back.is_file()
+    store.close()
 
 
 def test_budgets_below_the_floor_are_refused_with_a_message(engine, store):
