@@ -285,8 +285,27 @@ def test_nan_scale_slope_that_drops_an_intercept(tmp_path):
     vol = load_volume(_nifti(tmp_path, raw, scaling=(np.nan, -1024.0)))
     warned(tmp_path, vol, r"scale slope \(scl_slope\) is NaN, so its intercept \(-1024\) was not applied")
     assert vol.hu.min() >= 0                          # as stored: nibabel applied no scaling
-    # nibabel's own 'no scaling' (NaN slope and NaN intercept) says nothing
-    assert load_volume(_nifti(tmp_path, raw, "plain.nii.gz")).warnings == []
+    # nibabel's own 'no scaling' (NaN slope and NaN intercept) says nothing of scaling (only that the
+    # stored values, 0…2000, hold no air)
+    plain = load_volume(_nifti(tmp_path, raw, "plain.nii.gz"))
+    assert not any("scl_slope" in w for w in plain.warnings)
+    warned(tmp_path, plain, r"^Almost no voxel is air")
+
+
+def test_a_scan_without_air_is_flagged(tmp_path):
+    ct = _ct_like((40, 40, 30))
+    assert load_volume(_nifti(tmp_path, ct, "hu.nii.gz")).warnings == []
+    raw = ct + 1024                                   # the rescale intercept lost: air reads about 0
+    w = warned(tmp_path, load_volume(_nifti(tmp_path, raw, "raw.nii.gz")), r"^Almost no voxel is air")
+    assert "rescale intercept" in w and f"lowest value is {raw.min():,.0f}" in w
+    raw[:, :5] = -3024                                # scanner padding is not air
+    warned(tmp_path, volume_from_array(raw), r"^Almost no voxel is air.*lowest value is 24")
+    few = ct.copy()                                   # a crop inside the body with a little bowel gas
+    few[few < -300] = 40
+    few.reshape(-1)[:: 500] = -900                    # 0.2 % of the voxels: enough air to say nothing
+    assert volume_from_array(few).warnings == []
+    few.reshape(-1)[:: 500] = 40
+    warned(tmp_path, volume_from_array(few), r"^Almost no voxel is air \(0\.00%")
 
 
 def test_thick_slices(tmp_path):

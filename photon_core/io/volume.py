@@ -23,7 +23,8 @@ What the loader does with doubtful data
 It refuses what cannot be a CT (complex or colour data, 2-D images, absurd sizes) with a `VolumeError`
 (a `ValueError`) whose message says what was wrong and what is expected, in words a clinician can act
 on. It loads, and says so in ``Volume.warnings``, what can be read but deserves a second look:
-mask- or label-like data, values outside [−2000, 4000] HU (clipped), a constant volume, NaN/Inf
+mask- or label-like data, values outside [−2000, 4000] HU (clipped), a constant volume, a volume with
+almost no air (a lost rescale intercept, another modality, a crop inside the body), NaN/Inf
 voxels (replaced by −1000 HU, counted), slices thicker than 5 mm, a NIfTI scale slope that kept its
 intercept from being applied, duplicate DICOM slices (dropped) and other series in the upload.
 No message names a server path: only file names as the user uploaded them (`clean_text`).
@@ -65,6 +66,8 @@ DEFAULT_LIMITS = Limits()
 HU_RANGE = (-2000.0, 4000.0)    # values outside are clipped (with a warning): no CT tissue lies outside
 NONFINITE_HU = -1000.0          # what a NaN/Inf voxel becomes: air, as outside the field of view
 THICK_SLICE_MM = 5.0            # thicker slices get a warning: small findings fall between them
+AIR_HU = (-1200.0, -300.0)      # air and lung: a CT in HU holds some (outside the body, lungs, bowel)
+MIN_AIR_FRACTION = 1e-3         # fewer voxels of air than this gets a warning
 
 
 @dataclass
@@ -224,6 +227,24 @@ def _mask_like(hu: np.ndarray, was_bool: bool) -> str | None:
     return None
 
 
+def _airless(hu: np.ndarray) -> str | None:
+    """A warning when (almost) no voxel is air, judged on ≤ 2 M voxels: a scan whose rescale intercept was
+    lost (air reads ≈ 0), another modality, or a crop inside the body. Scanner padding (−2000 and below,
+    clipped) is not air."""
+    flat = hu.reshape(-1)
+    sample = flat[:: max(1, flat.size // 2_000_000)]
+    air = float(np.count_nonzero((sample > AIR_HU[0]) & (sample < AIR_HU[1]))) / sample.size
+    if air >= MIN_AIR_FRACTION:
+        return None
+    inside = sample[sample > HU_RANGE[0]]
+    lo = float(inside.min()) if inside.size else HU_RANGE[0]
+    return (f"Almost no voxel is air ({air:.2%} between {AIR_HU[0]:,.0f} and {AIR_HU[1]:,.0f} HU; the "
+            f"lowest value is {_fmt(lo)}), yet a CT in Hounsfield units holds air around the body and in the "
+            f"lungs and bowel. A scan stored without its rescale intercept (air then reads about 0 and every "
+            f"tissue 1,024 too high), a scan of another kind (MR) or a crop inside the body looks like this; "
+            f"answers about it may mean little.")
+
+
 def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, list[str]]:
     """float32 HU, cleaned in place (the caller owns ``hu``), and the warnings about its values."""
     warnings = []
@@ -250,6 +271,8 @@ def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, l
                         f"blank, and answers about it mean nothing.")
     elif mask:
         warnings.append(mask)
+    elif airless := _airless(hu):
+        warnings.append(airless)
     return hu, warnings
 
 
