@@ -149,6 +149,30 @@ def test_a_picture_is_called_a_picture(tmp_path):
     refused(tmp_path, p, "'screenshot.png' is a PNG picture")
 
 
+def test_a_file_named_otherwise_is_read_by_what_it_holds(tmp_path):
+    ct = _ct_like()
+    gz, plain = _nifti(tmp_path, ct, "a.nii.gz"), _nifti(tmp_path, ct, "b.nii")
+    nib.Nifti2Image(ct, np.eye(4)).to_filename(str(tmp_path / "c.nii"))
+    misnamed = {"scan.nii": gz, "scan.nii.gz": plain, "scan": gz, "download.bin": plain,
+                "v2.nii.gz": tmp_path / "c.nii"}
+    for name, src in misnamed.items():
+        p = tmp_path / "up" / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(src.read_bytes())
+        vol = load_volume(p)
+        assert np.array_equal(vol.hu, load_volume(src).hu), name
+        assert f"'{name}' holds " in warned(tmp_path, vol, r"it was read as such")
+    assert load_volume(gz).warnings == load_volume(plain).warnings == []      # named as they are: no word
+    labels = (ct > 500).astype(np.uint8)                                     # a label map, likewise
+    lab = tmp_path / "up" / "labels.nii"
+    lab.write_bytes(_nifti(tmp_path, labels, "labels.nii.gz").read_bytes())
+    assert np.array_equal(load_label_map(lab, like=load_volume(gz))[0], labels)
+    bad = tmp_path / "up" / "broken.nii"                                     # the error names the user's file
+    bad.write_bytes(gz.read_bytes()[:1000])
+    msg = refused(tmp_path, bad, "truncated or corrupt")
+    assert "'broken.nii'" in msg and "broken.nii.gz" not in msg
+
+
 def test_truncated_gzip(tmp_path):
     good = _nifti(tmp_path, np.random.randint(-1000, 1000, (40, 40, 40)).astype(np.int16))
     bad = tmp_path / "trunc.nii.gz"

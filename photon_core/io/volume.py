@@ -20,6 +20,8 @@ Conventions
 
 What the loader does with doubtful data
 ---------------------------------------
+A file is read as what its bytes hold (NIfTI, gzip-compressed or not, or NRRD) when its name says
+otherwise or nothing (a download that lost its suffix, a .nii that is gzip-compressed), with a warning.
 It refuses what cannot be a CT (complex or colour data, 2-D images, absurd sizes) with a `VolumeError`
 (a `ValueError`) whose message says what was wrong and what is expected, in words a clinician can act
 on. It loads, and says so in ``Volume.warnings``, what can be read but deserves a second look:
@@ -34,11 +36,13 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import shutil
 import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -494,6 +498,16 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
             return dicom.load_series(files, limits, series)
     path = Path(source[0] if isinstance(source, (list, tuple)) else source)
     name = path.name.lower()
+    with _by_content(path) as (alias, held):
+        if held:                      # named as something else (or nothing): read as what it holds
+            try:
+                vol = load_volume(alias, limits)
+            except VolumeError as e:
+                raise VolumeError(str(e).replace(f"'{alias.name}'", f"'{path.name}'")) from None
+            what = {".nii.gz": "gzip-compressed NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD"}[held]
+            vol.warnings.insert(0, f"'{clean_text(path.name)}' holds {what} data; it was read as such (its "
+                                   f"name ends otherwise, so other programs may not open it as it is).")
+            return vol
     if name.endswith((".nii", ".nii.gz")):
         return _load_nifti(path, limits)
     if name.endswith((".nrrd", ".nhdr")):
@@ -510,6 +524,50 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
                           f"volume is NIfTI (.nii/.nii.gz), NRRD, or a DICOM series (folder or .zip).")
     raise VolumeError(f"'{path.name}' is not a supported CT file; expected NIfTI (.nii/.nii.gz), NRRD, "
                       f"or a DICOM series (folder or .zip).")
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    """The first bytes of a NIfTI-1 (single file, 'n+1') or NIfTI-2 ('n+2') header, either byte order."""
+    if len(head) >= 348 and head[344:348] == b"n+1\0":
+        return int.from_bytes(head[:4], "little") == 348 or int.from_bytes(head[:4], "big") == 348
+    return len(head) >= 8 and head[4:8] == b"n+2\0" and \
+        (int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540)
+
+
+def _content_kind(path: Path) -> str | None:
+    """What a file holds by its bytes, as the suffix that names it (".nii.gz", ".nii", ".nrrd"), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(348)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as f:
+                return ".nii.gz" if _is_nifti_header(f.read(348)) else None
+    except (OSError, EOFError, zlib.error):
+        return None
+    if _is_nifti_header(head):
+        return ".nii"
+    return ".nrrd" if head.startswith(b"NRRD000") else None
+
+
+@contextmanager
+def _by_content(path: Path) -> Iterator[tuple[Path, str | None]]:
+    """``(path, None)`` for a file named as what it holds; else ``(alias, suffix)``: a link to it, for
+    as long as the block runs, whose name ends as its bytes say (nibabel goes by the name)."""
+    name = path.name.lower()
+    named = ".nii.gz" if name.endswith(".nii.gz") else ".nii" if name.endswith(".nii") else \
+        ".nrrd" if name.endswith((".nrrd", ".nhdr")) else None
+    held = _content_kind(path)
+    if held is None or held == named:
+        yield path, None
+        return
+    with tempfile.TemporaryDirectory(prefix="photon_named_") as tmp:
+        stem = re.sub(r"(\.nii\.gz|\.nii|\.gz|\.nrrd)$", "", path.name, flags=re.IGNORECASE)
+        alias = Path(tmp) / (stem + held)
+        try:
+            os.symlink(path.resolve(), alias)
+        except OSError:
+            shutil.copyfile(path, alias)
+        yield alias, held
 
 
 def _picture_kind(head: bytes) -> str | None:
@@ -538,10 +596,11 @@ def load_label_map(path: str | os.PathLike, like: Volume | None = None,
     _check_file(path, limits)
     what = f"'{path.name}'"
     try:
-        img = nib.load(str(path))
-        _check_dtype(img.get_data_dtype(), what)
-        _check_shape(img.header.get_data_shape(), limits, what)
-        raw = np.asanyarray(img.dataobj)
+        with _by_content(path) as (alias, _):
+            img = nib.load(str(alias))
+            _check_dtype(img.get_data_dtype(), what)
+            _check_shape(img.header.get_data_shape(), limits, what)
+            raw = np.asanyarray(img.dataobj)
     except VolumeError:
         raise
     except Exception as e:
