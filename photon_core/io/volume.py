@@ -213,13 +213,18 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) < 1e6 else f"{x:.1e}"
 
 
+def _sample(hu: np.ndarray) -> np.ndarray:
+    """Every n-th voxel, ≤ 2 M of them: what the value checks judge a volume on."""
+    flat = hu.reshape(-1)
+    return flat[:: max(1, flat.size // 2_000_000)]
+
+
 def _mask_like(hu: np.ndarray, was_bool: bool) -> str | None:
     """A warning when the values look like a mask or a label map rather than HU (judged on ≤ 2 M voxels)."""
     if was_bool:
         return ("The volume is a yes/no (boolean) mask, not a CT in Hounsfield units; answers about it "
                 "mean nothing. Load the CT itself (a label map goes in the label-map field).")
-    flat = hu.reshape(-1)
-    sample = flat[:: max(1, flat.size // 2_000_000)]
+    sample = _sample(hu)
     values = np.unique(sample[np.isfinite(sample)])
     if values.size == 2:
         return (f"The volume holds only two values ({_fmt(values[0])} and {_fmt(values[1])}): it looks like "
@@ -235,8 +240,7 @@ def _airless(hu: np.ndarray) -> str | None:
     """A warning when (almost) no voxel is air, judged on ≤ 2 M voxels: a scan whose rescale intercept was
     lost (air reads ≈ 0), another modality, or a crop inside the body. Scanner padding (−2000 and below,
     clipped) is not air."""
-    flat = hu.reshape(-1)
-    sample = flat[:: max(1, flat.size // 2_000_000)]
+    sample = _sample(hu)
     air = float(np.count_nonzero((sample > AIR_HU[0]) & (sample < AIR_HU[1]))) / sample.size
     if air >= MIN_AIR_FRACTION:
         return None
