@@ -565,3 +565,93 @@ def test_pacs_export_lists_its_series_and_loads_the_chosen_one(tmp_path, monkeyp
     everything = repr([vol.meta, vol.warnings, lung.meta, lung.warnings, series])
     assert "Doe" not in everything and "12345" not in everything and "1970" not in everything
     assert read and all(t not in ds for ds in read for t in ("PatientName", "PatientID", "PatientBirthDate"))
+
+
+# ------------------------------------------------------- enhanced (multi-frame) CT: a series in one file
+
+def _enhanced_ct(path, order=None, positions=True, name="Doe^Jane"):
+    """The bundled series rewritten as one Enhanced CT file, as a scanner exports it: a frame per slice
+    (in ``order``, default reversed), each frame's position in its per-frame functional groups, the
+    orientation, pixel spacing and rescale shared, and one frame stored with its own rescale."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    src = [pydicom.dcmread(str(f)) for f in sorted((SAMPLES / "dicom_ct/series").iterdir())]
+    order = list(range(len(src)))[::-1] if order is None else order
+    first = src[0]
+
+    def item(**attrs):
+        ds = Dataset()
+        for k, v in attrs.items():
+            setattr(ds, k, v)
+        return ds
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"                  # Enhanced CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesDescription = "CT", generate_uid(), "Abdomen enhanced"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, "ID-12345", "19700101"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = first.Rows, first.Columns, len(order)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.SharedFunctionalGroupsSequence = Sequence([item(
+        PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=first.ImageOrientationPatient)]),
+        PixelMeasuresSequence=Sequence([item(PixelSpacing=first.PixelSpacing,
+                                             SliceThickness=first.SliceThickness)]),
+        PixelValueTransformationSequence=Sequence([item(RescaleSlope=1, RescaleIntercept=-1024,
+                                                        RescaleType="HU")]))])
+    frames, per_frame = [], []
+    for n, k in enumerate(order):
+        px = src[k].pixel_array.astype(np.int64) * int(src[k].RescaleSlope) + int(src[k].RescaleIntercept)
+        groups = item(FrameContentSequence=Sequence([item(InStackPositionNumber=k + 1)]))
+        if positions:
+            groups.PlanePositionSequence = Sequence([item(ImagePositionPatient=src[k].ImagePositionPatient)])
+        if n == 1:                     # this frame stored from -2048: its rescale overrides the shared one
+            groups.PixelValueTransformationSequence = Sequence([item(RescaleSlope=1, RescaleIntercept=-2048,
+                                                                     RescaleType="HU")])
+            frames.append(px + 2048)
+        else:
+            frames.append(px + 1024)
+        per_frame.append(groups)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = np.stack(frames).astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def test_an_enhanced_ct_file_loads_as_its_classic_series(tmp_path):
+    reference = load_volume(SAMPLES / "dicom_ct/series")
+    f = _enhanced_ct(tmp_path / "enhanced.dcm")
+    [info] = list_series(f)
+    assert (info.slices, info.orientation, info.modality, info.loadable) == (20, "axial", "CT", True)
+    for source in (f, tmp_path, [f]):                                   # the file, its folder, a file list
+        vol = load_volume(source)
+        assert np.array_equal(vol.hu, reference.hu) and np.allclose(vol.affine, reference.affine)
+        assert vol.spacing == pytest.approx(reference.spacing) and vol.warnings == reference.warnings
+    text = repr([vol.meta, vol.warnings, info])
+    assert "Doe" not in text and "12345" not in text and "1970" not in text
+
+
+def test_an_enhanced_ct_among_classic_series_is_the_default(tmp_path):
+    study = _pacs_export(tmp_path)
+    for f in study.glob("soft_*.dcm"):                                  # the soft-tissue series, now enhanced
+        f.unlink()
+    _enhanced_ct(study / "enhanced.dcm", order=[3, 0, 1, 2] + list(range(4, 20)))
+    series = list_series(study)
+    assert [(s.description, s.slices, s.loadable) for s in series] == [
+        ("Abdomen enhanced", 20, True), ("Lung 2.0 Bl57", 17, True), ("Topogram 0.6 T20s", 1, False)]
+    vol = load_volume(study)
+    assert np.array_equal(vol.hu, load_volume(SAMPLES / "dicom_ct/series").hu)
+    warned(tmp_path, vol, r"^This upload holds 3 series; loaded: Abdomen enhanced")
+
+
+def test_an_enhanced_file_without_frame_positions_is_refused_in_words(tmp_path):
+    refused(tmp_path, _enhanced_ct(tmp_path / "nopos.dcm", positions=False), "no ImagePositionPatient")
+    refused(tmp_path, _enhanced_ct(tmp_path / "gap.dcm", order=[n for n in range(20) if n not in (8, 9)]),
+            "missing slices")

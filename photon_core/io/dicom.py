@@ -15,6 +15,11 @@ A series is keyed by a digest of its SeriesInstanceUID, so the UID itself leaves
 
 Duplicate slices (one position twice: copies in the export, or a re-sent image) are dropped with a
 warning; the first by instance number is kept.
+
+Enhanced (multi-frame) CT, as recent scanners and PACS export it, holds a whole series in one file: each
+frame's position, orientation, pixel spacing and rescale live in its functional groups (per frame, else
+shared). Its frames are read as the slices of a classic series, through the same sorting, duplicate and
+spacing checks, so one file and its classic export load to the same volume.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ from photon_core.io.volume import (
 
 HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality", "ImageType", "ConvolutionKernel",
                "ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns", "PixelSpacing",
-               "SliceThickness", "NumberOfFrames", "SamplesPerPixel", "InstanceNumber") + SAFE_DICOM_FIELDS
+               "SliceThickness", "NumberOfFrames", "SamplesPerPixel", "InstanceNumber",
+               "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence") + SAFE_DICOM_FIELDS
 PIXEL_TAGS = HEADER_TAGS + ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                             "PhotometricInterpretation", "PlanarConfiguration", "RescaleSlope",
                             "RescaleIntercept", "PixelData")
@@ -51,6 +57,69 @@ AXIAL_COSINE = 0.9                # |slice normal · axis| above this names the 
 class _Image:
     path: Path
     ds: object                    # the pydicom Dataset of HEADER_TAGS only
+
+
+@dataclass
+class _Frame:
+    """One slice: a classic single-frame image, or one frame of an enhanced (multi-frame) image."""
+    ds: object                    # the Dataset it comes from
+    index: int | None             # its frame in ``ds``; None for a classic image
+    position: np.ndarray | None   # ImagePositionPatient (mm, LPS)
+    orientation: np.ndarray | None  # ImageOrientationPatient (row and column direction cosines)
+    spacing: list[float] | None   # PixelSpacing (between rows, between columns)
+    thickness: float
+    slope: float
+    intercept: float
+
+    def pixels(self) -> np.ndarray:
+        """The stored values, (rows, columns); a damaged encoding is refused in words."""
+        try:
+            px = self.ds.pixel_array                        # pydicom caches the decoded array
+        except Exception as e:
+            raise VolumeError(f"A DICOM slice could not be decoded ({_reason(e)}).") from None
+        if self.index is None:
+            return px
+        return px[self.index] if px.ndim == 3 else px
+
+
+def _group(ds, k: int, name: str):
+    """Functional-group macro ``name`` of frame ``k``: the per-frame item, else the shared one, else None."""
+    for seq, n in (("PerFrameFunctionalGroupsSequence", k), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(seq)
+        if items is not None and n < len(items) and name in items[n] and len(items[n][name].value):
+            return items[n][name].value[0]
+    return None
+
+
+def _frames(ds) -> list[_Frame]:
+    """The slices of one image: itself when classic, else one per frame from its functional groups (a
+    value absent from them falls back to the top-level attribute, as legacy-converted files keep it)."""
+    def get(item, name):
+        value = item.get(name) if item is not None else None
+        return ds.get(name) if value is None else value
+
+    def array(value, size):
+        return np.asarray(value, dtype=np.float64) if value is not None and len(value) == size else None
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    enhanced = frames > 1 or any(g in ds for g in ("PerFrameFunctionalGroupsSequence",
+                                                   "SharedFunctionalGroupsSequence"))
+    out = []
+    for k in range(frames):
+        place, turn, measures, rescale = ((_group(ds, k, g) if enhanced else None) for g in (
+            "PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
+            "PixelValueTransformationSequence"))
+        spacing = get(measures, "PixelSpacing")
+        out.append(_Frame(ds, k if enhanced else None, array(get(place, "ImagePositionPatient"), 3),
+                          array(get(turn, "ImageOrientationPatient"), 6),
+                          [float(v) for v in spacing] if spacing is not None and len(spacing) == 2 else None,
+                          _number(measures if measures is not None and "SliceThickness" in measures else ds,
+                                  "SliceThickness", 0.0),
+                          _number(rescale if rescale is not None and "RescaleSlope" in rescale else ds,
+                                  "RescaleSlope", 1.0),
+                          _number(rescale if rescale is not None and "RescaleIntercept" in rescale else ds,
+                                  "RescaleIntercept", 0.0)))
+    return out
 
 
 def _read(path: Path, tags: Sequence[str], pixels: bool):
@@ -91,10 +160,9 @@ def _text(value, limit: int = 64) -> str:
 
 
 def _normal(ds) -> np.ndarray | None:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
+    v = _frames(ds)[0].orientation
+    if v is None:
         return None
-    v = np.asarray(iop, dtype=np.float64)
     n = np.cross(v[:3], v[3:])
     norm = np.linalg.norm(n)
     return n / norm if norm > 1e-6 else None
@@ -110,9 +178,10 @@ def _orientation(normal: np.ndarray | None) -> str:
 
 
 def _positions(images: list[_Image], normal: np.ndarray | None) -> np.ndarray | None:
-    if normal is None or any("ImagePositionPatient" not in im.ds for im in images):
+    frames = [f for im in images for f in _frames(im.ds)]
+    if normal is None or any(f.position is None for f in frames):
         return None
-    return np.array([float(np.dot(np.asarray(im.ds.ImagePositionPatient, float), normal)) for im in images])
+    return np.array([float(np.dot(f.position, normal)) for f in frames])
 
 
 def _distinct(pos: np.ndarray) -> int:
@@ -126,9 +195,8 @@ def _describe(group: str, images: list[_Image], limits: Limits) -> SeriesInfo:
     description, kernel = _text(ds.get("SeriesDescription")), _text(ds.get("ConvolutionKernel"), 32)
     normal = _normal(ds)
     orientation = _orientation(normal)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     pos = _positions(images, normal)
-    slices = frames if frames > 1 else (_distinct(pos) if pos is not None else len(images))
+    slices = _distinct(pos) if pos is not None else sum(len(_frames(im.ds)) for im in images)
     image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
     note = ""
     if "LOCALIZER" in image_type:
@@ -137,8 +205,6 @@ def _describe(group: str, images: list[_Image], limits: Limits) -> SeriesInfo:
         note = f"modality {modality}, not CT"
     elif int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         note = "a colour image (a screen capture)"
-    elif frames > 1:
-        note = "a multi-frame (enhanced) file, not read yet"
     elif slices < limits.min_slices:
         note = f"only {slices} slice{'s' * (slices != 1)}; a volume needs {limits.min_slices}"
     name = description or "Series without description"
@@ -193,38 +259,35 @@ def load_series(files: Sequence[Path], limits: Limits, series: str | None = None
 
 
 def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> Volume:
-    """One series' images as a Volume (geometry checked, duplicates dropped, rescale applied)."""
+    """One series' images (classic slices, or enhanced files' frames) as a Volume: geometry checked,
+    duplicates dropped, rescale applied."""
     ds0 = images[0].ds
     if int(ds0.get("SamplesPerPixel", 1) or 1) != 1:
         raise VolumeError("This DICOM series holds colour (RGB) images, such as screen captures, not CT "
                           "slices; a CT slice holds one grey value (Hounsfield units) per pixel.")
-    if int(ds0.get("NumberOfFrames", 1) or 1) > 1:
-        raise VolumeError("This DICOM series is a multi-frame (enhanced) file, which is not read yet; export "
-                          "the series as classic single-slice images.")
-    if len(images) == 1:
+    if len(images) == 1 and int(ds0.get("NumberOfFrames", 1) or 1) == 1:
         raise VolumeError(f"This DICOM series holds a single image ({int(ds0.Rows)}×{int(ds0.Columns)}); "
                           f"a CT volume needs at least {limits.min_slices} slices: upload the whole series.")
-    for im in images:
-        if "ImagePositionPatient" not in im.ds or "ImageOrientationPatient" not in im.ds:
-            raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "
-                              "the series geometry cannot be rebuilt.")
-    iop = np.asarray(ds0.ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    for im in images:
-        if not np.allclose(np.asarray(im.ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
-            raise VolumeError("The DICOM slices have different orientations; expected one series.")
     rows, cols = int(ds0.Rows), int(ds0.Columns)
     if any((int(im.ds.Rows), int(im.ds.Columns)) != (rows, cols) for im in images):
         raise VolumeError("The DICOM slices have different image sizes; expected one series.")
     try:
-        slices = [_read(im.path, PIXEL_TAGS, pixels=True) for im in images]
+        datasets = [_read(im.path, PIXEL_TAGS, pixels=True) for im in images]
     except Exception as e:
         raise VolumeError(f"A DICOM slice of the series could not be read ({_reason(e)}).") from None
-    slices = _drop_duplicates(slices, normal, warnings)
-    pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for ds in slices])
+    frames = [f for ds in datasets for f in _frames(ds)]
+    if any(f.position is None or f.orientation is None for f in frames):
+        raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "
+                          "the series geometry cannot be rebuilt.")
+    iop = frames[0].orientation
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    if any(not np.allclose(f.orientation, iop, atol=1e-4) for f in frames):
+        raise VolumeError("The DICOM slices have different orientations; expected one series.")
+    frames = _drop_duplicates(frames, normal, warnings)
+    pos = np.array([np.dot(f.position, normal) for f in frames])
     gaps = np.diff(pos)
-    if len(slices) >= 3:
+    if len(frames) >= 3:
         med = float(np.median(gaps))
         if np.any(np.abs(gaps - med) > 0.1 * med + 0.01):
             if np.any(gaps > 1.5 * med):
@@ -232,17 +295,17 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
                                   f"where the spacing is {med:.2f} mm).")
             raise VolumeError(f"The DICOM slice spacing varies ({gaps.min():.2f}–{gaps.max():.2f} mm); "
                               f"expected a regularly spaced series.")
-    _check_shape((cols, rows, len(slices)), limits, "This DICOM series")
-    hu = np.empty((cols, rows, len(slices)), dtype=np.float32)
+    _check_shape((cols, rows, len(frames)), limits, "This DICOM series")
+    hu = np.empty((cols, rows, len(frames)), dtype=np.float32)
     bad_slope = bad_inter = 0
-    for n, ds in enumerate(slices):
-        if "PixelData" not in ds:
+    for n, f in enumerate(frames):
+        if "PixelData" not in f.ds:
             raise VolumeError("A DICOM slice of the series holds no image data; the file may be truncated.")
-        try:
-            px = ds.pixel_array.astype(np.float32)
-        except Exception as e:
-            raise VolumeError(f"A DICOM slice could not be decoded ({_reason(e)}).") from None
-        slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+        px = f.pixels().astype(np.float32)
+        if px.shape != (rows, cols):
+            raise VolumeError(f"A DICOM image holds {px.shape} pixels where its header says {rows}×{cols}; "
+                              f"the file is damaged.")
+        slope, intercept = f.slope, f.intercept
         if not np.isfinite(slope) or slope == 0:
             slope, bad_slope = 1.0, bad_slope + 1
         if not np.isfinite(intercept):
@@ -254,19 +317,19 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     if bad_inter:
         warnings.append(f"{bad_inter} slice{'s' * (bad_inter != 1)} had no usable rescale intercept; 0 was "
                         f"assumed, so the values may not be Hounsfield units.")
-    ps = [float(v) for v in ds0.PixelSpacing] if "PixelSpacing" in ds0 else [1.0, 1.0]
+    ps = frames[0].spacing or [1.0, 1.0]
     dz = float(np.median(gaps))
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]   # i: along a row (next column)
     lps[:3, 1] = col_dir * ps[0]   # j: down a column (next row)
     lps[:3, 2] = normal * dz
-    lps[:3, 3] = np.asarray(slices[0].ImagePositionPatient, dtype=np.float64)
+    lps[:3, 3] = frames[0].position
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    meta = {"format": "DICOM", "n_slices": len(slices)}
+    meta = {"format": "DICOM", "n_slices": len(frames)}
     for name in SAFE_DICOM_FIELDS:
         if name in ds0:
             meta[name] = _text(ds0.get(name), 64)
-    thickness = _number(ds0, "SliceThickness", 0.0)
+    thickness = frames[0].thickness
     return make_volume(hu, affine, "dicom", meta, warnings,
                        slice_thickness=thickness if np.isfinite(thickness) else None)
 
@@ -286,21 +349,22 @@ def _instance(ds) -> float:
     return n if np.isfinite(n) else 0.0
 
 
-def _drop_duplicates(slices: list, normal: np.ndarray, warnings: list[str]) -> list:
-    """Slices sorted along the normal, one per position (the lowest instance number is kept)."""
-    where = [float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)) for ds in slices]
-    order = sorted(range(len(slices)), key=lambda n: (where[n], _instance(slices[n]), n))
+def _drop_duplicates(frames: list[_Frame], normal: np.ndarray, warnings: list[str]) -> list[_Frame]:
+    """Slices sorted along the normal, one per position (the lowest instance number, then frame, is kept)."""
+    where = [float(np.dot(f.position, normal)) for f in frames]
+    order = sorted(range(len(frames)),
+                   key=lambda n: (where[n], _instance(frames[n].ds), frames[n].index or 0, n))
     kept, same, different = [], 0, 0
     last = None
     for n in order:
-        ds, p = slices[n], where[n]
+        f, p = frames[n], where[n]
         if last is not None and abs(p - last) < POSITION_TOLERANCE_MM:
-            if kept[-1].get("PixelData") == ds.get("PixelData"):
+            if np.array_equal(kept[-1].pixels(), f.pixels()):
                 same += 1
             else:
                 different += 1
             continue
-        kept.append(ds)
+        kept.append(f)
         last = p
     if same:
         warnings.append(f"{same} duplicate slice{'s' * (same != 1)} (identical copies at a position already "
@@ -310,6 +374,18 @@ def _drop_duplicates(slices: list, normal: np.ndarray, warnings: list[str]) -> l
                         f"image and {'were' if different != 1 else 'was'} dropped (the first by instance "
                         f"number was kept); check that the series holds one acquisition.")
     return kept
+
+
+def holds_frames(path: Path) -> bool:
+    """Whether one file is a multi-frame DICOM image, a whole series in itself (enhanced CT)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(132)[128:132] != b"DICM":
+                return False
+        ds = _read(path, ("Rows", "NumberOfFrames"), pixels=False)
+    except Exception:
+        return False
+    return "Rows" in ds and int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
 def single_file_error(path: Path, head: bytes, limits: Limits) -> VolumeError:
@@ -327,12 +403,8 @@ def single_file_error(path: Path, head: bytes, limits: Limits) -> VolumeError:
         return VolumeError(f"{name} is a DICOM file without an image (a directory, report or similar); "
                            f"upload the image files of a CT series.")
     size = f"{int(ds.Rows)}×{int(ds.Columns)}"
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return VolumeError(f"{name} is a colour DICOM image ({size}), such as a screen capture, not a CT "
                            f"series.")
-    if frames > 1:
-        return VolumeError(f"{name} is a multi-frame (enhanced) DICOM file of {frames} frames, which is not "
-                           f"read yet; export the series as classic single-slice images.")
     return VolumeError(f"{name} is a single DICOM image ({size}, one slice); a CT volume needs at least "
                        f"{limits.min_slices} slices: upload every file of the series (or a .zip of them).")

@@ -453,8 +453,8 @@ def _safe_extract_zip(path: Path, dest: Path, limits: Limits) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 def _dicom_files(source, limits: Limits, tmp: str) -> list[Path] | None:
-    """The files of a DICOM upload (a folder, a list of files, a .zip extracted into ``tmp``), or None
-    when ``source`` is a single file of another kind."""
+    """The files of a DICOM upload (a folder, a list of files, a .zip extracted into ``tmp``, one
+    multi-frame file), or None when ``source`` is a single file of another kind."""
     if isinstance(source, (list, tuple)):
         paths = [Path(p) for p in source]
         if len(paths) != 1:
@@ -471,7 +471,9 @@ def _dicom_files(source, limits: Limits, tmp: str) -> list[Path] | None:
         return None
     if name.endswith(".zip") or zipfile.is_zipfile(path):
         return sorted(_safe_extract_zip(path, Path(tmp), limits))
-    return None
+    from photon_core.io import dicom
+
+    return [path] if dicom.holds_frames(path) else None      # an enhanced CT: a series in one file
 
 
 def list_series(files_or_zip: str | os.PathLike | Sequence[str | os.PathLike],
