@@ -655,3 +655,71 @@ def test_an_enhanced_file_without_frame_positions_is_refused_in_words(tmp_path):
     refused(tmp_path, _enhanced_ct(tmp_path / "nopos.dcm", positions=False), "no ImagePositionPatient")
     refused(tmp_path, _enhanced_ct(tmp_path / "gap.dcm", order=[n for n in range(20) if n not in (8, 9)]),
             "missing slices")
+
+
+# ------------------------------------------------------- compressed as PACS export it
+
+def _jpeg_lossless(px: np.ndarray, precision: int = 16) -> bytes:
+    """One frame as a JPEG Lossless, first-order prediction (process 14, selection value 1) bitstream
+    (ITU T.81 annex H), the transfer syntax PACS commonly export CT in and pydicom cannot write: a
+    minimal encoder whose one Huffman table gives each difference category a 5-bit code."""
+    px = px.astype(np.int64)
+    rows, cols = px.shape
+    pred = np.empty_like(px)
+    pred[0, 0] = 1 << (precision - 1)
+    pred[0, 1:] = px[0, :-1]                  # first row: the sample to the left
+    pred[1:, 0] = px[:-1, 0]                  # first column: the sample above
+    pred[1:, 1:] = px[1:, :-1]                # selection value 1: the sample to the left
+    diff = (px - pred) % 65536
+    bits = []
+    for d in np.where(diff > 32768, diff - 65536, diff).ravel().tolist():
+        ssss = 16 if d == 32768 else abs(d).bit_length()
+        bits.append(format(ssss, "05b"))      # the canonical code of category ssss
+        if 0 < ssss < 16:
+            bits.append(format(d if d > 0 else d + (1 << ssss) - 1, f"0{ssss}b"))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    data = int(stream, 2).to_bytes(len(stream) // 8, "big").replace(b"\xff", b"\xff\x00")   # byte stuffing
+    be = lambda n: int(n).to_bytes(2, "big")  # noqa: E731
+    sof = b"\xff\xc3" + be(11) + bytes([precision]) + be(rows) + be(cols) + b"\x01\x01\x11\x00"
+    dht = b"\xff\xc4" + be(36) + b"\x00" + bytes(4) + bytes([17]) + bytes(11) + bytes(range(17))
+    sos = b"\xff\xda" + be(8) + b"\x01\x01\x00" + b"\x01\x00\x00"
+    return b"\xff\xd8" + sof + dht + sos + data + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessSV1", "RLELossless"])
+def test_a_compressed_series_loads_as_its_uncompressed_copy(tmp_path, syntax):
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    raw, packed = _dicom_series(tmp_path / "raw"), tmp_path / "packed"
+    packed.mkdir()
+    rng = np.random.default_rng(0)
+    for f in sorted(raw.iterdir()):                     # CT-like values, a different image on every slice
+        ds = pydicom.dcmread(str(f))
+        px = rng.integers(0, 2500, (ds.Rows, ds.Columns), dtype=np.uint16)
+        ds.PixelData = px.tobytes()
+        ds.save_as(str(f))
+        if syntax == "RLELossless":
+            ds.compress(pydicom.uid.RLELossless)
+        else:
+            ds.PixelData = encapsulate([_jpeg_lossless(px)])
+            ds["PixelData"].VR = "OB"
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+        ds.save_as(str(packed / f.name))
+    vol, reference = load_volume(packed), load_volume(raw)
+    assert np.array_equal(vol.hu, reference.hu) and np.allclose(vol.affine, reference.affine)
+
+
+def test_a_slice_that_cannot_be_decoded_names_its_compression(tmp_path):
+    import pydicom
+
+    series = _dicom_series(tmp_path / "s")
+    f = sorted(series.iterdir())[3]
+    ds = pydicom.dcmread(str(f))
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8 not a JPEG stream \xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+    ds.save_as(str(f))
+    refused(tmp_path, series, r"A DICOM slice stored as JPEG Lossless.* could not be decoded \(.*\); "
+                              r"the file is damaged")

@@ -76,7 +76,11 @@ class _Frame:
         try:
             px = self.ds.pixel_array                        # pydicom caches the decoded array
         except Exception as e:
-            raise VolumeError(f"A DICOM slice could not be decoded ({_reason(e)}).") from None
+            syntax = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
+            stored = f" stored as {syntax.name}" if syntax is not None and syntax.is_compressed else ""
+            raise VolumeError(f"A DICOM slice{stored} could not be decoded ({_reason(e)}); the file is "
+                              f"damaged or its compression unsupported: export the series "
+                              f"uncompressed.") from None
         if self.index is None:
             return px
         return px[self.index] if px.ndim == 3 else px

@@ -1,10 +1,11 @@
 """Loading a CT scan into one `Volume` value.
 
 Supported inputs: NIfTI (.nii, .nii.gz), NRRD (.nrrd), a DICOM upload (a folder, a list of files,
-or a .zip of them; JPEG2000-compressed series decode through pylibjpeg). A DICOM upload may hold
-several series, as a PACS export does (a localizer, two reconstruction kernels, ...): `list_series`
-lists them and ``load_volume(..., series=key)`` loads one (by default the axial CT series with the
-most slices); the DICOM specifics live in `photon_core.io.dicom`.
+one enhanced multi-frame file, or a .zip of them; compressed series, JPEG 2000, JPEG Lossless, JPEG-LS,
+RLE, decode through pylibjpeg and GDCM). A DICOM upload may hold several series, as a PACS export does
+(a localizer, two reconstruction kernels, ...): `list_series` lists them and
+``load_volume(..., series=key)`` loads one (by default the axial CT series with the most slices); the
+DICOM specifics live in `photon_core.io.dicom`.
 
 Conventions
 -----------
