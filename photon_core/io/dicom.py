@@ -14,7 +14,8 @@ other element, so no patient name, id, birth date or free-text comment is ever r
 A series is keyed by a digest of its SeriesInstanceUID, so the UID itself leaves this module neither.
 
 Duplicate slices (one position twice: copies in the export, or a re-sent image) are dropped with a
-warning; the first by instance number is kept.
+warning; the first by instance number is kept. A series acquired with a gantry tilt (its slices step
+sideways too) is shifted slice by slice onto an upright grid, with a warning, so positions are true.
 
 Enhanced (multi-frame) CT, as recent scanners and PACS export it, holds a whole series in one file: each
 frame's position, orientation, pixel spacing and rescale live in its functional groups (per frame, else
@@ -50,6 +51,7 @@ PIXEL_TAGS = HEADER_TAGS + ("BitsAllocated", "BitsStored", "HighBit", "PixelRepr
                             "PhotometricInterpretation", "PlanarConfiguration", "RescaleSlope",
                             "RescaleIntercept", "PixelData")
 POSITION_TOLERANCE_MM = 1e-3      # two slices closer than this along the normal share a position
+TILT_TOLERANCE_VOXELS = 0.1       # a sideways drift of the slices below this is rounding, not tilt
 AXIAL_COSINE = 0.9                # |slice normal · axis| above this names the orientation (≈ 26°)
 
 
@@ -323,6 +325,7 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
                         f"assumed, so the values may not be Hounsfield units.")
     ps = frames[0].spacing or [1.0, 1.0]
     dz = float(np.median(gaps))
+    _untilt(hu, frames, row_dir, col_dir, normal, ps, dz, warnings)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]   # i: along a row (next column)
     lps[:3, 1] = col_dir * ps[0]   # j: down a column (next row)
@@ -336,6 +339,28 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     thickness = frames[0].thickness
     return make_volume(hu, affine, "dicom", meta, warnings,
                        slice_thickness=thickness if np.isfinite(thickness) else None)
+
+
+def _untilt(hu: np.ndarray, frames: list[_Frame], row_dir: np.ndarray, col_dir: np.ndarray,
+            normal: np.ndarray, spacing: list[float], dz: float, warnings: list[str]) -> None:
+    """Slices acquired with a gantry tilt step sideways as well as along their normal: their voxel grid is
+    sheared. Each slice is shifted in-plane (linear interpolation, in place) onto the upright grid through
+    the first slice, as dcm2niix does, so that positions and distances in the volume are true."""
+    offset = np.array([f.position - frames[0].position for f in frames])
+    offset -= np.outer(offset @ normal, normal)                 # the sideways part of each slice's step
+    shift = np.stack([offset @ row_dir / spacing[1], offset @ col_dir / spacing[0]], axis=1)   # in voxels
+    if np.abs(shift).max() < TILT_TOLERANCE_VOXELS:
+        return
+    from scipy import ndimage
+
+    air = float(hu.min())
+    for k in range(1, hu.shape[2]):
+        hu[:, :, k] = ndimage.shift(hu[:, :, k], shift[k], order=1, mode="constant", cval=air)
+    tilt = np.degrees(np.arctan2(np.linalg.norm(offset[-1]), dz * (len(frames) - 1)))
+    most = float(np.linalg.norm(offset, axis=1).max())
+    warnings.append(f"The series was acquired with a gantry tilt of {tilt:.1f}°: each slice was shifted "
+                    f"sideways (up to {most:.1f} mm) onto an upright grid, as dcm2niix does, so positions "
+                    f"and distances are true.")
 
 
 def _number(ds, name: str, default: float) -> float:
