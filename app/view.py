@@ -38,6 +38,8 @@ from viz.slices import WINDOWS, Layout, to_ras, triplanar
 from .service import Session
 
 DEFAULT_WINDOW = "Soft tissue"
+ENDED_MEMORY_S = 3600.0          # an ended session's key is remembered this long (longer than any load)
+_serial = itertools.count(1)     # file names unique across sessions' `Files`, old and new
 
 
 class FileStore:
@@ -47,6 +49,7 @@ class FileStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._sessions: dict[str, Files] = {}
+        self._ended: dict[str, float] = {}      # key -> when its session ended (a load may still be running)
         self._lock = threading.Lock()
 
     @classmethod
@@ -67,9 +70,16 @@ class FileStore:
         return "".join(ch for ch in (key or "local") if ch.isalnum() or ch in "-_")[:64] or "local"
 
     def session(self, key: str | None) -> Files:
+        """The session's files. Asked by a request begun before its session ended (a load still running
+        when its browser left), they are written and go shortly after, as `Files.remove` says."""
         key = self._safe(key)
         with self._lock:
             if key not in self._sessions or not self._sessions[key].folder.is_dir():
+                ended = self._ended.pop(key, None)
+                started = getattr(_request, "started", None)
+                if ended is not None and started is not None and started < ended:
+                    self._ended[key] = ended
+                    return Files(self.root / key, removed_at=ended)     # not kept: nobody will ask again
                 self._sessions[key] = Files(self.root / key)
             return self._sessions[key]
 
@@ -78,6 +88,9 @@ class FileStore:
         key = self._safe(key)
         with self._lock:
             f = self._sessions.pop(key, None)
+            now = time.monotonic()
+            self._ended = {k: t for k, t in self._ended.items() if now - t < ENDED_MEMORY_S}
+            self._ended[key] = now
         if f is not None:
             f.remove()
         shutil.rmtree(self.root / key, ignore_errors=True)      # also a folder its View made again
@@ -116,19 +129,19 @@ class Files:
 
     late_s = 10.0
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, removed_at: float | None = None):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if removed_at is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self._current: dict[str, Path] = {}
-        self._n = itertools.count(1)
         self._lock = threading.Lock()
-        self._removed_at: float | None = None
+        self._removed_at = removed_at           # set: the session ended (see `remove`)
 
     def write(self, kind: str, suffix: str, data: bytes) -> Path:
         """A new file of ``kind`` (a fresh name, so browsers fetch it); the previous one is removed."""
         with self._lock:
             self.folder.mkdir(parents=True, exist_ok=True)   # again, if the session was ended meanwhile
-            path = self.folder / f"{kind}_{next(self._n)}{suffix}"
+            path = self.folder / f"{kind}_{next(_serial)}{suffix}"
             path.write_bytes(data)
             self._replace(kind, path)
         return path
@@ -136,7 +149,7 @@ class Files:
     def new_folder(self, kind: str) -> Path:
         """An empty folder of ``kind`` (an export), replacing the previous one."""
         with self._lock:
-            path = self.folder / f"{kind}_{next(self._n)}"
+            path = self.folder / f"{kind}_{next(_serial)}"
             path.mkdir(parents=True)
             self._replace(kind, path)
         return path

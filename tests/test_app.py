@@ -116,6 +116,32 @@ def test_files_written_after_the_browser_left_go_unless_it_came_back(tmp_path, m
     store.close()
 
 
+def test_a_load_still_running_when_its_browser_left_leaves_no_files(tmp_path, monkeypatch):
+    """A load begun before its session ended asks the store for the session's files only after the end
+    (the view is built last): what it writes goes shortly after, and a browser that comes back later
+    gets files that stay."""
+    from app.view import Files, FileStore, handling
+
+    monkeypatch.setattr(Files, "late_s", 0.2)
+    store = FileStore(tmp_path / "served")
+    store.session("abc").write("scene", ".glb", b"0")
+    with handling():                                  # the load, in flight across the end
+        store.drop("abc")
+        late = store.session("abc")
+        written = [late.write("scene", ".glb", b"1"), late.write("slices", ".png", b"2")]
+        assert all(p.is_file() for p in written)
+    for _ in range(50):
+        if not late.folder.exists():
+            break
+        time.sleep(0.1)
+    assert not late.folder.exists()
+    with handling():                                  # a request begun after the end: the browser came back
+        back = store.session("abc").write("scene", ".glb", b"3")
+    time.sleep(0.6)
+    assert back.is_file() and store.session("abc").folder == back.parent
+    store.close()
+
+
 def test_budgets_below_the_floor_are_refused_with_a_message(engine, store):
     from app import handlers as h
     from photon_core.model.budget import MIN_KEEP_TOKENS
