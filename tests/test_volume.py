@@ -655,6 +655,15 @@ def test_an_enhanced_file_without_frame_positions_is_refused_in_words(tmp_path):
     refused(tmp_path, _enhanced_ct(tmp_path / "nopos.dcm", positions=False), "no ImagePositionPatient")
     refused(tmp_path, _enhanced_ct(tmp_path / "gap.dcm", order=[n for n in range(20) if n not in (8, 9)]),
             "missing slices")
+    import pydicom
+
+    f = _enhanced_ct(tmp_path / "lies.dcm")                  # a header claiming two billion frames
+    ds = pydicom.dcmread(str(f))
+    ds.NumberOfFrames = 2_000_000_000
+    ds.save_as(str(f))
+    [info] = list_series(f)
+    assert not info.loadable and info.note == "a multi-frame file without a position for each frame"
+    refused(tmp_path, f, r"Abdomen enhanced — \d+ axial CT slices \(a multi-frame file without a")
 
 
 # ------------------------------------------------------- compressed as PACS export it

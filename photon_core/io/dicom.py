@@ -85,7 +85,31 @@ class _Frame:
                               f"uncompressed.") from None
         if self.index is None:
             return px
+        held = px.shape[0] if px.ndim == 3 else 1
+        if self.index >= held:
+            raise VolumeError(f"A multi-frame DICOM file holds {held} frame{'s' * (held != 1)} of image data "
+                              f"where its header says {_frame_count(self.ds)}; the file is damaged.")
         return px[self.index] if px.ndim == 3 else px
+
+
+def _frame_count(ds) -> int:
+    """NumberOfFrames as a count (1 when absent, zero, negative or not a number)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _frame_problem(ds) -> str | None:
+    """Why the frames of a multi-frame image cannot be placed as slices, or None."""
+    declared, per_frame = _frame_count(ds), ds.get("PerFrameFunctionalGroupsSequence")
+    if declared == 1:
+        return None
+    if per_frame is None:
+        return "gives no position for each of its frames (no per-frame functional groups)"
+    if len(per_frame) != declared:
+        return f"describes {len(per_frame)} of its {declared} frames"
+    return None
 
 
 def _group(ds, k: int, name: str):
@@ -105,20 +129,25 @@ def _frames(ds) -> list[_Frame]:
         return ds.get(name) if value is None else value
 
     def array(value, size):
-        return np.asarray(value, dtype=np.float64) if value is not None and len(value) == size else None
+        try:
+            a = np.asarray(value, dtype=np.float64) if value is not None else None
+        except (TypeError, ValueError):                     # a malformed decimal string
+            return None
+        return a if a is not None and a.shape == (size,) and np.isfinite(a).all() else None
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    enhanced = frames > 1 or any(g in ds for g in ("PerFrameFunctionalGroupsSequence",
-                                                   "SharedFunctionalGroupsSequence"))
+    frames, per_frame = _frame_count(ds), ds.get("PerFrameFunctionalGroupsSequence")
+    enhanced = frames > 1 or per_frame is not None or "SharedFunctionalGroupsSequence" in ds
+    if frames > 1:              # frames without their own groups share one geometry: one stands for all
+        frames = max(1, min(frames, len(per_frame))) if per_frame is not None else 1
     out = []
     for k in range(frames):
         place, turn, measures, rescale = ((_group(ds, k, g) if enhanced else None) for g in (
             "PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
             "PixelValueTransformationSequence"))
-        spacing = get(measures, "PixelSpacing")
+        spacing = array(get(measures, "PixelSpacing"), 2)
         out.append(_Frame(ds, k if enhanced else None, array(get(place, "ImagePositionPatient"), 3),
                           array(get(turn, "ImageOrientationPatient"), 6),
-                          [float(v) for v in spacing] if spacing is not None and len(spacing) == 2 else None,
+                          None if spacing is None else spacing.tolist(),
                           _number(measures if measures is not None and "SliceThickness" in measures else ds,
                                   "SliceThickness", 0.0),
                           _number(rescale if rescale is not None and "RescaleSlope" in rescale else ds,
@@ -202,13 +231,15 @@ def _describe(group: str, images: list[_Image], limits: Limits) -> SeriesInfo:
     normal = _normal(ds)
     orientation = _orientation(normal)
     pos = _positions(images, normal)
-    slices = _distinct(pos) if pos is not None else sum(len(_frames(im.ds)) for im in images)
+    slices = _distinct(pos) if pos is not None else sum(_frame_count(im.ds) for im in images)
     image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
     note = ""
     if "LOCALIZER" in image_type:
         note = "a localizer/scout image"
     elif modality != "CT":
         note = f"modality {modality}, not CT"
+    elif any(_frame_problem(im.ds) for im in images):
+        note = "a multi-frame file without a position for each frame"
     elif int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         note = "a colour image (a screen capture)"
     elif slices < limits.min_slices:
@@ -271,7 +302,7 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     if int(ds0.get("SamplesPerPixel", 1) or 1) != 1:
         raise VolumeError("This DICOM series holds colour (RGB) images, such as screen captures, not CT "
                           "slices; a CT slice holds one grey value (Hounsfield units) per pixel.")
-    if len(images) == 1 and int(ds0.get("NumberOfFrames", 1) or 1) == 1:
+    if len(images) == 1 and _frame_count(ds0) == 1:
         raise VolumeError(f"This DICOM series holds a single image ({int(ds0.Rows)}×{int(ds0.Columns)}); "
                           f"a CT volume needs at least {limits.min_slices} slices: upload the whole series.")
     rows, cols = int(ds0.Rows), int(ds0.Columns)
@@ -281,6 +312,11 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
         datasets = [_read(im.path, PIXEL_TAGS, pixels=True) for im in images]
     except Exception as e:
         raise VolumeError(f"A DICOM slice of the series could not be read ({_reason(e)}).") from None
+    for ds in datasets:
+        problem = _frame_problem(ds)
+        if problem:
+            raise VolumeError(f"A multi-frame DICOM file of this series {problem}; its slices cannot be "
+                              f"placed. The file is damaged, or not a CT volume.")
     frames = [f for ds in datasets for f in _frames(ds)]
     if any(f.position is None or f.orientation is None for f in frames):
         raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "
@@ -414,7 +450,7 @@ def holds_frames(path: Path) -> bool:
         ds = _read(path, ("Rows", "NumberOfFrames"), pixels=False)
     except Exception:
         return False
-    return "Rows" in ds and int(ds.get("NumberOfFrames", 1) or 1) > 1
+    return "Rows" in ds and _frame_count(ds) > 1
 
 
 def single_file_error(path: Path, head: bytes, limits: Limits) -> VolumeError:
