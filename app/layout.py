@@ -96,7 +96,8 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
                                          "TotalSegmentator's class map when the ids fit)",
                                    file_types=[".json", ".csv"], elem_id="label_table")
         c["prior"] = gr.File(label="Optional prior scan of the same patient, for questions about change "
-                                   "(NIfTI / NRRD, or a DICOM .zip)", elem_id="prior_upload")
+                                   "(NIfTI / NRRD, a DICOM .zip, or one enhanced multi-frame DICOM file)",
+                             elem_id="prior_upload")
         c["load_upload"] = gr.Button("Load upload", elem_id="load_upload")
     c["status"] = gr.HTML("<div id='scan-status'>No scan loaded.</div>", elem_id="status")
     c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
