@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -757,3 +758,66 @@ def test_a_gantry_tilted_series_is_put_upright_where_it_was_scanned(tmp_path):
     assert np.allclose(rod[:3], [-8.0, -12.8, 14.0])              # RAS of LPS (8, 12.8, 14)
     assert np.allclose(vol.spacing, (0.8, 0.8, 2.0))
     warned(tmp_path, vol, r"^The series was acquired with a gantry tilt of 21\.8°")
+
+
+# ------------------------------------------------------- detached headers: two files, one scan
+
+def _uploaded(tmp_path, *files):
+    """Each file in a folder of its own, as Gradio stores an upload's files."""
+    out = []
+    for n, f in enumerate(files):
+        (tmp_path / f"upload{n}").mkdir(parents=True)
+        out.append(Path(shutil.move(str(f), str(tmp_path / f"upload{n}" / Path(f).name))))
+    return out
+
+
+def test_a_detached_header_loads_with_its_data_uploaded_beside_it(tmp_path):
+    import nrrd
+
+    ct = _ct_like((24, 20, 18)).round().astype(np.int16)
+    affine = np.diag([0.8, 0.7, 2.0, 1.0])
+    reference = load_volume(_nifti(tmp_path, ct, "one.nii.gz", affine=affine))
+    src = tmp_path / "written"
+    src.mkdir()
+    nrrd.write(str(src / "scan.nhdr"), ct, {"space": "right-anterior-superior",
+                                             "space directions": affine[:3, :3], "space origin": [0, 0, 0]},
+               detached_header=True)
+    nib.save(nib.Nifti1Pair(ct, affine), str(src / "pair.img"))
+    detached = _uploaded(tmp_path / "n", *sorted(src.glob("scan.*")))
+    pair = _uploaded(tmp_path / "p", src / "pair.img", src / "pair.hdr")
+    for upload in (detached, detached[::-1], pair):
+        vol = load_volume(upload)
+        assert np.array_equal(vol.hu, reference.hu) and np.allclose(vol.affine, reference.affine)
+        assert list_series(upload) == [] and vol.warnings == reference.warnings
+
+
+def test_a_detached_header_reads_no_file_but_its_own_data_beside_it(tmp_path):
+    """A .nhdr names its data file; by a path it could make the server read any file it can read and show
+    it as a scan. Only a data file beside the header, by its bare name, is read."""
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"a private note " * 1200)                              # 18,000 bytes
+    up = tmp_path / "upload"
+    up.mkdir()
+    header = ("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 20 30 30\nspace: left-posterior-superior\n"
+              "space directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)\nencoding: raw\n")
+    for name, named, match in [("abs.nhdr", secret, "names its data file by a path"),
+                               ("rel.nhdr", "../elsewhere/secret.txt", "names its data file by a path"),
+                               ("parts.nhdr", "secret%d.txt 1 2 1", "spreads its data over several files"),
+                               ("alone.nhdr", "alone.raw", "its data file 'alone.raw' was not uploaded")]:
+        (up / name).write_text(header + f"data file: {named}\n")
+        msg = refused(tmp_path, up / name, match)
+        assert "private" not in msg
+    for half, other in (("scan.hdr", "scan.img"), ("scan.img", "scan.hdr")):
+        (tmp_path / half).write_bytes(b"\0" * 400)
+        refused(tmp_path, tmp_path / half, rf"one half of a \.hdr/\.img pair.*upload '{re.escape(other)}'")
+        (tmp_path / half).unlink()
+    nib.save(nib.AnalyzeImage(_ct_like().astype(np.int16), np.eye(4)), str(tmp_path / "old.img"))
+    refused(tmp_path, tmp_path / "old.hdr", "Analyze 7.5 image, which records no orientation")
+
+
+def test_two_scans_in_one_upload_are_told_apart_from_a_dicom_series(tmp_path):
+    a = _nifti(tmp_path, _ct_like(), "a.nii.gz")
+    b = _nifti(tmp_path, _ct_like(seed=1), "b.nrrd.nii.gz")
+    refused(tmp_path, [a, b], r"holds 2 files, 2 of them volumes \('a\.nii\.gz', 'b\.nrrd\.nii\.gz'\) and "
+                              r"no DICOM image; load one scan at a time")

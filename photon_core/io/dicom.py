@@ -55,6 +55,10 @@ TILT_TOLERANCE_VOXELS = 0.1       # a sideways drift of the slices below this is
 AXIAL_COSINE = 0.9                # |slice normal · axis| above this names the orientation (≈ 26°)
 
 
+class NoImages(VolumeError):
+    """An upload without a single DICOM image."""
+
+
 @dataclass
 class _Image:
     path: Path
@@ -270,7 +274,7 @@ def load_series(files: Sequence[Path], limits: Limits, series: str | None = None
     Volume's warnings."""
     ordered = _ordered(_scan(files), limits)
     if not ordered:
-        raise VolumeError("No DICOM images were found; expected the files (or a .zip) of a CT series.")
+        raise NoImages("No DICOM images were found; expected the files (or a .zip) of a CT series.")
     if series is not None:
         chosen = [x for x in ordered if x[0].uid == series]
         if not chosen:

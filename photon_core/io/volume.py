@@ -73,6 +73,7 @@ NONFINITE_HU = -1000.0          # what a NaN/Inf voxel becomes: air, as outside 
 THICK_SLICE_MM = 5.0            # thicker slices get a warning: small findings fall between them
 AIR_HU = (-1200.0, -300.0)      # air and lung: a CT in HU holds some (outside the body, lungs, bowel)
 MIN_AIR_FRACTION = 1e-3         # fewer voxels of air than this gets a warning
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".hdr", ".img", ".img.gz")   # one scan, not DICOM
 
 
 @dataclass
@@ -348,11 +349,20 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
         if len(head) < 348:
             raise VolumeError(f"'{path.name}' is truncated or is not NIfTI (header has {len(head)} of "
                               f"348 bytes).")
+    stem = re.sub(r"\.(hdr|img|img\.gz)$", "", path.name, flags=re.IGNORECASE)
+    if stem != path.name:                   # one half of a .hdr/.img pair: the other must lie beside it
+        for half, suffixes in (("image", (".img", ".img.gz", ".IMG")), ("header", (".hdr", ".HDR"))):
+            if not any((path.parent / (stem + e)).is_file() for e in suffixes):
+                raise VolumeError(f"'{path.name}' is one half of a .hdr/.img pair, without its {half}: "
+                                  f"upload '{stem}{suffixes[0]}' with it (both files together).")
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for corrupt headers
         raise VolumeError(f"'{path.name}' is not a readable NIfTI file ({_reason(e)}).") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    if isinstance(img, nib.AnalyzeImage) and not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):
+        raise VolumeError(f"'{path.name}' is an Analyze 7.5 image, which records no orientation (left and "
+                          f"right cannot be told apart); convert it to NIfTI with its orientation.")
+    if not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):       # NIfTI images are pairs in one file
         raise VolumeError(f"'{path.name}' is not a NIfTI volume.")
     _check_dtype(img.get_data_dtype(), f"'{path.name}'")
     _check_shape(img.header.get_data_shape(), limits, f"'{path.name}'")
@@ -364,7 +374,8 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
     data = data.reshape(_check_shape(data.shape, limits, f"'{path.name}'"))
     affine = img.affine if img.affine is not None else np.eye(4)
     try:        # the header as stored: nibabel's img.header already has the scaling it did not apply removed
-        with nib.openers.ImageOpener(str(path)) as f:
+        where = img.file_map.get("header", img.file_map["image"]).filename     # a pair's .hdr, else itself
+        with nib.openers.ImageOpener(where or str(path)) as f:
             scaling = _nifti_scaling_warning(img.header_class.from_fileobj(f))
     except Exception:
         scaling = None
@@ -378,6 +389,7 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
         header = nrrd.read_header(str(path))
     except Exception as e:
         raise VolumeError(f"'{path.name}' is not a readable NRRD file ({type(e).__name__}).") from None
+    _check_data_file(path, header)
     kinds = [str(k).lower() for k in header.get("kinds", [])]
     if any(k in ("rgb-color", "rgba-color", "hsv-color", "xyz-color", "3-color", "4-color") for k in kinds):
         raise VolumeError(f"'{path.name}' is a colour (RGB) image; a CT volume holds one grey value "
@@ -401,6 +413,25 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
         raise VolumeError(f"'{path.name}' uses the NRRD space '{clean_text(space, 40)}'; expected LPS or "
                           f"RAS.")
     return make_volume(data, affine, "nrrd", {"format": "NRRD"})
+
+
+def _check_data_file(path: Path, header: dict) -> None:
+    """A detached NRRD header names its data file: only one file beside it, by its bare name, is read
+    (a path could make the server read any file it can, and show it as a scan)."""
+    named = header.get("data file", header.get("datafile"))
+    if named is None:
+        return
+    named = str(named).strip()
+    shown = clean_text(named, 80)
+    if named.upper().startswith("LIST") or "%" in named or len(named.split()) > 1:
+        raise VolumeError(f"'{path.name}' spreads its data over several files ('{shown}'); save it as one "
+                          f".nrrd file.")
+    if named != Path(named).name or "\\" in named or named in (".", ".."):
+        raise VolumeError(f"'{path.name}' names its data file by a path ('{shown}'); only a data file beside "
+                          f"the header, named by its file name, is read.")
+    if not (path.parent / named).is_file():
+        raise VolumeError(f"'{path.name}' is a detached NRRD header; its data file '{shown}' was not "
+                          f"uploaded with it: upload both files together.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +499,7 @@ def _dicom_files(source, limits: Limits, tmp: str) -> list[Path] | None:
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     _check_file(path, limits)
     name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".gz")):
+    if name.endswith(VOLUME_SUFFIXES + (".gz",)):
         return None
     if name.endswith(".zip") or zipfile.is_zipfile(path):
         return sorted(_safe_extract_zip(path, Path(tmp), limits))
@@ -484,13 +515,16 @@ def list_series(files_or_zip: str | os.PathLike | Sequence[str | os.PathLike],
     from photon_core.io import dicom
 
     with tempfile.TemporaryDirectory(prefix="photon_zip_") as tmp:
+        if _pair(files_or_zip, tmp) is not None:
+            return []
         files = _dicom_files(files_or_zip, limits, tmp)
         return [] if files is None else dicom.list_series(files, limits)
 
 
 def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
                 limits: Limits = DEFAULT_LIMITS, series: str | None = None) -> Volume:
-    """Load a CT volume from a NIfTI/NRRD file, a DICOM folder, a DICOM .zip, or a list of DICOM files.
+    """Load a CT volume from a NIfTI/NRRD file (a detached header with its data file, two files), a
+    DICOM folder, a DICOM .zip, or a list of DICOM files.
 
     ``series``: for a DICOM upload holding several series, the ``uid`` of the `SeriesInfo` to load
     (`list_series`); None loads the default (the axial CT series with the most slices) and names the
@@ -500,22 +534,61 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
     from photon_core.io import dicom
 
     with tempfile.TemporaryDirectory(prefix="photon_zip_") as tmp:
+        header = _pair(source, tmp)
+        if header is not None:
+            return _load_file(header, limits)
         files = _dicom_files(source, limits, tmp)
         if files is not None:
-            return dicom.load_series(files, limits, series)
-    path = Path(source[0] if isinstance(source, (list, tuple)) else source)
+            try:
+                return dicom.load_series(files, limits, series)
+            except dicom.NoImages:
+                volumes = [f.name for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
+                if not volumes:
+                    raise
+                raise VolumeError(f"This upload holds {len(files)} files, {len(volumes)} of them "
+                                  f"{'a volume' if len(volumes) == 1 else 'volumes'} "
+                                  f"({', '.join(repr(clean_text(v, 60)) for v in volumes[:3])}) and no DICOM "
+                                  f"image; load one scan at a time: one NIfTI/NRRD file (a detached header "
+                                  f"with its data file), or the files of a DICOM study. A prior scan has its "
+                                  f"own upload.") from None
+    return _load_file(Path(source[0] if isinstance(source, (list, tuple)) else source), limits)
+
+
+def _pair(source, tmp: str) -> Path | None:
+    """Two uploaded files that are a detached header and its data (NRRD .nhdr + data file, NIfTI/Analyze
+    .hdr + .img), each maybe in its own upload folder: the header, linked beside its data in ``tmp``."""
+    if not isinstance(source, (list, tuple)) or len(source) != 2:
+        return None
+    paths = [Path(p) for p in source]
+    headers = [p for p in paths if p.name.lower().endswith((".nhdr", ".hdr"))]
+    if len(headers) != 1 or paths[0].name == paths[1].name or not all(p.is_file() for p in paths):
+        return None
+    folder = Path(tmp) / "pair"
+    folder.mkdir()
+    for p in paths:
+        try:
+            os.symlink(p.resolve(), folder / p.name)
+        except OSError:
+            shutil.copyfile(p, folder / p.name)
+    return folder / headers[0].name
+
+
+def _load_file(path: Path, limits: Limits) -> Volume:
+    """One file (or a detached header beside its data) by what it is: NIfTI, NRRD, or a refusal."""
+    from photon_core.io import dicom
+
     name = path.name.lower()
     with _by_content(path) as (alias, held):
         if held:                      # named as something else (or nothing): read as what it holds
             try:
-                vol = load_volume(alias, limits)
+                vol = _load_file(alias, limits)
             except VolumeError as e:
                 raise VolumeError(str(e).replace(f"'{alias.name}'", f"'{path.name}'")) from None
             what = {".nii.gz": "gzip-compressed NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD"}[held]
             vol.warnings.insert(0, f"'{clean_text(path.name)}' holds {what} data; it was read as such (its "
                                    f"name ends otherwise, so other programs may not open it as it is).")
             return vol
-    if name.endswith((".nii", ".nii.gz")):
+    if name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz")):
         return _load_nifti(path, limits)
     if name.endswith((".nrrd", ".nhdr")):
         return _load_nrrd(path, limits)
