@@ -821,3 +821,25 @@ def test_two_scans_in_one_upload_are_told_apart_from_a_dicom_series(tmp_path):
     b = _nifti(tmp_path, _ct_like(seed=1), "b.nrrd.nii.gz")
     refused(tmp_path, [a, b], r"holds 2 files, 2 of them volumes \('a\.nii\.gz', 'b\.nrrd\.nii\.gz'\) and "
                               r"no DICOM image; load one scan at a time")
+
+
+def test_a_compressed_nrrd_unpacks_no_further_than_its_header_says(tmp_path):
+    """pynrrd unpacks a whole gzip/bzip2 stream before checking its size: 1 GB of upload could unpack to
+    a terabyte. The loader stops one byte past the header's size."""
+    import bz2
+    import tracemalloc
+
+    ct = _ct_like((24, 20, 18)).round().astype(np.int16)
+    head = (b"NRRD0004\ntype: int16\nendian: little\ndimension: 3\nsizes: 24 20 18\nspace: "
+            b"left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)\n")
+    for encoding, pack in ((b"gzip", gzip.compress), (b"bzip2", bz2.compress)):
+        good = tmp_path / f"good_{encoding.decode()}.nrrd"
+        good.write_bytes(head + b"encoding: " + encoding + b"\n\n" + pack(ct.tobytes(order="F")))
+        assert np.array_equal(load_volume(good).hu, ct)
+        bomb = tmp_path / f"bomb_{encoding.decode()}.nrrd"
+        bomb.write_bytes(head + b"encoding: " + encoding + b"\n\n" + pack(bytes(50_000_000)))
+        tracemalloc.start()
+        refused(tmp_path, bomb, r"unpacks to more data than its header's size \(24×20×18\)")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 5_000_000, peak                                 # 50 MB were never unpacked

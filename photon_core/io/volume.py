@@ -35,6 +35,7 @@ No message names a server path: only file names as the user uploaded them (`clea
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import shutil
@@ -396,7 +397,12 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
                           f"(Hounsfield units) per voxel.")
     _check_shape(header.get("sizes", ()), limits, f"'{path.name}'")
     try:
-        data, header = nrrd.read(str(path))
+        if str(header.get("encoding", "raw")).lower() in ("gzip", "gz", "bzip2", "bz2"):
+            data = _unpacked_nrrd(path, header)
+        else:
+            data, header = nrrd.read(str(path))
+    except VolumeError:
+        raise
     except Exception as e:
         raise VolumeError(f"'{path.name}' is truncated or corrupt ({type(e).__name__}).") from None
     _check_dtype(data.dtype, f"'{path.name}'")
@@ -413,6 +419,41 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
         raise VolumeError(f"'{path.name}' uses the NRRD space '{clean_text(space, 40)}'; expected LPS or "
                           f"RAS.")
     return make_volume(data, affine, "nrrd", {"format": "NRRD"})
+
+
+def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
+    """A compressed NRRD's voxels, unpacked no further than its header's size says (pynrrd unpacks the
+    whole stream: a few MB of zeros could fill the server's memory)."""
+    import bz2
+
+    import nrrd
+
+    raw = {k: v for k, v in header.items() if k not in ("data file", "datafile", "line skip", "lineskip",
+                                                         "byte skip", "byteskip")}
+    raw["encoding"] = "raw"
+    one = nrrd.read_data({**raw, "sizes": np.ones(len(header["sizes"]), int)}, io.BytesIO(bytes(16)))
+    expected = int(np.prod(header["sizes"], dtype=np.int64)) * one.dtype.itemsize
+    skip = int(header.get("byte skip", header.get("byteskip", 0)))
+    cap = expected + (skip if skip >= 0 else 1 << 20)
+    named = header.get("data file", header.get("datafile"))
+    with open(path.parent / str(named).strip() if named else path, "rb") as fh:
+        if not named:
+            nrrd.read_header(fh)                                # the data follows the header
+        for _ in range(int(header.get("line skip", header.get("lineskip", 0)))):
+            fh.readline()
+        gz = str(header["encoding"]).lower() in ("gzip", "gz")
+        unpack = zlib.decompressobj(zlib.MAX_WBITS | 16) if gz else bz2.BZ2Decompressor()
+        out = bytearray()
+        while (chunk := fh.read(1 << 22)) and not unpack.eof:
+            while chunk or (not gz and not unpack.needs_input and not unpack.eof):
+                out += unpack.decompress(chunk, cap + 1 - len(out))
+                if len(out) > cap:
+                    raise VolumeError(f"'{path.name}' unpacks to more data than its header's size "
+                                      f"({'×'.join(str(int(n)) for n in header['sizes'])}); the file is "
+                                      f"refused (damaged, or a decompression bomb).")
+                chunk = unpack.unconsumed_tail if gz else b""
+    payload = out[skip:skip + expected] if skip >= 0 else out[-expected:]
+    return nrrd.read_data(raw, io.BytesIO(bytes(payload)))
 
 
 def _check_data_file(path: Path, header: dict) -> None:
