@@ -834,7 +834,8 @@ def test_a_compressed_nrrd_unpacks_no_further_than_its_header_says(tmp_path):
             b"left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)\n")
     for encoding, pack in ((b"gzip", gzip.compress), (b"bzip2", bz2.compress)):
         good = tmp_path / f"good_{encoding.decode()}.nrrd"
-        good.write_bytes(head + b"encoding: " + encoding + b"\n\n" + pack(ct.tobytes(order="F")))
+        packed = pack(ct.tobytes(order="F")) + b"\0"                   # a padding byte past the stream's end
+        good.write_bytes(head + b"encoding: " + encoding + b"\n\n" + packed)
         assert np.array_equal(load_volume(good).hu, ct)
         bomb = tmp_path / f"bomb_{encoding.decode()}.nrrd"
         bomb.write_bytes(head + b"encoding: " + encoding + b"\n\n" + pack(bytes(50_000_000)))
@@ -843,3 +844,32 @@ def test_a_compressed_nrrd_unpacks_no_further_than_its_header_says(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 5_000_000, peak                                 # 50 MB were never unpacked
+
+
+def test_a_deflated_dicom_is_inflated_no_further_than_the_upload_limit(tmp_path):
+    """pydicom inflates a deflated DICOM file whole before reading one tag: a few MB could ask for more
+    memory than the server has. The loader inflates it first, keeping nothing, up to the upload limit."""
+    import tracemalloc
+
+    import pydicom
+
+    series = _dicom_series(tmp_path / "deflated")
+    for f in series.iterdir():
+        ds = pydicom.dcmread(str(f))
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        ds.save_as(str(f))
+    assert np.allclose(load_volume(series).hu, 40)                          # deflated CT loads
+    bomb = sorted(series.iterdir())[0]
+    ds = pydicom.dcmread(str(bomb))
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = bytes(2 * 4096 * 4096)                                   # 33.6 MB inflated, 33 kB stored
+    ds.save_as(str(bomb))
+    limits = Limits(max_file_bytes=20_000_000)
+    for source in (series, bomb, [bomb]):
+        tracemalloc.start()
+        refused(tmp_path, source, r"'s0\.dcm' is a deflated DICOM file that inflates to over 20 MB",
+                limits=limits)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 10_000_000, peak
+    assert [s.slices for s in list_series(series)] == [19, 1]      # within the default limit it is read

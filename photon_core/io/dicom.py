@@ -25,6 +25,7 @@ spacing checks, so one file and its classic export load to the same volume.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality", "ImageType"
 PIXEL_TAGS = HEADER_TAGS + ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                             "PhotometricInterpretation", "PlanarConfiguration", "RescaleSlope",
                             "RescaleIntercept", "PixelData")
+DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian, in the file meta
 POSITION_TOLERANCE_MM = 1e-3      # two slices closer than this along the normal share a position
 TILT_TOLERANCE_VOXELS = 0.1       # a sideways drift of the slices below this is rounding, not tilt
 AXIAL_COSINE = 0.9                # |slice normal · axis| above this names the orientation (≈ 26°)
@@ -161,20 +163,47 @@ def _frames(ds) -> list[_Frame]:
     return out
 
 
-def _read(path: Path, tags: Sequence[str], pixels: bool):
+def _read(path: Path, tags: Sequence[str], pixels: bool, limits: Limits):
     import pydicom
 
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if DEFLATED_SYNTAX in head:
+        _check_inflated(path, head, limits)
     return pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=False, specific_tags=list(tags))
 
 
-def _scan(files: Sequence[Path]) -> dict[str, list[_Image]]:
+def _check_inflated(path: Path, head: bytes, limits: Limits) -> None:
+    """A deflated DICOM file is inflated whole by pydicom before a single tag is read: a few MB could
+    inflate to more than the server's memory. Inflate it here first, keeping nothing, up to the upload
+    limit."""
+    if head[132:136] != b"\x02\x00\x00\x00" or head[136:138] != b"UL":
+        raise VolumeError(f"'{path.name}' is a deflated DICOM file without the length of its file meta "
+                          f"information; it cannot be read safely.")
+    start, total = 144 + int.from_bytes(head[140:144], "little"), 0
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    with open(path, "rb") as f:
+        f.seek(start)
+        while (chunk := f.read(1 << 20)) and not inflate.eof:
+            while chunk and not inflate.eof:        # (past the end, a padding byte would stay unconsumed)
+                total += len(inflate.decompress(chunk, 1 << 20))
+                if total > limits.max_file_bytes:
+                    raise VolumeError(f"'{path.name}' is a deflated DICOM file that inflates to over "
+                                      f"{limits.max_file_bytes / 1e6:.0f} MB; it is refused (a "
+                                      f"decompression bomb, or no CT series).")
+                chunk = inflate.unconsumed_tail
+
+
+def _scan(files: Sequence[Path], limits: Limits) -> dict[str, list[_Image]]:
     """Header of every DICOM image among ``files``, grouped by series (non-DICOM files and DICOM objects
     without an image, such as DICOMDIR or reports, are skipped). A series is its SeriesInstanceUID and,
     in case an anonymiser blanked the UIDs, its description, kernel, orientation and image size."""
     groups: dict[str, list[_Image]] = {}
     for f in files:
         try:
-            ds = _read(f, HEADER_TAGS, pixels=False)
+            ds = _read(f, HEADER_TAGS, pixels=False, limits=limits)
+        except VolumeError:
+            raise                                           # a file refused in words refuses the upload
         except Exception:
             continue
         if "Rows" not in ds or "Columns" not in ds:
@@ -265,14 +294,14 @@ def _ordered(groups: dict[str, list[_Image]], limits: Limits) -> list[tuple[Seri
 
 def list_series(files: Sequence[Path], limits: Limits) -> list[SeriesInfo]:
     """The DICOM series among ``files``, the default first (see `load_series`)."""
-    return [info for info, _ in _ordered(_scan(files), limits)]
+    return [info for info, _ in _ordered(_scan(files, limits), limits)]
 
 
 def load_series(files: Sequence[Path], limits: Limits, series: str | None = None) -> Volume:
     """One series of a DICOM upload as a Volume: ``series`` (a `SeriesInfo.uid`), or by default the
     first of `list_series` (the axial CT series with the most slices). The others are named in the
     Volume's warnings."""
-    ordered = _ordered(_scan(files), limits)
+    ordered = _ordered(_scan(files, limits), limits)
     if not ordered:
         raise NoImages("No DICOM images were found; expected the files (or a .zip) of a CT series.")
     if series is not None:
@@ -313,7 +342,9 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     if any((int(im.ds.Rows), int(im.ds.Columns)) != (rows, cols) for im in images):
         raise VolumeError("The DICOM slices have different image sizes; expected one series.")
     try:
-        datasets = [_read(im.path, PIXEL_TAGS, pixels=True) for im in images]
+        datasets = [_read(im.path, PIXEL_TAGS, pixels=True, limits=limits) for im in images]
+    except VolumeError:
+        raise
     except Exception as e:
         raise VolumeError(f"A DICOM slice of the series could not be read ({_reason(e)}).") from None
     for ds in datasets:
@@ -448,13 +479,15 @@ def _drop_duplicates(frames: list[_Frame], normal: np.ndarray, warnings: list[st
     return kept
 
 
-def holds_frames(path: Path) -> bool:
+def holds_frames(path: Path, limits: Limits) -> bool:
     """Whether one file is a multi-frame DICOM image, a whole series in itself (enhanced CT)."""
     try:
         with open(path, "rb") as f:
             if f.read(132)[128:132] != b"DICM":
                 return False
-        ds = _read(path, ("Rows", "NumberOfFrames"), pixels=False)
+        ds = _read(path, ("Rows", "NumberOfFrames"), pixels=False, limits=limits)
+    except VolumeError:
+        raise
     except Exception:
         return False
     return "Rows" in ds and _frame_count(ds) > 1
@@ -467,7 +500,9 @@ def single_file_error(path: Path, head: bytes, limits: Limits) -> VolumeError:
         return VolumeError(f"{name} is named like a DICOM file but holds no DICOM data (no 'DICM' marker); "
                            f"it may be renamed or damaged. A CT volume is NIfTI, NRRD, or a DICOM series.")
     try:
-        ds = _read(path, HEADER_TAGS, pixels=False)
+        ds = _read(path, HEADER_TAGS, pixels=False, limits=limits)
+    except VolumeError as e:
+        return e
     except Exception:
         return VolumeError(f"{name} starts like a DICOM file but could not be read; it is truncated or "
                            f"damaged.")

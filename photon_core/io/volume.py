@@ -445,7 +445,8 @@ def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
         unpack = zlib.decompressobj(zlib.MAX_WBITS | 16) if gz else bz2.BZ2Decompressor()
         out = bytearray()
         while (chunk := fh.read(1 << 22)) and not unpack.eof:
-            while chunk or (not gz and not unpack.needs_input and not unpack.eof):
+            while not unpack.eof and (chunk or (not gz and not unpack.needs_input)):   # (bytes past the end:
+                                                                                    # never consumed)
                 out += unpack.decompress(chunk, cap + 1 - len(out))
                 if len(out) > cap:
                     raise VolumeError(f"'{path.name}' unpacks to more data than its header's size "
@@ -546,7 +547,7 @@ def _dicom_files(source, limits: Limits, tmp: str) -> list[Path] | None:
         return sorted(_safe_extract_zip(path, Path(tmp), limits))
     from photon_core.io import dicom
 
-    return [path] if dicom.holds_frames(path) else None      # an enhanced CT: a series in one file
+    return [path] if dicom.holds_frames(path, limits) else None      # an enhanced CT: a series in one file
 
 
 def list_series(files_or_zip: str | os.PathLike | Sequence[str | os.PathLike],
