@@ -819,8 +819,13 @@ def test_a_detached_header_reads_no_file_but_its_own_data_beside_it(tmp_path):
 def test_two_scans_in_one_upload_are_told_apart_from_a_dicom_series(tmp_path):
     a = _nifti(tmp_path, _ct_like(), "a.nii.gz")
     b = _nifti(tmp_path, _ct_like(seed=1), "b.nrrd.nii.gz")
-    refused(tmp_path, [a, b], r"holds 2 files, 2 of them volumes \('a\.nii\.gz', 'b\.nrrd\.nii\.gz'\) and "
-                              r"no DICOM image; load one scan at a time")
+    refused(tmp_path, [a, b], r"holds 2 scan volumes \('a\.nii\.gz', 'b\.nrrd\.nii\.gz'\) and no DICOM "
+                              r"image; load one scan at a time")
+    zipped = tmp_path / "one_scan.zip"                          # a .zip of one scan is that scan
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.write(a, "export/a.nii.gz")
+        z.writestr("export/README.txt", "exported")
+    assert np.array_equal(load_volume(zipped).hu, load_volume(a).hu) and list_series(zipped) == []
 
 
 def test_a_compressed_nrrd_unpacks_no_further_than_its_header_says(tmp_path):

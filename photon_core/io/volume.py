@@ -583,13 +583,15 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
         if files is not None:
             try:
                 return dicom.load_series(files, limits, series)
-            except dicom.NoImages:
-                volumes = [f.name for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
-                if not volumes:
+            except dicom.NoImages:      # a .zip or folder of one NIfTI/NRRD scan is that scan
+                scans = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)
+                         and not f.name.lower().endswith((".img", ".img.gz"))]   # a pair: its header
+                if len(scans) == 1:
+                    return _load_file(scans[0], limits)
+                if not scans:
                     raise
-                raise VolumeError(f"This upload holds {len(files)} files, {len(volumes)} of them "
-                                  f"{'a volume' if len(volumes) == 1 else 'volumes'} "
-                                  f"({', '.join(repr(clean_text(v, 60)) for v in volumes[:3])}) and no DICOM "
+                names = ", ".join(repr(clean_text(v.name, 60)) for v in scans[:3]) + ", …" * (len(scans) > 3)
+                raise VolumeError(f"This upload holds {len(scans)} scan volumes ({names}) and no DICOM "
                                   f"image; load one scan at a time: one NIfTI/NRRD file (a detached header "
                                   f"with its data file), or the files of a DICOM study. A prior scan has its "
                                   f"own upload.") from None
