@@ -445,8 +445,7 @@ def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
         unpack = zlib.decompressobj(zlib.MAX_WBITS | 16) if gz else bz2.BZ2Decompressor()
         out = bytearray()
         while (chunk := fh.read(1 << 22)) and not unpack.eof:
-            while not unpack.eof and (chunk or (not gz and not unpack.needs_input)):   # (bytes past the end:
-                                                                                    # never consumed)
+            while not unpack.eof and (chunk or (not gz and not unpack.needs_input)):  # bytes past the end
                 out += unpack.decompress(chunk, cap + 1 - len(out))
                 if len(out) > cap:
                     raise VolumeError(f"'{path.name}' unpacks to more data than its header's size "
@@ -557,7 +556,7 @@ def list_series(files_or_zip: str | os.PathLike | Sequence[str | os.PathLike],
     from photon_core.io import dicom
 
     with tempfile.TemporaryDirectory(prefix="photon_zip_") as tmp:
-        if _pair(files_or_zip, tmp) is not None:
+        if _pair(files_or_zip, tmp, limits) is not None:
             return []
         files = _dicom_files(files_or_zip, limits, tmp)
         return [] if files is None else dicom.list_series(files, limits)
@@ -576,7 +575,7 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
     from photon_core.io import dicom
 
     with tempfile.TemporaryDirectory(prefix="photon_zip_") as tmp:
-        header = _pair(source, tmp)
+        header = _pair(source, tmp, limits)
         if header is not None:
             return _load_file(header, limits)
         files = _dicom_files(source, limits, tmp)
@@ -598,7 +597,7 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
     return _load_file(Path(source[0] if isinstance(source, (list, tuple)) else source), limits)
 
 
-def _pair(source, tmp: str) -> Path | None:
+def _pair(source, tmp: str, limits: Limits) -> Path | None:
     """Two uploaded files that are a detached header and its data (NRRD .nhdr + data file, NIfTI/Analyze
     .hdr + .img), each maybe in its own upload folder: the header, linked beside its data in ``tmp``."""
     if not isinstance(source, (list, tuple)) or len(source) != 2:
@@ -607,6 +606,8 @@ def _pair(source, tmp: str) -> Path | None:
     headers = [p for p in paths if p.name.lower().endswith((".nhdr", ".hdr"))]
     if len(headers) != 1 or paths[0].name == paths[1].name or not all(p.is_file() for p in paths):
         return None
+    for p in paths:
+        _check_file(p, limits)
     folder = Path(tmp) / "pair"
     folder.mkdir()
     for p in paths:
