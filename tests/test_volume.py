@@ -878,3 +878,17 @@ def test_a_deflated_dicom_is_inflated_no_further_than_the_upload_limit(tmp_path)
         tracemalloc.stop()
         assert peak < 10_000_000, peak
     assert [s.slices for s in list_series(series)] == [19, 1]      # within the default limit it is read
+
+
+def test_a_dicom_header_that_lies_about_its_image_size_is_refused(tmp_path):
+    """An enhanced file whose Rows say half of what its frames hold: pydicom would read the first half of
+    the data as 20 half-height frames, a scrambled scan."""
+    import pydicom
+
+    f = _enhanced_ct(tmp_path / "enhanced.dcm")
+    ds = pydicom.dcmread(str(f))
+    ds.Rows = ds.Rows // 2
+    ds.save_as(str(f))
+    held, frames = len(ds.PixelData), int(ds.NumberOfFrames)
+    refused(tmp_path, f, rf"holds {held:,} bytes of image data where its header \({ds.Rows}×{ds.Columns}, "
+                         rf"{frames} frames\) needs {held // 2:,}; the file is damaged")

@@ -81,6 +81,7 @@ class _Frame:
 
     def pixels(self) -> np.ndarray:
         """The stored values, (rows, columns); a damaged encoding is refused in words."""
+        _check_native_size(self.ds)
         try:
             px = self.ds.pixel_array                        # pydicom caches the decoded array
         except Exception as e:
@@ -96,6 +97,21 @@ class _Frame:
             raise VolumeError(f"A multi-frame DICOM file holds {held} frame{'s' * (held != 1)} of image data "
                               f"where its header says {_frame_count(self.ds)}; the file is damaged.")
         return px[self.index] if px.ndim == 3 else px
+
+
+def _check_native_size(ds) -> None:
+    """Uncompressed image data longer than its header's size by a whole frame or more: the header lies
+    (pydicom would read the first bytes as the image and ignore the rest, a scrambled picture)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return
+    frame = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * \
+        max(1, int(ds.get("BitsAllocated", 16) or 16) // 8)
+    held, needed = len(ds.PixelData), frame * _frame_count(ds)
+    if held >= needed + frame:
+        raise VolumeError(f"A DICOM image holds {held:,} bytes of image data where its header "
+                          f"({int(ds.Rows)}×{int(ds.Columns)}, {_frame_count(ds)} frame"
+                          f"{'s' * (_frame_count(ds) != 1)}) needs {needed:,}; the file is damaged.")
 
 
 def _frame_count(ds) -> int:
