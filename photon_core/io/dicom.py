@@ -380,14 +380,14 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     frames = _drop_duplicates(frames, normal, warnings)
     pos = np.array([np.dot(f.position, normal) for f in frames])
     gaps = np.diff(pos)
+    irregular = False
     if len(frames) >= 3:
         med = float(np.median(gaps))
         if np.any(np.abs(gaps - med) > 0.1 * med + 0.01):
             if np.any(gaps > 1.5 * med):
                 raise VolumeError(f"The DICOM series has missing slices (a gap of {gaps.max():.2f} mm "
                                   f"where the spacing is {med:.2f} mm).")
-            raise VolumeError(f"The DICOM slice spacing varies ({gaps.min():.2f}–{gaps.max():.2f} mm); "
-                              f"expected a regularly spaced series.")
+            irregular = True                        # resampled onto the median spacing below
     _check_shape((cols, rows, len(frames)), limits, "This DICOM series")
     hu = np.empty((cols, rows, len(frames)), dtype=np.float32)
     bad_slope = bad_inter = 0
@@ -413,6 +413,9 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     ps = frames[0].spacing or [1.0, 1.0]
     dz = float(np.median(gaps))
     _untilt(hu, frames, row_dir, col_dir, normal, ps, dz, warnings)
+    if irregular:
+        hu = _regular(hu, pos, dz, warnings)
+        _check_shape(hu.shape, limits, "This DICOM series, resampled,")
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]   # i: along a row (next column)
     lps[:3, 1] = col_dir * ps[0]   # j: down a column (next row)
@@ -426,6 +429,25 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     thickness = frames[0].thickness
     return make_volume(hu, affine, "dicom", meta, warnings,
                        slice_thickness=thickness if np.isfinite(thickness) else None)
+
+
+def _regular(hu: np.ndarray, pos: np.ndarray, dz: float, warnings: list[str]) -> np.ndarray:
+    """Slices at irregular positions ``pos`` (mm along the normal, ascending; no gap over 1.5 × ``dz``)
+    resampled onto a regular grid of ``dz`` from the first, by linear interpolation between neighbours."""
+    z = pos - pos[0]
+    n = int(np.floor(z[-1] / dz + 1e-3)) + 1
+    target = np.minimum(np.arange(n) * dz, z[-1])
+    hi = np.clip(np.searchsorted(z, target, side="right"), 1, len(z) - 1)
+    lo = hi - 1
+    w = ((target - z[lo]) / (z[hi] - z[lo])).astype(np.float32)
+    out = np.empty(hu.shape[:2] + (n,), np.float32)
+    for a in range(0, n, 32):                       # a few slices at a time: two copies of 32, not the volume
+        b = min(a + 32, n)
+        out[:, :, a:b] = hu[:, :, lo[a:b]] * (1 - w[a:b]) + hu[:, :, hi[a:b]] * w[a:b]
+    gaps = np.diff(pos)
+    warnings.append(f"The slice spacing varies ({gaps.min():.2f}–{gaps.max():.2f} mm): the {len(pos)} slices "
+                    f"were resampled onto a regular {dz:.2f} mm grid ({n} slices, linear interpolation).")
+    return out
 
 
 def _untilt(hu: np.ndarray, frames: list[_Frame], row_dir: np.ndarray, col_dir: np.ndarray,
