@@ -40,6 +40,7 @@ from photon_core.io.volume import (
     VolumeError,
     _check_shape,
     _reason,
+    _unpack_bounded,
     clean_text,
     make_volume,
 )
@@ -196,18 +197,14 @@ def _check_inflated(path: Path, head: bytes, limits: Limits) -> None:
     if head[132:136] != b"\x02\x00\x00\x00" or head[136:138] != b"UL":
         raise VolumeError(f"'{path.name}' is a deflated DICOM file without the length of its file meta "
                           f"information; it cannot be read safely.")
-    start, total = 144 + int.from_bytes(head[140:144], "little"), 0
-    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    start = 144 + int.from_bytes(head[140:144], "little")
     with open(path, "rb") as f:
         f.seek(start)
-        while (chunk := f.read(1 << 20)) and not inflate.eof:
-            while chunk and not inflate.eof:        # (past the end, a padding byte would stay unconsumed)
-                total += len(inflate.decompress(chunk, 1 << 20))
-                if total > limits.max_file_bytes:
-                    raise VolumeError(f"'{path.name}' is a deflated DICOM file that inflates to over "
-                                      f"{limits.max_file_bytes / 1e6:.0f} MB; it is refused (a "
-                                      f"decompression bomb, or no CT series).")
-                chunk = inflate.unconsumed_tail
+        _, total = _unpack_bounded(f, zlib.decompressobj(-zlib.MAX_WBITS), limits.max_file_bytes, keep=False)
+    if total > limits.max_file_bytes:
+        raise VolumeError(f"'{path.name}' is a deflated DICOM file that inflates to over "
+                          f"{limits.max_file_bytes / 1e6:.0f} MB; it is refused (a decompression bomb, or no "
+                          f"CT series).")
 
 
 def _scan(files: Sequence[Path], limits: Limits) -> dict[str, list[_Image]]:

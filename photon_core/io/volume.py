@@ -442,18 +442,32 @@ def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
         for _ in range(int(header.get("line skip", header.get("lineskip", 0)))):
             fh.readline()
         gz = str(header["encoding"]).lower() in ("gzip", "gz")
-        unpack = zlib.decompressobj(zlib.MAX_WBITS | 16) if gz else bz2.BZ2Decompressor()
-        out = bytearray()
-        while (chunk := fh.read(1 << 22)) and not unpack.eof:
-            while not unpack.eof and (chunk or (not gz and not unpack.needs_input)):  # bytes past the end
-                out += unpack.decompress(chunk, cap + 1 - len(out))
-                if len(out) > cap:
-                    raise VolumeError(f"'{path.name}' unpacks to more data than its header's size "
-                                      f"({'×'.join(str(int(n)) for n in header['sizes'])}); the file is "
-                                      f"refused (damaged, or a decompression bomb).")
-                chunk = unpack.unconsumed_tail if gz else b""
+        out, total = _unpack_bounded(fh, zlib.decompressobj(zlib.MAX_WBITS | 16) if gz else
+                                     bz2.BZ2Decompressor(), cap)
+    if total > cap:
+        raise VolumeError(f"'{path.name}' unpacks to more data than its header's size "
+                          f"({'×'.join(str(int(n)) for n in header['sizes'])}); the file is refused "
+                          f"(damaged, or a decompression bomb).")
     payload = out[skip:skip + expected] if skip >= 0 else out[-expected:]
     return nrrd.read_data(raw, io.BytesIO(bytes(payload)))
+
+
+def _unpack_bounded(fh, unpack, cap: int, keep: bool = True) -> tuple[bytearray, int]:
+    """``fh`` streamed through ``unpack`` (a zlib decompressobj or a bz2.BZ2Decompressor) in pieces of at
+    most 1 MB, stopping once more than ``cap`` bytes came out: (what came out, if ``keep``; how many
+    bytes: over ``cap`` means it stopped there). Bytes past the stream's end are never fed again."""
+    out, total = bytearray(), 0
+    zlib_like = hasattr(unpack, "unconsumed_tail")
+    while (chunk := fh.read(1 << 20)) and not unpack.eof:
+        while not unpack.eof and (chunk or (not zlib_like and not unpack.needs_input)):
+            piece = unpack.decompress(chunk, min(1 << 20, cap + 1 - total))
+            total += len(piece)
+            if keep:
+                out += piece
+            if total > cap:
+                return out, total
+            chunk = unpack.unconsumed_tail if zlib_like else b""
+    return out, total
 
 
 def _check_data_file(path: Path, header: dict) -> None:
