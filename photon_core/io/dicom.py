@@ -82,7 +82,6 @@ class _Frame:
 
     def pixels(self) -> np.ndarray:
         """The stored values, (rows, columns); a damaged encoding is refused in words."""
-        _check_native_size(self.ds)
         try:
             px = self.ds.pixel_array                        # pydicom caches the decoded array
         except Exception as e:
@@ -144,9 +143,10 @@ def _group(ds, k: int, name: str):
     return None
 
 
-def _frames(ds) -> list[_Frame]:
+def _frames(ds, first_only: bool = False) -> list[_Frame]:
     """The slices of one image: itself when classic, else one per frame from its functional groups (a
-    value absent from them falls back to the top-level attribute, as legacy-converted files keep it)."""
+    value absent from them falls back to the top-level attribute, as legacy-converted files keep it); only
+    the first with ``first_only``."""
     def get(item, name):
         value = item.get(name) if item is not None else None
         return ds.get(name) if value is None else value
@@ -162,6 +162,7 @@ def _frames(ds) -> list[_Frame]:
     enhanced = frames > 1 or per_frame is not None or "SharedFunctionalGroupsSequence" in ds
     if frames > 1:              # frames without their own groups share one geometry: one stands for all
         frames = max(1, min(frames, len(per_frame))) if per_frame is not None else 1
+    frames = 1 if first_only else frames
     out = []
     for k in range(frames):
         place, turn, measures, rescale = ((_group(ds, k, g) if enhanced else None) for g in (
@@ -241,7 +242,7 @@ def _text(value, limit: int = 64) -> str:
 
 
 def _normal(ds) -> np.ndarray | None:
-    v = _frames(ds)[0].orientation
+    v = _frames(ds, first_only=True)[0].orientation
     if v is None:
         return None
     n = np.cross(v[:3], v[3:])
@@ -365,6 +366,7 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
         if problem:
             raise VolumeError(f"A multi-frame DICOM file of this series {problem}; its slices cannot be "
                               f"placed. The file is damaged, or not a CT volume.")
+        _check_native_size(ds)
     frames = [f for ds in datasets for f in _frames(ds)]
     if any(f.position is None or f.orientation is None for f in frames):
         raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "

@@ -625,10 +625,7 @@ def _pair(source, tmp: str, limits: Limits) -> Path | None:
     folder = Path(tmp) / "pair"
     folder.mkdir()
     for p in paths:
-        try:
-            os.symlink(p.resolve(), folder / p.name)
-        except OSError:
-            shutil.copyfile(p, folder / p.name)
+        _link(p, folder / p.name)
     return folder / headers[0].name
 
 
@@ -702,11 +699,16 @@ def _by_content(path: Path) -> Iterator[tuple[Path, str | None]]:
     with tempfile.TemporaryDirectory(prefix="photon_named_") as tmp:
         stem = re.sub(r"(\.nii\.gz|\.nii|\.gz|\.nrrd)$", "", path.name, flags=re.IGNORECASE)
         alias = Path(tmp) / (stem + held)
-        try:
-            os.symlink(path.resolve(), alias)
-        except OSError:
-            shutil.copyfile(path, alias)
+        _link(path, alias)
         yield alias, held
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` names ``src``: a symbolic link, or a copy where links cannot be made."""
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _picture_kind(head: bytes) -> str | None:
