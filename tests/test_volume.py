@@ -919,3 +919,37 @@ def test_an_irregularly_spaced_series_is_resampled_onto_its_median_spacing(tmp_p
     warned(tmp_path, vol, rf"^The slice spacing varies \(\d\.\d\d–\d\.\d\d mm\): the 20 slices were "
                           rf"resampled onto a regular {dz:.2f} mm grid \({n} slices, linear interpolation\)")
     refused(tmp_path, _dicom_series(tmp_path / "gap", skip=(7, 8)), "missing slices")   # a gap is not jitter
+
+
+def _respaced(folder, zs):
+    """A series of len(zs) slices at positions ``zs`` (mm) holding a ramp of 10 HU per mm along the body."""
+    import pydicom
+
+    series = _dicom_series(folder, n=len(zs))
+    for f in series.iterdir():
+        ds = pydicom.dcmread(str(f))
+        z = zs[int(round(float(ds.ImagePositionPatient[2]) / 2.0))]
+        ds.ImagePositionPatient = [0, 0, z]
+        ds.PixelData = np.full((32, 32), round(1024 + 10 * z), np.uint16).tobytes()
+        ds.save_as(str(f))
+    return series
+
+
+def test_a_series_with_sections_of_two_spacings_is_resampled_onto_the_finer(tmp_path):
+    """A head CT's sections: 2.5 mm through the posterior fossa, 5 mm above. The ramp of 10 HU per mm stays
+    that ramp on a regular 2.5 mm grid; a slice missing from either section is still refused."""
+    thin, thick = 2.5 * np.arange(13), 35.0 + 5.0 * np.arange(14)          # 0–30 mm, then 35–100 mm
+    zs = np.concatenate([thin, thick])
+    vol = load_volume(_respaced(tmp_path / "head", zs))
+    n = int(round(zs[-1] / 2.5)) + 1
+    assert vol.shape == (32, 32, n) and np.allclose(vol.spacing, (0.8, 0.8, 2.5))
+    assert np.allclose(vol.hu[5, 5, :], 10 * 2.5 * np.arange(n), atol=1e-3)
+    warned(tmp_path, vol, rf"^The slice spacing varies \(2\.50–5\.00 mm\): the {len(zs)} slices were "
+                          rf"resampled onto a regular 2\.50 mm grid \({n} slices, linear interpolation\)")
+    vol = load_volume(_respaced(tmp_path / "head-flipped", zs[-1] - zs[::-1]))   # thick sections first
+    assert vol.shape == (32, 32, n) and np.allclose(vol.spacing, (0.8, 0.8, 2.5))
+    refused(tmp_path, _respaced(tmp_path / "thick-gap", np.delete(zs, 20)),
+            r"missing slices \(a gap of 10\.00 mm where the slices around it are 5\.00 mm apart")
+    thin, thick = 2.5 * np.arange(20), 52.5 + 5.0 * np.arange(6)          # the thin sections the majority
+    refused(tmp_path, _respaced(tmp_path / "thin-gap", np.delete(np.concatenate([thin, thick]), 8)),
+            r"missing slices \(a gap of 5\.00 mm where the slices around it are 2\.50 mm apart")

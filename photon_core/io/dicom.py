@@ -379,14 +379,11 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     frames = _drop_duplicates(frames, normal, warnings)
     pos = np.array([np.dot(f.position, normal) for f in frames])
     gaps = np.diff(pos)
+    dz = float(np.median(gaps)) if len(gaps) else 1.0
     irregular = False
-    if len(frames) >= 3:
-        med = float(np.median(gaps))
-        if np.any(np.abs(gaps - med) > 0.1 * med + 0.01):
-            if np.any(gaps > 1.5 * med):
-                raise VolumeError(f"The DICOM series has missing slices (a gap of {gaps.max():.2f} mm "
-                                  f"where the spacing is {med:.2f} mm).")
-            irregular = True                        # resampled onto the median spacing below
+    if len(frames) >= 3 and np.any(np.abs(gaps - dz) > 0.1 * dz + 0.01):
+        dz = _grid_spacing(gaps)                    # resampled onto this spacing below
+        irregular = True
     _check_shape((cols, rows, len(frames)), limits, "This DICOM series")
     hu = np.empty((cols, rows, len(frames)), dtype=np.float32)
     bad_slope = bad_inter = 0
@@ -410,8 +407,7 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
         warnings.append(f"{bad_inter} slice{'s' * (bad_inter != 1)} had no usable rescale intercept; 0 was "
                         f"assumed, so the values may not be Hounsfield units.")
     ps = frames[0].spacing or [1.0, 1.0]
-    dz = float(np.median(gaps))
-    _untilt(hu, frames, row_dir, col_dir, normal, ps, dz, warnings)
+    _untilt(hu, frames, row_dir, col_dir, normal, ps, warnings)
     if irregular:
         hu = _regular(hu, pos, dz, warnings)
         _check_shape(hu.shape, limits, "This DICOM series, resampled,")
@@ -430,9 +426,35 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
                        slice_thickness=thickness if np.isfinite(thickness) else None)
 
 
+def _grid_spacing(gaps: np.ndarray, k: int = 3) -> float:
+    """The spacing to resample a series of uneven slice gaps (mm, ascending positions) onto, or
+    VolumeError where a gap is a missing slice.
+
+    A gap is a missing slice where it is over 1.5 × the series' median spacing and over 1.5 × the spacing
+    its neighbours keep (the larger median of the ``k`` gaps before it and of the ``k`` after). So jitter
+    (scanner-rounded positions) and sections of different spacing (a head CT's 2.5 mm posterior fossa
+    under 5 mm sections) load; a lone gap inside a regular run does not. Jitter goes onto the median
+    spacing; sections onto the finest section's, so that no acquired detail is averaged away. A missing
+    slice in the thin sections of a series whose thick sections are the majority cannot be told from
+    one more thick section, and is interpolated."""
+    med = float(np.median(gaps))
+    local = np.array([max(float(np.median(side)) for side in (gaps[max(0, i - k):i], gaps[i + 1:i + 1 + k])
+                          if side.size) for i in range(len(gaps))])
+    missing = (gaps > 1.5 * med) & (gaps > 1.5 * local)
+    if missing.any():
+        i = int(np.argmax(np.where(missing, gaps / local, 0)))
+        raise VolumeError(f"The DICOM series has missing slices (a gap of {gaps[i]:.2f} mm where the "
+                          f"slices around it are {local[i]:.2f} mm apart).")
+    finest = float(local.min())
+    if gaps.max() > 1.5 * med or 1.5 * finest < med:
+        return min(med, finest)                     # sections: the finest one's spacing
+    return med                                      # one spacing, give or take jitter
+
+
 def _regular(hu: np.ndarray, pos: np.ndarray, dz: float, warnings: list[str]) -> np.ndarray:
-    """Slices at irregular positions ``pos`` (mm along the normal, ascending; no gap over 1.5 × ``dz``)
-    resampled onto a regular grid of ``dz`` from the first, by linear interpolation between neighbours."""
+    """Slices at irregular positions ``pos`` (mm along the normal, ascending; no missing slice, see
+    ``_grid_spacing``) resampled onto a regular grid of ``dz`` from the first, by linear interpolation
+    between neighbours."""
     z = pos - pos[0]
     n = int(np.floor(z[-1] / dz + 1e-3)) + 1
     target = np.minimum(np.arange(n) * dz, z[-1])
@@ -450,12 +472,13 @@ def _regular(hu: np.ndarray, pos: np.ndarray, dz: float, warnings: list[str]) ->
 
 
 def _untilt(hu: np.ndarray, frames: list[_Frame], row_dir: np.ndarray, col_dir: np.ndarray,
-            normal: np.ndarray, spacing: list[float], dz: float, warnings: list[str]) -> None:
+            normal: np.ndarray, spacing: list[float], warnings: list[str]) -> None:
     """Slices acquired with a gantry tilt step sideways as well as along their normal: their voxel grid is
     sheared. Each slice is shifted in-plane (linear interpolation, in place) onto the upright grid through
     the first slice, as dcm2niix does, so that positions and distances in the volume are true."""
     offset = np.array([f.position - frames[0].position for f in frames])
-    offset -= np.outer(offset @ normal, normal)                 # the sideways part of each slice's step
+    along = offset @ normal
+    offset -= np.outer(along, normal)                           # the sideways part of each slice's step
     shift = np.stack([offset @ row_dir / spacing[1], offset @ col_dir / spacing[0]], axis=1)   # in voxels
     if np.abs(shift).max() < TILT_TOLERANCE_VOXELS:
         return
@@ -467,7 +490,7 @@ def _untilt(hu: np.ndarray, frames: list[_Frame], row_dir: np.ndarray, col_dir: 
         for n in range(len(chunk)):
             chunk[n] = ndimage.shift(chunk[n], shift[start + n], order=1, mode="constant", cval=air)
         hu[:, :, start:start + 32] = np.moveaxis(chunk, 0, 2)
-    tilt = np.degrees(np.arctan2(np.linalg.norm(offset[-1]), dz * (len(frames) - 1)))
+    tilt = np.degrees(np.arctan2(np.linalg.norm(offset[-1]), along[-1]))
     most = float(np.linalg.norm(offset, axis=1).max())
     warnings.append(f"The series was acquired with a gantry tilt of {tilt:.1f}°: each slice was shifted "
                     f"sideways (up to {most:.1f} mm) onto an upright grid, as dcm2niix does, so positions "
