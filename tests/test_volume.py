@@ -950,6 +950,8 @@ def test_a_series_with_sections_of_two_spacings_is_resampled_onto_the_finer(tmp_
     assert vol.shape == (32, 32, n) and np.allclose(vol.spacing, (0.8, 0.8, 2.5))
     refused(tmp_path, _respaced(tmp_path / "thick-gap", np.delete(zs, 20)),
             r"missing slices \(a gap of 10\.00 mm where the slices around it are 5\.00 mm apart")
+    vol = load_volume(_respaced(tmp_path / "old-head", np.concatenate([thin, 38.0 + 8.0 * np.arange(9)])))
+    warned(tmp_path, vol, r"^The slices are 8\.0 mm thick \(every 2\.5 mm\), over 5 mm")     # older 8 mm
     thin, thick = 2.5 * np.arange(20), 52.5 + 5.0 * np.arange(6)          # the thin sections the majority
     refused(tmp_path, _respaced(tmp_path / "thin-gap", np.delete(np.concatenate([thin, thick]), 8)),
             r"missing slices \(a gap of 5\.00 mm where the slices around it are 2\.50 mm apart")

@@ -421,9 +421,9 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     for name in SAFE_DICOM_FIELDS:
         if name in ds0:
             meta[name] = _text(ds0.get(name), 64)
-    thickness = frames[0].thickness
-    return make_volume(hu, affine, "dicom", meta, warnings,
-                       slice_thickness=thickness if np.isfinite(thickness) else None)
+    thick = [f.thickness for f in frames if np.isfinite(f.thickness)]
+    thickness = max(thick + ([float(gaps.max())] if irregular else []), default=None)   # the thickest section
+    return make_volume(hu, affine, "dicom", meta, warnings, slice_thickness=thickness)
 
 
 def _grid_spacing(gaps: np.ndarray, k: int = 3) -> float:
