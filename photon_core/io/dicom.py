@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photon_core.io.jpeg12 import register as _register_jpeg12
 from photon_core.io.volume import (
     SAFE_DICOM_FIELDS,
     Limits,
@@ -45,6 +46,8 @@ from photon_core.io.volume import (
     make_volume,
 )
 
+_register_jpeg12()
+
 HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality", "ImageType", "ConvolutionKernel",
                "ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns", "PixelSpacing",
                "SliceThickness", "NumberOfFrames", "SamplesPerPixel", "InstanceNumber",
@@ -53,6 +56,7 @@ PIXEL_TAGS = HEADER_TAGS + ("BitsAllocated", "BitsStored", "HighBit", "PixelRepr
                             "PhotometricInterpretation", "PlanarConfiguration", "RescaleSlope",
                             "RescaleIntercept", "PixelData")
 DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"   # Deflated Explicit VR Little Endian, in the file meta
+RLE_SYNTAX = "1.2.840.10008.1.2.5"
 POSITION_TOLERANCE_MM = 1e-3      # two slices closer than this along the normal share a position
 TILT_TOLERANCE_VOXELS = 0.1       # a sideways drift of the slices below this is rounding, not tilt
 AXIAL_COSINE = 0.9                # |slice normal · axis| above this names the orientation (≈ 26°)
@@ -82,14 +86,12 @@ class _Frame:
 
     def pixels(self) -> np.ndarray:
         """The stored values, (rows, columns); a damaged encoding is refused in words."""
-        try:
-            px = self.ds.pixel_array                        # pydicom caches the decoded array
-        except Exception as e:
-            syntax = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
-            stored = f" stored as {syntax.name}" if syntax is not None and syntax.is_compressed else ""
-            raise VolumeError(f"A DICOM slice{stored} could not be decoded ({_reason(e)}); the file is "
-                              f"damaged or its compression unsupported: export the series "
-                              f"uncompressed.") from None
+        px = getattr(self.ds, "_decoded", None)         # decoded in a child process (``decode``)
+        if px is None:
+            try:
+                px = self.ds.pixel_array                    # pydicom caches the decoded array
+            except Exception as e:
+                raise _undecodable(self.ds, _reason(e)) from None
         if self.index is None:
             return px
         held = px.shape[0] if px.ndim == 3 else 1
@@ -97,6 +99,19 @@ class _Frame:
             raise VolumeError(f"A multi-frame DICOM file holds {held} frame{'s' * (held != 1)} of image data "
                               f"where its header says {_frame_count(self.ds)}; the file is damaged.")
         return px[self.index] if px.ndim == 3 else px
+
+
+def _undecodable(ds, reason: str) -> VolumeError:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    stored = f" stored as {syntax.name}" if syntax is not None and syntax.is_compressed else ""
+    return VolumeError(f"A DICOM slice{stored} could not be decoded ({reason}); the file is damaged or its "
+                       f"compression unsupported: export the series uncompressed.")
+
+
+def _needs_codec(ds) -> bool:
+    """Compressed image data that a native decoder (GDCM, OpenJPEG, libjpeg) decodes: all but RLE."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return syntax is not None and syntax.is_encapsulated and syntax != RLE_SYNTAX and "PixelData" in ds
 
 
 def _check_native_size(ds) -> None:
@@ -112,6 +127,65 @@ def _check_native_size(ds) -> None:
         raise VolumeError(f"A DICOM image holds {held:,} bytes of image data where its header "
                           f"({int(ds.Rows)}×{int(ds.Columns)}, {_frame_count(ds)} frame"
                           f"{'s' * (_frame_count(ds) != 1)}) needs {needed:,}; the file is damaged.")
+
+
+def _codestream(frame: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, precision) from the frame header of a JPEG, JPEG-LS or JPEG 2000
+    stream (a raw codestream or a JP2 file), or None where no header is found."""
+    if frame[:2] == b"\xff\xd8":                          # JPEG and JPEG-LS: markers from SOI to the SOF
+        i = 2
+        while i + 10 <= len(frame) and frame[i] == 0xFF:
+            marker = frame[i + 1]
+            if marker == 0xFF:
+                i += 1
+                continue
+            if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+                return (int.from_bytes(frame[i + 5:i + 7], "big"), int.from_bytes(frame[i + 7:i + 9], "big"),
+                        frame[i + 9], frame[i + 4])
+            i += 2 + int.from_bytes(frame[i + 2:i + 4], "big")
+        return None
+    start = frame.find(b"\xff\x4f\xff\x51", 0, 4096)      # JPEG 2000: SOC then SIZ (a JP2 box holds it)
+    if start < 0 or start + 43 > len(frame):
+        return None
+    siz = frame[start + 4:]
+    x, y, x0, y0 = (int.from_bytes(siz[k:k + 4], "big") for k in (4, 8, 12, 16))
+    return y - y0, x - x0, int.from_bytes(siz[36:38], "big"), (siz[38] & 0x7F) + 1
+
+
+def _check_encoded(ds) -> None:
+    """A compressed image whose header disagrees with its encoded frames is refused before it is decoded:
+    GDCM, pydicom's decoder for JPEG Lossless, JPEG-LS and JPEG 2000, does not report such a file, it
+    aborts the whole server process (seen with a JPEG-LS file whose Rows was changed, a JPEG Lossless one
+    with 32 bits allocated, a JPEG 2000 one labelled RGB)."""
+    if not _needs_codec(ds):
+        return
+    from pydicom.encaps import generate_fragmented_frames
+
+    syntax = ds.file_meta.TransferSyntaxUID
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    bits = int(ds.get("BitsAllocated", 16) or 0)
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or bits not in (8, 16):
+        raise VolumeError(f"A compressed DICOM image is labelled {photometric[:16]} with {bits} bits a "
+                          f"pixel; a CT slice is monochrome, 8 or 16 bits. The file is damaged or not a CT "
+                          f"slice.")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    try:
+        frames = generate_fragmented_frames(ds.PixelData, number_of_frames=_frame_count(ds))
+        for fragments in frames:
+            head = _codestream(b"".join(fragments)[:65536])
+            if head is None:
+                raise VolumeError(f"A DICOM image stored as {syntax.name} holds no frame header of that "
+                                  f"format; the file is damaged.")
+            if head[:3] != (rows, cols, 1) or head[3] > bits:
+                raise VolumeError(f"A DICOM image stored as {syntax.name} holds {head[0]}×{head[1]} pixels "
+                                  f"of {head[2]} component{'s' * (head[2] != 1)}, {head[3]} bits, where its "
+                                  f"header says {rows}×{cols}, one component, {bits} bits; the file is "
+                                  f"damaged.")
+    except VolumeError:
+        raise
+    except Exception as e:
+        raise VolumeError(f"The compressed image data of a DICOM slice is damaged ({_reason(e)}).") from None
 
 
 def _frame_count(ds) -> int:
@@ -367,6 +441,15 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
             raise VolumeError(f"A multi-frame DICOM file of this series {problem}; its slices cannot be "
                               f"placed. The file is damaged, or not a CT volume.")
         _check_native_size(ds)
+        _check_encoded(ds)
+    coded = [k for k, ds in enumerate(datasets) if _needs_codec(ds)]
+    if coded:                                           # a native decoder's crash must not be the server's
+        from photon_core.io.decode import decode_files
+
+        for k, px in zip(coded, decode_files([images[k].path for k in coded], limits)):
+            if isinstance(px, str):
+                raise _undecodable(datasets[k], px)
+            datasets[k]._decoded = px
     frames = [f for ds in datasets for f in _frames(ds)]
     if any(f.position is None or f.orientation is None for f in frames):
         raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "
