@@ -21,7 +21,7 @@ import typing
 import gradio as gr
 
 from photon_core.io.volume import VolumeError, clean_text
-from photon_core.model.budget import MIN_KEEP_TOKENS, Budget
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.slices import WINDOWS, pick
 
@@ -196,7 +196,8 @@ def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacit
     view.point = focus(view, s)
     glb = scene_file(view, s)
     img = slices_file(view, s, width, level, opacity)
-    hist = saliency_histogram(ans.rho, ans.theta, ans.keep_grid)
+    hist = saliency_histogram(ans.rho, ans.theta, ans.keep_grid,
+                              cut=applied_cut(ans.budget, ans.rho, ans.keep_grid, ans.theta))
     ret = retention_bars(audit.retention, audit.asked, audit.small) if audit.retention else None
     view.files.forget("export")                     # an export belongs to the answer it was made from
     now = time.perf_counter()

@@ -6,6 +6,7 @@ import html
 
 import numpy as np
 
+from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut, describe, is_baseline
 from viz.scene import AXIS_COLOURS, HIGHLIGHT, rho_bins
 
 from .service import Audit, Session
@@ -86,7 +87,7 @@ def answer_card(s: Session, ans, audit: Audit | None, provenance: dict, timing: 
         answer = (f"<span id='unreadable' style='color:#b00'>unreadable answer</span> <span style='{_MUTED}'>"
                   f"(the model's text: <code id='answer-text'>{esc(ans.text) or '(empty)'}</code>)</span>")
     prob = ("—" if audit.probability is None else f"{100 * audit.probability:.0f}%")
-    theta = f"θ = {ans.theta:.3f}" if np.isfinite(ans.theta) else "no θ (S1 checkpoint)"
+    budget = budget_words(ans)
     split = (f"<div id='prior-count'>prior scan {ans.prior_kept} / {ans.prior_total} · current scan "
              f"{ans.kept - ans.prior_kept} / {ans.total - ans.prior_total} (the views show the current "
              f"scan)</div>" if ans.prior_total else "")
@@ -111,18 +112,41 @@ def answer_card(s: Session, ans, audit: Audit | None, provenance: dict, timing: 
             f"{asked}</div><div style='font-size:1.3em'><b>Answer:</b> {answer} <span id='probability' "
             f"style='font-size:0.75em;{_MUTED}' title='exp(mean token log-probability)'>probability {prob}"
             f"</span></div><div id='token-count'>Visual tokens kept: <b>{ans.kept}</b> / {ans.total} "
-            f"({100 * ans.keep_fraction:.1f}%) · budget <b>{esc(ans.budget)}</b> · {theta}</div>{split}"
+            f"({100 * ans.keep_fraction:.1f}%) · budget {budget}</div>{split}"
             f"<div id='latency'>{lat} · device {esc(ans.device)}</div>{_provenance(provenance)}{warn}</div>")
+
+
+def budget_words(ans) -> str:
+    """The budget an answer was made under, where it cut the saliency ρ, and the model's own θ when the
+    budget did not use it (HTML)."""
+    b = Budget.parse(ans.budget)
+    cut = applied_cut(b, ans.rho, ans.keep_grid, ans.theta)
+    text = f"<b id='budget-words'>{esc(describe(b))}</b>"
+    if b.mode == "auto":
+        return text + (f" · θ = {ans.theta:.3f}" if cut is not None else " · no θ (S1 checkpoint)")
+    if is_baseline(b):
+        text += " (chosen by the baseline's rule, not by ρ)"
+    elif b.mode == "threshold" and cut < float(b.value):
+        text += (f": fewer than {MIN_KEEP_TOKENS} tokens pass it, so the {MIN_KEEP_TOKENS} most salient "
+                 f"were kept (cut at ρ = {cut:.3f})")
+    elif cut is not None and b.mode != "threshold":
+        text += f", the most salient (cut at ρ = {cut:.3f})"
+    if np.isfinite(ans.theta):
+        text += f" · Photon's own θ = {ans.theta:.3f}, not applied"
+    return text
 
 
 def legend_html(ans=None, highlighted: list[str] = (), organs: list[tuple[str, tuple]] = ()) -> str:
     """The 3-D view's key: orientation, the ρ colour steps of the kept region (θ marked), the organs."""
     steps = "".join(f"<div style='flex:1;background:{_rgb(c)}' title='ρ {lo:.1f}–{hi:.1f}'></div>"
                     for lo, hi, c in rho_bins())
-    theta = ""
-    if ans is not None and np.isfinite(ans.theta):
-        theta = (f"<div style='position:absolute;left:{100 * float(np.clip(ans.theta, 0, 1)):.1f}%;top:-3px;"
-                 f"height:20px;border-left:2px solid #000' title='θ'></div>")
+    theta, cut = "", None
+    if ans is not None:
+        cut = applied_cut(ans.budget, ans.rho, ans.keep_grid, ans.theta)
+    if cut is not None:
+        theta = (f"<div style='position:absolute;left:{100 * float(np.clip(cut, 0, 1)):.1f}%;top:-3px;"
+                 f"height:20px;border-left:2px solid #000' title='cut'></div>")
+        what = "θ" if Budget.parse(ans.budget).mode == "auto" else "the cut"
     kept = (f"kept region of this answer: {ans.kept} / {ans.total} tokens" if ans is not None
             else "no answer yet: the anatomy only")
     axes = " ".join(f"<span style='color:{_rgb(c)};font-weight:bold'>{a}</span>"
@@ -137,7 +161,7 @@ def legend_html(ans=None, highlighted: list[str] = (), organs: list[tuple[str, t
             f"<div style='margin-top:8px'><b>Kept blocks</b>, coloured by saliency ρ ({kept}):</div>"
             f"<div style='position:relative;display:flex;height:14px;margin:4px 0'>{steps}{theta}</div>"
             f"<div style='display:flex;justify-content:space-between'><span>ρ 0</span>"
-            f"{f'<span>black tick: θ = {ans.theta:.3f}</span>' if theta else ''}<span>1</span></div>"
+            f"{f'<span>black tick: {what} at ρ = {cut:.3f}</span>' if theta else ''}<span>1</span></div>"
             f"<div style='margin-top:8px'>{organ_rows}</div></div>")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from photon_core.io.preprocess import TOKEN_GRID
+from photon_core.model.budget import Budget, applied_cut
 from photon_core.organs import ORGANS, organs_in_question
 from viz.scene import (
     AnatomyScene,
@@ -328,8 +329,11 @@ def export_pngs(v: View, s: Session, width: float, level: float, opacity: float)
     Image.fromarray(slices_image(v, s, width, level, opacity)).save(buf, format="PNG")
     pngs = {"slices_triplanar": buf.getvalue()}
     if s.answer is not None:
+        a = s.answer
+        auto = Budget.parse(a.budget).mode == "auto"
         pngs["view3d_anterior"] = render_png(v.surfaces + v.marker, _overlay(v, s), size=(800, 600),
-                                               theta=s.answer.theta)
+                                               theta=applied_cut(a.budget, a.rho, a.keep_grid, a.theta),
+                                               theta_label="theta" if auto else "cut")
     return pngs
 
 

@@ -307,3 +307,46 @@ def test_the_loaders_own_warnings_reach_the_status_line(engine, store, tmp_path,
     assert said                                                      # the loader warns about each of these
     out = h.load_upload([str(path)], None, None, None, None, None, None, engine=engine, store=store)
     assert "load-warnings" in out["status"] and all(html.escape(w) in out["status"] for w in said)
+
+
+def test_the_card_histogram_and_legend_mark_the_cut_the_budget_applied(engine, store):
+    """Under a manual budget the marks show where the budget cut the saliency ρ, and the model's own θ
+    (which it did not apply) apart from it: a θ line at the model's θ under a 0.3 threshold misled."""
+    from app import handlers as h
+    from photon_core.model.budget import MIN_KEEP_TOKENS
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+
+    def words(out, key="card"):                         # what the page shows, entities read
+        return html.unescape(out[key])
+
+    def marks(out):                                     # (x, dash) of the histogram's vertical lines
+        return sorted((round(sh.x0, 6), sh.line.dash) for sh in out["hist"].layout.shapes)
+
+    auto = _ask(engine, a)
+    ans = auto["session"].answer
+    rho, theta = ans.rho.ravel(), ans.theta
+    assert marks(auto) == [(round(theta, 6), "dash")]
+    assert "Photon's own θ</b> · θ = " in words(auto) and "not applied" not in words(auto)
+    assert f"black tick: θ at ρ = {theta:.3f}" in words(auto, "legend")
+
+    tokens = _ask(engine, a, mode="Tokens", tokens=300)
+    t = tokens["session"].answer
+    cut = float(t.rho.ravel()[t.keep_grid.ravel()].min())
+    assert t.kept == 300 and marks(tokens) == sorted([(round(cut, 6), "dash"), (round(theta, 6), "dot")])
+    assert (f"300 tokens</b>, the most salient (cut at ρ = {cut:.3f}) · Photon's own θ = {theta:.3f}, not "
+            f"applied") in words(tokens)
+    assert f"black tick: the cut at ρ = {cut:.3f}" in words(tokens, "legend")
+
+    mine = float(np.round(np.median(rho), 2))           # a θ of the user's that about half the tokens pass
+    user = _ask(engine, a, mode="Threshold", theta=mine)
+    assert user["session"].answer.kept > MIN_KEEP_TOKENS
+    assert marks(user) == sorted([(round(mine, 6), "dash"), (round(theta, 6), "dot")])
+    assert f"θ = {mine:g} (yours)</b> · Photon's own θ = {theta:.3f}, not applied" in words(user)
+
+    floor = _ask(engine, a, mode="Threshold", theta=1.0)  # no token passes: the floor keeps the most salient
+    f = floor["session"].answer
+    assert f.kept == MIN_KEEP_TOKENS and f"so the {MIN_KEEP_TOKENS} most salient were kept" in words(floor)
+
+    full = _ask(engine, a, mode="Full")
+    assert marks(full) == [(round(theta, 6), "dot")] and "all tokens</b>" in words(full)

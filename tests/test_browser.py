@@ -163,7 +163,7 @@ def test_opens_with_anatomy_then_an_answer_belongs_to_its_scan(page):
     assert page.locator("#answer-card[data-empty]").count() == 1
     _ask(page)
     card = _text(page, "#answer-card")
-    assert "Visual tokens kept" in card and "budget auto" in card and "Abdomen/pelvis" in card
+    assert "Visual tokens kept" in card and "budget Photon's own θ" in card and "Abdomen/pelvis" in card
     assert "probability" in card
     page.screenshot(path=str(SHOTS / "01_answer_auto.png"), full_page=True)
     _load_case(page, CHEST, "Chest")
@@ -230,7 +230,7 @@ def test_the_3d_view_is_anterior_like_the_slices(page, tmp_path):
     assert with_half > 0.5 * anatomy_only, (with_half, anatomy_only)
     page.locator("#model3d").screenshot(path=str(SHOTS / "03b_half_kept.png"))
     page.locator("#mode label", has_text="Auto").click()
-    _wait_text(page, "#token-count", "budget auto")
+    _wait_text(page, "#token-count", "budget Photon's own θ")
 
 
 def test_triplanar_crosshair_follows_a_click(page):
@@ -281,13 +281,13 @@ def test_budget_sliders_reask_on_enter_and_keep_their_values(page):
 
     page.locator("#mode label", has_text="Percent").click()
     _wait_text(page, "#token-count", "budget ")
-    set_value("budget_percent", "30", "budget 30%")
+    set_value("budget_percent", "30", "budget 30% of the tokens")
     page.locator("#mode label", has_text="Tokens").click()
-    _wait_text(page, "#token-count", "top_k")
+    _wait_text(page, "#token-count", "tokens, the most salient")
     set_value("budget_tokens", "150", "Visual tokens kept: 150 /")
     assert not page.locator("#budget_percent").is_visible()
     page.locator("#mode label", has_text="Percent").click()
-    _wait_text(page, "#token-count", "budget 30%")
+    _wait_text(page, "#token-count", "budget 30% of the tokens")
     assert page.locator("#budget_percent input[type=number]").input_value() == "30"
     page.locator("#mode label", has_text="Tokens").click()
     _wait_text(page, "#token-count", "Visual tokens kept: 150 /")
@@ -299,7 +299,7 @@ def test_budget_sliders_reask_on_enter_and_keep_their_values(page):
     assert "floor" in _text(page, "#card-notice") and page.locator(NO_ERROR_BADGE).count() == 0
     page.screenshot(path=str(SHOTS / "05_budget.png"), full_page=True)
     page.locator("#mode label", has_text="Auto").click()
-    _wait_text(page, "#token-count", "budget auto")
+    _wait_text(page, "#token-count", "budget Photon's own θ")
 
 
 def test_compare_export_and_a_prior_scan(page, tmp_path):

@@ -4,7 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = None):
+def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = None,
+                       cut: float | None = None):
+    """ρ of the visual tokens, kept and dropped; a red line where the budget cut them (``cut``: None
+    when nothing was cut by ρ) and, where that is not the model's own θ, θ as a grey dotted line."""
     import plotly.graph_objects as go
 
     rho = np.asarray(rho).ravel()
@@ -15,7 +18,14 @@ def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = 
         fig.add_histogram(x=rho[keep], nbinsx=40, name="kept", marker_color="#2ca05a")
     else:
         fig.add_histogram(x=rho, nbinsx=40, name="ρ")
-    fig.add_vline(x=float(theta), line_dash="dash", line_color="#d62728", annotation_text=f"θ = {theta:.3f}")
+    own = cut is not None and np.isfinite(theta) and abs(cut - theta) < 1e-9
+    if cut is not None:
+        fig.add_vline(x=float(cut), line_dash="dash", line_color="#d62728",
+                      annotation_text=f"θ = {theta:.3f}" if own else f"cut {cut:.3f}")
+    if np.isfinite(theta) and not own:
+        fig.add_vline(x=float(theta), line_dash="dot", line_color="#7f7f7f",
+                      annotation_text=f"Photon's θ {theta:.3f} (not applied)",
+                      annotation_position="bottom right")
     fig.update_layout(barmode="stack", title="Saliency ρ of the 1,000 visual tokens", xaxis_title="ρ",
                       yaxis_title="tokens", height=300, margin=dict(l=40, r=10, t=40, b=40))
     return fig

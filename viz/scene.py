@@ -218,7 +218,7 @@ class AnatomyScene:
 
 
 def render_png(surfaces: list[dict], blocks: list[dict], size=(640, 480), view: str = "anterior",
-               colour_bar: bool = True, theta: float | None = None) -> bytes:
+               colour_bar: bool = True, theta: float | None = None, theta_label: str = "theta") -> bytes:
     """Off-screen PNG of the scene (no depth peeling: it is unreliable off-screen). ``view``: 'anterior'
     (patient right on the image left, superior up), 'left' (left lateral) or 'iso'."""
     pv = _pv()
@@ -228,7 +228,7 @@ def render_png(surfaces: list[dict], blocks: list[dict], size=(640, 480), view: 
 
     im = Image.fromarray(img)
     if colour_bar and blocks:
-        im = _with_colour_bar(im, theta)
+        im = _with_colour_bar(im, theta, theta_label)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -253,8 +253,9 @@ def _render_locked(pv, surfaces, blocks, size, view) -> np.ndarray:
         p.close()
 
 
-def _with_colour_bar(im, theta: float | None):
-    """The image with a vertical ρ colour bar (the kept region's bins, θ marked) on its right."""
+def _with_colour_bar(im, theta: float | None, label: str = "theta"):
+    """The image with a vertical ρ colour bar (the kept region's bins, ``theta`` marked: the model's θ or
+    where a budget cut, named by ``label``) on its right."""
     from PIL import Image, ImageDraw
 
     W, H = im.size
@@ -272,5 +273,5 @@ def _with_colour_bar(im, theta: float | None):
     if theta is not None and np.isfinite(theta):
         y = bottom - (bottom - top) * float(np.clip(theta, 0, 1))
         d.line([x0 - 4, y, x0 + 20, y], fill=(255, 255, 255), width=2)
-        d.text((x0 + 20, y - 6), "theta", fill=(255, 255, 255))
+        d.text((x0 + 20, y - 6), label, fill=(255, 255, 255))
     return out

@@ -91,6 +91,8 @@ class Budget:
             return cls(text)  # type: ignore[arg-type]
         if text.endswith("%"):
             return cls("ratio", float(text[:-1]) / 100)
+        if text.startswith("θ="):                         # a label (``label``) read back
+            return cls("threshold", float(text[2:]))
         if ":" in text:
             mode, val = text.split(":", 1)
             return cls(mode, float(val))  # type: ignore[arg-type]
@@ -107,6 +109,44 @@ class Budget:
         if self.mode == "threshold":
             return f"θ={float(self.value):g}"
         return f"{self.mode}:{int(self.value)}"
+
+
+BASELINE_NAMES = {"fastv": "FastV", "visionzip": "VisionZip-style", "random": "random"}
+
+
+def describe(budget: Budget | str) -> str:
+    """A budget in words, as the app shows it: "Photon's own θ", "390 tokens", "25% of the tokens",
+    "θ = 0.3 (yours)", "all tokens", "FastV, 390 tokens"."""
+    b = Budget.parse(budget)
+    if b.mode == "auto":
+        return "Photon's own θ"
+    if b.mode == "full":
+        return "all tokens"
+    if b.mode == "ratio":
+        return f"{100 * float(b.value):g}% of the tokens"
+    if b.mode == "threshold":
+        return f"θ = {float(b.value):g} (yours)"
+    count = f"{int(b.value)} tokens"
+    return f"{BASELINE_NAMES[b.mode]}, {count}" if is_baseline(b) else count
+
+
+def applied_cut(budget: Budget | str, rho, keep, theta: float) -> float | None:
+    """Where the kept tokens were cut on the saliency ρ: the model's θ for ``auto``, the user's θ for
+    ``threshold`` (the lowest kept ρ when the floor kept more), the lowest kept ρ for a count or share;
+    None where nothing was cut by ρ (``full``, the baselines, an S1 checkpoint's ``auto``)."""
+    import numpy as np
+
+    b = Budget.parse(budget)
+    if b.mode == "auto":
+        return float(theta) if np.isfinite(theta) else None
+    if b.mode == "full" or is_baseline(b):
+        return None
+    kept = np.asarray(rho, np.float64).ravel()[np.asarray(keep, bool).ravel()]
+    if kept.size == 0:
+        return None
+    if b.mode == "threshold" and kept.min() > float(b.value):
+        return float(b.value)
+    return float(kept.min())
 
 
 def _below_floor(what: str) -> str:
