@@ -37,11 +37,32 @@ N_BLOCKS = 1000                      # 10 × 10 × 10 visual tokens of the offic
 _SIDES = ("left", "right")
 
 
+# How radiologists name what the label maps call otherwise: the adjective ('renal cyst'), a part ('the
+# pancreatic head'), two words for one ('gall bladder'), a level ('L4'), an ordinal ('the 12th rib').
+_TERMS = [
+    (r"\bgall ?bladders?\b", "gallbladder"), (r"\bpancreatic\b", "pancreas"), (r"\bhepatic\b", "liver"),
+    (r"\brenal\b", "kidney"), (r"\bsplenic\b", "spleen"), (r"\bgastric\b", "stomach"),
+    (r"\bpulmonary\b", "lung"), (r"\baortic\b", "aorta"), (r"\bcolonic\b", "colon"),
+    (r"\bduodenal\b", "duodenum"), (r"\b(o?esophageal|oesophagus)\b", "esophagus"),
+    (r"\badrenals?\b", "adrenal gland"), (r"\bthyroid\b", "thyroid gland"),
+    (r"(?<!gall)(?<!gall )\bbladder\b", "urinary bladder"),
+    (r"\b([ctls])([1-9]|1[0-2])\b", r"vertebrae \1\2"), (r"\b(\d{1,2})(?:st|nd|rd|th) ribs?\b", r"rib \1"),
+]
+
+
+def _with_terms(question: str) -> str:
+    """The question, lower case, with the label maps' words for the radiologist's terms it uses added."""
+    q = question.lower()
+    extra = [m.expand(term) for pattern, term in _TERMS for m in re.finditer(pattern, q)]
+    return " ".join([q, *extra])
+
+
 def organs_in_question(question: str, names: list[str]) -> list[str]:
     """The names (organ names or label names such as 'kidney_left', 'lung_upper_lobe_right') that the
     question talks about. A name matches when its words other than left/right appear in the question
-    (plural allowed) and, if the name has a side, the question names that side or no side at all."""
-    q = question.lower()
+    (plural allowed; radiologists' terms count, see ``_TERMS``: 'renal' for kidney, 'L4' for vertebrae_L4)
+    and, if the name has a side, the question names that side or no side at all."""
+    q = _with_terms(question)
     asks_side = re.search(r"\b(left|right)\b", q) is not None
     found = []
     for n in names:

@@ -252,3 +252,21 @@ def test_the_exported_report_keeps_the_case_title_readable(abdomen_grid, tmp_pat
         export_audit(tmp_path, geometry, token_index, answer, "Is there a lesion?", "demo", case_title=title)
         report = json.loads((tmp_path / "report.json").read_text())
         assert report["case"] == expected and report["answer_readable"] is False
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Is there a lesion in the pancreatic head?", ["pancreas"]),
+    ("Is the gall bladder distended?", ["gallbladder"]),
+    ("Is there a fracture of L4?", ["vertebrae_L4"]),
+    ("Is there a compression fracture at T12?", ["vertebrae_T12"]),
+    ("Is there a left renal cyst?", ["kidney_left"]),
+    ("Is the bladder wall thickened?", ["urinary_bladder"]),
+    ("Is there a fracture of the left 12th rib?", ["rib_left_12"]),
+    ("Is there an aortic dissection?", ["aorta"]),
+    ("Is there a cystic lesion in the liver?", ["liver"]),        # 'cystic' is not the gallbladder's duct
+])
+def test_radiologists_terms_name_the_label_maps_structures(question, expected):
+    """The asked structure is found from the words radiologists use: an adjective, a part of the organ,
+    two words for one, a vertebral level, an ordinal rib."""
+    names = list(TOTALSEG_CLASSES.values())
+    assert sorted(organs_in_question(question, names)) == sorted(expected)
