@@ -12,14 +12,17 @@ charts, Compare, Export); a failed load keeps them all and says the previous sca
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 import time
 import traceback
 import typing
 
 import gradio as gr
 
+from photon_core.inference.prompt import clean_question
 from photon_core.io.volume import VolumeError, clean_text
 from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
@@ -109,15 +112,51 @@ def slider_visibility(mode: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+_LOADS_RUNNING: dict[str, int] = {}       # browser session -> loads in flight (asks wait for the new scan)
+_LOADS_LOCK = threading.Lock()
+LOADING_MESSAGE = ("A new scan is loading: ask again when it has loaded (the answer would have been about "
+                   "the previous scan).")
+
+
+@contextlib.contextmanager
+def _loading(request):
+    """While a browser's load runs, its asks, compares and exports are refused (``_check_not_loading``):
+    Gradio runs them beside the load, on the scan about to be replaced."""
+    key = _key(request)
+    with _LOADS_LOCK:
+        _LOADS_RUNNING[key] = _LOADS_RUNNING.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _LOADS_LOCK:
+            _LOADS_RUNNING[key] -= 1
+            if not _LOADS_RUNNING[key]:
+                del _LOADS_RUNNING[key]
+
+
+def _check_not_loading(request) -> None:
+    if request is not None and _LOADS_RUNNING.get(_key(request)):
+        raise ValueError(LOADING_MESSAGE)
+
+
+def _suggestion(question: str | None, questions: list[str]) -> dict:
+    """The question box after a case loads: the user's own question stays; an empty box or a sample
+    case's suggestion becomes the new case's first suggestion."""
+    mine = (question or "").strip()
+    if mine and not any(mine == q for c in cases() for q in c.get("questions", [])):
+        return {}
+    return {"question": questions[0] if questions else ""}
+
+
 def _fresh(engine: Engine, s: Session, view: View, questions: list[str]) -> dict:
-    """Every output of a newly loaded scan: nothing of the previous scan survives."""
+    """Every output of a newly loaded scan: nothing of the previous scan survives (the question box is
+    the caller's: see ``_suggestion``)."""
     i, j, k = view.point
     shape = view.hu_ras.shape
     w, lv = preset_window(DEFAULT_WINDOW)
     view.files.forget("export")
     return {"session": s, "view": view, "status": status_html(s), "card": empty_card(s),
             "suggested": gr.update(choices=questions, value=None),
-            "question": questions[0] if questions else "",
             "model3d": scene_file(view, s),
             "legend": legend_html(None, [], organ_legend(view)),
             "slices": slices_file(view, s, w, lv, 0.35),
@@ -134,15 +173,17 @@ def _failed_load(old: Session | None, e: BaseException, name: str | None) -> dic
     return {"status": status_html(old, error=text, failed_name=name)}
 
 
-def load_case(title: str, old: Session | None, old_view: View | None, request: gr.Request = None,
-              progress=PROGRESS, *, engine: Engine, store: FileStore) -> dict:
+def load_case(title: str, old: Session | None, old_view: View | None, question: str | None = None,
+              request: gr.Request = None, progress=PROGRESS, *, engine: Engine, store: FileStore) -> dict:
     """A sample case replaces the scan (or, failing, leaves everything as it was and says so)."""
     try:
-        s = engine.load_case(title, progress)
-        progress(0.8, desc="Building the 3-D anatomy and the slices")
-        view = build_view(s, store.session(_key(request)))
+        with _loading(request):
+            s = engine.load_case(title, progress)
+            progress(0.8, desc="Building the 3-D anatomy and the slices")
+            view = build_view(s, store.session(_key(request)))
         c = next(c for c in cases() if c["title"] == s.title)
         out = _fresh(engine, s, view, c.get("questions", []))
+        out.update(_suggestion(question, c.get("questions", [])))
         out["series"] = gr.update(choices=[], value=None, visible=False)
         return out
     except Exception as e:  # noqa: BLE001 - the UI must survive anything
@@ -156,13 +197,14 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
     paths = [str(f) for f in (files or [])]
     name = _upload_name(paths)
     try:
-        s = engine.load_upload(paths, str(label_file) if label_file else None, progress,
-                               prior_file=str(prior_file) if prior_file else None,
-                               label_table=str(label_table) if label_table else None,
-                               series=series_uid or None)
-        progress(0.8, desc="Building the 3-D anatomy and the slices")
-        view = build_view(s, store.session(_key(request)))
-        out = _fresh(engine, s, view, [])
+        with _loading(request):
+            s = engine.load_upload(paths, str(label_file) if label_file else None, progress,
+                                   prior_file=str(prior_file) if prior_file else None,
+                                   label_table=str(label_table) if label_table else None,
+                                   series=series_uid or None)
+            progress(0.8, desc="Building the 3-D anatomy and the slices")
+            view = build_view(s, store.session(_key(request)))
+        out = _fresh(engine, s, view, [])              # the question box keeps what the user typed
         choices = [(x.label, x.uid) for x in s.series]
         out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
         return out
@@ -203,7 +245,10 @@ def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacit
     now = time.perf_counter()
     timing = {"views_ms": 1000 * (now - t_views), "total_ms": 1000 * (now - t0)}
     i, j, k = view.point
-    return {"session": s, "card": answer_card(s, ans, audit, engine.provenance(), timing),
+    stale = {}
+    if s.compared is not None and s.compared != s.question:   # the table answers another question: gone
+        s.compared, stale = None, {"cmp_table": "", "cmp_plot": None}
+    return {**stale, "session": s, "card": answer_card(s, ans, audit, engine.provenance(), timing),
             "model3d": glb, "legend": legend_html(ans, highlighted(view, s), organ_legend(view)),
             "slices": img,
             "pt_i": i + 1, "pt_j": j + 1, "pt_k": k + 1, "hist": hist, "retention": ret, "exp_files": None}
@@ -224,11 +269,12 @@ def _esc(text: str) -> str:
 
 
 def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
-        theta: float, width: float, level: float, opacity: float, progress=PROGRESS, *,
-        engine: Engine) -> dict:
+        theta: float, width: float, level: float, opacity: float, request: gr.Request = None,
+        progress=PROGRESS, *, engine: Engine) -> dict:
     """Ask the question under the budget of the controls; the views follow the answer."""
     t0 = time.perf_counter()
     try:
+        _check_not_loading(request)
         if s is None or view is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         budget = budget_from(mode, tokens, percent, theta)
@@ -241,31 +287,36 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
 
 
 def reask(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
-          theta: float, width: float, level: float, opacity: float, *, engine: Engine) -> dict:
+          theta: float, width: float, level: float, opacity: float, request: gr.Request = None, *,
+          engine: Engine) -> dict:
     """A budget control moved: re-ask only when there is an answer to update."""
     if s is None or s.answer is None or not (question or "").strip():
         return {}
-    return ask(s, view, question, mode, tokens, percent, theta, width, level, opacity, engine=engine)
+    return ask(s, view, question, mode, tokens, percent, theta, width, level, opacity, request, engine=engine)
 
 
 def mode_changed(s: Session | None, view: View | None, question: str, mode: str, tokens: float,
-                 percent: float, theta: float, width: float, level: float, opacity: float, *,
-                 engine: Engine) -> dict:
+                 percent: float, theta: float, width: float, level: float, opacity: float,
+                 request: gr.Request = None, *, engine: Engine) -> dict:
     """Show the new mode's own slider (each keeps its value) and re-ask under it."""
-    return {**slider_visibility(mode),
-            **reask(s, view, question, mode, tokens, percent, theta, width, level, opacity, engine=engine)}
+    return {**slider_visibility(mode), **reask(s, view, question, mode, tokens, percent, theta, width, level,
+                                               opacity, request, engine=engine)}
 
 
-def triage(s, view, question, tokens, percent, theta, width, level, opacity, *, engine: Engine) -> dict:
+def triage(s, view, question, tokens, percent, theta, width, level, opacity, request: gr.Request = None, *,
+           engine: Engine) -> dict:
     """Auto: what Photon itself keeps."""
-    out = ask(s, view, question, "Auto", tokens, percent, theta, width, level, opacity, engine=engine)
+    out = ask(s, view, question, "Auto", tokens, percent, theta, width, level, opacity, request,
+              engine=engine)
     return {**out, "mode": "Auto", **slider_visibility("Auto")}
 
 
-def review(s, view, question, tokens, percent, theta, width, level, opacity, *, engine: Engine) -> dict:
+def review(s, view, question, tokens, percent, theta, width, level, opacity, request: gr.Request = None, *,
+           engine: Engine) -> dict:
     """At least twice what Auto keeps (≥ 100 tokens), as a Tokens budget."""
     t0 = time.perf_counter()
     try:
+        _check_not_loading(request)
         if s is None or view is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         auto = engine.ask(s, question, Budget("auto"))
@@ -325,21 +376,26 @@ def set_window(s, view, width, level, opacity) -> dict:
 
 
 # ------------------------------------------------------------------------------------- compare, export
-def compare(s: Session | None, question: str, progress=PROGRESS, *, engine: Engine) -> dict:
+def compare(s: Session | None, question: str, request: gr.Request = None, progress=PROGRESS, *,
+            engine: Engine) -> dict:
     try:
+        _check_not_loading(request)
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         progress(0.1, desc="Asking at Auto, 10%, 25%, 50% and Full (one batch)")
         rows = engine.compare_rows(s, question)
-        return {"cmp_table": compare_table(rows), "cmp_plot": kept_vs_budget(rows)}
+        s.compared = clean_question(question)
+        return {"cmp_table": compare_table(rows, s.compared, s.title), "cmp_plot": kept_vs_budget(rows)}
     except Exception as e:  # noqa: BLE001
         text = message(e, "compare")
         toast(text)
         return {"cmp_table": f"<div id='compare-error' style='color:#b00'>Not compared: {_esc(text)}</div>"}
 
 
-def export(s: Session | None, view: View | None, width, level, opacity, *, engine: Engine) -> dict:
+def export(s: Session | None, view: View | None, width, level, opacity, request: gr.Request = None, *,
+           engine: Engine) -> dict:
     try:
+        _check_not_loading(request)
         if s is None or s.answer is None or view is None:
             raise ValueError("Ask a question first; the export holds the audit of an answer.")
         pngs = export_pngs(view, s, width, level, opacity)

@@ -165,15 +165,16 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     no_mode = [x for x in budget_in if x is not c["mode"]]
     slices_in = ins("session", "view", "width", "level", "opacity")
     answer_out = ["session", "card", "model3d", "legend", "slices", "pt_i", "pt_j", "pt_k", "hist",
-                  "retention", "exp_files"]
+                  "retention", "exp_files", "cmp_table", "cmp_plot"]
     sliders_out = ["tokens", "percent", "theta"]
     load_out = ["session", "view", "status", "card", "suggested", "question", "model3d", "legend", "slices",
                 "pt_i", "pt_j", "pt_k", "preset", "width", "level", "hist", "retention", "cmp_table",
                 "cmp_plot", "exp_files", "series"]
 
     fn, outs = wire(h.load_case, load_out, c, engine=engine, store=store)
-    c["load_case"].click(fn, ins("case", "session", "view"), outs, api_name="ui_load_case", api_visibility=UI)
-    demo.load(fn, ins("case", "session", "view"), outs, api_visibility=P)       # open on a sample case
+    case_in = ins("case", "session", "view", "question")
+    c["load_case"].click(fn, case_in, outs, api_name="ui_load_case", api_visibility=UI)
+    demo.load(fn, case_in, outs, api_visibility=P)       # open on a sample case
     fn, outs = wire(h.load_upload, load_out, c, engine=engine, store=store)
     upload_in = ins("files", "label_file", "label_table", "prior", "series", "session", "view")
     c["load_upload"].click(fn, upload_in, outs, api_name="ui_load_upload", api_visibility=UI)

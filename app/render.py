@@ -165,7 +165,8 @@ def legend_html(ans=None, highlighted: list[str] = (), organs: list[tuple[str, t
             f"<div style='margin-top:8px'>{organ_rows}</div></div>")
 
 
-def compare_table(rows: list[dict]) -> str:
+def compare_table(rows: list[dict], question: str, scan: str) -> str:
+    """The answers to one question under each budget, headed by the question and the scan they answer."""
     body = []
     for r in rows:
         text = (esc(r["answer"]) if r["readable"]
@@ -175,6 +176,7 @@ def compare_table(rows: list[dict]) -> str:
         body.append(f"<tr{' class=diff' if r['differs_from_full'] else ''}><td>{esc(r['budget'])}</td>"
                     f"<td>{r['kept']}</td><td>{text}{flag}</td><td>{prob}</td>"
                     f"<td>{r['latency_ms']} ms (batch)</td></tr>")
-    return ("<table class='cmp'><tr><th>budget</th><th>kept tokens</th><th>answer</th><th>probability</th>"
+    return (f"<div id='compare-question' style='{_MUTED}'>Q: {esc(question)} — on <b>{esc(scan)}</b></div>"
+            "<table class='cmp'><tr><th>budget</th><th>kept tokens</th><th>answer</th><th>probability</th>"
             f"<th>latency</th></tr>{''.join(body)}</table>"
             "<style>.cmp tr.diff td{background:#ffe4c4} .cmp td,.cmp th{padding:4px 10px}</style>")

@@ -115,6 +115,7 @@ class Session:
     answer: object = None                  # the last answer, its question and audit
     question: str = ""
     audit: Audit | None = None
+    compared: str | None = None            # the question the Compare table holds (None: no table)
     serial: int = field(default_factory=lambda: next(_LOADS))   # which load this is (the page shows it)
 
     def ids_of(self, names) -> list[int]:

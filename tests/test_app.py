@@ -350,3 +350,70 @@ def test_the_card_histogram_and_legend_mark_the_cut_the_budget_applied(engine, s
 
     full = _ask(engine, a, mode="Full")
     assert marks(full) == [(round(theta, 6), "dot")] and "all tokens</b>" in words(full)
+
+
+def test_the_compare_table_names_its_question_and_goes_when_another_is_asked(engine, store):
+    """The Compare table answers the question in the box, which need not be the card's: it says which
+    question and scan it answers, stays while the card answers that question, and goes when the card
+    answers another."""
+    from app import handlers as h
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    first = _ask(engine, a, "Is the spleen enlarged?")
+    s = first["session"]
+    table = h.compare(s, "  Which kidney is larger? ", engine=engine)["cmp_table"]
+    assert "Q: Which kidney is larger? — on <b>Abdomen/pelvis CT (3 mm)</b>" in html.unescape(table)
+    same = _ask(engine, a, "Which kidney is larger?")
+    assert "cmp_table" not in same and "cmp_plot" not in same          # it answers the card's question
+    other = _ask(engine, a, "Is there a lesion in the liver?")
+    assert other["cmp_table"] == "" and other["cmp_plot"] is None and s.compared is None
+
+
+def test_asks_wait_for_a_load_of_the_same_browser_and_a_typed_question_survives_it(engine, store):
+    """An ask sent while the same browser's load runs was answered about the scan being replaced, then
+    wiped with the question the user typed: it is refused in words, and the box keeps the user's own
+    question (a sample case's suggestion is replaced by the new case's)."""
+    import threading
+
+    from app import handlers as h
+
+    class Request:
+        session_hash = "tab-1"
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store, request=Request())
+    started, release = threading.Event(), threading.Event()
+    load_case = engine.load_case
+
+    def slow_load(title, progress):
+        started.set()
+        release.wait(30)
+        return load_case(title, progress)
+
+    engine.load_case = slow_load
+    try:
+        out = {}
+        loader = threading.Thread(target=lambda: out.update(h.load_case(
+            CHEST, a["session"], a["view"], "Is the portal vein patent?", engine=engine, store=store,
+            request=Request())))
+        loader.start()
+        assert started.wait(30)
+        asked = h.ask(a["session"], a["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
+                      *SLICE_CONTROLS, Request(), engine=engine)
+        assert set(asked) == {"card"} and h.LOADING_MESSAGE.split(":")[0] in html.unescape(asked["card"])
+        other = h.compare(a["session"], "Is the spleen enlarged?", Request(), engine=engine)
+        assert "A new scan is loading" in html.unescape(other["cmp_table"])
+
+        class Elsewhere:
+            session_hash = "tab-2"
+        elsewhere = h.ask(a["session"], a["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
+                          *SLICE_CONTROLS, Elsewhere(), engine=engine)
+        assert "Visual tokens kept" in elsewhere["card"]                 # another browser is not held up
+        release.set()
+        loader.join(60)
+    finally:
+        engine.load_case = load_case
+        release.set()
+    assert "Chest" in out["status"] and "question" not in out          # the typed question stays
+    suggested = h.load_case(ABDOMEN, None, None, "Is there an abnormality of the aorta?", engine=engine,
+                            store=store)
+    assert suggested["question"] != "Is there an abnormality of the aorta?"   # a suggestion: the new case's
