@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
 from photon_core.io.preprocess import prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
-from photon_core.model.budget import Budget
+from photon_core.model.budget import Budget, applied_cut, describe
 from photon_core.organs import label_blocks, organs_in_question
 
 log = logging.getLogger(__name__)
@@ -266,14 +267,14 @@ class Engine:
                 prior = load_volume(prior_file, self.settings.limits)
             except VolumeError as e:
                 raise VolumeError(f"The prior scan could not be read: {e}") from None
-        s = self.open_session(vol, "uploaded scan", Path(label_file) if label_file else None, None, progress,
-                              label_table)
+        s = self.open_session(vol, upload_title(vol), Path(label_file) if label_file else None, None,
+                              progress, label_table)
         s.series = listed
         s.series_uid = series or (listed[0].uid if listed else None)   # the default is listed first
         if prior is not None:
             progress(0.9, desc="Encoding the prior scan")
             s.prior, s.prior_key = prior, volume_key(prior)
-            s.warnings += [f"prior scan: {w}" for w in prior.warnings]
+            s.warnings += [f"prior scan: {w}" for w in prior.warnings] + prior_coverage_warnings(vol, prior)
             self._encode(s.prior_key, prior)
         return s
 
@@ -334,9 +335,54 @@ class Engine:
         if s is None or s.answer is None:
             raise ValueError("Ask a question first; the export holds the audit of an answer.")
         audit = s.audit if s.audit is not None else self.audit(s, s.question, s.answer)
-        retention = audit.retention
-        return export_audit(Path(folder), s.geometry, s.token_index, s.answer, s.question, self.model_name,
-                            retention, pngs, s.title)
+        a = s.answer
+        cut = applied_cut(a.budget, a.rho, a.keep_grid, a.theta)
+        findings = {
+            "answer_readable": bool(audit.readable),
+            "answer_probability": None if audit.probability is None else round(audit.probability, 4),
+            "budget_description": describe(a.budget),
+            "cut_rho": None if cut is None else round(cut, 4),   # where the budget cut ρ (None: not by ρ)
+            "asked_structures": list(audit.asked),
+            "asked_retention": {n: round(float(r), 4) for n, r in audit.asked_retention.items()},
+            "retention_warning": audit.warning or None,
+            "load_warnings": list(s.warnings),
+        }
+        return export_audit(Path(folder), s.geometry, s.token_index, a, s.question, self.model_name,
+                            audit.retention, pngs, s.title, findings)
+
+
+def upload_title(vol: Volume) -> str:
+    """What an upload is called on the page, the card and the export: its format, grid and the time it
+    loaded ('NIfTI upload, 122×101×112 voxels of 3×3×3 mm, 14:32:05'), so that two uploads can be told
+    apart. Never a file name or a DICOM description (either may hold a patient's name)."""
+    fmt = vol.meta.get("format") or vol.source_format
+    shape = "×".join(str(n) for n in vol.shape)
+    mm = "×".join(f"{v:.2g}" for v in vol.spacing)
+    return f"{fmt} upload, {shape} voxels of {mm} mm, {time.strftime('%H:%M:%S')}"
+
+
+def _extent(vol: Volume) -> np.ndarray:
+    """The scan's size along right–left, front–back and head–foot (mm), from its corners in the world."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, vol.shape[0]) for j in (0, vol.shape[1])
+                        for k in (0, vol.shape[2])])
+    world = corners @ np.asarray(vol.affine, float).T
+    return world[:, :3].max(0) - world[:, :3].min(0)
+
+
+PRIOR_EXTENT_RATIO = 1.5       # a prior larger or smaller than this along an axis may show another region
+
+
+def prior_coverage_warnings(current: Volume, prior: Volume) -> list[str]:
+    """A warning when the prior scan covers a much larger or smaller region than the current one: each is
+    prepared on its own, so a question about change can only compare what both show."""
+    a, b = _extent(current), _extent(prior)
+    ratio = np.maximum(a, b) / np.maximum(np.minimum(a, b), 1e-6)
+    if ratio.max() <= PRIOR_EXTENT_RATIO:
+        return []
+    size = lambda e: "×".join(f"{v:.0f}" for v in e)    # noqa: E731
+    return [f"The prior scan covers {size(b)} mm, the current scan {size(a)} mm (right–left × front–back × "
+            f"head–foot): they may not show the same region, so a question about change compares only "
+            f"what both show."]
 
 
 def probability(ans) -> float | None:

@@ -2,6 +2,7 @@
 answers that do not parse, the asked organ as data, and messages without server paths."""
 import html
 import json
+import re
 import time
 
 import nibabel as nib
@@ -417,3 +418,48 @@ def test_asks_wait_for_a_load_of_the_same_browser_and_a_typed_question_survives_
     suggested = h.load_case(ABDOMEN, None, None, "Is there an abnormality of the aorta?", engine=engine,
                             store=store)
     assert suggested["question"] != "Is there an abnormality of the aorta?"   # a suggestion: the new case's
+
+
+def test_uploads_are_told_apart_and_a_prior_of_another_region_is_warned(engine, store, tmp_path):
+    """An upload is named by its format, grid and load time (never its file name, which may hold a
+    patient's), not "uploaded scan"; a prior scan covering a much smaller region gets a warning."""
+    from app import handlers as h
+
+    ct = SAMPLES / "abdomen_ct/ct.nii.gz"
+    img = nib.load(str(ct))
+    named = tmp_path / "Doe_Jane_CT.nii.gz"
+    nib.save(img, str(named))
+    out = h.load_upload([str(named)], None, None, None, None, None, None, engine=engine, store=store)
+    s = out["session"]
+    shape = "×".join(str(n) for n in img.shape)
+    assert re.fullmatch(rf"NIfTI upload, {shape} voxels of [\d.×]+ mm, \d\d:\d\d:\d\d", s.title)
+    assert "Doe" not in out["status"] and s.title in html.unescape(out["status"])
+    assert not any("prior" in w for w in s.warnings)
+
+    part = img.slicer[:, :, 40:60]                      # 20 of its slices: a sixth of the head–foot length
+    nib.save(part, str(tmp_path / "prior.nii.gz"))
+    out = h.load_upload([str(ct)], None, None, str(tmp_path / "prior.nii.gz"), None, None, None,
+                        engine=engine, store=store)
+    warned = [w for w in out["session"].warnings if w.startswith("The prior scan covers")]
+    assert len(warned) == 1 and "may not show the same region" in warned[0]
+    same = h.load_upload([str(ct)], None, None, str(ct), None, None, None, engine=engine, store=store)
+    assert not any(w.startswith("The prior scan covers") for w in same["session"].warnings)
+
+
+def test_the_exported_report_holds_what_the_card_showed(engine, store):
+    """report.json carries the answer's probability, the budget in words and its cut, the asked
+    structures, the retention warning and the loader's warnings, as the card showed them."""
+    from app import handlers as h
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    out = _ask(engine, a, "Is there a cyst in the left kidney?", mode="Tokens", tokens=40)
+    s = out["session"]
+    files = h.export(s, a["view"], *SLICE_CONTROLS, engine=engine)["exp_files"]
+    report = json.loads(next(open(f).read() for f in files if f.endswith("report.json")))
+    t = s.answer
+    assert report["answer_probability"] == round(s.audit.probability, 4)
+    assert report["budget_description"] == "40 tokens"
+    assert report["cut_rho"] == round(float(t.rho.ravel()[t.keep_grid.ravel()].min()), 4)
+    assert report["asked_structures"] == ["kidney_left"] and "kidney_left" in report["asked_retention"]
+    assert report["retention_warning"] == (s.audit.warning or None)
+    assert report["load_warnings"] == s.warnings and report["case"] == s.title

@@ -45,8 +45,10 @@ def pairwise_jaccard(sets: list) -> list[float]:
 
 def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answer, question: str,
                  model_name: str, retention: dict | None = None, pngs: dict[str, bytes] | None = None,
-                 case_title: str = "scan") -> list[Path]:
-    """Write kept_blocks.nii.gz (uint8 on the original grid), report.json and PNG views; return paths."""
+                 case_title: str = "scan", findings: dict | None = None) -> list[Path]:
+    """Write kept_blocks.nii.gz (uint8 on the original grid), report.json and PNG views; return paths.
+    ``findings``: what the app showed beside the answer (its probability, the asked structures and their
+    retention warning, the loader's warnings, the budget in words and where it cut ρ), into the report."""
     import nibabel as nib
     import torch
 
@@ -79,6 +81,7 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
                      "nibabel": nib.__version__, "python": platform.python_version()},
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
     }
+    report.update(findings or {})
     if answer.prior_total:     # asked with a prior scan: the counts above hold both, the mask the current
         report["prior_scan"] = {"visual_tokens_total": answer.prior_total,
                                 "visual_tokens_kept": answer.prior_kept,
