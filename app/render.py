@@ -42,7 +42,7 @@ def status_html(s: Session | None, error: str | None = None, failed_name: str | 
         return "".join(parts) or "<div id='scan-status'>No scan loaded.</div>"
     body = f"<b id='scan-title'>{esc(s.title)}</b> — {esc(s.volume.summary())}"
     if s.blocks:
-        body += f" · label map: {len(s.blocks)} structures"
+        body += f" · label map: {len(s.blocks)} structure{'s' * (len(s.blocks) != 1)}"
     if s.label_note:
         body += f"<div id='label-note' style='{_MUTED}'>Label names: {esc(s.label_note)}</div>"
     if s.small_structures:
@@ -102,6 +102,10 @@ def answer_card(s: Session, ans, audit: Audit | None, provenance: dict, timing: 
         warn += (f"<div id='retention-warning' style='{_ERROR}'>⚠ Retention warning: {esc(audit.warning)}. "
                  f"Small lesions and rare anatomy are Photon's known failure cases; check the slices before "
                  f"trusting this answer.</div>")
+    if audit.untrained:
+        warn += (f"<div id='untrained-note' style='{_WARN}'>⚠ The demo model was trained only on English "
+                 f"questions of a few kinds (is there…, which organ, which side, how many, how large, a "
+                 f"choice of two); this question is none of them, so its answer means nothing.</div>")
     small_asked = [n for n in audit.asked if n in audit.small]
     if small_asked:
         warn += (f"<div id='small-note' style='{_WARN}'>{names(small_asked)}: smaller than a token block, so "

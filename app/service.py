@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from photon_core import organs
-from photon_core.inference.answers import readable
+from photon_core.inference.answers import question_type, readable
 from photon_core.inference.audit import export_audit, organ_retention
 from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
@@ -89,6 +89,7 @@ class Audit:
     small: tuple                           # structures smaller than a block, counted by any overlap
     readable: bool                         # the answer parses for its question type
     probability: float | None              # exp(mean token log-prob), when the model reports it
+    untrained: bool = False                # the demo model never saw a question of this kind
 
 
 _LOADS = itertools.count(1)
@@ -175,12 +176,17 @@ class Engine:
         name = self.predictor.name
         return f"{name} — {DEMO_NOTICE}" if "demo" in name.lower() or "synthetic" in name.lower() else name
 
+    @property
+    def is_demo(self) -> bool:
+        """The embedded demo model (or another synthetic-data one): its questions are those of its data."""
+        return self.model_name != self.predictor.name
+
     def provenance(self) -> dict:
         """Where the weights come from: the checkpoint's record (source, repo, revision, stage, …)."""
         info = dict(self.predictor.checkpoint.to_dict())
         info["folder"] = info.pop("path", None)         # a "path" key reads as a file to Gradio's clients
         info["label"] = self.predictor.checkpoint.label()
-        if self.model_name != self.predictor.name:
+        if self.is_demo:
             info["notice"] = DEMO_NOTICE
         return info
 
@@ -323,12 +329,13 @@ class Engine:
         retention = organ_retention(s.blocks, keep) if s.blocks else {}
         asked = tuple(organs_in_question(question, list(s.blocks))) if s.blocks else ()
         asked_ret = {n: retention[n] for n in asked if n in retention}
-        low = [(n, r) for n, r in asked_ret.items() if r < LOW_RETENTION]
-        warning = "; ".join(f"only {100 * r:.0f}% of the {n.replace('_', ' ')} blocks were kept"
-                            for n, r in low)
+        low = [n for n, r in asked_ret.items() if r < LOW_RETENTION]
+        warning = "; ".join(_kept_words(int((s.blocks[n] & keep).sum()), int(s.blocks[n].sum()),
+                                        n.replace("_", " ")) for n in low)
         return Audit(retention=retention, asked=asked, asked_retention=asked_ret, warning=warning,
                      small=tuple(n for n in s.small_structures if n in retention),
-                     readable=readable(question, ans.text, list(s.blocks)), probability=probability(ans))
+                     readable=readable(question, ans.text, list(s.blocks)), probability=probability(ans),
+                     untrained=self.is_demo and question_type(question) == "open")
 
     def export(self, s: Session, pngs: dict[str, bytes], folder: Path) -> list[Path]:
         """The audit of the session's last answer as files in ``folder`` (mask, report, PNG views)."""
@@ -349,6 +356,14 @@ class Engine:
         }
         return export_audit(Path(folder), s.geometry, s.token_index, a, s.question, self.model_name,
                             audit.retention, pngs, s.title, findings)
+
+
+def _kept_words(kept: int, total: int, name: str) -> str:
+    """'none of the 12 urinary bladder blocks were kept' / 'only 3 of the 12 … blocks were kept (25%)'."""
+    blocks = f"{total} {name} block{'s' * (total != 1)}"
+    if kept == 0:
+        return f"none of the {blocks} {'were' if total != 1 else 'was'} kept"
+    return f"only {kept} of the {blocks} {'were' if kept != 1 else 'was'} kept ({100 * kept / total:.0f}%)"
 
 
 def upload_title(vol: Volume) -> str:

@@ -463,3 +463,22 @@ def test_the_exported_report_holds_what_the_card_showed(engine, store):
     assert report["asked_structures"] == ["kidney_left"] and "kidney_left" in report["asked_retention"]
     assert report["retention_warning"] == (s.audit.warning or None)
     assert report["load_warnings"] == s.warnings and report["case"] == s.title
+
+
+def test_the_demo_model_says_when_a_question_is_none_of_those_it_was_trained_on(engine, store, monkeypatch):
+    """The embedded model knows only its training questions' kinds: a question of another kind (another
+    language, "describe the findings") gets a note that its answer means nothing; one of its kinds none."""
+    from app import handlers as h
+    from app.service import Engine, Settings
+
+    demo = Engine(Settings(model_dir=None, device="cpu", max_new_tokens=4, cache_volumes=1))
+    try:
+        a = h.load_case(ABDOMEN, None, None, engine=demo, store=store)
+        for question in ("Gibt es eine Läsion in der Leber?", "Describe the findings."):
+            assert "untrained-note" in _ask(demo, a, question)["card"]
+        assert "untrained-note" not in _ask(demo, a, "Is there a lesion in the liver?")["card"]
+    finally:
+        demo.close()
+    monkeypatch.setattr(Engine, "is_demo", property(lambda self: False))   # a real checkpoint
+    assert "untrained-note" not in _ask(engine, h.load_case(ABDOMEN, None, None, engine=engine, store=store),
+                                        "Describe the findings.")["card"]

@@ -237,7 +237,9 @@ def test_asked_organ_retention_and_its_warning(engine):
     s = Session(blocks=blocks)
     a = engine.audit(s, "Is there a cyst in the left kidney?", ans)
     assert a.asked_retention == {"kidney_left": 0.2} and a.retention["liver"] == 0.8
-    assert a.warning == "only 20% of the kidney left blocks were kept"
+    assert a.warning == "only 2 of the 10 kidney left blocks were kept (20%)"
+    assert engine.audit(s, "Is there a cyst in the right kidney?", ans).warning == \
+        "none of the 10 kidney right blocks were kept"                  # not "only 0%"
     both = engine.audit(s, "Is there a lesion in the liver or the spleen?", ans)
     assert both.asked_retention == {"liver": 0.8}
     assert engine.audit(s, "Is there a lesion in the liver?", ans).warning == ""
