@@ -25,11 +25,12 @@ import gradio as gr
 from photon_core.inference.prompt import clean_question
 from photon_core.io.volume import VolumeError, clean_text
 from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut
+from photon_core.organs import organs_in_question
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.slices import WINDOWS, pick
 
 from .render import answer_card, compare_table, empty_card, legend_html, status_html
-from .service import Engine, Session, cases
+from .service import Engine, Session, UploadPartError, cases
 from .view import (
     DEFAULT_WINDOW,
     FileStore,
@@ -204,12 +205,22 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
                                    series=series_uid or None)
             progress(0.8, desc="Building the 3-D anatomy and the slices")
             view = build_view(s, store.session(_key(request)))
-        out = _fresh(engine, s, view, [])              # the question box keeps what the user typed
+        out = _fresh(engine, s, view, upload_questions(s))   # the question box keeps what the user typed
         choices = [(x.label, x.uid) for x in s.series]
         out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
         return out
     except Exception as e:  # noqa: BLE001
-        return _failed_load(old, e, name)
+        return _failed_load(old, e, f"'{e.file_name}'" if isinstance(e, UploadPartError) else name)
+
+
+def upload_questions(s: Session) -> list[str]:
+    """Questions to suggest for an upload: the sample cases' (the kinds the demo model was trained on),
+    those about a structure of the upload's label map first."""
+    questions = list(dict.fromkeys(q for c in cases() for q in c.get("questions", [])))
+    if s.blocks:
+        names = list(s.blocks)
+        questions.sort(key=lambda q: not organs_in_question(q, names))
+    return questions
 
 
 def upload_changed(files) -> dict:

@@ -9,6 +9,7 @@ guards only the encoded-volume cache and encoding.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -93,6 +94,27 @@ class Audit:
 
 
 _LOADS = itertools.count(1)
+
+
+class UploadPartError(VolumeError):
+    """A file that came with the scan (label map, names table, prior scan) could not be used: the
+    message names that file, not the scan."""
+
+    def __init__(self, message: str, path):
+        super().__init__(message)
+        self.file_name = Path(str(path)).name
+
+
+@contextlib.contextmanager
+def _part(path):
+    try:
+        yield
+    except UploadPartError:
+        raise
+    except (VolumeError, ValueError) as e:
+        if path is None:
+            raise
+        raise UploadPartError(str(e), path) from None
 
 
 @dataclass
@@ -199,11 +221,13 @@ class Engine:
         s.geometry = self._encode(s.key, vol)
         s.token_index = s.geometry.token_index_volume()
         if labels_path is not None:
-            s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
+            with _part(labels_path):
+                s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
             if label_names:
                 s.label_names = {str(k): v for k, v in label_names.items()}
             else:
-                names, s.label_note = organs.label_names(np.unique(s.labels), label_table)
+                with _part(label_table):
+                    names, s.label_note = organs.label_names(np.unique(s.labels), label_table)
                 s.label_names = {str(k): v for k, v in names.items()}
             s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
         return s
@@ -272,7 +296,7 @@ class Engine:
             try:
                 prior = load_volume(prior_file, self.settings.limits)
             except VolumeError as e:
-                raise VolumeError(f"The prior scan could not be read: {e}") from None
+                raise UploadPartError(f"The prior scan could not be read: {e}", prior_file) from None
         s = self.open_session(vol, upload_title(vol), Path(label_file) if label_file else None, None,
                               progress, label_table)
         s.series = listed

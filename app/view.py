@@ -121,7 +121,9 @@ def handling():
 
 
 class Files:
-    """One session's served files: a new file of a kind replaces the previous one of that kind.
+    """One session's served files: a new file of a kind replaces the previous one of that kind. The
+    previous one is removed ``grace_s`` later (at a later write), not at once: a browser told of it a
+    moment before (crosshair values typed in quick succession) may still be fetching it.
 
     After `remove` (the browser left), a file written for a request begun before it (a render still
     running when its browser left) is still written, for the answer in flight to return, and removed
@@ -129,12 +131,14 @@ class Files:
     app stops. A request begun after it is a browser that came back: its files stay, as before."""
 
     late_s = 10.0
+    grace_s = 20.0
 
     def __init__(self, folder: Path, removed_at: float | None = None):
         self.folder = Path(folder)
         if removed_at is None:
             self.folder.mkdir(parents=True, exist_ok=True)
         self._current: dict[str, Path] = {}
+        self._retired: list[tuple[float, Path]] = []       # (when replaced, file), removed after grace_s
         self._lock = threading.Lock()
         self._removed_at = removed_at           # set: the session ended (see `remove`)
 
@@ -158,8 +162,13 @@ class Files:
     def _replace(self, kind: str, path: Path) -> None:
         old = self._current.get(kind)
         self._current[kind] = path
+        now = time.monotonic()
         if old is not None and old != path:
-            _delete(old)
+            self._retired.append((now, old))
+        due = [r for r in self._retired if now - r[0] >= self.grace_s]
+        for _, retired in due:
+            _delete(retired)
+        self._retired = [r for r in self._retired if r not in due]
         if self._removed_at is None:
             return
         started = getattr(_request, "started", None)
@@ -194,6 +203,7 @@ class Files:
             self._removed_at = time.monotonic()
             shutil.rmtree(self.folder, ignore_errors=True)
             self._current.clear()
+            self._retired.clear()
 
 
 def _delete(path: Path) -> None:

@@ -74,9 +74,11 @@ def test_a_failed_load_keeps_the_previous_scan_and_says_so(engine, store, tmp_pa
     assert ABDOMEN in html.unescape(again["card"])     # asked about the scan the screen names
 
 
-def test_served_files_are_replaced_not_accumulated(engine, store):
+def test_served_files_are_replaced_not_accumulated(engine, store, monkeypatch):
     from app import handlers as h
+    from app.view import Files
 
+    monkeypatch.setattr(Files, "grace_s", 0.0)         # replaced files go at the next write
     a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
     for k in (100, 200, 300):
         _ask(engine, a, mode="Tokens", tokens=k)
@@ -115,6 +117,23 @@ def test_files_written_after_the_browser_left_go_unless_it_came_back(tmp_path, m
     time.sleep(0.6)
     assert back.is_file()
     store.close()
+
+
+def test_a_replaced_file_stays_a_while_for_a_browser_still_fetching_it(tmp_path, monkeypatch):
+    """Crosshair values typed in quick succession: the browser was told of slices_1 and is fetching it
+    when slices_2 replaces it. slices_1 stays ``grace_s`` (it was deleted at once: a 403 in the page)."""
+    from app.view import Files
+
+    monkeypatch.setattr(Files, "grace_s", 0.3)
+    f = Files(tmp_path / "s")
+    first = f.write("slices", ".png", b"1")
+    second = f.write("slices", ".png", b"2")
+    assert first.is_file() and second.is_file()
+    time.sleep(0.4)
+    third = f.write("slices", ".png", b"3")             # past the grace: the first goes, the second stays
+    assert not first.exists() and second.is_file() and third.is_file()
+    f.remove()
+    assert not f.folder.exists()
 
 
 def test_a_load_still_running_when_its_browser_left_leaves_no_files(tmp_path, monkeypatch):
@@ -482,3 +501,32 @@ def test_the_demo_model_says_when_a_question_is_none_of_those_it_was_trained_on(
     monkeypatch.setattr(Engine, "is_demo", property(lambda self: False))   # a real checkpoint
     assert "untrained-note" not in _ask(engine, h.load_case(ABDOMEN, None, None, engine=engine, store=store),
                                         "Describe the findings.")["card"]
+
+
+def test_a_failed_label_map_or_prior_is_named_not_the_scan(engine, store, tmp_path):
+    """"Could not load 'ct.nii.gz': The label map grid … does not match" named the wrong file: a label map,
+    names table or prior scan that cannot be used is named itself; the scan loaded before stays."""
+    from app import handlers as h
+
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    before = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(tmp_path / "seg.nii.gz"))
+    (tmp_path / "names.csv").write_text("id,name\nnot a number,liver\n")
+    (tmp_path / "old.nii.gz").write_bytes(b"not a scan")
+    for label, table, prior, named in ((tmp_path / "seg.nii.gz", None, None, "seg.nii.gz"),
+                                       (SAMPLES / "abdomen_ct/labels.nii.gz", tmp_path / "names.csv", None,
+                                        "names.csv"),
+                                       (None, None, tmp_path / "old.nii.gz", "old.nii.gz")):
+        out = h.load_upload([ct], label and str(label), table and str(table), prior and str(prior), None,
+                            before["session"], before["view"], engine=engine, store=store)
+        status = html.unescape(out["status"])
+        assert set(out) == {"status"} and f"'{named}'" in status and "'ct.nii.gz'" not in status, status
+
+
+def test_an_upload_suggests_questions_and_keeps_the_typed_one(engine, store):
+    from app import handlers as h
+
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], None, None, None, None, None, None, engine=engine, store=store)
+    choices = [c[0] if isinstance(c, tuple) else c for c in out["suggested"]["choices"]]
+    assert "Is there a lesion in the liver?" in choices and "question" not in out
