@@ -101,7 +101,7 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
         c["load_upload"] = gr.Button("Load upload", elem_id="load_upload")
     c["status"] = gr.HTML("<div id='scan-status'>No scan loaded.</div>", elem_id="status")
     c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
-    c["question"] = gr.Textbox(label="Question", lines=2, elem_id="question",
+    c["question"] = gr.Textbox(label="Question (Enter asks)", lines=1, max_lines=4, elem_id="question",
                                placeholder="e.g. Is there a lesion in the liver?")
     c["mode"] = gr.Radio(modes, value=modes[0][1], label="Keep budget", elem_id="mode",
                          info=modes_note or None)

@@ -104,11 +104,16 @@ def _scene_url(page):
     return page.locator("#model3d a[download]").get_attribute("href")
 
 
-def _ask(page, question=None):
+def _ask(page, question=None, enter=False):
+    """Ask with the button, or (``enter``) by pressing Enter in the question box, as most people do."""
     before = page.locator("#card").inner_html()
+    box = page.locator("#question textarea")
     if question is not None:
-        page.locator("#question textarea").fill(question)
-    page.click("#ask")
+        box.fill(question)
+    if enter:
+        box.press("Enter")
+    else:
+        page.click("#ask")
     page.wait_for_function("b => document.querySelector('#card').innerHTML !== b && "
                            "document.querySelector('#token-count, #card-notice')", arg=before)
 
@@ -304,10 +309,12 @@ def test_budget_sliders_reask_on_enter_and_keep_their_values(page):
 
 def test_compare_export_and_a_prior_scan(page, tmp_path):
     _load_case(page, "Abdomen/pelvis CT (3 mm)", "Abdomen")
-    _ask(page, "Is the spleen enlarged?")
+    _ask(page, "Is the spleen enlarged?", enter=True)
+    assert _text(page, "#card-question").startswith("Q: Is the spleen enlarged? —")   # no newline kept
     page.get_by_role("tab", name="Compare").click()
     page.click("#compare")
     page.wait_for_function("document.querySelectorAll('#compare_table tr').length >= 6")
+    assert _text(page, "#compare-question").startswith("Q: Is the spleen enlarged? — on Abdomen/pelvis")
     rows = page.locator("#compare_table tr").all_inner_texts()
     assert [r.split("\t")[0].strip() for r in rows[1:]] == ["Auto", "10%", "25%", "50%", "Full"]
     page.get_by_role("tab", name="Export").click()
