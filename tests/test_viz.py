@@ -196,3 +196,24 @@ def test_label_map_in_another_axis_order_is_moved_onto_the_scan():
     dcm = load_volume(SAMPLES / "dicom_ct/series")
     labels, aff = load_label_map(SAMPLES / "dicom_ct/labels.nii.gz", like=dcm)
     assert labels.shape == dcm.shape and np.allclose(aff, dcm.affine, atol=1e-2)
+
+
+def test_the_retention_chart_reads_as_words_and_percent_the_asked_structure_on_top():
+    from viz.charts import retention_bars
+
+    fig = retention_bars({"rib_left_12": 0.5, "kidney_left": 0.2, "liver": 0.9, "spleen": 0.1},
+                         asked="kidney_left", small=("rib_left_12",))
+    bar = fig.data[0]
+    assert list(bar.y) == ["spleen", "rib left 12 ◦", "liver", "kidney left (asked)"]   # drawn bottom up
+    assert list(bar.x) == [10, 50, 90, 20] and fig.layout.xaxis.range == (0, 100)
+    assert bar.marker.color[-1] == "#d62728"                    # the asked structure, below half: red
+
+
+def test_no_two_structures_drawn_share_a_colour():
+    """The legend named spleen and a lung lobe in one blue: 8 colours for up to 10 structures."""
+    import inspect
+
+    from viz.scene import ORGAN_COLOURS, anatomy_surfaces
+
+    limit = inspect.signature(anatomy_surfaces).parameters["max_organs"].default
+    assert len(set(ORGAN_COLOURS)) == len(ORGAN_COLOURS) >= limit

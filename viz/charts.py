@@ -32,22 +32,25 @@ def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = 
 
 
 def retention_bars(retention: dict[str, float], asked=None, small=()):
-    """Share of each structure's token blocks kept; ``asked``: the organ(s) the question names (green,
-    red below half); ``small``: structures smaller than a block, counted by any overlap (marked ◦)."""
+    """Share of each structure's token blocks kept, in %, the asked structure(s) on top then the rest by
+    share; ``asked``: the organ(s) the question names (green, red below half); ``small``: structures
+    smaller than a block, counted by any overlap (marked ◦). Names read as words ('kidney left')."""
     import plotly.graph_objects as go
 
     asked = {asked} if isinstance(asked, str) else set(asked or ())
-    names = list(retention)
-    vals = [retention[n] for n in names]
-    colours = [("#d62728" if v < 0.5 else "#2ca05a") if n in asked else "#1f77b4"
+    names = sorted(retention, key=lambda n: (n in asked, retention[n]))   # plotly draws the first lowest
+    vals = [100 * retention[n] for n in names]
+    colours = [("#d62728" if v < 50 else "#2ca05a") if n in asked else "#1f77b4"
                for n, v in zip(names, vals)]
-    labels = [f"{n} ◦" if n in small else n for n in names]
-    fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", marker_color=colours))
+    labels = [n.replace("_", " ") + (" ◦" if n in small else "") + (" (asked)" if n in asked else "")
+              for n in names]
+    fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", marker_color=colours,
+                           hovertemplate="%{y}: %{x:.0f}% kept<extra></extra>"))
     title = "Share of each structure's token blocks kept"
     if small:
         title += "<br><sup>◦ smaller than a block: counted by any overlap</sup>"
-    fig.update_layout(title=title, xaxis=dict(range=[0, 1], title="kept"),
-                      height=max(220, 22 * len(names) + 90), margin=dict(l=150, r=10, t=50, b=40))
+    fig.update_layout(title=title, xaxis=dict(range=[0, 100], title="kept (%)", ticksuffix="%"),
+                      height=max(220, 22 * len(names) + 90), margin=dict(l=170, r=10, t=50, b=40))
     return fig
 
 

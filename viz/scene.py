@@ -23,7 +23,9 @@ import numpy as np
 from .glb import MeshPart, encode, glb
 
 ORGAN_COLOURS = [(0.85, 0.37, 0.33), (0.36, 0.62, 0.85), (0.55, 0.78, 0.42), (0.93, 0.70, 0.30),
-                 (0.65, 0.48, 0.80), (0.40, 0.80, 0.78), (0.90, 0.55, 0.70), (0.70, 0.70, 0.35)]
+                 (0.65, 0.48, 0.80), (0.40, 0.80, 0.78), (0.90, 0.55, 0.70), (0.70, 0.70, 0.35),
+                 (0.60, 0.40, 0.25), (0.20, 0.45, 0.55), (0.95, 0.85, 0.45), (0.45, 0.30, 0.60)]
+# one colour for each of the (at most ``max_organs``) structures drawn: none repeats in the legend
 AXIS_COLOURS = {"R": (0.90, 0.25, 0.25), "A": (0.30, 0.75, 0.35), "S": (0.35, 0.55, 1.0)}   # as in 3D Slicer
 BACKGROUND = (0.10, 0.11, 0.13)
 HIGHLIGHT = (1.0, 0.25, 0.85)            # the asked organ
