@@ -59,7 +59,7 @@ def client_loop(url: str, deadline: float, seed: int, lat: list, fails: list, lo
     try:
         # downloads every served file, as a browser fetches it
         c = Client(url, verbose=False, download_files=downloads)
-        c.predict(case, api_name="/ui_load_case")
+        c.predict(case, "", api_name="/ui_load_case")        # the case, and an empty question box
     except Exception as e:  # noqa: BLE001
         with lock:
             fails.append(f"load: {type(e).__name__}: {e}")
