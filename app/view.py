@@ -122,7 +122,8 @@ def handling():
 
 class Files:
     """One session's served files: a new file of a kind replaces the previous one of that kind. The
-    previous one is removed ``grace_s`` later (at a later write), not at once: a browser told of it a
+    previous one is not removed at once but at a write of its kind ``grace_s`` later, or when a newer one
+    replaces it in turn (at most two files of a kind, whatever the request rate): a browser told of it a
     moment before (crosshair values typed in quick succession) may still be fetching it.
 
     After `remove` (the browser left), a file written for a request begun before it (a render still
@@ -138,7 +139,7 @@ class Files:
         if removed_at is None:
             self.folder.mkdir(parents=True, exist_ok=True)
         self._current: dict[str, Path] = {}
-        self._retired: list[tuple[float, Path]] = []       # (when replaced, file), removed after grace_s
+        self._retired: dict[str, tuple[float, Path]] = {}  # kind -> (when replaced, the file replaced)
         self._lock = threading.Lock()
         self._removed_at = removed_at           # set: the session ended (see `remove`)
 
@@ -164,11 +165,14 @@ class Files:
         self._current[kind] = path
         now = time.monotonic()
         if old is not None and old != path:
-            self._retired.append((now, old))
-        due = [r for r in self._retired if now - r[0] >= self.grace_s]
-        for _, retired in due:
-            _delete(retired)
-        self._retired = [r for r in self._retired if r not in due]
+            before = self._retired.get(kind)
+            if before is not None:                  # the one before: at most two files of a kind stay
+                _delete(before[1])
+            self._retired[kind] = (now, old)
+        for k, (when, retired) in list(self._retired.items()):
+            if now - when >= self.grace_s:
+                _delete(retired)
+                del self._retired[k]
         if self._removed_at is None:
             return
         started = getattr(_request, "started", None)

@@ -132,6 +132,8 @@ def test_a_replaced_file_stays_a_while_for_a_browser_still_fetching_it(tmp_path,
     time.sleep(0.4)
     third = f.write("slices", ".png", b"3")             # past the grace: the first goes, the second stays
     assert not first.exists() and second.is_file() and third.is_file()
+    fourth = f.write("slices", ".png", b"4")            # within the grace: still two files of a kind at most
+    assert not second.exists() and third.is_file() and fourth.is_file()
     f.remove()
     assert not f.folder.exists()
 
