@@ -182,8 +182,8 @@ def load_case(title: str, old: Session | None, old_view: View | None, question: 
             s = engine.load_case(title, progress)
             progress(0.8, desc="Building the 3-D anatomy and the slices")
             view = build_view(s, store.session(_key(request)))
-        c = next(c for c in cases() if c["title"] == s.title)
-        out = _fresh(engine, s, view, c.get("questions", []))
+            c = next(c for c in cases() if c["title"] == s.title)
+            out = _fresh(engine, s, view, c.get("questions", []))
         out.update(_suggestion(question, c.get("questions", [])))
         out["series"] = gr.update(choices=[], value=None, visible=False)
         return out
@@ -205,7 +205,7 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
                                    series=series_uid or None)
             progress(0.8, desc="Building the 3-D anatomy and the slices")
             view = build_view(s, store.session(_key(request)))
-        out = _fresh(engine, s, view, upload_questions(s))   # the question box keeps what the user typed
+            out = _fresh(engine, s, view, upload_questions(s))   # the question box keeps what was typed
         choices = [(x.label, x.uid) for x in s.series]
         out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
         return out

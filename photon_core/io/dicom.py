@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photon_core.io.jpeg12 import frame_header
 from photon_core.io.jpeg12 import register as _register_jpeg12
 from photon_core.io.volume import (
     SAFE_DICOM_FIELDS,
@@ -129,29 +130,6 @@ def _check_native_size(ds) -> None:
                           f"{'s' * (_frame_count(ds) != 1)}) needs {needed:,}; the file is damaged.")
 
 
-def _codestream(frame: bytes) -> tuple[int, int, int, int] | None:
-    """(rows, columns, components, precision) from the frame header of a JPEG, JPEG-LS or JPEG 2000
-    stream (a raw codestream or a JP2 file), or None where no header is found."""
-    if frame[:2] == b"\xff\xd8":                          # JPEG and JPEG-LS: markers from SOI to the SOF
-        i = 2
-        while i + 10 <= len(frame) and frame[i] == 0xFF:
-            marker = frame[i + 1]
-            if marker == 0xFF:
-                i += 1
-                continue
-            if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
-                return (int.from_bytes(frame[i + 5:i + 7], "big"), int.from_bytes(frame[i + 7:i + 9], "big"),
-                        frame[i + 9], frame[i + 4])
-            i += 2 + int.from_bytes(frame[i + 2:i + 4], "big")
-        return None
-    start = frame.find(b"\xff\x4f\xff\x51", 0, 4096)      # JPEG 2000: SOC then SIZ (a JP2 box holds it)
-    if start < 0 or start + 43 > len(frame):
-        return None
-    siz = frame[start + 4:]
-    x, y, x0, y0 = (int.from_bytes(siz[k:k + 4], "big") for k in (4, 8, 12, 16))
-    return y - y0, x - x0, int.from_bytes(siz[36:38], "big"), (siz[38] & 0x7F) + 1
-
-
 def _check_encoded(ds) -> None:
     """A compressed image whose header disagrees with its encoded frames is refused before it is decoded:
     GDCM, pydicom's decoder for JPEG Lossless, JPEG-LS and JPEG 2000, does not report such a file, it
@@ -162,7 +140,6 @@ def _check_encoded(ds) -> None:
     from pydicom.encaps import generate_fragmented_frames
 
     syntax = ds.file_meta.TransferSyntaxUID
-
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     bits = int(ds.get("BitsAllocated", 16) or 0)
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or bits not in (8, 16):
@@ -173,7 +150,7 @@ def _check_encoded(ds) -> None:
     try:
         frames = generate_fragmented_frames(ds.PixelData, number_of_frames=_frame_count(ds))
         for fragments in frames:
-            head = _codestream(b"".join(fragments)[:65536])
+            head = frame_header(b"".join(fragments)[:65536])
             if head is None:
                 raise VolumeError(f"A DICOM image stored as {syntax.name} holds no frame header of that "
                                   f"format; the file is damaged.")

@@ -5,6 +5,10 @@ precision (some GDCM builds lacked it), and its other plugins are 8-bit only, so
 load although GDCM (python-gdcm, a requirement) decodes it. This plugin hands each frame to GDCM's 12-bit
 JPEG codec; pydicom's runner does the rest (shape, sign, rescale stays ours). Registered by
 ``photon_core.io.dicom`` on import, after pydicom's own plugins, so it only serves what they refuse.
+
+``frame_header`` reads the size, components and precision a JPEG, JPEG-LS or JPEG 2000 stream declares:
+the plugin gives GDCM the stream's precision, and the DICOM loader refuses an image whose header
+disagrees with its stream before any decoder sees it.
 """
 from __future__ import annotations
 
@@ -25,22 +29,27 @@ def is_available(syntax: str) -> bool:
     return HAVE_GDCM and syntax in DECODER_DEPENDENCIES
 
 
-def _precision(src: bytes) -> int:
-    """The sample precision of a JPEG stream's frame header (SOFn), in bits."""
-    i = 2                                               # past SOI
-    while i + 4 < len(src):
-        if src[i] != 0xFF:
-            break
-        marker = src[i + 1]
-        if marker == 0xFF:                              # fill byte
-            i += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 4 < len(src):
-                return src[i + 4]
-            break
-        i += 2 + int.from_bytes(src[i + 2:i + 4], "big")
-    raise ValueError("the JPEG stream has no frame header")
+def frame_header(frame: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, precision) from the frame header of a JPEG, JPEG-LS or JPEG 2000
+    stream (a raw codestream or a JP2 file), or None where no header is found."""
+    if frame[:2] == b"\xff\xd8":                          # JPEG and JPEG-LS: markers from SOI to the SOF
+        i = 2
+        while i + 10 <= len(frame) and frame[i] == 0xFF:
+            marker = frame[i + 1]
+            if marker == 0xFF:                          # fill byte
+                i += 1
+                continue
+            if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+                return (int.from_bytes(frame[i + 5:i + 7], "big"), int.from_bytes(frame[i + 7:i + 9], "big"),
+                        frame[i + 9], frame[i + 4])
+            i += 2 + int.from_bytes(frame[i + 2:i + 4], "big")
+        return None
+    start = frame.find(b"\xff\x4f\xff\x51", 0, 4096)      # JPEG 2000: SOC then SIZ (a JP2 box holds it)
+    if start < 0 or start + 43 > len(frame):
+        return None
+    siz = frame[start + 4:]
+    x, y, x0, y0 = (int.from_bytes(siz[k:k + 4], "big") for k in (4, 8, 12, 16))
+    return y - y0, x - x0, int.from_bytes(siz[36:38], "big"), (siz[38] & 0x7F) + 1
 
 
 def decode_frame(src: bytes, runner) -> bytes:
@@ -52,7 +61,10 @@ def decode_frame(src: bytes, runner) -> bytes:
     bits = runner.bits_stored
     if runner.samples_per_pixel != 1 or runner.pixel_representation != 0 or runner.bits_allocated != 16:
         raise NotImplementedError("only unsigned greyscale 12-bit JPEG, 16 bits allocated, is decoded here")
-    precision = _precision(src)
+    header = frame_header(src)
+    if header is None:
+        raise ValueError("the JPEG stream has no frame header")
+    precision = header[3]
     if precision not in (12, 16) or not 8 < bits <= precision:
         raise NotImplementedError(f"a {precision}-bit JPEG stream of {bits}-bit samples is not decoded here")
     fragment = gdcm.Fragment()
