@@ -269,8 +269,22 @@ def _failed_ask(engine: Engine, s: Session | None, e: BaseException) -> dict:
     text = message(e, "ask")
     toast(text)
     if s is not None and s.answer is not None:
-        return {"card": answer_card(s, s.answer, s.audit, engine.provenance(), notice=text)}
+        return {"card": answer_card(s, s.answer, s.audit, engine.provenance(), notice=text),
+                **_slider_of(s.answer.budget)}
     return {"card": empty_card(s).replace("Ask a question", f"Not asked: {_esc(text)} Ask a question", 1)}
+
+
+def _slider_of(budget: str) -> dict:
+    """The slider value of the budget an answer was made under: after a refused budget the slider goes
+    back to the answer still shown, instead of showing the refused value beside it."""
+    b = Budget.parse(budget)
+    if b.mode == "top_k":
+        return {"tokens": int(b.value)}
+    if b.mode == "ratio":
+        return {"percent": round(100 * float(b.value), 6)}
+    if b.mode == "threshold":
+        return {"theta": float(b.value)}
+    return {}
 
 
 def _esc(text: str) -> str:
@@ -310,8 +324,11 @@ def mode_changed(s: Session | None, view: View | None, question: str, mode: str,
                  percent: float, theta: float, width: float, level: float, opacity: float,
                  request: gr.Request = None, *, engine: Engine) -> dict:
     """Show the new mode's own slider (each keeps its value) and re-ask under it."""
-    return {**slider_visibility(mode), **reask(s, view, question, mode, tokens, percent, theta, width, level,
-                                               opacity, request, engine=engine)}
+    out = reask(s, view, question, mode, tokens, percent, theta, width, level, opacity, request,
+                engine=engine)
+    for name, shown in slider_visibility(mode).items():     # a refused budget's reset keeps the visibility
+        out[name] = gr.update(visible=shown["visible"], **({"value": out[name]} if name in out else {}))
+    return out
 
 
 def triage(s, view, question, tokens, percent, theta, width, level, opacity, request: gr.Request = None, *,

@@ -183,10 +183,10 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     c["files"].change(fn, c["files"], outs, api_visibility=P)
     c["suggested"].input(lambda q: q or gr.skip(), c["suggested"], c["question"], api_visibility=P)
 
-    fn, outs = wire(h.ask, answer_out, c, engine=engine)
+    fn, outs = wire(h.ask, answer_out + sliders_out, c, engine=engine)
     c["ask"].click(fn, budget_in, outs, api_name="ui_ask", api_visibility=UI)
     c["question"].submit(fn, budget_in, outs, api_visibility=P)
-    fn, outs = wire(h.reask, answer_out, c, engine=engine)
+    fn, outs = wire(h.reask, answer_out + sliders_out, c, engine=engine)
     for slider in sliders_out:
         c[slider].release(fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
     fn, outs = wire(h.mode_changed, answer_out + sliders_out, c, engine=engine)

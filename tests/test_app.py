@@ -532,3 +532,21 @@ def test_an_upload_suggests_questions_and_keeps_the_typed_one(engine, store):
     out = h.load_upload([ct], None, None, None, None, None, None, engine=engine, store=store)
     choices = [c[0] if isinstance(c, tuple) else c for c in out["suggested"]["choices"]]
     assert "Is there a lesion in the liver?" in choices and "question" not in out
+
+
+def test_a_refused_budget_puts_its_slider_back_to_the_answer_shown(engine, store):
+    """After a budget under the floor is refused, the slider showed the refused value beside the previous
+    answer: it goes back to that answer's budget; switching mode keeps each slider's visibility."""
+    from app import handlers as h
+    from photon_core.model.budget import MIN_KEEP_TOKENS
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    shown = _ask(engine, a, mode="Tokens", tokens=50)
+    assert shown["session"].answer.kept == 50
+    refused = _ask(engine, a, mode="Tokens", tokens=MIN_KEEP_TOKENS - 15)
+    assert "Not asked" in refused["card"] and refused["tokens"] == 50
+    switched = h.mode_changed(a["session"], a["view"], "Is there a cyst in the left kidney?", "Percent",
+                              50, 0.5, 0.5, *SLICE_CONTROLS, engine=engine)   # 0.5% is under the floor
+    assert "Not asked" in switched["card"]
+    assert switched["tokens"] == {"__type__": "update", "visible": False, "value": 50}
+    assert switched["percent"]["visible"] is True and "value" not in switched["percent"]

@@ -302,6 +302,7 @@ def test_budget_sliders_reask_on_enter_and_keep_their_values(page):
     box.press("Enter")                                       # under the floor: refused, with a message
     page.wait_for_selector("#card-notice")
     assert "floor" in _text(page, "#card-notice") and page.locator(NO_ERROR_BADGE).count() == 0
+    page.wait_for_function("document.querySelector('#budget_tokens input[type=number]').value === '150'")
     page.screenshot(path=str(SHOTS / "05_budget.png"), full_page=True)
     page.locator("#mode label", has_text="Auto").click()
     _wait_text(page, "#token-count", "budget Photon's own θ")
