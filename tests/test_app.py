@@ -356,6 +356,7 @@ def test_the_card_histogram_and_legend_mark_the_cut_the_budget_applied(engine, s
     t = tokens["session"].answer
     cut = float(t.rho.ravel()[t.keep_grid.ravel()].min())
     assert t.kept == 300 and marks(tokens) == sorted([(round(cut, 6), "dash"), (round(theta, 6), "dot")])
+    assert tokens["hist"].layout.xaxis.range == (0, 1)                    # labels do not widen the ρ axis
     assert (f"300 tokens</b>, the most salient (cut at ρ = {cut:.3f}) · Photon's own θ = {theta:.3f}, not "
             f"applied") in words(tokens)
     assert f"black tick: the cut at ρ = {cut:.3f}" in words(tokens, "legend")
@@ -484,6 +485,12 @@ def test_the_exported_report_holds_what_the_card_showed(engine, store):
     assert report["asked_structures"] == ["kidney_left"] and "kidney_left" in report["asked_retention"]
     assert report["retention_warning"] == (s.audit.warning or None)
     assert report["load_warnings"] == s.warnings and report["case"] == s.title
+    _ask(engine, a, "Is there a cyst in the left kidney?", mode="Threshold", theta=1.0)   # the floor keeps
+    files = h.export(s, a["view"], *SLICE_CONTROLS, engine=engine)["exp_files"]
+    report = json.loads(next(open(f).read() for f in files if f.endswith("report.json")))
+    from photon_core.model.budget import MIN_KEEP_TOKENS
+
+    assert report["budget_description"].startswith(f"θ = 1 (yours): fewer than {MIN_KEEP_TOKENS} tokens pass")
 
 
 def test_the_demo_model_says_when_a_question_is_none_of_those_it_was_trained_on(engine, store, monkeypatch):

@@ -18,16 +18,21 @@ def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = 
         fig.add_histogram(x=rho[keep], nbinsx=40, name="kept", marker_color="#2ca05a")
     else:
         fig.add_histogram(x=rho, nbinsx=40, name="ρ")
+    def mark(x: float, dash: str, colour: str, text: str, top: bool) -> None:
+        """A vertical line with its label beside it, on the side with room (the axis stays 0–1)."""
+        side = "left" if x > 0.5 else "right"
+        fig.add_vline(x=x, line_dash=dash, line_color=colour, annotation_text=text,
+                      annotation_position=f"{'top' if top else 'bottom'} {side}",
+                      annotation=dict(xshift=-4 if side == "left" else 4, font_color=colour))
+
     own = cut is not None and np.isfinite(theta) and abs(cut - theta) < 1e-9
     if cut is not None:
-        fig.add_vline(x=float(cut), line_dash="dash", line_color="#d62728",
-                      annotation_text=f"θ = {theta:.3f}" if own else f"cut {cut:.3f}")
+        mark(float(cut), "dash", "#d62728", f"θ = {theta:.3f}" if own else f"cut {cut:.3f}", top=True)
     if np.isfinite(theta) and not own:
-        fig.add_vline(x=float(theta), line_dash="dot", line_color="#7f7f7f",
-                      annotation_text=f"Photon's θ {theta:.3f} (not applied)",
-                      annotation_position="bottom right")
+        mark(float(theta), "dot", "#7f7f7f", f"Photon's θ {theta:.3f} (not applied)", top=False)
     fig.update_layout(barmode="stack", title="Saliency ρ of the 1,000 visual tokens", xaxis_title="ρ",
-                      yaxis_title="tokens", height=300, margin=dict(l=40, r=10, t=40, b=40))
+                      xaxis_range=[0, 1], yaxis_title="tokens", height=300,
+                      margin=dict(l=40, r=10, t=40, b=40))
     return fig
 
 
