@@ -282,10 +282,6 @@ class Engine:
         if not files:
             raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series "
                               "(files or .zip).")
-        volumes = [f for f in files if str(f).lower().endswith((".nii", ".nii.gz", ".nrrd", ".zip", ".gz"))]
-        if len(files) > 1 and volumes:
-            raise VolumeError(f"{len(files)} files were uploaded, including {Path(volumes[0]).name}; upload "
-                              f"one NIfTI/NRRD file or one .zip, or only the files of one DICOM series.")
         progress(0.05, desc="Reading the upload")
         listed = self.series(files)
         source = files if len(files) > 1 else files[0]

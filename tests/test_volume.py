@@ -890,6 +890,18 @@ def test_a_detached_header_reads_no_file_but_its_own_data_beside_it(tmp_path):
     refused(tmp_path, tmp_path / "old.hdr", "Analyze 7.5 image, which records no orientation")
 
 
+def test_a_scan_file_among_other_files_is_refused(tmp_path):
+    """A NIfTI beside DICOM slices (or a .zip beside anything): which is the scan cannot be told; before
+    the loader checked this, the app did, and also refused a detached NRRD header with its .raw.gz data."""
+    a = _nifti(tmp_path, _ct_like(), "a.nii.gz")
+    slices = sorted(_dicom_series(tmp_path / "d").iterdir())
+    refused(tmp_path, [a, *slices], r"^21 files were uploaded, including 'a\.nii\.gz'; upload one NIfTI/NRRD")
+    zipped = tmp_path / "s.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.write(a, "a.nii.gz")
+    refused(tmp_path, [zipped, slices[0]], r"^2 files were uploaded, including 's\.zip'")
+
+
 def test_two_scans_in_one_upload_are_told_apart_from_a_dicom_series(tmp_path):
     a = _nifti(tmp_path, _ct_like(), "a.nii.gz")
     b = _nifti(tmp_path, _ct_like(seed=1), "b.nrrd.nii.gz")

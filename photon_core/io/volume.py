@@ -592,6 +592,7 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
         header = _pair(source, tmp, limits)
         if header is not None:
             return _load_file(header, limits)
+        _check_mixed(source)
         files = _dicom_files(source, limits, tmp)
         if files is not None:
             try:
@@ -609,6 +610,18 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
                                   f"with its data file), or the files of a DICOM study. A prior scan has its "
                                   f"own upload.") from None
     return _load_file(Path(source[0] if isinstance(source, (list, tuple)) else source), limits)
+
+
+def _check_mixed(source) -> None:
+    """Several uploaded files that mix a scan file (or a .zip) with others, and are not a detached header
+    with its data: which one is the scan cannot be told (a DICOM series beside it would load instead)."""
+    if not isinstance(source, (list, tuple)) or len(source) < 2:
+        return
+    scans = [Path(p).name for p in source if Path(p).name.lower().endswith(VOLUME_SUFFIXES + (".zip",))]
+    if scans and len(scans) < len(source):
+        raise VolumeError(f"{len(source)} files were uploaded, including '{clean_text(scans[0], 60)}'; "
+                          f"upload one NIfTI/NRRD file (a detached header with its data file) or one .zip, "
+                          f"or only the files of one DICOM series.")
 
 
 def _pair(source, tmp: str, limits: Limits) -> Path | None:
