@@ -30,6 +30,7 @@ from photon_core.io.preprocess import prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
 from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut, describe
 from photon_core.organs import label_blocks, organs_in_question
+from viz.scene import world_bounds
 
 log = logging.getLogger(__name__)
 
@@ -405,21 +406,13 @@ def upload_title(vol: Volume) -> str:
     return f"{fmt} upload, {shape} voxels of {mm} mm, {time.strftime('%H:%M:%S')}"
 
 
-def _extent(vol: Volume) -> np.ndarray:
-    """The scan's size along right–left, front–back and head–foot (mm), from its corners in the world."""
-    corners = np.array([[i, j, k, 1.0] for i in (0, vol.shape[0]) for j in (0, vol.shape[1])
-                        for k in (0, vol.shape[2])])
-    world = corners @ np.asarray(vol.affine, float).T
-    return world[:, :3].max(0) - world[:, :3].min(0)
-
-
 PRIOR_EXTENT_RATIO = 1.5       # a prior larger or smaller than this along an axis may show another region
 
 
 def prior_coverage_warnings(current: Volume, prior: Volume) -> list[str]:
     """A warning when the prior scan covers a much larger or smaller region than the current one: each is
     prepared on its own, so a question about change can only compare what both show."""
-    a, b = _extent(current), _extent(prior)
+    a, b = (np.ptp(world_bounds(v.shape, v.affine), axis=0) for v in (current, prior))   # size along R, A, S
     ratio = np.maximum(a, b) / np.maximum(np.minimum(a, b), 1e-6)
     if ratio.max() <= PRIOR_EXTENT_RATIO:
         return []
