@@ -6,7 +6,7 @@ import html
 
 import numpy as np
 
-from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut, describe, is_baseline
+from photon_core.model.budget import Budget, applied_cut, describe, floor_note, is_baseline
 from viz.scene import AXIS_COLOURS, HIGHLIGHT, rho_bins
 
 from .service import Audit, Session
@@ -130,9 +130,8 @@ def budget_words(ans) -> str:
         return text + (f" · θ = {ans.theta:.3f}" if cut is not None else " · no θ (S1 checkpoint)")
     if is_baseline(b):
         text += " (chosen by the baseline's rule, not by ρ)"
-    elif b.mode == "threshold" and cut < float(b.value):
-        text += (f": fewer than {MIN_KEEP_TOKENS} tokens pass it, so the {MIN_KEEP_TOKENS} most salient "
-                 f"were kept (cut at ρ = {cut:.3f})")
+    elif floor_note(b, cut):
+        text += f"{floor_note(b, cut)} (cut at ρ = {cut:.3f})"
     elif cut is not None and b.mode != "threshold":
         text += f", the most salient (cut at ρ = {cut:.3f})"
     if np.isfinite(ans.theta):

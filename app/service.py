@@ -28,7 +28,7 @@ from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
 from photon_core.io.preprocess import prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
-from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut, describe
+from photon_core.model.budget import Budget, applied_cut, describe, floor_note
 from photon_core.organs import label_blocks, organs_in_question
 from viz.scene import world_bounds
 
@@ -368,7 +368,7 @@ class Engine:
         findings = {
             "answer_readable": bool(audit.readable),
             "answer_probability": None if audit.probability is None else round(audit.probability, 4),
-            "budget_description": describe(a.budget) + _floor_words(a.budget, cut),
+            "budget_description": describe(a.budget) + floor_note(a.budget, cut),
             "cut_rho": None if cut is None else round(cut, 4),   # where the budget cut ρ (None: not by ρ)
             "asked_structures": list(audit.asked),
             "asked_retention": {n: round(float(r), 4) for n, r in audit.asked_retention.items()},
@@ -377,15 +377,6 @@ class Engine:
         }
         return export_audit(Path(folder), s.geometry, s.token_index, a, s.question, self.model_name,
                             audit.retention, pngs, s.title, findings)
-
-
-def _floor_words(budget: str, cut: float | None) -> str:
-    """What the card says of a user θ that the floor overrode, for the export."""
-    b = Budget.parse(budget)
-    if b.mode == "threshold" and cut is not None and cut < float(b.value):
-        return (f": fewer than {MIN_KEEP_TOKENS} tokens pass it, so the {MIN_KEEP_TOKENS} most salient were "
-                f"kept")
-    return ""
 
 
 def _kept_words(kept: int, total: int, name: str) -> str:

@@ -149,6 +149,15 @@ def applied_cut(budget: Budget | str, rho, keep, theta: float) -> float | None:
     return float(kept.min())
 
 
+def floor_note(budget: Budget | str, cut: float | None) -> str:
+    """Words for a user θ that the floor overrode (its ``applied_cut`` lies below it), else ''."""
+    b = Budget.parse(budget)
+    if b.mode == "threshold" and cut is not None and cut < float(b.value):
+        return (f": fewer than {MIN_KEEP_TOKENS} tokens pass it, so the {MIN_KEEP_TOKENS} most salient were "
+                f"kept")
+    return ""
+
+
 def _below_floor(what: str) -> str:
     return (f"A budget of {what} is below the floor of {MIN_KEEP_TOKENS} tokens ({MIN_KEEP_RATIO:.0%} of a "
             f"scan): an answer from so little of the scan would rest on the question alone. Keep at least "
