@@ -40,6 +40,7 @@ import signal  # noqa: E402
 from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
 from app.view import FileStore  # noqa: E402
+from photon_core.io.decode import prestart as prestart_decoder  # noqa: E402
 from photon_core.model.hub import add_model_arguments  # noqa: E402
 
 log = logging.getLogger("photon_ct")
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
                              cache_volumes=args.cache_volumes))
     store = FileStore.create()           # the sessions' served files, inside Gradio's cache folder
     demo = build_ui(engine, store)
+    prestart_decoder()                   # a compressed DICOM series then skips the decoder's start
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     log.info("Photon CT on http://%s:%d (model: %s%s%s)", args.host, args.port,
              args.model or "embedded demo model", f", subfolder {args.subfolder}" if args.subfolder else "",

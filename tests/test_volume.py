@@ -809,6 +809,47 @@ def test_a_slice_that_cannot_be_decoded_names_its_compression(tmp_path):
             r"damaged. Nothing else was affected")
 
 
+def test_a_compressed_series_is_decoded_by_the_child_started_ahead(tmp_path):
+    """The child started ahead (its imports done) decodes the next series and exits; another is started
+    for the series after it. A waiting child that died is replaced, and one whose parent closes its stdin
+    exits."""
+    from photon_core.io import decode
+
+    px = np.random.default_rng(1).integers(0, 2500, (32, 32), dtype=np.uint16)
+    f = tmp_path / "one.dcm"
+    _one_jpeg_lossless_file(f, px)
+    limits = Limits()
+    decode.prestart()
+    waiting = decode._spare
+    assert waiting is not None and waiting.poll() is None
+    (got,) = decode.decode_files([f], limits)
+    assert np.array_equal(got, px)
+    assert waiting.wait(timeout=5) == 0                 # it served this series and ended
+    assert decode._spare is not None and decode._spare.pid != waiting.pid and decode._spare.poll() is None
+
+    decode._spare.kill()
+    decode._spare.wait()
+    (got,) = decode.decode_files([f], limits)
+    assert np.array_equal(got, px)
+
+    child = decode._spare
+    decode._stop_spare()
+    assert child.returncode == 0 and decode._spare is None
+
+
+def _one_jpeg_lossless_file(path, px):
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    series = _dicom_series(path.parent / "src", n=1)
+    ds = pydicom.dcmread(str(next(series.iterdir())))
+    ds.Rows, ds.Columns = px.shape
+    ds.PixelData = encapsulate([_jpeg_lossless(px)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+    ds.save_as(str(path))
+
+
 def test_a_gantry_tilted_series_is_put_upright_where_it_was_scanned(tmp_path):
     """Slice k of a tilted acquisition steps 2 mm up and 0.8 mm (one pixel) sideways; a rod standing
     still in the scanner (one bright voxel per slice, at x 8 mm, y 12.8 mm) lands in a different pixel of

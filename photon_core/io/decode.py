@@ -9,13 +9,20 @@ show is caught here. The files of a compressed series are decoded by ``python -m
 their paths go in on stdin (JSON), each file's array comes back on stdout as a JSON header and its raw
 bytes (never a pickle). A crash, a hang past the deadline or an error is a ``VolumeError`` in words.
 Uncompressed and RLE series (pydicom's own numpy decoders) do not start a process.
+
+Starting the child and importing pydicom and its decoders costs about half a second, so one child is
+started ahead (``prestart``: the app calls it when it starts, each decode after it finishes): it imports
+its libraries and waits on stdin. A series takes that child, which serves it and exits, so every series
+is still decoded by a process of its own; two series at once, the second starts its own.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,22 +39,70 @@ def decode_files(paths: list[Path], limits: Limits) -> list[np.ndarray | str]:
     """Each file's ``pixel_array`` decoded in a child process, or the reason it could not be decoded.
     Raises VolumeError when the decoder crashes or runs past its deadline."""
     request = json.dumps({"paths": [str(p) for p in paths], "limits": asdict(limits)}).encode()
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     deadline = START_S + PER_FILE_S * len(paths)
+    child = _take()
     try:
-        done = subprocess.run([sys.executable, "-m", "photon_core.io.decode"], input=request,
-                              capture_output=True, timeout=deadline, env=env, check=False)
+        out, _ = child.communicate(request, timeout=deadline)
     except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
         raise VolumeError(f"Decoding the compressed images of this DICOM series took over {deadline:.0f} "
                           f"s and was stopped; the data is damaged, or export the series "
                           f"uncompressed.") from None
-    if done.returncode != 0:
-        died = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+    finally:
+        prestart()                                      # the next series' child imports while this one ends
+    if child.returncode != 0:
+        died = f"signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
         raise VolumeError(f"The decoder of this DICOM series' compressed images crashed ({died}): the image "
                           f"data is damaged. Nothing else was affected; export the series again, or "
                           f"uncompressed.")
-    return _parse(done.stdout, len(paths))
+    return _parse(out, len(paths))
+
+
+_spare: subprocess.Popen | None = None                 # a started child waiting for its series
+_spare_lock = threading.Lock()
+
+
+def prestart() -> None:
+    """Start a decoding child now, unless one waits already: it imports its libraries and waits for a
+    series, so that the next compressed series does not wait for them."""
+    global _spare
+    with _spare_lock:
+        if _spare is None or _spare.poll() is not None:
+            _spare = _start()
+
+
+def _take() -> subprocess.Popen:
+    """The waiting child if there is one (and it is alive), else a new one."""
+    global _spare
+    with _spare_lock:
+        child, _spare = _spare, None
+    if child is not None and child.poll() is None:
+        return child
+    return _start()
+
+
+def _start() -> subprocess.Popen:
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-m", "photon_core.io.decode"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+
+
+@atexit.register
+def _stop_spare() -> None:
+    """The waiting child reads the end of its stdin and exits."""
+    global _spare
+    with _spare_lock:
+        child, _spare = _spare, None
+    if child is not None:
+        child.stdin.close()
+        try:
+            child.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        child.stdout.close()
 
 
 def _parse(out: bytes, n: int) -> list[np.ndarray | str]:
@@ -66,9 +121,14 @@ def _parse(out: bytes, n: int) -> list[np.ndarray | str]:
 
 
 def _serve() -> None:
+    import pydicom.pixels.decoders.gdcm  # noqa: F401  (the decoders' imports run before the request comes)
+
     from photon_core.io.dicom import PIXEL_TAGS, _read
 
-    request = json.loads(sys.stdin.buffer.read())
+    data = sys.stdin.buffer.read()
+    if not data:                                        # a waiting child whose parent ended
+        return
+    request = json.loads(data)
     limits = Limits(**request["limits"])
     out = sys.stdout.buffer
     for path in request["paths"]:
