@@ -6,6 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.photon-installed
 HOST    ?= 127.0.0.1
 PORT    ?= 7860
+APP_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup clean
@@ -17,7 +18,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) app.py --host $(HOST) --port $(PORT)
+	$(PY) app.py --host $(HOST) --port $(PORT) $(APP_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

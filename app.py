@@ -36,6 +36,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import time  # noqa: E402
 
 from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
@@ -88,13 +89,21 @@ def main(argv=None) -> None:
     demo = build_ui(engine, store)
     prestart_decoder()                   # a compressed DICOM series then skips the decoder's start
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    log.info("Photon CT on http://%s:%d (model: %s%s%s)", args.host, args.port,
-             args.model or "embedded demo model", f", subfolder {args.subfolder}" if args.subfolder else "",
-             f", revision {args.revision}" if args.revision else "")
     try:
+        # quiet: Gradio's own lines (its URL, a hint about share links, which this app never makes) give way
+        # to the one below, written once the server listens
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
-            max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"])
+            max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"], quiet=True,
+            prevent_thread_lock=True)
+        log.info("Photon CT on http://%s:%d (model: %s%s%s); Ctrl-C stops it", args.host, args.port,
+                 args.model or "embedded demo model",
+                 f", subfolder {args.subfolder}" if args.subfolder else "",
+                 f", revision {args.revision}" if args.revision else "")
+        while demo.is_running:           # until Ctrl-C or SIGTERM (``_interrupt``)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        log.info("Photon CT stopping")
     finally:
         demo.close()
         store.close()
