@@ -85,6 +85,11 @@ def main(argv=None) -> None:
     engine = Engine(Settings(model_dir=args.model, subfolder=args.subfolder, revision=args.revision,
                              device=args.device, max_new_tokens=args.max_new_tokens,
                              cache_volumes=args.cache_volumes))
+    try:
+        _ = engine.predictor             # the model loads now: one that cannot is refused in words
+    except ValueError as e:              # CheckpointError, a config that does not parse
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     store = FileStore.create()           # the sessions' served files, inside Gradio's cache folder
     demo = build_ui(engine, store)
     prestart_decoder()                   # a compressed DICOM series then skips the decoder's start

@@ -246,6 +246,9 @@ def test_hub_id_resolves_from_an_offline_cache(s2_dir, frames, tmp_path, monkeyp
         Predictor("Photon-Org/Photon-S1", device="cpu")
     with pytest.raises(CheckpointError, match="no sub-folder 'CT-RATE'"):
         Predictor(REPO, subfolder="CT-RATE", device="cpu")
+    with pytest.raises(CheckpointError, match=r"(?s)lacks config.json.*a sub-folder \(--subfolder\) or a "
+                                              r"branch \(--revision\)"):
+        Predictor(REPO, device="cpu")                                   # main holds per-task sub-folders
 
 
 def test_hub_cache_missing_a_shard_names_it(s2_dir, tmp_path, monkeypatch):
@@ -401,3 +404,83 @@ def test_ask_cli_on_an_s1_folder(s1_dir, capsys):
     assert out["budget"] == "full" and out["theta"] is None and out["checkpoint"]["stage"] == "S1"
     assert main(args + ["--budget", "auto"]) == 2
     assert "S2 checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- damaged folders
+def _copy(folder: Path, dest: Path) -> Path:
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def test_a_shard_without_what_its_index_lists_is_refused_not_loaded_as_s1(s2_dir, tmp_path):
+    """The shard holding the ITS tensors replaced by one without them: the weights alone would say S1 and
+    the model would answer without its token scheduling; the index says they belong there."""
+    folder = _copy(s2_dir, tmp_path / "Photon-S2")
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    its = sorted(k for k in weight_map if ".atp." in k)
+    assert its
+    for shard in {weight_map[k] for k in its}:
+        part = load_file(str(folder / shard))
+        save_file({k: v for k, v in part.items() if ".atp." not in k}, str(folder / shard))
+    shards = "|".join(sorted({weight_map[k] for k in its}))
+    with pytest.raises(CheckpointError, match=rf"'({shards})' lacks \d+ tensors? that "
+                                              r"'model.safetensors.index.json' puts there \([^)]*\.atp\."):
+        load_model(folder)
+
+
+def test_a_config_that_states_the_stage_must_agree_with_the_weights(s1_dir, s2_dir, tmp_path):
+    """Folders this project writes state ``photon.has_its``; weights of the other stage are refused, and
+    a folder whose config agrees (or, as published, says nothing) loads."""
+    for src, declared, loads in ((s1_dir, True, False), (s2_dir, False, False), (s1_dir, False, True),
+                                 (s2_dir, True, True)):
+        folder = _copy(src, tmp_path / f"{src.name}_{declared}")
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "photon": {"has_its": declared}}))
+        if loads:
+            assert load_model(folder).config.has_its is declared
+        else:
+            with pytest.raises(CheckpointError, match=rf"photon.has_its = {str(declared).lower()}.*"
+                                                      rf"token-scheduling \(ITS\) tensors"):
+                load_model(folder)
+
+
+def test_damaged_weight_files_and_configs_are_named_with_the_reason(s2_dir, tmp_path):
+    folder = _copy(s2_dir, tmp_path / "lfs")
+    shard = folder / "model-00002-of-00003.safetensors"
+    shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123\n")
+    with pytest.raises(CheckpointError, match="'model-00002-of-00003.safetensors' is a Git LFS pointer.*"
+                                              "git lfs pull"):
+        load_model(folder)
+    shard.write_bytes(load_file.__module__.encode() * 3)          # not a safetensors header
+    with pytest.raises(CheckpointError, match=r"not a readable safetensors file \(\w+: .+\)"):
+        load_model(folder)
+
+    folder = _copy(s2_dir, tmp_path / "configs")
+    config = folder / "config.json"
+    good = json.loads(config.read_text())
+    config.write_text(json.dumps(good)[:-20])
+    with pytest.raises(ValueError, match=r"^'configs/config.json' is not valid JSON \("):
+        load_model(folder)
+    config.write_text("[]")
+    with pytest.raises(ValueError, match="'configs/config.json' holds a JSON list"):
+        load_model(folder)
+    config.write_text(json.dumps({**good, "num_hidden_layers": str(good["num_hidden_layers"])}))
+    with pytest.raises(ValueError, match="'configs/config.json': num_hidden_layers is '"):
+        load_model(folder)
+    vision = {**good["vision_config"], "depth": 2.5}
+    config.write_text(json.dumps({**good, "vision_config": vision}))
+    with pytest.raises(ValueError, match="vision_config.depth is 2.5"):
+        load_model(folder)
+
+
+def test_the_app_refuses_a_checkpoint_in_words(tmp_path):
+    """``app.py --model`` with a folder that is not there: one line and exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "no_such_folder")], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "error: --model" in done.stderr and "neither an existing folder nor a hub id" in done.stderr

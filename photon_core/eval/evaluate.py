@@ -131,7 +131,10 @@ def main(argv=None) -> None:
         return
     rank, world = init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
+    try:
+        pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
+    except ValueError as e:                             # a checkpoint that cannot load, in words
+        ap.exit(2, f"error: {e}\n")
     if args.data:
         rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images),
                                 rank, world)

@@ -157,18 +157,56 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def tensor_names(files: list[Path]) -> list[str]:
-    """Tensor names of safetensors files, read from their headers (no tensor is loaded)."""
-    names = []
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                names += list(fh.keys())
-        except Exception as e:
-            raise CheckpointError(
-                f"'{f.name}' is not a readable safetensors file ({type(e).__name__})."
-            ) from None
-    return names
+def _names_in(f: Path) -> list[str]:
+    """Tensor names of a safetensors file, read from its header (no tensor is loaded)."""
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            return list(fh.keys())
+    except Exception as e:
+        raise _unreadable(f, e) from None
+
+
+def _unreadable(f: Path, e: Exception) -> CheckpointError:
+    """Why a weight file cannot be read, in words: a Git LFS pointer (a clone without git-lfs) says so."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"version https://git-lfs"):
+        return CheckpointError(
+            f"'{f.name}' is a Git LFS pointer, not the weights: the repository was cloned without git-lfs. "
+            f"Run 'git lfs pull' in the folder (or download it with huggingface_hub)."
+        )
+    return CheckpointError(f"'{f.name}' is not a readable safetensors file ({type(e).__name__}: {e}).")
+
+
+def _check_index(path: Path, files: list[Path]) -> list[str]:
+    """The tensor names of the weight files (read from their headers). Each tensor the index lists must
+    be in the file it names: a shard replaced or cut short would otherwise drop tensors without a word (an
+    S2 shard without its ITS tensors would load as S1)."""
+    per_file = {f.name: _names_in(f) for f in files}
+    index = path / INDEX
+    if index.is_file():
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        for name, keys in per_file.items():
+            held = set(keys)
+            lacking = sorted(k for k, where in weight_map.items() if where == name and k not in held)
+            if lacking:
+                raise CheckpointError(
+                    f"'{name}' lacks {len(lacking)} tensor{'s' if len(lacking) > 1 else ''} that "
+                    f"'{INDEX}' puts there ({', '.join(lacking[:3])}{'…' if len(lacking) > 3 else ''}): "
+                    f"the file is incomplete or from another checkpoint; download it again."
+                )
+    return [n for keys in per_file.values() for n in keys]
+
+
+def _declared_its(config: Path) -> bool | None:
+    """``photon.has_its`` when config.json states it (folders this project writes do), else None."""
+    with open(config) as fh:
+        value = (json.load(fh).get("photon") or {}).get("has_its")
+    return value if isinstance(value, bool) else None
 
 
 def stage_of(names: list[str], cfg: PhotonConfig) -> bool:
@@ -201,15 +239,23 @@ def load_model(
     path = Path(path)
     files = weight_files(path)
     cfg = PhotonConfig.from_file(path / "config.json")
-    cfg = replace(cfg, has_its=stage_of([_rename(n) for n in tensor_names(files)], cfg))
+    names = _check_index(path, files)
+    has_its = stage_of([_rename(n) for n in names], cfg)
+    declared = _declared_its(path / "config.json")
+    if declared is not None and declared != has_its:
+        raise CheckpointError(
+            f"'{path.name}/config.json' says the model {'schedules' if declared else 'does not schedule'} "
+            f"tokens (photon.has_its = {str(declared).lower()}), but its weights "
+            f"{'hold no' if declared else 'hold'} token-scheduling (ITS) tensors: the weights are "
+            f"incomplete or from another stage."
+        )
+    cfg = replace(cfg, has_its=has_its)
     state = {}
     for f in files:
         try:
             part = load_file(str(f))
         except Exception as e:
-            raise CheckpointError(
-                f"'{f.name}' is not a readable safetensors file ({type(e).__name__})."
-            ) from None
+            raise _unreadable(f, e) from None
         state.update({_rename(k): v for k, v in part.items()})
     with torch.device("meta"):
         model = PhotonModel(cfg)

@@ -117,7 +117,11 @@ class PhotonConfig:
             kwargs["rope_theta"] = rope["rope_theta"]
         photon = d.get("photon") or {}
         kwargs.update({k: v for k, v in photon.items() if k in pkeys})
-        return cls(vision=vision, mrope_section=list(rope.get("mrope_section", [16, 24, 24])), **kwargs)
+        mrope = rope.get("mrope_section", [16, 24, 24])
+        _check_types(kwargs, cls(), "")
+        _check_types(vd, VisionConfig(), "vision_config.")
+        _check_types({"mrope_section": mrope}, cls(), "rope_scaling.")
+        return cls(vision=vision, mrope_section=list(mrope), **kwargs)
 
     def to_hf_dict(self) -> dict:
         own = asdict(self)
@@ -133,12 +137,44 @@ class PhotonConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> PhotonConfig:
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+        path = Path(path)
+        where = f"'{path.parent.name}/{path.name}'"
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{where} is not valid JSON ({e}).") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} holds a JSON {type(d).__name__}, not the object of a model config.")
+        try:
+            return cls.from_hf_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         with open(path, "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2)
+
+
+def _check_types(values: dict, defaults, prefix: str) -> None:
+    """Each value of a known field has its default's type (a number for a float), else a ValueError
+    naming the field: a config with ``"num_hidden_layers": "8"`` would fail later in arithmetic."""
+    for k, v in values.items():
+        default = getattr(defaults, k, None)
+        if default is None or isinstance(default, VisionConfig):
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, list):
+            ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        else:
+            ok = isinstance(v, type(default))
+        if not ok:
+            raise ValueError(f"{prefix}{k} is {v!r}, where a value like {default!r} belongs")
 
 
 def preset_config(preset: str, vision: dict | None = None, **kw) -> PhotonConfig:

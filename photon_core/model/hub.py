@@ -96,12 +96,12 @@ def fetch(repo_id: str, subfolder: str | None = None, revision: str | None = Non
             cache_dir=os.environ.get("HF_HUB_CACHE") or None,
         )
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise CheckpointError(f"The hub has no {what}: {type(e).__name__}.") from None
+        raise CheckpointError(f"The hub has no {what}: {type(e).__name__}.{_no_folder(repo_id)}") from None
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{what} is not in the HF cache ({cache_dir()}) and the hub cannot be reached"
             f"{' (HF_HUB_OFFLINE is set)' if offline() else ''}: run once with network access to download "
-            f"it, or pass a local folder with --model."
+            f"it, or pass a local folder with --model.{_no_folder(repo_id)}"
         ) from None
     folder = Path(root) / subfolder if subfolder else Path(root)
     if not folder.is_dir():
@@ -110,11 +110,21 @@ def fetch(repo_id: str, subfolder: str | None = None, revision: str | None = Non
     if not (folder / "model.safetensors").is_file() and not (folder / INDEX).is_file():
         missing.append(f"model.safetensors or {INDEX}")
     if missing:
+        hint = (
+            "" if subfolder or (folder / "config.json").is_file()
+            else " A task's weights may sit in a sub-folder (--subfolder) or a branch (--revision): the "
+            "repository's model card names them."
+        )
         raise CheckpointError(
             f"{what} in the HF cache lacks {', '.join(missing)}"
-            f"{' (offline: only what was downloaded before is there)' if offline() else ''}."
+            f"{' (offline: only what was downloaded before is there)' if offline() else ''}.{hint}"
         )
     return folder
+
+
+def _no_folder(model: str) -> str:
+    """An ORG/NAME could also be a relative path ('runs/model') mistyped: say there is no such folder."""
+    return f" No local folder '{model}' exists either."
 
 
 def cache_dir() -> str:
