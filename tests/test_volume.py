@@ -1082,3 +1082,121 @@ def test_a_series_with_sections_of_two_spacings_is_resampled_onto_the_finer(tmp_
     thin, thick = 2.5 * np.arange(20), 52.5 + 5.0 * np.arange(6)          # the thin sections the majority
     refused(tmp_path, _respaced(tmp_path / "thin-gap", np.delete(np.concatenate([thin, thick]), 8)),
             r"missing slices \(a gap of 5\.00 mm where the slices around it are 2\.50 mm apart")
+
+
+def test_a_damaged_nifti_gz_is_refused_not_loaded(tmp_path):
+    """nibabel reads a .nii.gz no further than its header's size, so the gzip checksum at the end is never
+    checked: a flipped bit in the stream loaded as a scan with changed voxels. The loader reads to the end."""
+    p = _nifti(tmp_path, _ct_like().round().astype(np.int16), "x.nii.gz")
+    good = load_volume(p).hu
+    blob = bytearray(p.read_bytes())
+    blob[-8] ^= 0x01                                   # the CRC-32 of the unpacked data, in the trailer
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(blob))
+    refused(tmp_path, bad, r"^'bad.nii.gz' is damaged: its gzip stream fails its checksum or is cut short")
+    blob = bytearray(p.read_bytes())
+    bad.write_bytes(bytes(blob + gzip.compress(bytes(2_000_000))))   # a second member: 2 MB past the voxels
+    refused(tmp_path, bad, r"unpacks to more data than its header's size")
+    bad.write_bytes(bytes(blob + gzip.compress(b"")))                # an empty member, as some tools write
+    assert np.array_equal(load_volume(bad).hu, good)
+
+
+def test_nrrd_skips_larger_than_the_file_are_refused_at_once(tmp_path):
+    """A line skip of 10¹² read lines for ever; a byte skip of 10¹² let a compressed stream unpack without
+    bound (the cap was the voxels' size plus the skip)."""
+    ct = _ct_like((20, 18, 16)).round().astype(np.int16)
+    head = (b"NRRD0004\ntype: int16\nendian: little\ndimension: 3\nsizes: 20 18 16\nspace: "
+            b"left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n")
+    for encoding, data in ((b"raw", ct.tobytes(order="F")), (b"gzip", gzip.compress(ct.tobytes(order="F")))):
+        p = tmp_path / f"s_{encoding.decode()}.nrrd"
+        p.write_bytes(head + b"encoding: " + encoding + b"\nline skip: 1000000000000\n\n" + data)
+        refused(tmp_path, p, r"asks to skip 1,000,000,000,000 lines of a data file of [\d,]+ bytes")
+        p.write_bytes(head + b"encoding: " + encoding + b"\nbyte skip: 1000000000000\n\n" + data)
+        refused(tmp_path, p, r"asks to skip 1,000,000,000,000 bytes before its voxels, more than its")
+        p.write_bytes(head + b"encoding: " + encoding + b"\nbyte skip: 4\n\n" +
+                      (b"skip" + ct.tobytes(order="F") if encoding == b"raw" else
+                       gzip.compress(b"skip" + ct.tobytes(order="F"))))
+        assert np.array_equal(load_volume(p).hu, ct)
+
+
+def test_a_nrrd_without_directions_uses_its_spacings_and_says_the_side_is_a_guess(tmp_path):
+    ct = _ct_like((20, 18, 16)).round().astype(np.int16)
+    p = tmp_path / "bare.nrrd"
+    head = b"NRRD0004\ntype: int16\nendian: little\ndimension: 3\nsizes: 20 18 16\nencoding: raw\n"
+    p.write_bytes(head + b"spacings: 0.7 0.8 2.5\n\n" + ct.tobytes(order="F"))
+    vol = load_volume(p)
+    assert np.allclose(vol.spacing, (0.7, 0.8, 2.5))
+    warned(tmp_path, vol, r"records no orientation \(no space directions\).*left and right may be mirrored")
+    p.write_bytes(head + b"space: right-anterior-superior\nspace directions: (0.07,0,0) (0,0.08,0) "
+                  b"(0,0,0.25)\nspace units: \"cm\" \"cm\" \"cm\"\n\n" + ct.tobytes(order="F"))
+    assert np.allclose(load_volume(p).spacing, (0.7, 0.8, 2.5))              # in mm
+
+
+def test_zip_members_that_cannot_be_unpacked_are_refused_in_words(tmp_path):
+    import struct
+
+    scan = _nifti(tmp_path, _ct_like(), "scan.nii.gz")
+
+    def stored(name):
+        z = tmp_path / name
+        with zipfile.ZipFile(z, "w", zipfile.ZIP_STORED) as zf:
+            zf.write(scan, "study/scan.nii.gz")
+        return z, bytearray(z.read_bytes())
+
+    z, b = stored("damaged.zip")
+    b[200] ^= 0xFF                                                      # inside the stored member
+    z.write_bytes(bytes(b))
+    refused(tmp_path, z, r"^'damaged.zip' is damaged: 'study/scan.nii.gz' could not be unpacked")
+    z, b = stored("locked.zip")
+    b[6] |= 1                                               # the encrypted flag, local and central
+    b[b.rfind(b"PK\x01\x02") + 8] |= 1
+    z.write_bytes(bytes(b))
+    refused(tmp_path, z, r"^'locked.zip' is password-protected")
+    z, b = stored("deflate64.zip")
+    b[8:10] = struct.pack("<H", 9)
+    central = b.rfind(b"PK\x01\x02")
+    b[central + 10:central + 12] = struct.pack("<H", 9)
+    z.write_bytes(bytes(b))
+    refused(tmp_path, z, r"with a compression this server cannot unpack \(Deflate64, method 9\)")
+
+
+def test_a_zip_made_by_macos_loads_without_its_metadata_files(tmp_path):
+    scan = _nifti(tmp_path, _ct_like(), "scan.nii.gz")
+    z = tmp_path / "study.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(scan, "study/scan.nii.gz")
+        zf.writestr("__MACOSX/study/._scan.nii.gz", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(500))
+        zf.writestr("study/._notes.txt", b"\x00\x05\x16\x07")
+    assert np.array_equal(load_volume(z).hu, load_volume(scan).hu)
+
+
+def test_nifti_placement_that_is_guessed_or_ambiguous_is_warned_about(tmp_path):
+    ct = _ct_like().round().astype(np.int16)
+    img = nib.Nifti1Image(ct, None)
+    img.header.set_zooms((0.7, 0.8, 2.5))
+    nib.save(img, str(tmp_path / "no_codes.nii.gz"))                    # qform and sform codes 0
+    warned(tmp_path, load_volume(tmp_path / "no_codes.nii.gz"),
+           r"records no orientation \(its qform and sform codes are 0\).*left and right may be mirrored")
+
+    img = nib.Nifti1Image(ct, None)
+    img.header.set_qform(np.diag([0.7, 0.8, 2.5, 1]), code=1)
+    pixdim = img.header["pixdim"].copy()
+    pixdim[1] = 0
+    img.header["pixdim"] = pixdim
+    nib.save(img, str(tmp_path / "pixdim0.nii.gz"))
+    warned(tmp_path, load_volume(tmp_path / "pixdim0.nii.gz"), r"no voxel size along axis i \(pixdim 0\)")
+
+    qform = np.diag([2.0, 2.0, 3.0, 1.0])
+    sform = qform.copy()
+    sform[0, 3] = 20.0
+    img = nib.Nifti1Image(ct, None)
+    img.header.set_qform(qform, code=1)
+    img.header.set_sform(sform, code=2)
+    nib.save(img, str(tmp_path / "two.nii.gz"))
+    vol = load_volume(tmp_path / "two.nii.gz")
+    assert np.allclose(vol.affine, sform)
+    warned(tmp_path, vol, r"two placements of the scan \(qform and sform\) differ by up to 20 mm")
+    x = vol.meta["nifti_xforms"]
+    assert (x["qform_code"], x["sform_code"]) == (1, 2) and np.allclose(x["qform"], qform)
+    plain = load_volume(_nifti(tmp_path, ct)).warnings
+    assert not [w for w in plain if "placement" in w or "orientation" in w]

@@ -57,6 +57,10 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
     keep = np.asarray(answer.keep_grid, bool).ravel()
     mask = kept_mask_original(token_index, keep)
     img = nib.Nifti1Image(mask, geometry.orig_affine)
+    x = geometry.nifti_xforms
+    if x:       # the scan's own qform and sform, with their codes: viewers put the mask where the scan is
+        img.set_qform(None if x["qform"] is None else np.asarray(x["qform"]), code=x["qform_code"])
+        img.set_sform(None if x["sform"] is None else np.asarray(x["sform"]), code=x["sform_code"])
     img.set_data_dtype(np.uint8)
     img.header["descrip"] = b"Photon kept token blocks (1 = kept)"
     paths = [folder / "kept_blocks.nii.gz"]

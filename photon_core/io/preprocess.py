@@ -58,6 +58,7 @@ class Geometry:
     model_to_orig: np.ndarray
     orig_affine: np.ndarray
     orig_shape: tuple[int, int, int]
+    nifti_xforms: dict | None = None    # a NIfTI scan's qform and sform with their codes, for the export
 
     @property
     def model_to_world(self) -> np.ndarray:
@@ -249,7 +250,7 @@ def prepare(vol: Volume, device: str | torch.device | None = None) -> Prepared:
     pixel_values, grid = patchify(frames)
     model_to_orig = prep_to_orig @ _load_step_to_prep(tuple(prep.shape))
     geom = Geometry(model_to_orig=model_to_orig, orig_affine=np.asarray(vol.affine, dtype=np.float64),
-                    orig_shape=vol.shape)
+                    orig_shape=vol.shape, nifti_xforms=vol.meta.get("nifti_xforms"))
     return Prepared(frames=frames, pixel_values=pixel_values, grid_thw=grid, geometry=geom)
 
 

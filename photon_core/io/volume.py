@@ -44,7 +44,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,7 +218,7 @@ def _fmt(x: float) -> str:
 
 def _sample(hu: np.ndarray) -> np.ndarray:
     """Every n-th voxel, ≤ 2 M of them: what the value checks judge a volume on."""
-    flat = hu.reshape(-1)
+    flat = hu.ravel(order="K")      # in memory order: no copy of a Fortran-ordered (NIfTI) array
     return flat[:: max(1, flat.size // 2_000_000)]
 
 
@@ -356,10 +356,29 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
             if not any((path.parent / (stem + e)).is_file() for e in suffixes):
                 raise VolumeError(f"'{path.name}' is one half of a .hdr/.img pair, without its {half}: "
                                   f"upload '{stem}{suffixes[0]}' with it (both files together).")
+    gz = None
     try:
-        img = nib.load(str(path))
+        if path.name.endswith(".gz") and stem == path.name and _is_nifti_header(head):
+            # read through a gzip file of our own, so that the gzip checksum at the end of the stream can be
+            # checked after the voxels (nibabel reads no further than the header's size: a damaged .nii.gz
+            # would load without a word)
+            gz = gzip.open(path, "rb")
+            holder = nib.fileholders.FileHolder(filename=str(path), fileobj=gz)
+            kind = nib.Nifti2Image if head[4:8] == b"n+2\0" else nib.Nifti1Image
+            img = kind.from_file_map({"header": holder, "image": holder})
+        else:
+            img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for corrupt headers
+        if gz is not None:
+            gz.close()
         raise VolumeError(f"'{path.name}' is not a readable NIfTI file ({_reason(e)}).") from None
+    with gz or nullcontext():
+        return _nifti_volume(path, img, gz, limits)
+
+
+def _nifti_volume(path: Path, img, gz, limits: Limits) -> Volume:
+    import nibabel as nib
+
     if isinstance(img, nib.AnalyzeImage) and not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):
         raise VolumeError(f"'{path.name}' is an Analyze 7.5 image, which records no orientation (left and "
                           f"right cannot be told apart); convert it to NIfTI with its orientation.")
@@ -373,14 +392,71 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
         raise VolumeError(f"'{path.name}' is truncated or corrupt: its voxel data could not be read "
                           f"({type(e).__name__}).") from None
     data = data.reshape(_check_shape(data.shape, limits, f"'{path.name}'"))
+    if gz is not None:
+        _check_gzip_end(path, gz)
     affine = img.affine if img.affine is not None else np.eye(4)
-    try:        # the header as stored: nibabel's img.header already has the scaling it did not apply removed
+    try:        # the header as stored: nibabel's img.header has the scaling it did not apply removed, and
+                # a zero voxel size set to 1
         where = img.file_map.get("header", img.file_map["image"]).filename     # a pair's .hdr, else itself
         with nib.openers.ImageOpener(where or str(path)) as f:
-            scaling = _nifti_scaling_warning(img.header_class.from_fileobj(f))
+            stored = img.header_class.from_fileobj(f, check=False)
     except Exception:
-        scaling = None
-    return make_volume(data, affine, "nifti", {"format": "NIfTI"}, [scaling] if scaling else [])
+        stored = None
+    scaling = _nifti_scaling_warning(stored) if stored is not None else None
+    xforms, placement = _nifti_placement(img.header, stored, affine)
+    return make_volume(data, affine, "nifti", {"format": "NIfTI", "nifti_xforms": xforms},
+                       [w for w in [scaling, *placement] if w])
+
+
+def _nifti_placement(header, stored, affine: np.ndarray) -> tuple[dict, list[str]]:
+    """The header's two placements (qform, sform) with their codes, as an export must repeat them so that a
+    mask lies over the scan in any viewer; and warnings where the placement is a guess or ambiguous: no code
+    set (the axes' directions are not recorded: left and right may be mirrored), a zero voxel size in the
+    header as stored (``stored``, unchecked: nibabel assumes 1 mm), or a qform and an sform that put the
+    scan in different places."""
+    q, q_code = header.get_qform(coded=True)
+    s, s_code = header.get_sform(coded=True)
+    xforms = {"qform": None if q is None else np.asarray(q).tolist(), "qform_code": int(q_code),
+              "sform": None if s is None else np.asarray(s).tolist(), "sform_code": int(s_code)}
+    warnings = []
+    if not q_code and not s_code:
+        warnings.append(f"The file records no orientation (its qform and sform codes are 0): its axes were "
+                        f"read as {''.join(_axcodes(affine))}, the NIfTI default, so left and right may be "
+                        f"mirrored; do not trust answers about a side.")
+    pixdim = np.asarray((stored if stored is not None else header)["pixdim"][1:4], dtype=np.float64)
+    if not s_code and np.any(~(pixdim > 0)):
+        axes = ", ".join("ijk"[a] for a in np.flatnonzero(~(pixdim > 0)))
+        warnings.append(f"The file gives no voxel size along axis {axes} (pixdim 0): 1 mm was assumed.")
+    if q is not None and s is not None:
+        corners = np.array([[i, j, k, 1] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+        corners[:, :3] *= np.asarray(header.get_data_shape()[:3], float) - 1
+        apart = float(np.abs(corners @ (np.asarray(q) - np.asarray(s)).T)[:, :3].max())
+        if apart > 1.0:
+            warnings.append(f"The file's two placements of the scan (qform and sform) differ by up to "
+                            f"{apart:.0f} mm; this app uses the sform, as nibabel does, and a viewer may use "
+                            f"the qform. The exported mask carries both, so it lies over the scan wherever "
+                            f"the viewer puts it.")
+    return xforms, warnings
+
+
+def _axcodes(affine: np.ndarray) -> tuple[str, ...]:
+    import nibabel as nib
+
+    return nib.aff2axcodes(affine)
+
+
+def _check_gzip_end(path: Path, gz: gzip.GzipFile) -> None:
+    """Read a .nii.gz past its voxels to the end of its gzip stream, which checks its checksum and length;
+    at most 1 MB more (what could follow the voxels: nothing, in a NIfTI file)."""
+    try:
+        rest = gz.read(1 << 20)
+        more = gz.read(1) if len(rest) == 1 << 20 else b""
+    except (OSError, EOFError, zlib.error) as e:
+        raise VolumeError(f"'{path.name}' is damaged: its gzip stream fails its checksum or is cut short "
+                          f"({_reason(e)}). Export or copy the scan again.") from None
+    if more:
+        raise VolumeError(f"'{path.name}' unpacks to more data than its header's size; the file is refused "
+                          f"(damaged, or a decompression bomb).")
 
 
 def _load_nrrd(path: Path, limits: Limits) -> Volume:
@@ -396,6 +472,7 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
         raise VolumeError(f"'{path.name}' is a colour (RGB) image; a CT volume holds one grey value "
                           f"(Hounsfield units) per voxel.")
     _check_shape(header.get("sizes", ()), limits, f"'{path.name}'")
+    _check_skips(path, header)
     try:
         if str(header.get("encoding", "raw")).lower() in ("gzip", "gz", "bzip2", "bz2"):
             data = _unpacked_nrrd(path, header)
@@ -407,18 +484,61 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
         raise VolumeError(f"'{path.name}' is truncated or corrupt ({type(e).__name__}).") from None
     _check_dtype(data.dtype, f"'{path.name}'")
     data = np.asarray(data, dtype=np.float32).reshape(_check_shape(data.shape, limits, f"'{path.name}'"))
-    directions = np.asarray(header.get("space directions", np.eye(3)), dtype=np.float64)
+    warnings = []
+    if "space directions" in header:
+        directions = np.asarray(header["space directions"], dtype=np.float64)
+    else:                       # no placement recorded: the axes' spacings (if given), and a warning
+        spacings = np.asarray(header.get("spacings", np.ones(3)), dtype=np.float64)
+        directions = np.diag(np.where(np.isfinite(spacings) & (spacings > 0), spacings, 1.0))
+        warnings.append(f"The file records no orientation (no space directions): its axes were read as LPS "
+                        f"with {'the spacings it gives' if 'spacings' in header else '1 mm voxels'}, so left "
+                        f"and right may be mirrored; do not trust answers about a side.")
     origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    units = {str(u).strip().lower() for u in header.get("space units", ["mm"])}
+    scale = {frozenset({"mm"}): 1.0, frozenset({"millimeter"}): 1.0, frozenset({"cm"}): 10.0,
+             frozenset({"m"}): 1000.0}.get(frozenset(units))
+    if scale is None:
+        shown = clean_text(" ".join(sorted(units)), 40)
+        raise VolumeError(f"'{path.name}' gives its space in units '{shown}'; expected mm (or cm, m).")
     affine = np.eye(4)
-    affine[:3, :3] = directions.T  # NRRD lists one direction vector per axis
-    affine[:3, 3] = origin
+    affine[:3, :3] = directions.T * scale  # NRRD lists one direction vector per axis
+    affine[:3, 3] = origin * scale
     space = str(header.get("space", "left-posterior-superior")).lower()
     if space in ("left-posterior-superior", "lps"):
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     elif space not in ("right-anterior-superior", "ras"):
         raise VolumeError(f"'{path.name}' uses the NRRD space '{clean_text(space, 40)}'; expected LPS or "
                           f"RAS.")
-    return make_volume(data, affine, "nrrd", {"format": "NRRD"})
+    return make_volume(data, affine, "nrrd", {"format": "NRRD"}, warnings)
+
+
+def _check_skips(path: Path, header: dict) -> None:
+    """The header's line skip and byte skip, bounded by what the data file holds: a line skip of 10¹² would
+    read lines for ever, a byte skip of 10¹² would unpack a compressed stream without end."""
+    named = header.get("data file", header.get("datafile"))
+    size = (path.parent / str(named).strip() if named else path).stat().st_size
+    try:
+        lines = int(header.get("line skip", header.get("lineskip", 0)))
+        skip = int(header.get("byte skip", header.get("byteskip", 0)))
+    except (TypeError, ValueError):
+        raise VolumeError(f"'{path.name}' has a line skip or byte skip that is not a whole number.") from None
+    packed = str(header.get("encoding", "raw")).lower() in ("gzip", "gz", "bzip2", "bz2")
+    if not 0 <= lines <= size:
+        raise VolumeError(f"'{path.name}' asks to skip {lines:,} lines of a data file of {size:,} bytes; "
+                          f"the header is damaged.")
+    if skip < -1 or (packed and skip == -1) or skip > (_voxel_bytes(header) if packed else size):
+        raise VolumeError(f"'{path.name}' asks to skip {skip:,} bytes before its voxels, more than its "
+                          f"{'voxel data holds' if packed else 'data file holds'}; the header is damaged.")
+
+
+def _voxel_bytes(header: dict) -> int:
+    import nrrd
+
+    raw = {k: v for k, v in header.items() if k not in ("data file", "datafile", "line skip", "lineskip",
+                                                         "byte skip", "byteskip")}
+    one = nrrd.read_data({**raw, "encoding": "raw", "sizes": np.ones(len(header["sizes"]), int)},
+                         io.BytesIO(bytes(16)))
+    return int(np.prod(header["sizes"], dtype=np.int64)) * one.dtype.itemsize
 
 
 def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
@@ -431,10 +551,9 @@ def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
     raw = {k: v for k, v in header.items() if k not in ("data file", "datafile", "line skip", "lineskip",
                                                          "byte skip", "byteskip")}
     raw["encoding"] = "raw"
-    one = nrrd.read_data({**raw, "sizes": np.ones(len(header["sizes"]), int)}, io.BytesIO(bytes(16)))
-    expected = int(np.prod(header["sizes"], dtype=np.int64)) * one.dtype.itemsize
-    skip = int(header.get("byte skip", header.get("byteskip", 0)))
-    cap = expected + (skip if skip >= 0 else 1 << 20)
+    expected = _voxel_bytes(header)
+    skip = int(header.get("byte skip", header.get("byteskip", 0)))        # 0 ≤ skip ≤ expected (_check_skips)
+    cap = expected + skip
     named = header.get("data file", header.get("datafile"))
     with open(path.parent / str(named).strip() if named else path, "rb") as fh:
         if not named:
@@ -448,7 +567,7 @@ def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
         raise VolumeError(f"'{path.name}' unpacks to more data than its header's size "
                           f"({'×'.join(str(int(n)) for n in header['sizes'])}); the file is refused "
                           f"(damaged, or a decompression bomb).")
-    payload = out[skip:skip + expected] if skip >= 0 else out[-expected:]
+    payload = out[skip:skip + expected]
     return nrrd.read_data(raw, io.BytesIO(bytes(payload)))
 
 
@@ -500,7 +619,7 @@ def _safe_extract_zip(path: Path, dest: Path, limits: Limits) -> list[Path]:
     except (zipfile.BadZipFile, OSError) as e:
         raise VolumeError(f"'{path.name}' is not a readable .zip archive ({type(e).__name__}).") from None
     with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
+        members = [m for m in zf.infolist() if not m.is_dir() and not _apple_double(m.filename)]
         if len(members) > limits.max_zip_files:
             raise VolumeError(f"'{path.name}' holds {len(members)} files; the limit is "
                               f"{limits.max_zip_files}.")
@@ -520,17 +639,38 @@ def _safe_extract_zip(path: Path, dest: Path, limits: Limits) -> list[Path]:
             target = (root / name).resolve()
             if name.startswith("/") or ".." in Path(name).parts or root not in target.parents:
                 raise VolumeError(f"'{path.name}' contains a path that escapes its folder ('{name}').")
+            if m.flag_bits & 0x1:
+                raise VolumeError(f"'{path.name}' is password-protected ('{clean_text(name, 60)}' is "
+                                  f"encrypted); upload the files, or a .zip made without a password.")
             target.parent.mkdir(parents=True, exist_ok=True)
             written = 0
-            with zf.open(m) as src, open(target, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > m.file_size or written > limits.max_zip_bytes:
-                        raise VolumeError(f"'{path.name}' member '{name}' unpacks beyond its declared "
-                                          f"size; the archive is refused.")
-                    dst.write(chunk)
+            try:
+                with zf.open(m) as src, open(target, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > m.file_size or written > limits.max_zip_bytes:
+                            raise VolumeError(f"'{path.name}' member '{name}' unpacks beyond its declared "
+                                              f"size; the archive is refused.")
+                        dst.write(chunk)
+            except NotImplementedError:
+                raise VolumeError(f"'{path.name}' stores '{clean_text(name, 60)}' with a compression this "
+                                  f"server cannot unpack ({_ZIP_METHODS.get(m.compress_type, 'method ')}"
+                                  f"{m.compress_type}); unzip it and zip it again with the usual "
+                                  f"(deflate) compression.") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as e:
+                raise VolumeError(f"'{path.name}' is damaged: '{clean_text(name, 60)}' could not be unpacked "
+                                  f"({_reason(e)}). Make the .zip again.") from None
             out.append(target)
     return out
+
+
+_ZIP_METHODS = {9: "Deflate64, method ", 14: "LZMA, method ", 93: "Zstandard, method ", 98: "PPMd, method "}
+
+
+def _apple_double(name: str) -> bool:
+    """macOS's metadata beside each file of a zip it makes ('__MACOSX/…/._scan.nii.gz'): not a file."""
+    parts = name.replace("\\", "/").split("/")
+    return "__MACOSX" in parts or parts[-1].startswith("._")
 
 
 
