@@ -186,6 +186,7 @@ def test_export_mask_aligns_with_the_original_scan(phantom, tmp_path):
     assert np.asarray(img.dataobj)[labels == 5].all()
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["visual_tokens_kept"] == A.kept and rep["per_organ_retention"] == {"liver": 1.0}
+    assert rep["kept_tokens_outside_scan"] == 0                   # the liver's blocks are in the scan
     assert "/home" not in json.dumps(rep)
     assert {p.name for p in paths} == {"kept_blocks.nii.gz", "report.json", "view3d.png"}
 
@@ -217,6 +218,10 @@ def test_export_carries_the_scans_qform_and_sform(tmp_path):
 
     export_audit(tmp_path / "out", prep.geometry, prep.geometry.token_index_volume(), A, "Lesion?", "demo")
     out = nib.load(str(tmp_path / "out" / "kept_blocks.nii.gz")).header
+    inside = np.unique(prep.geometry.token_index_volume())
+    outside = 1000 - inside[inside >= 0].size                      # a 96 mm scan in the model's field
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["kept_tokens_outside_scan"] == outside > 0
     for get, want, code in ((out.get_qform, qform, 1), (out.get_sform, sform, 2)):
         got, got_code = get(coded=True)
         assert got_code == code and np.allclose(got, want)

@@ -1200,3 +1200,17 @@ def test_nifti_placement_that_is_guessed_or_ambiguous_is_warned_about(tmp_path):
     assert (x["qform_code"], x["sform_code"]) == (1, 2) and np.allclose(x["qform"], qform)
     plain = load_volume(_nifti(tmp_path, ct)).warnings
     assert not [w for w in plain if "placement" in w or "orientation" in w]
+
+
+def test_nrrd_in_las_space_loads_and_hex_encoding_is_named(tmp_path):
+    ct = _ct_like((20, 18, 16)).round().astype(np.int16)
+    head = (b"NRRD0004\ntype: int16\nendian: little\ndimension: 3\nsizes: 20 18 16\n"
+            b"space directions: (0.7,0,0) (0,0.8,0) (0,0,2.5)\nspace origin: (10,20,30)\n")
+    p = tmp_path / "las.nrrd"
+    p.write_bytes(head + b"space: left-anterior-superior\nencoding: raw\n\n" + ct.tobytes(order="F"))
+    vol = load_volume(p)
+    want = np.diag([-0.7, 0.8, 2.5, 1.0])
+    want[:3, 3] = (-10, 20, 30)
+    assert np.allclose(vol.affine, want) and np.array_equal(vol.hu, ct)
+    p.write_bytes(head + b"space: left-anterior-superior\nencoding: hex\n\n" + ct.tobytes().hex().encode())
+    refused(tmp_path, p, r"stores its voxels with the encoding 'hex', which is not read here")

@@ -27,6 +27,14 @@ def kept_mask_original(token_index: np.ndarray, keep_flat: np.ndarray) -> np.nda
     return lut[token_index].astype(np.uint8)
 
 
+def _kept_outside(token_index: np.ndarray, keep_flat: np.ndarray) -> int:
+    """Kept tokens that cover no voxel of the scan (wholly in the padding around a scan smaller than the
+    model's field)."""
+    covered = np.zeros(keep_flat.size + 1, bool)
+    covered[token_index] = True                         # index −1 (outside) lands on the extra slot
+    return int((keep_flat & ~covered[:-1]).sum())
+
+
 def organ_retention(blocks: dict[str, np.ndarray], keep_flat: np.ndarray) -> dict[str, float]:
     keep = np.asarray(keep_flat, bool).ravel()
     return {n: float(keep[b].mean()) for n, b in blocks.items()}
@@ -81,6 +89,9 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
         "model": model_name, "checkpoint": getattr(answer, "checkpoint", None) or None,
         "device": answer.device,
         "mask_file": "kept_blocks.nii.gz (uint8, original scan grid, 1 = voxel inside a kept token block)",
+        # blocks of the model's field that lie wholly in the padding around a scan smaller than it: kept or
+        # not, the mask cannot show them
+        "kept_tokens_outside_scan": _kept_outside(token_index, keep),
         "versions": {"photon_ct": getattr(photon_core, "__version__", "0"), "torch": torch.__version__,
                      "nibabel": nib.__version__, "python": platform.python_version()},
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",

@@ -472,6 +472,10 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
         raise VolumeError(f"'{path.name}' is a colour (RGB) image; a CT volume holds one grey value "
                           f"(Hounsfield units) per voxel.")
     _check_shape(header.get("sizes", ()), limits, f"'{path.name}'")
+    encoding = str(header.get("encoding", "raw")).lower()
+    if encoding not in ("raw", "gzip", "gz", "bzip2", "bz2", "ascii", "text", "txt"):
+        raise VolumeError(f"'{path.name}' stores its voxels with the encoding '{clean_text(encoding, 20)}', "
+                          f"which is not read here; save it with raw or gzip encoding.")
     _check_skips(path, header)
     try:
         if str(header.get("encoding", "raw")).lower() in ("gzip", "gz", "bzip2", "bz2"):
@@ -504,11 +508,12 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
     affine[:3, :3] = directions.T * scale  # NRRD lists one direction vector per axis
     affine[:3, 3] = origin * scale
     space = str(header.get("space", "left-posterior-superior")).lower()
-    if space in ("left-posterior-superior", "lps"):
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    elif space not in ("right-anterior-superior", "ras"):
-        raise VolumeError(f"'{path.name}' uses the NRRD space '{clean_text(space, 40)}'; expected LPS or "
-                          f"RAS.")
+    to_ras = {"left-posterior-superior": (-1, -1), "lps": (-1, -1), "left-anterior-superior": (-1, 1),
+              "las": (-1, 1), "right-anterior-superior": (1, 1), "ras": (1, 1)}.get(space)
+    if to_ras is None:
+        raise VolumeError(f"'{path.name}' uses the NRRD space '{clean_text(space, 40)}'; expected LPS, LAS "
+                          f"or RAS.")
+    affine = np.diag([*map(float, to_ras), 1.0, 1.0]) @ affine
     return make_volume(data, affine, "nrrd", {"format": "NRRD"}, warnings)
 
 
