@@ -166,3 +166,28 @@ def test_evaluator_score_with_protocol(rec, tmp_path):
     assert "official figures (deeptumor-photon-free)" in (tmp_path / "r" / "metrics.md").read_text()
     with pytest.raises(ValueError, match="unknown protocol"):
         official(fx["rows"], "vqa-rad")
+
+
+def test_3drad_task_mixing_closed_and_open_subtasks_averages_each_metric_over_its_subtasks():
+    rows = [{"answer": "left kidney", "prediction": "left kidney", "family": "t", "subtype": "where",
+             "answer_type": "open"},
+            {"answer": "yes", "prediction": "no", "family": "t", "subtype": "exists",
+             "answer_type": "closed"},
+            {"answer": "yes", "prediction": "yes", "family": "t", "subtype": "exists2",
+             "answer_type": "closed"}]
+    task = rad3d(rows)["tasks"]["t"]
+    assert set(task) == {"accuracy", "bleu", "rouge1"}
+    assert task["accuracy"] == pytest.approx(0.5) and task["bleu"] == pytest.approx(1.0)
+
+
+def test_3drad_subtask_that_cannot_be_scored_is_null_with_a_reason():
+    """Every prediction of an open subtask empty (its scans failed): BLEU is undefined there, so it is
+    null with a reason, not a crash that loses the whole report; the task's BLEU is null too."""
+    rows = [{"answer": "left kidney", "prediction": "", "family": "t1", "subtype": "where",
+             "answer_type": "open"},
+            {"answer": "liver", "prediction": "liver", "family": "t2", "subtype": "where",
+             "answer_type": "open"}]
+    fig = rad3d(rows)
+    assert fig["subtasks"]["t1/where"]["bleu"] is None and "undefined" in fig["subtasks"]["t1/where"]["note"]
+    assert fig["subtasks"]["t1/where"]["rouge1"] == 0.0
+    assert fig["tasks"]["t1"]["bleu"] is None and fig["tasks"]["t2"]["bleu"] == pytest.approx(1.0)

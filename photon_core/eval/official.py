@@ -8,7 +8,9 @@ Protocols (``--protocol`` of the evaluator; rows carry "family", "subtype", "ans
   equal after collapsing whitespace and lower-casing (nothing else: "yes." is wrong); open ones get
   corpus BLEU-1 (the `evaluate` package's ``bleu`` with ``max_order=1``: mteval-v13a tokens, case
   kept, clipped unigram matches over the subtask, one brevity penalty for the subtask), ROUGE-1 F1
-  (``rouge-score`` tokens) and BERTScore F1; a task is the mean of its subtasks.
+  (``rouge-score`` tokens) and BERTScore F1; a task is the mean of its subtasks (each metric over
+  the subtasks that have it). A subtask whose BLEU is undefined (every prediction empty, e.g. its
+  scans failed to load) gets ``"bleu": null`` and a ``"note"`` saying why.
 * ``deeptumor-photon-mc`` / ``deeptumor-photon-free`` — Photon's ``multi-choice-evaluation.py`` /
   ``free-text-evaluation.py``: per (question type, subtype) accuracy by exact string equality, or, for
   the nine numeric subtypes of the free-text set, MRA in floating point (thresholds 0.50…0.95, the first
@@ -101,10 +103,11 @@ def rad3d(rows: list[dict], bertscore_model: str | None = None, bertscore_layers
         if all(r.get("answer_type") in ("closed", "choice") for r in rs):
             d = {"accuracy": _mean(rad3d_correct(p, g) for p, g in zip(preds, refs))}
         else:
-            d = {
-                "bleu": corpus_bleu1(preds, refs),
-                "rouge1": _mean(rouge1(p, g) for p, g in zip(preds, refs)),
-            }
+            try:
+                d = {"bleu": corpus_bleu1(preds, refs)}
+            except ValueError as e:  # e.g. every scan of the subtask failed: no answer to score
+                d = {"bleu": None, "note": f"BLEU not computed: {e}"}
+            d["rouge1"] = _mean(rouge1(p, g) for p, g in zip(preds, refs))
             if bertscore_model:
                 from photon_core.eval.metrics import bertscore
 
@@ -114,8 +117,13 @@ def rad3d(rows: list[dict], bertscore_model: str | None = None, bertscore_layers
         subtasks[f"{task}/{sub}"] = d | {"n": len(rs)}
     tasks = {}
     for task, subs in _groups(list(subtasks.items()), lambda kv: kv[0].split("/")[0]).items():
-        keys = [k for k in subs[0][1] if k != "n"]
-        tasks[task] = {k: _mean(d[k] for _, d in subs) for k in keys}
+        # a task may hold closed subtasks (accuracy) and open ones (BLEU, ROUGE, ...): each metric is the
+        # mean over the subtasks that have it (and could compute it: None when none could)
+        keys = list(dict.fromkeys(k for _, d in subs for k in d if k not in ("n", "note")))
+        tasks[task] = {}
+        for k in keys:
+            vals = [d[k] for _, d in subs if d.get(k) is not None]
+            tasks[task][k] = _mean(vals) if vals else None
     return {"protocol": "3d-rad", "subtasks": subtasks, "tasks": tasks}
 
 
