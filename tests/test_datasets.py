@@ -44,7 +44,7 @@ def test_json_list_with_overrides_and_options(tmp_path):
     assert recs[1]["answer_type"] == "numeric" and recs[1]["family"] == "counting"
     with pytest.raises(DatasetError, match="column 'Nope'"):
         read_records(f, parse_columns(["question=Nope"]))
-    with pytest.raises(DatasetError, match="lacks question"):
+    with pytest.raises(DatasetError, match=r"dtvqa.json: record 1: no question column"):
         read_records(f)                                          # 'q' is not a known alias
     with pytest.raises(DatasetError, match="field=COLUMN"):
         parse_columns(["question"])
@@ -68,3 +68,31 @@ def test_evaluate_a_csv_set_end_to_end(tiny_model_dir, tmp_path):
     assert len(preds) == 3 and "error" in preds[2] and "error" not in preds[0]
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_questions"] == 3 and set(m["families"]) == {"lesions", "macro"}
+
+
+def test_reader_mistakes_name_the_file_and_line(tmp_path):
+    """Each mistake is a DatasetError naming where it is; a byte-order mark is read past."""
+    q = "Is there a lesion in the liver?"
+    cases = {"blank.csv": (f"image,question,answer\na.nii.gz,{q},no\na.nii.gz,{q},\n".encode(),
+                           r"blank.csv:3: the answer \(column 'answer'\) is empty"),
+             "semi.csv": (f"image;question;answer\na.nii.gz;{q};no\n".encode(),
+                          r"semi.csv:2: .*separated by ';'"),
+             "broken.jsonl": (b'{"image": "a", "question": "q", "answer": "no"}\n\n{broken\n',
+                              r"broken.jsonl:3: not valid JSON"),
+             "rec.json": (b'[{"image": "a", "question": "q", "answer": "no"}, 3]',
+                          r"rec.json: record 2: expected"),
+             "latin.csv": (f"image,question,answer\na.nii.gz,{q} é,non\n".encode("latin-1"),
+                           r"latin.csv:2: not UTF-8"),
+             "ct.nii.gz": (b"\x1f\x8b\x08\x00\xff", r"ct.nii.gz: expected a .jsonl, .json or .csv")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DatasetError, match=message):
+            read_records(tmp_path / name)
+    with pytest.raises(DatasetError, match="nothere.csv: no such file"):
+        read_records(tmp_path / "nothere.csv")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"image": "a", "question": q,
+                                                                          "answer": "no"}]).encode())
+    assert [r["answer"] for r in read_records(tmp_path / "bom.json")] == ["no"]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"image": "a", "question": q, "answer": "no",
+                                                  "budget": "full"}))
+    assert read_records(tmp_path / "b.jsonl")[0]["budget"] == "full"        # kept for the evaluator

@@ -18,9 +18,12 @@ sets; check the first records printed by ``--dry-run`` against your copy.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
+
+from photon_core.model.budget import Budget
 
 ALIASES = {
     "image": ("image", "image_path", "img_path", "volume", "volume_name", "volumename", "volume_path", "ct",
@@ -36,26 +39,33 @@ ALIASES = {
     "options": ("options", "choices", "choice", "candidates"),
     "prior_image": ("prior_image", "prior", "prior_volume", "previous_image", "baseline_image",
                     "image_prior"),
+    "budget": ("budget",),                 # a record's own keep budget (as photon-ask --budget takes it)
 }
 _NUMBER = re.compile(r"^\s*[-+]?\d+(\.\d+)?\s*(mm|cm|ml|cc|%|hu)?\s*$", re.I)
 
 
 class DatasetError(ValueError):
-    pass
+    """A mistake in the data a user gave, said in words with the file and row (the evaluator prints
+    it as one line and exits 2, before a model is loaded)."""
 
 
-def _pick(row: dict, field: str, columns: dict) -> object:
-    lower = {str(k).strip().lower(): v for k, v in row.items()}
+def _column(row: dict, field: str, columns: dict) -> str | None:
+    """The column of ``row`` that holds ``field``: the ``--columns`` override, else the first alias
+    with a value (else the first alias present, so an empty value is told apart from no column)."""
+    lower = {str(k).strip().lower(): k for k in row}
     if field in columns:
         key = columns[field].strip().lower()
         if key not in lower:
             raise DatasetError(f"column {columns[field]!r} (for {field}) is not in the data; "
                                f"it has {sorted(lower)}")
         return lower[key]
-    for alias in ALIASES[field]:
-        if alias in lower and lower[alias] not in (None, ""):
-            return lower[alias]
-    return None
+    present = [lower[a] for a in ALIASES[field] if a in lower]
+    return next((k for k in present if row[k] not in (None, "")), present[0] if present else None)
+
+
+def _pick(row: dict, field: str, columns: dict) -> object:
+    key = _column(row, field, columns)
+    return None if key is None else row[key]
 
 
 def _answer_type(answer: str, options, given) -> str:
@@ -78,21 +88,42 @@ def _answer_type(answer: str, options, given) -> str:
     return "open"
 
 
-def _normalise(row: dict, columns: dict, base: Path, family_default: str) -> dict:
-    image, question, answer = (_pick(row, f, columns) for f in ("image", "question", "answer"))
-    missing = [n for n, v in (("image", image), ("question", question), ("answer", answer))
-               if v in (None, "")]
+def _normalise(row: dict, columns: dict, base: Path, family_default: str, where: str) -> dict:
+    """One record in the open layout; ``where`` ("file:line") starts every message about it."""
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a record (an object with image, question and answer "
+                           f"fields), got {type(row).__name__}")
+    try:
+        return _record(row, columns, base, family_default)
+    except DatasetError as e:
+        raise DatasetError(f"{where}: {e}") from None
+
+
+def _record(row: dict, columns: dict, base: Path, family_default: str) -> dict:
+    keys = {f: _column(row, f, columns) for f in ("image", "question", "answer")}
+    missing = [f for f, k in keys.items() if k is None]
     if missing:
-        raise DatasetError(f"a record lacks {', '.join(missing)} (columns seen: {sorted(row)}); "
-                           f"name them with --columns field=COLUMN")
+        seen = sorted(str(k) for k in row)
+        sep = next((c for c in ";\t|" if len(seen) == 1 and c in seen[0]), None)
+        if sep:                                          # a CSV saved with another separator
+            raise DatasetError(f"the columns seem separated by {sep!r} ({seen[0]!r} reads as one column); "
+                               "save the file with commas between columns")
+        raise DatasetError(f"no {' or '.join(missing)} column among {seen}; "
+                           f"name it with --columns {missing[0]}=COLUMN")
+    empty = [f"{f} (column {str(k)!r})" for f, k in keys.items()
+             if row[k] is None or str(row[k]).strip() == ""]
+    if empty:
+        raise DatasetError(f"the {' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty")
+    image, question, answer = (row[keys[f]] for f in ("image", "question", "answer"))
     options = _pick(row, "options", columns)
     if row.get("space") == "model":
         atype = row.get("answer_type") or _answer_type(answer, options, None)
     else:
         atype = _answer_type(answer, options, _pick(row, "answer_type", columns))
     resolve = lambda p: str(Path(str(p)) if Path(str(p)).is_absolute() else base / str(p))  # noqa: E731
+    family = _pick(row, "family", columns)
     rec = dict(image=resolve(image), question=str(question), answer=str(answer),
-               family=str(_pick(row, "family", columns) or family_default), answer_type=atype,
+               family=str(family) if family not in (None, "") else family_default, answer_type=atype,
                organ=_pick(row, "organ", columns))
     subtype = _pick(row, "subtype", columns)
     if subtype not in (None, ""):
@@ -100,6 +131,13 @@ def _normalise(row: dict, columns: dict, base: Path, family_default: str) -> dic
     prior = _pick(row, "prior_image", columns)
     if prior not in (None, ""):
         rec["prior_image"] = resolve(prior)
+    budget = _pick(row, "budget", columns)
+    if budget not in (None, ""):            # the record's own keep budget, over --budget
+        try:
+            Budget.parse(budget)
+        except ValueError as e:
+            raise DatasetError(f"budget {budget!r}: {e}") from None
+        rec["budget"] = str(budget)
     if options:
         rec["question"] += (" Options: "
                             f"{options if isinstance(options, str) else ', '.join(map(str, options))}")
@@ -108,48 +146,74 @@ def _normalise(row: dict, columns: dict, base: Path, family_default: str) -> dic
     return rec
 
 
+def _text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark (Excel writes one); any other
+    encoding is named, with the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                           "UTF-8 (e.g. a Latin-1 or Windows-1252 CSV re-saved as \"CSV UTF-8\")") from None
+
+
 def read_records(path: Path, columns: dict | None = None, images: Path | None = None) -> list[dict]:
     """Records from our JSONL, a CSV (or folder of CSVs) or a JSON list; images resolved against
-    ``images`` (default: the data file's folder)."""
+    ``images`` (default: the data file's folder). Every mistake is a `DatasetError` naming the file
+    and the line (CSV, JSONL) or record (JSON) it is in."""
     path = Path(path)
     columns = columns or {}
     if not path.exists():
-        raise DatasetError(f"{path} does not exist")
+        raise DatasetError(f"{path}: no such file or folder")
     if path.is_dir():
         files = sorted(path.rglob("*.csv"))
         if not files:
-            raise DatasetError(f"{path} holds no .csv files")
+            raise DatasetError(f"{path}: the folder holds no .csv files")
         return [r for f in files for r in read_records(f, columns, images or path)]
     base = Path(images) if images else path.parent
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):     # before reading: a scan is not text
+        raise DatasetError(f"{path}: expected a .jsonl, .json or .csv file (or a folder of .csv files) "
+                           "of questions; scans are named in its records' image field")
+    text = _text(path)
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-        return [_normalise(r, columns, base, path.stem) for r in rows]
-    text = path.read_text(encoding="utf-8")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        out = []
+        for row in reader:                     # line_num: the line the row ends on (quoted newlines)
+            out.append(_normalise(row, columns, base, path.stem, f"{path}:{reader.line_num}"))
+        return out
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    elif suffix == ".json":
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            out.append(_normalise(row, columns, base, path.stem, f"{path}:{n}"))
+        return out
+    try:
         data = json.loads(text)
-        if isinstance(data, dict):
-            data = next((data[k] for k in ("data", "questions", "annotations", "items")
-                         if isinstance(data.get(k), list)), None)
-        if not isinstance(data, list):
-            raise DatasetError(f"{path.name}: expected a JSON list of records "
-                               "(or one under 'data'/'questions')")
-        rows = data
-    else:
-        raise DatasetError(f"{path.name}: expected .jsonl, .json or .csv (or a folder of .csv files)")
-    return [_normalise(r, columns, base, path.stem) for r in rows]
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if isinstance(data, dict):
+        data = next((data[k] for k in ("data", "questions", "annotations", "items")
+                     if isinstance(data.get(k), list)), None)
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of records "
+                           "(or one under 'data'/'questions'/'annotations'/'items')")
+    return [_normalise(r, columns, base, path.stem, f"{path}: record {i}") for i, r in enumerate(data, 1)]
 
 
 def parse_columns(items: list[str]) -> dict:
     out = {}
     for it in items or []:
-        if "=" not in it:
+        k, _, v = it.partition("=")
+        if not v.strip():
             raise DatasetError(f"--columns takes field=COLUMN pairs, got {it!r}")
-        k, v = it.split("=", 1)
         if k not in ALIASES:
-            raise DatasetError(f"unknown field {k!r}; fields: {', '.join(ALIASES)}")
+            raise DatasetError(f"--columns: unknown field {k!r}; fields: {', '.join(ALIASES)}")
         out[k] = v
     return out
