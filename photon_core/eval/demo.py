@@ -31,11 +31,13 @@ def organ_block_cover(mask: torch.Tensor) -> np.ndarray:
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,
                   baselines: bool = True, noise: bool = True, curve: tuple = (), enlargement: float = 0.0,
-                  pairs: int = 0) -> list[dict]:
+                  pairs: int = 0, budget: str | None = None, rows: list[dict] | None = None) -> list[dict]:
     """Generate ``scans`` scans of the demo split and ask every supported question on each; then
-    ``pairs`` temporal pairs (prior + current in each prompt) with their longitudinal questions."""
+    ``pairs`` temporal pairs (prior + current in each prompt) with their longitudinal questions.
+    ``budget`` (None: the checkpoint's own) is ITS's; the baselines match the count it kept. Rows are
+    appended to ``rows`` as they are finished, so a caller that is interrupted keeps them."""
     gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
-    rows = []
+    rows = [] if rows is None else rows
     for i in range(scans + pairs):
         if i < scans:
             (frames, qa, meta, organs), prior = gen.sample(), None
@@ -50,7 +52,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
         kept_by_organ = {}
         for j, q in enumerate(qa):
             t1 = time.perf_counter()
-            a = pred.ask(q["question"], max_new_tokens=8)    # the checkpoint's own budget (S1: full)
+            a = pred.ask(q["question"], budget=budget, max_new_tokens=8)   # None: the checkpoint's (S1: full)
             ask_s = time.perf_counter() - t1
             row = dict(scan=i, **{k: q[k] for k in ("question", "answer", "family", "answer_type", "organ")},
                        prediction=a.text, kept=a.kept, total=a.total, theta=a.theta,
@@ -86,7 +88,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             pred.set_volume(torch.rand_like(frames), prior=None if prior is None else torch.rand_like(prior))
             for q in qa:
                 if q["answer_type"] in ("closed", "choice"):
-                    n = pred.ask(q["question"], max_new_tokens=8)
+                    n = pred.ask(q["question"], budget=budget, max_new_tokens=8)
                     row = dict(scan=i, family="_noise", answer_type=q["answer_type"],
                                source_family=q["family"], answer=q["answer"], prediction=n.text)
                     if q["organ"] in covers and covers[q["organ"]].any():    # the same blocks, on noise

@@ -28,32 +28,47 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from photon_core.eval.datasets import parse_columns, read_records
+from photon_core.eval.datasets import DatasetError, parse_columns, read_records
 from photon_core.eval.official import PROTOCOLS
-from photon_core.eval.report import read_predictions, rescore, write_report
+from photon_core.eval.report import (
+    failure_line,
+    failures,
+    read_predictions,
+    rescore,
+    write_atomic,
+    write_report,
+)
 from photon_core.inference.predictor import Predictor
 from photon_core.io.volume import load_volume
+from photon_core.model.budget import Budget
 from photon_core.model.hub import add_model_arguments
 from photon_core.train.distributed import init_distributed
 from photon_core.train.synthetic.splits import SPLITS
 
 
 def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: int = 1,
-                     max_new_tokens: int = 16) -> list[dict]:
+                     max_new_tokens: int = 16, budget: str | None = None,
+                     rows: list[dict] | None = None) -> list[dict]:
     """Ask every record (see `datasets.read_records`); sharded by image, each volume encoded once.
-    A volume that cannot be read is reported on its rows (error, score 0), not fatal. A record with
-    a ``prior_image`` is asked with that prior scan in the prompt too."""
+    A volume that cannot be read, or a question that cannot be asked (too long, a budget the
+    checkpoint cannot run), is reported on its rows (error, score 0), not fatal: one bad record does
+    not cost the rest of the set. A record with a ``prior_image`` is asked with that prior scan in
+    the prompt too. ``budget`` applies to the records without a budget of their own (None: the
+    checkpoint's default). Rows are appended to ``rows`` as they are answered, so a caller that is
+    interrupted keeps the ones finished."""
     by_image: dict[tuple, list[dict]] = {}
     for r in recs:
         by_image.setdefault((r["image"], r.get("prior_image")), []).append(r)
     model_space = lambda path: torch.from_numpy(np.load(path).astype(np.float32))  # noqa: E731
-    rows = []
+    rows = [] if rows is None else rows
     for n, ((image, prior), group) in enumerate(by_image.items()):
         if n % world != rank:
             continue
@@ -70,10 +85,59 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
             if error:
                 rows.append(base | dict(prediction="", kept=0, error=error))
                 continue
-            a = pred.ask(r["question"], budget=r.get("budget"), max_new_tokens=max_new_tokens)
-            rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total))
+            try:
+                a = pred.ask(r["question"], budget=r.get("budget") or budget, max_new_tokens=max_new_tokens)
+            except ValueError as e:
+                rows.append(base | dict(prediction="", kept=0, error=f"question not asked: {e}"))
+                continue
+            rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total, budget=a.budget))
     rescore(rows)
     return rows
+
+
+def _refuse(message: str) -> None:
+    """One line, exit status 2: a mistake in what the user asked for, said before any model loads."""
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+def _plan(args) -> tuple[list[dict] | None, str]:
+    """Everything that can be checked without a model, checked before one loads (a model takes seconds
+    to minutes): the records of --data, or the demo split's size, the budget, the --out folder.
+    Returns the records (None for the demo split) and a one-line description of the run."""
+    if args.budget is not None:
+        try:
+            Budget.parse(args.budget)
+        except ValueError as e:
+            _refuse(f"--budget {args.budget}: {e}")
+    recs = None
+    if args.data:
+        if args.curve:
+            _refuse("--curve draws accuracy-vs-kept-tokens curves on the demo split (--demo-split); "
+                    "with --data, run once per budget with --budget N and compare the reports")
+        try:
+            recs = read_records(args.data, parse_columns(args.columns), args.images)
+        except (DatasetError, ValueError, UnicodeError) as e:
+            _refuse(str(e))
+        except OSError as e:
+            _refuse(f"{args.data}: {e.strerror or e}")
+        if not recs:
+            _refuse(f"{args.data}: no records to evaluate (the file is empty or holds only a header)")
+        what = f"{len(recs)} records of {args.data}"
+    else:
+        if args.scans < 0 or args.pairs < 0:
+            _refuse("--scans and --pairs count scans to generate: 0 or more")
+        if args.scans + args.pairs == 0:
+            _refuse("nothing to evaluate: --scans 0 and no --pairs")
+        what = (f"{args.scans} scans" + (f" and {args.pairs} temporal pairs" if args.pairs else "")
+                + f" of the demo split {args.demo_split or 'test'!r} (seed {args.seed}), every supported "
+                "question of each" + ("" if args.no_baselines else ", with the matched baselines")
+                + (f", curves at {', '.join(map(str, args.curve))} kept tokens" if args.curve else ""))
+    if args.budget is not None:
+        what += f", budget {args.budget}" + (" (where a record names none)" if recs else "")
+    if args.out.exists() and not args.out.is_dir():
+        _refuse(f"--out {args.out} is a file; name a folder for the report")
+    return recs, what
 
 
 def main(argv=None) -> None:
@@ -85,7 +149,9 @@ def main(argv=None) -> None:
                          "(DeepTumorVQA-style)")
     ap.add_argument("--images", type=Path, help="folder the records' image paths are relative to")
     ap.add_argument("--columns", nargs="*", default=[], help="field=COLUMN overrides, e.g. image=VolumeName")
-    ap.add_argument("--dry-run", action="store_true", help="print the first records as read, then stop")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the data and options, print what would be evaluated (the first records "
+                         "as read), then stop; no model is loaded")
     ap.add_argument("--demo-split", choices=SPLITS)
     ap.add_argument("--scans", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
@@ -94,9 +160,14 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=0,
                     help="demo split: temporal pairs (prior + current) after the scans, "
                          "with longitudinal questions")
+    ap.add_argument("--budget", default=None,
+                    help="keep budget of every question, as photon-ask takes it: auto | full | 300 | 25%% | "
+                         "threshold:0.4 | ... (default: the checkpoint's own); with --data, a record's "
+                         "own budget field wins")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--curve", type=int, nargs="*", default=[],
-                    help="kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the baselines)")
+                    help="demo split: kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the "
+                         "baselines)")
     ap.add_argument("--bertscore-model",
                     help="local encoder folder (safetensors) for BERTScore of open answers; "
                          "off when not given (nothing is downloaded)")
@@ -119,33 +190,47 @@ def main(argv=None) -> None:
             rows = read_predictions(args.score)
         except (OSError, ValueError) as e:
             ap.error(str(e))
+        if args.out.exists() and not args.out.is_dir():
+            _refuse(f"--out {args.out} is a file; name a folder for the report")
         rescore(rows)
         write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model,
                      args.bertscore_layers, args.protocol)
+        if line := failure_line(rows):
+            print(line, file=sys.stderr)
         return
-    if args.data and args.dry_run:
-        recs = read_records(args.data, parse_columns(args.columns), args.images)
-        print(f"{len(recs)} records")
-        for r in recs[:5]:
+    recs, what = _plan(args)
+    if args.dry_run:
+        print(f"would evaluate {what}; report to {args.out}")
+        for r in (recs or [])[:5]:
             print(json.dumps(r))
         return
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _refuse(f"--out {args.out}: {e.strerror or e}")
     rank, world = init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     try:
         pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
     except ValueError as e:                             # a checkpoint that cannot load, in words
         ap.exit(2, f"error: {e}\n")
-    if args.data:
-        rows = evaluate_records(pred, read_records(args.data, parse_columns(args.columns), args.images),
-                                rank, world)
-    else:
-        from photon_core.eval.demo import evaluate_demo  # the synthetic data: torch-side generator
+    if args.budget is not None and (why := pred.supports(args.budget)):
+        _refuse(f"--budget {args.budget}: {why}")
+    about = {"model": pred.name, "checkpoint": pred.checkpoint.to_dict(), "device": str(pred.device),
+             "world_size": world} | ({"budget": args.budget} if args.budget is not None else {})
+    rows: list[dict] = []
+    try:
+        if recs is not None:
+            evaluate_records(pred, recs, rank, world, budget=args.budget, rows=rows)
+        else:
+            from photon_core.eval.demo import evaluate_demo  # the synthetic data: torch-side generator
 
-        rows = evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
-                             baselines=not args.no_baselines, curve=tuple(args.curve),
-                             enlargement=args.enlargement, pairs=args.pairs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"predictions.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
+                          baselines=not args.no_baselines, curve=tuple(args.curve),
+                          enlargement=args.enlargement, pairs=args.pairs, budget=args.budget, rows=rows)
+    except KeyboardInterrupt:
+        _interrupted(rows, args, about, rank, world)
+    write_atomic(args.out / f"predictions.rank{rank}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -154,11 +239,36 @@ def main(argv=None) -> None:
             p = args.out / f"predictions.rank{r}.jsonl"
             allrows += [json.loads(x) for x in p.read_text().splitlines()]
             p.unlink()
-        write_report(allrows, args.out, {"model": pred.name, "checkpoint": pred.checkpoint.to_dict(),
-                                         "device": str(pred.device), "world_size": world},
-                     args.bertscore_model, args.bertscore_layers, args.protocol)
+        write_report(allrows, args.out, about, args.bertscore_model, args.bertscore_layers, args.protocol)
     if world > 1:
         dist.destroy_process_group()
+    if rank == 0 and (line := failure_line(allrows)):
+        print(line, file=sys.stderr)
+        if len(failures(allrows)) == len([r for r in allrows if not r["family"].startswith("_")]):
+            print(f"error: every record failed; nothing was answered (see {args.out / 'metrics.md'})",
+                  file=sys.stderr)
+            raise SystemExit(1)
+
+
+def _interrupted(rows: list[dict], args, about: dict, rank: int, world: int) -> None:
+    """Ctrl-C: keep what was answered. One process writes the report of the rows finished so far,
+    marked interrupted; under torchrun each rank keeps its rows in predictions.rankN.jsonl (the ranks
+    cannot meet to merge them), which ``--score`` reads. Exits 130, as a shell does on SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # a second Ctrl-C must not cut the files short
+    rescore(rows)
+    if world > 1:
+        p = args.out / f"predictions.rank{rank}.jsonl"
+        write_atomic(p, "".join(json.dumps(r) + "\n" for r in rows))
+        print(f"\ninterrupted: rank {rank} kept its {len(rows)} rows in {p}", file=sys.stderr)
+        raise SystemExit(130)
+    if rows:
+        write_report(rows, args.out, about | {"interrupted": True}, args.bertscore_model,
+                     args.bertscore_layers, args.protocol)
+        print(f"\ninterrupted: the report of the {len(rows)} rows answered so far is in {args.out}",
+              file=sys.stderr)
+    else:
+        print("\ninterrupted before any question was answered; nothing written", file=sys.stderr)
+    raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ so a report can be re-scored after a metric changes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,15 @@ BASELINES = ("fastv", "visionzip", "random")
 def read_predictions(path: Path) -> list[dict]:
     """A predictions JSONL (see ``--score``): rows need "answer" and "prediction" (the evaluator's own
     audit rows, families "_pair" and "_noise", pass as written); "family" defaults to "all",
-    "answer_type" to "open"."""
+    "answer_type" to "open". Another model's JSON nulls read as not given: a null family or answer
+    type takes its default, a null prediction is the empty text (not the word "None", which would
+    match the answer "none"), a null answer is refused; a family written as a number is its text."""
     rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -31,12 +38,16 @@ def read_predictions(path: Path) -> list[dict]:
             raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
         if not isinstance(r, dict):
             raise ValueError(f"{path}:{n}: not a JSON object")
-        r.setdefault("family", "all")
-        if not str(r["family"]).startswith("_"):
+        r["family"] = "all" if r.get("family") in (None, "") else str(r["family"])
+        if not r["family"].startswith("_"):
             missing = [k for k in ("answer", "prediction") if k not in r]
             if missing:
                 raise ValueError(f"{path}:{n}: no {' or '.join(repr(k) for k in missing)} field")
-            r.setdefault("answer_type", "open")
+            if r["answer"] is None:          # nothing to score against (an empty answer matches anything)
+                raise ValueError(f"{path}:{n}: the answer is null")
+            r["answer"] = str(r["answer"])
+            r["prediction"] = "" if r["prediction"] is None else str(r["prediction"])
+            r["answer_type"] = str(r.get("answer_type") or "open")
         rows.append(r)
     if not rows:
         raise ValueError(f"{path}: no predictions")
@@ -58,13 +69,37 @@ def rescore(rows: list[dict]) -> None:
             r["curve"] = {key: grade(text) for key, text in r["curve_predictions"].items()}
 
 
+FAILED_LISTED = 5          # failed records named in the report (all of them are in predictions.jsonl)
+
+
+def failures(rows: list[dict]) -> list[dict]:
+    """The question rows that got no answer (a scan that could not be read, a question that could not
+    be asked): each is scored 0, and each is named."""
+    return [r for r in rows if r.get("error") and not str(r.get("family", "")).startswith("_")]
+
+
+def failure_line(rows: list[dict]) -> str | None:
+    """"N of M records failed (first: IMAGE: REASON)", or None when none did."""
+    failed, qa = failures(rows), [r for r in rows if not str(r.get("family", "")).startswith("_")]
+    if not failed:
+        return None
+    return (f"{len(failed)} of {len(qa)} records failed and are scored 0 "
+            f"(first: {failed[0].get('image') or '?'}: {failed[0]['error']})")
+
+
 def summarise(rows: list[dict]) -> dict:
     qa = [r for r in rows if not r["family"].startswith("_")]
     out = {"families": aggregate(qa), "n_questions": len(qa)}
     for f, bal in balanced_accuracy(qa).items():
         out["families"][f]["balanced_accuracy"] = bal
+    failed = failures(qa)
+    out["n_errors"] = len(failed)      # in the accuracy above as 0; left out of the means of kept tokens
+    if failed:
+        out["failed"] = [{"image": r.get("image"), "question": r.get("question"), "error": r["error"]}
+                         for r in failed[:FAILED_LISTED]]
     frac = lambda rs: float(np.mean([r["kept"] / r.get("total", 1000) for r in rs])) if rs else None  # noqa: E731
-    counted = [r for r in qa if "kept" in r]                 # predictions from elsewhere may not say
+    answered = [r for r in qa if not r.get("error")]       # a failed row kept nothing because it ran nothing
+    counted = [r for r in answered if "kept" in r]           # predictions from elsewhere may not say
     out["keep_fraction_mean"] = frac(counted)
     out["keep_fraction_by_family"] = {f: frac([r for r in counted if r["family"] == f])
                                       for f in sorted({r["family"] for r in counted})}
@@ -98,10 +133,11 @@ def summarise(rows: list[dict]) -> dict:
         out["curve_macro"] = {key: aggregate([dict(family=r["family"], scores=r["curve"][key])
                                               for r in curve_rows])["macro"]
                               for key in keys}
-    first = [r["latency_first_s"] for r in qa if r.get("latency_first_s") is not None]
+    first = [r["latency_first_s"] for r in answered if r.get("latency_first_s") is not None]
     if first:
         out["cpu_latency_set_volume_plus_first_ask_s_median"] = float(np.median(first))
-        out["cpu_latency_ask_s_median"] = float(np.median([r["latency_ask_s"] for r in qa]))
+        out["cpu_latency_ask_s_median"] = float(np.median([r["latency_ask_s"] for r in answered
+                                                           if r.get("latency_ask_s") is not None]))
     return out
 
 
@@ -127,10 +163,20 @@ def markdown(summary: dict) -> str:
     cols = [k for k in COLUMNS if k not in OPTIONAL or any(k in d for d in fams.values())]
     lines = ["| family | n | " + " | ".join(COLUMNS[k] for k in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
+    if summary.get("interrupted"):
+        lines[:0] = [f"**Interrupted** (Ctrl-C): these figures cover the {summary['n_questions']} questions "
+                     "answered before it, not the whole set.", ""]
     for f, d in fams.items():
         lines.append(f"| {f} | {d['n']} | "
                      + " | ".join(f"{d[k]:.3f}" if k in d else "" for k in cols) + " |")
     lines.append(f"\nmacro average: {summary['families']['macro']:.3f}")
+    if summary.get("n_errors"):
+        lines += ["", f"{summary['n_errors']} of {summary['n_questions']} questions failed (no answer: the "
+                  "scan could not be read or the question could not be asked); they are scored 0 above "
+                  "and left out of the kept-token means. "
+                  + ("First ones:" if summary["n_errors"] > len(summary["failed"]) else "They are:"), ""]
+        lines += [f"- {f['image'] or '?'}: {f['error']}" for f in summary["failed"]]
+        lines.append("")
     if summary.get("curve_macro"):
         ks = sorted({int(k.split(":")[1]) for k in summary["curve_macro"]})
         modes = list(dict.fromkeys(k.split(":")[0] for k in summary["curve_macro"]))
@@ -145,7 +191,7 @@ def markdown(summary: dict) -> str:
     for k, v in summary.items():
         if v is None:
             continue
-        if k not in ("families", "curve_macro") and not isinstance(v, dict):
+        if k not in ("families", "curve_macro", "failed", "interrupted") and not isinstance(v, dict):
             lines.append(f"- {k}: {v if not isinstance(v, float) else round(v, 4)}")
         elif k.endswith("_matched"):
             lines.append(f"- {k}: macro {v['macro']:.3f}")
@@ -158,8 +204,13 @@ def official_markdown(fig: dict) -> str:
     for section in ("tasks", "types"):
         for name, d in fig.get(section, {}).items():
             vals = d if isinstance(d, dict) else {"score": d}
-            lines.append(f"| {name} | " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()
-                                                    if isinstance(v, float)) + " |")
+            lines.append(f"| {name} | " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} n/a"
+                                                    for k, v in vals.items()
+                                                    if isinstance(v, float) or (v is None and k != "note"))
+                         + " |")
+    for name, d in fig.get("subtasks", {}).items():
+        if d.get("note"):
+            lines.append(f"| {name} | {d['note']} |")
     for key in ("total", "overall"):
         if key in fig:
             v = fig[key]["accuracy"] if isinstance(fig[key], dict) else fig[key]
@@ -167,17 +218,30 @@ def official_markdown(fig: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a run stopped while
+    writing (Ctrl-C, a full disk) leaves the previous file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(rows: list[dict], out: Path, about: dict, bertscore_model: str | None = None,
                  bertscore_layers: int | None = None, protocol: str | None = None) -> None:
     """predictions.jsonl, metrics.json and metrics.md in ``out``; the table is printed too. ``protocol``
-    adds the figures an official evaluator gives (official.py) under "official"."""
+    adds the figures an official evaluator gives (official.py) under "official". Every figure is
+    computed before any file is written, so a failure leaves the folder as the last run left it."""
     if bertscore_model:
         add_bertscore(rows, bertscore_model, bertscore_layers)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarise(rows) | about
     if protocol:
         summary["official"] = official(rows, protocol, bertscore_model, bertscore_layers)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-    (out / "metrics.md").write_text(markdown(summary))
-    print(markdown(summary))
+    texts = {"predictions.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+             "metrics.json": json.dumps(summary, indent=1), "metrics.md": markdown(summary)}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        write_atomic(out / name, text)
+    print(texts["metrics.md"])
