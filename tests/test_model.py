@@ -243,6 +243,10 @@ def test_official_config_keys():
     assert c.vision.in_chans == 1 and c.its_layer == 8 and c.head_dim == 128
     with pytest.raises(ValueError, match="model_type"):
         PhotonConfig.from_hf_dict({"model_type": "llama"})
+    assert PhotonConfig.from_hf_dict({"model_type": "qwen2_5_vl", "pad_token_id": None}).pad_token_id is None
+    with pytest.raises(ValueError, match=r"rope_scaling.mrope_section is \[16, 24, '24'\]"):
+        PhotonConfig.from_hf_dict({"model_type": "qwen2_5_vl",
+                                   "rope_scaling": {"mrope_section": [16, 24, "24"]}})
 
 
 def test_ask_cli_json(tiny_model_dir):
@@ -263,6 +267,22 @@ def test_ask_cli_json(tiny_model_dir):
                           "--question", "x?", "--model", str(tiny_model_dir)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ask_cli_text_marks_what_the_card_marks(capsys):
+    """The plain-text answer says what the app's card says: a question of a kind the demo model was never
+    trained on gets its note; a trained kind does not."""
+    from conftest import SAMPLES
+
+    from photon_core.inference.ask import main
+
+    scan = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    for question, noted in (("Describe the findings of this scan.", True), ("Is there a lesion in the liver?",
+                                                                           False)):
+        assert main(["--scan", scan, "--question", question, "--device", "cpu", "--max-new-tokens", "4"]) == 0
+        out = capsys.readouterr().out
+        assert ("this question is none of them, so its answer means nothing" in out) is noted, out
+        assert "visual tokens kept:" in out
 
 
 def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):

@@ -50,7 +50,14 @@ def main(argv=None) -> int:
         d.update(model=pred.name, load_prepare_encode_s=round(prep_s, 3))
         print(json.dumps(d))
     else:
-        print(ans.text)
+        from photon_core.inference.answers import question_type
+
+        print(ans.text if ans.readable else f"unreadable answer (not an answer of this question's type): "
+                                            f"{ans.text!r}")
+        if pred.checkpoint.source == "embedded" and question_type(args.question) == "open":
+            print("note: the demo model was trained only on English questions of a few kinds (is there…, "
+                  "which organ, which side, how many, how large, a choice of two); this question is none of "
+                  "them, so its answer means nothing")
         theta = f"θ={ans.theta:.3f}" if ans.theta == ans.theta else "no θ (S1)"
         print(f"visual tokens kept: {ans.kept}/{ans.total} ({100 * ans.keep_fraction:.1f}%), "
               f"budget {ans.budget}, {theta}, prefill {ans.prefill_s * 1000:.0f} ms, "

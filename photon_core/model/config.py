@@ -161,8 +161,8 @@ def _check_types(values: dict, defaults, prefix: str) -> None:
     naming the field: a config with ``"num_hidden_layers": "8"`` would fail later in arithmetic."""
     for k, v in values.items():
         default = getattr(defaults, k, None)
-        if default is None or isinstance(default, VisionConfig):
-            continue
+        if default is None or isinstance(default, VisionConfig) or (v is None and k.endswith("_token_id")):
+            continue                                    # (HF configs may leave a special token null)
         if isinstance(default, bool):
             ok = isinstance(v, bool)
         elif isinstance(default, float):
