@@ -84,3 +84,19 @@ def _prepared_bodies_once():
         mp.setattr(module, "load_background", load_background)
     yield
     mp.undo()
+
+
+def nifti_with_two_placements(path: Path, hu, shift_mm: float = 20.0):
+    """Write ``hu`` as a NIfTI whose qform (code 1, scanner) and sform (code 2, aligned: a registration
+    that updated only it) place the scan ``shift_mm`` apart along x; returns (qform, sform)."""
+    import nibabel as nib
+    import numpy as np
+
+    qform = np.diag([2.0, 2.0, 3.0, 1.0])
+    sform = qform.copy()
+    sform[0, 3] = shift_mm
+    img = nib.Nifti1Image(hu, None)
+    img.header.set_qform(qform, code=1)
+    img.header.set_sform(sform, code=2)
+    nib.save(img, str(path))
+    return qform, sform

@@ -135,7 +135,7 @@ def test_score_mode_reproduces_a_committed_report_and_reads_other_models_predict
     bad = tmp_path / "bad.jsonl"
     for text, says in (('{"answer": "yes"}\n', "bad.jsonl:1: no 'prediction' field"),
                        ('{"answer": "yes", "prediction": "no"}\n[1]\n', "bad.jsonl:2: not a JSON object"),
-                       ("{oops\n", "bad.jsonl:1: not a JSON object"), ("\n", "no predictions")):
+                       ("{oops\n", "bad.jsonl:1: not valid JSON"), ("\n", "no predictions")):
         bad.write_text(text)
         r = subprocess.run([sys.executable, "-m", "photon_core.eval", "--score", str(bad), "--out",
                             str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)

@@ -4,7 +4,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, nifti_with_two_placements
 
 from photon_core.inference.audit import export_audit, kept_mask_original, organ_retention
 from photon_core.io.preprocess import TOKEN_GRID, prepare
@@ -200,13 +200,7 @@ def test_export_carries_the_scans_qform_and_sform(tmp_path):
 
     hu = np.full((48, 44, 32), -1000, np.int16)
     hu[8:40, 6:38, 4:28] = 40
-    qform = np.diag([2.0, 2.0, 3.0, 1.0])
-    sform = qform.copy()
-    sform[0, 3] = 20.0
-    img = nib.Nifti1Image(hu, None)
-    img.header.set_qform(qform, code=1)
-    img.header.set_sform(sform, code=2)
-    nib.save(img, str(tmp_path / "scan.nii.gz"))
+    qform, sform = nifti_with_two_placements(tmp_path / "scan.nii.gz", hu)
     vol = load_volume(tmp_path / "scan.nii.gz")
     prep = prepare(vol, "cpu")
 

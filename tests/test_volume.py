@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, nifti_with_two_placements
 
 from photon_core.io.volume import (
     HU_RANGE,
@@ -1186,13 +1186,7 @@ def test_nifti_placement_that_is_guessed_or_ambiguous_is_warned_about(tmp_path):
     nib.save(img, str(tmp_path / "pixdim0.nii.gz"))
     warned(tmp_path, load_volume(tmp_path / "pixdim0.nii.gz"), r"no voxel size along axis i \(pixdim 0\)")
 
-    qform = np.diag([2.0, 2.0, 3.0, 1.0])
-    sform = qform.copy()
-    sform[0, 3] = 20.0
-    img = nib.Nifti1Image(ct, None)
-    img.header.set_qform(qform, code=1)
-    img.header.set_sform(sform, code=2)
-    nib.save(img, str(tmp_path / "two.nii.gz"))
+    qform, sform = nifti_with_two_placements(tmp_path / "two.nii.gz", ct)
     vol = load_volume(tmp_path / "two.nii.gz")
     assert np.allclose(vol.affine, sform)
     warned(tmp_path, vol, r"two placements of the scan \(qform and sform\) differ by up to 20 mm")

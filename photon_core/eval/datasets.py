@@ -88,6 +88,20 @@ def _answer_type(answer: str, options, given) -> str:
     return "open"
 
 
+def jsonl_rows(text: str, path) -> list[tuple[int, object]]:
+    """Each non-blank line of a JSONL text, parsed, with its line number; a line that is not JSON is a
+    DatasetError naming ``path`` and the line (json's own message would say line 1)."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+
 def _normalise(row: dict, columns: dict, base: Path, family_default: str, where: str) -> dict:
     """One record in the open layout; ``where`` ("file:line") starts every message about it."""
     if not isinstance(row, dict):
@@ -184,16 +198,7 @@ def read_records(path: Path, columns: dict | None = None, images: Path | None = 
             out.append(_normalise(row, columns, base, path.stem, f"{path}:{reader.line_num}"))
         return out
     if suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            out.append(_normalise(row, columns, base, path.stem, f"{path}:{n}"))
-        return out
+        return [_normalise(row, columns, base, path.stem, f"{path}:{n}") for n, row in jsonl_rows(text, path)]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photon_core.eval.datasets import jsonl_rows
 from photon_core.eval.metrics import aggregate, balanced_accuracy, score
 from photon_core.eval.official import official
 
@@ -29,13 +30,7 @@ def read_predictions(path: Path) -> list[dict]:
         text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+    for n, r in jsonl_rows(text, path):
         if not isinstance(r, dict):
             raise ValueError(f"{path}:{n}: not a JSON object")
         r["family"] = "all" if r.get("family") in (None, "") else str(r["family"])
