@@ -122,7 +122,11 @@ def _resample_axis(x: torch.Tensor, axis: int, src: torch.Tensor, fill: float) -
     """Linear interpolation of ``x`` along ``axis`` at fractional source indices ``src``.
 
     Written as one matmul with the (n_out, n_in) interpolation matrix (fast on CPU and GPU).
-    Samples outside [0, n−1] take ``fill`` (ITK's default pixel value for points outside the image).
+    Samples outside [0, n−1] (the first and last voxel centres) take ``fill``. ITK's resampler counts
+    [−0.5, n−0.5) as inside and repeats the edge voxel there, so on thick slices the two differ by up to
+    half a slice at each end of an axis (one 1 mm sample for 3 mm slices). Which the official offline
+    preparation used is not published (its README names the steps, not the tool); this rule stays until
+    a reference figure shows the other.
     """
     n = x.shape[axis]
     src = src.to(torch.float64)
