@@ -484,3 +484,25 @@ def test_the_app_refuses_a_checkpoint_in_words(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "error: --model" in done.stderr and "neither an existing folder nor a hub id" in done.stderr
+
+
+def test_an_integer_weight_is_refused_and_a_head_a_tied_config_drops_is_told(s2_dir, tmp_path, caplog):
+    folder = _copy(s2_dir, tmp_path / "odd")
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    key = next(k for k in sorted(weight_map) if k.endswith("norm.weight"))
+    part = load_file(str(folder / weight_map[key]))
+    save_file({**part, key: part[key].to(torch.int64)}, str(folder / weight_map[key]))
+    with pytest.raises(CheckpointError, match=r"Weight '[\w.]*' is stored as int64; model weights are float"):
+        load_model(folder)
+
+    folder = _copy(s2_dir, tmp_path / "head")
+    embed = next(k for k in weight_map if k.endswith("embed_tokens.weight"))
+    part = load_file(str(folder / weight_map[embed]))
+    save_file({**part, "lm_head.weight": part[embed] + 1}, str(folder / weight_map[embed]))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = weight_map[embed]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with caplog.at_level(logging.WARNING, logger="photon_core.model.checkpoint"):
+        m = load_model(folder)
+    assert "stored lm_head.weight, which differs from them, is not used" in caplog.text
+    assert m.lm_head.weight is m.model.embed_tokens.weight

@@ -263,8 +263,13 @@ def load_model(
     own = model.state_dict()
     expected = set(own)
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        head = state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
+        embed = state.get("model.embed_tokens.weight")
+        if head is not None and embed is not None and not torch.equal(head, embed):
+            log.warning("Checkpoint '%s': config.json ties the output layer to the embeddings "
+                        "(tie_word_embeddings), so its stored lm_head.weight, which differs from them, is "
+                        "not used (as transformers does)", path.name)
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if "visual.patch_embed.proj.weight" in unexpected:
@@ -283,6 +288,11 @@ def load_model(
             raise CheckpointError(
                 f"Weight '{k}' has shape {tuple(v.shape)} but the config implies "
                 f"{tuple(own[k].shape)}; the checkpoint and config.json disagree."
+            )
+        if not v.is_floating_point():
+            raise CheckpointError(
+                f"Weight '{k}' is stored as {str(v.dtype).removeprefix('torch.')}; model weights are "
+                f"floating point (a quantised checkpoint is not read here)."
             )
     model.load_state_dict(state, strict=False)
     if cfg.tie_word_embeddings:
