@@ -421,8 +421,8 @@ def _nifti_placement(header, stored, affine: np.ndarray) -> tuple[dict, list[str
     warnings = []
     if not q_code and not s_code:
         warnings.append(f"The file records no orientation (its qform and sform codes are 0): its axes were "
-                        f"read as {''.join(_axcodes(affine))}, the NIfTI default, so left and right may be "
-                        f"mirrored; do not trust answers about a side.")
+                        f"read as {''.join(_axcodes(affine))}, as nibabel reads such files, so left and "
+                        f"right may be mirrored; do not trust answers about a side.")
     pixdim = np.asarray((stored if stored is not None else header)["pixdim"][1:4], dtype=np.float64)
     if not s_code and np.any(~(pixdim > 0)):
         axes = ", ".join("ijk"[a] for a in np.flatnonzero(~(pixdim > 0)))
@@ -664,7 +664,8 @@ def _safe_extract_zip(path: Path, dest: Path, limits: Limits) -> list[Path]:
                                   f"(deflate) compression.") from None
             except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as e:
                 raise VolumeError(f"'{path.name}' is damaged: '{clean_text(name, 60)}' could not be unpacked "
-                                  f"({_reason(e)}). Make the .zip again.") from None
+                                  f"({clean_text(str(e), 100) or 'its data ends early'}). Make the .zip "
+                                  f"again.") from None
             out.append(target)
     return out
 
