@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -266,10 +267,13 @@ def test_vision_only_prestage_then_frozen_vision(tmp_path, capsys, request):
                 "--init-from", str(tmp_path / "a" / "model"))
     folded = {k for k in vision if not bool((wf[k] == wa[k]).all())}
     assert folded == {"visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"}
-    with pytest.raises(SystemExit, match="--aux"):                                 # nothing to train on
+    capsys.readouterr()
+    with pytest.raises(SystemExit):                                                # nothing to train on
         main(["--out", str(tmp_path / "c"), *common, "--vision-only"])
-    with pytest.raises(SystemExit, match="--vision-only"):                         # slabs: the tower alone
+    assert "give --aux > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                                # slabs: the tower alone
         main(["--out", str(tmp_path / "c"), *common, "--aux", "1", "--slabs", "2"])
+    assert "give --vision-only" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_bleu1_and_rouge1_reproduce_their_reference_packages():
@@ -350,3 +354,56 @@ def test_answer_logprobs_agree_with_generation(tiny_model_dir):
     for row, a in zip(lp.argmax(-1).tolist(), p.ask_many(qs, "25%", max_new_tokens=1)):
         assert a.text == ("" if row == eos else p.tokenizer.decode([row]))
 
+
+
+TINY = ["--preset", "tiny", "--scans-per-step", "1", "--questions-per-scan", "1", "--pool", "0",
+        "--warmup", "1", "--log-every", "1", "--device", "cpu", "--downsample", "2.5"]
+
+
+def test_train_settings_are_checked_before_anything_is_written(tmp_path, capsys):
+    """Mistakes a researcher makes are one usage line (exit 2) before a model is built: before, --lr nan
+    trained to NaN weights with exit 0, --warmup 0 divided by zero, --preset tinyy built the demo size,
+    --out over a finished run overwrote its weights, a missing --init-from was a traceback."""
+    from photon_core.train.loop import main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "done" / "model").mkdir(parents=True)
+    for extra, says in ((["--lr", "nan"], "a learning rate is a finite number"),
+                        (["--steps", "0"], "count steps: 1 or more"), (["--save-every", "0"], "count steps"),
+                        (["--preset", "tinyy"], "--preset 'tinyy': demo or tiny"),
+                        (["--phase2-start", "0.9", "--phase3-start", "0.5"], "0 ≤ phase 2 ≤ phase 3 ≤ 1"),
+                        (["--device", "gpu"], "--device 'gpu': auto, cpu, cuda or cuda:N"),
+                        (["--out", str(tmp_path / "file")], "is a file; name a folder"),
+                        (["--out", str(tmp_path / "done")], "holds a run already .* give --resume"),
+                        (["--init-from", str(tmp_path / "nothing")], "not a model folder")):
+        out = ["--out", str(tmp_path / "new")] if "--out" not in extra else []
+        with pytest.raises(SystemExit) as e:
+            main([*TINY, *out, *extra])
+        assert e.value.code == 2
+        assert re.search(says, capsys.readouterr().err), (extra, says)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit, match="holds no checkpoint to resume"):
+        main([*TINY, "--out", str(tmp_path / "typo"), "--resume", "--steps", "2"])
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_keeps_its_settings(tmp_path, capsys, monkeypatch):
+    """A save replaces last/ by renaming: interrupted between the renames, the run is in last.tmp/ (and the
+    older one in last.old/) — resume continues from there (it restarted at step 0). A resumed run keeps the
+    settings that shape what trains; a NaN loss stops the run and keeps the last checkpoint."""
+    from photon_core.train import loop
+
+    out = tmp_path / "run"
+    loop.main([*TINY, "--out", str(out), "--steps", "2", "--save-every", "1"])
+    (out / "last").rename(out / "last.tmp")                          # the save's second rename never ran
+    capsys.readouterr()
+    loop.main([*TINY, "--out", str(out), "--steps", "3", "--resume"])
+    steps = [json.loads(x)["step"] for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert steps == [2] and json.loads((out / "last" / "train_state.json").read_text())["step"] == 3
+    assert not (out / "last.old").exists()
+    with pytest.raises(SystemExit, match=r"--resume: --freeze-vision True \(the checkpoint: False\)"):
+        loop.main([*TINY, "--out", str(out), "--steps", "4", "--resume", "--freeze-vision"])
+    real = loop.step_losses
+    nan = float("nan")
+    monkeypatch.setattr(loop, "step_losses", lambda *a, **k: {"x": sum(real(*a, **k).values()) * nan})
+    with pytest.raises(SystemExit, match=r"The loss is nan at step 3 .* the checkpoint of step 3 is kept"):
+        loop.main([*TINY, "--out", str(out), "--steps", "5", "--resume"])

@@ -79,16 +79,37 @@ class TrainConfig:
 
 def add_arguments(ap, cls) -> None:
     """One command-line flag per field of the dataclass ``cls`` (``--a-b`` for ``a_b``; bools are switches,
-    tuples take two numbers)."""
+    tuples take two numbers), its help the field's comment in the source (one place says what it does)."""
+    helps = field_comments(cls)
     for f in fields(cls):
         flag = f"--{f.name.replace('_', '-')}"
+        text = (helps.get(f.name, "") + " (default: %(default)s)").strip().replace("%", "%%")
+        text = text.replace("%%(default)s", "%(default)s")
         if f.type in ("bool", bool):
-            ap.add_argument(flag, action="store_true", default=f.default)
+            ap.add_argument(flag, action="store_true", default=f.default, help=helps.get(f.name))
         elif f.type in ("tuple", tuple):
-            ap.add_argument(flag, type=float, nargs=2, default=f.default)
+            ap.add_argument(flag, type=float, nargs=2, default=f.default, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            ap.add_argument(flag, type=typ, default=f.default)
+            ap.add_argument(flag, type=typ, default=f.default, help=text)
+
+
+def field_comments(cls) -> dict[str, str]:
+    """Each field's trailing comment in ``cls``'s source, with the comment lines that continue it."""
+    import inspect
+    import re
+
+    out, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field_line = re.match(r"\s+(\w+): [^=#]+(?:=[^#]*)?(?:#\s?(.*))?$", line)
+        if field_line and not line.lstrip().startswith("#"):
+            name = field_line.group(1)
+            out[name] = (field_line.group(2) or "").strip()
+        elif name and (more := re.match(r"\s+#\s?(.*)$", line)) and out.get(name):
+            out[name] += " " + more.group(1).strip()
+        else:
+            name = None
+    return {k: v for k, v in out.items() if v}
 
 
 def from_arguments(cls, args):

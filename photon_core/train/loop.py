@@ -3,9 +3,11 @@
     python -m photon_core.train --out runs/demo --steps 3000            # one process, CPU or GPU
     torchrun --nproc_per_node 2 -m photon_core.train --out runs/demo    # DDP (gloo on CPU, nccl on GPU)
 
-Checkpoints (safetensors model folder + optimiser state) go to ``--out`` every ``save_every``
-steps; ``--resume`` continues from the last one. Progress lines report loss, keep rate and
-throughput. The final folder is a complete model folder (config, weights, tokenizer).
+It trains on the built-in synthetic CT data (real anatomy with inserted findings, the demo model's
+data); it reads no dataset of yours. Checkpoints (safetensors model folder + optimiser state) go to
+``--out`` every ``save_every`` steps; ``--resume`` continues from the newest complete one with the
+settings it was trained with (the run's length and pace may change). Progress lines report loss, keep
+rate and throughput. The final folder is a complete model folder (config, weights, tokenizer).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -147,11 +151,12 @@ def train(cfg: TrainConfig) -> Path:
     final = out / "model"
     torch.manual_seed(cfg.seed + rank)
     rng = random.Random(cfg.seed * 7919 + rank)
-    ckpt = out / "last"
-    if cfg.resume and (ckpt / "config.json").is_file():
-        model = load_model(ckpt, "cpu", torch.float32)
-        tok = Tokenizer(ckpt)
-        state = json.loads((ckpt / "train_state.json").read_text())
+    ckpt = src = out / "last"           # saved to ``last``; resumed from ``src`` (see ``_resume_from``)
+    if cfg.resume:
+        src = _resume_from(out, cfg)
+        model = load_model(src, "cpu", torch.float32)
+        tok = Tokenizer(src)
+        state = json.loads((src / "train_state.json").read_text())
         start = state["step"]
     else:
         if rank == 0 and cfg.init_from:
@@ -189,8 +194,8 @@ def train(cfg: TrainConfig) -> Path:
         model.visual.requires_grad_(False)
     aux = (AuxHead(model.config.hidden_size, len(ORGANS), cfg.aux_findings, cfg.aux_standardise).to(device)
            if cfg.aux > 0 else None)
-    if aux is not None and start and (ckpt / AUX_FILE).is_file():
-        aux.load_state_dict(load_file(str(ckpt / AUX_FILE), device=str(device)))
+    if aux is not None and start and (src / AUX_FILE).is_file():
+        aux.load_state_dict(load_file(str(src / AUX_FILE), device=str(device)))
     its_params = [p for p in model.its_module.predictor.parameters() if p.requires_grad]
     embed = [p for p in model.visual.vision_patch_embed.parameters() if p.requires_grad]
     special = {id(p) for p in its_params + embed}
@@ -200,8 +205,8 @@ def train(cfg: TrainConfig) -> Path:
               (list(aux.parameters()) if aux is not None else [], cfg.lr)]
     opt = torch.optim.AdamW([{"params": ps, "lr": lr, "base_lr": lr} for ps, lr in groups],
                             weight_decay=cfg.weight_decay)
-    if start and (ckpt / "optimizer.safetensors").is_file():
-        _load_optimizer(opt, ckpt / "optimizer.safetensors")
+    if start and (src / "optimizer.safetensors").is_file():
+        _load_optimizer(opt, src / "optimizer.safetensors")
     trainee = Trainee(model, aux)
     ddp = (torch.nn.parallel.DistributedDataParallel(trainee, find_unused_parameters=True) if world > 1
            else trainee)
@@ -215,7 +220,8 @@ def train(cfg: TrainConfig) -> Path:
         raise SystemExit(f"--slabs {cfg.slabs}: the scans have {token_grid[0]} depth slabs")
     for step in range(start, cfg.steps):
         phase = phase_at(step, cfg)
-        lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+        lr_scale = warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * max(lr_scale, 0.05)
         rows, labels_list, row_scan, scans, tgs, guides, keeps, null_rows = [], [], [], [], [], [], [], []
@@ -312,6 +318,12 @@ def train(cfg: TrainConfig) -> Path:
                                  torch.stack(guides).to(device) if guides else None,
                                  torch.stack(keeps).to(device) if keeps else None, row_scan, null_rows)
         loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            done = ckpt / "train_state.json"
+            kept = (f"the checkpoint of step {json.loads(done.read_text())['step']} is kept in {ckpt}"
+                    if done.is_file() else "no checkpoint was written")
+            raise SystemExit(f"The loss is {loss.item()} at step {step} (too high a learning rate?); "
+                             f"training stopped and {kept}.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -366,11 +378,54 @@ def _save(model, tok: Tokenizer, opt, folder: Path, step: int, cfg: TrainConfig,
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg),
                                                       "optimizer_layout": layout}))
+    # the complete new folder takes the old one's place, which goes only then: an interrupt at any point
+    # leaves a complete checkpoint (`_resume_from` takes the newest complete one of the three names)
+    old = folder.with_name(folder.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
+        folder.rename(old)
     tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# what a resumed run may change (the length of the run, its pace, its log, the stream's seed; --init-from
+# has done its work, and --vision-only saves robust_prob as 0); any other setting shapes the model, what
+# trains or the optimiser's groups, and must stay as the checkpoint was trained
+RESUME_MAY_CHANGE = {"out", "steps", "lr", "its_lr", "weight_decay", "warmup", "save_every", "log_every",
+                     "resume", "device", "grad_checkpointing", "seed", "init_from", "robust_prob"}
+
+
+def _resume_from(out: Path, cfg: TrainConfig) -> Path:
+    """The newest complete checkpoint of ``out`` (a folder whose train_state.json, written last, is there:
+    ``last``, or ``last.tmp`` / ``last.old`` left by an interrupted save), checked against ``cfg``."""
+    found = []
+    for name in ("last", "last.tmp", "last.old"):
+        state = out / name / "train_state.json"
+        if state.is_file() and (out / name / "config.json").is_file():
+            try:
+                found.append((json.loads(state.read_text()), out / name))
+            except ValueError:
+                continue
+    if not found:
+        raise SystemExit(f"--resume: {out} holds no checkpoint to resume (no last/ with its "
+                         f"train_state.json); check --out, or start the run without --resume.")
+    state, folder = max(found, key=lambda f: f[0].get("step", 0))
+    saved = state.get("config", {})
+    changed = [k for k, v in asdict(cfg).items()
+               if k in saved and k not in RESUME_MAY_CHANGE and _plain(saved[k]) != _plain(v)]
+    if changed:
+        now = asdict(cfg)
+        said = ", ".join(f"--{k.replace('_', '-')} {_plain(now[k])} (the checkpoint: {_plain(saved[k])})"
+                         for k in changed[:4])
+        raise SystemExit(f"--resume: {said}: a resumed run keeps the settings it was trained with; start "
+                         f"a new run from its weights with --init-from {folder} (a fresh optimiser) instead.")
+    return folder
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _load_optimizer(opt, path: Path) -> None:
@@ -386,10 +441,43 @@ def _load_optimizer(opt, path: Path) -> None:
                 opt.state[p] = st
 
 
+def check(cfg: TrainConfig) -> str | None:
+    """What is wrong with the settings, in words, before anything is written or built; None if nothing."""
+    out = Path(cfg.out)
+    if not all(math.isfinite(x) and x >= 0 for x in (cfg.lr, cfg.its_lr)):
+        return f"--lr {cfg.lr} / --its-lr {cfg.its_lr}: a learning rate is a finite number, 0 or more"
+    if cfg.steps < 1 or cfg.warmup < 0 or cfg.save_every < 1 or cfg.log_every < 1:
+        return "--steps, --save-every and --log-every count steps: 1 or more; --warmup: 0 or more"
+    if cfg.preset not in ("demo", "tiny"):
+        return f"--preset {cfg.preset!r}: demo or tiny"
+    if not 0 <= cfg.phase2_start <= cfg.phase3_start <= 1:
+        return (f"--phase2-start {cfg.phase2_start} and --phase3-start {cfg.phase3_start}: fractions of the "
+                f"run with 0 ≤ phase 2 ≤ phase 3 ≤ 1")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        return f"--device {cfg.device!r}: auto, cpu, cuda or cuda:N"
+    if cfg.vision_only and cfg.aux <= 0:
+        return "--vision-only trains on the token supervision: give --aux > 0"
+    if cfg.slabs and not cfg.vision_only:
+        return "--slabs trains the vision tower alone: give --vision-only"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; name a folder for the run"
+    if not cfg.resume and any((out / n).exists() for n in ("model", "last")):
+        return (f"--out {out} holds a run already (model/, last/): give --resume to continue it, or another "
+                f"--out (its weights would be overwritten)")
+    if cfg.init_from and not (Path(cfg.init_from) / "config.json").is_file():
+        return f"--init-from {cfg.init_from}: not a model folder (no config.json there)"
+    if cfg.init_from and not (Path(cfg.init_from) / "tokenizer.json").is_file():
+        return f"--init-from {cfg.init_from}: no tokenizer.json there (a run's model/ folder has one)"
+    return None
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="photon-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, TrainConfig)
     cfg = from_arguments(TrainConfig, ap.parse_args(argv))
+    if why := check(cfg):
+        ap.error(why)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", 1))))
     print(train(cfg))
 
