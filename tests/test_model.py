@@ -1,6 +1,7 @@
 """Model behaviour on a tiny random Photon: hard drop, budgets, SGP formula, training, loading."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -283,6 +284,16 @@ def test_ask_cli_text_marks_what_the_card_marks(capsys):
         out = capsys.readouterr().out
         assert ("this question is none of them, so its answer means nothing" in out) is noted, out
         assert "visual tokens kept:" in out
+    from photon_core.inference import predictor
+
+    ask = predictor.Predictor.ask                     # an answer that does not parse for its question
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predictor.Predictor, "ask", lambda *a, **k: replace(ask(*a, **k), text="82whichno1",
+                                                                       readable=False))
+        assert main(["--scan", scan, "--question", "Is there a lesion in the liver?", "--device", "cpu",
+                     "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("unreadable answer (not an answer of this question's type): "
+                                              "'82whichno1'")
 
 
 def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):
