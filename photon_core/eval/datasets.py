@@ -160,7 +160,7 @@ def _record(row: dict, columns: dict, base: Path, family_default: str) -> dict:
     return rec
 
 
-def _text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The file as text: UTF-8, with or without a byte-order mark (Excel writes one); any other
     encoding is named, with the line of the first byte that is not UTF-8."""
     data = path.read_bytes()
@@ -190,7 +190,7 @@ def read_records(path: Path, columns: dict | None = None, images: Path | None = 
     if suffix not in (".csv", ".jsonl", ".json"):     # before reading: a scan is not text
         raise DatasetError(f"{path}: expected a .jsonl, .json or .csv file (or a folder of .csv files) "
                            "of questions; scans are named in its records' image field")
-    text = _text(path)
+    text = read_text(path)
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         out = []

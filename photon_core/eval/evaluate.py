@@ -135,9 +135,13 @@ def _plan(args) -> tuple[list[dict] | None, str]:
                 + (f", curves at {', '.join(map(str, args.curve))} kept tokens" if args.curve else ""))
     if args.budget is not None:
         what += f", budget {args.budget}" + (" (where a record names none)" if recs else "")
-    if args.out.exists() and not args.out.is_dir():
-        _refuse(f"--out {args.out} is a file; name a folder for the report")
+    _check_out(args.out)
     return recs, what
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        _refuse(f"--out {out} is a file; name a folder for the report")
 
 
 def main(argv=None) -> None:
@@ -190,8 +194,7 @@ def main(argv=None) -> None:
             rows = read_predictions(args.score)
         except (OSError, ValueError) as e:
             ap.error(str(e))
-        if args.out.exists() and not args.out.is_dir():
-            _refuse(f"--out {args.out} is a file; name a folder for the report")
+        _check_out(args.out)
         rescore(rows)
         write_report(rows, args.out, {"scored_from": args.score.name}, args.bertscore_model,
                      args.bertscore_layers, args.protocol)
@@ -213,7 +216,7 @@ def main(argv=None) -> None:
     try:
         pred = Predictor(args.model, subfolder=args.subfolder, revision=args.revision, device=args.device)
     except ValueError as e:                             # a checkpoint that cannot load, in words
-        ap.exit(2, f"error: {e}\n")
+        _refuse(str(e))
     if args.budget is not None and (why := pred.supports(args.budget)):
         _refuse(f"--budget {args.budget}: {why}")
     about = {"model": pred.name, "checkpoint": pred.checkpoint.to_dict(), "device": str(pred.device),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from photon_core.eval.datasets import jsonl_rows
+from photon_core.eval.datasets import jsonl_rows, read_text
 from photon_core.eval.metrics import aggregate, balanced_accuracy, score
 from photon_core.eval.official import official
 
@@ -26,11 +26,7 @@ def read_predictions(path: Path) -> list[dict]:
     type takes its default, a null prediction is the empty text (not the word "None", which would
     match the answer "none"), a null answer is refused; a family written as a number is its text."""
     rows = []
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    for n, r in jsonl_rows(text, path):
+    for n, r in jsonl_rows(read_text(Path(path)), path):
         if not isinstance(r, dict):
             raise ValueError(f"{path}:{n}: not a JSON object")
         r["family"] = "all" if r.get("family") in (None, "") else str(r["family"])

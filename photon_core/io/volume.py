@@ -520,8 +520,7 @@ def _load_nrrd(path: Path, limits: Limits) -> Volume:
 def _check_skips(path: Path, header: dict) -> None:
     """The header's line skip and byte skip, bounded by what the data file holds: a line skip of 10¹² would
     read lines for ever, a byte skip of 10¹² would unpack a compressed stream without end."""
-    named = header.get("data file", header.get("datafile"))
-    size = (path.parent / str(named).strip() if named else path).stat().st_size
+    size = _data_path(path, header).stat().st_size
     try:
         lines = int(header.get("line skip", header.get("lineskip", 0)))
         skip = int(header.get("byte skip", header.get("byteskip", 0)))
@@ -534,6 +533,13 @@ def _check_skips(path: Path, header: dict) -> None:
     if skip < -1 or (packed and skip == -1) or skip > (_voxel_bytes(header) if packed else size):
         raise VolumeError(f"'{path.name}' asks to skip {skip:,} bytes before its voxels, more than its "
                           f"{'voxel data holds' if packed else 'data file holds'}; the header is damaged.")
+
+
+def _data_path(path: Path, header: dict) -> Path:
+    """Where an NRRD's voxels are: the data file a detached header names (checked: `_check_data_file`),
+    else the file itself, after its header."""
+    named = header.get("data file", header.get("datafile"))
+    return path.parent / str(named).strip() if named else path
 
 
 def _voxel_bytes(header: dict) -> int:
@@ -559,9 +565,9 @@ def _unpacked_nrrd(path: Path, header: dict) -> np.ndarray:
     expected = _voxel_bytes(header)
     skip = int(header.get("byte skip", header.get("byteskip", 0)))        # 0 ≤ skip ≤ expected (_check_skips)
     cap = expected + skip
-    named = header.get("data file", header.get("datafile"))
-    with open(path.parent / str(named).strip() if named else path, "rb") as fh:
-        if not named:
+    data = _data_path(path, header)
+    with open(data, "rb") as fh:
+        if data == path:
             nrrd.read_header(fh)                                # the data follows the header
         for _ in range(int(header.get("line skip", header.get("lineskip", 0)))):
             fh.readline()

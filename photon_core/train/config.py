@@ -83,10 +83,10 @@ def add_arguments(ap, cls) -> None:
     helps = field_comments(cls)
     for f in fields(cls):
         flag = f"--{f.name.replace('_', '-')}"
-        text = (helps.get(f.name, "") + " (default: %(default)s)").strip().replace("%", "%%")
-        text = text.replace("%%(default)s", "%(default)s")
+        said = helps.get(f.name, "").replace("%", "%%")          # argparse formats help with %
+        text = f"{said} (default: %(default)s)".strip()
         if f.type in ("bool", bool):
-            ap.add_argument(flag, action="store_true", default=f.default, help=helps.get(f.name))
+            ap.add_argument(flag, action="store_true", default=f.default, help=said or None)
         elif f.type in ("tuple", tuple):
             ap.add_argument(flag, type=float, nargs=2, default=f.default, help=text)
         else:
