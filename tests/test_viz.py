@@ -248,3 +248,35 @@ def test_no_two_structures_drawn_share_a_colour():
 
     limit = inspect.signature(anatomy_surfaces).parameters["max_organs"].default
     assert len(set(ORGAN_COLOURS)) == len(ORGAN_COLOURS) >= limit
+
+
+def test_anterior_png_shows_the_patient_from_the_front(phantom):
+    """The exported anterior view: the patient's right on the image left, superior up, as on the slices
+    and the marker letters. A sphere at the right-superior corner of the scan's box lands in the image's
+    upper left quadrant, one at the left-inferior corner in the lower right."""
+    import io
+
+    from PIL import Image
+
+    vol, _, _ = phantom
+    lo, hi = vs.world_bounds(vol.shape, vol.affine)
+    pv = vs._pv()
+    r = 0.08 * float((hi - lo).max())
+    mid = (lo + hi) / 2
+    spheres = [dict(name=name, mesh=pv.Sphere(radius=r, center=c), rgba=(*rgb, 1.0)) for name, c, rgb in (
+        ("right-superior", (hi[0] - r, mid[1], hi[2] - r), (1.0, 0.0, 0.0)),
+        ("left-inferior", (lo[0] + r, mid[1], lo[2] + r), (0.0, 0.0, 1.0)))]
+    edges = pv.Box(bounds=(lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])).extract_all_edges()
+    box = [dict(name="box", mesh=edges, rgba=(0.5, 0.5, 0.5, 1.0))]
+    im = np.asarray(Image.open(io.BytesIO(vs.render_png(box, spheres, size=(240, 240), view="anterior",
+                                                        colour_bar=False))).convert("RGB")).astype(int)
+
+    def centre(rgb):
+        hit = (np.abs(im - np.array(rgb) * 255).sum(-1) < 150) & (im.max(-1) > 90)
+        assert hit.sum() > 20, rgb
+        ys, xs = np.nonzero(hit)
+        return xs.mean() / im.shape[1], ys.mean() / im.shape[0]
+
+    rx, ry = centre((1.0, 0.0, 0.0))
+    lx, ly = centre((0.0, 0.0, 1.0))
+    assert rx < 0.5 < lx and ry < 0.5 < ly, ((rx, ry), (lx, ly))
