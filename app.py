@@ -41,7 +41,9 @@ import time  # noqa: E402
 from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
 from app.view import FileStore  # noqa: E402
+from photon_core.inference.predictor import MAX_NEW_TOKENS_LIMIT  # noqa: E402
 from photon_core.io.decode import prestart as prestart_decoder  # noqa: E402
+from photon_core.io.volume import Limits  # noqa: E402
 from photon_core.model.hub import add_model_arguments  # noqa: E402
 
 log = logging.getLogger("photon_ct")
@@ -52,17 +54,36 @@ def parse_args(argv=None):
         description="Photon CT: question answering on CT with a token-retention audit.")
     add_model_arguments(ap)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
+    ap.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
     ap.add_argument("--auth", default=None, help="USER:PASS to require a login")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--max-upload-mb", type=int, default=1000)
-    ap.add_argument("--cache-volumes", type=int, default=4, help="encoded volumes kept in memory (LRU)")
+    ap.add_argument("--max-new-tokens", type=int, default=32,
+                    help=f"longest answer, in tokens (default: %(default)s, at most {MAX_NEW_TOKENS_LIMIT})")
+    ap.add_argument("--max-upload-mb", type=int, default=1000,
+                    help="largest file an upload may hold, in MB (default: %(default)s)")
+    ap.add_argument("--cache-volumes", type=int, default=4,
+                    help="encoded volumes kept in memory (LRU; default: %(default)s)")
     args = ap.parse_args(argv)
     auth = args.auth
     if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
         ap.error("--auth must look like USER:PASS")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        ap.error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    if args.max_upload_mb < 1:
+        ap.error("--max-upload-mb must be 1 or more")
+    if args.cache_volumes < 1:
+        ap.error("--cache-volumes must be 1 or more (the scan being asked about is kept encoded)")
+    if not 1 <= args.port <= 65535:
+        ap.error("--port must be between 1 and 65535")
     return args
+
+
+def settings(args) -> Settings:
+    """The engine's settings from the command line: ``--max-upload-mb`` bounds both what Gradio accepts
+    and what the loader reads (``Limits.max_file_bytes``), so the two cannot disagree."""
+    return Settings(model_dir=args.model, subfolder=args.subfolder, revision=args.revision,
+                    device=args.device, max_new_tokens=args.max_new_tokens, cache_volumes=args.cache_volumes,
+                    limits=Limits(max_file_bytes=args.max_upload_mb * 1_000_000))
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
@@ -82,9 +103,7 @@ def main(argv=None) -> None:
     limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    engine = Engine(Settings(model_dir=args.model, subfolder=args.subfolder, revision=args.revision,
-                             device=args.device, max_new_tokens=args.max_new_tokens,
-                             cache_volumes=args.cache_volumes))
+    engine = Engine(settings(args))
     try:
         _ = engine.predictor             # the model loads now: one that cannot is refused in words
     except ValueError as e:              # CheckpointError, a config that does not parse
@@ -99,7 +118,7 @@ def main(argv=None) -> None:
         # to the one below, written once the server listens
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
-            max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"], quiet=True,
+            max_file_size=engine.settings.limits.max_file_bytes, footer_links=["api"], quiet=True,
             prevent_thread_lock=True)
         log.info("Photon CT on http://%s:%d (model: %s%s%s); Ctrl-C stops it", args.host, args.port,
                  args.model or "embedded demo model",

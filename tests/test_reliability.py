@@ -178,6 +178,52 @@ def test_cli_rejects_malformed_auth(tmp_path):
     assert list(tmp_path.iterdir()) == []          # its Gradio cache folder went with it
 
 
+def _app_script(monkeypatch):
+    """app.py as a module (not run): its argument parsing and settings, without starting a server."""
+    import importlib.util
+
+    for var in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, os.environ.get(var, "1" if var != "GRADIO_ANALYTICS_ENABLED" else "False"))
+    spec = importlib.util.spec_from_file_location("photon_ct_app_script", ROOT / "app.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("args,says", [(["--max-new-tokens", "0"], "between 1 and 256"),
+                                       (["--max-new-tokens", "300"], "between 1 and 256"),
+                                       (["--cache-volumes", "0"], "--cache-volumes"),
+                                       (["--max-upload-mb", "-5"], "--max-upload-mb"),
+                                       (["--port", "70000"], "--port")])
+def test_cli_refuses_settings_no_ask_could_run_with(monkeypatch, capsys, args, says):
+    """A limit outside what the app can serve is refused at start (it used to start: every ask then failed
+    on --max-new-tokens over 256, every load with a KeyError on --cache-volumes 0)."""
+    app_script = _app_script(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        app_script.parse_args(args)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert app_script.parse_args(["--max-new-tokens", "256", "--cache-volumes", "1"]).max_new_tokens == 256
+
+
+def test_max_upload_mb_is_the_loaders_limit_too(monkeypatch, tmp_path):
+    """--max-upload-mb raised Gradio's limit only: a 1.2 GB file was taken in, then refused by the loader's
+    own 1 GB limit. Now one number bounds both."""
+    app_script = _app_script(monkeypatch)
+    settings = app_script.settings(app_script.parse_args(["--max-upload-mb", "2000"]))
+    assert settings.limits.max_file_bytes == 2_000_000_000
+    big = tmp_path / "scan.nii"
+    with open(big, "wb") as f:                      # sparse: 1.2 GB of size, no disk
+        f.truncate(1_200_000_000)
+    from photon_core.io.volume import load_volume
+
+    with pytest.raises(VolumeError) as e:
+        load_volume(big, settings.limits)
+    assert "upload limit" not in str(e.value)
+    small = app_script.settings(app_script.parse_args(["--max-upload-mb", "500"]))
+    with pytest.raises(VolumeError, match="upload limit is 0.5 GB"):
+        load_volume(big, small.limits)
+
+
 def test_served_files_go_at_exit_without_close(tiny_model_dir, tmp_path):
     code = ("from app.view import FileStore; s = FileStore.create(); f = s.session('x'); "
             "p = f.write('scene', '.glb', b'x'); print('made', p.exists())")
