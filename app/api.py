@@ -5,7 +5,8 @@ sample id), a question and a budget, and return JSON — no browser session stat
     /compare  (question, scan, sample, label_map, label_table, prior, series)         -> JSON rows
     /export   (same as /ask)        -> [kept_blocks.nii.gz, report.json, PNGs], JSON answer
 
-``budget``: auto | full | 300 (tokens) | 25% | top_k:300 | ratio:0.25 | threshold:0.4. The JSON holds
+``budget``: auto | full | 300 (tokens) | 25% | top_k:300 | ratio:0.25 | threshold:0.4; left empty, the
+checkpoint's default (auto on S2, full on S1, as photon-ask). The JSON holds
 the answer (None when it does not parse for its question; the raw text always), its probability,
 kept/total, the kept token indices, θ, per-structure retention, the structures the question names,
 warnings (the loader's, a low retention of the asked structure, label-name notes) and the checkpoint's
@@ -38,8 +39,9 @@ def _session(engine: Engine, scan, sample, label_map, label_table, prior, series
                      f"({', '.join(c['id'] for c in cases())}).")
 
 
-def _budget(text) -> Budget:
-    return Budget.parse(text or "auto")
+def _budget(engine: Engine, text) -> Budget:
+    """The budget asked for; none: the checkpoint's default (auto on S2, full on S1, which has no θ)."""
+    return Budget.parse(text) if text and str(text).strip() else engine.predictor.default_budget
 
 
 def result(engine: Engine, s: Session, ans, audit: Audit) -> dict:
@@ -74,13 +76,13 @@ def _fail(e: BaseException, where: str):
     raise gr.Error(message(e, where)) from None
 
 
-def ask(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str = "auto",
+def ask(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str | None = None,
         label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
         series: str | None = None, *, engine: Engine) -> dict:
     """Ask a question about a scan under a keep budget; the answer and its audit as JSON."""
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series)
-        ans, audit = engine.answer(s, question, _budget(budget))
+        ans, audit = engine.answer(s, question, _budget(engine, budget))
         return result(engine, s, ans, audit)
     except Exception as e:  # noqa: BLE001
         _fail(e, "api ask")
@@ -103,14 +105,14 @@ def compare(question: str, scan: list[str] | None = None, sample: str | None = N
         _fail(e, "api compare")
 
 
-def export(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str = "auto",
+def export(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str | None = None,
            label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
            series: str | None = None, request: gr.Request = None, *, engine: Engine, store: FileStore):
     """As /ask, plus the audit files: the kept blocks on the scan's own grid (NIfTI) and report.json.
     Each client session keeps only its latest export."""
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series)
-        ans, audit = engine.answer(s, question, _budget(budget))
+        ans, audit = engine.answer(s, question, _budget(engine, budget))
         folder = store.session(f"api-{_key(request)}").new_folder("export")
         files = engine.export(s, {}, folder)
         return [str(p) for p in files], result(engine, s, ans, audit)
@@ -124,7 +126,7 @@ def register(engine: Engine, store: FileStore) -> None:
         scan = gr.File(file_count="multiple", label="scan")
         sample = gr.Textbox(label="sample")
         question = gr.Textbox(label="question")
-        budget = gr.Textbox(value="auto", label="budget")
+        budget = gr.Textbox(value="", label="budget")      # empty: the checkpoint's default
         label_map = gr.File(label="label_map")
         label_table = gr.File(label="label_table")
         prior = gr.File(label="prior")

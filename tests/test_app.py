@@ -573,3 +573,31 @@ def test_a_detached_nrrd_header_uploads_with_its_compressed_data(engine, store, 
     files = [str(tmp_path / "scan.nhdr"), str(tmp_path / "scan.raw.gz")]
     out = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
     assert out["session"].volume.shape == img.shape and out["session"].title.startswith("NRRD upload")
+
+
+def test_the_api_without_a_budget_asks_under_the_checkpoints_default(engine, tiny_model_dir, tmp_path):
+    """/ask and /export without a budget sent 'auto', which an S1 checkpoint (no θ) refuses: an integrator's
+    first call to an S1 server failed. Now none means the checkpoint's default, as for photon-ask."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from app import api
+    from app.service import Engine, Settings
+
+    s1 = shutil.copytree(tiny_model_dir, tmp_path / "s1")
+    weights = load_file(s1 / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".atp." not in k}, s1 / "model.safetensors")
+    config = json.loads((s1 / "config.json").read_text())
+    config["photon"]["has_its"] = False                 # an S1 folder: no threshold MLP
+    (s1 / "config.json").write_text(json.dumps(config))
+    e1 = Engine(Settings(model_dir=str(s1), device="cpu", max_new_tokens=2))
+    try:
+        assert e1.predictor.checkpoint.stage == "S1"
+        for budget in (None, ""):                       # omitted, or an empty field from a client
+            r = api.ask("Is there a lesion in the liver?", sample="abdomen_ct", budget=budget, engine=e1)
+            assert r["budget"] == "full" and r["kept"] == r["total"] == 1000
+    finally:
+        e1.close()
+    r = api.ask("Is there a lesion in the liver?", sample="abdomen_ct", engine=engine)
+    assert r["budget"] == "auto" and r["kept"] < r["total"]
