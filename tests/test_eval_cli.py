@@ -26,7 +26,7 @@ class FakePredictor:
     last = None
 
     def __init__(self, *args, **kwargs):
-        self.asked = []
+        self.asked, self.new_tokens = [], []
         FakePredictor.last = self
 
     def supports(self, budget):
@@ -35,8 +35,9 @@ class FakePredictor:
     def set_volume(self, volume, prior=None):
         pass
 
-    def ask(self, question, budget=None, max_new_tokens=16):
+    def ask(self, question, budget=None, max_new_tokens=32):
         self.asked.append((question, budget))
+        self.new_tokens.append(max_new_tokens)
         if len(self.asked) == self.interrupt_at:
             raise KeyboardInterrupt
         if len(question) > 1000:
@@ -293,3 +294,21 @@ def test_budget_and_curve_mistakes_are_refused_before_the_model_loads(tmp_path, 
     with pytest.raises(DatasetError, match=r"b.csv:2: budget 'lots'"):
         read_records(bad)
     assert not out.exists()
+
+
+def test_answers_are_decoded_as_long_as_the_other_commands_allow(tmp_path, capsys, fake):
+    """--data answers were cut at 16 new tokens (photon-ask and the app: 32), with no option and no word of
+    it, so a set's open answers were scored truncated. Now 32 by default, --max-new-tokens sets it (up to
+    photon-ask's 256) and metrics.json records it."""
+    _scans(tmp_path, ["a.npy"])
+    data = tmp_path / "set.jsonl"
+    data.write_text(json.dumps({"image": "a.npy", "question": Q, "answer": "no", "space": "model"}) + "\n")
+    assert _run(["--data", data, "--out", tmp_path / "out"]) == 0
+    assert fake.last.new_tokens == [32]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["max_new_tokens"] == 32
+    assert _run(["--data", data, "--max-new-tokens", 200, "--out", tmp_path / "long"]) == 0
+    assert fake.last.new_tokens == [200]
+    FakePredictor.last = None
+    _refused(capsys, ["--data", data, "--max-new-tokens", 300, "--out", tmp_path / "x"], "--max-new-tokens")
+    _refused(capsys, ["--demo-split", "test", "--max-new-tokens", 0, "--out", tmp_path / "x"], "1 to 256")
+    assert FakePredictor.last is None                   # refused before a model was built

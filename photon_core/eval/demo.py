@@ -31,11 +31,13 @@ def organ_block_cover(mask: torch.Tensor) -> np.ndarray:
 
 def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int = 0, world: int = 1,
                   baselines: bool = True, noise: bool = True, curve: tuple = (), enlargement: float = 0.0,
-                  pairs: int = 0, budget: str | None = None, rows: list[dict] | None = None) -> list[dict]:
+                  pairs: int = 0, budget: str | None = None, rows: list[dict] | None = None,
+                  max_new_tokens: int = 8) -> list[dict]:
     """Generate ``scans`` scans of the demo split and ask every supported question on each; then
     ``pairs`` temporal pairs (prior + current in each prompt) with their longitudinal questions.
     ``budget`` (None: the checkpoint's own) is ITS's; the baselines match the count it kept. Rows are
-    appended to ``rows`` as they are finished, so a caller that is interrupted keeps them."""
+    appended to ``rows`` as they are finished, so a caller that is interrupted keeps them. Answers are
+    decoded to at most ``max_new_tokens`` (the split's answer forms take fewer than 8)."""
     gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
     rows = [] if rows is None else rows
     for i in range(scans + pairs):
@@ -52,7 +54,8 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
         kept_by_organ = {}
         for j, q in enumerate(qa):
             t1 = time.perf_counter()
-            a = pred.ask(q["question"], budget=budget, max_new_tokens=8)   # None: the checkpoint's (S1: full)
+            # budget None: the checkpoint's (S1: full)
+            a = pred.ask(q["question"], budget=budget, max_new_tokens=max_new_tokens)
             ask_s = time.perf_counter() - t1
             row = dict(scan=i, **{k: q[k] for k in ("question", "answer", "family", "answer_type", "organ")},
                        prediction=a.text, kept=a.kept, total=a.total, theta=a.theta,
@@ -68,14 +71,14 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             if baselines and a.kept >= MIN_KEEP_TOKENS:      # (a baseline below the floor is refused)
                 for mode in BASELINES:
                     b = pred.ask(q["question"], budget=Budget(mode, float(a.kept), seed=i * 100 + j),
-                                 max_new_tokens=8)
+                                 max_new_tokens=max_new_tokens)
                     row[f"{mode}_prediction"] = b.text
             if curve:
                 row["curve_predictions"] = {}
                 for k in curve:
                     for mode in ("top_k",) + BASELINES:
                         b = pred.ask(q["question"], budget=Budget(mode, float(k), seed=i * 100 + j),
-                                     max_new_tokens=8)
+                                     max_new_tokens=max_new_tokens)
                         row["curve_predictions"][f"{mode}:{k}"] = b.text
             rows.append(row)
         names = sorted(kept_by_organ)
@@ -88,7 +91,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
             pred.set_volume(torch.rand_like(frames), prior=None if prior is None else torch.rand_like(prior))
             for q in qa:
                 if q["answer_type"] in ("closed", "choice"):
-                    n = pred.ask(q["question"], budget=budget, max_new_tokens=8)
+                    n = pred.ask(q["question"], budget=budget, max_new_tokens=max_new_tokens)
                     row = dict(scan=i, family="_noise", answer_type=q["answer_type"],
                                source_family=q["family"], answer=q["answer"], prediction=n.text)
                     if q["organ"] in covers and covers[q["organ"]].any():    # the same blocks, on noise

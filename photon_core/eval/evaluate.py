@@ -1,6 +1,6 @@
 """Evaluate a Photon model: accuracy per task family, MRA, keep rate, retention audit, baselines.
 
-    python -m photon_core.eval --demo-split test --scans 60 --out reports/demo_test
+    python -m photon_core.eval --demo-split test --scans 20 --curve 50 100 200 400 --out reports/demo_test
     python -m photon_core.eval --demo-split test --scans 0 --pairs 12 \\
         --out reports/demo_temporal                                          # prior + current
     python -m photon_core.eval --data my_set.jsonl --out reports/mine        # open JSONL layout
@@ -46,7 +46,7 @@ from photon_core.eval.report import (
     write_atomic,
     write_report,
 )
-from photon_core.inference.predictor import Predictor
+from photon_core.inference.predictor import MAX_NEW_TOKENS_LIMIT, Predictor
 from photon_core.io.volume import load_volume
 from photon_core.model.budget import Budget
 from photon_core.model.hub import add_model_arguments
@@ -55,15 +55,16 @@ from photon_core.train.synthetic.splits import SPLITS
 
 
 def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: int = 1,
-                     max_new_tokens: int = 16, budget: str | None = None,
+                     max_new_tokens: int = 32, budget: str | None = None,
                      rows: list[dict] | None = None) -> list[dict]:
     """Ask every record (see `datasets.read_records`); sharded by image, each volume encoded once.
     A volume that cannot be read, or a question that cannot be asked (too long, a budget the
     checkpoint cannot run), is reported on its rows (error, score 0), not fatal: one bad record does
     not cost the rest of the set. A record with a ``prior_image`` is asked with that prior scan in
     the prompt too. ``budget`` applies to the records without a budget of their own (None: the
-    checkpoint's default). Rows are appended to ``rows`` as they are answered, so a caller that is
-    interrupted keeps the ones finished."""
+    checkpoint's default). ``max_new_tokens``: the longest answer (32, as photon-ask and the app decode).
+    Rows are appended to ``rows`` as they are answered, so a caller that is interrupted keeps the ones
+    finished."""
     by_image: dict[tuple, list[dict]] = {}
     for r in recs:
         by_image.setdefault((r["image"], r.get("prior_image")), []).append(r)
@@ -105,6 +106,8 @@ def _plan(args) -> tuple[list[dict] | None, str]:
     """Everything that can be checked without a model, checked before one loads (a model takes seconds
     to minutes): the records of --data, or the demo split's size, the budget, the --out folder.
     Returns the records (None for the demo split) and a one-line description of the run."""
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        _refuse(f"--max-new-tokens {args.max_new_tokens}: an answer is 1 to {MAX_NEW_TOKENS_LIMIT} tokens")
     if args.budget is not None:
         try:
             Budget.parse(args.budget)
@@ -168,6 +171,9 @@ def main(argv=None) -> None:
                     help="keep budget of every question, as photon-ask takes it: auto | full | 300 | 25%% | "
                          "threshold:0.4 | ... (default: the checkpoint's own); with --data, a record's "
                          "own budget field wins")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help=f"longest answer, in tokens (default: 32 with --data, as photon-ask and the "
+                         f"app; 8 for the demo split's short answers; at most {MAX_NEW_TOKENS_LIMIT})")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--curve", type=int, nargs="*", default=[],
                     help="demo split: kept-token counts for accuracy-vs-tokens curves (ITS top-k vs the "
@@ -219,18 +225,22 @@ def main(argv=None) -> None:
         _refuse(str(e))
     if args.budget is not None and (why := pred.supports(args.budget)):
         _refuse(f"--budget {args.budget}: {why}")
+    new_tokens = args.max_new_tokens or (32 if recs is not None else 8)
     about = {"model": pred.name, "checkpoint": pred.checkpoint.to_dict(), "device": str(pred.device),
-             "world_size": world} | ({"budget": args.budget} if args.budget is not None else {})
+             "world_size": world, "max_new_tokens": new_tokens} | (
+                 {"budget": args.budget} if args.budget is not None else {})
     rows: list[dict] = []
     try:
         if recs is not None:
-            evaluate_records(pred, recs, rank, world, budget=args.budget, rows=rows)
+            evaluate_records(pred, recs, rank, world, max_new_tokens=new_tokens, budget=args.budget,
+                             rows=rows)
         else:
             from photon_core.eval.demo import evaluate_demo  # the synthetic data: torch-side generator
 
             evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
                           baselines=not args.no_baselines, curve=tuple(args.curve),
-                          enlargement=args.enlargement, pairs=args.pairs, budget=args.budget, rows=rows)
+                          enlargement=args.enlargement, pairs=args.pairs, budget=args.budget, rows=rows,
+                          max_new_tokens=new_tokens)
     except KeyboardInterrupt:
         _interrupted(rows, args, about, rank, world)
     write_atomic(args.out / f"predictions.rank{rank}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
