@@ -3,7 +3,8 @@ sample id), a question and a budget, and return JSON — no browser session stat
 
     /ask      (question, scan, sample, budget, label_map, label_table, prior, series) -> JSON answer
     /compare  (question, scan, sample, label_map, label_table, prior, series)         -> JSON rows
-    /export   (same as /ask)        -> [kept_blocks.nii.gz, report.json, PNGs], JSON answer
+    /export   (same as /ask)        -> [kept_blocks.nii.gz, report.json], JSON answer (the PNG views
+                                       come with the page's Export, which renders them)
 
 ``budget``: auto | full | 300 (tokens) | 25% | top_k:300 | ratio:0.25 | threshold:0.4; left empty, the
 checkpoint's default (auto on S2, full on S1, as photon-ask). The JSON holds
