@@ -296,6 +296,25 @@ def test_ask_cli_text_marks_what_the_card_marks(capsys):
                                               "'82whichno1'")
 
 
+@pytest.mark.parametrize("n", ["0", "300"])
+def test_ask_cli_refuses_an_answer_length_before_loading_anything(n, monkeypatch, capsys):
+    """--max-new-tokens outside 1..256 was found only by the model, after the scan and the checkpoint had
+    loaded; now it is the usage error it is, and --help states the default and the limit."""
+    from photon_core.inference import predictor
+    from photon_core.inference.ask import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr(predictor, "Predictor", no_load)
+    with pytest.raises(SystemExit) as e:
+        main(["--scan", "missing.nii.gz", "--question", "Is there a lesion?", "--max-new-tokens", n])
+    assert e.value.code == 2 and "--max-new-tokens must be between 1 and 256" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "(default: 32, at most 256)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_saliency_guidance_raises_the_targeted_tokens(tiny_model_dir):
     """Training-only guidance: a few steps on the guide loss alone make ρ of the target blocks exceed
     the rest; the gradient reaches only layers up to the ITS layer (plus embeddings and vision)."""

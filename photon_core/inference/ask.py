@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from photon_core.inference.predictor import MAX_NEW_TOKENS_LIMIT
 from photon_core.model.hub import add_model_arguments
 
 
@@ -28,9 +29,12 @@ def main(argv=None) -> int:
                          "checkpoint, full on S1)")
     add_model_arguments(ap)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32,
+                    help=f"longest answer, in tokens (default: %(default)s, at most {MAX_NEW_TOKENS_LIMIT})")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:    # said before a model and a scan load
+        ap.error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
     from photon_core.inference.predictor import Predictor
     from photon_core.io.volume import load_volume
 
