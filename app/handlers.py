@@ -265,12 +265,19 @@ def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacit
             "pt_i": i + 1, "pt_j": j + 1, "pt_k": k + 1, "hist": hist, "retention": ret, "exp_files": None}
 
 
+def _one_at_a_time(s: Session | None):
+    """Hold the session's lock: its asks, compares and exports run one at a time (each reads the answer
+    another would be writing)."""
+    return s.lock if s is not None else contextlib.nullcontext()
+
+
 def _failed_ask(engine: Engine, s: Session | None, e: BaseException) -> dict:
     text = message(e, "ask")
     toast(text)
-    if s is not None and s.answer is not None:
-        return {"card": answer_card(s, s.answer, s.audit, engine.provenance(), notice=text),
-                **_slider_of(s.answer.budget)}
+    with _one_at_a_time(s):
+        if s is not None and s.answer is not None:
+            return {"card": answer_card(s, s.answer, s.audit, engine.provenance(), notice=text),
+                    **_slider_of(s.answer.budget)}
     return {"card": empty_card(s).replace("Ask a question", f"Not asked: {_esc(text)} Ask a question", 1)}
 
 
@@ -303,10 +310,11 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
         if s is None or view is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         budget = budget_from(mode, tokens, percent, theta)
-        progress(0.1, desc="Asking Photon")
-        engine.answer(s, question, budget)
-        progress(0.7, desc="Drawing the kept blocks")
-        return _answer_outputs(engine, s, view, width, level, opacity, t0)
+        with s.lock:
+            progress(0.1, desc="Asking Photon")
+            engine.answer(s, question, budget)
+            progress(0.7, desc="Drawing the kept blocks")
+            return _answer_outputs(engine, s, view, width, level, opacity, t0)
     except Exception as e:  # noqa: BLE001
         return _failed_ask(engine, s, e)
 
@@ -347,10 +355,11 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
         _check_not_loading(request)
         if s is None or view is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
-        auto = engine.ask(s, question, Budget("auto"))
-        k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
-        engine.answer(s, question, Budget("top_k", float(k)))
-        out = _answer_outputs(engine, s, view, width, level, opacity, t0)
+        with s.lock:
+            auto = engine.ask(s, question, Budget("auto"))
+            k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
+            engine.answer(s, question, Budget("top_k", float(k)))
+            out = _answer_outputs(engine, s, view, width, level, opacity, t0)
         return {**out, "mode": "Tokens", "tokens": gr.update(value=k, visible=True),
                 "percent": gr.update(visible=False), "theta": gr.update(visible=False)}
     except Exception as e:  # noqa: BLE001
@@ -411,9 +420,10 @@ def compare(s: Session | None, question: str, request: gr.Request = None, progre
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         progress(0.1, desc="Asking at Auto, 10%, 25%, 50% and Full (one batch)")
-        rows = engine.compare_rows(s, question)
-        s.compared = clean_question(question)
-        return {"cmp_table": compare_table(rows, s.compared, s.title), "cmp_plot": kept_vs_budget(rows)}
+        with s.lock:
+            rows = engine.compare_rows(s, question)
+            s.compared = clean_question(question)
+            return {"cmp_table": compare_table(rows, s.compared, s.title), "cmp_plot": kept_vs_budget(rows)}
     except Exception as e:  # noqa: BLE001
         text = message(e, "compare")
         toast(text)
@@ -426,8 +436,9 @@ def export(s: Session | None, view: View | None, width, level, opacity, request:
         _check_not_loading(request)
         if s is None or s.answer is None or view is None:
             raise ValueError("Ask a question first; the export holds the audit of an answer.")
-        pngs = export_pngs(view, s, width, level, opacity)
-        return {"exp_files": [str(p) for p in engine.export(s, pngs, view.files.new_folder("export"))]}
+        with s.lock:
+            pngs = export_pngs(view, s, width, level, opacity)
+            return {"exp_files": [str(p) for p in engine.export(s, pngs, view.files.new_folder("export"))]}
     except Exception as e:  # noqa: BLE001
         toast(message(e, "export"))
         return {"exp_files": None}

@@ -142,6 +142,9 @@ class Session:
     audit: Audit | None = None
     compared: str | None = None            # the question the Compare table holds (None: no table)
     serial: int = field(default_factory=lambda: next(_LOADS))   # which load this is (the page shows it)
+    # One ask, compare or export of this session at a time (`app.handlers` holds it): a browser can send
+    # two at once (Enter and a click), and each reads the answer the other one writes.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def ids_of(self, names) -> list[int]:
         """Label ids of structure names, in the order of the names."""
@@ -320,9 +323,10 @@ class Engine:
         why = self.predictor.supports(budget)
         if why:
             raise ValueError(why)
-        ans = self.ask(s, question, budget, max_new_tokens)
-        s.audit = self.audit(s, s.question, ans)
-        return ans, s.audit
+        with s.lock:
+            ans = self.ask(s, question, budget, max_new_tokens)
+            s.audit = self.audit(s, s.question, ans)
+            return ans, s.audit
 
     def compare(self, s: Session, question: str, budgets: list[Budget]):
         if s is None or s.volume is None:
