@@ -111,6 +111,16 @@ def test_budgets_at_the_floor_are_accepted(text):
     Budget.parse(text)
 
 
+@pytest.mark.parametrize("text", ["top_k:abc", "random:x", "θ=x", "top_k:", ":", "%", "threshold:0.5:1",
+                                  "{'a': 1}", "top_k:" + "9x" * 3000])
+def test_unreadable_budgets_say_what_a_budget_looks_like(text):
+    """An API budget whose number does not parse was refused with Python's own words ("could not convert
+    string to float: 'abc'"); it names the forms a budget takes, with a long text shortened."""
+    with pytest.raises(ValueError, match=r"^cannot read budget .*; try auto, full, 300, 25%") as e:
+        Budget.parse(text)
+    assert "float" not in str(e.value) and len(str(e.value)) < 200
+
+
 def test_the_floor_is_a_share_of_a_scan():
     assert MIN_KEEP_RATIO * SCAN_TOKENS == MIN_KEEP_TOKENS and 0 < MIN_KEEP_RATIO < 0.1
 

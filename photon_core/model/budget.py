@@ -90,16 +90,15 @@ class Budget:
         if text in ("auto", "full"):
             return cls(text)  # type: ignore[arg-type]
         if text.endswith("%"):
-            return cls("ratio", float(text[:-1]) / 100)
+            return cls("ratio", _number(text[:-1], text) / 100)
         if text.startswith("θ="):                         # a label (``label``) read back
-            return cls("threshold", float(text[2:]))
+            return cls("threshold", _number(text[2:], text))
         if ":" in text:
             mode, val = text.split(":", 1)
-            return cls(mode, float(val))  # type: ignore[arg-type]
+            return cls(mode, _number(val, text))  # type: ignore[arg-type]
         if text.isdigit():
             return cls("top_k", float(text))
-        raise ValueError(f"cannot read budget {text!r}; try auto, full, 300, 25%, top_k:300, ratio:0.25, "
-                         f"threshold:0.4")
+        raise ValueError(_unreadable(text))
 
     def label(self) -> str:
         if self.mode in ("auto", "full"):
@@ -109,6 +108,19 @@ class Budget:
         if self.mode == "threshold":
             return f"θ={float(self.value):g}"
         return f"{self.mode}:{int(self.value)}"
+
+
+def _unreadable(text: str) -> str:
+    shown = text if len(text) <= 40 else text[:40] + "…"
+    return f"cannot read budget {shown!r}; try auto, full, 300, 25%, top_k:300, ratio:0.25, threshold:0.4"
+
+
+def _number(value: str, text: str) -> float:
+    """The number of a budget's text, or the budget refused in words (not Python's float error)."""
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(_unreadable(text)) from None
 
 
 BASELINE_NAMES = {"fastv": "FastV", "visionzip": "VisionZip-style", "random": "random"}
