@@ -74,7 +74,9 @@ def result(engine: Engine, s: Session, ans, audit: Audit) -> dict:
 
 
 def _fail(e: BaseException, where: str):
-    raise gr.Error(message(e, where)) from None
+    """The client's error, in words; no traceback in the server log (``message`` logs an unexpected
+    error in full, a refused request is not the server's failure)."""
+    raise gr.Error(message(e, where), print_exception=False) from None
 
 
 def ask(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str | None = None,

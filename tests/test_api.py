@@ -1,6 +1,7 @@
 """The integrators' API through gradio_client against the running app: named endpoints only, /ask and
 /compare on a sample case and on an uploaded file, /export's files, readable errors, the README example."""
 import re
+import time
 
 import nibabel as nib
 import numpy as np
@@ -12,12 +13,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def api_url(tiny_model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("applog") / "app.log"
+def app_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("applog") / "app.log"
+
+
+@pytest.fixture(scope="module")
+def api_url(tiny_model_dir, tmp_path_factory, app_log):
     tmp = tmp_path_factory.mktemp
-    proc, url = start_app(tiny_model_dir, tmp("gradio_cache"), tmp("tmp"), log)
+    proc, url = start_app(tiny_model_dir, tmp("gradio_cache"), tmp("tmp"), app_log)
     yield url
-    stop_app(proc, log)
+    stop_app(proc, app_log)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +103,22 @@ def test_bad_requests_get_readable_errors(client, tmp_path):
     with pytest.raises(Exception, match="broken.nii.gz") as e:
         client.predict(question="Is there a lesion?", scan=[handle_file(str(bad))], api_name="/ask")
     assert "/tmp" not in str(e.value) and "gradio" not in str(e.value)
+
+
+def test_refused_requests_leave_no_traceback_in_the_server_log(client, app_log):
+    """A request refused for what it asks (a budget, a sample id, a question) is the client's error, said
+    in one sentence; the server log held a 20-line traceback for each (gr.Error prints one by default)."""
+    asks = [dict(sample="abdomen_ct", budget="top_k:abc"), dict(sample="nope"), dict(question=" "),
+            dict(sample="abdomen_ct", question="x" * 2000)]
+    for kw in asks:
+        kw = {"question": "Is there a lesion?", **kw}
+        with pytest.raises(Exception) as e:
+            client.predict(**kw, api_name="/ask")
+        assert "float" not in str(e.value) and "Traceback" not in str(e.value)
+    with pytest.raises(Exception, match="type a question"):
+        client.predict(question="", sample="abdomen_ct", api_name="/compare")
+    time.sleep(0.5)
+    assert "Traceback" not in app_log.read_text()
 
 
 def test_the_readme_example_runs(api_url, monkeypatch, tmp_path):
