@@ -18,6 +18,7 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
+from photon_core.inference.prompt import clean_question
 from photon_core.model.budget import Budget
 
 from .handlers import _key, bind, message
@@ -98,11 +99,12 @@ def compare(question: str, scan: list[str] | None = None, sample: str | None = N
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series)
         rows = engine.compare_rows(s, question)
+        question = clean_question(question)
         for r in rows:
             r["raw_text"] = r["answer"]
             if not r["readable"]:
                 r["answer"] = None
-        return {"scan": {"title": s.title, "summary": s.volume.summary()}, "question": s.question,
+        return {"scan": {"title": s.title, "summary": s.volume.summary()}, "question": question,
                 "rows": rows, "warnings": list(s.warnings), "checkpoint": engine.provenance()}
     except Exception as e:  # noqa: BLE001
         _fail(e, "api compare")

@@ -62,6 +62,7 @@ def test_ask_and_compare_on_a_sample_case(client):
     assert r["readable"] is (r["answer"] is not None)
     assert r["checkpoint"]["name"] and r["scan"]["title"] == "Abdomen/pelvis CT (3 mm)"
     c = client.predict(question="Is the spleen enlarged?", sample="abdomen_ct", api_name="/compare")
+    assert c["question"] == "Is the spleen enlarged?"          # was always "" (the session's last ask)
     assert [row["budget"] for row in c["rows"]] == ["Auto", "10%", "25%", "50%", "Full"]
     assert [row["kept"] for row in c["rows"]][1:] == [100, 250, 500, 1000]
 
