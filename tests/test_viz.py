@@ -240,6 +240,21 @@ def test_the_retention_chart_reads_as_words_and_percent_the_asked_structure_on_t
     assert bar.marker.color[-1] == "#d62728"                    # the asked structure, below half: red
 
 
+def test_names_from_a_users_table_reach_the_charts_as_text_not_markup():
+    """Plotly reads a label as pseudo-HTML: a names table's '<a href=…>liver</a>' drew a link to another site
+    labelled 'liver', '<b>' bold text, '<br>' a line break. Names and answers reach plotly escaped, so the
+    chart shows what the table says (as the status line and the legend do)."""
+    from viz.charts import kept_vs_budget, retention_bars
+
+    evil = "<a href='https://example.org/login'>liver</a> & <b>x</b>"
+    bar = retention_bars({evil: 0.5, "spleen": 0.2}, asked=[evil]).data[0]
+    shown = "&lt;a href='https://example.org/login'&gt;liver&lt;/a&gt; &amp; &lt;b&gt;x&lt;/b&gt; (asked)"
+    assert shown in bar.y
+    assert not any("<" in label for label in bar.y)
+    line = kept_vs_budget([{"budget": "Auto", "kept": 10, "answer": "<b>yes</b>"}]).data[0]
+    assert list(line.text) == ["&lt;b&gt;yes&lt;/b&gt;"]
+
+
 def test_no_two_structures_drawn_share_a_colour():
     """The legend named spleen and a lung lobe in one blue: 8 colours for up to 10 structures."""
     import inspect

@@ -1,6 +1,8 @@
 """Plotly charts for the audit: saliency histogram, per-organ retention, kept tokens vs budget."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 
 
@@ -36,6 +38,12 @@ def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = 
     return fig
 
 
+def _text(s: str) -> str:
+    """A user's or a model's text as plotly shows it literally (plotly reads '<b>', '<a href>', '<br>' as
+    markup in labels and hover text, and decodes entities)."""
+    return html.escape(str(s), quote=False)
+
+
 def retention_bars(retention: dict[str, float], asked=None, small=()):
     """Share of each structure's token blocks kept, in %, the asked structure(s) on top then the rest by
     share; ``asked``: the organ(s) the question names (green, red below half); ``small``: structures
@@ -47,7 +55,7 @@ def retention_bars(retention: dict[str, float], asked=None, small=()):
     vals = [100 * retention[n] for n in names]
     colours = [("#d62728" if v < 50 else "#2ca05a") if n in asked else "#1f77b4"
                for n, v in zip(names, vals)]
-    labels = [n.replace("_", " ") + (" ◦" if n in small else "") + (" (asked)" if n in asked else "")
+    labels = [_text(n.replace("_", " ")) + (" ◦" if n in small else "") + (" (asked)" if n in asked else "")
               for n in names]
     fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", marker_color=colours,
                            hovertemplate="%{y}: %{x:.0f}% kept<extra></extra>"))
@@ -63,7 +71,7 @@ def kept_vs_budget(rows: list[dict]):
     import plotly.graph_objects as go
 
     fig = go.Figure(go.Scatter(x=[r["budget"] for r in rows], y=[r["kept"] for r in rows],
-                               mode="lines+markers", text=[r["answer"] for r in rows]))
+                               mode="lines+markers", text=[_text(r["answer"]) for r in rows]))
     fig.update_layout(title="Visual tokens kept per budget", yaxis=dict(title="kept tokens", range=[0, 1050]),
                       height=300, margin=dict(l=40, r=10, t=40, b=40))
     return fig
