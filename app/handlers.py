@@ -86,7 +86,8 @@ def message(e: BaseException, where: str = "") -> str:
 
 
 def toast(text: str) -> None:
-    gr.Warning(text, duration=8)
+    """A message in a toast: escaped, since Gradio renders a toast's text as HTML."""
+    gr.Warning(_esc(text), duration=8)
 
 
 # ---------------------------------------------------------------------------------------------- budgets

@@ -646,3 +646,18 @@ def test_two_asks_of_one_browser_at_once_each_show_their_own_answer(engine, stor
     for question, kept in (("Is the spleen enlarged?", 300), ("Is there a lesion in the liver?", 500)):
         card = html.unescape(cards[question])
         assert f"Q: {question}" in card and f"kept: <b>{kept}</b> / 1000" in card, card
+
+
+def test_toasts_show_user_text_as_written(engine, store, tmp_path, monkeypatch):
+    """Gradio renders a toast's message as (sanitised) HTML: a file named 'a&amp;b.nii.gz' was toasted as
+    'a&b.nii.gz', and markup in a message would be drawn, while the status line showed the name as written.
+    Toasts are escaped as the status line is."""
+    from app import handlers as h
+
+    toasts = []
+    monkeypatch.setattr(h.gr, "Warning", lambda text, **kw: toasts.append(text))
+    bad = tmp_path / "a&amp;b.nii.gz"
+    bad.write_bytes(b"not a scan")
+    out = h.load_upload([str(bad)], None, None, None, None, None, None, engine=engine, store=store)
+    assert "a&amp;amp;b.nii.gz" in out["status"]
+    assert toasts and "a&amp;amp;b.nii.gz" in toasts[0] and "<" not in toasts[0]
