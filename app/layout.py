@@ -4,6 +4,8 @@ but left off the API page (``api_visibility="undocumented"``)."""
 from __future__ import annotations
 
 import html
+import logging
+import math
 from pathlib import Path
 
 import gradio as gr
@@ -52,6 +54,44 @@ def wire(fn, outputs: list[str], comps: dict, **deps):
 
 
 P, LAST, ENTER = "private", "always_last", "commit-on-enter"
+log = logging.getLogger("photon_ct")
+BAD_INPUTS = ("This request's inputs are not what the page's controls send (a number in a slider's range, "
+              "one of a list's choices, a text, a file uploaded to this server); nothing was changed.")
+
+
+class Blocks(gr.Blocks):
+    """gr.Blocks that refuses an event's inputs of the wrong kind in one sentence and without a traceback
+    in the server log: what a raw HTTP client can send and the page's controls cannot (a text, a list or
+    1e308 for a slider, a value no list offers, a file not uploaded here). NaN and infinity, which
+    Gradio's own range check lets through to the handlers, are refused too."""
+
+    async def preprocess_data(self, block_fn, inputs, state, *args, **kwargs):
+        try:
+            for block, value in zip(block_fn.inputs, inputs):
+                block = state[block._id] if state is not None and block._id in state else block
+                refused = _refusal(block, value)
+                if refused:
+                    raise gr.Error(refused)
+            return await super().preprocess_data(block_fn, inputs, state, *args, **kwargs)
+        except gr.Error as e:               # Gradio's own (out of range) and ours
+            raise gr.Error(e.message, print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - a value of the wrong kind, however Gradio's parts fail on it
+            log.warning("refused the inputs of a request to %s: %s", block_fn.name,
+                        (str(e).splitlines() or [type(e).__name__])[0][:200])
+            raise gr.Error(BAD_INPUTS, print_exception=False) from None
+
+
+def _refusal(block, value) -> str | None:
+    """Why a slider's or a list's value cannot be taken (None: Gradio checks the rest)."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "…"
+    if isinstance(block, gr.Slider) and isinstance(value, float) and not math.isfinite(value):
+        return f"“{block.label}” takes a finite number; this request sent {shown}."
+    if isinstance(block, (gr.Radio, gr.Dropdown)) and value is not None:
+        choices = [c[1] if isinstance(c, (tuple, list)) else c for c in block.choices or []]
+        if not isinstance(value, (str, int, float)) or value not in choices:
+            names = ", ".join(map(str, choices[:5])) + (", …" if len(choices) > 5 else "")
+            return f"“{block.label}” takes one of: {names or 'nothing yet'}; this request sent {shown}."
+    return None
 
 
 def build_ui(engine: Engine, store: FileStore | None = None) -> gr.Blocks:
@@ -63,7 +103,7 @@ def build_ui(engine: Engine, store: FileStore | None = None) -> gr.Blocks:
     # Gradio copies every file it serves into its cache unless it is already there: our files are
     # written there (FileStore) and replaced per kind; what else lands in the cache (uploads, charts)
     # is swept hourly once older than CACHE_MAX_AGE_S; the cache of this app goes when it stops.
-    with gr.Blocks(title="Photon CT", analytics_enabled=False, delete_cache=(3600, CACHE_MAX_AGE_S)) as demo:
+    with Blocks(title="Photon CT", analytics_enabled=False, delete_cache=(3600, CACHE_MAX_AGE_S)) as demo:
         c["session"] = gr.State(None)
         c["view"] = gr.State(None, delete_callback=h.drop_view)
         model = Path(engine.settings.model_dir).name if engine.settings.model_dir else "embedded demo model"

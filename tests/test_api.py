@@ -122,6 +122,54 @@ def test_refused_requests_leave_no_traceback_in_the_server_log(client, app_log):
     assert "Traceback" not in app_log.read_text()
 
 
+def _raw(api_url: str, api_name: str, data, session: str) -> dict:
+    """One event sent as a raw HTTP client sends it (any JSON, NaN included); its last message."""
+    import json
+
+    import httpx
+
+    deps = httpx.get(api_url + "config", timeout=30).json()["dependencies"]
+    fn = next(d["id"] for d in deps if d.get("api_name") == api_name)
+    body = json.dumps({"data": data, "fn_index": fn, "session_hash": session, "event_data": None,
+                       "trigger_id": None})
+    httpx.post(api_url + "gradio_api/queue/join", content=body, timeout=30,
+               headers={"content-type": "application/json"}).raise_for_status()
+    with httpx.stream("GET", api_url + "gradio_api/queue/data", params={"session_hash": session},
+                      timeout=120) as stream:
+        for line in stream.iter_lines():
+            msg = json.loads(line[5:]) if line.startswith("data:") else {}
+            if msg.get("msg") == "process_completed":
+                return msg
+    raise AssertionError("no answer")
+
+
+def test_inputs_of_the_wrong_kind_are_refused_in_a_sentence_without_a_traceback(api_url, app_log):
+    """What a raw client can send and the page cannot: a text, a list, NaN or 1e308 for a slider, a mode no
+    list offers, a scan that is a path string. Gradio refused these with its internals' words ("Could not
+    preprocess input component at index 4 (a `slider` component)… TypeError", pydantic's "1 validation
+    error for ListFiles"), NaN reached the handlers ("cannot convert float NaN to integer"), and each left
+    a traceback in the log. Now: one sentence, nothing in the log but a line, and the session goes on."""
+    q = "Is there a lesion in the liver?"
+    ask = lambda mode, tokens, width=400: [None, None, q, mode, tokens, 25, 0.5, width, 40, 0.35]  # noqa: E731
+    assert _raw(api_url, "ui_load_case", ["Abdomen/pelvis CT (3 mm)", None, None, ""], "s-1")["success"]
+    before = len(app_log.read_text())
+    bad = [("ui_ask", ask("Tokens", "abc")), ("ui_ask", ask("Tokens", [1])), ("ui_ask", ask("Tokens", None)),
+           ("ui_ask", ask("Tokens", float("nan"))), ("ui_ask", ask("Auto", 300, float("inf"))),
+           ("ui_ask", ask("Tokens", 1e308)), ("ui_ask", ask("bogus", 300)),
+           ("ask", [q, "/etc/passwd", None, "auto", None, None, None, None]),
+           ("ask", [q, [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], None, "auto",
+                    None, None, None, None])]
+    for name, data in bad:
+        msg = _raw(api_url, name, data, "s-1")
+        error = msg["output"]["error"]
+        assert not msg["success"] and error and "\n" not in error, (name, data, error)
+        for word in ("Error:", "preprocess", "pydantic", "index 4", "float NaN", "<class"):
+            assert word not in error, (name, data, error)
+    assert _raw(api_url, "ui_ask", ask("Tokens", 300), "s-1")["success"]     # the session goes on
+    time.sleep(0.5)
+    assert "Traceback" not in app_log.read_text()[before:]
+
+
 def test_the_readme_example_runs(api_url, monkeypatch, tmp_path):
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```python\n(# Photon CT API example.*?)```", text, re.S)
