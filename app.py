@@ -38,6 +38,8 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
+from starlette.requests import ClientDisconnect  # noqa: E402
+
 from app.layout import build_ui  # noqa: E402
 from app.service import Engine, Settings  # noqa: E402
 from app.view import FileStore  # noqa: E402
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
         demo.queue(default_concurrency_limit=2).launch(
             server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
             max_file_size=engine.settings.limits.max_file_bytes, footer_links=["api"], quiet=True,
-            prevent_thread_lock=True)
+            prevent_thread_lock=True, app_kwargs={"exception_handlers": {ClientDisconnect: _client_left}})
         log.info("Photon CT on http://%s:%d (model: %s%s%s); Ctrl-C stops it", args.host, args.port,
                  args.model or "embedded demo model",
                  f", subfolder {args.subfolder}" if args.subfolder else "",
@@ -133,6 +135,15 @@ def main(argv=None) -> None:
         store.close()
         engine.close()   # Gradio's cache folder goes at exit (atexit above)
         log.info("Photon CT stopped; session files removed")
+
+
+async def _client_left(request, exc):
+    """A client that left in the middle of sending (a tab closed during an upload): nobody to answer, and
+    not the server's failure (uvicorn logged a traceback for each)."""
+    from starlette.responses import Response
+
+    log.info("a client left during its request to %s", request.url.path)
+    return Response(status_code=400)
 
 
 def _interrupt(signum, frame):

@@ -170,6 +170,28 @@ def test_inputs_of_the_wrong_kind_are_refused_in_a_sentence_without_a_traceback(
     assert "Traceback" not in app_log.read_text()[before:]
 
 
+def test_an_upload_cut_off_halfway_leaves_no_traceback(api_url, app_log, client):
+    """A tab closed while its upload was being sent: uvicorn logged 'Exception in ASGI application' and a
+    60-line traceback (starlette's ClientDisconnect) for each; now one line, and the server goes on."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(api_url)
+    before = len(app_log.read_text())
+    part = (b'--B\r\nContent-Disposition: form-data; name="files"; filename="ct.nii.gz"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" + b"\0" * 200_000)
+    head = (f"POST /gradio_api/upload HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: 5000000\r\n"
+            f"Content-Type: multipart/form-data; boundary=B\r\n\r\n").encode()
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(head + part)
+        time.sleep(0.5)
+    time.sleep(1)
+    r = client.predict(question="Is the spleen enlarged?", sample="abdomen_ct", api_name="/ask")
+    assert r["total"] == 1000
+    log = app_log.read_text()[before:]
+    assert "Traceback" not in log and "Exception in ASGI" not in log
+
+
 def test_the_readme_example_runs(api_url, monkeypatch, tmp_path):
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```python\n(# Photon CT API example.*?)```", text, re.S)
