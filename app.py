@@ -29,6 +29,8 @@ if __name__ == "__main__":
     # Gradio copies every file it serves into its cache: this process gets a folder of its own there
     # (inside GRADIO_TEMP_DIR if set), emptied hourly of old files and removed when the process ends
     # however it ends short of a kill (a bad argument, Ctrl-C, SIGTERM: see main).
+    if os.environ.get("GRADIO_TEMP_DIR"):           # a folder not made yet is made, as Gradio does
+        os.makedirs(os.environ["GRADIO_TEMP_DIR"], exist_ok=True)
     CACHE_DIR = tempfile.mkdtemp(prefix="photon_ct_gradio_", dir=os.environ.get("GRADIO_TEMP_DIR") or None)
     atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
     os.environ["GRADIO_TEMP_DIR"] = CACHE_DIR

@@ -224,6 +224,16 @@ def test_max_upload_mb_is_the_loaders_limit_too(monkeypatch, tmp_path):
         load_volume(big, small.limits)
 
 
+def test_a_gradio_temp_dir_not_made_yet_is_made(tmp_path):
+    """GRADIO_TEMP_DIR naming a folder that does not exist yet (Gradio itself makes it) stopped app.py with
+    a FileNotFoundError traceback before it read its arguments, even for --help."""
+    missing = tmp_path / "not" / "yet"
+    r = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, GRADIO_TEMP_DIR=str(missing)))
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "--port" in r.stdout, r.stderr[-2000:]
+    assert missing.is_dir() and list(missing.iterdir()) == []       # its own folder inside went at exit
+
+
 def test_served_files_go_at_exit_without_close(tiny_model_dir, tmp_path):
     code = ("from app.view import FileStore; s = FileStore.create(); f = s.session('x'); "
             "p = f.write('scene', '.glb', b'x'); print('made', p.exists())")
