@@ -356,9 +356,9 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
         _check_not_loading(request)
         if s is None or view is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
+        auto = engine.ask(s, question, Budget("auto"))          # a probe: the session keeps its answer
+        k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
         with s.lock:
-            auto = engine.ask(s, question, Budget("auto"))
-            k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
             engine.answer(s, question, Budget("top_k", float(k)))
             out = _answer_outputs(engine, s, view, width, level, opacity, t0)
         return {**out, "mode": "Tokens", "tokens": gr.update(value=k, visible=True),
@@ -372,7 +372,8 @@ def redraw_slices(s: Session | None, view: View | None, width: float, level: flo
     if s is None or view is None or view.hu_ras is None:
         return {}
     try:
-        return {"slices": slices_file(view, s, width, level, opacity)}
+        with s.lock:                        # an answer with its own audit (the asked organ's outline)
+            return {"slices": slices_file(view, s, width, level, opacity)}
     except Exception as e:  # noqa: BLE001
         toast(message(e, "slices"))
         return {}

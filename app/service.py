@@ -310,23 +310,26 @@ class Engine:
 
     # ------------------------------------------------------------------ asking
     def ask(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):
+        """The answer to the question about the session's scan; the session is left as it was."""
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         question = clean_question(question)
         ans, = self.batcher.ask(self._queries(s, question, [budget]),
                                 max_new_tokens=max_new_tokens or self.settings.max_new_tokens, tag=s.key[:8])
-        s.answer, s.question = ans, question
         return ans
 
     def answer(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):
-        """Ask, then audit the answer once; the session keeps both. Returns (answer, audit)."""
+        """Ask, then audit the answer once; the session keeps the answer, its question and its audit,
+        set together once all three are known. Returns (answer, audit)."""
         why = self.predictor.supports(budget)
         if why:
             raise ValueError(why)
+        question = clean_question(question)
         with s.lock:
             ans = self.ask(s, question, budget, max_new_tokens)
-            s.audit = self.audit(s, s.question, ans)
-            return ans, s.audit
+            audit = self.audit(s, question, ans)
+            s.answer, s.question, s.audit = ans, question, audit
+            return ans, audit
 
     def compare(self, s: Session, question: str, budgets: list[Budget]):
         if s is None or s.volume is None:

@@ -661,3 +661,60 @@ def test_toasts_show_user_text_as_written(engine, store, tmp_path, monkeypatch):
     out = h.load_upload([str(bad)], None, None, None, None, None, None, engine=engine, store=store)
     assert "a&amp;amp;b.nii.gz" in out["status"]
     assert toasts and "a&amp;amp;b.nii.gz" in toasts[0] and "<" not in toasts[0]
+
+
+def test_two_asks_of_one_session_at_once_each_show_one_answer(engine, store, monkeypatch):
+    """Gradio runs an Ask and a budget change of the same browser side by side, on the same session:
+    the card, its audit and the export mixed the two (the card of one question naming the other's asked
+    structure; the session's answer paired with the other question's audit, which the export wrote).
+    Each answer now shows as a whole, and the session ends holding one answer with its own audit."""
+    import threading
+
+    from app import handlers as h
+    from app.service import Engine
+    from photon_core.inference.audit import organ_retention
+    from photon_core.organs import organs_in_question
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    s = a["session"]
+    first_waits, both = threading.Event(), threading.Barrier(2)
+    real_audit = Engine.audit
+
+    def audit(self, s_, question, ans):       # the first ask audits while the second one asks
+        if threading.current_thread().name == "first":
+            first_waits.set()
+        try:
+            both.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass                              # the second ask waits for the first: no meeting
+        if threading.current_thread().name == "first":
+            time.sleep(0.3)
+        return real_audit(self, s_, question, ans)
+
+    monkeypatch.setattr(Engine, "audit", audit)
+    outs = {}
+    asks = {"first": ("Is there a cyst in the left kidney?", "Tokens"), "second": ("Is the spleen enlarged?",
+                                                                                   "Full")}
+
+    def run(name):
+        q, mode = asks[name]
+        outs[name] = h.ask(s, a["view"], q, mode, 60, 25, 0.5, *SLICE_CONTROLS, engine=engine)
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert first_waits.wait(60)
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    first.join(60)
+    second.join(60)
+    monkeypatch.setattr(Engine, "audit", real_audit)
+    for out in outs.values():
+        card = html.unescape(out["card"])
+        if "spleen" in card.split("Q: ", 1)[1].split(" — ")[0]:
+            assert "asked structure: spleen" in card and "kept: <b>1000</b>" in card
+        else:
+            assert "asked structure: kidney left" in card and "kept: <b>60</b>" in card
+    assert s.audit.asked == tuple(organs_in_question(s.question, list(s.blocks)))
+    assert s.audit.retention == organ_retention(s.blocks, s.answer.keep_grid)
+    assert (s.answer.kept == 1000) == (s.question == "Is the spleen enlarged?")
+
