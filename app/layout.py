@@ -21,17 +21,22 @@ from .view import DEFAULT_WINDOW, FileStore
 
 CACHE_MAX_AGE_S = 6 * 3600          # served files older than this are deleted (hourly sweep)
 UI = "undocumented"
-# A slider's number box commits on Enter as well as on blur (Gradio commits on blur only), and a typed
-# value outside the slider's range is brought into it first (Gradio would refuse it with an error badge).
+# A slider's number box commits on Enter as well as on blur (Gradio commits on blur only), a typed value
+# outside the slider's range is brought into it first, and an emptied box gets back the value it had when
+# it was entered (Gradio would refuse either with an error badge on every output, naming its component).
 JS = """() => {
   const ours = (t) => t && t.matches && t.matches('.commit-on-enter input[type=number]');
+  const set = (t, v) => { t.value = v; t.dispatchEvent(new Event('input', {bubbles: true})); };
   const clamp = (t) => {
     const v = parseFloat(t.value);
-    if (isNaN(v)) return;
+    if (isNaN(v)) { if (t.dataset.entered) set(t, t.dataset.entered); return; }
     const lo = t.min === '' ? -Infinity : parseFloat(t.min), hi = t.max === '' ? Infinity : parseFloat(t.max);
     const c = Math.min(Math.max(v, lo), hi);
-    if (c !== v) { t.value = String(c); t.dispatchEvent(new Event('input', {bubbles: true})); }
+    if (c !== v) set(t, String(c));
   };
+  document.addEventListener('focus', (e) => {
+    if (ours(e.target) && !isNaN(parseFloat(e.target.value))) e.target.dataset.entered = e.target.value;
+  }, true);
   document.addEventListener('keydown', (e) => { if (e.key === 'Enter' && ours(e.target)) e.target.blur(); });
   document.addEventListener('blur', (e) => { if (ours(e.target)) clamp(e.target); }, true);
 }"""

@@ -308,6 +308,26 @@ def test_budget_sliders_reask_on_enter_and_keep_their_values(page):
     _wait_text(page, "#token-count", "budget Photon's own θ")
 
 
+def test_an_emptied_budget_box_gets_its_value_back(page):
+    """Clearing a slider's number box and pressing Enter sent an empty value: Gradio refused it with an
+    error toast naming its "slider component" and an error badge on every output. The box gets back the
+    value it had, and the answer at that value stays."""
+    page.wait_for_selector("#scan-status[data-load]")       # the first case has loaded
+    _ask(page, "Is the spleen enlarged?")
+    page.locator("#mode label", has_text="Tokens").click()
+    box = page.locator("#budget_tokens input[type=number]")
+    box.fill("120")
+    box.press("Enter")
+    _wait_text(page, "#token-count", "Visual tokens kept: 120 /")
+    box.fill("")
+    box.press("Enter")
+    page.wait_for_timeout(1500)                              # the release's re-ask, or Gradio's refusal
+    page.wait_for_function("!document.querySelector('.progress-text, .eta-bar')")
+    toasts = " | ".join(page.locator(".toast-body").all_inner_texts())
+    assert page.locator(NO_ERROR_BADGE).count() == 0 and "Could not preprocess" not in toasts, toasts
+    assert box.input_value() == "120" and "Visual tokens kept: 120 /" in _text(page, "#token-count")
+
+
 def test_compare_export_and_a_prior_scan(page, tmp_path):
     _load_case(page, "Abdomen/pelvis CT (3 mm)", "Abdomen")
     _ask(page, "Is the spleen enlarged?", enter=True)
