@@ -121,6 +121,20 @@ def test_unreadable_budgets_say_what_a_budget_looks_like(text):
     assert "float" not in str(e.value) and len(str(e.value)) < 200
 
 
+def test_a_share_just_under_the_floor_is_not_written_as_the_floor():
+    """1.99% was refused as "A budget of 2.0% … is below the floor of … 2%"."""
+    with pytest.raises(ValueError, match="budget of 1.99% of the visual tokens is below") as e:
+        Budget.parse("1.99%")
+    assert "2.0%" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["150%", "-5%", "nan%"])
+def test_a_percent_out_of_range_is_refused_as_a_percent(text):
+    """Was "budget mode 'ratio' needs a fraction in [0, 1]" for a budget written as a percent."""
+    with pytest.raises(ValueError, match=f"A percent budget lies between {100 * MIN_KEEP_RATIO:g}% and 100%"):
+        Budget.parse(text)
+
+
 def test_the_floor_is_a_share_of_a_scan():
     assert MIN_KEEP_RATIO * SCAN_TOKENS == MIN_KEEP_TOKENS and 0 < MIN_KEEP_RATIO < 0.1
 

@@ -74,8 +74,8 @@ class Budget:
         if self.mode == "ratio":
             if value is None or not 0 <= value <= 1:
                 raise ValueError("budget mode 'ratio' needs a fraction in [0, 1]")
-            if value < MIN_KEEP_RATIO:
-                raise ValueError(_below_floor(f"{value:.1%} of the visual tokens"))
+            if value < MIN_KEEP_RATIO:                 # 1.99%, not "2.0%", is below the floor of 2%
+                raise ValueError(_below_floor(f"{100 * value:g}% of the visual tokens"))
         if self.mode == "threshold" and (value is None or not 0 <= value <= 1):
             raise ValueError("budget mode 'threshold' needs θ in [0, 1]")
 
@@ -90,12 +90,16 @@ class Budget:
         if text in ("auto", "full"):
             return cls(text)  # type: ignore[arg-type]
         if text.endswith("%"):
-            return cls("ratio", _number(text[:-1], text) / 100)
+            percent = _number(text[:-1], text)
+            if not 0 <= percent <= 100:
+                raise ValueError(f"A percent budget lies between {100 * MIN_KEEP_RATIO:g}% and 100%; "
+                                 f"{text!r} does not.")
+            return cls("ratio", percent / 100)
         if text.startswith("θ="):                         # a label (``label``) read back
             return cls("threshold", _number(text[2:], text))
         if ":" in text:
             mode, val = text.split(":", 1)
-            return cls(mode, _number(val, text))  # type: ignore[arg-type]
+            return cls(mode.strip(), _number(val, text))  # type: ignore[arg-type]
         if text.isdigit():
             return cls("top_k", float(text))
         raise ValueError(_unreadable(text))
