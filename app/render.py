@@ -177,7 +177,7 @@ def compare_table(rows: list[dict], question: str, scan: str) -> str:
         prob = "—" if r["probability"] is None else f"{100 * r['probability']:.0f}%"
         flag = " ⚠ differs from Full" if r["differs_from_full"] else ""
         body.append(f"<tr{' class=diff' if r['differs_from_full'] else ''}><td>{esc(r['budget'])}</td>"
-                    f"<td>{r['kept']}</td><td>{text}{flag}</td><td>{prob}</td>"
+                    f"<td>{r['kept']} / {r['total']}</td><td>{text}{flag}</td><td>{prob}</td>"
                     f"<td>{r['latency_ms']} ms (batch)</td></tr>")
     return (f"<div id='compare-question' style='{_MUTED}'>Q: {esc(question)} — on <b>{esc(scan)}</b></div>"
             "<table class='cmp'><tr><th>budget</th><th>kept tokens</th><th>answer</th><th>probability</th>"

@@ -718,3 +718,19 @@ def test_two_asks_of_one_session_at_once_each_show_one_answer(engine, store, mon
     assert s.audit.retention == organ_retention(s.blocks, s.answer.keep_grid)
     assert (s.answer.kept == 1000) == (s.question == "Is the spleen enlarged?")
 
+
+def test_compare_names_its_question_and_draws_every_row_with_a_prior(engine, store):
+    """/compare returned "question": "" (the session's last asked question: none on the scan it loads);
+    with a prior scan Full keeps 2,000 tokens, drawn above the plot's fixed 0–1,050 axis and listed
+    without the total it is of."""
+    from app import api
+    from app import handlers as h
+
+    r = api.compare("  Is the spleen enlarged? ", sample="abdomen_ct", engine=engine)
+    assert r["question"] == "Is the spleen enlarged?"
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], None, None, ct, None, None, None, engine=engine, store=store)
+    cmp = h.compare(out["session"], "Is the spleen enlarged?", engine=engine)
+    kept = list(cmp["cmp_plot"].data[0].y)
+    assert kept[-1] == 2000 and cmp["cmp_plot"].layout.yaxis.range[1] >= max(kept)
+    assert "<td>2000 / 2000</td>" in cmp["cmp_table"] and "<td>250 / 1000</td>" not in cmp["cmp_table"]

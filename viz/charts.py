@@ -68,10 +68,12 @@ def retention_bars(retention: dict[str, float], asked=None, small=()):
 
 
 def kept_vs_budget(rows: list[dict]):
+    """Kept tokens per budget of the Compare rows; the axis reaches their total (2,000 with a prior scan)."""
     import plotly.graph_objects as go
 
     fig = go.Figure(go.Scatter(x=[r["budget"] for r in rows], y=[r["kept"] for r in rows],
                                mode="lines+markers", text=[_text(r["answer"]) for r in rows]))
-    fig.update_layout(title="Visual tokens kept per budget", yaxis=dict(title="kept tokens", range=[0, 1050]),
+    top = 1.05 * max([1000] + [r["total"] for r in rows])
+    fig.update_layout(title="Visual tokens kept per budget", yaxis=dict(title="kept tokens", range=[0, top]),
                       height=300, margin=dict(l=40, r=10, t=40, b=40))
     return fig
