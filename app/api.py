@@ -9,9 +9,10 @@ sample id), a question and a budget, and return JSON — no browser session stat
 ``budget``: auto | full | 300 (tokens) | 25% | top_k:300 | ratio:0.25 | threshold:0.4; left empty, the
 checkpoint's default (auto on S2, full on S1, as photon-ask). The JSON holds
 the answer (None when it does not parse for its question; the raw text always), its probability,
-kept/total, the kept token indices, θ, per-structure retention, the structures the question names,
-warnings (the loader's, a low retention of the asked structure, label-name notes) and the checkpoint's
-provenance. Errors come back as the client's error with a readable message.
+kept/total, the kept token indices (and how many lie wholly outside the scan), θ, per-structure
+retention, the structures the question names, warnings (the loader's, a low retention of the asked
+structure, label-name notes) and the checkpoint's provenance. Errors come back as the client's error
+with a readable message.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def result(engine: Engine, s: Session, ans, audit: Audit) -> dict:
         "question": s.question, "answer": ans.text if audit.readable else None, "readable": audit.readable,
         "raw_text": ans.text, "probability": audit.probability, "budget": ans.budget,
         "kept": ans.kept, "total": ans.total, "keep_fraction": round(ans.keep_fraction, 4),
-        "kept_token_indices": list(ans.kept_indices),
+        "kept_token_indices": list(ans.kept_indices), "kept_tokens_outside_scan": audit.outside,
         "theta": round(float(ans.theta), 4) if np.isfinite(ans.theta) else None,
         "per_organ_retention": {k: round(v, 4) for k, v in audit.retention.items()},
         "asked_structures": list(audit.asked), "counted_by_any_overlap": list(audit.small),

@@ -116,8 +116,18 @@ def answer_card(s: Session, ans, audit: Audit | None, provenance: dict, timing: 
             f"{asked}</div><div style='font-size:1.3em'><b>Answer:</b> {answer} <span id='probability' "
             f"style='font-size:0.75em;{_MUTED}' title='exp(mean token log-probability)'>probability {prob}"
             f"</span></div><div id='token-count'>Visual tokens kept: <b>{ans.kept}</b> / {ans.total} "
-            f"({100 * ans.keep_fraction:.1f}%) · budget {budget}</div>{split}"
+            f"({100 * ans.keep_fraction:.1f}%) · budget {budget}</div>{split}{_outside(audit.outside)}"
             f"<div id='latency'>{lat} · device {esc(ans.device)}</div>{_provenance(provenance)}{warn}</div>")
+
+
+def _outside(n: int) -> str:
+    """Kept tokens the slices cannot show: the scan is smaller than the model's field, padded around."""
+    if not n:
+        return ""
+    lie = "lie" if n > 1 else "lies"
+    return (f"<div id='outside-note' style='{_MUTED}'>{n} of the kept tokens {lie} wholly in the padding "
+            f"around this scan (smaller than the model's field): the 3-D view draws them beside the anatomy; "
+            f"the slices and the exported mask cannot show them.</div>")
 
 
 def budget_words(ans) -> str:

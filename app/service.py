@@ -23,7 +23,7 @@ import numpy as np
 
 from photon_core import organs
 from photon_core.inference.answers import question_type, readable
-from photon_core.inference.audit import export_audit, organ_retention
+from photon_core.inference.audit import export_audit, kept_outside, organ_retention
 from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
 from photon_core.io.preprocess import prepare
@@ -92,6 +92,7 @@ class Audit:
     readable: bool                         # the answer parses for its question type
     probability: float | None              # exp(mean token log-prob), when the model reports it
     untrained: bool = False                # the demo model never saw a question of this kind
+    outside: int = 0                       # kept tokens wholly in the padding around the scan (not on it)
 
 
 _LOADS = itertools.count(1)
@@ -363,7 +364,8 @@ class Engine:
         return Audit(retention=retention, asked=asked, asked_retention=asked_ret, warning=warning,
                      small=tuple(n for n in s.small_structures if n in retention),
                      readable=readable(question, ans.text, list(s.blocks)), probability=probability(ans),
-                     untrained=self.is_demo and question_type(question) == "open")
+                     untrained=self.is_demo and question_type(question) == "open",
+                     outside=kept_outside(s.token_index, keep) if s.token_index is not None else 0)
 
     def export(self, s: Session, pngs: dict[str, bytes], folder: Path) -> list[Path]:
         """The audit of the session's last answer as files in ``folder`` (mask, report, PNG views)."""

@@ -734,3 +734,31 @@ def test_compare_names_its_question_and_draws_every_row_with_a_prior(engine, sto
     kept = list(cmp["cmp_plot"].data[0].y)
     assert kept[-1] == 2000 and cmp["cmp_plot"].layout.yaxis.range[1] >= max(kept)
     assert "<td>2000 / 2000</td>" in cmp["cmp_table"] and "<td>250 / 1000</td>" not in cmp["cmp_table"]
+
+
+def test_the_card_counts_the_kept_tokens_the_slices_cannot_show(engine, store, tmp_path):
+    """On a scan smaller than the model's field the card said e.g. 90 tokens kept while the slices and
+    the mask showed 59 blocks (the other 31 lie in the padding, drawn in 3-D beside the anatomy): only
+    report.json said so. The card and /ask's JSON now count them, as the export does."""
+    from app import api
+    from app import handlers as h
+    from photon_core.io.preprocess import TOKEN_GRID
+
+    hu = np.full((60, 50, 40), -1000.0, np.float32)
+    hu[10:50, 5:45, 5:35] = 40.0
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([3.0, 3.0, 3.0, 1.0])), str(small))
+    out = h.load_upload([str(small)], None, None, None, None, None, None, engine=engine, store=store)
+    s = out["session"]
+    asked = _ask(engine, out, "Is the spleen enlarged?", mode="Full")
+    shown = set(np.unique(s.token_index[s.token_index >= 0]).tolist())
+    padding = int(np.prod(TOKEN_GRID)) - len(shown)
+    assert padding > 0
+    assert f"{padding} of the kept tokens lie wholly in the padding" in html.unescape(asked["card"])
+    files = h.export(s, out["view"], *SLICE_CONTROLS, engine=engine)["exp_files"]
+    report = json.loads(next(open(f).read() for f in files if f.endswith("report.json")))
+    assert report["kept_tokens_outside_scan"] == padding
+    r = api.ask("Is the spleen enlarged?", [str(small)], budget="full", engine=engine)
+    assert r["kept_tokens_outside_scan"] == padding
+    whole = _ask(engine, h.load_case(ABDOMEN, None, None, engine=engine, store=store), mode="Full")
+    assert "outside-note" not in whole["card"]          # a scan that fills the field: no note

@@ -1,6 +1,7 @@
 """The retention audit: what the model kept, on the ORIGINAL scan, per organ, and as files.
 
 * `kept_mask_original` — the kept token blocks as a mask on the original voxel grid (Geometry).
+* `kept_outside` — kept tokens that lie wholly in the padding around a scan smaller than the model's field.
 * `organ_retention` — per organ, the share of its token blocks that were kept (which blocks count for
   an organ: `photon_core.organs.label_blocks`).
 * `export_audit` — NIfTI mask (opens over the scan in 3D Slicer), JSON report, and given PNGs.
@@ -27,7 +28,7 @@ def kept_mask_original(token_index: np.ndarray, keep_flat: np.ndarray) -> np.nda
     return lut[token_index].astype(np.uint8)
 
 
-def _kept_outside(token_index: np.ndarray, keep_flat: np.ndarray) -> int:
+def kept_outside(token_index: np.ndarray, keep_flat: np.ndarray) -> int:
     """Kept tokens that cover no voxel of the scan (wholly in the padding around a scan smaller than the
     model's field)."""
     covered = np.zeros(keep_flat.size + 1, bool)
@@ -91,7 +92,7 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
         "mask_file": "kept_blocks.nii.gz (uint8, original scan grid, 1 = voxel inside a kept token block)",
         # blocks of the model's field that lie wholly in the padding around a scan smaller than it: kept or
         # not, the mask cannot show them
-        "kept_tokens_outside_scan": _kept_outside(token_index, keep),
+        "kept_tokens_outside_scan": kept_outside(token_index, keep),
         "versions": {"photon_ct": getattr(photon_core, "__version__", "0"), "torch": torch.__version__,
                      "nibabel": nib.__version__, "python": platform.python_version()},
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
