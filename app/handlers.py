@@ -24,7 +24,7 @@ import gradio as gr
 
 from photon_core.inference.prompt import clean_question
 from photon_core.io.volume import VolumeError, clean_text
-from photon_core.model.budget import MIN_KEEP_TOKENS, Budget, applied_cut
+from photon_core.model.budget import MIN_KEEP_TOKENS, SCAN_TOKENS, Budget, applied_cut
 from photon_core.organs import organs_in_question
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.slices import WINDOWS, pick
@@ -48,6 +48,7 @@ from .view import (
 
 log = logging.getLogger("photon_ct")
 MODES = ["Auto", "Tokens", "Percent", "Threshold", "Full"]
+TOKENS_MAX = SCAN_TOKENS             # the Tokens slider's top (a prior scan doubles the tokens: Percent)
 MAX_MESSAGE = 400
 PROGRESS = gr.Progress()             # a marker: Gradio hands each event its own progress tracker
 
@@ -350,7 +351,8 @@ def triage(s, view, question, tokens, percent, theta, width, level, opacity, req
 
 def review(s, view, question, tokens, percent, theta, width, level, opacity, request: gr.Request = None, *,
            engine: Engine) -> dict:
-    """At least twice what Auto keeps (≥ 100 tokens), as a Tokens budget."""
+    """At least twice what Auto keeps (≥ 100 tokens), as a Tokens budget; a count beyond the Tokens
+    slider (with a prior scan's tokens) as the same share, in Percent."""
     t0 = time.perf_counter()
     try:
         _check_not_loading(request)
@@ -358,11 +360,16 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
             raise ValueError("Load a sample case or upload a scan first.")
         auto = engine.ask(s, question, Budget("auto"))          # a probe: the session keeps its answer
         k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
+        if k <= TOKENS_MAX:
+            mode, budget, value = "Tokens", Budget("top_k", float(k)), k
+        else:
+            mode, budget, value = "Percent", Budget("ratio", k / auto.total), round(100 * k / auto.total, 6)
         with s.lock:
-            engine.answer(s, question, Budget("top_k", float(k)))
+            engine.answer(s, question, budget)
             out = _answer_outputs(engine, s, view, width, level, opacity, t0)
-        return {**out, "mode": "Tokens", "tokens": gr.update(value=k, visible=True),
-                "percent": gr.update(visible=False), "theta": gr.update(visible=False)}
+        shown = {name: gr.update(visible=False) for name in ("tokens", "percent", "theta")}
+        shown[mode.lower()] = gr.update(value=value, visible=True)
+        return {**out, "mode": mode, **shown}
     except Exception as e:  # noqa: BLE001
         return _failed_ask(engine, s, e)
 

@@ -152,8 +152,8 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
                          info=modes_note or None)
     # each mode its own slider (its own value); the floor is checked with a message (a slider minimum
     # would refuse a typed value without one)
-    c["tokens"] = gr.Slider(0, 1000, value=390, step=10, label=f"Tokens to keep (≥ {MIN_KEEP_TOKENS})",
-                            visible=False, elem_id="budget_tokens", elem_classes=ENTER)
+    c["tokens"] = gr.Slider(0, h.TOKENS_MAX, value=390, step=10, visible=False, elem_id="budget_tokens",
+                            label=f"Tokens to keep (≥ {MIN_KEEP_TOKENS})", elem_classes=ENTER)
     c["percent"] = gr.Slider(0, 100, value=25, step=1, visible=False, elem_id="budget_percent",
                              label=f"Percent of visual tokens (≥ {MIN_KEEP_TOKENS / 10:g}%)",
                              elem_classes=ENTER)

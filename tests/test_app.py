@@ -762,3 +762,28 @@ def test_the_card_counts_the_kept_tokens_the_slices_cannot_show(engine, store, t
     assert r["kept_tokens_outside_scan"] == padding
     whole = _ask(engine, h.load_case(ABDOMEN, None, None, engine=engine, store=store), mode="Full")
     assert "outside-note" not in whole["card"]          # a scan that fills the field: no note
+
+
+def test_review_with_a_prior_scan_leaves_a_value_its_slider_takes(engine, store):
+    """Review keeps at least twice Auto's tokens, set in the Tokens slider: with a prior scan (2,000 tokens)
+    that count can pass the slider's 1,000, and Gradio then refused every later ask or budget change of
+    the page ("Value 1200 is greater than maximum value 1000"). Such a count is set as its share, in
+    Percent."""
+    import gradio as gr
+
+    from app import handlers as h
+    from photon_core.model.budget import Budget
+
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], None, None, ct, None, None, None, engine=engine, store=store)
+    s, q = out["session"], "Is the spleen enlarged?"
+    auto = engine.ask(s, q, Budget("auto"))
+    k = min(auto.total, max(2 * auto.kept, 100))
+    assert k > 1000                                   # the tiny model keeps about half of the 2,000
+    r = h.review(s, out["view"], q, 300, 25, 0.5, *SLICE_CONTROLS, engine=engine)
+    assert s.answer.kept == k and f"kept: <b>{k}</b> / 2000" in r["card"]
+    for name, top in (("tokens", 1000), ("percent", 100)):
+        value = r[name].get("value")
+        if value is not None:
+            gr.Slider(0, top).preprocess(value)       # what Gradio does with it at the next ask
+    assert r["mode"] == "Percent" and r["percent"]["visible"] and not r["tokens"]["visible"]
