@@ -316,7 +316,10 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
             progress(0.1, desc="Asking Photon")
             engine.answer(s, question, budget)
             progress(0.7, desc="Drawing the kept blocks")
-            return _answer_outputs(engine, s, view, width, level, opacity, t0)
+            out = _answer_outputs(engine, s, view, width, level, opacity, t0)
+        if budget.mode == "top_k" and budget.value != tokens:    # 33.7 typed: the box shows the 34 asked
+            out["tokens"] = int(budget.value)
+        return out
     except Exception as e:  # noqa: BLE001
         return _failed_ask(engine, s, e)
 

@@ -787,3 +787,14 @@ def test_review_with_a_prior_scan_leaves_a_value_its_slider_takes(engine, store)
         if value is not None:
             gr.Slider(0, top).preprocess(value)       # what Gradio does with it at the next ask
     assert r["mode"] == "Percent" and r["percent"]["visible"] and not r["tokens"]["visible"]
+
+
+def test_a_token_count_typed_with_decimals_shows_the_count_asked(engine, store):
+    """A Tokens value typed as 33.7 was asked as 34 tokens while the box kept showing 33.7 beside the
+    card's "34 tokens": the box now shows the count asked."""
+    from app import handlers as h
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    out = _ask(engine, a, mode="Tokens", tokens=33.7)
+    assert out["session"].answer.kept == 34 and out["tokens"] == 34
+    assert "tokens" not in _ask(engine, a, mode="Tokens", tokens=40)      # a whole count is left as typed
