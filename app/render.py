@@ -160,8 +160,13 @@ def legend_html(ans=None, highlighted: list[str] = (), organs: list[tuple[str, t
         theta = (f"<div style='position:absolute;left:{100 * float(np.clip(cut, 0, 1)):.1f}%;top:-3px;"
                  f"height:20px;border-left:2px solid #000' title='cut'></div>")
         what = "θ" if Budget.parse(ans.budget).mode == "auto" else "the cut"
-    kept = (f"kept region of this answer: {ans.kept} / {ans.total} tokens" if ans is not None
-            else "no answer yet: the anatomy only")
+    if ans is None:
+        kept = "no answer yet: the anatomy only"
+    elif ans.prior_total:           # the prior scan's kept tokens are not drawn
+        kept = (f"kept region of this answer: {ans.kept - ans.prior_kept} / {ans.total - ans.prior_total} "
+                f"tokens of the current scan; {ans.prior_kept} of the prior scan are not drawn")
+    else:
+        kept = f"kept region of this answer: {ans.kept} / {ans.total} tokens"
     axes = " ".join(f"<span style='color:{_rgb(c)};font-weight:bold'>{a}</span>"
                     for a, c in AXIS_COLOURS.items())
     organ_rows = "".join(

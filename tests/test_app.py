@@ -798,3 +798,19 @@ def test_a_token_count_typed_with_decimals_shows_the_count_asked(engine, store):
     out = _ask(engine, a, mode="Tokens", tokens=33.7)
     assert out["session"].answer.kept == 34 and out["tokens"] == 34
     assert "tokens" not in _ask(engine, a, mode="Tokens", tokens=40)      # a whole count is left as typed
+
+
+def test_the_3d_legend_counts_the_blocks_it_draws_with_a_prior(engine, store):
+    """With a prior scan the 3-D legend read "kept region of this answer: 1000 / 2000 tokens" over the
+    current scan's 600-odd blocks (the prior's kept tokens are not drawn): it counts the current scan's,
+    as the card's split line does."""
+    from app import handlers as h
+
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], None, None, ct, None, None, None, engine=engine, store=store)
+    asked = _ask(engine, out, "Is the spleen enlarged?", mode="Tokens", tokens=1000)
+    ans = out["session"].answer
+    drawn = int(ans.keep_grid.sum())
+    assert ans.prior_kept > 0 and drawn == ans.kept - ans.prior_kept
+    legend = html.unescape(asked["legend"])
+    assert f"{drawn} / 1000 tokens of the current scan" in legend and f"{ans.kept} / 2000" not in legend
