@@ -603,51 +603,6 @@ def test_the_api_without_a_budget_asks_under_the_checkpoints_default(engine, tin
     assert r["budget"] == "auto" and r["kept"] < r["total"]
 
 
-def test_two_asks_of_one_browser_at_once_each_show_their_own_answer(engine, store):
-    """Enter in the question box and a click on Ask (or Review, a mode, a slider) run side by side in one
-    session: the first ask's card showed the second ask's question and answer (both wrote the session's
-    answer while the other was still reading it). Asks of one session now run one at a time."""
-    import threading
-
-    from app import handlers as h
-
-    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
-    s, view = a["session"], a["view"]
-    first_waits, second_answered = threading.Event(), threading.Event()
-    audit, batcher_ask = engine.audit, engine.batcher.ask
-
-    def slow_audit(sess, question, ans):
-        if question == "Is the spleen enlarged?":
-            first_waits.set()
-            second_answered.wait(3)          # the old code: the second ask answers meanwhile
-        return audit(sess, question, ans)
-
-    def ask_rows(queries, **kw):
-        out = batcher_ask(queries, **kw)
-        if queries[0].question != "Is the spleen enlarged?":
-            second_answered.set()
-        return out
-
-    engine.audit, engine.batcher.ask = slow_audit, ask_rows
-    try:
-        cards = {}
-
-        def ask(question, tokens):
-            cards[question] = h.ask(s, view, question, "Tokens", tokens, 25, 0.5, *SLICE_CONTROLS,
-                                    engine=engine)["card"]
-
-        first = threading.Thread(target=ask, args=("Is the spleen enlarged?", 300))
-        first.start()
-        assert first_waits.wait(30)
-        ask("Is there a lesion in the liver?", 500)
-        first.join(60)
-    finally:
-        engine.audit, engine.batcher.ask = audit, batcher_ask
-    for question, kept in (("Is the spleen enlarged?", 300), ("Is there a lesion in the liver?", 500)):
-        card = html.unescape(cards[question])
-        assert f"Q: {question}" in card and f"kept: <b>{kept}</b> / 1000" in card, card
-
-
 def test_toasts_show_user_text_as_written(engine, store, tmp_path, monkeypatch):
     """Gradio renders a toast's message as (sanitised) HTML: a file named 'a&amp;b.nii.gz' was toasted as
     'a&b.nii.gz', and markup in a message would be drawn, while the status line showed the name as written.

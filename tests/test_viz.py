@@ -251,7 +251,7 @@ def test_names_from_a_users_table_reach_the_charts_as_text_not_markup():
     shown = "&lt;a href='https://example.org/login'&gt;liver&lt;/a&gt; &amp; &lt;b&gt;x&lt;/b&gt; (asked)"
     assert shown in bar.y
     assert not any("<" in label for label in bar.y)
-    line = kept_vs_budget([{"budget": "Auto", "kept": 10, "answer": "<b>yes</b>"}]).data[0]
+    line = kept_vs_budget([{"budget": "Auto", "kept": 10, "total": 1000, "answer": "<b>yes</b>"}]).data[0]
     assert list(line.text) == ["&lt;b&gt;yes&lt;/b&gt;"]
 
 
