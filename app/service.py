@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -146,10 +146,20 @@ class Session:
     # One ask, compare or export of this session at a time (`app.handlers` holds it): a browser can send
     # two at once (Enter and a click), and each reads the answer the other one writes.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    # A sample case's sessions share its scan, labels and token maps (the server's one copy, read-only as
+    # every session's are) and this one dict, where `app.view` keeps the case's views; None: an upload's.
+    shared: dict | None = field(default=None, repr=False, compare=False)
 
     def ids_of(self, names) -> list[int]:
         """Label ids of structure names, in the order of the names."""
         return [int(i) for n in dict.fromkeys(names) for i, m in self.label_names.items() if m == n]
+
+    def another(self) -> Session:
+        """A new session of the same scan, nothing asked yet: the arrays are this one's, not copies."""
+        return replace(self, label_names=dict(self.label_names), blocks=dict(self.blocks),
+                       small_structures=list(self.small_structures), warnings=list(self.warnings),
+                       series=list(self.series), answer=None, question="", audit=None, compared=None,
+                       serial=next(_LOADS), lock=threading.RLock())
 
 
 class Engine:
@@ -159,6 +169,7 @@ class Engine:
         self._batcher = None
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, tuple] = OrderedDict()
+        self._samples: dict[str, Session] = {}          # sample case title -> its loaded session, once
 
     def close(self) -> None:
         """Stop the ask batcher and drop the encoded volumes (the app is shutting down)."""
@@ -264,11 +275,24 @@ class Engine:
         return [Query(question, b, volume, prior) for b in budgets]
 
     def load_case(self, title: str, progress=lambda *a, **k: None) -> Session:
+        """A sample case, read and prepared once per server: every browser opening the page loads one, so
+        each session of a case shares the case's arrays (≈ 20–40 MB a case) instead of holding its own."""
         c = case_by_title(title)
-        progress(0.05, desc=f"Loading {c['title']}")
-        vol = load_volume(samples.path(c["file"]), self.settings.limits)
-        lab = samples.path(c["label_map"]) if c.get("label_map") else None
-        return self.open_session(vol, c["title"], lab, c.get("labels"), progress)
+        with self._lock:
+            first = self._samples.get(c["title"])
+        if first is None:
+            progress(0.05, desc=f"Loading {c['title']}")
+            vol = load_volume(samples.path(c["file"]), self.settings.limits)
+            lab = samples.path(c["label_map"]) if c.get("label_map") else None
+            s = self.open_session(vol, c["title"], lab, c.get("labels"), progress)
+            s.shared = {}
+            with self._lock:
+                first = self._samples.setdefault(c["title"], s)
+        else:
+            progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
+            with self._lock:
+                self._encode(first.key, first.volume)    # encoded again if the LRU let it go
+        return first.another()
 
     def series(self, files: list[str]) -> list:
         """The DICOM series among uploaded files (empty for a NIfTI/NRRD file or a single series)."""

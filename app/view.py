@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -235,8 +235,24 @@ class View:
         self.files.remove()
 
 
+_SHARED_LOCK = threading.Lock()
+
+
 def build_view(s: Session, files: Files) -> View:
-    """Surfaces, marker and RAS arrays of a newly loaded scan; the crosshair at the scan's centre."""
+    """Surfaces, marker and RAS arrays of a newly loaded scan; the crosshair at the scan's centre. A sample
+    case's are built once per server and shared, read-only, by every session of the case (``s.shared``)."""
+    if s.shared is None:
+        return _build_view(s, files)
+    with _SHARED_LOCK:
+        first = s.shared.get("view")
+    if first is None:
+        first = _build_view(s, None)
+        with _SHARED_LOCK:
+            first = s.shared.setdefault("view", first)
+    return replace(first, files=files, layout=None)
+
+
+def _build_view(s: Session, files: Files | None) -> View:
     t = time.perf_counter()
     vol = s.volume
     v = View(files=files)
