@@ -806,8 +806,9 @@ def _load_file(path: Path, limits: Limits) -> Volume:
             except VolumeError as e:
                 raise VolumeError(str(e).replace(f"'{alias.name}'", f"'{path.name}'")) from None
             what = {".nii.gz": "gzip-compressed NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD"}[held]
-            vol.warnings.insert(0, f"'{clean_text(path.name)}' holds {what} data; it was read as such (its "
-                                   f"name ends otherwise, so other programs may not open it as it is).")
+            # not named: the warnings go into the export's report.json, which never names an upload
+            vol.warnings.insert(0, f"The file holds {what} data; it was read as such (its name ends "
+                                   f"otherwise, so other programs may not open it as it is).")
             return vol
     if name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz")):
         return _load_nifti(path, limits)
