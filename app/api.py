@@ -23,7 +23,7 @@ from photon_core.inference.prompt import clean_question
 from photon_core.model.budget import Budget
 
 from .handlers import _key, bind, message
-from .service import Audit, Engine, Session, cases
+from .service import Audit, Engine, Session, cases, prior_description
 from .view import FileStore
 
 
@@ -71,7 +71,8 @@ def result(engine: Engine, s: Session, ans, audit: Audit) -> dict:
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
     }
     if ans.prior_total:
-        out["prior_scan"] = {"total": ans.prior_total, "kept": ans.prior_kept}
+        out["prior_scan"] = {"scan": prior_description(s.prior), "total": ans.prior_total,
+                             "kept": ans.prior_kept}
     return out
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from photon_core.model.budget import Budget, applied_cut, describe, floor_note, is_baseline
 from viz.scene import AXIS_COLOURS, HIGHLIGHT, rho_bins
 
-from .service import Audit, Session
+from .service import Audit, Session, prior_description
 
 _BOX = "border:1px solid #ccc;border-radius:6px;padding:10px"
 _WARN = "background:#fff4e0;border-left:4px solid #e08a00;padding:6px;margin-top:6px"
@@ -52,7 +52,8 @@ def status_html(s: Session | None, error: str | None = None, failed_name: str | 
                  f"overlap</summary>"
                  f"{names(s.small_structures)}</details>")
     if s.prior is not None:
-        body += f"<div>Prior scan (asked together, first): {esc(s.prior.summary())}</div>"
+        prior = esc(prior_description(s.prior))
+        body += f"<div id='prior-status'>Prior scan (asked together, first): {prior}</div>"
     if s.series:
         body += (f"<div id='series-note' style='{_MUTED}'>The upload holds {len(s.series)} series; choose "
                  f"one under “Series” (default: the axial CT series with most slices).</div>")

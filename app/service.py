@@ -26,6 +26,8 @@ from photon_core.inference.answers import question_type, readable
 from photon_core.inference.audit import export_audit, kept_outside, organ_retention
 from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
+from photon_core.io.dicom import CHOOSE_SERIES
+from photon_core.io.orientation import reorient
 from photon_core.io.preprocess import prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
 from photon_core.model.budget import Budget, applied_cut, describe, floor_note
@@ -322,6 +324,7 @@ class Engine:
                 prior = load_volume(prior_file, self.settings.limits)
             except VolumeError as e:
                 raise UploadPartError(f"The prior scan could not be read: {e}", prior_file) from None
+            prior.warnings = [w.replace(CHOOSE_SERIES, PRIOR_SERIES) for w in prior.warnings]
         s = self.open_session(vol, upload_title(vol), Path(label_file) if label_file else None, None,
                               progress, label_table)
         s.series = listed
@@ -329,7 +332,8 @@ class Engine:
         if prior is not None:
             progress(0.9, desc="Encoding the prior scan")
             s.prior, s.prior_key = prior, volume_key(prior)
-            s.warnings += [f"prior scan: {w}" for w in prior.warnings] + prior_coverage_warnings(vol, prior)
+            s.warnings += ([f"prior scan: {w}" for w in prior.warnings] + prior_coverage_warnings(vol, prior)
+                           + ([SAME_PRIOR] if same_scan(vol, prior) else []))
             self._encode(s.prior_key, prior)
         return s
 
@@ -408,6 +412,8 @@ class Engine:
             "retention_warning": audit.warning or None,
             "load_warnings": list(s.warnings),
         }
+        if s.prior is not None:
+            findings["prior_scan"] = {"scan": prior_description(s.prior)}
         return export_audit(Path(folder), s.geometry, s.token_index, a, s.question, self.model_name,
                             audit.retention, pngs, s.title, findings)
 
@@ -444,6 +450,29 @@ def prior_coverage_warnings(current: Volume, prior: Volume) -> list[str]:
     return [f"The prior scan covers {size(b)} mm, the current scan {size(a)} mm (right–left × front–back × "
             f"head–foot): they may not show the same region, so a question about change compares only "
             f"what both show."]
+
+
+PRIOR_SERIES = ("The Series picker chooses the current scan's series; to compare with another of these, "
+                "upload that series alone as the prior scan.")
+SAME_PRIOR = ("The prior scan is the current scan itself (the same voxels): a question about change compares "
+              "the scan with itself. Upload the earlier scan as the prior.")
+
+
+def same_scan(current: Volume, prior: Volume) -> bool:
+    """The prior holds the current scan's voxels at the same places (the same file uploaded twice, or a
+    copy stored in another axis order)."""
+    if sorted(current.shape) != sorted(prior.shape):
+        return False
+    moved, to_prior = reorient(prior.hu, prior.affine, current.affine)
+    return (moved.shape == current.shape and np.allclose(prior.affine @ to_prior, current.affine, atol=1e-2)
+            and np.array_equal(moved, current.hu))
+
+
+def prior_description(prior: Volume) -> str:
+    """The prior scan in words, as the status line, the card's export and the API name it: its format and
+    grid (never a file name)."""
+    fmt = prior.meta.get("format") or prior.source_format
+    return f"{fmt} — {prior.summary()}"
 
 
 def probability(ans) -> float | None:

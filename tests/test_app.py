@@ -800,3 +800,62 @@ def test_sessions_of_a_sample_case_share_its_arrays_not_their_answers(engine, st
     assert sa.answer is not None and sb.answer is None and sb.audit is None and sb.question == ""
     h.move_point(sb, vb, 1, 2, 3, *SLICE_CONTROLS)
     assert va.point != vb.point
+
+
+def test_a_prior_that_is_the_current_scan_itself_is_warned(engine, store, tmp_path):
+    """The same file uploaded as scan and as prior (or a copy stored in another axis order) was taken as a
+    follow-up without a word: every question about change compared the scan with itself."""
+    from app import handlers as h
+
+    ct = SAMPLES / "abdomen_ct/ct.nii.gz"
+    img = nib.load(str(ct))
+    nib.save(img.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]])), str(tmp_path / "lps.nii.gz"))
+    nib.save(img.slicer[2:, :, 3:], str(tmp_path / "earlier.nii.gz"))
+    for prior, same in ((ct, True), (tmp_path / "lps.nii.gz", True), (tmp_path / "earlier.nii.gz", False)):
+        out = h.load_upload([str(ct)], None, None, str(prior), None, None, None, engine=engine, store=store)
+        said = [w for w in out["session"].warnings if "the scan with itself" in w]
+        assert len(said) == (1 if same else 0), (prior.name, out["session"].warnings)
+        assert ("the scan with itself" in html.unescape(out["status"])) is same
+
+
+def test_a_prior_from_a_study_of_several_series_does_not_point_to_the_scans_picker(engine, store, tmp_path):
+    """A prior given as a PACS export said "Choose another series to load it instead", but the Series
+    picker chooses the current scan's series: the prior's warning says how to use another of its series."""
+    import zipfile
+
+    from test_volume import _pacs_export
+
+    from app import handlers as h
+
+    study = _pacs_export(tmp_path)
+    prior = tmp_path / "earlier_study.zip"
+    with zipfile.ZipFile(prior, "w") as z:
+        for f in sorted(study.iterdir()):
+            z.write(f, f"study/{f.name}")
+    out = h.load_upload([str(SAMPLES / "abdomen_ct/ct.nii.gz")], None, None, str(prior), None, None, None,
+                        engine=engine, store=store)
+    said = [w for w in out["session"].warnings if w.startswith("prior scan: This upload holds 3 series")]
+    assert len(said) == 1 and "Abdomen 2.0 Br38f" in said[0], out["session"].warnings
+    assert "Choose another series" not in said[0] and "upload that series alone as the prior" in said[0]
+    assert out["series"]["visible"] is False            # the current scan (one NIfTI) has no series to pick
+
+
+def test_the_report_and_the_api_name_the_prior_scan_an_answer_used(engine, store, tmp_path):
+    """report.json said only how many of a prior's tokens were kept, not which prior scan was asked with:
+    it names it (format and grid, never a file name) as the status line does, and so does the API."""
+    from app import api
+    from app import handlers as h
+
+    ct = SAMPLES / "abdomen_ct/ct.nii.gz"
+    nib.save(nib.load(str(ct)).slicer[4:118, 2:99, 5:108], str(tmp_path / "Doe_2019.nii.gz"))
+    out = h.load_upload([str(ct)], None, None, str(tmp_path / "Doe_2019.nii.gz"), None, None, None,
+                        engine=engine, store=store)
+    asked = _ask(engine, out, "Has the liver lesion grown since the prior scan?")
+    s = asked["session"]
+    files = h.export(s, out["view"], *SLICE_CONTROLS, engine=engine)["exp_files"]
+    report = json.loads(next(open(f).read() for f in files if f.endswith("report.json")))
+    named = report["prior_scan"]["scan"]
+    assert "NIfTI" in named and "114×97×103 voxels" in named and "Doe" not in named
+    assert report["prior_scan"]["visual_tokens_total"] == s.answer.prior_total == 1000
+    assert named in html.unescape(out["status"])
+    assert api.result(engine, s, s.answer, s.audit)["prior_scan"]["scan"] == named

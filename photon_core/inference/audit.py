@@ -99,7 +99,7 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
     }
     report.update(findings or {})
     if answer.prior_total:     # asked with a prior scan: the counts above hold both, the mask the current
-        report["prior_scan"] = {"visual_tokens_total": answer.prior_total,
+        report["prior_scan"] = {**report.get("prior_scan", {}), "visual_tokens_total": answer.prior_total,
                                 "visual_tokens_kept": answer.prior_kept,
                                 "note": "kept_token_indices and the mask are the current scan's"}
     paths.append(folder / "report.json")

@@ -357,6 +357,9 @@ def _ordered(groups: dict[str, list[_Image]], limits: Limits) -> list[tuple[Seri
                                       x[0].description, x[0].uid))
 
 
+CHOOSE_SERIES = "Choose another series to load it instead."     # the app's Series picker (the scan's only)
+
+
 def list_series(files: Sequence[Path], limits: Limits) -> list[SeriesInfo]:
     """The DICOM series among ``files``, the default first (see `load_series`)."""
     return [info for info, _ in _ordered(_scan(files, limits), limits)]
@@ -389,7 +392,7 @@ def load_series(files: Sequence[Path], limits: Limits, series: str | None = None
     others = [i.label for i, _ in ordered if i.uid != info.uid]
     if others:
         warnings.append(f"This upload holds {len(ordered)} series; loaded: {info.label}. Not loaded: "
-                        f"{'; '.join(others)}. Choose another series to load it instead.")
+                        f"{'; '.join(others)}. {CHOOSE_SERIES}")
     return _load_images(images, limits, warnings)
 
 
