@@ -212,7 +212,10 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
         out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
         return out
     except Exception as e:  # noqa: BLE001
-        return _failed_load(old, e, f"'{e.file_name}'" if isinstance(e, UploadPartError) else name)
+        out = _failed_load(old, e, f"'{e.file_name}'" if isinstance(e, UploadPartError) else name)
+        if old is not None and series_uid and any(x.uid == series_uid for x in old.series):
+            out["series"] = gr.update(value=old.series_uid)    # the picker names the series still loaded
+        return out
 
 
 def upload_questions(s: Session) -> list[str]:

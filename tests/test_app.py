@@ -859,3 +859,31 @@ def test_the_report_and_the_api_name_the_prior_scan_an_answer_used(engine, store
     assert report["prior_scan"]["visual_tokens_total"] == s.answer.prior_total == 1000
     assert named in html.unescape(out["status"])
     assert api.result(engine, s, s.answer, s.audit)["prior_scan"]["scan"] == named
+
+
+def test_a_series_that_fails_to_load_leaves_the_picker_on_the_series_still_loaded(engine, store, monkeypatch,
+                                                                                  tmp_path):
+    """Picking a series that could not be loaded (a localizer, a label map of another grid) kept the
+    previous series on screen while the Series picker named the one that failed."""
+    import types
+
+    from app import handlers as h
+    from app import service
+    from photon_core.io.volume import VolumeError, load_volume
+
+    series = [types.SimpleNamespace(uid=u, label=d) for u, d in (("s1", "Abdomen B31f"), ("s2", "Topogram"))]
+
+    def load(src, limits, series=None):
+        if series == "s2":
+            raise VolumeError("This DICOM series holds a single image (512×512).")
+        return load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
+
+    monkeypatch.setattr(service, "list_series", lambda files, limits: series)
+    monkeypatch.setattr(service, "load_volume", load)
+    files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
+    out = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
+    assert out["series"]["value"] == "s1"
+    failed = h.load_upload(files, None, None, None, "s2", out["session"], out["view"], engine=engine,
+                           store=store)
+    assert "single image" in failed["status"] and "still active" in failed["status"]
+    assert failed["series"]["value"] == "s1" and "session" not in failed
