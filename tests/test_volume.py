@@ -569,6 +569,35 @@ def test_pacs_export_lists_its_series_and_loads_the_chosen_one(tmp_path, monkeyp
     assert read and all(t not in ds for ds in read for t in ("PatientName", "PatientID", "PatientBirthDate"))
 
 
+def test_a_series_sent_twice_gets_two_choices_a_user_can_tell_apart(tmp_path):
+    """A study holding one series twice (re-sent under a new series UID, or two phases under one
+    description) listed two identical choices and warned 'loaded: X. Not loaded: X': each is told apart by
+    its series number, else by its rank among the alike."""
+    import pydicom
+
+    study = _pacs_export(tmp_path)
+    for f in sorted(study.glob("soft_??.dcm")):
+        ds = pydicom.dcmread(str(f))
+        ds.SeriesInstanceUID = "1.2.826.0.1.9"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(str(study / f"again_{f.name}"))
+    labels = [s.label for s in list_series(study)]
+    assert len(labels) == 4 and len(set(labels)) == 4, labels
+    assert labels[:2] == ["Abdomen 2.0 Br38f — 20 axial CT slices, kernel Br38f [1 of 2 alike]",
+                          "Abdomen 2.0 Br38f — 20 axial CT slices, kernel Br38f [2 of 2 alike]"]
+    vol = load_volume(study)
+    said = next(w for w in vol.warnings if w.startswith("This upload holds 4 series"))
+    assert f"loaded: {labels[0]}. Not loaded: {labels[1]}; Lung" in said
+    for f in sorted(study.glob("*.dcm")):                              # with series numbers: those
+        ds = pydicom.dcmread(str(f))
+        ds.SeriesNumber = {"1.2.826.0.1.1": 3, "1.2.826.0.1.9": 7}.get(ds.SeriesInstanceUID, 5)
+        ds.save_as(str(f))
+    labels = [s.label for s in list_series(study)]
+    assert sorted(labels[:2]) == ["Abdomen 2.0 Br38f — 20 axial CT slices, kernel Br38f [series number 3]",
+                                  "Abdomen 2.0 Br38f — 20 axial CT slices, kernel Br38f [series number 7]"]
+    assert labels[2] == "Lung 2.0 Bl57 — 17 axial CT slices, kernel Bl57"      # a label of its own stays
+
+
 # ------------------------------------------------------- enhanced (multi-frame) CT: a series in one file
 
 def _enhanced_ct(path, order=None, positions=True, name="Doe^Jane"):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ _register_jpeg12()
 
 HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "Modality", "ImageType", "ConvolutionKernel",
                "ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns", "PixelSpacing",
-               "SliceThickness", "NumberOfFrames", "SamplesPerPixel", "InstanceNumber",
+               "SliceThickness", "NumberOfFrames", "SamplesPerPixel", "InstanceNumber", "SeriesNumber",
                "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence") + SAFE_DICOM_FIELDS
 PIXEL_TAGS = HEADER_TAGS + ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                             "PhotometricInterpretation", "PlanarConfiguration", "RescaleSlope",
@@ -353,8 +353,28 @@ def _describe(group: str, images: list[_Image], limits: Limits) -> SeriesInfo:
 def _ordered(groups: dict[str, list[_Image]], limits: Limits) -> list[tuple[SeriesInfo, list[_Image]]]:
     """Series described, the default first: loadable, axial, most slices, then by description."""
     out = [(_describe(group, images, limits), images) for group, images in groups.items()]
-    return sorted(out, key=lambda x: (not x[0].loadable, x[0].orientation != "axial", -x[0].slices,
-                                      x[0].description, x[0].uid))
+    out = sorted(out, key=lambda x: (not x[0].loadable, x[0].orientation != "axial", -x[0].slices,
+                                     x[0].description, x[0].uid))
+    return _told_apart(out)
+
+
+def _told_apart(ordered: list[tuple[SeriesInfo, list[_Image]]]) -> list[tuple[SeriesInfo, list[_Image]]]:
+    """Series whose labels are the same (a series sent twice, two phases under one description) would be
+    two identical choices, and 'loaded: X. Not loaded: X': each gets its series number, else its rank."""
+    alike: dict[str, list[int]] = {}
+    for n, (info, _) in enumerate(ordered):
+        alike.setdefault(info.label, []).append(n)
+    out = list(ordered)
+    for label, members in alike.items():
+        if len(members) < 2:
+            continue
+        numbers = [_text(ordered[n][1][0].ds.get("SeriesNumber"), 12) for n in members]
+        by_number = all(numbers) and len(set(numbers)) == len(numbers)
+        for rank, (n, number) in enumerate(zip(members, numbers), 1):
+            info, images = ordered[n]
+            tag = f"series number {number}" if by_number else f"{rank} of {len(members)} alike"
+            out[n] = (replace(info, label=f"{label} [{tag}]"), images)
+    return out
 
 
 CHOOSE_SERIES = "Choose another series to load it instead."     # the app's Series picker (the scan's only)
