@@ -429,11 +429,13 @@ def _kept_words(kept: int, total: int, name: str) -> str:
 def upload_title(vol: Volume) -> str:
     """What an upload is called on the page, the card and the export: its format, grid and the time it
     loaded ('NIfTI upload, 122×101×112 voxels of 3×3×3 mm, 14:32:05'), so that two uploads can be told
-    apart. Never a file name or a DICOM description (either may hold a patient's name)."""
+    apart. Never a file name or a DICOM description (either may hold a patient's name); a DICOM series'
+    reconstruction kernel, so that two series of one acquisition (soft tissue, lung) are told apart."""
     fmt = vol.meta.get("format") or vol.source_format
+    kernel = f"kernel {vol.meta['ConvolutionKernel']}, " if vol.meta.get("ConvolutionKernel") else ""
     shape = "×".join(str(n) for n in vol.shape)
     mm = "×".join(f"{v:.2g}" for v in vol.spacing)
-    return f"{fmt} upload, {shape} voxels of {mm} mm, {time.strftime('%H:%M:%S')}"
+    return f"{fmt} upload, {kernel}{shape} voxels of {mm} mm, {time.strftime('%H:%M:%S')}"
 
 
 PRIOR_EXTENT_RATIO = 1.5       # a prior larger or smaller than this along an axis may show another region

@@ -887,3 +887,35 @@ def test_a_series_that_fails_to_load_leaves_the_picker_on_the_series_still_loade
                            store=store)
     assert "single image" in failed["status"] and "still active" in failed["status"]
     assert failed["series"]["value"] == "s1" and "session" not in failed
+
+
+def test_two_kernels_of_one_acquisition_are_told_apart_on_the_card_and_in_the_export(engine, store,
+                                                                                       monkeypatch, tmp_path):
+    """The soft-tissue and the lung series of one acquisition have the same grid: the card, the status line
+    and report.json named both 'DICOM upload, 512×512×20 voxels …', so which one an answer was about could
+    not be told. An upload's name holds the series' reconstruction kernel."""
+    import types
+
+    from app import handlers as h
+    from app import service
+    from photon_core.io.volume import load_volume
+
+    series = [types.SimpleNamespace(uid=u, label=d) for u, d in (("s1", "Abdomen B31f"), ("s2", "Lung B70f"))]
+
+    def load(src, limits, series=None):
+        vol = load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
+        vol.meta = {"format": "DICOM", "ConvolutionKernel": {"s2": "B70f"}.get(series, "B31f")}
+        return vol
+
+    monkeypatch.setattr(service, "list_series", lambda files, limits: series)
+    monkeypatch.setattr(service, "load_volume", load)
+    files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
+    soft = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
+    lung = h.load_upload(files, None, None, None, "s2", soft["session"], soft["view"], engine=engine,
+                         store=store)
+    assert "kernel B31f" in soft["session"].title and "kernel B70f" in lung["session"].title
+    asked = _ask(engine, lung, "Is there a lesion in the liver?")
+    assert "kernel B70f" in html.unescape(asked["card"]) and "kernel B70f" in html.unescape(lung["status"])
+    files = h.export(asked["session"], lung["view"], *SLICE_CONTROLS, engine=engine)["exp_files"]
+    report = json.loads(next(open(f).read() for f in files if f.endswith("report.json")))
+    assert "kernel B70f" in report["case"]
