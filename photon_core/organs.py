@@ -57,6 +57,14 @@ def _with_terms(question: str) -> str:
     return " ".join([q, *extra])
 
 
+def _name_words(name: str) -> list[str]:
+    """A label name's words, lower case: punctuation ('kidney-left', 'Liver.') and an abbreviation in
+    brackets ('Inferior vena cava (IVC)', as the FLARE tables write) are not words of the structure."""
+    text = name.lower()
+    bare = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", text)
+    return re.sub(r"[\W_]+", " ", bare if bare.strip() else text).split()
+
+
 def organs_in_question(question: str, names: list[str]) -> list[str]:
     """The names (organ names or label names such as 'kidney_left', 'lung_upper_lobe_right') that the
     question talks about. A name matches when its words other than left/right appear in the question
@@ -66,7 +74,7 @@ def organs_in_question(question: str, names: list[str]) -> list[str]:
     asks_side = re.search(r"\b(left|right)\b", q) is not None
     found = []
     for n in names:
-        parts = n.lower().replace("_", " ").split()
+        parts = _name_words(n)
         side = next((s for s in _SIDES if s in parts), None)
         rest = [p for p in parts if p not in _SIDES]
         base = " ".join(rest)

@@ -270,3 +270,19 @@ def test_radiologists_terms_name_the_label_maps_structures(question, expected):
     two words for one, a vertebral level, an ordinal rib."""
     names = list(TOTALSEG_CLASSES.values())
     assert sorted(organs_in_question(question, names)) == sorted(expected)
+
+
+def test_names_with_punctuation_or_a_bracketed_abbreviation_are_matched():
+    """A names table's 'Inferior vena cava (IVC)', 'Right adrenal gland (RAG)' (FLARE's), 'kidney-left' or
+    'Liver.' was never the asked structure: its punctuation and abbreviation counted as words the question
+    had to hold, so the card named no asked structure and no retention warning could come."""
+    names = ["Liver.", "kidney-left", "Right kidney", "Inferior vena cava (IVC)", "Right adrenal gland (RAG)",
+             "Left adrenal gland (LAG)", "(spleen)", "stomach, body"]
+    for question, expected in [("Is there a lesion in the liver?", ["Liver."]),
+                               ("Is there a cyst in the left kidney?", ["kidney-left"]),
+                               ("Is there a thrombus in the vena cava?", []),
+                               ("Is there a thrombus in the inferior vena cava?", [names[3]]),
+                               ("Is there a right adrenal nodule?", ["Right adrenal gland (RAG)"]),
+                               ("Is the spleen enlarged?", ["(spleen)"]),
+                               ("Is the stomach distended?", [])]:       # every other word still counts
+        assert organs_in_question(question, names) == expected, question
