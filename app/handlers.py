@@ -228,9 +228,18 @@ def upload_questions(s: Session) -> list[str]:
     return questions
 
 
-def upload_changed(files) -> dict:
-    """New files: the series choice of the previous upload no longer applies."""
-    return {"series": gr.update(choices=[], value=None, visible=False)}
+def upload_changed(files, s: Session | None = None) -> dict:
+    """New files: the series choice of the previous upload no longer applies (and see `fields_changed`)."""
+    return {"series": gr.update(choices=[], value=None, visible=False), **fields_changed(s)}
+
+
+def fields_changed(s: Session | None) -> dict:
+    """A file of the Upload tab was added, replaced or removed (the scan, label map, names table, prior):
+    nothing changes until "Load upload", and the status line says so — a prior removed from its field
+    is still asked with until then."""
+    if s is None or s.volume is None:
+        return {}
+    return {"status": status_html(s, pending=True)}
 
 
 def _upload_name(paths: list[str]) -> str | None:

@@ -224,8 +224,11 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     upload_in = ins("files", "label_file", "label_table", "prior", "series", "session", "view")
     c["load_upload"].click(fn, upload_in, outs, api_name="ui_load_upload", api_visibility=UI)
     c["series"].input(fn, upload_in, outs, api_visibility=P)
-    fn, outs = wire(h.upload_changed, ["series"], c)
-    c["files"].change(fn, c["files"], outs, api_visibility=P)
+    fn, outs = wire(h.upload_changed, ["series", "status"], c)
+    c["files"].change(fn, ins("files", "session"), outs, api_visibility=P)
+    fn, outs = wire(h.fields_changed, ["status"], c)
+    for comp in ("label_file", "label_table", "prior"):
+        c[comp].change(fn, c["session"], outs, api_visibility=P)
     c["suggested"].input(lambda q: q or gr.skip(), c["suggested"], c["question"], api_visibility=P)
 
     fn, outs = wire(h.ask, answer_out + sliders_out, c, engine=engine)

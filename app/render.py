@@ -30,9 +30,16 @@ def _rgb(c) -> str:
     return "rgb({},{},{})".format(*(int(255 * v) for v in c[:3]))
 
 
-def status_html(s: Session | None, error: str | None = None, failed_name: str | None = None) -> str:
-    """The scan now active, what the loader and the label map say about it, and a failed load's reason."""
+def status_html(s: Session | None, error: str | None = None, failed_name: str | None = None,
+                pending: bool = False) -> str:
+    """The scan now active, what the loader and the label map say about it, and a failed load's reason;
+    ``pending``: files of the Upload tab changed since, not loaded yet."""
     parts = []
+    if pending and s is not None and s.volume is not None:
+        prior = ", with its prior scan" if s.prior is not None else ", without a prior scan"
+        parts.append(f"<div id='pending-note' style='{_WARN}'>The Upload tab's files changed: they are used "
+                     f"when you press “Load upload”. Until then questions are asked about the scan "
+                     f"below{prior}.</div>")
     if error:
         what = f" {esc(failed_name)}" if failed_name else ""
         still = (f" The previous scan is still active: <b>{esc(s.title)}</b>; questions are asked about it."

@@ -919,3 +919,23 @@ def test_two_kernels_of_one_acquisition_are_told_apart_on_the_card_and_in_the_ex
     files = h.export(asked["session"], lung["view"], *SLICE_CONTROLS, engine=engine)["exp_files"]
     report = json.loads(next(open(f).read() for f in files if f.endswith("report.json")))
     assert "kernel B70f" in report["case"]
+
+
+def test_removing_the_prior_from_its_field_says_it_is_still_asked_with_until_loaded(engine, store):
+    """Clearing the prior field (its ×) looked like removing the prior, but every question was still asked
+    with it until "Load upload", and nothing said so: a changed Upload-tab file now puts a note on the
+    status line naming what questions are asked with; the next load clears it."""
+    from app import handlers as h
+
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], None, None, ct, None, None, None, engine=engine, store=store)
+    assert "pending-note" not in out["status"]
+    note = h.fields_changed(out["session"])["status"]
+    assert "pending-note" in note and "with its prior scan" in note and "Load upload" in note
+    assert out["session"].title in html.unescape(note)                     # the scan still active, named
+    assert "pending-note" in h.upload_changed([], out["session"])["status"]
+    again = h.load_upload([ct], None, None, None, None, out["session"], out["view"], engine=engine,
+                          store=store)
+    assert "pending-note" not in again["status"]
+    assert "without a prior" in h.fields_changed(again["session"])["status"]
+    assert h.fields_changed(None) == {}
