@@ -208,6 +208,7 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
             progress(0.8, desc="Building the 3-D anatomy and the slices")
             view = build_view(s, store.session(_key(request)))
             out = _fresh(engine, s, view, upload_questions(s))   # the question box keeps what was typed
+        s.upload = _upload_key(files, label_file, label_table, prior_file)
         choices = [(x.label, x.uid) for x in s.series]
         out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
         return out
@@ -216,6 +217,40 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
         if old is not None and series_uid and any(x.uid == series_uid for x in old.series):
             out["series"] = gr.update(value=old.series_uid)    # the picker names the series still loaded
         return out
+
+
+def pick_series(files, label_file, label_table, prior_file, series_uid: str | None, old: Session | None,
+                old_view: View | None, request: gr.Request = None, progress=PROGRESS, *,
+                engine: Engine, store: FileStore) -> dict:
+    """A series chosen in the picker: load it with the upload's other files. A mouse choice reaches the
+    server twice at once (the dropdown's input event fires twice): the second waits for the first and
+    changes nothing, instead of loading the study again and saying any failure twice. A choice of the
+    series already loaded from the same files is nothing to do either."""
+    upload = _upload_key(files, label_file, label_table, prior_file)
+    key = (_key(request), upload, series_uid)
+    with _LOADS_LOCK:
+        running = _PICKS.get(key)
+        if running is None:
+            _PICKS[key] = threading.Event()
+    if running is not None:
+        running.wait(timeout=600)
+        return {}
+    try:
+        if old is not None and old.upload == upload and series_uid == old.series_uid:
+            return {}
+        return load_upload(files, label_file, label_table, prior_file, series_uid, old, old_view, request,
+                           progress, engine=engine, store=store)
+    finally:
+        with _LOADS_LOCK:
+            _PICKS.pop(key).set()
+
+
+_PICKS: dict[tuple, threading.Event] = {}     # Series picks running: (browser, upload, series) -> done
+
+
+def _upload_key(files, label_file, label_table, prior_file) -> tuple:
+    return (tuple(str(f) for f in files or []), *(str(f) if f else None for f in (label_file, label_table,
+                                                                                   prior_file)))
 
 
 def upload_questions(s: Session) -> list[str]:

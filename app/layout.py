@@ -223,6 +223,7 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     fn, outs = wire(h.load_upload, load_out, c, engine=engine, store=store)
     upload_in = ins("files", "label_file", "label_table", "prior", "series", "session", "view")
     c["load_upload"].click(fn, upload_in, outs, api_name="ui_load_upload", api_visibility=UI)
+    fn, outs = wire(h.pick_series, load_out, c, engine=engine, store=store)
     c["series"].input(fn, upload_in, outs, api_visibility=P)
     fn, outs = wire(h.upload_changed, ["series", "status"], c)
     c["files"].change(fn, ins("files", "session"), outs, api_visibility=P)

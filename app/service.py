@@ -138,6 +138,7 @@ class Session:
     warnings: list = field(default_factory=list)           # the loader's, for the user
     series: list = field(default_factory=list)             # DICOM series of the upload (SeriesInfo)
     series_uid: str | None = None          # the series loaded (None: the loader's default)
+    upload: tuple = ()                     # the uploaded files it was loaded from (server paths, never shown)
     prior: Volume | None = None            # an earlier scan of the same patient (questions about change)
     prior_key: str = ""
     answer: object = None                  # the last answer, its question and audit

@@ -939,3 +939,58 @@ def test_removing_the_prior_from_its_field_says_it_is_still_asked_with_until_loa
     assert "pending-note" not in again["status"]
     assert "without a prior" in h.fields_changed(again["session"])["status"]
     assert h.fields_changed(None) == {}
+
+
+def test_a_series_picked_with_the_mouse_loads_once_and_says_a_failure_once(engine, store, monkeypatch,
+                                                                           tmp_path):
+    """The Series dropdown sends a mouse choice twice at once: the study was decoded and loaded twice
+    (a fresh card twice) and a failure came as two identical warnings. The second waits for the first
+    and changes nothing; picking the series already loaded does nothing."""
+    import threading
+    import types
+
+    from app import handlers as h
+    from app import service
+    from photon_core.io.volume import VolumeError, load_volume
+
+    series = [types.SimpleNamespace(uid=u, label=d) for u, d in (("s1", "Abdomen B31f"), ("s2", "Lung B70f"),
+                                                                 ("s3", "Topogram"))]
+    loads, toasts = [], []
+
+    def load(src, limits, series=None):
+        loads.append(series)
+        time.sleep(0.3)
+        if series == "s3":
+            raise VolumeError("This DICOM series holds a single image (512×512).")
+        return load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
+
+    monkeypatch.setattr(service, "list_series", lambda files, limits: series)
+    monkeypatch.setattr(service, "load_volume", load)
+    monkeypatch.setattr(h, "toast", toasts.append)
+    files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
+    first = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
+    request = types.SimpleNamespace(session_hash="browser-1")
+
+    def twice(uid):
+        outs = [None, None]
+
+        def pick(n):
+            outs[n] = h.pick_series(files, None, None, None, uid, first["session"], first["view"], request,
+                                    engine=engine, store=store)
+        threads = [threading.Thread(target=pick, args=(n,)) for n in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return outs
+
+    loads.clear()
+    outs = twice("s3")
+    assert loads == ["s3"] and len(toasts) == 1 and sorted(map(len, outs))[0] == 0
+    assert next(o for o in outs if o)["series"]["value"] == "s1"
+    loads.clear()
+    outs = twice("s2")
+    assert loads == ["s2"] and sum("session" in o for o in outs) == 1
+    lung = next(o for o in outs if o)
+    assert h.pick_series(files, None, None, None, "s2", lung["session"], lung["view"], request, engine=engine,
+                         store=store) == {} and loads == ["s2"]
