@@ -111,6 +111,15 @@ def test_budgets_at_the_floor_are_accepted(text):
     Budget.parse(text)
 
 
+@pytest.mark.parametrize("text", ["top_k:1e308", "fastv:1e9", "full:3", "auto:0.5", "auto: 1"])
+def test_a_budget_with_a_number_it_cannot_mean_is_refused(text):
+    """top_k:1e308 was taken and shown as a 309-digit count of tokens; full:3 and auto:0.5 quietly dropped
+    their number (a typo for a count, a percent or a threshold)."""
+    with pytest.raises(ValueError, match=r"more than any scan has|takes no number") as e:
+        Budget.parse(text)
+    assert len(str(e.value)) < 200
+
+
 @pytest.mark.parametrize("text", ["top_k:abc", "random:x", "θ=x", "top_k:", ":", "%", "threshold:0.5:1",
                                   "{'a': 1}", "top_k:" + "9x" * 3000])
 def test_unreadable_budgets_say_what_a_budget_looks_like(text):

@@ -203,3 +203,15 @@ def test_the_readme_example_runs(api_url, monkeypatch, tmp_path):
     monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
     exec(compile(code.replace("http://127.0.0.1:7860/", api_url), "README", "exec"), {})
     assert printed
+
+
+def test_a_sample_id_is_found_with_spaces_around_it_and_a_long_unknown_one_keeps_the_known_ids():
+    """' abdomen_ct ' was 'Unknown sample case'; a 100,000-character id's refusal was cut before the list
+    of the ids there are."""
+    from photon_core.io import samples
+
+    first = samples.cases()[0]
+    assert samples.case(f"  {first['id']}\n") is first
+    with pytest.raises(ValueError) as e:
+        samples.case("x" * 100_000)
+    assert len(str(e.value)) < 300 and all(c["id"] in str(e.value) for c in samples.cases())

@@ -118,11 +118,16 @@ def _ask(page, question=None, enter=False):
                            "document.querySelector('#token-count, #card-notice')", arg=before)
 
 
-def _load_upload(page, path, expect):
+def _clear_upload(page):
+    """The Upload tab, its scan field emptied (a file an earlier test left there, if any)."""
     page.get_by_role("tab", name="Upload").click()
     clear = page.locator("#upload button[aria-label='Clear']")
     if clear.count():
         clear.first.click()
+
+
+def _load_upload(page, path, expect):
+    _clear_upload(page)
     page.set_input_files("#upload input[type=file]", str(path))
     page.click("#load_upload")
     _wait_text(page, "#status", expect)
@@ -359,8 +364,7 @@ def test_compare_export_and_a_prior_scan(page, tmp_path):
     now, before = tmp_path / "now.nii.gz", tmp_path / "before.nii.gz"
     nib.save(nib.Nifti1Image(np.asanyarray(vol.dataobj)[10:110, 10:110, 20:140], vol.affine), str(now))
     nib.save(nib.Nifti1Image(np.asanyarray(vol.dataobj)[12:112, 8:108, 20:140], vol.affine), str(before))
-    page.get_by_role("tab", name="Upload").click()
-    page.locator("#upload button[aria-label='Clear']").first.click()
+    _clear_upload(page)                  # (a file left there by an earlier test, when run after one)
     page.set_input_files("#upload input[type=file]", str(now))
     page.set_input_files("#prior_upload input[type=file]", str(before))
     page.click("#load_upload")
@@ -378,10 +382,7 @@ def test_a_pacs_study_lists_its_series_and_loads_the_one_picked(page, tmp_path):
     from test_volume import _pacs_export
 
     study = _pacs_export(tmp_path)
-    page.get_by_role("tab", name="Upload").click()
-    clear = page.locator("#upload button[aria-label='Clear']")
-    if clear.count():
-        clear.first.click()
+    _clear_upload(page)
     page.set_input_files("#upload input[type=file]", [str(p) for p in sorted(study.iterdir())])
     page.click("#load_upload")
     _wait_text(page, "#status", "512×512×20")

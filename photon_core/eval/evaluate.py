@@ -160,8 +160,9 @@ def main(argv=None) -> None:
                     help="check the data and options, print what would be evaluated (the first records "
                          "as read), then stop; no model is loaded")
     ap.add_argument("--demo-split", choices=SPLITS)
-    ap.add_argument("--scans", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scans", type=int, default=40,
+                    help="demo-split scans to generate (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="demo-split generator seed (default: %(default)s)")
     ap.add_argument("--enlargement", type=float, default=0.0,
                     help="demo split: share of scans with an enlarged organ, and its questions (0 = off)")
     ap.add_argument("--pairs", type=int, default=0,

@@ -38,8 +38,10 @@ def cases() -> list[dict]:
 
 
 def case(key: str) -> dict:
-    """One case by id or title; ValueError naming the known ids otherwise."""
+    """One case by id or title (spaces around it ignored); ValueError naming the known ids otherwise."""
+    key = str(key).strip()
     for c in cases():
         if key in (c["id"], c["title"]):
             return c
-    raise ValueError(f"Unknown sample case {key!r}; known: {', '.join(c['id'] for c in cases())}.")
+    shown = repr(key) if len(key) <= 60 else repr(key[:60]) + "…"
+    raise ValueError(f"Unknown sample case {shown}; known: {', '.join(c['id'] for c in cases())}.")

@@ -22,6 +22,7 @@ from photon_core.model.its import TEMPERATURE
 BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random"]
 MODES = ("auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random")
 COUNT_MODES = ("top_k", "fastv", "visionzip", "random")
+MAX_COUNT = 1_000_000        # a count budget above this is a typo (a scan has 1,000 visual tokens)
 BASELINE_MODES = ("fastv", "visionzip", "random")
 SCAN_TOKENS = 1000            # visual tokens of one scan on the official geometry (10 × 10 × 10 blocks)
 MIN_KEEP_TOKENS = 20
@@ -71,6 +72,12 @@ class Budget:
                 raise ValueError(f"budget mode {self.mode!r} needs a token count >= {MIN_KEEP_TOKENS}")
             if value < MIN_KEEP_TOKENS:
                 raise ValueError(_below_floor(f"{value:g} visual tokens"))
+            if value > MAX_COUNT:                      # (a count above a scan's tokens keeps them all)
+                raise ValueError(f"A token count of {value:.3g} is more than any scan has; a scan has "
+                                 f"1,000 visual tokens (2,000 with a prior scan).")
+        if self.mode in ("auto", "full") and value is not None:
+            raise ValueError(f"The budget {self.mode!r} takes no number; {self.mode}:{value:g} reads as a "
+                             f"mistake for a count (300), a percent (25%) or a threshold (threshold:0.4).")
         if self.mode == "ratio":
             if value is None or not 0 <= value <= 1:
                 raise ValueError("budget mode 'ratio' needs a fraction in [0, 1]")
