@@ -64,7 +64,7 @@ def test_patient_identifiers_never_leak(engine, tmp_path, caplog):
     folder = _dicom_series(tmp_path / "Doe_Jane_series", n=20, name="Doe^Jane")
     with caplog.at_level("DEBUG"):
         s = engine.load_upload([str(p) for p in sorted(folder.iterdir())], None)
-        a = engine.ask(s, "Is there a lesion in the liver?", Budget("auto"))
+        a, _ = engine.answer(s, "Is there a lesion in the liver?", Budget("auto"))   # kept for the export
         files = engine.export(s, {"view3d": b"\x89PNG"}, tmp_path / "export")
     blob = caplog.text + a.text + json.dumps(a.to_dict()) + repr(s.volume.meta)
     for f in files:
