@@ -22,7 +22,6 @@ from photon_core.model.its import TEMPERATURE
 BudgetMode = Literal["auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random"]
 MODES = ("auto", "top_k", "ratio", "threshold", "full", "fastv", "visionzip", "random")
 COUNT_MODES = ("top_k", "fastv", "visionzip", "random")
-MAX_COUNT = 1_000_000        # a count budget above this is a typo (a scan has 1,000 visual tokens)
 BASELINE_MODES = ("fastv", "visionzip", "random")
 SCAN_TOKENS = 1000            # visual tokens of one scan on the official geometry (10 × 10 × 10 blocks)
 MIN_KEEP_TOKENS = 20
@@ -37,6 +36,7 @@ share of the official 1,000-token scan (`MIN_KEEP_RATIO`) for the ratio mode, wh
 only known at the ITS layer.
 """
 MIN_KEEP_RATIO = MIN_KEEP_TOKENS / SCAN_TOKENS
+MAX_COUNT = 1000 * SCAN_TOKENS  # a count budget above this is a typo, not a budget
 # Modes that read the learned threshold θ: an S1 checkpoint (no ITS weights) cannot run them. Every
 # other mode ranks by the ITS layer's saliency ρ (which needs only that layer's q/k) or by a baseline.
 THRESHOLD_MODES = ("auto", "threshold")
@@ -74,7 +74,7 @@ class Budget:
                 raise ValueError(_below_floor(f"{value:g} visual tokens"))
             if value > MAX_COUNT:                      # (a count above a scan's tokens keeps them all)
                 raise ValueError(f"A token count of {value:.3g} is more than any scan has; a scan has "
-                                 f"1,000 visual tokens (2,000 with a prior scan).")
+                                 f"{SCAN_TOKENS:,} visual tokens ({2 * SCAN_TOKENS:,} with a prior scan).")
         if self.mode in ("auto", "full") and value is not None:
             raise ValueError(f"The budget {self.mode!r} takes no number; {self.mode}:{value:g} reads as a "
                              f"mistake for a count (300), a percent (25%) or a threshold (threshold:0.4).")
