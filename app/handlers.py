@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import typing
+from collections import OrderedDict
 
 import gradio as gr
 
@@ -142,6 +143,35 @@ def _check_not_loading(request) -> None:
         raise ValueError(LOADING_MESSAGE)
 
 
+_LANDED: OrderedDict[str, int] = OrderedDict()   # browser session -> `Session.serial` its last load put up
+_LANDED_MAX = 4096                               # browsers remembered (an older one: nothing dropped)
+
+
+def _landed(request, s: Session) -> None:
+    """A load of this browser succeeded: its page shows ``s`` now."""
+    if request is None:
+        return
+    with _LOADS_LOCK:
+        _LANDED[_key(request)] = s.serial
+        _LANDED.move_to_end(_key(request))
+        while len(_LANDED) > _LANDED_MAX:
+            _LANDED.popitem(last=False)
+
+
+def _superseded(request, s: Session) -> bool:
+    """Another scan landed on this browser's page while ``s`` was being asked about (a load that began
+    after the ask did: asks are refused only while a load runs): its answer would put ``s`` back."""
+    if request is None:
+        return False
+    with _LOADS_LOCK:
+        now = _LANDED.get(_key(request))
+    return now is not None and now != s.serial
+
+
+STALE_ANSWER = ("The answer about {title} came after another scan was loaded; it is not shown. Ask again "
+                "about the scan now loaded.")
+
+
 def _suggestion(question: str | None, questions: list[str]) -> dict:
     """The question box after a case loads: the user's own question stays; an empty box or a sample
     case's suggestion becomes the new case's first suggestion."""
@@ -186,6 +216,7 @@ def load_case(title: str, old: Session | None, old_view: View | None, question: 
             view = build_view(s, store.session(_key(request)))
             c = next(c for c in cases() if c["title"] == s.title)
             out = _fresh(engine, s, view, c.get("questions", []))
+            _landed(request, s)
         out.update(_suggestion(question, c.get("questions", [])))
         out["series"] = gr.update(choices=[], value=None, visible=False)
         return out
@@ -208,6 +239,7 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
             progress(0.8, desc="Building the 3-D anatomy and the slices")
             view = build_view(s, store.session(_key(request)))
             out = _fresh(engine, s, view, upload_questions(s))   # the question box keeps what was typed
+            _landed(request, s)
         s.upload = _upload_key(files, label_file, label_table, prior_file)
         choices = [(x.label, x.uid) for x in s.series]
         out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
@@ -364,6 +396,9 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
             engine.answer(s, question, budget)
             progress(0.7, desc="Drawing the kept blocks")
             out = _answer_outputs(engine, s, view, width, level, opacity, t0)
+        if _superseded(request, s):
+            toast(STALE_ANSWER.format(title=s.title))
+            return {}
         if budget.mode == "top_k" and budget.value != tokens:    # 33.7 typed: the box shows the 34 asked
             out["tokens"] = int(budget.value)
         return out
@@ -396,7 +431,7 @@ def triage(s, view, question, tokens, percent, theta, width, level, opacity, req
     """Auto: what Photon itself keeps."""
     out = ask(s, view, question, "Auto", tokens, percent, theta, width, level, opacity, request,
               engine=engine)
-    return {**out, "mode": "Auto", **slider_visibility("Auto")}
+    return {**out, "mode": "Auto", **slider_visibility("Auto")} if out else out
 
 
 def review(s, view, question, tokens, percent, theta, width, level, opacity, request: gr.Request = None, *,
@@ -417,6 +452,9 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
         with s.lock:
             engine.answer(s, question, budget)
             out = _answer_outputs(engine, s, view, width, level, opacity, t0)
+        if _superseded(request, s):
+            toast(STALE_ANSWER.format(title=s.title))
+            return {}
         shown = {name: gr.update(visible=False) for name in ("tokens", "percent", "theta")}
         shown[mode.lower()] = gr.update(value=value, visible=True)
         return {**out, "mode": mode, **shown}

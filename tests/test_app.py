@@ -994,3 +994,37 @@ def test_a_series_picked_with_the_mouse_loads_once_and_says_a_failure_once(engin
     lung = next(o for o in outs if o)
     assert h.pick_series(files, None, None, None, "s2", lung["session"], lung["view"], request, engine=engine,
                          store=store) == {} and loads == ["s2"]
+
+
+def test_an_answer_that_comes_after_another_scan_loaded_does_not_bring_back_the_old_scan(engine, store,
+                                                                                          monkeypatch):
+    """A load begun while an ask of the same browser ran (asks are refused only while a load runs) landed
+    first; the ask's answer then set the page's scan back to the old one, its card and views with it, while
+    the status line named the new scan. The late answer is now dropped, with a word."""
+    from types import SimpleNamespace
+
+    from app import handlers as h
+    from app.service import Engine
+
+    browser = SimpleNamespace(session_hash="browser-1")
+    a = h.load_case(ABDOMEN, None, None, request=browser, engine=engine, store=store)
+    answer, loaded = Engine.answer, {}
+
+    def answer_while_a_load_lands(self, s, question, budget, *args):
+        out = answer(self, s, question, budget, *args)
+        if not loaded:
+            loaded.update(h.load_case(CHEST, s, a["view"], request=browser, engine=engine, store=store))
+        return out
+
+    toasts = []
+    monkeypatch.setattr(h.gr, "Warning", lambda text, **kw: toasts.append(text))
+    monkeypatch.setattr(Engine, "answer", answer_while_a_load_lands)
+    out = h.ask(a["session"], a["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5, *SLICE_CONTROLS,
+                request=browser, engine=engine)
+    assert loaded["session"].title == CHEST
+    assert "session" not in out and "card" not in out, "the late answer replaced the page's scan"
+    assert toasts and "Abdomen/pelvis" in toasts[-1] and "Ask again" in toasts[-1]
+    # an ask about the scan now loaded is shown
+    out = h.ask(loaded["session"], loaded["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
+                *SLICE_CONTROLS, request=browser, engine=engine)
+    assert out["session"] is loaded["session"] and "Chest" in out["card"]
