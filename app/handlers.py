@@ -168,8 +168,11 @@ def _superseded(request, s: Session) -> bool:
     return now is not None and now != s.serial
 
 
-STALE_ANSWER = ("The answer about {title} came after another scan was loaded; it is not shown. Ask again "
-                "about the scan now loaded.")
+def _stale(s: Session) -> dict:
+    """No output: the answer about ``s`` came after another scan was loaded on the page; said in a toast."""
+    toast(f"The answer about {s.title} came after another scan was loaded; it is not shown. Ask again "
+          f"about the scan now loaded.")
+    return {}
 
 
 def _suggestion(question: str | None, questions: list[str]) -> dict:
@@ -394,11 +397,12 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
         with s.lock:
             progress(0.1, desc="Asking Photon")
             engine.answer(s, question, budget)
+            if _superseded(request, s):          # (drawing it would replace the new scan's served files)
+                return _stale(s)
             progress(0.7, desc="Drawing the kept blocks")
             out = _answer_outputs(engine, s, view, width, level, opacity, t0)
         if _superseded(request, s):
-            toast(STALE_ANSWER.format(title=s.title))
-            return {}
+            return _stale(s)
         if budget.mode == "top_k" and budget.value != tokens:    # 33.7 typed: the box shows the 34 asked
             out["tokens"] = int(budget.value)
         return out
@@ -451,10 +455,11 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
             mode, budget, value = "Percent", Budget("ratio", k / auto.total), round(100 * k / auto.total, 6)
         with s.lock:
             engine.answer(s, question, budget)
+            if _superseded(request, s):
+                return _stale(s)
             out = _answer_outputs(engine, s, view, width, level, opacity, t0)
         if _superseded(request, s):
-            toast(STALE_ANSWER.format(title=s.title))
-            return {}
+            return _stale(s)
         shown = {name: gr.update(visible=False) for name in ("tokens", "percent", "theta")}
         shown[mode.lower()] = gr.update(value=value, visible=True)
         return {**out, "mode": mode, **shown}

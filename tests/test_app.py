@@ -1024,6 +1024,10 @@ def test_an_answer_that_comes_after_another_scan_loaded_does_not_bring_back_the_
     assert loaded["session"].title == CHEST
     assert "session" not in out and "card" not in out, "the late answer replaced the page's scan"
     assert toasts and "Abdomen/pelvis" in toasts[-1] and "Ask again" in toasts[-1]
+    from pathlib import Path
+
+    scene = Path(loaded["model3d"])              # the new scan's 3-D file stays the browser's current one
+    assert loaded["view"].files._current["scene"] == scene
     # an ask about the scan now loaded is shown
     out = h.ask(loaded["session"], loaded["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
                 *SLICE_CONTROLS, request=browser, engine=engine)
