@@ -148,8 +148,8 @@ def budget_words(ans) -> str:
         return text + (f" · θ = {ans.theta:.3f}" if cut is not None else " · no θ (S1 checkpoint)")
     if is_baseline(b):
         text += " (chosen by the baseline's rule, not by ρ)"
-    elif floor_note(b, cut):
-        text += f"{floor_note(b, cut)} (cut at ρ = {cut:.3f})"
+    elif note := floor_note(b, cut):
+        text += f"{note} (cut at ρ = {cut:.3f})"
     elif cut is not None and b.mode != "threshold":
         text += f", the most salient (cut at ρ = {cut:.3f})"
     if np.isfinite(ans.theta):
