@@ -168,11 +168,6 @@ def _superseded(request, s: Session) -> bool:
     return now is not None and now != s.serial
 
 
-def _stale(s: Session) -> dict:
-    """No output: the answer about ``s`` came after another scan was loaded on the page; said in a toast."""
-    toast(f"The answer about {s.title} came after another scan was loaded; it is not shown. Ask again "
-          f"about the scan now loaded.")
-    return {}
 
 
 def _suggestion(question: str | None, questions: list[str]) -> dict:
@@ -254,6 +249,9 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
         return out
 
 
+_PICKS: dict[tuple, threading.Event] = {}     # Series picks running: (browser, upload, series) -> done
+
+
 def pick_series(files, label_file, label_table, prior_file, series_uid: str | None, old: Session | None,
                 old_view: View | None, request: gr.Request = None, progress=PROGRESS, *,
                 engine: Engine, store: FileStore) -> dict:
@@ -278,9 +276,6 @@ def pick_series(files, label_file, label_table, prior_file, series_uid: str | No
     finally:
         with _LOADS_LOCK:
             _PICKS.pop(key).set()
-
-
-_PICKS: dict[tuple, threading.Event] = {}     # Series picks running: (browser, upload, series) -> done
 
 
 def _upload_key(files, label_file, label_table, prior_file) -> tuple:
@@ -349,17 +344,11 @@ def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacit
             "pt_i": i + 1, "pt_j": j + 1, "pt_k": k + 1, "hist": hist, "retention": ret, "exp_files": None}
 
 
-def _one_at_a_time(s: Session | None):
-    """Hold the session's lock: its asks, compares and exports run one at a time (each reads the answer
-    another would be writing)."""
-    return s.lock if s is not None else contextlib.nullcontext()
-
-
 def _failed_ask(engine: Engine, s: Session | None, e: BaseException) -> dict:
     text = message(e, "ask")
     toast(text)
-    with _one_at_a_time(s):
-        if s is not None and s.answer is not None:
+    if s is not None and s.answer is not None:
+        with s.lock:                        # the answer with its own audit, not another ask's halfway
             return {"card": answer_card(s, s.answer, s.audit, engine.provenance(), notice=text),
                     **_slider_of(s.answer.budget)}
     return {"card": empty_card(s).replace("Ask a question", f"Not asked: {_esc(text)} Ask a question", 1)}
@@ -384,6 +373,24 @@ def _esc(text: str) -> str:
     return html.escape(text)
 
 
+def _answer_and_draw(engine: Engine, s: Session, view: View, question: str, budget: Budget, width, level,
+                     opacity, t0: float, request, progress=None) -> dict:
+    """Ask and draw the views of the answer, the session held so that they show one answer; nothing (said
+    in a toast) when another scan landed on this browser's page meanwhile: drawn, the late answer would
+    replace the new scan's views and served files."""
+    with s.lock:
+        engine.answer(s, question, budget)
+        if not _superseded(request, s):
+            if progress is not None:
+                progress(0.7, desc="Drawing the kept blocks")
+            out = _answer_outputs(engine, s, view, width, level, opacity, t0)
+            if not _superseded(request, s):
+                return out
+    toast(f"The answer about {s.title} came after another scan was loaded; it is not shown. Ask again "
+          f"about the scan now loaded.")
+    return {}
+
+
 def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
         theta: float, width: float, level: float, opacity: float, request: gr.Request = None,
         progress=PROGRESS, *, engine: Engine) -> dict:
@@ -394,16 +401,10 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
         if s is None or view is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         budget = budget_from(mode, tokens, percent, theta)
-        with s.lock:
-            progress(0.1, desc="Asking Photon")
-            engine.answer(s, question, budget)
-            if _superseded(request, s):          # (drawing it would replace the new scan's served files)
-                return _stale(s)
-            progress(0.7, desc="Drawing the kept blocks")
-            out = _answer_outputs(engine, s, view, width, level, opacity, t0)
-        if _superseded(request, s):
-            return _stale(s)
-        if budget.mode == "top_k" and budget.value != tokens:    # 33.7 typed: the box shows the 34 asked
+        progress(0.1, desc="Asking Photon")
+        out = _answer_and_draw(engine, s, view, question, budget, width, level, opacity, t0, request,
+                               progress)
+        if out and budget.mode == "top_k" and budget.value != tokens:   # 33.7 typed: shows the 34 asked
             out["tokens"] = int(budget.value)
         return out
     except Exception as e:  # noqa: BLE001
@@ -453,13 +454,9 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
             mode, budget, value = "Tokens", Budget("top_k", float(k)), k
         else:
             mode, budget, value = "Percent", Budget("ratio", k / auto.total), round(100 * k / auto.total, 6)
-        with s.lock:
-            engine.answer(s, question, budget)
-            if _superseded(request, s):
-                return _stale(s)
-            out = _answer_outputs(engine, s, view, width, level, opacity, t0)
-        if _superseded(request, s):
-            return _stale(s)
+        out = _answer_and_draw(engine, s, view, question, budget, width, level, opacity, t0, request)
+        if not out:
+            return out
         shown = {name: gr.update(visible=False) for name in ("tokens", "percent", "theta")}
         shown[mode.lower()] = gr.update(value=value, visible=True)
         return {**out, "mode": mode, **shown}

@@ -293,8 +293,7 @@ class Engine:
                 first = self._samples.setdefault(c["title"], s)
         else:
             progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
-            with self._lock:
-                self._encode(first.key, first.volume)    # encoded again if the LRU let it go
+            self._encode(first.key, first.volume)        # encoded again if the LRU let it go
         return first.another()
 
     def series(self, files: list[str]) -> list:
