@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import typing
+import weakref
 from collections import OrderedDict
 
 import gradio as gr
@@ -60,6 +61,9 @@ def bind(fn, **deps):
     bound = functools.partial(fn, **deps)
 
     def call(*args, **kwargs):
+        for a in (*args, *kwargs.values()):   # a request of a page showing it (see `release_closed`)
+            if isinstance(a, Session):
+                a.used_at = time.monotonic()
         with handling():                    # when this request began, for files written after a session end
             return bound(*args, **kwargs)
 
@@ -147,15 +151,70 @@ _LANDED: OrderedDict[str, int] = OrderedDict()   # browser session -> `Session.s
 _LANDED_MAX = 4096                               # browsers remembered (an older one: nothing dropped)
 
 
-def _landed(request, s: Session) -> None:
+def _landed(request, s: Session, view: View) -> None:
     """A load of this browser succeeded: its page shows ``s`` now."""
     if request is None:
         return
     with _LOADS_LOCK:
-        _LANDED[_key(request)] = s.serial
-        _LANDED.move_to_end(_key(request))
+        key = _key(request)
+        _LANDED[key] = s.serial
+        _LANDED.move_to_end(key)
         while len(_LANDED) > _LANDED_MAX:
             _LANDED.popitem(last=False)
+        if s.shared is None:                # an upload's arrays: let go after its page closes
+            _SHOWN[key] = (weakref.ref(s), weakref.ref(view))
+        else:
+            _SHOWN.pop(key, None)
+
+
+# A closed page's state stays in Gradio an hour (in case the browser comes back); an uploaded scan's arrays
+# (≈ 12 bytes a voxel: 0.5 GB for 512 × 512 × 300) go sooner, unless a request of the page came since.
+RELEASE_AFTER_S = 600.0
+RELEASED_MESSAGE = (f"This page was closed, and its uploaded scan let go of {RELEASE_AFTER_S / 60:.0f} "
+                    "minutes later: load it again.")
+_SHOWN: dict[str, tuple] = {}           # browser -> weak references to its upload's (Session, View)
+_CLOSED: dict[str, tuple] = {}          # browser whose page closed -> (when, Session ref, View ref)
+_SWEEPER: list[threading.Thread] = []
+
+
+def _closed(request) -> None:
+    key = _key(request)
+    with _LOADS_LOCK:
+        shown = _SHOWN.pop(key, None)
+        if shown is not None:
+            _CLOSED[key] = (time.monotonic(), *shown)
+        if _CLOSED and not (_SWEEPER and _SWEEPER[0].is_alive()):
+            _SWEEPER[:] = [threading.Thread(target=_sweep_forever, name="photon-release", daemon=True)]
+            _SWEEPER[0].start()
+
+
+def release_closed(now: float | None = None) -> int:
+    """Let go of the uploads of pages closed ``RELEASE_AFTER_S`` ago and not come back; how many."""
+    now = time.monotonic() if now is None else now
+    with _LOADS_LOCK:
+        due = [k for k, v in _CLOSED.items() if now - v[0] >= RELEASE_AFTER_S]
+        due = [_CLOSED.pop(k) for k in due]
+    n = 0
+    for ended, s_ref, view_ref in due:
+        s, view = s_ref(), view_ref()
+        if s is None or s.used_at > ended:              # gone already, or the page came back
+            continue
+        s.release()
+        if view is not None:
+            view.release()
+        n += 1
+        log.info("released the closed page's upload %s", s.title)
+    return n
+
+
+def _sweep_forever() -> None:
+    while True:
+        time.sleep(min(60.0, RELEASE_AFTER_S))
+        release_closed()
+        with _LOADS_LOCK:
+            if not _CLOSED:
+                _SWEEPER.clear()
+                return
 
 
 def _superseded(request, s: Session) -> bool:
@@ -168,6 +227,11 @@ def _superseded(request, s: Session) -> bool:
     return now is not None and now != s.serial
 
 
+
+
+def _no_scan(s: Session | None) -> ValueError:
+    return ValueError(RELEASED_MESSAGE if s is not None and s.released else
+                      "Load a sample case or upload a scan first.")
 
 
 def _suggestion(question: str | None, questions: list[str]) -> dict:
@@ -214,7 +278,7 @@ def load_case(title: str, old: Session | None, old_view: View | None, question: 
             view = build_view(s, store.session(_key(request)))
             c = next(c for c in cases() if c["title"] == s.title)
             out = _fresh(engine, s, view, c.get("questions", []))
-            _landed(request, s)
+            _landed(request, s, view)
         out.update(_suggestion(question, c.get("questions", [])))
         out["series"] = gr.update(choices=[], value=None, visible=False)
         return out
@@ -237,7 +301,7 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
             progress(0.8, desc="Building the 3-D anatomy and the slices")
             view = build_view(s, store.session(_key(request)))
             out = _fresh(engine, s, view, upload_questions(s))   # the question box keeps what was typed
-            _landed(request, s)
+            _landed(request, s, view)
         s.upload = _upload_key(files, label_file, label_table, prior_file)
         choices = [(x.label, x.uid) for x in s.series]
         out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
@@ -399,7 +463,7 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
     try:
         _check_not_loading(request)
         if s is None or view is None or s.volume is None:
-            raise ValueError("Load a sample case or upload a scan first.")
+            raise _no_scan(s)
         budget = budget_from(mode, tokens, percent, theta)
         progress(0.1, desc="Asking Photon")
         out = _answer_and_draw(engine, s, view, question, budget, width, level, opacity, t0, request,
@@ -447,7 +511,7 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
     try:
         _check_not_loading(request)
         if s is None or view is None or s.volume is None:
-            raise ValueError("Load a sample case or upload a scan first.")
+            raise _no_scan(s)
         auto = engine.ask(s, question, Budget("auto"))          # a probe: the session keeps its answer
         k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
         if k <= TOKENS_MAX:
@@ -517,7 +581,7 @@ def compare(s: Session | None, question: str, request: gr.Request = None, progre
     try:
         _check_not_loading(request)
         if s is None or s.volume is None:
-            raise ValueError("Load a sample case or upload a scan first.")
+            raise _no_scan(s)
         progress(0.1, desc="Asking at Auto, 10%, 25%, 50% and Full (one batch)")
         with s.lock:
             rows = engine.compare_rows(s, question)
@@ -534,7 +598,8 @@ def export(s: Session | None, view: View | None, width, level, opacity, request:
     try:
         _check_not_loading(request)
         if s is None or s.answer is None or view is None:
-            raise ValueError("Ask a question first; the export holds the audit of an answer.")
+            raise _no_scan(s) if s is not None and s.released else ValueError(
+                "Ask a question first; the export holds the audit of an answer.")
         with s.lock:
             pngs = export_pngs(view, s, width, level, opacity)
             return {"exp_files": [str(p) for p in engine.export(s, pngs, view.files.new_folder("export"))]}
@@ -544,8 +609,10 @@ def export(s: Session | None, view: View | None, width, level, opacity, request:
 
 
 def session_ended(request: gr.Request = None, *, store: FileStore) -> None:
-    """The browser left: its files go now (its state goes with Gradio's state expiry)."""
+    """The browser left: its files go now, an upload's arrays ``RELEASE_AFTER_S`` later unless it comes
+    back (`release_closed`), the rest of its state with Gradio's state expiry."""
     store.drop(_key(request))
+    _closed(request)
 
 
 def drop_view(view: View | None) -> None:

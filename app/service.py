@@ -152,6 +152,19 @@ class Session:
     # A sample case's sessions share its scan, labels and token maps (the server's one copy, read-only as
     # every session's are) and this one dict, where `app.view` keeps the case's views; None: an upload's.
     shared: dict | None = field(default=None, repr=False, compare=False)
+    used_at: float = field(default_factory=time.monotonic, repr=False, compare=False)   # its last request
+    released: bool = False                 # its arrays were let go: its page was closed (`release`)
+
+    def release(self) -> None:
+        """Let go of the scan's arrays (the page that showed it was closed long ago: Gradio keeps a closed
+        page's state an hour); the session then reads as no scan loaded. A sample case's arrays are the
+        server's one copy and stay."""
+        if self.shared is not None:
+            return
+        with self.lock:                    # after an ask, compare or export in flight
+            self.volume = self.geometry = self.token_index = self.labels = self.prior = None
+            self.answer = self.audit = self.compared = None
+            self.released = True
 
     def ids_of(self, names) -> list[int]:
         """Label ids of structure names, in the order of the names."""
@@ -162,7 +175,7 @@ class Session:
         return replace(self, label_names=dict(self.label_names), blocks=dict(self.blocks),
                        small_structures=list(self.small_structures), warnings=list(self.warnings),
                        series=list(self.series), answer=None, question="", audit=None, compared=None,
-                       serial=next(_LOADS), lock=threading.RLock())
+                       serial=next(_LOADS), lock=threading.RLock(), used_at=time.monotonic())
 
 
 class Engine:

@@ -234,6 +234,12 @@ class View:
     def cleanup(self) -> None:
         self.files.remove()
 
+    def release(self) -> None:
+        """Let go of the arrays and meshes (with `Session.release`); the view then draws nothing."""
+        self.surfaces, self.marker = [], []
+        self.scene = self.corners = self.hu_ras = self.spacing_ras = self.token_ras = self.labels_ras = None
+        self.layout = None
+
 
 _SHARED_LOCK = threading.Lock()
 

@@ -1032,3 +1032,48 @@ def test_an_answer_that_comes_after_another_scan_loaded_does_not_bring_back_the_
     out = h.ask(loaded["session"], loaded["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
                 *SLICE_CONTROLS, request=browser, engine=engine)
     assert out["session"] is loaded["session"] and "Chest" in out["card"]
+
+
+def test_a_closed_pages_upload_is_let_go_of_unless_the_page_came_back(engine, store, monkeypatch):
+    """Gradio keeps a closed page's state an hour; an upload's arrays (≈ 0.5 GB for a 512² × 300 scan) went
+    with it. They now go ``RELEASE_AFTER_S`` after the page closed; a page that came back keeps its scan,
+    a sample case's arrays (the server's one copy) stay, and a released page says to load again."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from app import handlers as h
+
+    def upload(tab):
+        page = SimpleNamespace(session_hash=tab)
+        out = h.bind(h.load_upload, engine=engine, store=store)(
+            [str(SAMPLES / "abdomen_ct/ct.nii.gz")], None, None, None, None, None, None, request=page)
+        return page, out
+
+    gone_page, gone = upload("tab-gone")
+    back_page, back = upload("tab-back")
+    sample_page = SimpleNamespace(session_hash="tab-sample")
+    sample = h.load_case(ABDOMEN, None, None, request=sample_page, engine=engine, store=store)
+    _ask(engine, gone)
+    arrays = weakref.ref(gone["session"].volume.hu)
+    for page in (gone_page, back_page, sample_page):
+        h.bind(h.session_ended, store=store)(request=page)
+    assert h.release_closed() == 0                         # not yet
+    ask = h.bind(h.ask, engine=engine)                     # the second page comes back (its first request)
+    ask(back["session"], back["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5, *SLICE_CONTROLS,
+        request=back_page)
+    assert h.release_closed(time.monotonic() + h.RELEASE_AFTER_S) == 1
+    gc.collect()
+    assert arrays() is None, "the closed page's scan is still held"
+    assert gone["session"].volume is None and back["session"].volume is not None
+    assert sample["session"].volume is not None
+    again = ask(gone["session"], gone["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
+                *SLICE_CONTROLS, request=gone_page)
+    assert "load it again" in html.unescape(again["card"])
+    assert h.redraw_slices(gone["session"], gone["view"], *SLICE_CONTROLS) == {}
+    assert "No scan loaded" in h.status_html(gone["session"])
+    toasts = []
+    monkeypatch.setattr(h, "toast", toasts.append)
+    export = h.bind(h.export, engine=engine)
+    assert export(gone["session"], gone["view"], *SLICE_CONTROLS) == {"exp_files": None}
+    assert "load it again" in toasts[-1]
