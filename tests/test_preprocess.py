@@ -108,3 +108,32 @@ def test_block_fractions_bool_fast_path_equals_the_mean(shape, grid):
     fast, slow = block_fractions(mask, grid), blocks(mask.float(), grid).mean((1, 3, 5)).flatten()
     assert fast.shape == (grid[0] * grid[1] * grid[2],) and torch.allclose(fast, slow, atol=1e-6)
     assert torch.all(fast[: grid[1] * grid[2]] == 1.0)
+
+
+@pytest.mark.parametrize("perm", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_the_token_index_volume_is_the_general_mapping_voxel_for_voxel(abdomen, perm):
+    """Every original voxel's token block, worked out per axis (the preparation only reorients, resamples
+    and crops each axis; 45 s → 0.2 s for 512 × 512 × 300), equals the general mapping of every voxel
+    through the 4 × 4 transform: any orientation, flips, odd spacings, a scan smaller than the model's
+    field and one larger."""
+    import dataclasses
+
+    from photon_core.io.preprocess import Geometry
+
+    rng = np.random.default_rng(sum(perm))
+    for crop, flips, mm in [((60, 101, 40), (1, -1, 1), (0.5, 1.5)), (None, (-1, 1, -1), (3.2, 3.6))]:
+        hu = abdomen.hu if crop is None else abdomen.hu[:crop[0], :crop[1], :crop[2]]
+        affine = np.eye(4)
+        affine[:3, :3] = 0
+        for r, c in enumerate(perm):
+            affine[c, r] = flips[c] * rng.uniform(*mm)
+        affine[:3, 3] = rng.uniform(-100, 100, 3)
+        g = prepare(dataclasses.replace(abdomen, hu=np.ascontiguousarray(hu), affine=affine), "cpu").geometry
+        inv = np.linalg.inv(g.model_to_orig)
+        general = Geometry._token_index_general(g.orig_shape, inv[:3, :3].T.astype(np.float32),
+                                                inv[:3, 3].astype(np.float32))
+        fast = g.token_index_volume()
+        assert fast.dtype == general.dtype == np.int16 and fast.shape == general.shape == hu.shape
+        assert np.array_equal(fast, general)
+        assert (general == -1).any() == (crop is None)       # only the large scan reaches outside the field
+        assert len(np.unique(general)) > 8
