@@ -48,9 +48,13 @@ LOW_RETENTION = 0.5                      # an asked organ keeping less than this
 
 
 def volume_key(vol: Volume) -> str:
-    """Content hash of a volume (the encoded-feature cache key)."""
-    return hashlib.sha1(vol.hu.tobytes()[:: max(1, vol.hu.nbytes // 4_000_000)] +
-                        vol.affine.tobytes() + str(vol.shape).encode()).hexdigest()
+    """Content hash of a volume (the encoded-feature cache key): every voxel, read in place (0.23 s for
+    512 × 512 × 300 float32 on 2 cores). A key of every n-th byte, as before, gave a scan edited in a
+    few voxels (a lesion painted in or out) the cached tokens, and so the answers, of the scan before."""
+    h = hashlib.sha256(f"{vol.hu.dtype.str}{vol.shape}".encode())
+    h.update(memoryview(np.ascontiguousarray(vol.hu)).cast("B"))
+    h.update(np.ascontiguousarray(vol.affine, dtype=np.float64).tobytes())
+    return h.hexdigest()
 
 
 cases = samples.cases

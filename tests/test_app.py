@@ -1077,3 +1077,28 @@ def test_a_closed_pages_upload_is_let_go_of_unless_the_page_came_back(engine, st
     export = h.bind(h.export, engine=engine)
     assert export(gone["session"], gone["view"], *SLICE_CONTROLS) == {"exp_files": None}
     assert "load it again" in toasts[-1]
+
+
+def test_a_scan_edited_in_a_few_voxels_is_encoded_anew_not_taken_from_the_cache(engine, store, tmp_path):
+    """The encoded-tokens cache was keyed by every n-th byte of a volume over 4 MB: the same scan with a
+    lesion painted into a few voxels (a counterfactual twin) was answered with the first one's tokens."""
+    import torch
+
+    from app import handlers as h
+
+    hu = np.full((256, 256, 48), -1000, np.int16)
+    hu[40:220, 50:210, 4:44] = 40                          # a body
+    affine = np.diag([1.4, 1.4, 5.0, 1.0])
+    paths = []
+    for n, lesion in enumerate((0, 200)):
+        edited = hu.copy()
+        edited[120:123, 130:133, 20] += lesion             # 9 voxels: 36 of 12.6 M bytes
+        paths.append(tmp_path / f"scan{n}.nii.gz")
+        nib.save(nib.Nifti1Image(edited, affine), str(paths[-1]))
+    keys, tokens = [], []
+    for p in paths:
+        s = h.load_upload([str(p)], None, None, None, None, None, None, engine=engine, store=store)["session"]
+        keys.append(s.key)
+        tokens.append(engine._cache[s.key][0])
+    assert keys[0] != keys[1]
+    assert not torch.equal(tokens[0], tokens[1])          # the visual features of the twin differ
