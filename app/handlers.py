@@ -161,10 +161,11 @@ def _landed(request, s: Session, view: View) -> None:
         _LANDED.move_to_end(key)
         while len(_LANDED) > _LANDED_MAX:
             _LANDED.popitem(last=False)
+        _SHOWN.pop(key, None)
         if s.shared is None:                # an upload's arrays: let go after its page closes
             _SHOWN[key] = (weakref.ref(s), weakref.ref(view))
-        else:
-            _SHOWN.pop(key, None)
+            while len(_SHOWN) > _LANDED_MAX:
+                del _SHOWN[next(iter(_SHOWN))]
 
 
 # A closed page's state stays in Gradio an hour (in case the browser comes back); an uploaded scan's arrays
@@ -172,7 +173,7 @@ def _landed(request, s: Session, view: View) -> None:
 RELEASE_AFTER_S = 600.0
 RELEASED_MESSAGE = (f"This page was closed, and its uploaded scan let go of {RELEASE_AFTER_S / 60:.0f} "
                     "minutes later: load it again.")
-_SHOWN: dict[str, tuple] = {}           # browser -> weak references to its upload's (Session, View)
+_SHOWN: dict[str, tuple] = {}           # browser -> weak refs to its upload's (Session, View), oldest first
 _CLOSED: dict[str, tuple] = {}          # browser whose page closed -> (when, Session ref, View ref)
 _SWEEPER: list[threading.Thread] = []
 
@@ -180,7 +181,7 @@ _SWEEPER: list[threading.Thread] = []
 def _closed(request) -> None:
     key = _key(request)
     with _LOADS_LOCK:
-        shown = _SHOWN.pop(key, None)
+        shown = _SHOWN.get(key)             # kept: a page that comes back may close again
         if shown is not None:
             _CLOSED[key] = (time.monotonic(), *shown)
         if _CLOSED and not (_SWEEPER and _SWEEPER[0].is_alive()):
@@ -193,12 +194,15 @@ def release_closed(now: float | None = None) -> int:
     now = time.monotonic() if now is None else now
     with _LOADS_LOCK:
         due = [k for k, v in _CLOSED.items() if now - v[0] >= RELEASE_AFTER_S]
-        due = [_CLOSED.pop(k) for k in due]
+        due = [(k, _CLOSED.pop(k)) for k in due]
     n = 0
-    for ended, s_ref, view_ref in due:
+    for key, (ended, s_ref, view_ref) in due:
         s, view = s_ref(), view_ref()
         if s is None or s.used_at > ended:              # gone already, or the page came back
             continue
+        with _LOADS_LOCK:
+            if _SHOWN.get(key, (None,))[0] is s_ref:
+                del _SHOWN[key]
         s.release()
         if view is not None:
             view.release()

@@ -1066,6 +1066,8 @@ def test_a_closed_pages_upload_is_let_go_of_unless_the_page_came_back(engine, st
     gc.collect()
     assert arrays() is None, "the closed page's scan is still held"
     assert gone["session"].volume is None and back["session"].volume is not None
+    h.bind(h.session_ended, store=store)(request=back_page)     # the page that came back closes again
+    assert h.release_closed(time.monotonic() + h.RELEASE_AFTER_S) == 1 and back["session"].volume is None
     assert sample["session"].volume is not None
     again = ask(gone["session"], gone["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
                 *SLICE_CONTROLS, request=gone_page)
