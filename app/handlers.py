@@ -26,7 +26,7 @@ import gradio as gr
 
 from photon_core.inference.prompt import clean_question
 from photon_core.io.volume import VolumeError, clean_text
-from photon_core.model.budget import MIN_KEEP_TOKENS, SCAN_TOKENS, Budget, applied_cut
+from photon_core.model.budget import MIN_KEEP_TOKENS, SCAN_TOKENS, Budget
 from photon_core.organs import organs_in_question
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.slices import WINDOWS, pick
@@ -397,7 +397,7 @@ def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacit
     glb = scene_file(view, s)
     img = slices_file(view, s, width, level, opacity)
     hist = saliency_histogram(ans.rho, ans.theta, ans.keep_grid,
-                              cut=applied_cut(ans.budget, ans.rho, ans.keep_grid, ans.theta))
+                              cut=ans.cut)
     ret = retention_bars(audit.retention, audit.asked, audit.small) if audit.retention else None
     view.files.forget("export")                     # an export belongs to the answer it was made from
     now = time.perf_counter()

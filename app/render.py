@@ -6,7 +6,7 @@ import html
 
 import numpy as np
 
-from photon_core.model.budget import Budget, applied_cut, describe, floor_note, is_baseline
+from photon_core.model.budget import Budget, describe, floor_note, is_baseline
 from viz.scene import AXIS_COLOURS, HIGHLIGHT, rho_bins
 
 from .service import Audit, Session, prior_description
@@ -142,7 +142,7 @@ def budget_words(ans) -> str:
     """The budget an answer was made under, where it cut the saliency ρ, and the model's own θ when the
     budget did not use it (HTML)."""
     b = Budget.parse(ans.budget)
-    cut = applied_cut(b, ans.rho, ans.keep_grid, ans.theta)
+    cut = ans.cut
     text = f"<b id='budget-words'>{esc(describe(b))}</b>"
     if b.mode == "auto":
         return text + (f" · θ = {ans.theta:.3f}" if cut is not None else " · no θ (S1 checkpoint)")
@@ -163,7 +163,7 @@ def legend_html(ans=None, highlighted: list[str] = (), organs: list[tuple[str, t
                     for lo, hi, c in rho_bins())
     theta, cut = "", None
     if ans is not None:
-        cut = applied_cut(ans.budget, ans.rho, ans.keep_grid, ans.theta)
+        cut = ans.cut
     if cut is not None:
         theta = (f"<div style='position:absolute;left:{100 * float(np.clip(cut, 0, 1)):.1f}%;top:-3px;"
                  f"height:20px;border-left:2px solid #000' title='cut'></div>")

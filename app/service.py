@@ -30,7 +30,7 @@ from photon_core.io.dicom import CHOOSE_SERIES
 from photon_core.io.orientation import reorient
 from photon_core.io.preprocess import prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
-from photon_core.model.budget import Budget, applied_cut, describe, floor_note
+from photon_core.model.budget import Budget, describe, floor_note
 from photon_core.organs import label_blocks, organs_in_question
 from viz.scene import world_bounds
 
@@ -418,7 +418,7 @@ class Engine:
             raise ValueError("Ask a question first; the export holds the audit of an answer.")
         audit = s.audit if s.audit is not None else self.audit(s, s.question, s.answer)
         a = s.answer
-        cut = applied_cut(a.budget, a.rho, a.keep_grid, a.theta)
+        cut = a.cut
         findings = {
             "answer_readable": bool(audit.readable),
             "answer_probability": None if audit.probability is None else round(audit.probability, 4),

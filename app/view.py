@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from photon_core.io.preprocess import TOKEN_GRID
-from photon_core.model.budget import Budget, applied_cut
+from photon_core.model.budget import Budget
 from photon_core.organs import ORGANS, organs_in_question
 from viz.scene import (
     AnatomyScene,
@@ -368,7 +368,7 @@ def export_pngs(v: View, s: Session, width: float, level: float, opacity: float)
         a = s.answer
         auto = Budget.parse(a.budget).mode == "auto"
         pngs["view3d_anterior"] = render_png(v.surfaces + v.marker, _overlay(v, s), size=(800, 600),
-                                               theta=applied_cut(a.budget, a.rho, a.keep_grid, a.theta),
+                                               theta=a.cut,
                                                theta_label="theta" if auto else "cut")
     return pngs
 

@@ -1104,3 +1104,28 @@ def test_a_scan_edited_in_a_few_voxels_is_encoded_anew_not_taken_from_the_cache(
         tokens.append(engine._cache[s.key][0])
     assert keys[0] != keys[1]
     assert not torch.equal(tokens[0], tokens[1])          # the visual features of the twin differ
+
+
+def test_with_a_prior_scan_the_cut_is_where_the_count_cut_both_scans(engine, store, tmp_path):
+    """A count or share keeps the most salient of the prior's and the current scan's tokens together, but
+    the card, the histogram, the legend, the 3-D PNG and report.json gave the lowest ρ kept of the current
+    scan alone as the cut: above the real one whenever a prior token was the last one kept."""
+    import re
+
+    from app import handlers as h
+
+    ct = SAMPLES / "abdomen_ct/ct.nii.gz"
+    prior = tmp_path / "earlier.nii.gz"
+    nib.save(nib.load(str(ct)).slicer[3:, 2:, :], str(prior))
+    out = h.load_upload([str(ct)], None, None, str(prior), None, None, None, engine=engine, store=store)
+    s, differs = out["session"], 0
+    for tokens in (60, 150, 400, 900):
+        card = _ask(engine, out, "Is the spleen enlarged?", mode="Tokens", tokens=tokens)["card"]
+        a = s.answer
+        assert a.prior_rho is not None and a.prior_rho.shape == a.rho.shape
+        both = min(a.rho[a.keep_grid].min(initial=2.0), a.prior_rho[a.prior_keep_grid].min(initial=2.0))
+        assert a.kept == tokens and a.cut == pytest.approx(both)
+        shown = float(re.search(r"cut at ρ = ([0-9.]+)", card).group(1))
+        assert shown == pytest.approx(both, abs=6e-4)
+        differs += both < a.rho[a.keep_grid].min() - 1e-3
+    assert differs, "no count here cut the prior's tokens lowest: the test shows nothing"

@@ -27,7 +27,7 @@ from photon_core.inference.prompt import GenerationSettings, Tokenizer, batch_pr
 from photon_core.io.preprocess import MODEL_SHAPE, TOKEN_GRID, Geometry, Prepared, patchify, prepare
 from photon_core.io.volume import Volume
 from photon_core.model import hub
-from photon_core.model.budget import S1_MESSAGE, THRESHOLD_MODES, Budget
+from photon_core.model.budget import S1_MESSAGE, THRESHOLD_MODES, Budget, applied_cut
 from photon_core.model.checkpoint import CheckpointInfo, load_model
 
 DEMO_MODEL = hub.DEMO_MODEL
@@ -66,6 +66,7 @@ class Answer:
     prior_keep_grid: np.ndarray | None = None   # the prior scan's kept mask, when one was given
     prior_kept: int = 0                          # of ``kept``, tokens of the prior scan
     prior_total: int = 0                         # of ``total``, tokens of the prior scan
+    prior_rho: np.ndarray | None = None          # (10, 10, 10) the prior scan's ρ, when one was given
     checkpoint: dict = field(default_factory=dict)   # CheckpointInfo.to_dict() of the model that answered
     readable: bool = True                        # the text parses as an answer of the question's type
     probability: float | None = None             # exp(mean log-prob) of the answer's tokens and its stop id
@@ -73,6 +74,16 @@ class Answer:
     @property
     def keep_fraction(self) -> float:
         return self.kept / max(1, self.total)
+
+    @property
+    def cut(self) -> float | None:
+        """`applied_cut` of the answer's budget over every visual token it was cut from: with a prior
+        scan, the prior's tokens compete for the same count or share, and may be the lowest kept."""
+        rho, keep = self.rho.ravel(), self.keep_grid.ravel()
+        if self.prior_rho is not None and self.prior_keep_grid is not None:
+            rho = np.concatenate([self.prior_rho.ravel(), rho])
+            keep = np.concatenate([self.prior_keep_grid.ravel(), keep])
+        return applied_cut(self.budget, rho, keep, self.theta)
 
     def to_dict(self) -> dict:
         theta = round(self.theta, 4) if np.isfinite(self.theta) else None     # an S1 checkpoint has no θ
@@ -270,10 +281,11 @@ class Predictor:
             used = len(gen_ids) + (end is not None)          # the answer's tokens and the stop that ended it
             if st is not None:
                 keep_all = st.keep[b].cpu().numpy().astype(bool)
-                rho = st.rho[b].float().cpu().numpy()[P:]
+                rho_all = st.rho[b].float().cpu().numpy()
                 theta = float(st.theta[b])
             else:
-                keep_all, rho, theta = np.ones(P + V, bool), np.zeros(V, np.float32), 0.0
+                keep_all, rho_all, theta = np.ones(P + V, bool), np.zeros(P + V, np.float32), 0.0
+            rho = rho_all[P:]
             keep, prior_keep = keep_all[P:], keep_all[:P]
             text = self.tokenizer.decode(gen_ids)
             answers.append(Answer(
@@ -285,6 +297,7 @@ class Predictor:
                 checkpoint=self.checkpoint.to_dict(),
                 prior_keep_grid=prior_keep.reshape(TOKEN_GRID) if P else None,
                 prior_kept=int(prior_keep.sum()), prior_total=P, readable=readable(qs[b], text),
+                prior_rho=rho_all[:P].reshape(TOKEN_GRID) if P else None,
                 probability=float(np.exp(logps[b, :used].mean())) if used else None))
         return answers
 
