@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -219,6 +220,32 @@ def _sweep_forever() -> None:
             if not _CLOSED:
                 _SWEEPER.clear()
                 return
+
+
+_ASKED: OrderedDict[str, int] = OrderedDict()     # browser -> the ticket of its newest ask
+_TICKETS = itertools.count(1)
+
+
+def _ticket(request) -> int | None:
+    """An ask of this browser begins (Ask, Enter, a budget control, Triage, Review): it is the newest."""
+    if request is None:
+        return None
+    with _LOADS_LOCK:
+        key, n = _key(request), next(_TICKETS)
+        _ASKED[key] = n
+        _ASKED.move_to_end(key)
+        while len(_ASKED) > _LANDED_MAX:
+            _ASKED.popitem(last=False)
+    return n
+
+
+def _outdated(request, ticket: int | None) -> bool:
+    """A newer ask of the same browser began after this one: two controls' events run side by side, and
+    the older one, answered last, would leave the page on the older question or budget."""
+    if ticket is None:
+        return False
+    with _LOADS_LOCK:
+        return _ASKED.get(_key(request), ticket) != ticket
 
 
 def _superseded(request, s: Session) -> bool:
@@ -442,11 +469,14 @@ def _esc(text: str) -> str:
 
 
 def _answer_and_draw(engine: Engine, s: Session, view: View, question: str, budget: Budget, width, level,
-                     opacity, t0: float, request, progress=None) -> dict:
+                     opacity, t0: float, request, ticket: int | None, progress=None) -> dict:
     """Ask and draw the views of the answer, the session held so that they show one answer; nothing (said
     in a toast) when another scan landed on this browser's page meanwhile: drawn, the late answer would
-    replace the new scan's views and served files."""
+    replace the new scan's views and served files. Nothing either when a newer ask of the page began
+    before this one got the session: the newest ask is the one the page ends on."""
     with s.lock:
+        if _outdated(request, ticket):
+            return {}
         engine.answer(s, question, budget)
         if not _superseded(request, s):
             if progress is not None:
@@ -464,13 +494,14 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
         progress=PROGRESS, *, engine: Engine) -> dict:
     """Ask the question under the budget of the controls; the views follow the answer."""
     t0 = time.perf_counter()
+    ticket = _ticket(request)
     try:
         _check_not_loading(request)
         if s is None or view is None or s.volume is None:
             raise _no_scan(s)
         budget = budget_from(mode, tokens, percent, theta)
         progress(0.1, desc="Asking Photon")
-        out = _answer_and_draw(engine, s, view, question, budget, width, level, opacity, t0, request,
+        out = _answer_and_draw(engine, s, view, question, budget, width, level, opacity, t0, request, ticket,
                                progress)
         if out and budget.mode == "top_k" and budget.value != tokens:   # 33.7 typed: shows the 34 asked
             out["tokens"] = int(budget.value)
@@ -512,6 +543,7 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
     """At least twice what Auto keeps (≥ 100 tokens), as a Tokens budget; a count beyond the Tokens
     slider (with a prior scan's tokens) as the same share, in Percent."""
     t0 = time.perf_counter()
+    ticket = _ticket(request)
     try:
         _check_not_loading(request)
         if s is None or view is None or s.volume is None:
@@ -522,7 +554,7 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
             mode, budget, value = "Tokens", Budget("top_k", float(k)), k
         else:
             mode, budget, value = "Percent", Budget("ratio", k / auto.total), round(100 * k / auto.total, 6)
-        out = _answer_and_draw(engine, s, view, question, budget, width, level, opacity, t0, request)
+        out = _answer_and_draw(engine, s, view, question, budget, width, level, opacity, t0, request, ticket)
         if not out:
             return out
         shown = {name: gr.update(visible=False) for name in ("tokens", "percent", "theta")}

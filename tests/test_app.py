@@ -1129,3 +1129,44 @@ def test_with_a_prior_scan_the_cut_is_where_the_count_cut_both_scans(engine, sto
         assert shown == pytest.approx(both, abs=6e-4)
         differs += both < a.rho[a.keep_grid].min() - 1e-3
     assert differs, "no count here cut the prior's tokens lowest: the test shows nothing"
+
+
+def test_the_page_ends_on_its_newest_ask_when_two_run_side_by_side(engine, store, monkeypatch):
+    """Two controls of one page (the Tokens slider, then Review or the mode) run as two events side by
+    side; the older one, reaching the session last, was answered last and left the page on the older
+    budget while its controls showed the newer one. An ask that a newer one of the page overtook is now
+    left unanswered (its outputs unchanged); another page's asks are not affected."""
+    import threading
+    from types import SimpleNamespace
+
+    from app import handlers as h
+
+    page, other = SimpleNamespace(session_hash="page-1"), SimpleNamespace(session_hash="page-2")
+    a = h.load_case(ABDOMEN, None, None, request=page, engine=engine, store=store)
+    b = h.load_case(ABDOMEN, None, None, request=other, engine=engine, store=store)
+    held, go = threading.Event(), threading.Event()
+    real_check = h._check_not_loading
+
+    def check(request):                       # the older ask stalls after it began, before the session
+        if threading.current_thread().name == "older":
+            held.set()
+            assert go.wait(60)
+        return real_check(request)
+
+    monkeypatch.setattr(h, "_check_not_loading", check)
+    outs = {}
+
+    def run(name, tokens, request, out):
+        outs[name] = h.ask(out["session"], out["view"], "Is the spleen enlarged?", "Tokens", tokens, 25, 0.5,
+                           *SLICE_CONTROLS, request=request, engine=engine)
+
+    older = threading.Thread(target=run, args=("older", 100, page, a), name="older")
+    older.start()
+    assert held.wait(60)
+    run("newer", 300, page, a)                # begins after the older one and is answered first
+    run("other page", 200, other, b)          # another page's ask in between
+    go.set()
+    older.join(60)
+    assert "kept: <b>300</b>" in outs["newer"]["card"] and "kept: <b>200</b>" in outs["other page"]["card"]
+    assert outs["older"] == {}, "the overtaken ask was drawn over the newer answer"
+    assert a["session"].answer.kept == 300 and b["session"].answer.kept == 200
