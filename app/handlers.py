@@ -45,6 +45,7 @@ from .view import (
     highlighted,
     organ_legend,
     preset_window,
+    request_started,
     scene_file,
     slices_file,
 )
@@ -164,9 +165,12 @@ def _landed(request, s: Session, view: View) -> None:
             _LANDED.popitem(last=False)
         _SHOWN.pop(key, None)
         if s.shared is None:                # an upload's arrays: let go after its page closes
-            _SHOWN[key] = (weakref.ref(s), weakref.ref(view))
+            _SHOWN[key] = refs = (weakref.ref(s), weakref.ref(view))
             while len(_SHOWN) > _LANDED_MAX:
                 del _SHOWN[next(iter(_SHOWN))]
+            closed, started = _CLOSED.get(key), request_started()
+            if closed is not None and started is not None and started < closed[0]:
+                _CLOSED[key] = (closed[0], *refs)   # the page closed while this load ran
 
 
 # A closed page's state stays in Gradio an hour (in case the browser comes back); an uploaded scan's arrays
@@ -183,8 +187,7 @@ def _closed(request) -> None:
     key = _key(request)
     with _LOADS_LOCK:
         shown = _SHOWN.get(key)             # kept: a page that comes back may close again
-        if shown is not None:
-            _CLOSED[key] = (time.monotonic(), *shown)
+        _CLOSED[key] = (time.monotonic(), *(shown or (None, None)))    # None: a load may still land
         if _CLOSED and not (_SWEEPER and _SWEEPER[0].is_alive()):
             _SWEEPER[:] = [threading.Thread(target=_sweep_forever, name="photon-release", daemon=True)]
             _SWEEPER[0].start()
@@ -198,7 +201,7 @@ def release_closed(now: float | None = None) -> int:
         due = [(k, _CLOSED.pop(k)) for k in due]
     n = 0
     for key, (ended, s_ref, view_ref) in due:
-        s, view = s_ref(), view_ref()
+        s, view = (s_ref(), view_ref()) if s_ref is not None else (None, None)
         if s is None or s.used_at > ended:              # gone already, or the page came back
             continue
         with _LOADS_LOCK:

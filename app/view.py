@@ -108,16 +108,22 @@ class FileStore:
 _request = threading.local()
 
 
+def request_started() -> float | None:
+    """When the request the calling handler serves began (`handling`), or None outside one."""
+    return getattr(_request, "started", None)
+
+
 @contextlib.contextmanager
 def handling():
     """Marks the handler running in this thread with the time its request began (`handlers.bind` wraps
     every handler in it), so that `Files` can tell a write for a request begun before its session ended
     from a write for a browser that came back."""
+    before = getattr(_request, "started", None)       # a handler called from another keeps its own
     _request.started = time.monotonic()
     try:
         yield
     finally:
-        _request.started = None
+        _request.started = before
 
 
 class Files:

@@ -1170,3 +1170,31 @@ def test_the_page_ends_on_its_newest_ask_when_two_run_side_by_side(engine, store
     assert "kept: <b>300</b>" in outs["newer"]["card"] and "kept: <b>200</b>" in outs["other page"]["card"]
     assert outs["older"] == {}, "the overtaken ask was drawn over the newer answer"
     assert a["session"].answer.kept == 300 and b["session"].answer.kept == 200
+
+
+def test_an_upload_whose_page_closed_while_it_loaded_is_let_go_of_too(engine, store, monkeypatch):
+    """A load runs on after its page closed (nothing cancels a running load): the upload landed on a page
+    already gone, was never registered as closed, and stayed Gradio's hour."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from app import handlers as h
+    from app.service import Engine
+
+    page, held = SimpleNamespace(session_hash="tab-closed-mid-load"), {}
+    real = Engine.load_upload
+
+    def load_and_close(self, *args, **kwargs):
+        s = real(self, *args, **kwargs)
+        h.bind(h.session_ended, store=store)(request=page)    # the tab closes before the load returns
+        held["hu"] = weakref.ref(s.volume.hu)
+        return s
+
+    monkeypatch.setattr(Engine, "load_upload", load_and_close)
+    out = h.bind(h.load_upload, engine=engine, store=store)(
+        [str(SAMPLES / "abdomen_ct/ct.nii.gz")], None, None, None, None, None, None, request=page)
+    assert out["session"].volume is not None
+    assert h.release_closed(time.monotonic() + h.RELEASE_AFTER_S) == 1
+    gc.collect()
+    assert held["hu"]() is None and out["session"].released
