@@ -23,7 +23,7 @@ import numpy as np
 
 from photon_core import organs
 from photon_core.inference.answers import question_type, readable
-from photon_core.inference.audit import export_audit, kept_outside, organ_retention
+from photon_core.inference.audit import covered_tokens, export_audit, kept_outside, organ_retention
 from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
 from photon_core.io.dicom import CHOOSE_SERIES
@@ -137,6 +137,7 @@ class Session:
     volume: Volume | None = None
     geometry: object = None
     token_index: np.ndarray | None = None  # (I, J, K) flat token per original voxel (−1 outside)
+    covered: np.ndarray | None = None      # (1000,) the tokens that cover some voxel of the scan
     labels: np.ndarray | None = None
     label_names: dict = field(default_factory=dict)        # {label id (str): name}
     label_note: str | None = None          # how the names were found, when not from the user's table
@@ -169,7 +170,7 @@ class Session:
         if self.shared is not None:
             return
         with self.lock:                    # after an ask, compare or export in flight
-            self.volume = self.geometry = self.token_index = self.labels = self.prior = None
+            self.volume = self.geometry = self.token_index = self.covered = self.labels = self.prior = None
             self.answer = self.audit = self.compared = None
             self.released = True
 
@@ -259,6 +260,7 @@ class Engine:
         progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
         s.geometry = self._encode(s.key, vol)
         s.token_index = s.geometry.token_index_volume()
+        s.covered = covered_tokens(s.token_index)
         if labels_path is not None:
             with _part(labels_path):
                 s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
@@ -413,7 +415,7 @@ class Engine:
                      small=tuple(n for n in s.small_structures if n in retention),
                      readable=readable(question, ans.text, list(s.blocks)), probability=probability(ans),
                      untrained=self.is_demo and question_type(question) == "open",
-                     outside=kept_outside(s.token_index, keep) if s.token_index is not None else 0)
+                     outside=kept_outside(s.covered, keep) if s.covered is not None else 0)
 
     def export(self, s: Session, pngs: dict[str, bytes], folder: Path) -> list[Path]:
         """The audit of the session's last answer as files in ``folder`` (mask, report, PNG views)."""

@@ -235,6 +235,7 @@ class View:
     labels_ras: np.ndarray | None = None
     point: tuple = (0, 0, 0)               # crosshair: voxel (i, j, k) of the RAS-ordered scan
     layout: Layout | None = None           # of the last tri-planar image
+    centres: dict = field(default_factory=dict)   # ("organ", ids) or ("token", index) -> where `focus` opens
     build_s: float = 0.0
 
     def cleanup(self) -> None:
@@ -244,7 +245,7 @@ class View:
         """Let go of the arrays and meshes (with `Session.release`); the view then draws nothing."""
         self.surfaces, self.marker = [], []
         self.scene = self.corners = self.hu_ras = self.spacing_ras = self.token_ras = self.labels_ras = None
-        self.layout = None
+        self.layout, self.centres = None, {}
 
 
 _SHARED_LOCK = threading.Lock()
@@ -310,32 +311,61 @@ def scene_file(v: View, s: Session) -> str:
     return str(v.files.write("scene", ".glb", v.scene.glb(_overlay(v, s), set(highlighted(v, s)))))
 
 
-def kept_mask(v: View, s: Session) -> np.ndarray | None:
+class Planes:
+    """A 3-D mask read plane by plane, as `triplanar` reads it: each indexing maps the same plane of
+    ``source`` through ``fn``. The whole mask of a 512 × 512 × 300 scan cost 0.2 s (kept blocks) and
+    0.5 s (the asked organ) at every redraw of the three planes."""
+
+    def __init__(self, source: np.ndarray, fn):
+        self.source, self.fn, self.shape = source, fn, source.shape
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.fn(self.source[index])
+
+    def whole(self) -> np.ndarray:
+        return self.fn(self.source)
+
+
+def kept_mask(v: View, s: Session) -> Planes | None:
     if s.answer is None:
         return None
-    return np.concatenate([s.answer.keep_grid.ravel(), [False]])[v.token_ras]
+    lut = np.concatenate([s.answer.keep_grid.ravel(), [False]])         # index −1 (outside): False
+    return Planes(v.token_ras, lut.__getitem__)
 
 
-def asked_mask(v: View, s: Session) -> np.ndarray | None:
+def _asked_ids(v: View, s: Session) -> tuple[int, ...]:
     if v.labels_ras is None or s.audit is None or not s.audit.asked:
-        return None
-    ids = s.ids_of(s.audit.asked)
-    return np.isin(v.labels_ras, ids) if ids else None
+        return ()
+    return tuple(s.ids_of(s.audit.asked))
+
+
+def asked_mask(v: View, s: Session) -> Planes | None:
+    ids = _asked_ids(v, s)
+    return Planes(v.labels_ras, lambda labels: np.isin(labels, ids)) if ids else None
 
 
 def focus(v: View, s: Session) -> tuple[int, int, int]:
     """Where the slices open for an answer: the asked structure's centre, else the most salient kept
-    block's centre, else the crosshair stays."""
-    organ = asked_mask(v, s)
-    if organ is not None and organ.any():
-        return _central_voxel(np.argwhere(organ))
+    block's centre, else the crosshair stays. Each centre is found once per scan (`View.centres`)."""
+    ids = _asked_ids(v, s)
+    if ids:
+        centre = _centre(v, ("organ", ids), lambda: np.isin(v.labels_ras, ids))
+        if centre is not None:
+            return centre
     if s.answer is not None and s.answer.keep_grid.any():
         keep, rho = s.answer.keep_grid.ravel(), s.answer.rho.ravel()
         best = int(np.flatnonzero(keep)[np.argmax(rho[keep])])
-        where = np.argwhere(v.token_ras == best)
-        if len(where):
-            return _central_voxel(where)
+        centre = _centre(v, ("token", best), lambda: v.token_ras == best)
+        if centre is not None:
+            return centre
     return v.point
+
+
+def _centre(v: View, key: tuple, mask) -> tuple[int, int, int] | None:
+    if key not in v.centres:
+        where = np.argwhere(mask())
+        v.centres[key] = _central_voxel(where) if len(where) else None
+    return v.centres[key]
 
 
 def _central_voxel(points: np.ndarray) -> tuple[int, int, int]:

@@ -2,6 +2,7 @@
 
 * `kept_mask_original` — the kept token blocks as a mask on the original voxel grid (Geometry).
 * `kept_outside` — kept tokens that lie wholly in the padding around a scan smaller than the model's field.
+  `covered_tokens` — the tokens that cover some voxel of a scan (worked out once per scan).
 * `organ_retention` — per organ, the share of its token blocks that were kept (which blocks count for
   an organ: `photon_core.organs.label_blocks`).
 * `export_audit` — NIfTI mask (opens over the scan in 3D Slicer), JSON report, and given PNGs.
@@ -19,6 +20,7 @@ import numpy as np
 
 from photon_core.io.preprocess import Geometry
 from photon_core.io.volume import clean_text
+from photon_core.model.budget import SCAN_TOKENS
 
 
 def kept_mask_original(token_index: np.ndarray, keep_flat: np.ndarray) -> np.ndarray:
@@ -28,12 +30,17 @@ def kept_mask_original(token_index: np.ndarray, keep_flat: np.ndarray) -> np.nda
     return lut[token_index].astype(np.uint8)
 
 
-def kept_outside(token_index: np.ndarray, keep_flat: np.ndarray) -> int:
-    """Kept tokens that cover no voxel of the scan (wholly in the padding around a scan smaller than the
-    model's field)."""
-    covered = np.zeros(keep_flat.size + 1, bool)
+def covered_tokens(token_index: np.ndarray, n: int = SCAN_TOKENS) -> np.ndarray:
+    """(n,) bool: the tokens that cover some voxel of the scan (a property of the scan: worked out once)."""
+    covered = np.zeros(n + 1, bool)
     covered[token_index] = True                         # index −1 (outside) lands on the extra slot
-    return int((keep_flat & ~covered[:-1]).sum())
+    return covered[:-1]
+
+
+def kept_outside(covered: np.ndarray, keep_flat: np.ndarray) -> int:
+    """Kept tokens that cover no voxel of the scan (wholly in the padding around a scan smaller than the
+    model's field); ``covered``: `covered_tokens` of the scan."""
+    return int((np.asarray(keep_flat, bool).ravel() & ~covered).sum())
 
 
 def organ_retention(blocks: dict[str, np.ndarray], keep_flat: np.ndarray) -> dict[str, float]:
@@ -92,7 +99,7 @@ def export_audit(folder: Path, geometry: Geometry, token_index: np.ndarray, answ
         "mask_file": "kept_blocks.nii.gz (uint8, original scan grid, 1 = voxel inside a kept token block)",
         # blocks of the model's field that lie wholly in the padding around a scan smaller than it: kept or
         # not, the mask cannot show them
-        "kept_tokens_outside_scan": kept_outside(token_index, keep),
+        "kept_tokens_outside_scan": kept_outside(covered_tokens(token_index, keep.size), keep),
         "versions": {"photon_ct": getattr(photon_core, "__version__", "0"), "torch": torch.__version__,
                      "nibabel": nib.__version__, "python": platform.python_version()},
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
