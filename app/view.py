@@ -341,7 +341,18 @@ def _asked_ids(v: View, s: Session) -> tuple[int, ...]:
 
 def asked_mask(v: View, s: Session) -> Planes | None:
     ids = _asked_ids(v, s)
-    return Planes(v.labels_ras, lambda labels: np.isin(labels, ids)) if ids else None
+    return Planes(v.labels_ras, lambda labels: _in(labels, ids)) if ids else None
+
+
+def _in(labels: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:
+    """``np.isin(labels, ids)`` for the few ids of an asked structure, by comparisons: np.isin copies and
+    sorts a whole scan (512 × 512 × 300: 0.95 s, against 0.06 s an id)."""
+    if len(ids) > 8:
+        return np.isin(labels, ids)
+    out = labels == ids[0]
+    for i in ids[1:]:
+        out |= labels == i
+    return out
 
 
 def focus(v: View, s: Session) -> tuple[int, int, int]:
@@ -349,7 +360,7 @@ def focus(v: View, s: Session) -> tuple[int, int, int]:
     block's centre, else the crosshair stays. Each centre is found once per scan (`View.centres`)."""
     ids = _asked_ids(v, s)
     if ids:
-        centre = _centre(v, ("organ", ids), lambda: np.isin(v.labels_ras, ids))
+        centre = _centre(v, ("organ", ids), lambda: _in(v.labels_ras, ids))
         if centre is not None:
             return centre
     if s.answer is not None and s.answer.keep_grid.any():

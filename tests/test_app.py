@@ -1222,6 +1222,11 @@ def test_the_slices_read_their_masks_plane_by_plane_and_draw_the_same_image(engi
         drawn = slices_image(v, s, *SLICE_CONTROLS)
         ref, _ = triplanar(v.hu_ras, v.spacing_ras, point, window_of(400, 40), whole_kept, 0.35, whole_asked)
         assert np.array_equal(drawn, ref), point
+    from app.view import _in
+
+    present = [int(i) for i in np.unique(v.labels_ras) if i > 0]
+    for ids in (tuple(present[:1]), tuple(present[:3]), tuple(present[:10]), (present[0], 30000, -1)):
+        assert np.array_equal(_in(v.labels_ras, ids), np.isin(v.labels_ras, ids)), ids
     # where the slices open: the asked organ's central voxel, found once and remembered
     centre = focus(v, s)
     assert whole_asked[centre] and v.centres[("organ", tuple(s.ids_of(s.audit.asked)))] == centre
