@@ -95,14 +95,12 @@ def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
     label map on the same grid; names {label id: name}. A block counts where ≥ ``fraction`` of its voxels
     are the structure; a structure that reaches that in no block counts by any overlap. Returns
     (blocks by name, the names that fell back to any overlap)."""
-    valid = token_index >= 0
-    tok = token_index[valid]
-    lab = labels[valid]
-    per_block = np.maximum(np.bincount(tok, minlength=n_blocks), 1).astype(np.float64)
+    counts = _label_block_counts(token_index, labels, [int(k) for k in names], n_blocks)
+    per_block = np.maximum(sum(counts.values()), 1).astype(np.float64)
     out, small = {}, []
     for lid, name in names.items():
-        hits = np.bincount(tok[lab == int(lid)], minlength=n_blocks)
-        if not hits.any():
+        hits = counts.get(int(lid))
+        if hits is None or not hits.any():
             continue
         blocks = hits >= fraction * per_block
         if not blocks.any():          # smaller than a block's share everywhere: any overlap counts
@@ -110,6 +108,28 @@ def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
             small.append(name)
         out[name] = blocks
     return out, small
+
+
+def _label_block_counts(token_index: np.ndarray, labels: np.ndarray, ids: list[int], n_blocks: int,
+                        chunk: int = 1 << 23) -> dict:
+    """{label id: its voxels in each token block} for the ids present, and under None those of every
+    other label (background included), in one pass over both arrays in the label map's memory order, a
+    chunk at a time. (Masking both arrays and counting once per label took 6.9 s for 61 structures of a
+    512 × 512 × 300 map.)"""
+    order = "F" if labels.flags.f_contiguous and not labels.flags.c_contiguous else "C"
+    lab, tok = labels.ravel(order=order), token_index.ravel(order=order)   # views where the orders agree
+    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
+    wanted = sorted({i for i in ids if lo <= i <= hi})
+    row = np.full(hi - lo + 1, len(wanted), np.int32)          # a label no id names: the last row
+    row[np.asarray(wanted, np.int64) - lo] = np.arange(len(wanted), dtype=np.int32)
+    width = n_blocks + 1                                        # the last column: outside the model volume
+    counts = np.zeros((len(wanted) + 1) * width, np.int64)
+    for start in range(0, lab.size, chunk):
+        rows = row[lab[start:start + chunk].astype(np.int32) - lo]
+        cols = tok[start:start + chunk].astype(np.int32) % width          # token −1 → the last column
+        counts += np.bincount(rows * width + cols, minlength=counts.size)
+    counts = counts.reshape(len(wanted) + 1, width)[:, :n_blocks]
+    return {**{i: counts[r] for r, i in enumerate(wanted)}, None: counts[-1]}
 
 
 def block_cover(share, fraction: float = BLOCK_FRACTION, small: bool = True):

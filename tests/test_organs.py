@@ -286,3 +286,44 @@ def test_names_with_punctuation_or_a_bracketed_abbreviation_are_matched():
                                ("Is the spleen enlarged?", ["(spleen)"]),
                                ("Is the stomach distended?", [])]:       # every other word still counts
         assert organs_in_question(question, names) == expected, question
+
+
+def _label_blocks_one_label_at_a_time(token_index, labels, names, fraction=0.5, n_blocks=1000):
+    """The rule as first written (a pass per label), the reference for the one-pass count."""
+    valid = token_index >= 0
+    tok, lab = token_index[valid], labels[valid]
+    per_block = np.maximum(np.bincount(tok, minlength=n_blocks), 1).astype(np.float64)
+    out, small = {}, []
+    for lid, name in names.items():
+        hits = np.bincount(tok[lab == int(lid)], minlength=n_blocks)
+        if not hits.any():
+            continue
+        blocks = hits >= fraction * per_block
+        if not blocks.any():
+            blocks = hits > 0
+            small.append(name)
+        out[name] = blocks
+    return out, small
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_block_counts_in_one_pass_are_the_counts_label_by_label(abdomen_grid, order):
+    """Counting every label's voxels per block in one pass (6.9 s → 1–2 s for 61 structures of a
+    512 × 512 × 300 map) gives each structure the blocks, and the small-structure fallback, that counting
+    one label at a time gave: the sample's map in either memory order, with named ids absent from the map,
+    an unnamed label, background named and the model volume's edge cutting the scan."""
+    from photon_core.organs import BLOCK_FRACTION, label_blocks
+
+    _, labels, token_index, _ = abdomen_grid
+    labels = np.asarray(labels, order=order).copy(order=order)
+    token_index = token_index.copy()
+    token_index[:7] = -1                                  # a slab outside the model volume
+    present = [int(i) for i in np.unique(labels)]
+    names = {str(i): f"s{i}" for i in present[:-1]}       # the last label left unnamed
+    names.update({"0": "background", "250": "absent", "31000": "far"})
+    got = label_blocks(token_index, labels, names)
+    ref = _label_blocks_one_label_at_a_time(token_index, labels, names, BLOCK_FRACTION)
+    assert list(got[0]) == list(ref[0]) and got[1] == ref[1] and ref[1]
+    for name in ref[0]:
+        assert np.array_equal(got[0][name], ref[0][name]), name
+    assert "absent" not in got[0] and "far" not in got[0]
