@@ -268,7 +268,7 @@ class Engine:
                 s.label_names = {str(k): v for k, v in label_names.items()}
             else:
                 with _part(label_table):
-                    names, s.label_note = organs.label_names(np.unique(s.labels), label_table)
+                    names, s.label_note = organs.label_names(organs.label_ids(s.labels), label_table)
                 s.label_names = {str(k): v for k, v in names.items()}
             s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
         return s

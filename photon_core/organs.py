@@ -110,6 +110,16 @@ def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
     return out, small
 
 
+def label_ids(labels: np.ndarray, chunk: int = 1 << 23) -> np.ndarray:
+    """The ids an int16 label map holds, sorted (``np.unique``, which sorted a copy of the whole map: 1.4 s
+    for 512 × 512 × 300), by counting them a chunk at a time."""
+    flat = labels.ravel(order="K")
+    counts = np.zeros(1 << 16, np.int64)
+    for start in range(0, flat.size, chunk):
+        counts += np.bincount(flat[start:start + chunk].astype(np.int32) + (1 << 15), minlength=1 << 16)
+    return (np.flatnonzero(counts) - (1 << 15)).astype(labels.dtype)
+
+
 def _label_block_counts(token_index: np.ndarray, labels: np.ndarray, ids: list[int], n_blocks: int,
                         chunk: int = 1 << 23) -> dict:
     """{label id: its voxels in each token block} for the ids present, and under None those of every

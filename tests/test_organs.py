@@ -327,3 +327,14 @@ def test_block_counts_in_one_pass_are_the_counts_label_by_label(abdomen_grid, or
     for name in ref[0]:
         assert np.array_equal(got[0][name], ref[0][name]), name
     assert "absent" not in got[0] and "far" not in got[0]
+
+
+def test_the_ids_of_a_label_map_are_its_unique_values(abdomen_grid):
+    from photon_core.organs import label_ids
+
+    _, labels, _, _ = abdomen_grid
+    edited = np.asfortranarray(labels.copy())
+    edited[0, 0, :3] = (-32768, 32767, -5)              # int16's ends and a negative id
+    for lab in (labels, edited, edited[::2, 1:, ::-1]):
+        got = label_ids(lab, chunk=10_000)
+        assert got.dtype == lab.dtype and np.array_equal(got, np.unique(lab))
