@@ -338,3 +338,6 @@ def test_the_ids_of_a_label_map_are_its_unique_values(abdomen_grid):
     for lab in (labels, edited, edited[::2, 1:, ::-1]):
         got = label_ids(lab, chunk=10_000)
         assert got.dtype == lab.dtype and np.array_equal(got, np.unique(lab))
+    wide = labels.astype(np.int32) * 1000                  # not an int16 map: np.unique's answer still
+    assert np.array_equal(label_ids(wide), np.unique(wide))
+    assert np.array_equal(label_ids(labels.astype(np.uint8)), np.unique(labels.astype(np.uint8)))
