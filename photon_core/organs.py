@@ -110,16 +110,23 @@ def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
     return out, small
 
 
-def label_ids(labels: np.ndarray, chunk: int = 1 << 23) -> np.ndarray:
-    """The ids an int16 label map holds, sorted (``np.unique``, which sorted a copy of the whole map: 1.4 s
-    for 512 × 512 × 300), by counting them a chunk at a time."""
+def label_counts(labels: np.ndarray, chunk: int = 1 << 23) -> tuple[np.ndarray, np.ndarray]:
+    """The ids a label map holds, sorted, and their voxel counts: ``np.unique(labels, return_counts=True)``,
+    which sorts a copy of the whole map (1.4 s for 512 × 512 × 300); an 8- or 16-bit map's are counted a
+    chunk at a time instead."""
     if labels.dtype not in (np.int16, np.uint8, np.int8):
-        return np.unique(labels)
+        return np.unique(labels, return_counts=True)
     flat = labels.ravel(order="K")
     counts = np.zeros(1 << 16, np.int64)
     for start in range(0, flat.size, chunk):
         counts += np.bincount(flat[start:start + chunk].astype(np.int32) + (1 << 15), minlength=1 << 16)
-    return (np.flatnonzero(counts) - (1 << 15)).astype(labels.dtype)
+    held = np.flatnonzero(counts)
+    return (held - (1 << 15)).astype(labels.dtype), counts[held]
+
+
+def label_ids(labels: np.ndarray) -> np.ndarray:
+    """The ids a label map holds, sorted (`label_counts`)."""
+    return label_counts(labels)[0]
 
 
 def _label_block_counts(token_index: np.ndarray, labels: np.ndarray, ids: list[int], n_blocks: int,

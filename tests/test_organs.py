@@ -329,15 +329,17 @@ def test_block_counts_in_one_pass_are_the_counts_label_by_label(abdomen_grid, or
     assert "absent" not in got[0] and "far" not in got[0]
 
 
-def test_the_ids_of_a_label_map_are_its_unique_values(abdomen_grid):
-    from photon_core.organs import label_ids
+def test_the_ids_of_a_label_map_and_their_counts_are_np_uniques(abdomen_grid):
+    from photon_core.organs import label_counts, label_ids
 
     _, labels, _, _ = abdomen_grid
     edited = np.asfortranarray(labels.copy())
     edited[0, 0, :3] = (-32768, 32767, -5)              # int16's ends and a negative id
     for lab in (labels, edited, edited[::2, 1:, ::-1]):
-        got = label_ids(lab, chunk=10_000)
-        assert got.dtype == lab.dtype and np.array_equal(got, np.unique(lab))
+        ids, counts = label_counts(lab, chunk=10_000)
+        ref_ids, ref_counts = np.unique(lab, return_counts=True)
+        assert ids.dtype == lab.dtype and np.array_equal(ids, ref_ids) and np.array_equal(counts, ref_counts)
+        assert np.array_equal(label_ids(lab), ref_ids)
     wide = labels.astype(np.int32) * 1000                  # not an int16 map: np.unique's answer still
     assert np.array_equal(label_ids(wide), np.unique(wide))
     assert np.array_equal(label_ids(labels.astype(np.uint8)), np.unique(labels.astype(np.uint8)))

@@ -295,3 +295,23 @@ def test_anterior_png_shows_the_patient_from_the_front(phantom):
     rx, ry = centre((1.0, 0.0, 0.0))
     lx, ly = centre((0.0, 0.0, 1.0))
     assert rx < 0.5 < lx and ry < 0.5 < ly, ((rx, ry), (lx, ly))
+
+
+def test_an_organs_surface_is_the_one_of_its_whole_mask():
+    """A label's surface is contoured from the strided label map's mask (the whole scan's mask, as a
+    float32 copy per organ, cost ≈ 0.3 s an organ at 512 × 512 × 300): the same mesh, point for point."""
+    from conftest import SAMPLES
+
+    from photon_core.io.volume import load_label_map, load_volume
+
+    vol = load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
+    labels, _ = load_label_map(SAMPLES / "abdomen_ct/labels.nii.gz", like=vol)
+    big = np.repeat(labels, 2, axis=0)                     # over 128 voxels on an axis: strided
+    for lab in (labels, big):
+        for lid in np.unique(lab)[1:4]:
+            whole = vs._contour((lab == lid).astype(np.float32), 0.5, vol.affine, 128, smooth=10,
+                                max_triangles=6_000)
+            strided = vs._contour(lab, 0.5, vol.affine, 128, smooth=10, max_triangles=6_000,
+                                  values=lambda sub, lid=lid: sub == lid)
+            assert whole.n_points > 0 and np.array_equal(np.asarray(whole.points), np.asarray(strided.points))
+            assert np.array_equal(np.asarray(whole.faces), np.asarray(strided.faces))

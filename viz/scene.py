@@ -53,11 +53,14 @@ def warm_up() -> None:
 
 
 def _contour(mask_or_hu: np.ndarray, level: float, affine: np.ndarray, max_dim: int = 128, smooth: int = 15,
-             max_triangles: int = 40_000):
-    """Iso-surface of a volume in world coordinates, computed on a volume strided to ≤ max_dim per axis."""
+             max_triangles: int = 40_000, values=None):
+    """Iso-surface of a volume in world coordinates, computed on a volume strided to ≤ max_dim per axis;
+    ``values``: a voxel-wise function applied to the strided volume (a label's mask: not made of the whole
+    scan first)."""
     pv = _pv()
     step = [max(1, int(np.ceil(s / max_dim))) for s in mask_or_hu.shape]
-    sub = np.ascontiguousarray(mask_or_hu[::step[0], ::step[1], ::step[2]], dtype=np.float32)
+    sub = mask_or_hu[::step[0], ::step[1], ::step[2]]
+    sub = np.ascontiguousarray(sub if values is None else values(sub), dtype=np.float32)
     grid = pv.ImageData(dimensions=sub.shape, spacing=step, origin=(0, 0, 0))
     grid.point_data["v"] = sub.ravel(order="F")
     surf = grid.contour([level], scalars="v")
@@ -80,7 +83,10 @@ def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | No
              dict(name="bone", mesh=_contour(hu, 250.0, affine, 128, max_triangles=30_000),
                   rgba=(0.95, 0.93, 0.86, 1.0), ids=())]
     if labels is not None:
-        ids, counts = np.unique(labels[labels > 0], return_counts=True)
+        from photon_core.organs import label_counts
+
+        ids, counts = label_counts(labels)
+        ids, counts = ids[ids > 0], counts[ids > 0]
         present = {int(i) for i in ids}
         order = [int(i) for i in dict.fromkeys(first) if int(i) in present]
         order += [int(i) for i in ids[np.argsort(-counts)] if int(i) not in order]
@@ -88,8 +94,8 @@ def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | No
         names = {str(k): v for k, v in (label_names or {}).items()}
         for n, lid in enumerate(order):
             name = names.get(str(int(lid)), f"label {int(lid)}")
-            mesh = _contour((labels == lid).astype(np.float32), 0.5, affine, 128, smooth=10,
-                            max_triangles=6_000)
+            mesh = _contour(labels, 0.5, affine, 128, smooth=10, max_triangles=6_000,
+                            values=lambda sub, lid=lid: sub == lid)
             items.append(dict(name=name, mesh=mesh, rgba=(*ORGAN_COLOURS[n % len(ORGAN_COLOURS)], 0.5),
                               ids=(int(lid),)))
     return [i for i in items if i["mesh"].n_points > 0]
