@@ -153,21 +153,26 @@ _LANDED: OrderedDict[str, int] = OrderedDict()   # browser session -> `Session.s
 _LANDED_MAX = 4096                               # browsers remembered (an older one: nothing dropped)
 
 
+def _remember(registry: OrderedDict, key: str, value) -> None:
+    """A browser's entry in one of the per-browser registries, newest last; past ``_LANDED_MAX`` browsers
+    the oldest is forgotten. The caller holds ``_LOADS_LOCK``."""
+    registry[key] = value
+    registry.move_to_end(key)
+    while len(registry) > _LANDED_MAX:
+        registry.popitem(last=False)
+
+
 def _landed(request, s: Session, view: View) -> None:
     """A load of this browser succeeded: its page shows ``s`` now."""
     if request is None:
         return
     with _LOADS_LOCK:
         key = _key(request)
-        _LANDED[key] = s.serial
-        _LANDED.move_to_end(key)
-        while len(_LANDED) > _LANDED_MAX:
-            _LANDED.popitem(last=False)
+        _remember(_LANDED, key, s.serial)
         _SHOWN.pop(key, None)
         if s.shared is None:                # an upload's arrays: let go after its page closes
-            _SHOWN[key] = refs = (weakref.ref(s), weakref.ref(view))
-            while len(_SHOWN) > _LANDED_MAX:
-                del _SHOWN[next(iter(_SHOWN))]
+            refs = (weakref.ref(s), weakref.ref(view))
+            _remember(_SHOWN, key, refs)
             closed, started = _CLOSED.get(key), request_started()
             if closed is not None and started is not None and started < closed[0]:
                 _CLOSED[key] = (closed[0], *refs)   # the page closed while this load ran
@@ -178,7 +183,7 @@ def _landed(request, s: Session, view: View) -> None:
 RELEASE_AFTER_S = 600.0
 RELEASED_MESSAGE = (f"This page was closed, and its uploaded scan let go of {RELEASE_AFTER_S / 60:.0f} "
                     "minutes later: load it again.")
-_SHOWN: dict[str, tuple] = {}           # browser -> weak refs to its upload's (Session, View), oldest first
+_SHOWN: OrderedDict[str, tuple] = OrderedDict()   # browser -> weak refs to its upload's (Session, View)
 _CLOSED: dict[str, tuple] = {}          # browser whose page closed -> (when, Session ref, View ref)
 _SWEEPER: list[threading.Thread] = []
 
@@ -234,11 +239,8 @@ def _ticket(request) -> int | None:
     if request is None:
         return None
     with _LOADS_LOCK:
-        key, n = _key(request), next(_TICKETS)
-        _ASKED[key] = n
-        _ASKED.move_to_end(key)
-        while len(_ASKED) > _LANDED_MAX:
-            _ASKED.popitem(last=False)
+        n = next(_TICKETS)
+        _remember(_ASKED, _key(request), n)
     return n
 
 
