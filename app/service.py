@@ -139,6 +139,7 @@ class Session:
     token_index: np.ndarray | None = None  # (I, J, K) flat token per original voxel (−1 outside)
     covered: np.ndarray | None = None      # (1000,) the tokens that cover some voxel of the scan
     labels: np.ndarray | None = None
+    label_sizes: tuple | None = None       # (ids, voxel counts) of the label map (`organs.label_counts`)
     label_names: dict = field(default_factory=dict)        # {label id (str): name}
     label_note: str | None = None          # how the names were found, when not from the user's table
     blocks: dict = field(default_factory=dict)             # structure -> (1000,) bool blocks
@@ -170,7 +171,8 @@ class Session:
         if self.shared is not None:
             return
         with self.lock:                    # after an ask, compare or export in flight
-            self.volume = self.geometry = self.token_index = self.covered = self.labels = self.prior = None
+            self.volume = self.geometry = self.token_index = self.covered = self.prior = None
+            self.labels = self.label_sizes = None
             self.answer = self.audit = self.compared = None
             self.released = True
 
@@ -264,11 +266,12 @@ class Engine:
         if labels_path is not None:
             with _part(labels_path):
                 s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
+            s.label_sizes = organs.label_counts(s.labels)     # counted once: names and the 3-D anatomy
             if label_names:
                 s.label_names = {str(k): v for k, v in label_names.items()}
             else:
                 with _part(label_table):
-                    names, s.label_note = organs.label_names(organs.label_ids(s.labels), label_table)
+                    names, s.label_note = organs.label_names(s.label_sizes[0], label_table)
                 s.label_names = {str(k): v for k, v in names.items()}
             s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
         return s

@@ -269,7 +269,8 @@ def _build_view(s: Session, files: Files | None) -> View:
     t = time.perf_counter()
     vol = s.volume
     v = View(files=files)
-    v.surfaces = anatomy_surfaces(vol.hu, vol.affine, s.labels, s.label_names, first=clinical_first(s))
+    v.surfaces = anatomy_surfaces(vol.hu, vol.affine, s.labels, s.label_names, first=clinical_first(s),
+                                  sizes=s.label_sizes)
     v.marker = orientation_marker(world_bounds(vol.shape, vol.affine))
     v.scene = AnatomyScene.build(v.surfaces, v.marker)
     v.corners = np.stack([s.geometry.token_block_corners(a, b, c) for a in range(TOKEN_GRID[0])

@@ -124,11 +124,6 @@ def label_counts(labels: np.ndarray, chunk: int = 1 << 23) -> tuple[np.ndarray, 
     return (held - (1 << 15)).astype(labels.dtype), counts[held]
 
 
-def label_ids(labels: np.ndarray) -> np.ndarray:
-    """The ids a label map holds, sorted (`label_counts`)."""
-    return label_counts(labels)[0]
-
-
 def _label_block_counts(token_index: np.ndarray, labels: np.ndarray, ids: list[int], n_blocks: int,
                         chunk: int = 1 << 23) -> dict:
     """{label id: its voxels in each token block} for the ids present, and under None those of every

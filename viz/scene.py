@@ -74,18 +74,21 @@ def _contour(mask_or_hu: np.ndarray, level: float, affine: np.ndarray, max_dim: 
 
 
 def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None,
-                     label_names: dict | None = None, max_organs: int = 10, first=()) -> list[dict]:
+                     label_names: dict | None = None, max_organs: int = 10, first=(),
+                     sizes: tuple | None = None) -> list[dict]:
     """Body (−300 HU), bone (+250 HU) and up to ``max_organs`` labelled structures: the label ids in
     ``first`` (those present, in that order), then the largest others. Each organ item's ``ids``: its
-    labels."""
+    labels. ``sizes``: the map's (ids, voxel counts) when already counted (`organs.label_counts`)."""
     items = [dict(name="body", mesh=_contour(hu, -300.0, affine, 96, max_triangles=20_000),
                   rgba=(0.85, 0.72, 0.62, 0.16), ids=()),
              dict(name="bone", mesh=_contour(hu, 250.0, affine, 128, max_triangles=30_000),
                   rgba=(0.95, 0.93, 0.86, 1.0), ids=())]
     if labels is not None:
-        from photon_core.organs import label_counts
+        if sizes is None:
+            from photon_core.organs import label_counts
 
-        ids, counts = label_counts(labels)
+            sizes = label_counts(labels)
+        ids, counts = sizes
         ids, counts = ids[ids > 0], counts[ids > 0]
         present = {int(i) for i in ids}
         order = [int(i) for i in dict.fromkeys(first) if int(i) in present]
