@@ -193,7 +193,7 @@ def _closed(request) -> None:
     with _LOADS_LOCK:
         shown = _SHOWN.get(key)             # kept: a page that comes back may close again
         _CLOSED[key] = (time.monotonic(), *(shown or (None, None)))    # None: a load may still land
-        if _CLOSED and not (_SWEEPER and _SWEEPER[0].is_alive()):
+        if not (_SWEEPER and _SWEEPER[0].is_alive()):
             _SWEEPER[:] = [threading.Thread(target=_sweep_forever, name="photon-release", daemon=True)]
             _SWEEPER[0].start()
 
