@@ -1,8 +1,8 @@
 """The integrators' API: named endpoints that take a scan (a file, a DICOM study's files or .zip, or a
 sample id), a question and a budget, and return JSON — no browser session state involved.
 
-    /ask      (question, scan, sample, budget, label_map, label_table, prior, series) -> JSON answer
-    /compare  (question, scan, sample, label_map, label_table, prior, series)         -> JSON rows
+    /ask      (question, scan, sample, budget, label_map, label_table, prior, series, prior_series) -> JSON
+    /compare  (question, scan, sample, label_map, label_table, prior, series, prior_series) -> JSON rows
     /export   (same as /ask)        -> [kept_blocks.nii.gz, report.json], JSON answer (the PNG views
                                        come with the page's Export, which renders them)
 
@@ -27,16 +27,17 @@ from .service import Audit, Engine, Session, cases, prior_description
 from .view import FileStore
 
 
-def _session(engine: Engine, scan, sample, label_map, label_table, prior, series) -> Session:
+def _session(engine: Engine, scan, sample, label_map, label_table, prior, series,
+             prior_series=None) -> Session:
     files = [str(f) for f in scan] if isinstance(scan, (list, tuple)) else ([str(scan)] if scan else [])
     opt = lambda f: str(f) if f else None  # noqa: E731
     if files:
         return engine.load_upload(files, opt(label_map), prior_file=opt(prior), label_table=opt(label_table),
-                                  series=series or None)
+                                  series=series or None, prior_series=prior_series or None)
     if sample:
-        if label_map or prior:
-            raise ValueError("A sample case carries its own label map and has no prior scan; give a scan "
-                             "file to add them.")
+        if label_map or prior or series or prior_series:
+            raise ValueError("A sample case carries its own label map, has no prior scan and no series to "
+                             "choose; give a scan file to add them.")
         return engine.load_case(str(sample))
     raise ValueError(f"Give a scan file (NIfTI, NRRD, DICOM files or .zip) or a sample id "
                      f"({', '.join(c['id'] for c in cases())}).")
@@ -57,8 +58,7 @@ def result(engine: Engine, s: Session, ans, audit: Audit) -> dict:
     if not audit.readable:
         warnings.append("the answer does not parse for its question type (see raw_text)")
     out = {
-        "scan": {"title": s.title, "summary": s.volume.summary(), "series": s.series_uid,
-                 "series_found": [getattr(x, "label", str(x)) for x in s.series]},
+        "scan": _scan(s),
         "question": s.question, "answer": ans.text if audit.readable else None, "readable": audit.readable,
         "raw_text": ans.text, "probability": audit.probability, "budget": ans.budget,
         "kept": ans.kept, "total": ans.total, "keep_fraction": round(ans.keep_fraction, 4),
@@ -71,9 +71,24 @@ def result(engine: Engine, s: Session, ans, audit: Audit) -> dict:
         "token_grid": "10x10x10 over the (140, 280, 280) model volume; index = a*100 + b*10 + c",
     }
     if ans.prior_total:
-        out["prior_scan"] = {"scan": prior_description(s.prior), "total": ans.prior_total,
-                             "kept": ans.prior_kept}
+        out["prior_scan"] = {**_prior(s), "total": ans.prior_total, "kept": ans.prior_kept}
     return out
+
+
+def _scan(s: Session) -> dict:
+    return {"title": s.title, "summary": s.volume.summary(), "series": s.series_uid,
+            "series_found": _series_found(s.series)}
+
+
+def _prior(s: Session) -> dict:
+    return {"scan": prior_description(s.prior), "series": s.prior_series_uid,
+            "series_found": _series_found(s.prior_series)}
+
+
+def _series_found(listed: list) -> list[dict]:
+    """The series of an upload holding several, each with the id that ``series`` / ``prior_series`` take
+    (an opaque key, not the DICOM UID) and its label (description, slices, kernel)."""
+    return [{"series": x.uid, "label": x.label} for x in listed]
 
 
 def _fail(e: BaseException, where: str):
@@ -84,10 +99,10 @@ def _fail(e: BaseException, where: str):
 
 def ask(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str | None = None,
         label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
-        series: str | None = None, *, engine: Engine) -> dict:
+        series: str | None = None, prior_series: str | None = None, *, engine: Engine) -> dict:
     """Ask a question about a scan under a keep budget; the answer and its audit as JSON."""
     try:
-        s = _session(engine, scan, sample, label_map, label_table, prior, series)
+        s = _session(engine, scan, sample, label_map, label_table, prior, series, prior_series)
         ans, audit = engine.answer(s, question, _budget(engine, budget))
         return result(engine, s, ans, audit)
     except Exception as e:  # noqa: BLE001
@@ -96,29 +111,33 @@ def ask(question: str, scan: list[str] | None = None, sample: str | None = None,
 
 def compare(question: str, scan: list[str] | None = None, sample: str | None = None,
             label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
-            series: str | None = None, *, engine: Engine) -> dict:
+            series: str | None = None, prior_series: str | None = None, *, engine: Engine) -> dict:
     """The question at Auto / 10% / 25% / 50% / Full in one batch; which answers differ from Full."""
     try:
-        s = _session(engine, scan, sample, label_map, label_table, prior, series)
+        s = _session(engine, scan, sample, label_map, label_table, prior, series, prior_series)
         rows = engine.compare_rows(s, question)
         question = clean_question(question)
         for r in rows:
             r["raw_text"] = r["answer"]
             if not r["readable"]:
                 r["answer"] = None
-        return {"scan": {"title": s.title, "summary": s.volume.summary()}, "question": question,
-                "rows": rows, "warnings": list(s.warnings), "checkpoint": engine.provenance()}
+        out = {"scan": _scan(s), "question": question,
+               "rows": rows, "warnings": list(s.warnings), "checkpoint": engine.provenance()}
+        if s.prior is not None:
+            out["prior_scan"] = _prior(s)
+        return out
     except Exception as e:  # noqa: BLE001
         _fail(e, "api compare")
 
 
 def export(question: str, scan: list[str] | None = None, sample: str | None = None, budget: str | None = None,
            label_map: str | None = None, label_table: str | None = None, prior: str | None = None,
-           series: str | None = None, request: gr.Request = None, *, engine: Engine, store: FileStore):
+           series: str | None = None, prior_series: str | None = None, request: gr.Request = None, *,
+           engine: Engine, store: FileStore):
     """As /ask, plus the audit files: the kept blocks on the scan's own grid (NIfTI) and report.json.
     Each client session keeps only its latest export."""
     try:
-        s = _session(engine, scan, sample, label_map, label_table, prior, series)
+        s = _session(engine, scan, sample, label_map, label_table, prior, series, prior_series)
         ans, audit = engine.answer(s, question, _budget(engine, budget))
         folder = store.session(f"api-{_key(request)}").new_folder("export")
         files = engine.export(s, {}, folder)
@@ -138,12 +157,14 @@ def register(engine: Engine, store: FileStore) -> None:
         label_table = gr.File(label="label_table")
         prior = gr.File(label="prior")
         series = gr.Textbox(label="series")
+        prior_series = gr.Textbox(label="prior_series")
         answer = gr.JSON(label="result")
         files = gr.File(file_count="multiple", label="files")
         ask_btn, cmp_btn, exp_btn = gr.Button("ask"), gr.Button("compare"), gr.Button("export")
-    with_budget = [question, scan, sample, budget, label_map, label_table, prior, series]
+    with_budget = [question, scan, sample, budget, label_map, label_table, prior, series, prior_series]
     ask_btn.click(bind(ask, engine=engine), with_budget, answer, api_name="ask")
     cmp_btn.click(bind(compare, engine=engine),
-                  [question, scan, sample, label_map, label_table, prior, series], answer, api_name="compare")
+                  [question, scan, sample, label_map, label_table, prior, series, prior_series], answer,
+                  api_name="compare")
     exp_btn.click(bind(export, engine=engine, store=store), with_budget, [files, answer],
                   api_name="export")

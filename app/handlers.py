@@ -316,16 +316,17 @@ def load_case(title: str, old: Session | None, old_view: View | None, question: 
             out = _fresh(engine, s, view, c.get("questions", []))
             _landed(request, s, view)
         out.update(_suggestion(question, c.get("questions", [])))
-        out["series"] = gr.update(choices=[], value=None, visible=False)
+        out["series"] = out["prior_series"] = gr.update(choices=[], value=None, visible=False)
         return out
     except Exception as e:  # noqa: BLE001 - the UI must survive anything
         return _failed_load(old, e, title)
 
 
 def load_upload(files, label_file, label_table, prior_file, series_uid: str | None, old: Session | None,
-                old_view: View | None, request: gr.Request = None, progress=PROGRESS, *,
-                engine: Engine, store: FileStore) -> dict:
-    """An upload replaces the scan; a DICOM upload holding several series lists them to choose from."""
+                old_view: View | None, prior_series: str | None = None, request: gr.Request = None,
+                progress=PROGRESS, *, engine: Engine, store: FileStore) -> dict:
+    """An upload replaces the scan; a DICOM upload holding several series lists them to choose from (the
+    scan's under Series, the prior's under Prior series)."""
     paths = [str(f) for f in (files or [])]
     name = _upload_name(paths)
     try:
@@ -333,19 +334,25 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
             s = engine.load_upload(paths, str(label_file) if label_file else None, progress,
                                    prior_file=str(prior_file) if prior_file else None,
                                    label_table=str(label_table) if label_table else None,
-                                   series=series_uid or None)
+                                   series=series_uid or None,
+                                   prior_series=(prior_series or None) if prior_file else None)
             progress(0.8, desc="Building the 3-D anatomy and the slices")
             view = build_view(s, store.session(_key(request)))
             out = _fresh(engine, s, view, upload_questions(s))   # the question box keeps what was typed
             _landed(request, s, view)
         s.upload = _upload_key(files, label_file, label_table, prior_file)
-        choices = [(x.label, x.uid) for x in s.series]
-        out["series"] = gr.update(choices=choices, value=s.series_uid, visible=bool(choices))
+        for picker, listed, uid in (("series", s.series, s.series_uid),
+                                    ("prior_series", s.prior_series, s.prior_series_uid)):
+            choices = [(x.label, x.uid) for x in listed]
+            out[picker] = gr.update(choices=choices, value=uid, visible=bool(choices))
         return out
     except Exception as e:  # noqa: BLE001
         out = _failed_load(old, e, f"'{e.file_name}'" if isinstance(e, UploadPartError) else name)
-        if old is not None and series_uid and any(x.uid == series_uid for x in old.series):
-            out["series"] = gr.update(value=old.series_uid)    # the picker names the series still loaded
+        if old is not None:        # the pickers name the series still loaded
+            if series_uid and any(x.uid == series_uid for x in old.series):
+                out["series"] = gr.update(value=old.series_uid)
+            if prior_series and any(x.uid == prior_series for x in old.prior_series):
+                out["prior_series"] = gr.update(value=old.prior_series_uid)
         return out
 
 
@@ -353,14 +360,15 @@ _PICKS: dict[tuple, threading.Event] = {}     # Series picks running: (browser, 
 
 
 def pick_series(files, label_file, label_table, prior_file, series_uid: str | None, old: Session | None,
-                old_view: View | None, request: gr.Request = None, progress=PROGRESS, *,
-                engine: Engine, store: FileStore) -> dict:
-    """A series chosen in the picker: load it with the upload's other files. A mouse choice reaches the
-    server twice at once (the dropdown's input event fires twice): the second waits for the first and
-    changes nothing, instead of loading the study again and saying any failure twice. A choice of the
-    series already loaded from the same files is nothing to do either."""
+                old_view: View | None, prior_series: str | None = None, request: gr.Request = None,
+                progress=PROGRESS, *, engine: Engine, store: FileStore) -> dict:
+    """A series chosen in a picker (the scan's or the prior's): load it with the upload's other files. A
+    mouse choice reaches the server twice at once (the dropdown's input event fires twice): the second
+    waits for the first and changes nothing, instead of loading the study again and saying any failure
+    twice. A choice of the series already loaded from the same files is nothing to do either."""
     upload = _upload_key(files, label_file, label_table, prior_file)
-    key = (_key(request), upload, series_uid)
+    prior_series = (prior_series or None) if prior_file else None
+    key = (_key(request), upload, series_uid, prior_series)
     with _LOADS_LOCK:
         running = _PICKS.get(key)
         if running is None:
@@ -369,10 +377,11 @@ def pick_series(files, label_file, label_table, prior_file, series_uid: str | No
         running.wait(timeout=600)
         return {}
     try:
-        if old is not None and old.upload == upload and series_uid == old.series_uid:
+        if (old is not None and old.upload == upload and series_uid == old.series_uid
+                and prior_series == old.prior_series_uid):
             return {}
-        return load_upload(files, label_file, label_table, prior_file, series_uid, old, old_view, request,
-                           progress, engine=engine, store=store)
+        return load_upload(files, label_file, label_table, prior_file, series_uid, old, old_view,
+                           prior_series, request, progress, engine=engine, store=store)
     finally:
         with _LOADS_LOCK:
             _PICKS.pop(key).set()
@@ -396,6 +405,11 @@ def upload_questions(s: Session) -> list[str]:
 def upload_changed(files, s: Session | None = None) -> dict:
     """New files: the series choice of the previous upload no longer applies (and see `fields_changed`)."""
     return {"series": gr.update(choices=[], value=None, visible=False), **fields_changed(s)}
+
+
+def prior_changed(prior_file, s: Session | None = None) -> dict:
+    """A new prior (or none): the prior's series choice no longer applies (and see `fields_changed`)."""
+    return {"prior_series": gr.update(choices=[], value=None, visible=False), **fields_changed(s)}
 
 
 def fields_changed(s: Session | None) -> dict:

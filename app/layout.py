@@ -143,6 +143,8 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
         c["prior"] = gr.File(label="Optional prior scan of the same patient, for questions about change "
                                    "(NIfTI / NRRD, a DICOM .zip, or one enhanced multi-frame DICOM file)",
                              elem_id="prior_upload")
+        c["prior_series"] = gr.Dropdown([], label="Prior series (the prior's upload holds several)",
+                                        visible=False, elem_id="prior_series")
         c["load_upload"] = gr.Button("Load upload", elem_id="load_upload")
     c["status"] = gr.HTML("<div id='scan-status'>No scan loaded.</div>", elem_id="status")
     c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
@@ -214,22 +216,26 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     sliders_out = ["tokens", "percent", "theta"]
     load_out = ["session", "view", "status", "card", "suggested", "question", "model3d", "legend", "slices",
                 "pt_i", "pt_j", "pt_k", "preset", "width", "level", "hist", "retention", "cmp_table",
-                "cmp_plot", "exp_files", "series"]
+                "cmp_plot", "exp_files", "series", "prior_series"]
 
     fn, outs = wire(h.load_case, load_out, c, engine=engine, store=store)
     case_in = ins("case", "session", "view", "question")
     c["load_case"].click(fn, case_in, outs, api_name="ui_load_case", api_visibility=UI)
     demo.load(fn, case_in, outs, api_visibility=P)       # open on a sample case
     fn, outs = wire(h.load_upload, load_out, c, engine=engine, store=store)
-    upload_in = ins("files", "label_file", "label_table", "prior", "series", "session", "view")
+    upload_in = ins("files", "label_file", "label_table", "prior", "series", "session", "view",
+                    "prior_series")
     c["load_upload"].click(fn, upload_in, outs, api_name="ui_load_upload", api_visibility=UI)
     fn, outs = wire(h.pick_series, load_out, c, engine=engine, store=store)
-    c["series"].input(fn, upload_in, outs, api_visibility=P)
+    for picker in ("series", "prior_series"):
+        c[picker].input(fn, upload_in, outs, api_visibility=P)
     fn, outs = wire(h.upload_changed, ["series", "status"], c)
     c["files"].change(fn, ins("files", "session"), outs, api_visibility=P)
     fn, outs = wire(h.fields_changed, ["status"], c)
-    for comp in ("label_file", "label_table", "prior"):
+    for comp in ("label_file", "label_table"):
         c[comp].change(fn, c["session"], outs, api_visibility=P)
+    fn, outs = wire(h.prior_changed, ["prior_series", "status"], c)
+    c["prior"].change(fn, ins("prior", "session"), outs, api_visibility=P)
     c["suggested"].input(lambda q: q or gr.skip(), c["suggested"], c["question"], api_visibility=P)
 
     fn, outs = wire(h.ask, answer_out + sliders_out, c, engine=engine)

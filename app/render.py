@@ -64,6 +64,10 @@ def status_html(s: Session | None, error: str | None = None, failed_name: str | 
     if s.series:
         body += (f"<div id='series-note' style='{_MUTED}'>The upload holds {len(s.series)} series; choose "
                  f"one under “Series” (default: the axial CT series with most slices).</div>")
+    if s.prior is not None and s.prior_series:
+        body += (f"<div id='prior-series-note' style='{_MUTED}'>The prior's upload holds "
+                 f"{len(s.prior_series)} series; choose one under “Prior series” (default: the axial CT "
+                 f"series with most slices).</div>")
     if s.warnings:
         items = "".join(f"<li>{esc(w)}</li>" for w in s.warnings)
         body += (f"<div id='load-warnings' style='{_WARN}'>⚠ Check before reading answers:"

@@ -150,6 +150,8 @@ class Session:
     upload: tuple = ()                     # the uploaded files it was loaded from (server paths, never shown)
     prior: Volume | None = None            # an earlier scan of the same patient (questions about change)
     prior_key: str = ""
+    prior_series: list = field(default_factory=list)       # DICOM series of the prior's upload (SeriesInfo)
+    prior_series_uid: str | None = None    # the prior's series loaded (None: the loader's default)
     answer: object = None                  # the last answer, its question and audit
     question: str = ""
     audit: Audit | None = None
@@ -184,7 +186,8 @@ class Session:
         """A new session of the same scan, nothing asked yet: the arrays are this one's, not copies."""
         return replace(self, label_names=dict(self.label_names), blocks=dict(self.blocks),
                        small_structures=list(self.small_structures), warnings=list(self.warnings),
-                       series=list(self.series), answer=None, question="", audit=None, compared=None,
+                       series=list(self.series), prior_series=list(self.prior_series), answer=None,
+                       question="", audit=None, compared=None,
                        serial=next(_LOADS), lock=threading.RLock(), used_at=time.monotonic())
 
 
@@ -331,22 +334,26 @@ class Engine:
 
     def load_upload(self, files: list[str], label_file: str | None, progress=lambda *a, **k: None,
                     prior_file: str | None = None, label_table: str | None = None,
-                    series: str | None = None) -> Session:
+                    series: str | None = None, prior_series: str | None = None) -> Session:
         """An uploaded scan (and, optionally, a prior scan of the same patient: every question is
-        then asked with both, prior first, so questions about change can be answered). ``series``:
-        the DICOM series to load when the upload holds several (None: the loader's default)."""
+        then asked with both, prior first, so questions about change can be answered). ``series`` and
+        ``prior_series``: the DICOM series to load when the scan's or the prior's upload holds several
+        (None: the loader's default)."""
         if not files:
             raise VolumeError("Choose a file to upload: NIfTI (.nii/.nii.gz), NRRD, or a DICOM series "
                               "(files or .zip).")
+        if prior_series and not prior_file:
+            raise ValueError("A series of the prior scan was chosen, but no prior scan was given.")
         progress(0.05, desc="Reading the upload")
         listed = self.series(files)
         source = files if len(files) > 1 else files[0]
         vol = load_volume(source, self.settings.limits, series=series or None)
-        prior = None
+        prior, prior_listed = None, []
         if prior_file:
             progress(0.1, desc="Reading the prior scan")
             try:
-                prior = load_volume(prior_file, self.settings.limits)
+                prior_listed = self.series([prior_file])
+                prior = load_volume(prior_file, self.settings.limits, series=prior_series or None)
             except VolumeError as e:
                 raise UploadPartError(f"The prior scan could not be read: {e}", prior_file) from None
             prior.warnings = [w.replace(CHOOSE_SERIES, PRIOR_SERIES) for w in prior.warnings]
@@ -357,6 +364,8 @@ class Engine:
         if prior is not None:
             progress(0.9, desc="Encoding the prior scan")
             s.prior, s.prior_key = prior, volume_key(prior)
+            s.prior_series = prior_listed
+            s.prior_series_uid = prior_series or (prior_listed[0].uid if prior_listed else None)
             s.warnings += ([f"prior scan: {w}" for w in prior.warnings] + prior_coverage_warnings(vol, prior)
                            + ([SAME_PRIOR] if same_scan(vol, prior) else []))
             self._encode(s.prior_key, prior)
@@ -479,8 +488,7 @@ def prior_coverage_warnings(current: Volume, prior: Volume) -> list[str]:
             f"what both show."]
 
 
-PRIOR_SERIES = ("The Series picker chooses the current scan's series; to compare with another of these, "
-                "upload that series alone as the prior scan.")
+PRIOR_SERIES = "Choose another as the prior (“Prior series”) to compare with it instead."   # its own picker
 SAME_PRIOR = ("The prior scan is the current scan itself (the same voxels): a question about change compares "
               "the scan with itself. Upload the earlier scan as the prior.")
 
@@ -496,10 +504,12 @@ def same_scan(current: Volume, prior: Volume) -> bool:
 
 
 def prior_description(prior: Volume) -> str:
-    """The prior scan in words, as the status line, the card's export and the API name it: its format and
-    grid (never a file name)."""
+    """The prior scan in words, as the status line, the card's export and the API name it: its format,
+    a DICOM series' reconstruction kernel (two series of one study, told apart) and grid (never a file
+    name)."""
     fmt = prior.meta.get("format") or prior.source_format
-    return f"{fmt} — {prior.summary()}"
+    kernel = f", kernel {prior.meta['ConvolutionKernel']}" if prior.meta.get("ConvolutionKernel") else ""
+    return f"{fmt}{kernel} — {prior.summary()}"
 
 
 def probability(ans) -> float | None:

@@ -50,7 +50,8 @@ def test_the_api_page_lists_the_named_endpoints_only(client):
     assert set(info["named_endpoints"]) == {"/ask", "/compare", "/export"}
     assert not info["unnamed_endpoints"]
     params = [p["parameter_name"] for p in info["named_endpoints"]["/ask"]["parameters"]]
-    assert params == ["question", "scan", "sample", "budget", "label_map", "label_table", "prior", "series"]
+    assert params == ["question", "scan", "sample", "budget", "label_map", "label_table", "prior", "series",
+                      "prior_series"]
 
 
 def test_ask_and_compare_on_a_sample_case(client):
@@ -77,6 +78,34 @@ def test_ask_and_compare_on_an_uploaded_file(client, upload):
     assert r["per_organ_retention"] and isinstance(r["warnings"], list)
     c = client.predict(question="Is there a nodule in the lung?", scan=scan, api_name="/compare")
     assert len(c["rows"]) == 5 and c["rows"][-1]["kept"] == 1000
+
+
+def test_a_prior_study_of_several_series_is_asked_with_the_series_named(client, upload, tmp_path):
+    """``prior_series`` picks the prior's series when its upload holds several; the answer names the series
+    asked with and those found; a series the prior does not hold is refused in words."""
+    import zipfile
+
+    from gradio_client import handle_file
+    from test_volume import _pacs_export
+
+    study = _pacs_export(tmp_path)
+    prior = tmp_path / "earlier_study.zip"
+    with zipfile.ZipFile(prior, "w") as z:
+        for f in sorted(study.iterdir()):
+            z.write(f, f"study/{f.name}")
+    ask = dict(question="Has the aortic lesion grown since the prior scan?",
+               scan=[handle_file(str(upload / "scan.nii.gz"))], prior=handle_file(str(prior)),
+               api_name="/ask")
+    found = client.predict(**ask)["prior_scan"]["series_found"]   # the default series, and the others listed
+    assert len(found) == 3 and "Br38f" in found[0]["label"]
+    lung = next(x["series"] for x in found if "Lung 2.0 Bl57" in x["label"])
+    r = client.predict(prior_series=lung, **ask)
+    assert r["prior_scan"]["series"] == lung and r["prior_scan"]["series_found"] == found
+    assert "kernel Bl57" in r["prior_scan"]["scan"] and "×17 voxels" in r["prior_scan"]["scan"]
+    with pytest.raises(Exception, match=f"not in this upload.*Lung 2.0 Bl57.*{lung}"):
+        client.predict(prior_series="1.2.3.4", **ask)
+    with pytest.raises(Exception, match="no prior scan was given"):
+        client.predict(prior_series=lung, **{**ask, "prior": None})
 
 
 def test_export_returns_the_mask_on_the_scan_grid(client, upload):

@@ -818,13 +818,15 @@ def test_a_prior_that_is_the_current_scan_itself_is_warned(engine, store, tmp_pa
         assert ("the scan with itself" in html.unescape(out["status"])) is same
 
 
-def test_a_prior_from_a_study_of_several_series_does_not_point_to_the_scans_picker(engine, store, tmp_path):
-    """A prior given as a PACS export said "Choose another series to load it instead", but the Series
-    picker chooses the current scan's series: the prior's warning says how to use another of its series."""
+def test_a_prior_study_of_several_series_lists_them_and_loads_the_one_picked(engine, store, tmp_path):
+    """A prior given as a PACS export (two kernels and a localizer) loaded its default series and said
+    "upload that series alone as the prior" to compare with another: its series are listed under Prior
+    series, a pick loads that one as the prior (the scan stays), and the status, API and report name it."""
     import zipfile
 
     from test_volume import _pacs_export
 
+    from app import api
     from app import handlers as h
 
     study = _pacs_export(tmp_path)
@@ -832,12 +834,64 @@ def test_a_prior_from_a_study_of_several_series_does_not_point_to_the_scans_pick
     with zipfile.ZipFile(prior, "w") as z:
         for f in sorted(study.iterdir()):
             z.write(f, f"study/{f.name}")
-    out = h.load_upload([str(SAMPLES / "abdomen_ct/ct.nii.gz")], None, None, str(prior), None, None, None,
-                        engine=engine, store=store)
-    said = [w for w in out["session"].warnings if w.startswith("prior scan: This upload holds 3 series")]
-    assert len(said) == 1 and "Abdomen 2.0 Br38f" in said[0], out["session"].warnings
-    assert "Choose another series" not in said[0] and "upload that series alone as the prior" in said[0]
+    ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
+    out = h.load_upload([ct], None, None, str(prior), None, None, None, engine=engine, store=store)
+    s = out["session"]
+    said = [w for w in s.warnings if w.startswith("prior scan: This upload holds 3 series")]
+    assert len(said) == 1 and "Abdomen 2.0 Br38f" in said[0], s.warnings
+    assert "Choose another series" not in said[0] and "“Prior series”" in said[0]
     assert out["series"]["visible"] is False            # the current scan (one NIfTI) has no series to pick
+    picker = out["prior_series"]
+    assert picker["visible"] is True and len(picker["choices"]) == 3 == len(s.prior_series)
+    assert picker["value"] == s.prior_series_uid == picker["choices"][0][1]
+    assert "Br38f" in picker["choices"][0][0] and "prior-series-note" in out["status"]
+    assert "kernel Br38f" in html.unescape(out["status"])
+    lung = next(uid for label, uid in picker["choices"] if "Bl57" in label)
+    picked = h.pick_series([ct], None, None, str(prior), None, s, out["view"], lung, engine=engine,
+                           store=store)
+    p = picked["session"]
+    assert p.prior_series_uid == lung and picked["prior_series"]["value"] == lung
+    assert p.prior.shape[2] == 17 and s.prior.shape[2] != 17       # the lung series: 17 slices
+    assert p.volume.shape == s.volume.shape and "kernel Bl57" in html.unescape(picked["status"])
+    assert h.pick_series([ct], None, None, str(prior), None, p, picked["view"], lung, engine=engine,
+                         store=store) == {}                  # the series already loaded: nothing to do
+    asked = _ask(engine, picked, "Has the liver lesion grown since the prior scan?")
+    got = api.result(engine, asked["session"], asked["session"].answer, asked["session"].audit)["prior_scan"]
+    assert got["series"] == lung and "kernel Bl57" in got["scan"]
+    assert [x["series"] for x in got["series_found"]] == [uid for _, uid in picker["choices"]]
+    cleared = h.prior_changed(None, p)
+    assert cleared["prior_series"]["visible"] is False and "pending-note" in cleared["status"]
+    scan_only = h.load_upload([ct], None, None, None, None, p, picked["view"], lung, engine=engine,
+                              store=store)               # a stale pick without a prior is not used
+    assert scan_only["session"].prior is None and scan_only["prior_series"]["visible"] is False
+
+
+def test_a_prior_series_that_fails_to_load_leaves_its_picker_and_the_scan(engine, store, monkeypatch,
+                                                                          tmp_path):
+    """A prior series that cannot be loaded (a localizer) is named as the prior's failure; the scan and the
+    prior loaded before stay, and the Prior series picker names the one still loaded."""
+    import types
+
+    from app import handlers as h
+    from app import service
+    from photon_core.io.volume import VolumeError, load_volume
+
+    series = [types.SimpleNamespace(uid=u, label=d) for u, d in (("p1", "Abdomen B31f"), ("p2", "Topogram"))]
+
+    def load(src, limits, series=None):
+        if series == "p2":
+            raise VolumeError("This DICOM series holds a single image (512×512).")
+        return load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
+
+    monkeypatch.setattr(service, "list_series", lambda files, limits: series)
+    monkeypatch.setattr(service, "load_volume", load)
+    ct, prior = str(SAMPLES / "abdomen_ct/ct.nii.gz"), str(tmp_path / "prior_study.zip")
+    out = h.load_upload([ct], None, None, prior, None, None, None, engine=engine, store=store)
+    assert out["prior_series"]["value"] == "p1" and out["series"]["visible"] is False
+    failed = h.pick_series([ct], None, None, prior, None, out["session"], out["view"], "p2", engine=engine,
+                           store=store)
+    assert "prior_study.zip" in failed["status"] and "single image" in failed["status"]
+    assert failed["prior_series"]["value"] == "p1" and "session" not in failed
 
 
 def test_the_report_and_the_api_name_the_prior_scan_an_answer_used(engine, store, tmp_path):
@@ -975,8 +1029,8 @@ def test_a_series_picked_with_the_mouse_loads_once_and_says_a_failure_once(engin
         outs = [None, None]
 
         def pick(n):
-            outs[n] = h.pick_series(files, None, None, None, uid, first["session"], first["view"], request,
-                                    engine=engine, store=store)
+            outs[n] = h.pick_series(files, None, None, None, uid, first["session"], first["view"],
+                                    request=request, engine=engine, store=store)
         threads = [threading.Thread(target=pick, args=(n,)) for n in (0, 1)]
         for t in threads:
             t.start()
@@ -992,8 +1046,8 @@ def test_a_series_picked_with_the_mouse_loads_once_and_says_a_failure_once(engin
     outs = twice("s2")
     assert loads == ["s2"] and sum("session" in o for o in outs) == 1
     lung = next(o for o in outs if o)
-    assert h.pick_series(files, None, None, None, "s2", lung["session"], lung["view"], request, engine=engine,
-                         store=store) == {} and loads == ["s2"]
+    assert h.pick_series(files, None, None, None, "s2", lung["session"], lung["view"], request=request,
+                         engine=engine, store=store) == {} and loads == ["s2"]
 
 
 def test_an_answer_that_comes_after_another_scan_loaded_does_not_bring_back_the_old_scan(engine, store,

@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -397,3 +398,21 @@ def test_a_pacs_study_lists_its_series_and_loads_the_one_picked(page, tmp_path):
     page.get_by_role("option", name=next(o for o in options if "Lung" in o)).click()
     _wait_text(page, "#status", "512×512×17")
     page.screenshot(path=str(SHOTS / "07_pacs_series.png"), full_page=True)
+    # the same study as the prior (a .zip): its series listed under Prior series, the one picked loaded
+    prior = tmp_path / "study.zip"
+    with zipfile.ZipFile(prior, "w") as z:
+        for f in sorted(study.iterdir()):
+            z.write(f, f"study/{f.name}")
+    page.set_input_files("#prior_upload input[type=file]", str(prior))
+    page.click("#load_upload")
+    _wait_text(page, "#status", "The prior's upload holds 3 series")
+    assert "kernel Br38f" in _text(page, "#prior-status") and "kernel Bl57" in _text(page, "#scan-title")
+    page.locator("#prior_series input").click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert len(options) == 3
+    page.get_by_role("option", name=next(o for o in options if "Lung" in o)).click()
+    _wait_text(page, "#prior-status", "kernel Bl57")
+    assert "512×512×17" in _text(page, "#scan-title") + _text(page, "#status")
+    page.screenshot(path=str(SHOTS / "08_prior_series.png"), full_page=True)
+    page.locator("#prior_upload button[aria-label='Clear']").first.click()     # leave no prior to later tests
+    page.locator("#prior_series").wait_for(state="hidden")

@@ -396,7 +396,7 @@ def load_series(files: Sequence[Path], limits: Limits, series: str | None = None
         chosen = [x for x in ordered if x[0].uid == series]
         if not chosen:
             raise VolumeError(f"The chosen series is not in this upload; it holds: "
-                              f"{'; '.join(i.label for i, _ in ordered)}.")
+                              f"{'; '.join(f'{i.label} (series {i.uid})' for i, _ in ordered)}.")
         info, images = chosen[0]
     else:
         info, images = ordered[0]
