@@ -65,26 +65,44 @@ def _name_words(name: str) -> list[str]:
     return re.sub(r"[\W_]+", " ", bare if bare.strip() else text).split()
 
 
+# Words that name a part of a structure ('pancreas head', 'Head of pancreas', 'liver segment 8',
+# 'lung_upper_lobe_left', 'stomach, body'): such a name answers to a question about the whole structure too.
+_PART_WORDS = {"head", "neck", "body", "tail", "uncinate", "process", "lobe", "upper", "lower", "middle",
+               "segment", "dome", "fundus", "antrum", "pylorus", "cardia", "cortex", "pole", "isthmus"}
+_FILLER = {"of", "the"}
+
+
+def _phrase_in(words: list[str], q: str) -> bool:
+    return bool(words) and re.search(rf"\b{re.escape(' '.join(words))}s?\b", q) is not None
+
+
 def organs_in_question(question: str, names: list[str]) -> list[str]:
     """The names (organ names or label names such as 'kidney_left', 'lung_upper_lobe_right') that the
     question talks about. A name matches when its words other than left/right appear in the question
     (plural allowed; radiologists' terms count, see ``_TERMS``: 'renal' for kidney, 'L4' for vertebrae_L4)
-    and, if the name has a side, the question names that side or no side at all."""
+    and, if the name has a side, the question names that side or no side at all. A name of a part of a
+    structure (``_PART_WORDS``: 'pancreas head', 'lung upper lobe') matches a question naming the whole
+    structure, unless the question names one of its parts ('the pancreatic head'): then that part only."""
     q = _with_terms(question)
     asks_side = re.search(r"\b(left|right)\b", q) is not None
-    found = []
+    q_words = set(re.findall(r"\w+", q))
+    found = []                                   # (name, the structure it is a part of or None, whole match)
     for n in names:
         parts = _name_words(n)
         side = next((s for s in _SIDES if s in parts), None)
+        if side is not None and side not in q and asks_side:
+            continue
         rest = [p for p in parts if p not in _SIDES]
-        base = " ".join(rest)
-        # TotalSegmentator lobes ('lung upper lobe') answer to 'lung'; other multi-word names need all words
-        if rest[:1] == ["lung"]:
-            base = "lung"
-        if base and re.search(rf"\b{re.escape(base)}s?\b", q):
-            if side is None or side in q or not asks_side:
-                found.append(n)
-    return found
+        part = [p for p in rest if p in _PART_WORDS]
+        core = [p for p in rest if p not in _PART_WORDS and p not in _FILLER and not (part and p.isdigit())]
+        whole = core if part else None           # the structure this names a part of
+        named = set(rest) - _FILLER
+        if _phrase_in(rest, q) or (whole and _phrase_in(whole, q) and named <= q_words):
+            found.append((n, tuple(whole or ()), True))
+        elif whole and _phrase_in(whole, q):
+            found.append((n, tuple(whole), False))
+    named_parts = {w for _, w, exact in found if exact and w}
+    return [n for n, w, exact in found if exact or w not in named_parts]
 
 
 def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,

@@ -284,7 +284,32 @@ def test_names_with_punctuation_or_a_bracketed_abbreviation_are_matched():
                                ("Is there a thrombus in the inferior vena cava?", [names[3]]),
                                ("Is there a right adrenal nodule?", ["Right adrenal gland (RAG)"]),
                                ("Is the spleen enlarged?", ["(spleen)"]),
-                               ("Is the stomach distended?", [])]:       # every other word still counts
+                               ("Is the stomach distended?", ["stomach, body"])]:   # a part of it
+        assert organs_in_question(question, names) == expected, question
+
+
+def test_a_part_of_a_structure_answers_to_the_structure_and_its_own_name():
+    """A names table that labels parts ('Pancreas head', 'Head of pancreas', 'liver segment 8', TotalSeg's
+    lung lobes) had no asked structure for "Is there a mass in the pancreas?": every word of the name had to
+    be in the question. A part now answers to its structure; a question naming a part keeps that part."""
+    names = ["Pancreas head", "pancreas_body", "Tail of the pancreas", "liver segment 7", "Liver segment 8",
+             "gallbladder", "lung_upper_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
+             "lung_lower_lobe_right", "vertebrae_L4", "rib_left_12"]
+    pancreas = names[:3]
+    for question, expected in [
+            ("Is there a mass in the pancreas?", pancreas),
+            ("Is there a lesion in the pancreatic head?", ["Pancreas head"]),
+            ("Is the tail of the pancreas atrophic?", ["Tail of the pancreas"]),
+            ("Is the pancreatic body or tail dilated?", ["pancreas_body", "Tail of the pancreas"]),
+            ("Is there a hepatic lesion?", ["liver segment 7", "Liver segment 8"]),
+            ("Is there a lesion in liver segment 8?", ["Liver segment 8"]),
+            ("Is there a nodule in the right lung?", names[7:10]),
+            ("Is there a nodule in the right upper lobe of the lung?", ["lung_upper_lobe_right"]),
+            ("Is there a nodule in the lung?", names[6:10]),
+            ("Is the gallbladder distended?", ["gallbladder"]),
+            ("Is there a fracture of the vertebrae?", []),            # a level is not a part: L4 is asked
+            ("Is there a fracture of L4?", ["vertebrae_L4"]),
+            ("Is there a rib fracture?", [])]:
         assert organs_in_question(question, names) == expected, question
 
 
