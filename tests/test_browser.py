@@ -403,6 +403,9 @@ def test_a_pacs_study_lists_its_series_and_loads_the_one_picked(page, tmp_path):
     with zipfile.ZipFile(prior, "w") as z:
         for f in sorted(study.iterdir()):
             z.write(f, f"study/{f.name}")
+    clear = page.locator("#prior_upload button[aria-label='Clear']")        # a prior an earlier test left
+    if clear.count():
+        clear.first.click()
     page.set_input_files("#prior_upload input[type=file]", str(prior))
     page.click("#load_upload")
     _wait_text(page, "#status", "The prior's upload holds 3 series")
