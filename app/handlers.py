@@ -178,8 +178,9 @@ def _landed(request, s: Session, view: View) -> None:
                 _CLOSED[key] = (closed[0], *refs)   # the page closed while this load ran
 
 
-# A closed page's state stays in Gradio an hour (in case the browser comes back); an uploaded scan's arrays
-# (≈ 12 bytes a voxel: 0.5 GB for 512 × 512 × 300) go sooner, unless a request of the page came since.
+# A closed page's state stays in Gradio an hour (in case the browser comes back); an uploaded scan's
+# arrays (≈ 2 bytes a voxel, 3 with a label map: 225 MB for 512 × 512 × 300) go sooner, unless a request
+# of the page came since.
 RELEASE_AFTER_S = 600.0
 RELEASED_MESSAGE = (f"This page was closed, and its uploaded scan let go of {RELEASE_AFTER_S / 60:.0f} "
                     "minutes later: load it again.")

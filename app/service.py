@@ -23,14 +23,14 @@ import numpy as np
 
 from photon_core import organs
 from photon_core.inference.answers import question_type, readable
-from photon_core.inference.audit import covered_tokens, export_audit, kept_outside, organ_retention
+from photon_core.inference.audit import export_audit, kept_outside, organ_retention
 from photon_core.inference.prompt import clean_question
 from photon_core.io import samples
 from photon_core.io.dicom import CHOOSE_SERIES
 from photon_core.io.orientation import reorient
-from photon_core.io.preprocess import prepare
+from photon_core.io.preprocess import TokenMap, prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
-from photon_core.model.budget import Budget, describe, floor_note
+from photon_core.model.budget import SCAN_TOKENS, Budget, describe, floor_note
 from photon_core.organs import label_blocks, organs_in_question
 from viz.scene import world_bounds
 
@@ -136,7 +136,7 @@ class Session:
     title: str = ""
     volume: Volume | None = None
     geometry: object = None
-    token_index: np.ndarray | None = None  # (I, J, K) flat token per original voxel (−1 outside)
+    token_index: TokenMap | None = None    # (I, J, K) flat token per original voxel (−1 outside)
     covered: np.ndarray | None = None      # (1000,) the tokens that cover some voxel of the scan
     labels: np.ndarray | None = None
     label_sizes: tuple | None = None       # (ids, voxel counts) of the label map (`organs.label_counts`)
@@ -264,8 +264,8 @@ class Engine:
         s.key = volume_key(vol)
         progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
         s.geometry = self._encode(s.key, vol)
-        s.token_index = s.geometry.token_index_volume()
-        s.covered = covered_tokens(s.token_index)
+        s.token_index = s.geometry.token_map()
+        s.covered = s.token_index.covered(SCAN_TOKENS)
         if labels_path is not None:
             with _part(labels_path):
                 s.labels, _ = load_label_map(labels_path, like=vol, limits=self.settings.limits)
@@ -276,7 +276,7 @@ class Engine:
                 with _part(label_table):
                     names, s.label_note = organs.label_names(s.label_sizes[0], label_table)
                 s.label_names = {str(k): v for k, v in names.items()}
-            s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
+            s.blocks, s.small_structures = label_blocks(s.token_index.whole(), s.labels, s.label_names)
         return s
 
     def _encode(self, key: str, vol: Volume):
@@ -448,7 +448,7 @@ class Engine:
         }
         if s.prior is not None:
             findings["prior_scan"] = {"scan": prior_description(s.prior)}
-        return export_audit(Path(folder), s.geometry, s.token_index, a, s.question, self.model_name,
+        return export_audit(Path(folder), s.geometry, s.token_index.whole(), a, s.question, self.model_name,
                             audit.retention, pngs, s.title, findings)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from photon_core.io.preprocess import TOKEN_GRID
+from photon_core.io.preprocess import TOKEN_GRID, TokenMap
 from photon_core.model.budget import Budget
 from photon_core.organs import ORGANS, organs_in_question
 from viz.scene import (
@@ -231,7 +231,7 @@ class View:
     corners: np.ndarray | None = None      # (1000, 8, 3) world corners of the token blocks
     hu_ras: np.ndarray | None = None
     spacing_ras: np.ndarray | None = None
-    token_ras: np.ndarray | None = None
+    token_ras: TokenMap | None = None      # the session's token map, reoriented (its lookups, not a copy)
     labels_ras: np.ndarray | None = None
     point: tuple = (0, 0, 0)               # crosshair: voxel (i, j, k) of the RAS-ordered scan
     layout: Layout | None = None           # of the last tri-planar image
@@ -276,7 +276,7 @@ def _build_view(s: Session, files: Files | None) -> View:
     v.corners = np.stack([s.geometry.token_block_corners(a, b, c) for a in range(TOKEN_GRID[0])
                           for b in range(TOKEN_GRID[1]) for c in range(TOKEN_GRID[2])])
     v.hu_ras, v.spacing_ras = to_ras(vol.hu, vol.affine)
-    v.token_ras, _ = to_ras(s.token_index, vol.affine)
+    v.token_ras, _ = s.token_index.reoriented(vol.affine, "RAS")
     if s.labels is not None:
         v.labels_ras, _ = to_ras(s.labels, vol.affine)
     v.point = tuple(int(n) // 2 for n in v.hu_ras.shape)
@@ -317,14 +317,14 @@ class Planes:
     ``source`` through ``fn``. The whole masks of a 512 × 512 × 300 scan cost 0.2 s (kept blocks) and
     0.95 s (the asked organ, by np.isin) at every redraw of the three planes."""
 
-    def __init__(self, source: np.ndarray, fn):
-        self.source, self.fn, self.shape = source, fn, source.shape
+    def __init__(self, source, fn):
+        self.source, self.fn, self.shape = source, fn, source.shape     # source: an array or a TokenMap
 
     def __getitem__(self, index) -> np.ndarray:
         return self.fn(self.source[index])
 
     def whole(self) -> np.ndarray:
-        return self.fn(self.source)
+        return self.fn(self.source[:, :, :])
 
 
 def kept_mask(v: View, s: Session) -> Planes | None:
@@ -361,21 +361,21 @@ def focus(v: View, s: Session) -> tuple[int, int, int]:
     block's centre, else the crosshair stays. Each centre is found once per scan (`View.centres`)."""
     ids = _asked_ids(v, s)
     if ids:
-        centre = _centre(v, ("organ", ids), lambda: _in(v.labels_ras, ids))
+        centre = _centre(v, ("organ", ids), lambda: np.argwhere(_in(v.labels_ras, ids)))
         if centre is not None:
             return centre
     if s.answer is not None and s.answer.keep_grid.any():
         keep, rho = s.answer.keep_grid.ravel(), s.answer.rho.ravel()
         best = int(np.flatnonzero(keep)[np.argmax(rho[keep])])
-        centre = _centre(v, ("token", best), lambda: v.token_ras == best)
+        centre = _centre(v, ("token", best), lambda: v.token_ras.voxels_of(best))
         if centre is not None:
             return centre
     return v.point
 
 
-def _centre(v: View, key: tuple, mask) -> tuple[int, int, int] | None:
+def _centre(v: View, key: tuple, voxels) -> tuple[int, int, int] | None:
     if key not in v.centres:
-        where = np.argwhere(mask())
+        where = voxels()
         v.centres[key] = _central_voxel(where) if len(where) else None
     return v.centres[key]
 

@@ -358,7 +358,7 @@ def test_the_ids_of_a_label_map_and_their_counts_are_np_uniques(abdomen_grid):
     from photon_core.organs import label_counts
 
     _, labels, _, _ = abdomen_grid
-    edited = np.asfortranarray(labels.copy())
+    edited = np.asfortranarray(labels.astype(np.int16))
     edited[0, 0, :3] = (-32768, 32767, -5)              # int16's ends and a negative id
     for lab in (labels, edited, edited[::2, 1:, ::-1]):
         ids, counts = label_counts(lab, chunk=10_000)

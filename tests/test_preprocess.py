@@ -137,3 +137,28 @@ def test_the_token_index_volume_is_the_general_mapping_voxel_for_voxel(abdomen, 
         assert np.array_equal(fast, general)
         assert (general == -1).any() == (crop is None)       # only the large scan reaches outside the field
         assert len(np.unique(general)) > 8
+        _token_map_reads_as_its_volume(g.token_map(), general, affine, rng)
+
+
+def _token_map_reads_as_its_volume(tm, whole, affine, rng):
+    """A `TokenMap` held as its 1-D lookups reads, part by part, as the whole volume it stands for: planes
+    and boxes, on its own grid and reoriented to RAS, the voxels of a token, the tokens it covers."""
+    from photon_core.inference.audit import covered_tokens
+    from photon_core.io.orientation import reorient
+
+    assert tm.parts is not None and tm.shape == whole.shape
+    ras, to_source = tm.reoriented(affine, "RAS")
+    want, want_to_source = reorient(whole, affine, "RAS")
+    assert np.array_equal(to_source, want_to_source) and ras.shape == want.shape
+    for m, w in ((tm, whole), (ras, want)):
+        assert np.array_equal(m.whole(), w)
+        for axis in range(3):
+            for i in (0, w.shape[axis] // 2, -1):
+                index = tuple(i if a == axis else slice(None) for a in range(3))
+                assert np.array_equal(m[index], w[index]), index
+        box = tuple(slice(int(rng.integers(0, n // 2)), int(rng.integers(n // 2, n))) for n in w.shape)
+        assert np.array_equal(m[box], w[box]) and np.array_equal(m[3, 4], w[3, 4])
+        assert m[1, 2, 3] == w[1, 2, 3]
+        for token in (*rng.choice(np.unique(w[w >= 0]), 3), 1000):
+            assert np.array_equal(m.voxels_of(int(token)), np.argwhere(w == token)), token
+    assert np.array_equal(tm.covered(1000), covered_tokens(whole))

@@ -52,7 +52,7 @@ def warned(tmp_path, vol, match) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_every_sample_loads(case):
     vol = load_volume(SAMPLES / case["file"])
-    assert vol.hu.dtype == np.float32 and vol.hu.ndim == 3
+    assert vol.hu.dtype == np.int16 and vol.hu.ndim == 3                  # whole HU: kept as int16
     assert np.allclose(vol.spacing, case["spacing_mm"], atol=0.01)
     assert -1300 < vol.hu.min() < -900 and 1000 < vol.hu.max() < 4000      # HU, rescale applied
     labels, aff = load_label_map(SAMPLES / case["label_map"])
@@ -1238,3 +1238,27 @@ def test_nrrd_in_las_space_loads_and_hex_encoding_is_named(tmp_path):
     assert np.allclose(vol.affine, want) and np.array_equal(vol.hu, ct)
     p.write_bytes(head + b"space: left-anterior-superior\nencoding: hex\n\n" + ct.tobytes().hex().encode())
     refused(tmp_path, p, r"stores its voxels with the encoding 'hex', which is not read here")
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_scan_of_whole_hu_is_kept_as_int16_with_the_same_values_and_preparation(order):
+    """An open scan held float32 HU (4 bytes a voxel) though a CT's are whole numbers: it is int16 when that
+    holds every value (half the memory), float32 when one is not whole; the official preparation of either
+    is the same, value for value."""
+    import torch
+
+    from photon_core.io.preprocess import prepare
+    from photon_core.io.volume import Volume
+
+    rng = np.random.default_rng(0)
+    whole = np.asarray(rng.integers(-1024, 3000, (40, 36, 30)), np.float32, order=order)
+    vol = volume_from_array(whole, np.diag([2.0, 2.0, 3.0, 1.0]))
+    assert vol.hu.dtype == np.int16 and np.array_equal(vol.hu, whole)
+    frac = whole.copy(order=order)
+    frac[7, 8, 9] += 0.5                                                      # one voxel not whole
+    kept = volume_from_array(frac, np.diag([2.0, 2.0, 3.0, 1.0]))
+    assert kept.hu.dtype == np.float32 and np.array_equal(kept.hu, frac)
+    as_float = Volume(hu=whole.copy(order=order), affine=vol.affine, source_format="array")
+    a, b = prepare(vol, "cpu"), prepare(as_float, "cpu")
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.pixel_values, b.pixel_values)
+    assert np.array_equal(a.geometry.model_to_orig, b.geometry.model_to_orig)

@@ -41,6 +41,7 @@ def window(hu: np.ndarray, name_or_wl) -> np.ndarray:
     """HU → [0, 1] under a named window or a (width, level) pair."""
     w, level = WINDOWS[name_or_wl] if isinstance(name_or_wl, str) else name_or_wl
     w = max(float(w), 1.0)
+    hu = np.asarray(hu, np.float32)                  # a scan's int16 HU: the same float32 arithmetic
     return np.clip((hu - (float(level) - w / 2)) / w, 0, 1)
 
 

@@ -9,9 +9,11 @@ DICOM specifics live in `photon_core.io.dicom`.
 
 Conventions
 -----------
-* ``Volume.hu`` is a float32 array indexed ``[i, j, k]`` in the file's own voxel order (nibabel
+* ``Volume.hu`` is an array indexed ``[i, j, k]`` in the file's own voxel order (nibabel
   convention: i is the fastest-varying index on disk). It holds Hounsfield units: DICOM rescale
-  slope/intercept and NIfTI scl_slope/scl_inter are applied.
+  slope/intercept and NIfTI scl_slope/scl_inter are applied. A loaded scan's is int16 when every
+  value is a whole number (most CTs: half the memory of float32, the same values), else float32;
+  arithmetic on it casts first (``np.asarray(vol.hu, np.float32)``).
 * ``Volume.affine`` maps voxel indices ``(i, j, k, 1)`` to world millimetres in **RAS+** (the
   NIfTI / nibabel / 3D Slicer convention: +x = Right, +y = Anterior, +z = Superior).
   DICOM and NRRD-LPS geometry (+x = Left, +y = Posterior) is converted by negating x and y.
@@ -81,7 +83,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".hdr", ".img", ".img.gz
 class Volume:
     """A CT volume in Hounsfield units with its voxel→world (RAS, mm) affine."""
 
-    hu: np.ndarray                   # (I, J, K) float32, HU
+    hu: np.ndarray                   # (I, J, K) HU: int16 when whole numbers (a loaded scan's), else float32
     affine: np.ndarray               # (4, 4) float64, voxel index -> RAS mm
     source_format: str               # "nifti" | "dicom" | "nrrd" | "array"
     meta: dict = field(default_factory=dict)  # non-identifying metadata only
@@ -287,6 +289,23 @@ def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, l
     return hu, warnings
 
 
+def compact_hu(hu: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """``hu`` (float32, within `HU_RANGE`) as int16 when that holds every value exactly, else ``hu``: a
+    scan kept open (the app holds each page's) takes half the memory. In the array's own memory order, a
+    chunk at a time (a 512 × 512 × 300 scan: ≈ 0.2 s)."""
+    if hu.dtype != np.float32 or hu.size == 0 or not (hu.flags.c_contiguous or hu.flags.f_contiguous):
+        return hu
+    order = "F" if hu.flags.f_contiguous and not hu.flags.c_contiguous else "C"
+    out = np.empty(hu.shape, np.int16, order=order)
+    src, dst = hu.ravel(order=order), out.ravel(order=order)             # views, both
+    for a in range(0, src.size, chunk):
+        part = src[a:a + chunk]
+        np.copyto(dst[a:a + chunk], part, casting="unsafe")
+        if not np.array_equal(dst[a:a + chunk], part):
+            return hu
+    return out
+
+
 def _check_affine(affine: np.ndarray) -> np.ndarray:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
@@ -306,6 +325,7 @@ def make_volume(hu: np.ndarray, affine: np.ndarray, source_format: str, meta: di
     hu = np.require(np.asarray(hu), np.float32, ["W"])      # a read-only memory map is copied
     affine = _check_affine(affine)
     hu, value_warnings = _check_values(hu, was_bool)
+    hu = compact_hu(hu)
     warnings = list(warnings) + value_warnings
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     thick = max(float(spacing.max()), float(slice_thickness or 0))
@@ -896,7 +916,8 @@ def _check_file(path: Path, limits: Limits) -> None:
 
 def load_label_map(path: str | os.PathLike, like: Volume | None = None,
                    limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
-    """Load an integer label map (NIfTI). If ``like`` is given its grid must match the scan's."""
+    """Load an integer label map (NIfTI): uint8 when its ids fit (a TotalSegmentator map's do), else int16.
+    If ``like`` is given its grid must match the scan's."""
     import nibabel as nib
 
     path = Path(path)
@@ -923,7 +944,7 @@ def load_label_map(path: str | os.PathLike, like: Volume | None = None,
     if lo < 0 or hi > top:
         raise VolumeError(f"{what} holds label ids from {lo:g} to {hi:g}; a label map holds ids from 0 "
                           f"(background) to {top}. Is it the CT rather than its label map?")
-    labels = raw.astype(np.int16)
+    labels = raw.astype(np.uint8 if hi <= np.iinfo(np.uint8).max else np.int16)   # held while open
     affine = np.asarray(img.affine, dtype=np.float64)
     if like is not None and not (labels.shape == like.shape and np.allclose(affine, like.affine, atol=1e-2)):
         # Same voxels stored in another axis order (e.g. LAS vs LPS): permute/flip onto the scan grid.
