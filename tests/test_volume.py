@@ -165,6 +165,11 @@ def test_a_file_named_otherwise_is_read_by_what_it_holds(tmp_path):
         said = warned(tmp_path, vol, r"^The file holds .* data; it was read as such")
         assert name not in said          # the warnings go into report.json: an upload is never named there
     assert load_volume(gz).warnings == load_volume(plain).warnings == []      # named as they are: no word
+    # a name over 200 bytes, as a browser upload cuts it ('….nii.gz' → '….gz'): named right, no word either
+    cut = tmp_path / "up" / ("Abdomen_CT_" + "é" * 90 + ".gz")
+    assert 190 < len(cut.name.encode()) <= 200
+    cut.write_bytes(gz.read_bytes())
+    assert load_volume(cut).warnings == [] and np.array_equal(load_volume(cut).hu, load_volume(gz).hu)
     labels = (ct > 500).astype(np.uint8)                                     # a label map, likewise
     lab = tmp_path / "up" / "labels.nii"
     lab.write_bytes(_nifti(tmp_path, labels, "labels.nii.gz").read_bytes())

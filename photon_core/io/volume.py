@@ -827,8 +827,9 @@ def _load_file(path: Path, limits: Limits) -> Volume:
                 raise VolumeError(str(e).replace(f"'{alias.name}'", f"'{path.name}'")) from None
             what = {".nii.gz": "gzip-compressed NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD"}[held]
             # not named: the warnings go into the export's report.json, which never names an upload
-            vol.warnings.insert(0, f"The file holds {what} data; it was read as such (its name ends "
-                                   f"otherwise, so other programs may not open it as it is).")
+            if not _cut_by_upload(path.name, held):
+                vol.warnings.insert(0, f"The file holds {what} data; it was read as such (its name ends "
+                                       f"otherwise, so other programs may not open it as it is).")
             return vol
     if name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz")):
         return _load_nifti(path, limits)
@@ -846,6 +847,14 @@ def _load_file(path: Path, limits: Limits) -> Volume:
                           f"volume is NIfTI (.nii/.nii.gz), NRRD, or a DICOM series (folder or .zip).")
     raise VolumeError(f"'{path.name}' is not a supported CT file; expected NIfTI (.nii/.nii.gz), NRRD, "
                       f"or a DICOM series (folder or .zip).")
+
+
+UPLOAD_NAME_BYTES = 200    # a browser upload cuts longer file names to this, keeping the last suffix
+
+
+def _cut_by_upload(name: str, held: str) -> bool:
+    """A '….nii.gz' name the upload cut to '….gz' (its '.nii' gone): the file is named as it should be."""
+    return held == ".nii.gz" and name.lower().endswith(".gz") and len(name.encode()) > UPLOAD_NAME_BYTES - 8
 
 
 def _is_nifti_header(head: bytes) -> bool:
