@@ -1267,3 +1267,43 @@ def test_a_scan_of_whole_hu_is_kept_as_int16_with_the_same_values_and_preparatio
     a, b = prepare(vol, "cpu"), prepare(as_float, "cpu")
     assert torch.equal(a.frames, b.frames) and torch.equal(a.pixel_values, b.pixel_values)
     assert np.array_equal(a.geometry.model_to_orig, b.geometry.model_to_orig)
+
+
+@pytest.mark.parametrize("stored, slope, inter, lo, hi", [
+    (np.int16, 1, -1024, -1000, 3000), (np.uint16, 1, -1024, 0, 5000), (np.int16, 2, -1000, -1000, 3000),
+    (np.uint8, 1, -1000, 0, 255), (np.int16, 0.5, 0, -1000, 3000), (np.int16, 1, 0.5, -1000, 3000),
+    (np.uint16, 1, -32768, 30768, 36768), (np.int16, 3, 0, 10000, 12000), (np.int32, 1, 0, -1000, 3000),
+    (np.float32, 1, 0, -1000, 3000)])
+def test_a_nifti_is_read_as_its_scaled_values_whatever_its_storage(tmp_path, stored, slope, inter, lo, hi):
+    """Stored integers scaled by a whole slope and intercept are read straight into int16 (no float32
+    copy); any other storage or scaling as before: each gives the values nibabel's float scaling gives,
+    clipped to the HU range, those that overflow int16 on the way (×3, or uint16 past 32,767) included."""
+    a = np.random.default_rng(1).integers(lo, hi, (40, 30, 20)).astype(stored)
+    img = nib.Nifti1Image(a, np.diag([1.5, 1.5, 3.0, 1.0]))
+    img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(tmp_path / "scan.nii.gz"))
+    vol = load_volume(tmp_path / "scan.nii.gz")
+    want = np.clip(a.astype(np.float64) * slope + inter, *HU_RANGE)
+    assert np.array_equal(vol.hu, want.astype(np.float32))
+    assert vol.hu.dtype == (np.float32 if (slope, inter) in ((0.5, 0), (1, 0.5)) else np.int16)
+
+
+def test_an_int16_nifti_loads_without_a_float32_copy(tmp_path):
+    """A CT stored as int16 was scaled into float32 (4 bytes a voxel) and then compacted (2 more): its
+    load now peaks at about twice the int16 volume (what nibabel reads, and the scan), not four times."""
+    import tracemalloc
+
+    a = np.random.default_rng(2).integers(-1024, 2000, (256, 256, 160)).astype(np.int16)   # the checks
+    # judge ≤ 2 M voxels: a volume well over that, as a CT is
+    img = nib.Nifti1Image(a, np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.header.set_slope_inter(1, -1024)
+    nib.save(img, str(tmp_path / "ct.nii.gz"))
+    tracemalloc.start()
+    try:
+        vol = load_volume(tmp_path / "ct.nii.gz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert vol.hu.dtype == np.int16
+    assert np.array_equal(vol.hu, np.clip(a.astype(np.int32) - 1024, -2000, 4000))
+    assert peak < 2.6 * a.nbytes, f"peak {peak / a.nbytes:.2f}× the int16 volume"

@@ -259,22 +259,23 @@ def _airless(hu: np.ndarray) -> str | None:
 
 
 def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, list[str]]:
-    """float32 HU, cleaned in place (the caller owns ``hu``), and the warnings about its values."""
+    """float32 or int16 HU, cleaned in place (the caller owns ``hu``), and the warnings about its values."""
     warnings = []
     mask = _mask_like(hu, was_bool)
-    bad = ~np.isfinite(hu)
-    n_bad = int(bad.sum())
+    bad = ~np.isfinite(hu) if hu.dtype.kind == "f" else None
+    n_bad = int(bad.sum()) if bad is not None else 0
     if n_bad:
         hu[bad] = NONFINITE_HU
         warnings.append(f"{n_bad:,} voxels held no number (NaN or infinite); they were set to "
                         f"{NONFINITE_HU:.0f} HU (air).")
     lo, hi = float(hu.min()), float(hu.max())
     if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
-        below, above = hu < HU_RANGE[0], hu > HU_RANGE[1]
-        n_below, n_above = int(below.sum()), int(above.sum())
+        # counted one mask at a time (each a byte a voxel, none kept)
+        n_below, n_above = int(np.count_nonzero(hu < HU_RANGE[0])), int(np.count_nonzero(hu > HU_RANGE[1]))
         # one int16 value below the range and nothing above: the scanner's padding outside its field of view
-        padding = n_above == 0 and lo >= np.iinfo(np.int16).min and float(hu[below].max()) == lo
-        np.clip(hu, *HU_RANGE, out=hu)
+        padding = (n_above == 0 and lo >= np.iinfo(np.int16).min
+                   and int(np.count_nonzero(hu == lo)) == n_below)
+        np.clip(hu, *(np.asarray(HU_RANGE).astype(hu.dtype)), out=hu)
         if not padding:
             warnings.append(f"{n_below + n_above:,} voxels lay outside {HU_RANGE[0]:.0f}…{HU_RANGE[1]:.0f} "
                             f"HU (from {_fmt(lo)} to {_fmt(hi)}) and were clipped to that range; values like "
@@ -322,7 +323,8 @@ def make_volume(hu: np.ndarray, affine: np.ndarray, source_format: str, meta: di
                 slice_thickness: float | None = None) -> Volume:
     """The one place a loader builds its `Volume`: values checked and cleaned in place (``hu``: an array
     the caller owns), affine checked, every warning collected."""
-    hu = np.require(np.asarray(hu), np.float32, ["W"])      # a read-only memory map is copied
+    hu = np.asarray(hu)                                      # int16 (whole HU) or float32
+    hu = np.require(hu, np.int16 if hu.dtype == np.int16 else np.float32, ["W"])   # a read-only map is copied
     affine = _check_affine(affine)
     hu, value_warnings = _check_values(hu, was_bool)
     hu = compact_hu(hu)
@@ -396,6 +398,28 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
         return _nifti_volume(path, img, gz, limits)
 
 
+def _nifti_voxels(img) -> np.ndarray:
+    """The voxels in HU as nibabel scales them: int16 straight from the stored integers when the scaling
+    (slope, intercept) is whole and every value fits, as most CTs are stored (no float32 copy: 2 bytes a
+    voxel where the float path took 4 and then 2 more to compact), else float32."""
+    proxy, stored = img.dataobj, img.get_data_dtype()
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    if stored.kind in "iu" and stored.itemsize <= 2 and slope.is_integer() and inter.is_integer() and slope:
+        raw = np.asanyarray(proxy.get_unscaled())
+        lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+        steps = (lo, hi, lo * slope, hi * slope, lo * slope + inter, hi * slope + inter)   # each fits int16
+        info = np.iinfo(np.int16)
+        if info.min <= min(steps) and max(steps) <= info.max:
+            fresh = raw.dtype == np.int16 and raw.flags.writeable and not isinstance(raw, np.memmap)
+            hu = raw if fresh else np.array(raw, dtype=np.int16, order="K")   # read for us, else copied
+            if slope != 1:
+                hu *= np.int16(slope)
+            if inter:
+                hu += np.int16(inter)
+            return hu
+    return np.asanyarray(proxy, dtype=np.float32)
+
+
 def _nifti_volume(path: Path, img, gz, limits: Limits) -> Volume:
     import nibabel as nib
 
@@ -407,7 +431,7 @@ def _nifti_volume(path: Path, img, gz, limits: Limits) -> Volume:
     _check_dtype(img.get_data_dtype(), f"'{path.name}'")
     _check_shape(img.header.get_data_shape(), limits, f"'{path.name}'")
     try:
-        data = np.asanyarray(img.dataobj, dtype=np.float32)
+        data = _nifti_voxels(img)
     except Exception as e:
         raise VolumeError(f"'{path.name}' is truncated or corrupt: its voxel data could not be read "
                           f"({type(e).__name__}).") from None
