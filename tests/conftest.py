@@ -1,16 +1,8 @@
 import os
+from pathlib import Path
 
-# MKL picks its fp32 GEMM kernels by the memory alignment of the arrays unless a code branch is pinned, and
-# the tiny random model of the parity fixture amplifies the difference to 1.0–1.3e-4 of the vision tower's
-# largest output (measured on an AVX-512 CPU, past the fixture's 1e-5 bound): whether the parity tests
-# passed depended on what had run before them in the process (4 of 10 runs failed after a test that
-# prepares a scan). The AVX2 branch gives the same result every run (0 of 10 failed). Before torch loads MKL.
-os.environ.setdefault("MKL_CBWR", "AVX2")
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
