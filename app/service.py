@@ -276,7 +276,7 @@ class Engine:
                 with _part(label_table):
                     names, s.label_note = organs.label_names(s.label_sizes[0], label_table)
                 s.label_names = {str(k): v for k, v in names.items()}
-            s.blocks, s.small_structures = label_blocks(s.token_index.whole(), s.labels, s.label_names)
+            s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
         return s
 
     def _encode(self, key: str, vol: Volume):

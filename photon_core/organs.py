@@ -105,11 +105,12 @@ def organs_in_question(question: str, names: list[str]) -> list[str]:
     return [n for n, w, exact in found if exact or w not in named_parts]
 
 
-def label_blocks(token_index: np.ndarray, labels: np.ndarray, names: dict,
+def label_blocks(token_index, labels: np.ndarray, names: dict,
                  fraction: float = BLOCK_FRACTION, n_blocks: int = N_BLOCKS) -> tuple[dict, list[str]]:
     """Per structure of a label map on the scan's grid: its token blocks, bool (n_blocks,).
 
-    token_index (I, J, K): flat token of each original voxel (−1 outside the model volume); labels: the
+    token_index (I, J, K): flat token of each original voxel (−1 outside the model volume), an array or
+    an `io.preprocess.TokenMap`; labels: the
     label map on the same grid; names {label id: name}. A block counts where ≥ ``fraction`` of its voxels
     are the structure; a structure that reaches that in no block counts by any overlap. Returns
     (blocks by name, the names that fell back to any overlap)."""
@@ -142,23 +143,30 @@ def label_counts(labels: np.ndarray, chunk: int = 1 << 23) -> tuple[np.ndarray, 
     return (held - (1 << 15)).astype(labels.dtype), counts[held]
 
 
-def _label_block_counts(token_index: np.ndarray, labels: np.ndarray, ids: list[int], n_blocks: int,
+def _label_block_counts(token_index, labels: np.ndarray, ids: list[int], n_blocks: int,
                         chunk: int = 1 << 23) -> dict:
     """{label id: its voxels in each token block} for the ids present, and under None those of every
-    other label (background included), in one pass over both arrays in the label map's memory order, a
-    chunk at a time. (Masking both arrays and counting once per label took 6.9 s for 61 structures of a
-    512 × 512 × 300 map.)"""
+    other label (background included), in one pass over the label map in its memory order, slab by slab
+    along its slowest axis, each slab's tokens read for it (``token_index``: an array or an
+    `io.preprocess.TokenMap`, indexed with slices; neither the whole token volume nor a copy of it in the
+    map's order is made). (Masking both arrays and counting once per label took 6.9 s for 61 structures of
+    a 512 × 512 × 300 map.)"""
     order = "F" if labels.flags.f_contiguous and not labels.flags.c_contiguous else "C"
-    lab, tok = labels.ravel(order=order), token_index.ravel(order=order)   # views where the orders agree
-    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
+    slow = labels.ndim - 1 if order == "F" else 0
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
     wanted = sorted({i for i in ids if lo <= i <= hi})
     row = np.full(hi - lo + 1, len(wanted), np.int32)          # a label no id names: the last row
     row[np.asarray(wanted, np.int64) - lo] = np.arange(len(wanted), dtype=np.int32)
     width = n_blocks + 1                                        # the last column: outside the model volume
     counts = np.zeros((len(wanted) + 1) * width, np.int64)
-    for start in range(0, lab.size, chunk):
-        rows = row[lab[start:start + chunk].astype(np.int32) - lo]
-        cols = tok[start:start + chunk].astype(np.int32) % width          # token −1 → the last column
+    n = labels.shape[slow] if labels.size else 0
+    step = max(1, chunk // max(1, labels.size // max(n, 1)))
+    for a in range(0, n, step):
+        slab = tuple(slice(a, a + step) if d == slow else slice(None) for d in range(labels.ndim))
+        lab = labels[slab].ravel(order=order)                   # a view of a contiguous map
+        tok = np.asarray(token_index[slab]).ravel(order=order)
+        rows = row[lab.astype(np.int32) - lo]
+        cols = tok.astype(np.int32) % width                     # token −1 → the last column
         counts += np.bincount(rows * width + cols, minlength=counts.size)
     counts = counts.reshape(len(wanted) + 1, width)[:, :n_blocks]
     return {**{i: counts[r] for r, i in enumerate(wanted)}, None: counts[-1]}

@@ -339,7 +339,7 @@ def test_block_counts_in_one_pass_are_the_counts_label_by_label(abdomen_grid, or
     an unnamed label, background named and the model volume's edge cutting the scan."""
     from photon_core.organs import BLOCK_FRACTION, label_blocks
 
-    _, labels, token_index, _ = abdomen_grid
+    _, labels, token_index, geometry = abdomen_grid
     labels = np.asarray(labels, order=order).copy(order=order)
     token_index = token_index.copy()
     token_index[:7] = -1                                  # a slab outside the model volume
@@ -352,6 +352,19 @@ def test_block_counts_in_one_pass_are_the_counts_label_by_label(abdomen_grid, or
     for name in ref[0]:
         assert np.array_equal(got[0][name], ref[0][name]), name
     assert "absent" not in got[0] and "far" not in got[0]
+    # the app's token map (its 1-D lookups, read a slab at a time), and slabs of a few slices
+    from photon_core.organs import _label_block_counts
+
+    tm = geometry.token_map()
+    got, plain = label_blocks(tm, labels, names), _label_blocks_one_label_at_a_time(tm.whole(), labels, names,
+                                                                                   BLOCK_FRACTION)
+    assert list(got[0]) == list(plain[0]) and got[1] == plain[1]
+    assert all(np.array_equal(got[0][n], plain[0][n]) for n in plain[0])
+    ids = [int(k) for k in names]
+    whole = _label_block_counts(tm.whole(), labels, ids, 1000)
+    for chunk in (30_000, 1):                                  # slabs of a few slices, of one slice
+        slabs = _label_block_counts(tm, labels, ids, 1000, chunk=chunk)
+        assert slabs.keys() == whole.keys() and all(np.array_equal(slabs[i], whole[i]) for i in whole)
 
 
 def test_the_ids_of_a_label_map_and_their_counts_are_np_uniques(abdomen_grid):
