@@ -868,25 +868,33 @@ def test_a_prior_study_of_several_series_lists_them_and_loads_the_one_picked(eng
     assert scan_only["session"].prior is None and scan_only["prior_series"]["visible"] is False
 
 
-def test_a_prior_series_that_fails_to_load_leaves_its_picker_and_the_scan(engine, store, monkeypatch,
-                                                                          tmp_path):
-    """A prior series that cannot be loaded (a localizer) is named as the prior's failure; the scan and the
-    prior loaded before stay, and the Prior series picker names the one still loaded."""
+def _study_with_a_localizer(monkeypatch, ct: str, localizer: str) -> None:
+    """Uploads read as a study of two series: ``ct`` loads the abdomen sample, ``localizer`` (one image)
+    cannot be loaded."""
     import types
 
-    from app import handlers as h
     from app import service
     from photon_core.io.volume import VolumeError, load_volume
 
-    series = [types.SimpleNamespace(uid=u, label=d) for u, d in (("p1", "Abdomen B31f"), ("p2", "Topogram"))]
+    series = [types.SimpleNamespace(uid=ct, label="Abdomen B31f"), types.SimpleNamespace(uid=localizer,
+                                                                                      label="Topogram")]
 
     def load(src, limits, series=None):
-        if series == "p2":
+        if series == localizer:
             raise VolumeError("This DICOM series holds a single image (512×512).")
         return load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
 
     monkeypatch.setattr(service, "list_series", lambda files, limits: series)
     monkeypatch.setattr(service, "load_volume", load)
+
+
+def test_a_prior_series_that_fails_to_load_leaves_its_picker_and_the_scan(engine, store, monkeypatch,
+                                                                          tmp_path):
+    """A prior series that cannot be loaded (a localizer) is named as the prior's failure; the scan and the
+    prior loaded before stay, and the Prior series picker names the one still loaded."""
+    from app import handlers as h
+
+    _study_with_a_localizer(monkeypatch, "p1", "p2")
     ct, prior = str(SAMPLES / "abdomen_ct/ct.nii.gz"), str(tmp_path / "prior_study.zip")
     out = h.load_upload([ct], None, None, prior, None, None, None, engine=engine, store=store)
     assert out["prior_series"]["value"] == "p1" and out["series"]["visible"] is False
@@ -921,21 +929,9 @@ def test_a_series_that_fails_to_load_leaves_the_picker_on_the_series_still_loade
                                                                                   tmp_path):
     """Picking a series that could not be loaded (a localizer, a label map of another grid) kept the
     previous series on screen while the Series picker named the one that failed."""
-    import types
-
     from app import handlers as h
-    from app import service
-    from photon_core.io.volume import VolumeError, load_volume
 
-    series = [types.SimpleNamespace(uid=u, label=d) for u, d in (("s1", "Abdomen B31f"), ("s2", "Topogram"))]
-
-    def load(src, limits, series=None):
-        if series == "s2":
-            raise VolumeError("This DICOM series holds a single image (512×512).")
-        return load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
-
-    monkeypatch.setattr(service, "list_series", lambda files, limits: series)
-    monkeypatch.setattr(service, "load_volume", load)
+    _study_with_a_localizer(monkeypatch, "s1", "s2")
     files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
     out = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
     assert out["series"]["value"] == "s1"
