@@ -136,11 +136,13 @@ def label_counts(labels: np.ndarray, chunk: int = 1 << 23) -> tuple[np.ndarray, 
     if labels.dtype not in (np.int16, np.uint8, np.int8):
         return np.unique(labels, return_counts=True)
     flat = labels.ravel(order="K")
-    counts = np.zeros(1 << 16, np.int64)
+    offset = -int(np.iinfo(labels.dtype).min)   # 0 for uint8: its values are the bins
+    counts = np.zeros(1 << (8 * labels.dtype.itemsize), np.int64)
     for start in range(0, flat.size, chunk):
-        counts += np.bincount(flat[start:start + chunk].astype(np.int32) + (1 << 15), minlength=1 << 16)
+        part = flat[start:start + chunk]
+        counts += np.bincount(part.astype(np.int32) + offset if offset else part, minlength=counts.size)
     held = np.flatnonzero(counts)
-    return (held - (1 << 15)).astype(labels.dtype), counts[held]
+    return (held - offset).astype(labels.dtype), counts[held]
 
 
 def _label_block_counts(token_index, labels: np.ndarray, ids: list[int], n_blocks: int,

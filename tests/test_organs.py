@@ -381,3 +381,6 @@ def test_the_ids_of_a_label_map_and_their_counts_are_np_uniques(abdomen_grid):
     wide = labels.astype(np.int32) * 1000                  # not an int16 map: np.unique's answer still
     assert np.array_equal(label_counts(wide)[0], np.unique(wide))
     assert np.array_equal(label_counts(labels.astype(np.uint8))[0], np.unique(labels.astype(np.uint8)))
+    for small in (labels.astype(np.uint8), labels.astype(np.int8) - 60):     # 8-bit maps, counted unshifted
+        got, want = label_counts(small, chunk=10_000), np.unique(small, return_counts=True)
+        assert got[0].dtype == small.dtype and all(np.array_equal(x, y) for x, y in zip(got, want))
