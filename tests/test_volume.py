@@ -1307,3 +1307,69 @@ def test_an_int16_nifti_loads_without_a_float32_copy(tmp_path):
     assert vol.hu.dtype == np.int16
     assert np.array_equal(vol.hu, np.clip(a.astype(np.int32) - 1024, -2000, 4000))
     assert peak < 2.6 * a.nbytes, f"peak {peak / a.nbytes:.2f}× the int16 volume"
+
+
+def _dicom_slices(folder, px, slopes, intercept):
+    """A CT series of the stored slices ``px`` (n, rows, cols; int16 or uint16), 2 mm apart, each with its
+    rescale slope (``slopes[k]``) and ``intercept``."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (image, slope) in enumerate(zip(px, slopes)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"s{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.Modality, ds.SeriesInstanceUID = "CT", "1.2.3.4"
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Rows, ds.Columns = image.shape
+        ds.PixelSpacing, ds.ImageOrientationPatient = [0.8, 0.8], [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient, ds.InstanceNumber = [0, 0, 2.0 * k], k + 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = int(image.dtype == np.int16)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = np.ascontiguousarray(image).tobytes()
+        ds.save_as(str(folder / f"s{k}.dcm"), enforce_file_format=True)
+    return folder
+
+
+@pytest.mark.parametrize("stored, slopes, inter, lo, hi, dtype", [
+    (np.uint16, [1], -1024, 0, 4000, np.int16), (np.int16, [1], 0, -1000, 3000, np.int16),
+    (np.int16, [2], -1000, -500, 2000, np.int16), (np.int16, [1, 1, 0.5], 0, -1000, 3000, np.float32),
+    (np.uint16, [1], 0, 30000, 40000, np.int16), (np.int16, [3], 0, 10000, 12000, np.int16),
+    (np.int16, [1], -32768, -1000, 3000, np.int16)])
+def test_a_dicom_series_is_assembled_as_its_rescaled_values(tmp_path, stored, slopes, inter, lo, hi, dtype):
+    """A series whose every slice has a whole slope and intercept is assembled straight into int16 (no
+    float32 volume); one fractional slope, or values that leave int16 on the way (uint16 past 32,767, ×3,
+    an intercept of −32,768), take float32 as before: each gives stored × slope + intercept, clipped to the
+    HU range, and keeps int16 only where every value is whole."""
+    n = 16
+    px = np.random.default_rng(3).integers(lo, hi, (n, 24, 20)).astype(stored)
+    slopes = (slopes * n)[:n]
+    vol = load_volume(_dicom_slices(tmp_path / "s", px, slopes, inter))
+    want = np.clip(px.astype(np.float64) * np.asarray(slopes)[:, None, None] + inter, *HU_RANGE)
+    assert vol.hu.dtype == dtype
+    assert np.array_equal(vol.hu, want.transpose(2, 1, 0).astype(np.float32))     # (col, row, slice)
+
+
+def test_a_dicom_series_loads_without_a_float32_volume(tmp_path):
+    """A CT series was assembled in float32 (4 bytes a voxel) beside every slice's read and decoded pixels,
+    then compacted to int16: its load now peaks at about twice the int16 volume (the files' pixel data,
+    each let go once copied, and the scan; measured 2.3×, and 2.15× for 512 × 512 × 64), not six times
+    (5.9×, 5.2×) as before."""
+    import tracemalloc
+
+    px = np.random.default_rng(4).integers(0, 3000, (96, 256, 256)).astype(np.uint16)   # a volume well over
+    folder = _dicom_slices(tmp_path / "ct", px, [1] * len(px), -1024)                   # what checks sample
+    tracemalloc.start()
+    try:
+        vol = load_volume(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert vol.hu.dtype == np.int16
+    assert np.array_equal(vol.hu, (px.astype(np.int32) - 1024).transpose(2, 1, 0))
+    assert peak < 3.0 * px.nbytes, f"peak {peak / px.nbytes:.2f}× the int16 volume"
