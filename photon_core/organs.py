@@ -3,7 +3,8 @@
 * `ORGANS` — the organs questions talk about, by name, with their TotalSegmentator ("total" task) label ids;
   `PAIRED` / `MIRROR` — the sided pairs.
 * `organs_in_question` — which of a list of label names a question asks about ('left kidney' →
-  kidney_left; 'kidney' with no side → both; 'lungs' → every lobe).
+  kidney_left; 'kidney' with no side → both; 'lungs' → every lobe); label names in German, French, Spanish
+  or Italian are read in English ('Niere links' → left kidney).
 * Block coverage — a token block (14 slices × 28 × 28 pixels of the model volume) counts for a structure
   when at least `BLOCK_FRACTION` of its voxels belong to it (the paper's retention analysis). A structure
   smaller than that everywhere (a 1 ml lesion in a 36 mm block) would vanish from the audit: it then counts
@@ -19,6 +20,7 @@ import io
 import json
 import re
 import shlex
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -58,11 +60,96 @@ def _with_terms(question: str) -> str:
 
 
 def _name_words(name: str) -> list[str]:
-    """A label name's words, lower case: punctuation ('kidney-left', 'Liver.') and an abbreviation in
-    brackets ('Inferior vena cava (IVC)', as the FLARE tables write) are not words of the structure."""
+    """A label name's words, lower case, in English: punctuation ('kidney-left', 'Liver.') and an
+    abbreviation in brackets ('Inferior vena cava (IVC)', as the FLARE tables write) are not words of the
+    structure; a German, French, Spanish or Italian name is read in the English words questions use
+    (`_in_english`: 'Niere links' → kidney left, 'Lóbulo superior del pulmón derecho' → lobe upper lung
+    right)."""
     text = name.lower()
     bare = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", text)
-    return re.sub(r"[\W_]+", " ", bare if bare.strip() else text).split()
+    return _in_english(re.sub(r"[\W_]+", " ", bare if bare.strip() else text).split())
+
+
+# Label names as local segmentation tools and PACS export them in German, French, Spanish and Italian
+# (keys without accents, see `_plain`): the English words of the same structure, side or part. Only label
+# names are read this way, never a question (English: "rate" is the French spleen). English words of
+# TotalSegmentator's classes are not keys (a test checks that its names read as before).
+_PHRASES = {
+    "vesicule biliaire": "gallbladder", "vesicula biliar": "gallbladder",
+    "intestin grele": "small bowel", "intestino delgado": "small bowel", "intestino tenue": "small bowel",
+    "vena cava inferior": "inferior vena cava", "veine cave inferieure": "inferior vena cava",
+    "vena cava inferiore": "inferior vena cava", "untere hohlvene": "inferior vena cava",
+    "vena cava superior": "superior vena cava", "veine cave superieure": "superior vena cava",
+    "vena cava superiore": "superior vena cava", "obere hohlvene": "superior vena cava",
+    "glande surrenale": "adrenal gland", "glandula suprarrenal": "adrenal gland",
+    "ghiandola surrenale": "adrenal gland", "glande thyroide": "thyroid gland",
+    "glandula tiroides": "thyroid gland", "ghiandola tiroidea": "thyroid gland",
+    "vessie urinaire": "urinary bladder", "vejiga urinaria": "urinary bladder",
+    "vescica urinaria": "urinary bladder",
+}
+_PHRASE_RE = re.compile(r"\b(?:" + "|".join(map(re.escape, _PHRASES)) + r")\b")
+_WORDS = {
+    "liver": ("leber", "foie", "higado", "fegato"),
+    "spleen": ("milz", "rate", "bazo", "milza"),
+    "kidney": ("niere", "nieren", "rein", "reins", "rinon", "rinones", "rene", "reni"),
+    "pancreas": ("pankreas", "bauchspeicheldruse", "bauchspeicheldruese"),
+    "stomach": ("magen", "estomac", "estomago", "stomaco"),
+    "gallbladder": ("gallenblase", "colecisti", "cistifellea"),
+    "urinary bladder": ("harnblase", "blase", "vessie", "vejiga", "vescica"),
+    "lung": ("lunge", "lungen", "poumon", "poumons", "pulmon", "pulmones", "polmone", "polmoni"),
+    "aorta": ("aorte",),
+    "adrenal gland": ("nebenniere", "nebennieren", "surrenale", "suprarrenal"),
+    "esophagus": ("speiserohre", "speiseroehre", "osophagus", "oesophagus", "oesophage", "esofago"),
+    "duodenum": ("zwolffingerdarm", "zwoelffingerdarm", "duodeno"),
+    "colon": ("kolon", "dickdarm"),
+    "small bowel": ("dunndarm", "duenndarm"),
+    "heart": ("herz", "coeur", "corazon", "cuore"),
+    "thyroid gland": ("schilddruse", "schilddruese", "thyroide", "tiroides", "tiroide"),
+    "prostate": ("prostata",),
+    "trachea": ("luftrohre", "luftroehre", "trachee", "traquea"),
+    "vertebrae": ("wirbel", "wirbelkorper", "vertebre", "vertebra", "vertebras"),
+    "rib": ("rippe", "cote", "costilla", "costola"),
+    "left": ("links", "linke", "linker", "linkes", "gauche", "izquierdo", "izquierda", "sinistro",
+             "sinistra"),
+    "right": ("rechts", "rechte", "rechter", "rechtes", "droit", "droite", "derecho", "derecha", "destro",
+              "destra"),
+    "head": ("kopf", "tete", "cabeza", "testa"),
+    "tail": ("schwanz", "queue", "cola", "coda"),
+    "body": ("korper", "koerper", "corps", "cuerpo", "corpo"),
+    "lobe": ("lappen", "lobulo", "lobo"),
+    "upper lobe": ("oberlappen",), "lower lobe": ("unterlappen",), "middle lobe": ("mittellappen",),
+    "lung upper lobe": ("lungenoberlappen",), "lung lower lobe": ("lungenunterlappen",),
+    "lung middle lobe": ("lungenmittellappen",), "pancreas head": ("pankreaskopf",),
+    "pancreas body": ("pankreaskorper", "pankreaskoerper"), "pancreas tail": ("pankreasschwanz",),
+}
+_FOREIGN = {w: english.split() for english, words in _WORDS.items() for w in words}
+_FOREIGN_FILLER = {"der", "die", "das", "des", "du", "de", "la", "le", "les", "del", "della", "dello", "di",
+                   "el", "und", "et", "y", "e"}
+# a lobe's level: 'superior' is also English, and stays itself elsewhere ('superior vena cava')
+_LOBE_LEVEL = {"superior": "upper", "superieur": "upper", "superiore": "upper", "ober": "upper",
+               "inferior": "lower", "inferieur": "lower", "inferiore": "lower", "unter": "lower",
+               "moyen": "middle", "medio": "middle", "mittel": "middle"}
+
+
+def _plain(word: str) -> str:
+    """A word without accents ('pulmón' → pulmon, 'cœur' → coeur, 'Speiseröhre' → speiserohre)."""
+    word = word.replace("œ", "oe").replace("ß", "ss")
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+
+
+def _in_english(words: list[str]) -> list[str]:
+    """A label name's words with those of another language (`_FOREIGN`, `_PHRASES`) in English; a name
+    with none is returned as it is."""
+    plain = [_plain(w) for w in words]
+    text = " ".join(plain)
+    text = _PHRASE_RE.sub(lambda m: _PHRASES[m.group(0)], text)
+    out = [e for w in text.split() for e in _FOREIGN.get(w, [w])]
+    if out == plain and text == " ".join(plain):
+        return words                                            # nothing foreign: the name as it was
+    out = [w for w in out if w not in _FOREIGN_FILLER]
+    if "lobe" in out:
+        out = [_LOBE_LEVEL.get(w, w) for w in out]
+    return out
 
 
 # Words that name a part of a structure ('pancreas head', 'Head of pancreas', 'liver segment 8',

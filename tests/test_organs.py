@@ -313,6 +313,52 @@ def test_a_part_of_a_structure_answers_to_the_structure_and_its_own_name():
         assert organs_in_question(question, names) == expected, question
 
 
+_TABLES = {   # names as local tools export them: liver, spleen, kidneys, pancreas parts, lobes, gallbladder
+    "de": ["Leber", "Milz", "Niere links", "Niere rechts", "Pankreas – Kopf", "Pankreasschwanz",
+           "Lungenoberlappen rechts", "Lungenunterlappen rechts", "Lungenoberlappen links", "Gallenblase"],
+    "fr": ["Foie", "Rate", "Rein gauche", "Rein droit", "Tête du pancréas", "Queue du pancréas",
+           "Lobe supérieur du poumon droit", "Lobe inférieur du poumon droit",
+           "Lobe supérieur du poumon gauche", "Vésicule biliaire"],
+    "es": ["Hígado", "Bazo", "Riñón izquierdo", "Riñón derecho", "Cabeza del páncreas", "Cola del páncreas",
+           "Lóbulo superior del pulmón derecho", "Lóbulo inferior del pulmón derecho",
+           "Lóbulo superior del pulmón izquierdo", "Vesícula biliar"],
+    "it": ["Fegato", "Milza", "Rene sinistro", "Rene destro", "Testa del pancreas", "Coda del pancreas",
+           "Lobo superiore del polmone destro", "Lobo inferiore del polmone destro",
+           "Lobo superiore del polmone sinistro", "Colecisti"],
+}
+
+
+@pytest.mark.parametrize("language", sorted(_TABLES))
+def test_label_names_in_another_language_answer_to_english_questions(language):
+    """A names table in German, French, Spanish or Italian ('Niere links', 'Rein gauche', 'Lóbulo superior
+    del pulmón derecho') named nothing an English question could ask: no asked structure, no retention
+    warning, no outline. Its words are read in English now, sides and parts included."""
+    n = _TABLES[language]
+    for question, expected in [
+            ("Is there a lesion in the liver?", [n[0]]), ("Is the spleen enlarged?", [n[1]]),
+            ("Is there a cyst in the left kidney?", [n[2]]), ("Is there a renal cyst?", n[2:4]),
+            ("Is there a mass in the pancreas?", n[4:6]),
+            ("Is there a lesion in the pancreatic head?", [n[4]]),
+            ("Is there a nodule in the right lung?", n[6:8]),
+            ("Is there a nodule in the right upper lobe of the lung?", [n[6]]),
+            ("Is the gall bladder distended?", [n[9]]), ("Is there an aortic dissection?", [])]:
+        assert organs_in_question(question, n) == expected, (language, question)
+
+
+def test_english_label_names_read_as_they_did_and_questions_are_never_translated():
+    """Every TotalSegmentator class (and FLARE's names) reads as before: their words are not another
+    language's. A question is not read as another language: 'rate' is the French spleen in a label only."""
+    from photon_core.organs import _name_words
+
+    for name in [*TOTALSEG_CLASSES.values(), "Inferior vena cava (IVC)", "Right adrenal gland (RAG)"]:
+        plain = re.sub(r"[\W_]+", " ", re.sub(r"\([^)]*\)", " ", name.lower())).split()
+        assert _name_words(name) == plain, name
+    assert organs_in_question("Is the heart rate of the fetus normal?", ["Rate", "spleen"]) == []
+    assert organs_in_question("Is the spleen enlarged?", ["Rate", "Foie"]) == ["Rate"]
+    assert organs_in_question("Is there a thrombus in the inferior vena cava?",
+                              ["Vena cava inferior", "Vena cava superior"]) == ["Vena cava inferior"]
+
+
 def _label_blocks_one_label_at_a_time(token_index, labels, names, fraction=0.5, n_blocks=1000):
     """The rule as first written (a pass per label), the reference for the one-pass count."""
     valid = token_index >= 0
