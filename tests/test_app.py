@@ -247,6 +247,24 @@ def test_label_names_from_a_table(engine, store, tmp_path):
     assert list(out["session"].blocks) == ["tumour"]
 
 
+def test_a_names_table_in_german_gives_the_asked_structure_and_its_outline(engine, store, tmp_path):
+    """The sample's label map named in German, as a local tool exports it: the English question about the
+    left kidney asks 'Niere links' (retention warning, outline and the slices opening in it)."""
+    from app import handlers as h
+    from app.view import asked_mask, highlighted
+
+    german = {2: "Niere rechts", 3: "Niere links", 5: "Leber", 1: "Milz", 7: "Pankreas"}
+    (tmp_path / "namen.json").write_text(json.dumps({str(k): v for k, v in german.items()}))
+    ct, labels = str(SAMPLES / "abdomen_ct/ct.nii.gz"), str(SAMPLES / "abdomen_ct/labels.nii.gz")
+    out = h.load_upload([ct], labels, str(tmp_path / "namen.json"), None, None, None, None, engine=engine,
+                        store=store)
+    asked = _ask(engine, out, "Is there a cyst in the left kidney?")
+    s, v = asked["session"], out["view"]
+    assert s.audit.asked == ("Niere links",) and highlighted(v, s) == ["Niere links"]
+    mask = asked_mask(v, s)
+    assert mask is not None and mask[tuple(v.point)]
+
+
 def test_messages_never_show_server_paths_nor_cut_words():
     from app.handlers import MAX_MESSAGE, message
     from photon_core.io.volume import VolumeError
