@@ -475,11 +475,11 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
         irregular = True
     _check_shape((cols, rows, len(frames)), limits, "This DICOM series")
     ps = frames[0].spacing or [1.0, 1.0]
-    shift = _tilt_shift(frames, row_dir, col_dir, normal, ps)
+    tilt = _tilt(frames, row_dir, col_dir, normal, ps)
     # whole-number rescales onto the grid as acquired: int16 HU straight from the stored integers (a CT's
     # 2 bytes a voxel), else float32 (fractions, a tilt or uneven gaps to interpolate). Fortran order, as
     # NIfTI volumes come: each slice one contiguous block (its pixels transposed), copied in one pass
-    hu = np.empty((cols, rows, len(frames)), order="F", dtype=np.float32 if irregular or shift is not None
+    hu = np.empty((cols, rows, len(frames)), order="F", dtype=np.float32 if irregular or tilt is not None
                   or not all(_whole(f.slope, f.intercept) for f in frames) else np.int16)
     last = {id(f.ds): n for n, f in enumerate(frames)}          # after its last frame, a file's pixels go
     bad_slope = bad_inter = 0
@@ -511,8 +511,8 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     if bad_inter:
         warnings.append(f"{bad_inter} slice{'s' * (bad_inter != 1)} had no usable rescale intercept; 0 was "
                         f"assumed, so the values may not be Hounsfield units.")
-    if shift is not None:
-        _untilt(hu, frames, shift, normal, warnings)
+    if tilt is not None:
+        _untilt(hu, tilt, warnings)
     if irregular:
         hu = _regular(hu, pos, dz, warnings)
         _check_shape(hu.shape, limits, "This DICOM series, resampled,")
@@ -576,38 +576,44 @@ def _regular(hu: np.ndarray, pos: np.ndarray, dz: float, warnings: list[str]) ->
     return out
 
 
-def _tilt_shift(frames: list[_Frame], row_dir: np.ndarray, col_dir: np.ndarray, normal: np.ndarray,
-                spacing: list[float]) -> np.ndarray | None:
-    """Each slice's sideways step from the first, in voxels (rows, columns): slices acquired with a gantry
-    tilt step sideways as well as along their normal, so their grid is sheared. None when no slice drifts
-    by `TILT_TOLERANCE_VOXELS`."""
+@dataclass
+class _Tilt:
+    """A gantry tilt: each slice's sideways step from the first in voxels (rows, columns), the angle and
+    the largest step in mm (for the warning)."""
+    shift: np.ndarray
+    degrees: float
+    most_mm: float
+
+
+def _tilt(frames: list[_Frame], row_dir: np.ndarray, col_dir: np.ndarray, normal: np.ndarray,
+          spacing: list[float]) -> _Tilt | None:
+    """Slices acquired with a gantry tilt step sideways as well as along their normal, so their grid is
+    sheared; None when no slice drifts sideways by `TILT_TOLERANCE_VOXELS`."""
     offset = np.array([f.position - frames[0].position for f in frames])
-    offset -= np.outer(offset @ normal, normal)                 # the sideways part of each slice's step
-    shift = np.stack([offset @ row_dir / spacing[1], offset @ col_dir / spacing[0]], axis=1)
-    return shift if np.abs(shift).max() >= TILT_TOLERANCE_VOXELS else None
+    along = offset @ normal
+    offset -= np.outer(along, normal)                           # the sideways part of each slice's step
+    shift = np.stack([offset @ row_dir / spacing[1], offset @ col_dir / spacing[0]], axis=1)   # in voxels
+    if np.abs(shift).max() < TILT_TOLERANCE_VOXELS:
+        return None
+    return _Tilt(shift, float(np.degrees(np.arctan2(np.linalg.norm(offset[-1]), along[-1]))),
+                 float(np.linalg.norm(offset, axis=1).max()))
 
 
-def _untilt(hu: np.ndarray, frames: list[_Frame], shift: np.ndarray, normal: np.ndarray,
-            warnings: list[str]) -> None:
-    """Each slice of a sheared grid (float32 ``hu``) shifted in-plane by ``shift`` (`_tilt_shift`; linear
-    interpolation, in place) onto the upright grid through the first slice, as dcm2niix does, so that
-    positions and distances in the volume are true."""
+def _untilt(hu: np.ndarray, tilt: _Tilt, warnings: list[str]) -> None:
+    """Each slice of a sheared grid (float32 ``hu``) shifted in-plane (linear interpolation, in place)
+    onto the upright grid through the first slice, as dcm2niix does, so that positions and distances in
+    the volume are true."""
     from scipy import ndimage
 
     air = float(hu.min())
     for start in range(1, hu.shape[2], 32):         # a few slices at a time, each one contiguous (4× faster)
         chunk = np.ascontiguousarray(np.moveaxis(hu[:, :, start:start + 32], 2, 0))
         for n in range(len(chunk)):
-            chunk[n] = ndimage.shift(chunk[n], shift[start + n], order=1, mode="constant", cval=air)
+            chunk[n] = ndimage.shift(chunk[n], tilt.shift[start + n], order=1, mode="constant", cval=air)
         hu[:, :, start:start + 32] = np.moveaxis(chunk, 0, 2)
-    offset = np.array([f.position - frames[0].position for f in frames])
-    along = offset @ normal
-    offset -= np.outer(along, normal)
-    tilt = np.degrees(np.arctan2(np.linalg.norm(offset[-1]), along[-1]))
-    most = float(np.linalg.norm(offset, axis=1).max())
-    warnings.append(f"The series was acquired with a gantry tilt of {tilt:.1f}°: each slice was shifted "
-                    f"sideways (up to {most:.1f} mm) onto an upright grid, as dcm2niix does, so positions "
-                    f"and distances are true.")
+    warnings.append(f"The series was acquired with a gantry tilt of {tilt.degrees:.1f}°: each slice was "
+                    f"shifted sideways (up to {tilt.most_mm:.1f} mm) onto an upright grid, as dcm2niix does, "
+                    f"so positions and distances are true.")
 
 
 def _whole(slope: float, intercept: float) -> bool:
