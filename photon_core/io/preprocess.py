@@ -33,8 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from photon_core import vml
 from photon_core.io.orientation import reorient
 from photon_core.io.volume import Volume
+
+vml.warm_up()   # before any parallel CPU math (a oneMKL first-call race, see photon_core.vml)
 
 PREP_SIZE = 364                   # mm, = voxels after 1 mm resampling and crop/pad
 MODEL_SHAPE = (140, 280, 280)     # (D, H, W) of the model input
