@@ -51,6 +51,7 @@ from photon_core.io.volume import (
     _unpack_bounded,
     clean_text,
     make_volume,
+    rescaled_int16,
 )
 
 _register_jpeg12()
@@ -496,7 +497,7 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
         if not np.isfinite(intercept):
             intercept, bad_inter = 0.0, bad_inter + 1
         if hu.dtype == np.int16:
-            whole = _rescaled_int16(px, slope, intercept)
+            whole = rescaled_int16(px, slope, intercept)     # px is pydicom's: never scaled in place
             if whole is not None:
                 hu[:, :, n] = whole.T
             else:                                   # a value beyond int16 (or stored as floats): float32 on
@@ -619,18 +620,6 @@ def _untilt(hu: np.ndarray, tilt: _Tilt, warnings: list[str]) -> None:
 def _whole(slope: float, intercept: float) -> bool:
     """A rescale mapping stored integers to integers (an unusable value counts: it is replaced by 1 or 0)."""
     return all(not np.isfinite(x) or float(x).is_integer() for x in (slope, intercept))
-
-
-def _rescaled_int16(px: np.ndarray, slope: float, intercept: float) -> np.ndarray | None:
-    """Stored integers × a whole slope + a whole intercept, exactly, as int16; None when ``px`` is not
-    integers or a value leaves int16 (then float32 holds the series)."""
-    if px.dtype.kind not in "iu" or px.itemsize > 4:
-        return None
-    v = px.astype(np.int64)
-    v *= int(slope)
-    v += int(intercept)
-    info = np.iinfo(np.int16)
-    return v.astype(np.int16) if v.size and info.min <= v.min() and v.max() <= info.max else None
 
 
 def _release_pixels(ds) -> None:

@@ -398,6 +398,28 @@ def _load_nifti(path: Path, limits: Limits) -> Volume:
         return _nifti_volume(path, img, gz, limits)
 
 
+def rescaled_int16(raw: np.ndarray, slope: float, inter: float, reuse: bool = False) -> np.ndarray | None:
+    """``raw × slope + inter`` as int16, exactly, when ``raw`` holds integers, the slope and intercept are
+    whole and every value on the way fits int16 (a CT's stored values and rescale do); else None, and the
+    caller scales in float32. ``reuse``: ``raw`` may be scaled in place when it is a writable int16 array
+    of the caller's own (no copy at all)."""
+    slope, inter = float(slope), float(inter)
+    if raw.dtype.kind not in "iu" or not (slope and slope.is_integer() and inter.is_integer()):
+        return None
+    lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+    steps = (lo, hi, lo * slope, hi * slope, lo * slope + inter, hi * slope + inter)     # each fits int16
+    info = np.iinfo(np.int16)
+    if not (info.min <= min(steps) and max(steps) <= info.max):
+        return None
+    own = reuse and raw.dtype == np.int16 and raw.flags.writeable and not isinstance(raw, np.memmap)
+    hu = raw if own else np.array(raw, dtype=np.int16, order="K")
+    if slope != 1:
+        hu *= np.int16(slope)
+    if inter:
+        hu += np.int16(inter)
+    return hu
+
+
 def _nifti_voxels(img) -> np.ndarray:
     """The voxels in HU as nibabel scales them: int16 straight from the stored integers when the scaling
     (slope, intercept) is whole and every value fits, as most CTs are stored (no float32 copy: 2 bytes a
@@ -405,17 +427,8 @@ def _nifti_voxels(img) -> np.ndarray:
     proxy, stored = img.dataobj, img.get_data_dtype()
     slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
     if stored.kind in "iu" and stored.itemsize <= 2 and slope.is_integer() and inter.is_integer() and slope:
-        raw = np.asanyarray(proxy.get_unscaled())
-        lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
-        steps = (lo, hi, lo * slope, hi * slope, lo * slope + inter, hi * slope + inter)   # each fits int16
-        info = np.iinfo(np.int16)
-        if info.min <= min(steps) and max(steps) <= info.max:
-            fresh = raw.dtype == np.int16 and raw.flags.writeable and not isinstance(raw, np.memmap)
-            hu = raw if fresh else np.array(raw, dtype=np.int16, order="K")   # read for us, else copied
-            if slope != 1:
-                hu *= np.int16(slope)
-            if inter:
-                hu += np.int16(inter)
+        hu = rescaled_int16(np.asanyarray(proxy.get_unscaled()), slope, inter, reuse=True)   # read for us
+        if hu is not None:
             return hu
     return np.asanyarray(proxy, dtype=np.float32)
 
