@@ -140,13 +140,10 @@ def _plain(word: str) -> str:
 def _in_english(words: list[str]) -> list[str]:
     """A label name's words with those of another language (`_FOREIGN`, `_PHRASES`) in English; a name
     with none is returned as it is."""
-    plain = [_plain(w) for w in words]
-    text = " ".join(plain)
-    text = _PHRASE_RE.sub(lambda m: _PHRASES[m.group(0)], text)
-    out = [e for w in text.split() for e in _FOREIGN.get(w, [w])]
-    if out == plain and text == " ".join(plain):
+    text, phrases = _PHRASE_RE.subn(lambda m: _PHRASES[m.group(0)], " ".join(_plain(w) for w in words))
+    if not phrases and not any(w in _FOREIGN for w in text.split()):
         return words                                            # nothing foreign: the name as it was
-    out = [w for w in out if w not in _FOREIGN_FILLER]
+    out = [e for w in text.split() if w not in _FOREIGN_FILLER for e in _FOREIGN.get(w, [w])]
     if "lobe" in out:
         out = [_LOBE_LEVEL.get(w, w) for w in out]
     return out
@@ -197,10 +194,9 @@ def label_blocks(token_index, labels: np.ndarray, names: dict,
     """Per structure of a label map on the scan's grid: its token blocks, bool (n_blocks,).
 
     token_index (I, J, K): flat token of each original voxel (−1 outside the model volume), an array or
-    an `io.preprocess.TokenMap`; labels: the
-    label map on the same grid; names {label id: name}. A block counts where ≥ ``fraction`` of its voxels
-    are the structure; a structure that reaches that in no block counts by any overlap. Returns
-    (blocks by name, the names that fell back to any overlap)."""
+    an `io.preprocess.TokenMap`; labels: the label map on the same grid; names {label id: name}. A block
+    counts where ≥ ``fraction`` of its voxels are the structure; a structure that reaches that in no block
+    counts by any overlap. Returns (blocks by name, the names that fell back to any overlap)."""
     counts = _label_block_counts(token_index, labels, [int(k) for k in names], n_blocks)
     per_block = np.maximum(sum(counts.values()), 1).astype(np.float64)
     out, small = {}, []
