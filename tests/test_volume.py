@@ -362,34 +362,40 @@ def test_the_callers_array_is_not_changed():
 
 # ------------------------------------------------------------------ DICOM
 
-def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(),
-                  name="Doe^Jane", slope=1, dup_hu=40, kernel=None):
+def _ct_slice(path, image, z, number, slope, intercept, **attrs):
+    """One classic CT slice file: the stored ``image`` (rows, cols; int16 or uint16) at height ``z`` mm,
+    0.8 mm pixels, axial, with its rescale and any further attributes (``attrs``: Modality, UIDs, …)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.SeriesInstanceUID, ds.SOPInstanceUID = "CT", "1.2.3.4", meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = image.shape
+    ds.PixelSpacing, ds.ImageOrientationPatient = [0.8, 0.8], [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient, ds.InstanceNumber = [0, 0, z], number
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = int(image.dtype == np.int16)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    for name, value in attrs.items():
+        setattr(ds, name, value)
+    ds.PixelData = np.ascontiguousarray(image).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def _dicom_series(folder, n=20, modality="CT", uid="1.2.3.4", z0=0.0, dz=2.0, skip=(), dup=(),
+                  name="Doe^Jane", slope=1, dup_hu=40, kernel=None):
     folder.mkdir(parents=True, exist_ok=True)
     zs = [z0 + i * dz for i in range(n) if i not in skip] + [z0 + i * dz for i in dup]
     for k, z in enumerate(zs):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"s{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.Modality, ds.SeriesInstanceUID, ds.SOPInstanceUID = modality, uid, meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, "ID-12345", "19700101"
-        ds.Rows, ds.Columns = 32, 32
-        ds.PixelSpacing = [0.8, 0.8]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0, 0, z]
-        ds.InstanceNumber = k + 1
-        if kernel:
-            ds.ConvolutionKernel = kernel
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = slope, -1024
         hu = dup_hu if k >= n - len(skip) else 40                       # the repeated slices come last
-        ds.PixelData = np.full((32, 32), 1024 + hu, np.uint16).tobytes()
-        ds.save_as(str(folder / f"s{k}.dcm"), enforce_file_format=True)
+        _ct_slice(folder / f"s{k}.dcm", np.full((32, 32), 1024 + hu, np.uint16), z, k + 1, slope, -1024,
+                  Modality=modality, SeriesInstanceUID=uid, PatientName=name, PatientID="ID-12345",
+                  PatientBirthDate="19700101", **({"ConvolutionKernel": kernel} if kernel else {}))
     return folder
 
 
@@ -1312,27 +1318,9 @@ def test_an_int16_nifti_loads_without_a_float32_copy(tmp_path):
 def _dicom_slices(folder, px, slopes, intercept):
     """A CT series of the stored slices ``px`` (n, rows, cols; int16 or uint16), 2 mm apart, each with its
     rescale slope (``slopes[k]``) and ``intercept``."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     folder.mkdir(parents=True, exist_ok=True)
     for k, (image, slope) in enumerate(zip(px, slopes)):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"s{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.Modality, ds.SeriesInstanceUID = "CT", "1.2.3.4"
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Rows, ds.Columns = image.shape
-        ds.PixelSpacing, ds.ImageOrientationPatient = [0.8, 0.8], [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient, ds.InstanceNumber = [0, 0, 2.0 * k], k + 1
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = int(image.dtype == np.int16)
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.PixelData = np.ascontiguousarray(image).tobytes()
-        ds.save_as(str(folder / f"s{k}.dcm"), enforce_file_format=True)
+        _ct_slice(folder / f"s{k}.dcm", image, 2.0 * k, k + 1, slope, intercept)
     return folder
 
 
