@@ -22,7 +22,7 @@ import numpy as np
 from photon_core.inference.prompt import clean_question
 from photon_core.model.budget import Budget
 
-from .handlers import _key, bind, message
+from .handlers import _key, bind, message, watched
 from .service import Audit, Engine, Session, cases, prior_description
 from .view import FileStore
 
@@ -31,14 +31,15 @@ def _session(engine: Engine, scan, sample, label_map, label_table, prior, series
              prior_series=None) -> Session:
     files = [str(f) for f in scan] if isinstance(scan, (list, tuple)) else ([str(scan)] if scan else [])
     opt = lambda f: str(f) if f else None  # noqa: E731
-    if files:
-        return engine.load_upload(files, opt(label_map), prior_file=opt(prior), label_table=opt(label_table),
-                                  series=series or None, prior_series=prior_series or None)
+    if files:                                 # watched: stops at its next step once the client is gone
+        return engine.load_upload(files, opt(label_map), watched(), prior_file=opt(prior),
+                                  label_table=opt(label_table), series=series or None,
+                                  prior_series=prior_series or None)
     if sample:
         if label_map or prior or series or prior_series:
             raise ValueError("A sample case carries its own label map, has no prior scan and no series to "
                              "choose; give a scan file to add them.")
-        return engine.load_case(str(sample))
+        return engine.load_case(str(sample), watched())
     raise ValueError(f"Give a scan file (NIfTI, NRRD, DICOM files or .zip) or a sample id "
                      f"({', '.join(c['id'] for c in cases())}).")
 

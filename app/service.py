@@ -263,7 +263,7 @@ class Engine:
         s = Session(title=title, volume=vol, warnings=list(vol.warnings))
         s.key = volume_key(vol)
         progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
-        s.geometry = self._encode(s.key, vol)
+        s.geometry = self._encode(s.key, vol, progress)
         s.token_index = s.geometry.token_map()
         s.covered = s.token_index.covered(SCAN_TOKENS)
         if labels_path is not None:
@@ -279,14 +279,21 @@ class Engine:
             s.blocks, s.small_structures = label_blocks(s.token_index, s.labels, s.label_names)
         return s
 
-    def _encode(self, key: str, vol: Volume):
-        """Prepare + encode once per volume (LRU over the whole server); returns the Geometry."""
+    def _encode(self, key: str, vol: Volume, progress=None):
+        """Prepare + encode once per volume (LRU over the whole server); returns the Geometry.
+        ``progress`` is told when the encoding begins (a load whose client is gone stops there)."""
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key][2]
             pred = self.predictor
-            self._cache[key] = pred.encode(prepare(vol, pred.device))
+            step = None if progress is None else (
+                lambda done: progress(0.2 + 0.25 * done, desc="Preparing the volume (official Photon "
+                                                              "preprocessing)"))
+            prepared = prepare(vol, pred.device, step)
+            if progress is not None:
+                progress(0.5, desc="Encoding the volume (Photon's vision tower)")
+            self._cache[key] = pred.encode(prepared)
             while len(self._cache) > self.settings.cache_volumes:
                 self._cache.popitem(last=False)
             return self._cache[key][2]
@@ -321,7 +328,7 @@ class Engine:
                 first = self._samples.setdefault(c["title"], s)
         else:
             progress(0.2, desc="Preparing the volume (official Photon preprocessing)")
-            self._encode(first.key, first.volume)        # encoded again if the LRU let it go
+            self._encode(first.key, first.volume, progress)  # encoded again if the LRU let it go
         return first.another()
 
     def series(self, files: list[str]) -> list:

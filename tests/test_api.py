@@ -244,3 +244,60 @@ def test_a_sample_id_is_found_with_spaces_around_it_and_a_long_unknown_one_keeps
     with pytest.raises(ValueError) as e:
         samples.case("x" * 100_000)
     assert len(str(e.value)) < 300 and all(c["id"] in str(e.value) for c in samples.cases())
+
+
+def _wait_for(app_log, text: str, start: int, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = app_log.read_text()[start:]
+        if text in log:
+            return log
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in the server log:\n{app_log.read_text()[start:][-3000:]}")
+
+
+def test_a_load_whose_client_left_stops_on_the_server(api_url, app_log, client, tmp_path):
+    """Gradio cancels an event's task, not the thread running its function: an /ask on a large upload
+    whose client cancelled it (job.cancel()) or whose connection closed went on reading, preparing and
+    encoding the scan for nobody. Now the server stops the load at its next step and says so in a line;
+    the next request is answered."""
+    import json
+
+    import httpx
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.nii"                  # ≈ 1 s to read, seconds to prepare on a 2-core machine
+    nib.save(nib.Nifti1Image(rng.integers(-1000, 1000, (512, 512, 160), dtype=np.int16),
+                             np.diag([0.8, 0.8, 2.0, 1.0])), str(big))
+
+    start = len(app_log.read_text())          # 1. the client cancels its job while the scan loads
+    job = Client(api_url, verbose=False).submit(question="Is there a lesion in the liver?",
+                                                scan=[handle_file(str(big))], api_name="/ask")
+    deadline = time.monotonic() + 120
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS):
+        assert time.monotonic() < deadline and not job.done(), job.status()
+        time.sleep(0.02)
+    job.cancel()
+    log = _wait_for(app_log, "api ask stopped: its client is gone", start)
+
+    start = len(app_log.read_text())          # 2. the client's connection closes while the scan loads
+    with open(big, "rb") as f:
+        uploaded = httpx.post(api_url + "gradio_api/upload", files={"files": ("big.nii", f)},
+                              timeout=120).json()[0]
+    fn = next(d["id"] for d in httpx.get(api_url + "config", timeout=30).json()["dependencies"]
+              if d.get("api_name") == "ask")
+    scan = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}]
+    body = {"data": ["Is there a lesion in the liver?", scan, None, None, None, None, None, None, None],
+            "fn_index": fn, "session_hash": "gone-mid-load", "event_data": None, "trigger_id": None}
+    httpx.post(api_url + "gradio_api/queue/join", json=body, timeout=30).raise_for_status()
+    with httpx.stream("GET", api_url + "gradio_api/queue/data", params={"session_hash": "gone-mid-load"},
+                      timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("msg") in ("process_starts", "progress"):
+                break                           # the connection closes here
+    log += _wait_for(app_log, "api ask stopped: its client is gone", start)
+
+    r = client.predict(question="Is the spleen enlarged?", sample="abdomen_ct", api_name="/ask")
+    assert r["total"] == 1000 and "Traceback" not in log

@@ -1321,3 +1321,110 @@ def test_an_uploaded_label_map_is_counted_once_a_load(engine, store, monkeypatch
                         engine=engine, store=store)
     assert out["session"].blocks and any(s["ids"] for s in out["view"].surfaces)
     assert len(calls) == 1
+
+
+@pytest.fixture
+def gradio_event(monkeypatch):
+    """The Gradio event the handler runs for, as its queue holds it: among the running jobs, alive."""
+    from types import SimpleNamespace
+
+    from gradio.context import LocalContext
+
+    event = SimpleNamespace(_id="event-under-test", alive=True)
+    queue = SimpleNamespace(active_jobs=[None, [event], None], set_progress=lambda *a, **k: None,
+                            log_message=lambda *a, **k: None)
+    tokens = [(LocalContext.blocks, LocalContext.blocks.set(SimpleNamespace(_queue=queue))),
+              (LocalContext.event_id, LocalContext.event_id.set(event._id))]
+    yield event, queue
+    for var, token in tokens:
+        var.reset(token)
+
+
+def _fresh_scan(path, seed: int) -> str:
+    """A crop of the abdomen sample no cache has seen (each seed its own voxels)."""
+    ct = nib.load(str(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    a = np.asanyarray(ct.dataobj)[:90, :90, :100].astype(np.int16) + np.int16(seed)
+    nib.save(nib.Nifti1Image(a, ct.affine), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("gone_at,how", [("prepare", "page closed"), ("prepare", "cancelled"),
+                                         ("surface", "cancelled"), (None, None)])
+def test_a_load_whose_client_is_gone_stops_at_its_next_step(engine, store, gradio_event, monkeypatch,
+                                                            tmp_path, caplog, gone_at, how):
+    """A load ran to its end after its client had gone — the request cancelled (Gradio cancels the event's
+    task, not the thread running the load) or its page's connection closed (Gradio drops the event's
+    messages) — for seconds, on a core of a 2-core server, holding while it prepared the engine's lock
+    that every ask waits for. Now it stops at the next step it reports: the encoding after the
+    preparation, each surface of the 3-D anatomy. A client still there gets its scan (None)."""
+    from types import SimpleNamespace
+
+    from app import handlers as h
+    from app import service
+    from viz import scene
+
+    event, queue = gradio_event
+    calls = {"encode": 0, "surfaces": 0}
+
+    def leave():
+        if how == "page closed":
+            event.alive = False                     # what Gradio's clean_events does on a disconnect
+        else:
+            queue.active_jobs[1] = None             # what a cancelled event's task leaves behind
+
+    real_prepare, real_encode, real_contour = service.prepare, engine.predictor.encode, scene._contour
+
+    def prepare(*a, **k):
+        out = real_prepare(*a, **k)
+        if gone_at == "prepare":
+            leave()
+        return out
+
+    def encode(*a, **k):
+        calls["encode"] += 1
+        return real_encode(*a, **k)
+
+    def contour(*a, **k):
+        calls["surfaces"] += 1
+        if gone_at == "surface":
+            leave()
+        return real_contour(*a, **k)
+
+    monkeypatch.setattr(service, "prepare", prepare)
+    monkeypatch.setattr(engine.predictor, "encode", encode)
+    monkeypatch.setattr(scene, "_contour", contour)
+    page = SimpleNamespace(session_hash=f"gone-{gone_at}-{how}")
+    with caplog.at_level("INFO", logger="photon_ct"):
+        out = h.bind(h.load_upload, engine=engine, store=store)(
+            [_fresh_scan(tmp_path / "scan.nii.gz", seed=len(str(how)) + 10 * (gone_at == "surface"))],
+            None, None, None, None, None, None, request=page)
+    assert not h._LOADS_RUNNING.get(page.session_hash)
+    if gone_at is None:
+        assert out["session"].volume is not None and calls == {"encode": 1, "surfaces": 2}
+        assert "stopped" not in caplog.text
+        return
+    assert "session" not in out and "Stopped" in out["status"]
+    assert "load stopped: its client is gone" in caplog.text and "unexpected" not in caplog.text
+    if gone_at == "prepare":
+        assert calls == {"encode": 0, "surfaces": 0}          # nothing after the preparation
+    else:
+        assert calls["encode"] == 1 and calls["surfaces"] == 1   # the body drawn, not the bone
+
+
+def test_an_api_ask_whose_client_cancelled_stops_before_encoding(engine, gradio_event, monkeypatch, tmp_path):
+    from app import api, service
+
+    event, queue = gradio_event
+    real_prepare = service.prepare
+
+    def prepare(*a, **k):
+        out = real_prepare(*a, **k)
+        queue.active_jobs[1] = None
+        return out
+
+    monkeypatch.setattr(service, "prepare", prepare)
+    monkeypatch.setattr(engine.predictor, "encode", lambda *a, **k: pytest.fail("encoded for nobody"))
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="Stopped"):
+        api.ask("Is there a lesion?", [_fresh_scan(tmp_path / "scan.nii.gz", seed=7)], engine=engine)

@@ -162,3 +162,29 @@ def _token_map_reads_as_its_volume(tm, whole, affine, rng):
         for token in (*rng.choice(np.unique(w[w >= 0]), 3), 1000):
             assert np.array_equal(m.voxels_of(int(token)), np.argwhere(w == token)), token
     assert np.array_equal(tm.covered(1000), covered_tokens(whole))
+
+
+def test_the_preparation_reports_each_axis_and_stops_where_its_step_raises(abdomen, monkeypatch):
+    """A server stops a load whose client is gone at its next step; the preparation (seconds on a large
+    scan) was one step. It now tells ``step`` the share done after each axis, changes nothing by it, and
+    stops where ``step`` raises, before the next axis."""
+    from photon_core.io import preprocess
+
+    told = []
+    with_step = prepare(abdomen, "cpu", told.append)
+    assert told == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert torch.equal(with_step.pixel_values, prepare(abdomen, "cpu").pixel_values)
+
+    axes, real = [], preprocess._resample_axis
+    monkeypatch.setattr(preprocess, "_resample_axis",
+                        lambda x, axis, *a: axes.append(axis) or real(x, axis, *a))
+
+    class Gone(Exception):
+        pass
+
+    def stop(done):
+        raise Gone
+
+    with pytest.raises(Gone):
+        prepare(abdomen, "cpu", stop)
+    assert len(axes) == 1

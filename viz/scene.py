@@ -75,14 +75,18 @@ def _contour(mask_or_hu: np.ndarray, level: float, affine: np.ndarray, max_dim: 
 
 def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None,
                      label_names: dict | None = None, max_organs: int = 10, first=(),
-                     sizes: tuple | None = None) -> list[dict]:
+                     sizes: tuple | None = None, step=None) -> list[dict]:
     """Body (−300 HU), bone (+250 HU) and up to ``max_organs`` labelled structures: the label ids in
     ``first`` (those present, in that order), then the largest others. Each organ item's ``ids``: its
-    labels. ``sizes``: the map's (ids, voxel counts) when already counted (`organs.label_counts`)."""
+    labels. ``sizes``: the map's (ids, voxel counts) when already counted (`organs.label_counts`).
+    ``step(name, fraction)``: called before each surface (progress; it may raise to stop)."""
+    step = step or (lambda name, fraction: None)
+    step("body", 0.0)
     items = [dict(name="body", mesh=_contour(hu, -300.0, affine, 96, max_triangles=20_000),
-                  rgba=(0.85, 0.72, 0.62, 0.16), ids=()),
-             dict(name="bone", mesh=_contour(hu, 250.0, affine, 128, max_triangles=30_000),
-                  rgba=(0.95, 0.93, 0.86, 1.0), ids=())]
+                  rgba=(0.85, 0.72, 0.62, 0.16), ids=())]
+    step("bone", 0.35)
+    items.append(dict(name="bone", mesh=_contour(hu, 250.0, affine, 128, max_triangles=30_000),
+                      rgba=(0.95, 0.93, 0.86, 1.0), ids=()))
     if labels is not None:
         if sizes is None:
             from photon_core.organs import label_counts
@@ -97,6 +101,7 @@ def anatomy_surfaces(hu: np.ndarray, affine: np.ndarray, labels: np.ndarray | No
         names = {str(k): v for k, v in (label_names or {}).items()}
         for n, lid in enumerate(order):
             name = names.get(str(int(lid)), f"label {int(lid)}")
+            step(name, 0.7 + 0.3 * n / len(order))
             mesh = _contour(labels, 0.5, affine, 128, smooth=10, max_triangles=6_000,
                             values=lambda sub, lid=lid: sub == lid)
             items.append(dict(name=name, mesh=mesh, rgba=(*ORGAN_COLOURS[n % len(ORGAN_COLOURS)], 0.5),

@@ -280,19 +280,22 @@ def reorient_rai(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(arr), new_to_orig
 
 
-def offline_prep(vol: Volume, device: str | torch.device = "cpu") -> tuple[torch.Tensor, np.ndarray]:
+def offline_prep(vol: Volume, device: str | torch.device = "cpu",
+                 step=None) -> tuple[torch.Tensor, np.ndarray]:
     """Official offline prep: RAI, 1 mm, centre crop/pad to 364³ (−1000), clip to [−1000, 1000].
 
     Returns the (364, 364, 364) float32 tensor in (z, y, x) order and the affine from its indices to
     ORIGINAL voxel indices. Oblique scans are handled by the nearest axis permutation (as a DICOM
     reorientation filter does); the residual obliquity is kept in the affine for display.
+    ``step(fraction)``: called after each axis is resampled (progress; it may raise to stop the work).
     """
     arr, rai_to_orig = reorient_rai(vol)
     spacing = np.linalg.norm((vol.affine[:3, :3] @ rai_to_orig[:3, :3]), axis=0)  # mm per RAI axis
     x = torch.as_tensor(arr, dtype=torch.float32, device=device)
     prep_to_rai = np.eye(4)
     sizes = [int(round(arr.shape[a] * spacing[a])) for a in range(3)]          # sizes after 1 mm resampling
-    for axis in sorted(range(3), key=lambda a: PREP_SIZE / arr.shape[a]):       # shrink first: cheaper
+    order = sorted(range(3), key=lambda a: PREP_SIZE / arr.shape[a])            # shrink first: cheaper
+    for n, axis in enumerate(order):
         n_res = sizes[axis]
         if n_res >= PREP_SIZE:
             off = (n_res - PREP_SIZE) // 2                           # crop start
@@ -303,6 +306,8 @@ def offline_prep(vol: Volume, device: str | torch.device = "cpu") -> tuple[torch
         x = _resample_axis(x, axis, src, HU_MIN)
         prep_to_rai[axis, axis] = 1.0 / spacing[axis]
         prep_to_rai[axis, 3] = off / spacing[axis]
+        if step is not None:
+            step((n + 1) / len(order))
     x = x.clamp_(HU_MIN, HU_MAX)
     return x, rai_to_orig @ prep_to_rai
 
@@ -374,11 +379,12 @@ class Prepared:
     geometry: Geometry
 
 
-def prepare(vol: Volume, device: str | torch.device | None = None) -> Prepared:
-    """Volume → official Photon input plus `Geometry`. Runs on CUDA when available."""
+def prepare(vol: Volume, device: str | torch.device | None = None, step=None) -> Prepared:
+    """Volume → official Photon input plus `Geometry`. Runs on CUDA when available. ``step(fraction)``:
+    told the share done after each resampled axis (progress; it may raise to stop the work)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.no_grad():
-        prep, prep_to_orig = offline_prep(vol, device)
+        prep, prep_to_orig = offline_prep(vol, device, step)
         frames = load_step(prep)
     pixel_values, grid = patchify(frames)
     model_to_orig = prep_to_orig @ _load_step_to_prep(tuple(prep.shape))
