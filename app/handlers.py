@@ -80,9 +80,9 @@ def bind(fn, **deps):
 def message(e: BaseException, where: str = "") -> str:
     """What to tell the user about an exception; unexpected ones are logged in full, shown in a line."""
     if isinstance(e, Stopped):
-        log.info("%s stopped: its client is gone (the request cancelled, or its page's connection closed)",
-                 where)
-        return "Stopped: the request was cancelled, or its page closed."
+        log.info("%s stopped: %s", where, "at the user's request" if str(e) == STOPPED_BY_USER else
+                 "its client is gone (the request cancelled, or its page's connection closed)")
+        return str(e)
     if isinstance(e, (VolumeError, ValueError)):
         return clean_text(str(e), MAX_MESSAGE)            # no server path, no word cut in half
     if isinstance(e, MemoryError):
@@ -98,12 +98,19 @@ def message(e: BaseException, where: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- stopping
+CLIENT_GONE = "Stopped: the request was cancelled, or its page closed."
+STOPPED_BY_USER = "Stopped at your request."
+
+
 class Stopped(Exception):
-    """The request's client can no longer receive its result: it cancelled the request (Gradio's /cancel,
-    as an API client's ``job.cancel()`` sends it), or its page's connection closed (a tab closed, a client
-    gone). Raised at a load's next step: the load ran on for seconds (a 512 × 512 × 300 scan: ≈ 1 s
-    reading, 3 s preparing, 4 s drawing the anatomy), on a core of the CPU and, while it prepared, the
-    engine's lock, which every ask waits for — for nobody."""
+    """A load stops at its next step: its page's "Stop loading" was pressed, or its client can no longer
+    receive the result — it cancelled the request (Gradio's /cancel, as an API client's ``job.cancel()``
+    sends it) or its page's connection closed (a tab closed, a client gone). The load ran on for seconds
+    (a 512 × 512 × 300 scan: ≈ 1 s reading, 3 s preparing, 4 s drawing the anatomy), on a core of the
+    CPU and, while it prepared, the engine's lock, which every ask waits for."""
+
+    def __init__(self, text: str = CLIENT_GONE):
+        super().__init__(text)
 
 
 def client_gone() -> bool:
@@ -124,15 +131,48 @@ def client_gone() -> bool:
     return True
 
 
-def watched(progress=None):
-    """``progress`` (Gradio's tracker, or none) that first raises `Stopped` once the client is gone: each
-    step a load reports is also where it stops."""
+def watched(progress=None, request=None, since: float | None = None):
+    """``progress`` (Gradio's tracker, or none) that first raises `Stopped` once the client is gone or,
+    given the page's ``request``, once the page's "Stop loading" was pressed ``since`` (default: now, as
+    the load begins): each step a load reports is also where it stops."""
+    key = _key(request) if request is not None else None
+    since = time.monotonic() if since is None else since
+
     def step(*args, **kwargs):
         if client_gone():
             raise Stopped
+        if key is not None and _STOPS.get(key, -1.0) >= since:
+            raise Stopped(STOPPED_BY_USER)
         if progress is not None:
             return progress(*args, **kwargs)
     return step
+
+
+def show_stop(request: gr.Request = None) -> dict:
+    """An upload's load was asked for: "Stop loading" shows until the load has returned (`hide_stop`).
+    The load may begin later (queued, or waiting for the file to arrive): a Stop pressed from now on
+    stops it."""
+    with _LOADS_LOCK:
+        _remember(_ASKED_LOAD, _key(request), time.monotonic())
+    return {"stop_load": gr.update(visible=True)}
+
+
+def hide_stop() -> dict:
+    return {"stop_load": gr.update(visible=False)}
+
+
+def stop_loading(request: gr.Request = None) -> None:
+    """"Stop loading": the page's load asked for or running stops at its next step and the page keeps
+    the scan it shows (the status line says so). A load past its last step lands as usual."""
+    with _LOADS_LOCK:
+        _remember(_STOPS, _key(request), time.monotonic())
+
+
+def _load_asked_at(request) -> float | None:
+    """When the page asked for the load beginning now (`show_stop`, which runs first); None: not asked
+    through the page's Load upload or series pickers."""
+    with _LOADS_LOCK:
+        return _ASKED_LOAD.pop(_key(request), None)
 
 
 def toast(text: str) -> None:
@@ -165,6 +205,8 @@ def slider_visibility(mode: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- loading
 _LOADS_RUNNING: dict[str, int] = {}       # browser session -> loads in flight (asks wait for the new scan)
+_ASKED_LOAD: OrderedDict[str, float] = OrderedDict()   # browser -> when its upload's load was asked for
+_STOPS: OrderedDict[str, float] = OrderedDict()         # browser -> when its "Stop loading" was pressed
 _LOADS_LOCK = threading.Lock()
 LOADING_MESSAGE = ("A new scan is loading: ask again when it has loaded (the answer would have been about "
                    "the previous scan).")
@@ -350,7 +392,7 @@ def _failed_load(old: Session | None, e: BaseException, name: str | None) -> dic
 def load_case(title: str, old: Session | None, old_view: View | None, question: str | None = None,
               request: gr.Request = None, progress=PROGRESS, *, engine: Engine, store: FileStore) -> dict:
     """A sample case replaces the scan (or, failing, leaves everything as it was and says so)."""
-    progress = watched(progress)            # a load whose client is gone stops at its next step
+    progress = watched(progress, request)   # a load stopped or whose client is gone: at its next step
     try:
         with _loading(request):
             s = engine.load_case(title, progress)
@@ -373,7 +415,8 @@ def load_upload(files, label_file, label_table, prior_file, series_uid: str | No
     scan's under Series, the prior's under Prior series)."""
     paths = [str(f) for f in (files or [])]
     name = _upload_name(paths)
-    progress = watched(progress)            # a load whose client is gone stops at its next step
+    # a load stopped (since the page asked for it) or whose client is gone stops at its next step
+    progress = watched(progress, request, _load_asked_at(request))
     try:
         with _loading(request):
             s = engine.load_upload(paths, str(label_file) if label_file else None, progress,
@@ -424,6 +467,7 @@ def pick_series(files, label_file, label_table, prior_file, series_uid: str | No
     try:
         if (old is not None and old.upload == upload and series_uid == old.series_uid
                 and prior_series == old.prior_series_uid):
+            _load_asked_at(request)                   # no load: the ask is answered
             return {}
         return load_upload(files, label_file, label_table, prior_file, series_uid, old, old_view,
                            prior_series, request, progress, engine=engine, store=store)

@@ -146,6 +146,7 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
         c["prior_series"] = gr.Dropdown([], label="Prior series (the prior's upload holds several)",
                                         visible=False, elem_id="prior_series")
         c["load_upload"] = gr.Button("Load upload", elem_id="load_upload")
+    c["stop_load"] = gr.Button("Stop loading", elem_id="stop_load", variant="stop", size="sm", visible=False)
     c["status"] = gr.HTML("<div id='scan-status'>No scan loaded.</div>", elem_id="status")
     c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
     c["question"] = gr.Textbox(label="Question (Enter asks)", lines=1, max_lines=4, elem_id="question",
@@ -222,13 +223,20 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     case_in = ins("case", "session", "view", "question")
     c["load_case"].click(fn, case_in, outs, api_name="ui_load_case", api_visibility=UI)
     demo.load(fn, case_in, outs, api_visibility=P)       # open on a sample case
+    # "Stop loading" shows while an upload's load runs: before it (chained) and hidden after it
+    show, stop = wire(h.show_stop, ["stop_load"], c)
+    hide, _ = wire(h.hide_stop, ["stop_load"], c)
     fn, outs = wire(h.load_upload, load_out, c, engine=engine, store=store)
     upload_in = ins("files", "label_file", "label_table", "prior", "series", "session", "view",
                     "prior_series")
-    c["load_upload"].click(fn, upload_in, outs, api_name="ui_load_upload", api_visibility=UI)
+    c["load_upload"].click(show, None, stop, queue=False, api_visibility=P).then(
+        fn, upload_in, outs, api_name="ui_load_upload", api_visibility=UI).then(
+        hide, None, stop, queue=False, api_visibility=P)
     fn, outs = wire(h.pick_series, load_out, c, engine=engine, store=store)
     for picker in ("series", "prior_series"):
-        c[picker].input(fn, upload_in, outs, api_visibility=P)
+        c[picker].input(show, None, stop, queue=False, api_visibility=P).then(
+            fn, upload_in, outs, api_visibility=P).then(hide, None, stop, queue=False, api_visibility=P)
+    c["stop_load"].click(h.bind(h.stop_loading), None, None, queue=False, api_visibility=P)
     fn, outs = wire(h.upload_changed, ["series", "status"], c)
     c["files"].change(fn, ins("files", "session"), outs, api_visibility=P)
     fn, outs = wire(h.fields_changed, ["status"], c)

@@ -1428,3 +1428,54 @@ def test_an_api_ask_whose_client_cancelled_stops_before_encoding(engine, gradio_
 
     with pytest.raises(gr.Error, match="Stopped"):
         api.ask("Is there a lesion?", [_fresh_scan(tmp_path / "scan.nii.gz", seed=7)], engine=engine)
+
+
+def test_stop_loading_stops_the_pages_load_asked_for_or_running_and_no_later_one(engine, store, monkeypatch,
+                                                                                 tmp_path):
+    """"Stop loading" (shown as an upload's load is asked for) stops that load at its next step, whether
+    pressed while it runs or before it began (queued, its file still arriving); the page keeps its scan and
+    the status says so. A Stop pressed before a load was asked for does not stop it; other pages' loads
+    are not stopped."""
+    from types import SimpleNamespace
+
+    from app import handlers as h
+    from app import service
+
+    page, other = SimpleNamespace(session_hash="stop-page"), SimpleNamespace(session_hash="stop-other")
+    shown = h.load_case(ABDOMEN, None, None, engine=engine, store=store, request=page)
+    load = h.bind(h.load_upload, engine=engine, store=store)
+    stop_while = {"on": False}
+    real_prepare = service.prepare
+
+    def prepare(*a, **k):
+        if stop_while["on"]:
+            h.stop_loading(request=page)
+        return real_prepare(*a, **k)
+
+    monkeypatch.setattr(service, "prepare", prepare)
+
+    def upload(seed, request=page, ask=True):
+        if ask:
+            assert h.show_stop(request=request)["stop_load"]["visible"] is True
+        return load([_fresh_scan(tmp_path / f"scan{seed}.nii.gz", seed)], None, None, None, None,
+                    shown["session"], shown["view"], request=request)
+
+    stop_while["on"] = True                        # pressed while the load prepares
+    out = upload(21)
+    assert "session" not in out and "Stopped at your request" in out["status"]
+    assert "Abdomen" in out["status"]
+    stop_while["on"] = False
+
+    h.show_stop(request=page)                      # pressed before the load began
+    h.stop_loading(request=page)
+    out = upload(22, ask=False)
+    assert "session" not in out and "Stopped at your request" in out["status"]
+
+    h.stop_loading(request=page)                   # pressed before this load was asked for
+    time.sleep(0.01)
+    out = upload(23)
+    assert out["session"].volume is not None
+
+    h.show_stop(request=other)
+    h.stop_loading(request=page)                   # another page's Stop
+    assert upload(24, request=other)["session"].volume is not None

@@ -419,3 +419,29 @@ def test_a_pacs_study_lists_its_series_and_loads_the_one_picked(page, tmp_path):
     page.screenshot(path=str(SHOTS / "08_prior_series.png"), full_page=True)
     page.locator("#prior_upload button[aria-label='Clear']").first.click()     # leave no prior to later tests
     page.locator("#prior_series").wait_for(state="hidden")
+
+
+def test_stop_loading_keeps_the_scan_shown_and_its_questions(page, tmp_path):
+    """A large upload loads for seconds (read, prepared, its anatomy drawn) and a wrong one could only be
+    waited out. "Stop loading" shows while an upload loads; pressed, the load stops at its next step,
+    the status says so, the scan shown stays and questions are still about it; the button hides."""
+    _load_case(page, CHEST, "Chest")
+    ct = nib.load(str(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    a = np.asanyarray(ct.dataobj).astype(np.int16)
+    big = tmp_path / "large.nii"                        # 512 × 512 × 200, 1 mm: ≈ 5 s to load on 2 cores
+    nib.save(nib.Nifti1Image(np.tile(a, (5, 6, 2))[:512, :512, :200], np.diag([0.8, 0.8, 1.0, 1.0])),
+             str(big))
+    assert not page.locator("#stop_load").is_visible()
+    _clear_upload(page)
+    page.set_input_files("#upload input[type=file]", str(big))
+    _wait_text(page, "#status", "files changed")       # the file has arrived: the load runs when asked
+    page.click("#load_upload")
+    page.locator("#stop_load").wait_for(state="visible")
+    page.click("#stop_load")
+    _wait_text(page, "#status", "Stopped at your request")
+    assert "large.nii" in _text(page, "#load-error") and "Chest" in _text(page, "#scan-title")
+    page.locator("#stop_load").wait_for(state="hidden")
+    page.screenshot(path=str(SHOTS / "09_load_stopped.png"), full_page=True)
+    _ask(page, "Is there an abnormality of the aorta?")
+    assert "Chest" in _text(page, "#card")
+    _clear_upload(page)
