@@ -107,7 +107,8 @@ _WORDS = {
     "thyroid gland": ("schilddruse", "schilddruese", "thyroide", "tiroides", "tiroide"),
     "prostate": ("prostata",),
     "trachea": ("luftrohre", "luftroehre", "trachee", "traquea"),
-    "vertebrae": ("wirbel", "wirbelkorper", "vertebre", "vertebra", "vertebras"),
+    "vertebrae": ("wirbel", "wirbelkorper", "wirbelkoerper", "vertebre", "vertebra", "vertebras"),
+    "sacrum": ("kreuzbein", "sacro"),
     "rib": ("rippe", "cote", "costilla", "costola"),
     "left": ("links", "linke", "linker", "linkes", "gauche", "izquierdo", "izquierda", "sinistro",
              "sinistra"),
@@ -124,7 +125,7 @@ _WORDS = {
 }
 _FOREIGN = {w: english.split() for english, words in _WORDS.items() for w in words}
 _FOREIGN_FILLER = {"der", "die", "das", "des", "du", "de", "la", "le", "les", "del", "della", "dello", "di",
-                   "el", "und", "et", "y", "e"}
+                   "el", "und", "et", "y", "e", "osso", "hueso"}
 # a lobe's level: 'superior' is also English, and stays itself elsewhere ('superior vena cava')
 _LOBE_LEVEL = {"superior": "upper", "superieur": "upper", "superiore": "upper", "ober": "upper",
                "inferior": "lower", "inferieur": "lower", "inferiore": "lower", "unter": "lower",
@@ -137,11 +138,18 @@ def _plain(word: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
 
 
+# vertebral levels as German reports and tools write them: LWK 4 (Lendenwirbelkörper), BWK 12 or Th12
+# (Brustwirbel), HWK 2 (Halswirbel), SWK 1 (Sakralwirbel) → TotalSegmentator's vertebrae_L4 / _T12 / …
+_LEVEL_RE = re.compile(r"\b(hwk|bwk|th|lwk|swk) ?([1-9]|1[0-2])\b")
+_LEVEL = {"hwk": "c", "bwk": "t", "th": "t", "lwk": "l", "swk": "s"}
+
+
 def _in_english(words: list[str]) -> list[str]:
-    """A label name's words with those of another language (`_FOREIGN`, `_PHRASES`) in English; a name
-    with none is returned as it is."""
+    """A label name's words with those of another language (`_FOREIGN`, `_PHRASES`, a German vertebral
+    level) in English; a name with none is returned as it is."""
     text, phrases = _PHRASE_RE.subn(lambda m: _PHRASES[m.group(0)], " ".join(_plain(w) for w in words))
-    if not phrases and not any(w in _FOREIGN for w in text.split()):
+    text, levels = _LEVEL_RE.subn(lambda m: f"vertebrae {_LEVEL[m.group(1)]}{m.group(2)}", text)
+    if not phrases and not levels and not any(w in _FOREIGN for w in text.split()):
         return words                                            # nothing foreign: the name as it was
     out = [e for w in text.split() if w not in _FOREIGN_FILLER for e in _FOREIGN.get(w, [w])]
     if "lobe" in out:

@@ -430,3 +430,26 @@ def test_the_ids_of_a_label_map_and_their_counts_are_np_uniques(abdomen_grid):
     for small in (labels.astype(np.uint8), labels.astype(np.int8) - 60):     # 8-bit maps, counted unshifted
         got, want = label_counts(small, chunk=10_000), np.unique(small, return_counts=True)
         assert got[0].dtype == small.dtype and all(np.array_equal(x, y) for x, y in zip(got, want))
+
+
+def test_vertebral_levels_as_german_tools_write_them_answer_to_the_level():
+    """'LWK 4', 'BWK 12', 'Th12', 'HWK 2' (German reports' and tools' names of the lumbar, thoracic and
+    cervical vertebrae) named nothing "Is there a fracture of L4?" could ask; they read as TotalSegmentator's
+    vertebrae_L4 / _T12 / _C2 now, as do 'Wirbelkörper L4', 'Vertèbre L4' and the sacrum's names."""
+    from photon_core.organs import _name_words
+
+    for name, words in [("LWK 4", ["vertebrae", "l4"]), ("LWK4", ["vertebrae", "l4"]),
+                        ("BWK 12", ["vertebrae", "t12"]), ("Th12", ["vertebrae", "t12"]),
+                        ("HWK-2", ["vertebrae", "c2"]), ("SWK 1", ["vertebrae", "s1"]),
+                        ("Wirbelkörper L4", ["vertebrae", "l4"]), ("Vertèbre L4", ["vertebrae", "l4"]),
+                        ("Kreuzbein", ["sacrum"]), ("Osso sacro", ["sacrum"]),
+                        ("LWK 13", ["lwk", "13"]), ("12th rib", ["12th", "rib"])]:
+        assert _name_words(name) == words, name
+    names = ["LWK 3", "LWK 4", "BWK 12", "HWK 2", "Kreuzbein", "Leber"]
+    for question, expected in [("Is there a fracture of L4?", ["LWK 4"]),
+                               ("Is there a compression fracture at T12?", ["BWK 12"]),
+                               ("Is the dens of C2 fractured?", ["HWK 2"]),
+                               ("Is the sacrum fractured?", ["Kreuzbein"]),
+                               ("Is there a fracture of the vertebrae?", []),    # as for vertebrae_L4
+                               ("Is there a lesion in the liver?", ["Leber"])]:
+        assert organs_in_question(question, names) == expected, question
