@@ -158,6 +158,7 @@ def show_stop(request: gr.Request = None) -> dict:
 
 
 def hide_stop() -> dict:
+    """The load has returned (landed, failed or stopped): "Stop loading" hides."""
     return {"stop_load": gr.update(visible=False)}
 
 

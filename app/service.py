@@ -281,7 +281,7 @@ class Engine:
 
     def _encode(self, key: str, vol: Volume, progress=None):
         """Prepare + encode once per volume (LRU over the whole server); returns the Geometry.
-        ``progress`` is told when the encoding begins (a load whose client is gone stops there)."""
+        ``progress`` is told each prepared axis and the encoding's start (a stopped load stops there)."""
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
