@@ -434,7 +434,10 @@ def test_stop_loading_keeps_the_scan_shown_and_its_questions(page, tmp_path):
     assert not page.locator("#stop_load").is_visible()
     _clear_upload(page)
     page.set_input_files("#upload input[type=file]", str(big))
-    _wait_text(page, "#status", "files changed")       # the file has arrived: the load runs when asked
+    # the file has arrived (its size shows) and the field's change is answered: a Stop pressed before
+    # the load began stops it as well, but the change's status note could then land after the load's
+    page.locator("#upload a[download]", has_text="MB").wait_for()
+    time.sleep(1.0)
     page.click("#load_upload")
     page.locator("#stop_load").wait_for(state="visible")
     page.click("#stop_load")
