@@ -1356,7 +1356,7 @@ def test_a_load_whose_client_is_gone_stops_at_its_next_step(engine, store, gradi
     task, not the thread running the load) or its page's connection closed (Gradio drops the event's
     messages) — for seconds, on a core of a 2-core server, holding while it prepared the engine's lock
     that every ask waits for. Now it stops at the next step it reports: the encoding after the
-    preparation, each surface of the 3-D anatomy. A client still there gets its scan (None)."""
+    preparation, each surface of the 3-D anatomy. A client still there gets its scan (gone_at None)."""
     from types import SimpleNamespace
 
     from app import handlers as h
