@@ -386,8 +386,12 @@ def _fresh(engine: Engine, s: Session, view: View, questions: list[str]) -> dict
 
 def _failed_load(old: Session | None, e: BaseException, name: str | None) -> dict:
     text = message(e, "load")
-    toast(f"Could not load {name}: {text}" if name else f"Could not load: {text}")
-    return {"status": status_html(old, error=text, failed_name=name)}
+    stopped = isinstance(e, Stopped) and text == STOPPED_BY_USER
+    if stopped:
+        toast(f"Stopped loading {name or 'the scan'}.")
+    else:
+        toast(f"Could not load {name}: {text}" if name else f"Could not load: {text}")
+    return {"status": status_html(old, error=text, failed_name=name, stopped=stopped)}
 
 
 def load_case(title: str, old: Session | None, old_view: View | None, question: str | None = None,

@@ -31,9 +31,10 @@ def _rgb(c) -> str:
 
 
 def status_html(s: Session | None, error: str | None = None, failed_name: str | None = None,
-                pending: bool = False) -> str:
+                pending: bool = False, stopped: bool = False) -> str:
     """The scan now active, what the loader and the label map say about it, and a failed load's reason;
-    ``pending``: files of the Upload tab changed since, not loaded yet."""
+    ``pending``: files of the Upload tab changed since, not loaded yet; ``stopped``: the failed load was
+    stopped by the user ("Stop loading"), not refused."""
     parts = []
     if pending and s is not None and s.volume is not None:
         prior = ", with its prior scan" if s.prior is not None else ", without a prior scan"
@@ -44,7 +45,8 @@ def status_html(s: Session | None, error: str | None = None, failed_name: str | 
         what = f" {esc(failed_name)}" if failed_name else ""
         still = (f" The previous scan is still active: <b>{esc(s.title)}</b>; questions are asked about it."
                  if s is not None and s.volume is not None else " No scan is loaded.")
-        parts.append(f"<div id='load-error' style='{_ERROR}'>Could not load{what}: {esc(error)}{still}</div>")
+        head = f"Stopped loading{what} at your request." if stopped else f"Could not load{what}: {esc(error)}"
+        parts.append(f"<div id='load-error' style='{_ERROR}'>{head}{still}</div>")
     if s is None or s.volume is None:
         return "".join(parts) or "<div id='scan-status'>No scan loaded.</div>"
     body = f"<b id='scan-title'>{esc(s.title)}</b> — {esc(s.volume.summary())}"

@@ -1462,14 +1462,16 @@ def test_stop_loading_stops_the_pages_load_asked_for_or_running_and_no_later_one
 
     stop_while["on"] = True                        # pressed while the load prepares
     out = upload(21)
-    assert "session" not in out and "Stopped at your request" in out["status"]
+    assert "session" not in out
+    assert "Stopped loading 'scan21.nii.gz' at your request" in html.unescape(out["status"])
     assert "Abdomen" in out["status"]
     stop_while["on"] = False
 
     h.show_stop(request=page)                      # pressed before the load began
     h.stop_loading(request=page)
     out = upload(22, ask=False)
-    assert "session" not in out and "Stopped at your request" in out["status"]
+    assert "session" not in out
+    assert "Stopped loading 'scan22.nii.gz' at your request" in html.unescape(out["status"])
 
     h.stop_loading(request=page)                   # pressed before this load was asked for
     time.sleep(0.01)

@@ -441,7 +441,7 @@ def test_stop_loading_keeps_the_scan_shown_and_its_questions(page, tmp_path):
     page.click("#load_upload")
     page.locator("#stop_load").wait_for(state="visible")
     page.click("#stop_load")
-    _wait_text(page, "#status", "Stopped at your request")
+    _wait_text(page, "#status", "Stopped loading 'large.nii' at your request")
     assert "large.nii" in _text(page, "#load-error") and "Chest" in _text(page, "#scan-title")
     page.locator("#stop_load").wait_for(state="hidden")
     page.screenshot(path=str(SHOTS / "09_load_stopped.png"), full_page=True)
