@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -64,10 +65,15 @@ def _name_words(name: str) -> list[str]:
     abbreviation in brackets ('Inferior vena cava (IVC)', as the FLARE tables write) are not words of the
     structure; a German, French, Spanish or Italian name is read in the English words questions use
     (`_in_english`: 'Niere links' → kidney left, 'Lóbulo superior del pulmón derecho' → lobe upper lung
-    right)."""
+    right). Read once a name (`_words_of`): every ask and view reads the same few hundred names again."""
+    return list(_words_of(name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _words_of(name: str) -> tuple[str, ...]:
     text = name.lower()
     bare = re.sub(r"\([^)]*\)|\[[^\]]*\]", " ", text)
-    return _in_english(re.sub(r"[\W_]+", " ", bare if bare.strip() else text).split())
+    return tuple(_in_english(re.sub(r"[\W_]+", " ", bare if bare.strip() else text).split()))
 
 
 # Label names as local segmentation tools and PACS export them in German, French, Spanish and Italian
@@ -180,7 +186,7 @@ def organs_in_question(question: str, names: list[str]) -> list[str]:
     q_words = set(re.findall(r"\w+", q))
     found = []                                   # (name, the structure it is a part of or None, whole match)
     for n in names:
-        parts = _name_words(n)
+        parts = _words_of(n)
         side = next((s for s in _SIDES if s in parts), None)
         if side is not None and side not in q and asks_side:
             continue
