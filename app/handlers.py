@@ -80,7 +80,7 @@ def bind(fn, **deps):
 def message(e: BaseException, where: str = "") -> str:
     """What to tell the user about an exception; unexpected ones are logged in full, shown in a line."""
     if isinstance(e, Stopped):
-        log.info("%s stopped: %s", where, "at the user's request" if str(e) == STOPPED_BY_USER else
+        log.info("%s stopped: %s", where, "at the user's request" if e.by_user else
                  "its client is gone (the request cancelled, or its page's connection closed)")
         return str(e)
     if isinstance(e, (VolumeError, ValueError)):
@@ -98,19 +98,17 @@ def message(e: BaseException, where: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- stopping
-CLIENT_GONE = "Stopped: the request was cancelled, or its page closed."
-STOPPED_BY_USER = "Stopped at your request."
-
-
 class Stopped(Exception):
     """A load stops at its next step: its page's "Stop loading" was pressed, or its client can no longer
     receive the result — it cancelled the request (Gradio's /cancel, as an API client's ``job.cancel()``
     sends it) or its page's connection closed (a tab closed, a client gone). The load ran on for seconds
     (a 512 × 512 × 300 scan: ≈ 1 s reading, 3 s preparing, 4 s drawing the anatomy), on a core of the
-    CPU and, while it prepared, the engine's lock, which every ask waits for."""
+    CPU and, while it prepared, the engine's lock, which every ask waits for. ``by_user``: "Stop loading"."""
 
-    def __init__(self, text: str = CLIENT_GONE):
-        super().__init__(text)
+    def __init__(self, by_user: bool = False):
+        super().__init__("Stopped at your request." if by_user else
+                         "Stopped: the request was cancelled, or its page closed.")
+        self.by_user = by_user
 
 
 def client_gone() -> bool:
@@ -142,7 +140,7 @@ def watched(progress=None, request=None, since: float | None = None):
         if client_gone():
             raise Stopped
         if key is not None and _STOPS.get(key, -1.0) >= since:
-            raise Stopped(STOPPED_BY_USER)
+            raise Stopped(by_user=True)
         if progress is not None:
             return progress(*args, **kwargs)
     return step
@@ -386,7 +384,7 @@ def _fresh(engine: Engine, s: Session, view: View, questions: list[str]) -> dict
 
 def _failed_load(old: Session | None, e: BaseException, name: str | None) -> dict:
     text = message(e, "load")
-    stopped = isinstance(e, Stopped) and text == STOPPED_BY_USER
+    stopped = isinstance(e, Stopped) and e.by_user
     if stopped:
         toast(f"Stopped loading {name or 'the scan'}.")
     else:
