@@ -32,7 +32,7 @@ from photon_core.organs import organs_in_question
 from viz.charts import kept_vs_budget, retention_bars, saliency_histogram
 from viz.slices import WINDOWS, pick
 
-from .render import answer_card, compare_table, empty_card, legend_html, status_html
+from .render import answer_card, compare_table, empty_card, legend_html, pending_html, status_html
 from .service import Engine, Session, UploadPartError, cases
 from .view import (
     DEFAULT_WINDOW,
@@ -370,7 +370,7 @@ def _fresh(engine: Engine, s: Session, view: View, questions: list[str]) -> dict
     shape = view.hu_ras.shape
     w, lv = preset_window(DEFAULT_WINDOW)
     view.files.forget("export")
-    return {"session": s, "view": view, "status": status_html(s), "card": empty_card(s),
+    return {"session": s, "view": view, "status": status_html(s), "pending": "", "card": empty_card(s),
             "suggested": gr.update(choices=questions, value=None),
             "model3d": scene_file(view, s),
             "legend": legend_html(None, [], organ_legend(view)),
@@ -494,23 +494,36 @@ def upload_questions(s: Session) -> list[str]:
     return questions
 
 
-def upload_changed(files, s: Session | None = None) -> dict:
+def upload_changed(files, label_file, label_table, prior_file, s: Session | None = None) -> dict:
     """New files: the series choice of the previous upload no longer applies (and see `fields_changed`)."""
-    return {"series": gr.update(choices=[], value=None, visible=False), **fields_changed(s)}
+    out = fields_changed(files, label_file, label_table, prior_file, s)
+    if out["pending"]:
+        out["series"] = gr.update(choices=[], value=None, visible=False)
+    return out
 
 
-def prior_changed(prior_file, s: Session | None = None) -> dict:
+def prior_changed(files, label_file, label_table, prior_file, s: Session | None = None) -> dict:
     """A new prior (or none): the prior's series choice no longer applies (and see `fields_changed`)."""
-    return {"prior_series": gr.update(choices=[], value=None, visible=False), **fields_changed(s)}
+    out = fields_changed(files, label_file, label_table, prior_file, s)
+    if out["pending"]:
+        out["prior_series"] = gr.update(choices=[], value=None, visible=False)
+    return out
 
 
-def fields_changed(s: Session | None) -> dict:
+def fields_changed(files, label_file, label_table, prior_file, s: Session | None = None) -> dict:
     """A file of the Upload tab was added, replaced or removed (the scan, label map, names table, prior):
-    nothing changes until "Load upload", and the status line says so — a prior removed from its field
-    is still asked with until then."""
-    if s is None or s.volume is None:
-        return {}
-    return {"status": status_html(s, pending=True)}
+    nothing changes until "Load upload", and a note under the status line says so — a prior removed from
+    its field is still asked with until then. The note is its own component, not the status line: a load
+    that failed or was stopped as the field changed (two events answered at the same moment) keeps its
+    message. Fields holding what is loaded (the field's event answered after the load) need no note, and
+    the series pickers the load filled are kept."""
+    fields = _upload_key(files, label_file, label_table, prior_file)
+    if s is None or s.volume is None or s.upload == fields or (s.upload is None and fields == _NO_UPLOAD):
+        return {"pending": ""}
+    return {"pending": pending_html(s)}
+
+
+_NO_UPLOAD = ((), None, None, None)
 
 
 def _upload_name(paths: list[str]) -> str | None:

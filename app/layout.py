@@ -148,6 +148,7 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
         c["load_upload"] = gr.Button("Load upload", elem_id="load_upload")
     c["stop_load"] = gr.Button("Stop loading", elem_id="stop_load", variant="stop", size="sm", visible=False)
     c["status"] = gr.HTML("<div id='scan-status'>No scan loaded.</div>", elem_id="status")
+    c["pending"] = gr.HTML("", elem_id="pending")        # the Upload tab's files differ from the scan
     c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
     c["question"] = gr.Textbox(label="Question (Enter asks)", lines=1, max_lines=4, elem_id="question",
                                placeholder="e.g. Is there a lesion in the liver?")
@@ -215,9 +216,9 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     answer_out = ["session", "card", "model3d", "legend", "slices", "pt_i", "pt_j", "pt_k", "hist",
                   "retention", "exp_files", "cmp_table", "cmp_plot"]
     sliders_out = ["tokens", "percent", "theta"]
-    load_out = ["session", "view", "status", "card", "suggested", "question", "model3d", "legend", "slices",
-                "pt_i", "pt_j", "pt_k", "preset", "width", "level", "hist", "retention", "cmp_table",
-                "cmp_plot", "exp_files", "series", "prior_series"]
+    load_out = ["session", "view", "status", "pending", "card", "suggested", "question", "model3d", "legend",
+                "slices", "pt_i", "pt_j", "pt_k", "preset", "width", "level", "hist", "retention",
+                "cmp_table", "cmp_plot", "exp_files", "series", "prior_series"]
 
     fn, outs = wire(h.load_case, load_out, c, engine=engine, store=store)
     case_in = ins("case", "session", "view", "question")
@@ -237,13 +238,14 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
         c[picker].input(show, None, stop, queue=False, api_visibility=P).then(
             fn, upload_in, outs, api_visibility=P).then(hide, None, stop, queue=False, api_visibility=P)
     c["stop_load"].click(h.bind(h.stop_loading), None, None, queue=False, api_visibility=P)
-    fn, outs = wire(h.upload_changed, ["series", "status"], c)
-    c["files"].change(fn, ins("files", "session"), outs, api_visibility=P)
-    fn, outs = wire(h.fields_changed, ["status"], c)
+    fields = ins("files", "label_file", "label_table", "prior", "session")
+    fn, outs = wire(h.upload_changed, ["series", "pending"], c)
+    c["files"].change(fn, fields, outs, api_visibility=P)
+    fn, outs = wire(h.fields_changed, ["pending"], c)
     for comp in ("label_file", "label_table"):
-        c[comp].change(fn, c["session"], outs, api_visibility=P)
-    fn, outs = wire(h.prior_changed, ["prior_series", "status"], c)
-    c["prior"].change(fn, ins("prior", "session"), outs, api_visibility=P)
+        c[comp].change(fn, fields, outs, api_visibility=P)
+    fn, outs = wire(h.prior_changed, ["prior_series", "pending"], c)
+    c["prior"].change(fn, fields, outs, api_visibility=P)
     c["suggested"].input(lambda q: q or gr.skip(), c["suggested"], c["question"], api_visibility=P)
 
     fn, outs = wire(h.ask, answer_out + sliders_out, c, engine=engine)

@@ -31,16 +31,10 @@ def _rgb(c) -> str:
 
 
 def status_html(s: Session | None, error: str | None = None, failed_name: str | None = None,
-                pending: bool = False, stopped: bool = False) -> str:
+                stopped: bool = False) -> str:
     """The scan now active, what the loader and the label map say about it, and a failed load's reason;
-    ``pending``: files of the Upload tab changed since, not loaded yet; ``stopped``: the failed load was
-    stopped by the user ("Stop loading"), not refused."""
+    ``stopped``: the failed load was stopped by the user ("Stop loading"), not refused."""
     parts = []
-    if pending and s is not None and s.volume is not None:
-        prior = ", with its prior scan" if s.prior is not None else ", without a prior scan"
-        parts.append(f"<div id='pending-note' style='{_WARN}'>The Upload tab's files changed: they are used "
-                     f"when you press “Load upload”. Until then questions are asked about the scan "
-                     f"below{prior}.</div>")
     if error:
         what = f" {esc(failed_name)}" if failed_name else ""
         still = (f" The previous scan is still active: <b>{esc(s.title)}</b>; questions are asked about it."
@@ -76,6 +70,14 @@ def status_html(s: Session | None, error: str | None = None, failed_name: str | 
                  f"<ul style='margin:2px 0'>{items}</ul></div>")
     parts.append(f"<div id='scan-status' data-load='{s.serial}'>{body}</div>")
     return "".join(parts)
+
+
+def pending_html(s: Session) -> str:
+    """The Upload tab's files differ from the scan loaded: what questions are asked about until "Load
+    upload"."""
+    prior = ", with its prior scan" if s.prior is not None else ", without a prior scan"
+    return (f"<div id='pending-note' style='{_WARN}'>The Upload tab's files changed: they are used when you "
+            f"press “Load upload”. Until then questions are asked about {esc(s.title)}{prior}.</div>")
 
 
 def empty_card(s: Session | None) -> str:

@@ -879,8 +879,8 @@ def test_a_prior_study_of_several_series_lists_them_and_loads_the_one_picked(eng
     got = api.result(engine, asked["session"], asked["session"].answer, asked["session"].audit)["prior_scan"]
     assert got["series"] == lung and "kernel Bl57" in got["scan"]
     assert [x["series"] for x in got["series_found"]] == [uid for _, uid in picker["choices"]]
-    cleared = h.prior_changed(None, p)
-    assert cleared["prior_series"]["visible"] is False and "pending-note" in cleared["status"]
+    cleared = h.prior_changed([ct], None, None, None, p)
+    assert cleared["prior_series"]["visible"] is False and "pending-note" in cleared["pending"]
     scan_only = h.load_upload([ct], None, None, None, None, p, picked["view"], lung, engine=engine,
                               store=store)               # a stale pick without a prior is not used
     assert scan_only["session"].prior is None and scan_only["prior_series"]["visible"] is False
@@ -993,22 +993,50 @@ def test_two_kernels_of_one_acquisition_are_told_apart_on_the_card_and_in_the_ex
 
 def test_removing_the_prior_from_its_field_says_it_is_still_asked_with_until_loaded(engine, store):
     """Clearing the prior field (its ×) looked like removing the prior, but every question was still asked
-    with it until "Load upload", and nothing said so: a changed Upload-tab file now puts a note on the
+    with it until "Load upload", and nothing said so: a changed Upload-tab file now puts a note under the
     status line naming what questions are asked with; the next load clears it."""
     from app import handlers as h
 
     ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
     out = h.load_upload([ct], None, None, ct, None, None, None, engine=engine, store=store)
-    assert "pending-note" not in out["status"]
-    note = h.fields_changed(out["session"])["status"]
+    assert out["pending"] == "" and "pending-note" not in out["status"]
+    note = h.fields_changed([ct], None, None, None, out["session"])["pending"]      # the prior removed
     assert "pending-note" in note and "with its prior scan" in note and "Load upload" in note
     assert out["session"].title in html.unescape(note)                     # the scan still active, named
-    assert "pending-note" in h.upload_changed([], out["session"])["status"]
+    assert "pending-note" in h.upload_changed([], None, None, ct, out["session"])["pending"]
     again = h.load_upload([ct], None, None, None, None, out["session"], out["view"], engine=engine,
                           store=store)
-    assert "pending-note" not in again["status"]
-    assert "without a prior" in h.fields_changed(again["session"])["status"]
-    assert h.fields_changed(None) == {}
+    assert again["pending"] == ""
+    assert "without a prior" in h.fields_changed([ct], ct, None, None, again["session"])["pending"]
+    assert h.fields_changed([ct], None, None, None, again["session"]) == {"pending": ""}   # what is loaded
+    assert h.fields_changed([ct], None, None, None, None) == {"pending": ""}
+
+
+def test_a_field_change_answered_after_a_load_keeps_the_loads_message_and_pickers(engine, store, tmp_path):
+    """Load (or Stop) pressed while a file was still arriving: the field's change event and the load are
+    answered at the same moment, and the change's "files changed" note, written on the status line, could
+    land after a load that failed or was stopped, hiding why (the toast alone said it). The note is now its
+    own component: the failure's status stays. A change answered after a load of those same files (the
+    session already holds them) says nothing and keeps the series pickers the load filled."""
+    from app import handlers as h
+
+    shown = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a scan")
+    failed = h.load_upload([str(bad)], None, None, None, None, shown["session"], shown["view"],
+                           engine=engine, store=store)
+    assert "broken.nii.gz" in failed["status"] and "pending" not in failed
+    late = h.upload_changed([str(bad)], None, None, None, shown["session"])     # the change, after it
+    assert "status" not in late and "pending-note" in late["pending"]           # the failure's line stays
+    assert late["series"]["visible"] is False
+
+    ct = _fresh_scan(tmp_path / "fresh.nii.gz", 31)
+    loaded = h.load_upload([ct], None, None, None, None, shown["session"], shown["view"], engine=engine,
+                           store=store)
+    late = h.upload_changed([ct], None, None, None, loaded["session"])
+    assert late == {"pending": ""}                          # no note, the series pickers left as loaded
+    late = h.prior_changed([ct], None, None, None, loaded["session"])
+    assert late == {"pending": ""}
 
 
 def test_a_series_picked_with_the_mouse_loads_once_and_says_a_failure_once(engine, store, monkeypatch,
