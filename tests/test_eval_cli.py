@@ -7,6 +7,7 @@ the CLI's structure and counts in milliseconds; one test asks a real tiny model.
 """
 import csv
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,6 +48,18 @@ class FakePredictor:
 
 def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded before the mistake was found")
+
+
+@pytest.fixture(autouse=True)
+def _signals_kept():
+    """An interrupted run ignores further signals as it writes its files and exits; the test process
+    goes on, with its own handlers back."""
+    import signal
+
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in kept.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture
@@ -194,6 +207,71 @@ def test_ctrl_c_writes_the_report_of_the_rows_so_far(tmp_path, capsys, fake):
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md", "predictions.jsonl"]
 
 
+def test_sigterm_writes_the_report_of_the_rows_so_far_and_says_where_it_is(tmp_path, capsys, fake,
+                                                                          monkeypatch):
+    """A batch scheduler's stop (SIGTERM; torchrun also passes one on to its workers) killed the run
+    and every answer with it. It is now met as Ctrl-C is (exit 143, as a shell reports SIGTERM); a
+    line on stderr after each scan's questions says how far it got; the handler is put back after."""
+    import signal
+
+    _scans(tmp_path, ["a.npy", "b.npy", "c.npy"])
+    data = _csv(tmp_path / "set.csv", [{"image": f"{s}.npy", "question": f"{Q} ({i})", "answer": "yes",
+                                        "space": "model"} for s in "abc" for i in range(2)])
+    real_ask, stop = FakePredictor.ask, [True]
+
+    def ask(self, question, budget=None, max_new_tokens=32):
+        if len(self.asked) == 4 and stop[0]:            # the fifth question: scans a and b answered
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_ask(self, question, budget, max_new_tokens)
+
+    monkeypatch.setattr(FakePredictor, "ask", ask)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    assert _run(["--data", data, "--out", out]) == 143
+    err = capsys.readouterr().err
+    assert "1 of 3 scans evaluated (2 questions)" in err and "interrupted" in err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["interrupted"] is True and m["n_questions"] == 4
+    assert signal.getsignal(signal.SIGTERM) is before
+    stop[0] = False
+    assert _run(["--data", data, "--out", tmp_path / "whole"]) == 0
+    assert "3 of 3 scans evaluated (6 questions)" in capsys.readouterr().err
+
+
+def test_an_interrupted_rank_0_merges_the_rows_the_other_ranks_wrote(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank is stopped at once and kept its rows in its own file, which the user had
+    to join and --score by hand: rank 0 now waits for the others' files (up to MERGE_WAIT_S) and writes
+    the report of them all; a rank that wrote nothing in time is named, its file (if it comes) kept
+    apart; a file left by an earlier run is not this run's."""
+    import time
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(evaluate, "MERGE_WAIT_S", 0.5)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = SimpleNamespace(out=out, bertscore_model=None, bertscore_layers=None, protocol=None)
+    row = lambda n: {"question": Q, "answer": "yes", "prediction": "yes", "family": "existence",  # noqa: E731
+                     "answer_type": "closed", "kept": 10, "total": 20, "scan": n}
+    stale = out / "predictions.rank2.jsonl"
+    stale.write_text(json.dumps(row(99)) + "\n")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    started = time.time()
+    with pytest.raises(SystemExit) as e:
+        evaluate._interrupted([row(1), row(3)], args, {}, 1, 3, started, KeyboardInterrupt())
+    assert e.value.code == 130
+    with pytest.raises(SystemExit) as e:
+        evaluate._interrupted([row(0)], args, {}, 0, 3, started, evaluate.Terminated())
+    assert e.value.code == 143
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["interrupted"] is True and m["ranks_merged"] == [0, 1] and m["ranks_missing"] == [2]
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["scan"] for r in rows) == [0, 1, 3]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md", "predictions.jsonl",
+                                                    "predictions.rank2.jsonl"]
+    assert "rank 2 wrote no rows" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["empty", "header_only", "scans_0", "scans_negative"])
 def test_nothing_to_evaluate_is_refused_before_the_model_loads(case, tmp_path, capsys, no_model):
     out = tmp_path / "out"
@@ -309,6 +387,7 @@ def test_answers_are_decoded_as_long_as_the_other_commands_allow(tmp_path, capsy
     assert _run(["--data", data, "--max-new-tokens", 200, "--out", tmp_path / "long"]) == 0
     assert fake.last.new_tokens == [200]
     FakePredictor.last = None
+    capsys.readouterr()                                 # (the runs' progress lines above)
     _refused(capsys, ["--data", data, "--max-new-tokens", 300, "--out", tmp_path / "x"], "--max-new-tokens")
     _refused(capsys, ["--demo-split", "test", "--max-new-tokens", 0, "--out", tmp_path / "x"], "1 to 256")
     assert FakePredictor.last is None                   # refused before a model was built

@@ -15,16 +15,20 @@ from photon_core.eval.metrics import aggregate, bleu1, closed_correct, mra, roug
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(args, tmp_path, timeout=600):
-    """Two CPU processes under torchrun. A collective that waits 120 s fails (the workers' process
-    group timeout) and the whole process tree is killed at ``timeout``: a hang fails the test with
-    the workers' output instead of holding CI, and leaves no worker behind."""
+def _start_torchrun(args, tmp_path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PHOTON_DIST_TIMEOUT="120",
                TMPDIR=str(tmp_path))                      # torchrun's per-run log folders stay there
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"] + args
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _torchrun(args, tmp_path, timeout=600):
+    """Two CPU processes under torchrun. A collective that waits 120 s fails (the workers' process
+    group timeout) and the whole process tree is killed at ``timeout``: a hang fails the test with
+    the workers' output instead of holding CI, and leaves no worker behind."""
+    p = _start_torchrun(args, tmp_path)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -32,7 +36,7 @@ def _torchrun(args, tmp_path, timeout=600):
         out, err = p.communicate()
         pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
     assert p.returncode == 0, out[-3000:] + err[-3000:]
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def _script(name: str):
@@ -73,6 +77,47 @@ def test_two_process_sharded_evaluation(tiny_model_dir, tmp_path):
     assert m["world_size"] == 2 and {p["scan"] for p in preds} == {0, 1}     # both shards merged
     assert m["n_questions"] == len([p for p in preds if not p["family"].startswith("_")]) > 0
     assert 0 <= m["keep_fraction_mean"] <= 1 and "existence" in m["families"]
+
+
+def test_ctrl_c_under_torchrun_writes_one_report_of_every_ranks_rows(tiny_model_dir, tmp_path):
+    """Ctrl-C reaches torchrun (its workers run in sessions of their own), which passes it on to every
+    rank: each kept its rows in its own file and the user joined them by hand. Rank 0 now waits for the
+    others' rows and writes one report of them all, marked interrupted; no rank file is left."""
+    import queue
+    import threading
+    import time
+
+    out = tmp_path / "eval"
+    p = _start_torchrun(["-m", "photon_core.eval", "--model", str(tiny_model_dir), "--device", "cpu",
+                         "--demo-split", "test", "--scans", "40", "--no-baselines", "--out", str(out)],
+                        tmp_path)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in p.stderr], daemon=True).start()
+    seen, err, deadline = set(), [], time.monotonic() + 300
+    try:
+        while seen != {0, 1}:                   # each rank answered its first scan's questions
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("no progress from both ranks in 300 s:\n" + "".join(err)[-3000:])
+            err.append(line)
+            if m := re.match(r"rank (\d): 1 of 20 scans evaluated", line):
+                seen.add(int(m.group(1)))
+        os.kill(p.pid, signal.SIGINT)           # as Ctrl-C in the terminal reaches torchrun
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    time.sleep(0.5)
+    while not lines.empty():
+        err.append(lines.get())
+    log = "".join(err)[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["interrupted"] is True and m["ranks_merged"] == [0, 1], log
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {p["scan"] % 2 for p in preds} == {0, 1} and m["n_questions"] > 0
+    assert not list(out.glob("predictions.rank*.jsonl")), log
 
 
 def test_demo_evaluation_with_baselines_and_curves_rescores_from_its_answers(tiny_model_dir):

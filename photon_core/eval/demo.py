@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from photon_core.eval.progress import Progress
 from photon_core.eval.report import BASELINES, rescore
 from photon_core.inference.audit import jaccard
 from photon_core.inference.predictor import Predictor
@@ -40,6 +41,7 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
     decoded to at most ``max_new_tokens`` (the split's answer forms take fewer than 8)."""
     gen = DemoGenerator(split, seed=seed, pool=3, enlargement=enlargement)
     rows = [] if rows is None else rows
+    progress = Progress(scans + pairs, rank, world)
     for i in range(scans + pairs):
         if i < scans:
             (frames, qa, meta, organs), prior = gen.sample(), None
@@ -97,5 +99,6 @@ def evaluate_demo(pred: Predictor, split: str, scans: int, seed: int, rank: int 
                     if q["organ"] in covers and covers[q["organ"]].any():    # the same blocks, on noise
                         row["organ_coverage"] = float(n.keep_grid.ravel()[covers[q["organ"]]].mean())
                     rows.append(row)
+        progress.done(len(qa))
     rescore(rows)
     return rows

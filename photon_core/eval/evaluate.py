@@ -30,6 +30,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ import torch.distributed as dist
 
 from photon_core.eval.datasets import DatasetError, parse_columns, read_records
 from photon_core.eval.official import PROTOCOLS
+from photon_core.eval.progress import Progress
 from photon_core.eval.report import (
     failure_line,
     failures,
@@ -70,6 +73,7 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
         by_image.setdefault((r["image"], r.get("prior_image")), []).append(r)
     model_space = lambda path: torch.from_numpy(np.load(path).astype(np.float32))  # noqa: E731
     rows = [] if rows is None else rows
+    progress = Progress(len(by_image), rank, world)
     for n, ((image, prior), group) in enumerate(by_image.items()):
         if n % world != rank:
             continue
@@ -92,6 +96,7 @@ def evaluate_records(pred: Predictor, recs: list[dict], rank: int = 0, world: in
                 rows.append(base | dict(prediction="", kept=0, error=f"question not asked: {e}"))
                 continue
             rows.append(base | dict(prediction=a.text, kept=a.kept, total=a.total, budget=a.budget))
+        progress.done(len(group))
     rescore(rows)
     return rows
 
@@ -231,26 +236,36 @@ def main(argv=None) -> None:
              "world_size": world, "max_new_tokens": new_tokens} | (
                  {"budget": args.budget} if args.budget is not None else {})
     rows: list[dict] = []
+    started = time.time()
+    main_thread = threading.current_thread() is threading.main_thread()   # (signals are the main thread's)
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        if recs is not None:
-            evaluate_records(pred, recs, rank, world, max_new_tokens=new_tokens, budget=args.budget,
-                             rows=rows)
-        else:
-            from photon_core.eval.demo import evaluate_demo  # the synthetic data: torch-side generator
+        try:
+            if recs is not None:
+                evaluate_records(pred, recs, rank, world, max_new_tokens=new_tokens, budget=args.budget,
+                                 rows=rows)
+            else:
+                from photon_core.eval.demo import evaluate_demo  # the synthetic data: torch-side generator
 
-            evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
-                          baselines=not args.no_baselines, curve=tuple(args.curve),
-                          enlargement=args.enlargement, pairs=args.pairs, budget=args.budget, rows=rows,
-                          max_new_tokens=new_tokens)
-    except KeyboardInterrupt:
-        _interrupted(rows, args, about, rank, world)
-    write_atomic(args.out / f"predictions.rank{rank}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    if world > 1:
-        dist.barrier()
+                evaluate_demo(pred, args.demo_split or "test", args.scans, args.seed, rank, world,
+                              baselines=not args.no_baselines, curve=tuple(args.curve),
+                              enlargement=args.enlargement, pairs=args.pairs, budget=args.budget, rows=rows,
+                              max_new_tokens=new_tokens)
+        except KeyboardInterrupt as e:
+            _interrupted(rows, args, about, rank, world, started, e)
+        write_atomic(_shard(args.out, rank), "".join(json.dumps(r) + "\n" for r in rows))
+        if world > 1:
+            try:
+                dist.barrier()
+            except KeyboardInterrupt as e:      # stopped while waiting for the other ranks: rows written
+                _interrupted(None, args, about, rank, world, started, e)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if rank == 0:
         allrows = []
         for r in range(world):
-            p = args.out / f"predictions.rank{r}.jsonl"
+            p = _shard(args.out, r)
             allrows += [json.loads(x) for x in p.read_text().splitlines()]
             p.unlink()
         write_report(allrows, args.out, about, args.bertscore_model, args.bertscore_layers, args.protocol)
@@ -264,25 +279,77 @@ def main(argv=None) -> None:
             raise SystemExit(1)
 
 
-def _interrupted(rows: list[dict], args, about: dict, rank: int, world: int) -> None:
-    """Ctrl-C: keep what was answered. One process writes the report of the rows finished so far,
-    marked interrupted; under torchrun each rank keeps its rows in predictions.rankN.jsonl (the ranks
-    cannot meet to merge them), which ``--score`` reads. Exits 130, as a shell does on SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)       # a second Ctrl-C must not cut the files short
-    rescore(rows)
+MERGE_WAIT_S = 20.0   # rank 0 waits this long for the other ranks' rows (torchrun kills them after 30 s)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, or torchrun passing one on to its workers), met as Ctrl-C is."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+def _shard(out: Path, rank: int) -> Path:
+    return out / f"predictions.rank{rank}.jsonl"
+
+
+def _interrupted(rows: list[dict] | None, args, about: dict, rank: int, world: int, started: float,
+                 how: KeyboardInterrupt) -> None:
+    """Ctrl-C (or SIGTERM): keep what was answered, marked interrupted, and exit 130 (143 for SIGTERM), as
+    a shell does. Under torchrun (which passes the signal on to every rank) each rank writes its rows to
+    predictions.rankN.jsonl; rank 0 waits up to ``MERGE_WAIT_S`` for the others' and writes the report of
+    all it found, naming any rank missing (whose file, if it comes later, ``--score`` reads). ``rows``
+    None: this rank's file is already written."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut the files short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code = 143 if isinstance(how, Terminated) else 130
+    if rows is not None:
+        rescore(rows)
     if world > 1:
-        p = args.out / f"predictions.rank{rank}.jsonl"
-        write_atomic(p, "".join(json.dumps(r) + "\n" for r in rows))
-        print(f"\ninterrupted: rank {rank} kept its {len(rows)} rows in {p}", file=sys.stderr)
-        raise SystemExit(130)
+        if rows is not None:
+            write_atomic(_shard(args.out, rank), "".join(json.dumps(r) + "\n" for r in rows))
+        if rank != 0:
+            print(f"\ninterrupted: rank {rank} kept its rows in {_shard(args.out, rank)}", file=sys.stderr)
+            raise SystemExit(code)
+        found = _await_shards(args.out, world, started)
+        rows = [json.loads(x) for r in found for x in _shard(args.out, r).read_text().splitlines()]
+        missing = [r for r in range(world) if r not in found]
+        about = about | {"ranks_merged": found} | ({"ranks_missing": missing} if missing else {})
+        if missing:
+            print(f"\ninterrupted: rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} wrote no "
+                  f"rows within {MERGE_WAIT_S:.0f} s; the report holds ranks {', '.join(map(str, found))}",
+                  file=sys.stderr)
     if rows:
         write_report(rows, args.out, about | {"interrupted": True}, args.bertscore_model,
                      args.bertscore_layers, args.protocol)
+        if world > 1:
+            for r in about["ranks_merged"]:
+                _shard(args.out, r).unlink()
         print(f"\ninterrupted: the report of the {len(rows)} rows answered so far is in {args.out}",
               file=sys.stderr)
     else:
         print("\ninterrupted before any question was answered; nothing written", file=sys.stderr)
-    raise SystemExit(130)
+    raise SystemExit(code)
+
+
+def _await_shards(out: Path, world: int, started: float) -> list[int]:
+    """The ranks whose rows file of this run (written since it started) is there, waiting up to
+    ``MERGE_WAIT_S`` for all of them."""
+    deadline = time.monotonic() + MERGE_WAIT_S
+    while True:
+        found = [r for r in range(world) if _written_since(_shard(out, r), started)]
+        if len(found) == world or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _written_since(p: Path, t: float) -> bool:
+    try:
+        return p.stat().st_mtime >= t - 1.0      # (a file left by an earlier run is not this run's)
+    except FileNotFoundError:
+        return False
 
 
 if __name__ == "__main__":
