@@ -370,7 +370,8 @@ def _fresh(engine: Engine, s: Session, view: View, questions: list[str]) -> dict
     shape = view.hu_ras.shape
     w, lv = preset_window(DEFAULT_WINDOW)
     view.files.forget("export")
-    return {"session": s, "view": view, "status": status_html(s), "pending": "", "card": empty_card(s),
+    return {"session": s, "view": view, "status": status_html(s), "pending": _pending(""),
+            "card": empty_card(s),
             "suggested": gr.update(choices=questions, value=None),
             "model3d": scene_file(view, s),
             "legend": legend_html(None, [], organ_legend(view)),
@@ -497,7 +498,7 @@ def upload_questions(s: Session) -> list[str]:
 def upload_changed(files, label_file, label_table, prior_file, s: Session | None = None) -> dict:
     """New files: the series choice of the previous upload no longer applies (and see `fields_changed`)."""
     out = fields_changed(files, label_file, label_table, prior_file, s)
-    if out["pending"]:
+    if out["pending"]["visible"]:
         out["series"] = gr.update(choices=[], value=None, visible=False)
     return out
 
@@ -505,7 +506,7 @@ def upload_changed(files, label_file, label_table, prior_file, s: Session | None
 def prior_changed(files, label_file, label_table, prior_file, s: Session | None = None) -> dict:
     """A new prior (or none): the prior's series choice no longer applies (and see `fields_changed`)."""
     out = fields_changed(files, label_file, label_table, prior_file, s)
-    if out["pending"]:
+    if out["pending"]["visible"]:
         out["prior_series"] = gr.update(choices=[], value=None, visible=False)
     return out
 
@@ -519,8 +520,12 @@ def fields_changed(files, label_file, label_table, prior_file, s: Session | None
     the series pickers the load filled are kept."""
     fields = _upload_key(files, label_file, label_table, prior_file)
     if s is None or s.volume is None or s.upload == fields or (s.upload is None and fields == _NO_UPLOAD):
-        return {"pending": ""}
-    return {"pending": pending_html(s)}
+        return {"pending": _pending("")}
+    return {"pending": _pending(pending_html(s))}
+
+
+def _pending(note: str) -> dict:
+    return gr.update(value=note, visible=bool(note))      # hidden when empty: no gap under the status
 
 
 _NO_UPLOAD = ((), None, None, None)

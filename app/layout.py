@@ -148,7 +148,7 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
         c["load_upload"] = gr.Button("Load upload", elem_id="load_upload")
     c["stop_load"] = gr.Button("Stop loading", elem_id="stop_load", variant="stop", size="sm", visible=False)
     c["status"] = gr.HTML("<div id='scan-status'>No scan loaded.</div>", elem_id="status")
-    c["pending"] = gr.HTML("", elem_id="pending")        # the Upload tab's files differ from the scan
+    c["pending"] = gr.HTML("", elem_id="pending", visible=False)   # Upload-tab files not loaded yet
     c["suggested"] = gr.Dropdown([], label="Suggested questions", elem_id="suggested")
     c["question"] = gr.Textbox(label="Question (Enter asks)", lines=1, max_lines=4, elem_id="question",
                                placeholder="e.g. Is there a lesion in the liver?")

@@ -880,7 +880,7 @@ def test_a_prior_study_of_several_series_lists_them_and_loads_the_one_picked(eng
     assert got["series"] == lung and "kernel Bl57" in got["scan"]
     assert [x["series"] for x in got["series_found"]] == [uid for _, uid in picker["choices"]]
     cleared = h.prior_changed([ct], None, None, None, p)
-    assert cleared["prior_series"]["visible"] is False and "pending-note" in cleared["pending"]
+    assert cleared["prior_series"]["visible"] is False and "pending-note" in cleared["pending"]["value"]
     scan_only = h.load_upload([ct], None, None, None, None, p, picked["view"], lung, engine=engine,
                               store=store)               # a stale pick without a prior is not used
     assert scan_only["session"].prior is None and scan_only["prior_series"]["visible"] is False
@@ -999,17 +999,18 @@ def test_removing_the_prior_from_its_field_says_it_is_still_asked_with_until_loa
 
     ct = str(SAMPLES / "abdomen_ct/ct.nii.gz")
     out = h.load_upload([ct], None, None, ct, None, None, None, engine=engine, store=store)
-    assert out["pending"] == "" and "pending-note" not in out["status"]
-    note = h.fields_changed([ct], None, None, None, out["session"])["pending"]      # the prior removed
+    assert out["pending"]["visible"] is False and "pending-note" not in out["status"]
+    note = h.fields_changed([ct], None, None, None, out["session"])["pending"]["value"]   # prior removed
     assert "pending-note" in note and "with its prior scan" in note and "Load upload" in note
     assert out["session"].title in html.unescape(note)                     # the scan still active, named
-    assert "pending-note" in h.upload_changed([], None, None, ct, out["session"])["pending"]
+    assert "pending-note" in h.upload_changed([], None, None, ct, out["session"])["pending"]["value"]
     again = h.load_upload([ct], None, None, None, None, out["session"], out["view"], engine=engine,
                           store=store)
-    assert again["pending"] == ""
-    assert "without a prior" in h.fields_changed([ct], ct, None, None, again["session"])["pending"]
-    assert h.fields_changed([ct], None, None, None, again["session"]) == {"pending": ""}   # what is loaded
-    assert h.fields_changed([ct], None, None, None, None) == {"pending": ""}
+    assert again["pending"]["visible"] is False
+    assert "without a prior" in h.fields_changed([ct], ct, None, None, again["session"])["pending"]["value"]
+    hidden = {"pending": {"__type__": "update", "value": "", "visible": False}}
+    assert h.fields_changed([ct], None, None, None, again["session"]) == hidden         # what is loaded
+    assert h.fields_changed([ct], None, None, None, None) == hidden
 
 
 def test_a_field_change_answered_after_a_load_keeps_the_loads_message_and_pickers(engine, store, tmp_path):
@@ -1027,16 +1028,16 @@ def test_a_field_change_answered_after_a_load_keeps_the_loads_message_and_picker
                            engine=engine, store=store)
     assert "broken.nii.gz" in failed["status"] and "pending" not in failed
     late = h.upload_changed([str(bad)], None, None, None, shown["session"])     # the change, after it
-    assert "status" not in late and "pending-note" in late["pending"]           # the failure's line stays
+    assert "status" not in late and "pending-note" in late["pending"]["value"]  # the failure's line stays
     assert late["series"]["visible"] is False
 
     ct = _fresh_scan(tmp_path / "fresh.nii.gz", 31)
     loaded = h.load_upload([ct], None, None, None, None, shown["session"], shown["view"], engine=engine,
                            store=store)
+    hidden = {"pending": {"__type__": "update", "value": "", "visible": False}}
     late = h.upload_changed([ct], None, None, None, loaded["session"])
-    assert late == {"pending": ""}                          # no note, the series pickers left as loaded
-    late = h.prior_changed([ct], None, None, None, loaded["session"])
-    assert late == {"pending": ""}
+    assert late == hidden                                   # no note, the series pickers left as loaded
+    assert h.prior_changed([ct], None, None, None, loaded["session"]) == hidden
 
 
 def test_a_series_picked_with_the_mouse_loads_once_and_says_a_failure_once(engine, store, monkeypatch,
