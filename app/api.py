@@ -22,7 +22,7 @@ import numpy as np
 from photon_core.inference.prompt import clean_question
 from photon_core.model.budget import Budget
 
-from .handlers import _key, bind, message, watched
+from .handlers import _key, asking, bind, message, watched
 from .service import Audit, Engine, Session, cases, prior_description
 from .view import FileStore
 
@@ -104,7 +104,7 @@ def ask(question: str, scan: list[str] | None = None, sample: str | None = None,
     """Ask a question about a scan under a keep budget; the answer and its audit as JSON."""
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series, prior_series)
-        ans, audit = engine.answer(s, question, _budget(engine, budget))
+        ans, audit = engine.answer(s, question, _budget(engine, budget), tick=asking())
         return result(engine, s, ans, audit)
     except Exception as e:  # noqa: BLE001
         _fail(e, "api ask")
@@ -116,7 +116,7 @@ def compare(question: str, scan: list[str] | None = None, sample: str | None = N
     """The question at Auto / 10% / 25% / 50% / Full in one batch; which answers differ from Full."""
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series, prior_series)
-        rows = engine.compare_rows(s, question)
+        rows = engine.compare_rows(s, question, asking())
         question = clean_question(question)
         for r in rows:
             r["raw_text"] = r["answer"]
@@ -139,7 +139,7 @@ def export(question: str, scan: list[str] | None = None, sample: str | None = No
     Each client session keeps only its latest export."""
     try:
         s = _session(engine, scan, sample, label_map, label_table, prior, series, prior_series)
-        ans, audit = engine.answer(s, question, _budget(engine, budget))
+        ans, audit = engine.answer(s, question, _budget(engine, budget), tick=asking())
         folder = store.session(f"api-{_key(request)}").new_folder("export")
         files = engine.export(s, {}, folder)
         return [str(p) for p in files], result(engine, s, ans, audit)

@@ -146,6 +146,25 @@ def watched(progress=None, request=None, since: float | None = None):
     return step
 
 
+def asking(progress=None):
+    """The ``tick`` of an ask (`AskBatcher.ask`, every quarter second while it waits): gives the ask up
+    (raises `Stopped`) once its client is gone — queued, it never runs; running alone, it stops at its
+    next token — and shows where it is: an official model's answer takes minutes on a CPU."""
+    def tick(where: dict) -> None:
+        if client_gone():
+            raise Stopped
+        if progress is None:
+            return
+        if where["phase"] == "queued":
+            progress(0.1, desc="Waiting for the model (another ask is running)")
+        elif where["phase"] == "reading":
+            progress(0.2, desc="Photon reads the scan and the question")
+        else:
+            n, most = where["tokens"], where["max_new_tokens"]
+            progress(0.2 + 0.5 * n / most, desc=f"Photon writes the answer: {n} token{'s' * (n != 1)}")
+    return tick
+
+
 def show_stop(request: gr.Request = None) -> dict:
     """An upload's load was asked for: "Stop loading" shows until the load has returned (`hide_stop`).
     The load may begin later (queued, or waiting for the file to arrive): a Stop pressed from now on
@@ -606,7 +625,7 @@ def _answer_and_draw(engine: Engine, s: Session, view: View, question: str, budg
     with s.lock:
         if _outdated(request, ticket):
             return {}
-        engine.answer(s, question, budget)
+        engine.answer(s, question, budget, tick=asking(progress))
         if not _superseded(request, s):
             if progress is not None:
                 progress(0.7, desc="Drawing the kept blocks")
@@ -749,7 +768,7 @@ def compare(s: Session | None, question: str, request: gr.Request = None, progre
             raise _no_scan(s)
         progress(0.1, desc="Asking at Auto, 10%, 25%, 50% and Full (one batch)")
         with s.lock:
-            rows = engine.compare_rows(s, question)
+            rows = engine.compare_rows(s, question, asking(progress))
             s.compared = clean_question(question)
             return {"cmp_table": compare_table(rows, s.compared, s.title), "cmp_plot": kept_vs_budget(rows)}
     except Exception as e:  # noqa: BLE001

@@ -281,7 +281,8 @@ class Engine:
 
     def _encode(self, key: str, vol: Volume, progress=None):
         """Prepare + encode once per volume (LRU over the whole server); returns the Geometry.
-        ``progress`` is told each prepared axis and the encoding's start (a stopped load stops there)."""
+        ``progress`` is told each prepared axis and each block of the vision tower on the CPU (a stopped
+        load stops there)."""
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -291,9 +292,12 @@ class Engine:
                 lambda done: progress(0.2 + 0.25 * done, desc="Preparing the volume (official Photon "
                                                               "preprocessing)"))
             prepared = prepare(vol, pred.device, step)
+            encoding = None if progress is None else (
+                lambda i, n: progress(0.5 + 0.25 * i / n,
+                                      desc=f"Encoding the volume (Photon's vision tower): block {i + 1}/{n}"))
             if progress is not None:
                 progress(0.5, desc="Encoding the volume (Photon's vision tower)")
-            self._cache[key] = pred.encode(prepared)
+            self._cache[key] = pred.encode(prepared, encoding)
             while len(self._cache) > self.settings.cache_volumes:
                 self._cache.popitem(last=False)
             return self._cache[key][2]
@@ -379,16 +383,19 @@ class Engine:
         return s
 
     # ------------------------------------------------------------------ asking
-    def ask(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):
-        """The answer to the question about the session's scan; the session is left as it was."""
+    def ask(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None, tick=None):
+        """The answer to the question about the session's scan; the session is left as it was. ``tick``:
+        follows the ask while it waits, and gives it up by raising (`AskBatcher.ask`)."""
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         question = clean_question(question)
         ans, = self.batcher.ask(self._queries(s, question, [budget]),
-                                max_new_tokens=max_new_tokens or self.settings.max_new_tokens, tag=s.key[:8])
+                                max_new_tokens=max_new_tokens or self.settings.max_new_tokens, tag=s.key[:8],
+                                tick=tick)
         return ans
 
-    def answer(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None):
+    def answer(self, s: Session, question: str, budget: Budget, max_new_tokens: int | None = None,
+               tick=None):
         """Ask, then audit the answer once; the session keeps the answer, its question and its audit,
         set together once all three are known. Returns (answer, audit)."""
         why = self.predictor.supports(budget)
@@ -396,22 +403,22 @@ class Engine:
             raise ValueError(why)
         question = clean_question(question)
         with s.lock:
-            ans = self.ask(s, question, budget, max_new_tokens)
+            ans = self.ask(s, question, budget, max_new_tokens, tick)
             audit = self.audit(s, question, ans)
             s.answer, s.question, s.audit = ans, question, audit
             return ans, audit
 
-    def compare(self, s: Session, question: str, budgets: list[Budget]):
+    def compare(self, s: Session, question: str, budgets: list[Budget], tick=None):
         if s is None or s.volume is None:
             raise ValueError("Load a sample case or upload a scan first.")
         question = clean_question(question)
         return self.batcher.ask(self._queries(s, question, budgets),
-                                max_new_tokens=self.settings.max_new_tokens, tag=s.key[:8])
+                                max_new_tokens=self.settings.max_new_tokens, tag=s.key[:8], tick=tick)
 
-    def compare_rows(self, s: Session, question: str) -> list[dict]:
+    def compare_rows(self, s: Session, question: str, tick=None) -> list[dict]:
         """Auto / 10% / 25% / 50% / Full (those the checkpoint supports) in one batch, as table rows."""
         runs = [(name, Budget.parse(b)) for name, b in COMPARE if self.supports(Budget.parse(b))]
-        answers = self.compare(s, question, [b for _, b in runs])
+        answers = self.compare(s, question, [b for _, b in runs], tick)
         full = answers[-1]
         rows = []
         for (name, _), a in zip(runs, answers):

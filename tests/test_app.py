@@ -1109,8 +1109,8 @@ def test_an_answer_that_comes_after_another_scan_loaded_does_not_bring_back_the_
     a = h.load_case(ABDOMEN, None, None, request=browser, engine=engine, store=store)
     answer, loaded = Engine.answer, {}
 
-    def answer_while_a_load_lands(self, s, question, budget, *args):
-        out = answer(self, s, question, budget, *args)
+    def answer_while_a_load_lands(self, s, question, budget, *args, **kwargs):
+        out = answer(self, s, question, budget, *args, **kwargs)
         if not loaded:
             loaded.update(h.load_case(CHEST, s, a["view"], request=browser, engine=engine, store=store))
         return out
@@ -1378,7 +1378,7 @@ def _fresh_scan(path, seed: int) -> str:
 
 
 @pytest.mark.parametrize("gone_at,how", [("prepare", "page closed"), ("prepare", "cancelled"),
-                                         ("surface", "cancelled"), (None, None)])
+                                         ("encode", "cancelled"), ("surface", "cancelled"), (None, None)])
 def test_a_load_whose_client_is_gone_stops_at_its_next_step(engine, store, gradio_event, monkeypatch,
                                                             tmp_path, caplog, gone_at, how):
     """A load ran to its end after its client had gone — the request cancelled (Gradio cancels the event's
@@ -1409,9 +1409,18 @@ def test_a_load_whose_client_is_gone_stops_at_its_next_step(engine, store, gradi
             leave()
         return out
 
-    def encode(*a, **k):
+    def encode(prepared, step=None):
         calls["encode"] += 1
-        return real_encode(*a, **k)
+        blocks = []
+
+        def each_block(i, n):                   # the tower's blocks (CPU): a stop between two of them
+            blocks.append(i)
+            if gone_at == "encode" and i == 1:
+                leave()
+            return step(i, n)
+        out = real_encode(prepared, each_block)
+        assert blocks == list(range(len(engine.predictor.model.visual.blocks)))
+        return out
 
     def contour(*a, **k):
         calls["surfaces"] += 1
@@ -1423,6 +1432,7 @@ def test_a_load_whose_client_is_gone_stops_at_its_next_step(engine, store, gradi
     monkeypatch.setattr(engine.predictor, "encode", encode)
     monkeypatch.setattr(scene, "_contour", contour)
     page = SimpleNamespace(session_hash=f"gone-{gone_at}-{how}")
+    cached = set(engine._cache)
     with caplog.at_level("INFO", logger="photon_ct"):
         out = h.bind(h.load_upload, engine=engine, store=store)(
             [_fresh_scan(tmp_path / "scan.nii.gz", seed=len(str(how)) + 10 * (gone_at == "surface"))],
@@ -1436,6 +1446,9 @@ def test_a_load_whose_client_is_gone_stops_at_its_next_step(engine, store, gradi
     assert "load stopped: its client is gone" in caplog.text and "unexpected" not in caplog.text
     if gone_at == "prepare":
         assert calls == {"encode": 0, "surfaces": 0}          # nothing after the preparation
+    elif gone_at == "encode":
+        assert calls == {"encode": 1, "surfaces": 0}          # stopped inside the tower: nothing cached
+        assert set(engine._cache) == cached
     else:
         assert calls["encode"] == 1 and calls["surfaces"] == 1   # the body drawn, not the bone
 
@@ -1510,3 +1523,47 @@ def test_stop_loading_stops_the_pages_load_asked_for_or_running_and_no_later_one
     h.show_stop(request=other)
     h.stop_loading(request=page)                   # another page's Stop
     assert upload(24, request=other)["session"].volume is not None
+
+
+def test_an_ask_shows_where_it_is_and_is_given_up_once_its_client_is_gone(engine, store, gradio_event,
+                                                                         monkeypatch, caplog):
+    """An official model's answer takes minutes on a CPU, under one "Asking Photon" that never moved, and
+    ran to its end after the page had closed, keeping the model from every other user. The ask now
+    says where it is (waiting, reading, writing its n-th token) and is given up once its client is
+    gone; the next ask is answered as usual."""
+    from types import SimpleNamespace
+
+    from app import handlers as h
+
+    event, _ = gradio_event
+    page = SimpleNamespace(session_hash="ask-gone")
+    shown = h.load_case(ABDOMEN, None, None, engine=engine, store=store, request=page)
+    real_answer = engine.predictor.answer
+
+    def slow(rows, *a, on_step=None, **k):              # a slow model: 0.6 s a token
+        def step(n):
+            time.sleep(0.6)
+            return on_step(n)
+        return real_answer(rows, *a, on_step=step, **k)
+
+    said = []
+
+    def progress(fraction, desc=None):
+        said.append(desc)
+        if desc.startswith("Photon writes the answer"):
+            event.alive = False                          # the page closes as the answer is written
+
+    monkeypatch.setattr(engine.predictor, "answer", slow)
+    t0 = time.perf_counter()
+    with caplog.at_level("INFO"):
+        out = h.ask(shown["session"], shown["view"], "Is there a cyst in the left kidney?", "Auto", 300, 25,
+                    0.5, *SLICE_CONTROLS, request=page, progress=progress, engine=engine)
+        took = time.perf_counter() - t0
+        time.sleep(1.0)                                  # the worker meets the given-up ask at its next step
+    assert "Photon writes the answer: 1 token" in said and took < 2.0
+    assert "Not asked" in out["card"] and shown["session"].answer is None
+    assert "ask stopped" in caplog.text and "given up by every caller" in caplog.text
+    event.alive = True
+    monkeypatch.setattr(engine.predictor, "answer", real_answer)
+    again = _ask(engine, shown)
+    assert again["session"].answer is not None

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +97,21 @@ def test_decoding_under_autocast_of_an_fp32_model(model, fx, feats):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         g = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=4)
     assert g.tokens.shape == (1, 4) and bool(torch.isfinite(g.logprobs).all())
+
+
+def test_decoding_stops_where_the_caller_says_and_reports_each_step(model, fx, feats):
+    """``on_step(n)`` is told each step's token count before it runs (progress) and ends the decoding when
+    it returns true; until then the tokens are those of an undisturbed run."""
+    ids, grid = fx["q1.input_ids"], fx["video_grid_thw"]
+    free = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8)
+    seen = []
+    g = generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8,
+                 on_step=lambda n: seen.append(n) or n == 3)
+    assert seen == [1, 2, 3] and g.tokens.shape[1] == 3
+    assert g.tokens[0].tolist() == free.tokens[0, :3].tolist()
+    seen.clear()
+    generate(model, ids, features=feats, grid_thw=grid, max_new_tokens=8, on_step=seen.append)
+    assert seen == list(range(1, 8))
 
 
 def test_rows_stop_at_a_stop_id_and_the_loop_ends(model, fx, feats):
@@ -540,6 +556,100 @@ def test_concurrent_asks_from_several_sessions_equal_single_runs(served, caplog)
     assert batcher.stats["asks"] == 6 and batcher.stats["batches"] == 2 and batcher.stats["max_rows"] == 6
     assert any(a.extra["batch"] == 6 for r in results for a in r)
     assert "ask batch: 4 asks" in caplog.text and "still queued" in caplog.text
+
+
+def test_an_ask_given_up_is_not_run_and_a_batch_given_up_by_all_stops(served, caplog):
+    """An ask on an official model on a CPU takes minutes; a caller that left (its page closed, its
+    request cancelled) kept the model busy for nobody. A waiting caller now follows its ask (``tick``:
+    queued, reading, writing the n-th token) and gives it up by raising there: queued, it never runs;
+    running, its batch stops at the next token once every ask in it was given up; another user's ask
+    in the same batch runs to its end, as it would alone."""
+    from photon_core.inference.batching import AskBatcher
+    from photon_core.inference.predictor import Query
+
+    p, (v1, v2, _) = served
+    q1 = [Query("Is there a lesion in the liver?", "auto", v1)]
+    q2 = [Query("Is the spleen enlarged?", "auto", v2)]
+    real_answer, ran = p.answer, []
+
+    def slow_answer(rows, *a, on_step=None, **k):      # 0.1 s a token: slow enough to be followed
+        ran.append([r.question for r in rows])
+
+        def step(n):
+            time.sleep(0.1)
+            return on_step(n)
+        return real_answer(rows, *a, on_step=step, **k)
+
+    class Leave(Exception):
+        pass
+
+    p.answer = slow_answer
+    try:
+        batcher = AskBatcher(p, window_s=0.0)
+        seen = []
+
+        def leave_when_writing(where):
+            seen.append(where)
+            if where["phase"] == "writing" and where["tokens"] >= 3:
+                raise Leave
+        with caplog.at_level(logging.INFO, logger="photon_core.inference.batching"):
+            t0 = time.perf_counter()
+            with pytest.raises(Leave):
+                batcher.ask(q1, max_new_tokens=30, tick=leave_when_writing)
+            left = time.perf_counter() - t0
+            # queued behind a running ask, given up at once: never run
+            other = {}
+            runner = threading.Thread(target=lambda: other.update(a=batcher.ask(q2, max_new_tokens=12)))
+            runner.start()
+            while not ran or ran[-1] != [q2[0].question]:
+                time.sleep(0.01)
+            with pytest.raises(Leave):
+                batcher.ask(q1, max_new_tokens=5, tick=lambda where: (_ for _ in ()).throw(Leave()))
+            runner.join(timeout=120)
+            time.sleep(0.3)
+        batcher.close()
+    finally:
+        p.answer = real_answer
+    phases = [w["phase"] for w in seen]
+    assert "writing" in phases and "queued" not in phases[phases.index("writing"):]
+    assert 0.3 < left < 2.0                          # left after ≈ 3 tokens of 0.1 s, not 30
+    assert "given up by every caller" in caplog.text and "given up before it ran" in caplog.text
+    assert ran == [[q1[0].question], [q2[0].question]]      # the queued ask given up never ran
+    _same(other["a"][0], p.answer(q2, max_new_tokens=12)[0])  # the other user's answer, whole
+
+
+def test_encoding_reports_each_vision_block_of_its_own_thread_and_stops_where_told(served):
+    """The official tower takes ≈ 40 s on a 2-core CPU, as one step a load could neither report nor stop
+    inside: ``step(i, n)`` now comes before each block (forward pre-hooks, this thread's forward only,
+    removed after; what the step returns changes nothing), and what it raises stops the encoding."""
+    p, _ = served
+    frames = torch.rand(140, 1, 280, 280, generator=torch.Generator().manual_seed(5))
+    plain = p.encode(frames)[0]
+    n = len(p.model.visual.blocks)
+    seen = []
+    feats = p.encode(frames, lambda i, total: seen.append((i, total)) or 0.5)[0]
+    assert seen == [(i, n) for i in range(n)] and torch.equal(feats, plain)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_1(i, total):
+        if i == 1:
+            raise Stop
+    with pytest.raises(Stop):
+        p.encode(frames, stop_at_1)
+    assert all(not blk._forward_pre_hooks for blk in p.model.visual.blocks)
+    other: list = []                                     # another thread's encoding is not reported
+    seen.clear()
+    thread = threading.Thread(target=lambda: other.append(p.encode(frames)[0]))
+
+    def start_the_other(i, total):
+        seen.append(i)
+        if i == 0:
+            thread.start()
+            thread.join(timeout=120)
+    p.encode(frames, start_the_other)
+    assert seen == list(range(n)) and torch.equal(other[0], plain)
 
 
 def test_a_faulty_ask_fails_alone(served):

@@ -12,6 +12,11 @@ Every row gives exactly what it gives alone (the batched path's guarantee); each
 volume's cached features, prior and budget. If a batch raises, its asks run one by one so that only
 the faulty ask gets the error. Queue depth, wait and batch size are logged (logger
 ``photon_core.inference.batching``, INFO) and kept in `stats`.
+
+A caller may follow its ask (``tick``: called every ``TICK_S`` while it waits, with where the ask is:
+queued, reading — the prefill —, or writing its n-th token) and give it up by raising from ``tick``: a
+queued ask is then never run, and a batch whose every ask was given up stops at its next decode step
+(an answer of an official model on a CPU takes minutes; nobody is left to read it).
 """
 from __future__ import annotations
 
@@ -20,11 +25,19 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from photon_core.inference.predictor import Answer, Predictor, Query
 
 log = logging.getLogger(__name__)
+
+
+TICK_S = 0.25                             # how often a waiting caller's ``tick`` is called
+
+
+class GivenUp(RuntimeError):
+    """The ask's caller gave it up before it ran."""
 
 
 @dataclass
@@ -34,6 +47,16 @@ class _Ask:
     tag: str
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
+    given_up: bool = False                # the caller no longer waits for it
+    tokens: int | None = None             # None: queued; 0: reading (prefill); n: writing the n-th token
+
+    def where(self) -> dict:
+        """What a waiting caller is told: queued, reading, or writing (n of at most max_new_tokens)."""
+        if self.tokens is None:
+            return {"phase": "queued"}
+        if self.tokens == 0:
+            return {"phase": "reading"}
+        return {"phase": "writing", "tokens": self.tokens, "max_new_tokens": self.settings[0]}
 
     @property
     def key(self) -> tuple:
@@ -55,9 +78,10 @@ class AskBatcher:
     # ------------------------------------------------------------------ callers
     def ask(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool | None = None,
             temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-            tag: str = "") -> list[Answer]:
+            tag: str = "", tick=None) -> list[Answer]:
         """Answers of ``queries`` (rows of one ask, e.g. one question × several budgets), in order;
-        decoding settings left None are the checkpoint's (`Predictor.answer`)."""
+        decoding settings left None are the checkpoint's (`Predictor.answer`). ``tick(where)``: see the
+        module's docstring; what it raises gives the ask up and is raised here."""
         if not queries:
             return []
         counts = {(q.prior[0].shape[0] if q.prior is not None else 0, q.volume[0].shape[0]) for q in queries}
@@ -68,7 +92,17 @@ class AskBatcher:
         item = _Ask(list(queries), (int(max_new_tokens), do_sample, temperature, top_p, int(seed)), tag)
         self._ensure_worker()
         self._queue.put(item)
-        return item.future.result()
+        if tick is None:
+            return item.future.result()
+        while True:
+            try:
+                return item.future.result(timeout=TICK_S)
+            except FutureTimeout:
+                try:
+                    tick(item.where())
+                except BaseException:
+                    item.given_up = True
+                    raise
 
     def close(self) -> None:
         self._closed = True
@@ -134,12 +168,28 @@ class AskBatcher:
         return out
 
     def _run(self, batch: list[_Ask], depth: int) -> None:
+        for it in batch:
+            if it.given_up:
+                it.future.set_exception(GivenUp("the ask was given up before it ran"))
+                log.info("ask given up before it ran (%s)", it.tag or "-")
+        batch = [it for it in batch if not it.given_up]
+        if not batch:
+            return
         t0 = time.perf_counter()
         waits = [t0 - it.arrived for it in batch]
         rows = [q for it in batch for q in it.queries]
         max_new_tokens, do_sample, temperature, top_p, seed = batch[0].settings
+
+        def step(n: int) -> bool:               # the decode's progress; stop once nobody waits
+            for it in batch:
+                it.tokens = n
+            return all(it.given_up for it in batch)
+
+        for it in batch:
+            it.tokens = 0
         try:
-            answers = self.predictor.answer(rows, max_new_tokens, do_sample, temperature, top_p, seed)
+            answers = self.predictor.answer(rows, max_new_tokens, do_sample, temperature, top_p, seed,
+                                            on_step=step)
         except Exception as e:  # noqa: BLE001 - find the faulty ask: the others still get answers
             if len(batch) == 1:
                 batch[0].future.set_exception(e)
@@ -148,6 +198,12 @@ class AskBatcher:
                 self._run([it], depth)
             return
         run_s = time.perf_counter() - t0
+        if all(it.given_up for it in batch):
+            for it in batch:
+                it.future.set_exception(GivenUp("the ask was given up while it ran"))
+            log.info("ask batch given up by every caller (%s) after %.0f ms",
+                     ", ".join(sorted({it.tag or "-" for it in batch})), 1000 * run_s)
+            return
         i = 0
         for it, wait in zip(batch, waits):
             mine = answers[i:i + len(it.queries)]

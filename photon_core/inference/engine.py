@@ -289,10 +289,13 @@ class DecodeEngine:
     @torch.inference_mode()
     def decode(self, prefill: Output, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                max_new_tokens: int, sampling: Sampling | None = None,
-               generator: torch.Generator | None = None, return_step_logits: bool = False) -> Decoded:
+               generator: torch.Generator | None = None, return_step_logits: bool = False,
+               on_step=None) -> Decoded:
         """Continue from a prefill run with ``use_cache=True`` (its logits' last position chooses the first
         token). ``input_ids``/``attention_mask``: the prompt (for the repetition penalty). ``sampling``:
-        `prompt.GenerationSettings` (default greedy, no stop)."""
+        `prompt.GenerationSettings` (default greedy, no stop). ``on_step(n)``: called on the host before
+        each step with the tokens chosen so far (no device sync); a true result ends the decoding there
+        (the caller no longer wants the answer)."""
         if prefill.cache is None:
             raise ValueError("decode needs the prefill's KV cache (run the model with use_cache=True)")
         sampling = sampling or Sampling()
@@ -327,6 +330,8 @@ class DecodeEngine:
             n = 1
             for i in range(1, T):
                 if st.stop is not None and i % self.check_every == 0 and bool(st.done.all()):
+                    break
+                if on_step is not None and on_step(i):
                     break
                 if st.noise is not None:
                     st.noise.exponential_(generator=generator)

@@ -30,13 +30,14 @@ def generate(model: PhotonModel, input_ids, attention_mask=None, features=None, 
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
              return_step_logits: bool = False, on_prefill=None, mode: str = "auto",
-             prefill_mode: str = "auto") -> Generation:
+             prefill_mode: str = "auto", on_step=None) -> Generation:
     """Greedy (or sampled) decoding with a KV cache that holds only the surviving tokens.
 
     Rows that produce one of the ``eos_token_id`` ids continue with the first of them until all are
     done (checked every few steps on CUDA, so a finished batch may carry a few more stop ids).
     ``mode``: the decode engine's (`engine.MODES`; 'auto' = compiled and captured on GPU, eager on CPU);
     ``prefill_mode``: the prefill layers' (`engine.PREFILL_MODES`; 'auto' = CUDA graphs on GPU).
+    ``on_step(n)``: see `DecodeEngine.decode` (progress; a true result stops the decoding).
     """
     out = model(input_ids, attention_mask, features=features, grid_thw=grid_thw, budget=budget,
                 use_cache=True, use_its=use_its, last_logits=True, layers=prefill_for(model, prefill_mode))
@@ -46,5 +47,5 @@ def generate(model: PhotonModel, input_ids, attention_mask=None, features=None, 
     sp = (Sampling(True, float(temperature), int(top_k), float(top_p), float(repetition_penalty), stops)
           if do_sample else Sampling(repetition_penalty=float(repetition_penalty), eos_token_ids=stops))
     dec = engine_for(model, mode).decode(out, input_ids, attention_mask, max_new_tokens, sp, generator,
-                                         return_step_logits)
+                                         return_step_logits, on_step)
     return Generation(dec.tokens, out, dec.step_logits, dec.logprobs, dec.stats)

@@ -13,6 +13,8 @@ What the app, the CLI, the evaluator and the benchmark all call.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,9 +186,11 @@ class Predictor:
         self.encode_s = time.perf_counter() - t
 
     def encode(
-        self, volume: Volume | Prepared | torch.Tensor
+        self, volume: Volume | Prepared | torch.Tensor, step=None
     ) -> tuple[torch.Tensor, torch.Tensor, Geometry | None]:
-        """(visual features, grid_thw, geometry or None) of one volume."""
+        """(visual features, grid_thw, geometry or None) of one volume. ``step(i, n)``: called before each
+        of the tower's n blocks on the CPU (the official tower takes most of a minute there; on CUDA it
+        is one captured graph of milliseconds), in this thread's encoding only; it may raise to stop."""
         if isinstance(volume, Volume):
             volume = self.prepare(volume)
         if isinstance(volume, Prepared):
@@ -196,7 +200,8 @@ class Predictor:
             (pv, grid), geometry = patchify(frames.float()), None
         # on CUDA the tower runs compiled and captured per grid (engine.VisionEngine; eager on failure)
         encode = vision_for(self.model) if self.device.type == "cuda" else self.model.encode_volume
-        with torch.inference_mode():
+        cpu_step = None if self.device.type == "cuda" else step   # (hooks would break the compiled tower)
+        with torch.inference_mode(), _each_block(self.model.visual.blocks, cpu_step):
             features = encode(pv.to(self.device), grid.to(self.device))
         self.encode_calls += 1
         return features, grid.to(self.device), geometry
@@ -240,11 +245,14 @@ class Predictor:
         return Query(question, budget, (self.features, self.grid_thw), self.prior)
 
     def answer(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool | None = None,
-               temperature: float | None = None, top_p: float | None = None, seed: int = 0) -> list[Answer]:
+               temperature: float | None = None, top_p: float | None = None, seed: int = 0,
+               on_step=None) -> list[Answer]:
         """Rows of (question, budget, volume features, prior) — possibly of different volumes, e.g. the
         asks of several users (`batching.AskBatcher`) — answered in ONE batched forward. Every row
         must carry as many visual tokens as the others; each gives exactly what it gives alone.
-        Decoding settings left None come from the checkpoint's generation config."""
+        Decoding settings left None come from the checkpoint's generation config. ``on_step(n)``: called
+        before each decode step with the tokens chosen so far; a true result ends the answers there
+        (cut short: for a caller that no longer wants them)."""
         if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
         n = len(queries)
@@ -266,7 +274,7 @@ class Predictor:
         t0 = time.perf_counter()
         with torch.inference_mode():
             timing = {}
-            res = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing)
+            res = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing, on_step)
         total_s = time.perf_counter() - t0
         prefill_s = timing.get("prefill", total_s)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else peak_rss_mb()
@@ -329,7 +337,7 @@ class Predictor:
         return ids, mask, feats, grid, P, V
 
     def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, sampling: GenerationSettings, gen,
-                  timing) -> Generation:
+                  timing, on_step=None) -> Generation:
         t0 = time.perf_counter()
 
         def mark(_out):
@@ -341,7 +349,30 @@ class Predictor:
                         max_new_tokens=max_new_tokens, eos_token_id=list(sampling.eos_token_ids),
                         do_sample=sampling.do_sample, temperature=sampling.temperature,
                         top_p=sampling.top_p, top_k=sampling.top_k,
-                        repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark)
+                        repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark,
+                        on_step=on_step)
+
+
+@contextlib.contextmanager
+def _each_block(blocks, step):
+    """``step(i, n)`` before each block's forward run by this thread (forward pre-hooks, removed after;
+    another thread's forward through the same blocks is not seen)."""
+    if step is None:
+        yield
+        return
+    me, n = threading.get_ident(), len(blocks)
+
+    def hook(i):
+        def pre(module, args) -> None:          # (a value returned here would replace the block's inputs)
+            if threading.get_ident() == me:
+                step(i, n)
+        return pre
+    handles = [blk.register_forward_pre_hook(hook(i)) for i, blk in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def peak_rss_mb() -> float:
