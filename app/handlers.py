@@ -149,7 +149,7 @@ def watched(progress=None, request=None, since: float | None = None):
 def asking(progress=None):
     """The ``tick`` of an ask (`AskBatcher.ask`, every quarter second while it waits): gives the ask up
     (raises `Stopped`) once its client is gone — queued, it never runs; running alone, it stops at its
-    next token — and shows where it is: an official model's answer takes minutes on a CPU."""
+    next token — and shows where it is: an official model's answer takes most of a minute on a CPU."""
     def tick(where: dict) -> None:
         if client_gone():
             raise Stopped

@@ -82,6 +82,19 @@ def test_cpu_ops_counts_fewer_kernels_fused(tmp_path):
     assert fused["prefill_ops"] < separate["prefill_ops"]
 
 
+def test_cpu_official_smoke_measures_each_part(tmp_path):
+    """bench/cpu_official.py runs (tiny shape) and writes every figure it prints."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "bench/cpu_official.py", "--smoke", "--json", str(tmp_path / "o.json")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "o.json").read_text())
+    assert out["visual_tokens"] == 64 and out["meta"]["smoke"] is True
+    for k in ("vision_s", "prefill_its_25_s", "decode_s_per_token", "answer_32_tokens_s",
+              "prefill_all_tokens_s"):
+        assert out[k] > 0, k
+
+
 @pytest.mark.slow
 def test_device_call_prepares_runs_both_parts_and_packs_them_into_what_comes_back(tmp_path):
     """scripts/device_call.sh, the one command a session's device time holds, end to end on the CPU

@@ -16,7 +16,7 @@ the faulty ask gets the error. Queue depth, wait and batch size are logged (logg
 A caller may follow its ask (``tick``: called every ``TICK_S`` while it waits, with where the ask is:
 queued, reading — the prefill —, or writing its n-th token) and give it up by raising from ``tick``: a
 queued ask is then never run, and a batch whose every ask was given up stops at its next decode step
-(an answer of an official model on a CPU takes minutes; nobody is left to read it).
+(an official model's answer takes most of a minute on a CPU; nobody is left to read it).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ TICK_S = 0.25                             # how often a waiting caller's ``tick`
 
 
 class GivenUp(RuntimeError):
-    """The ask's caller gave it up before it ran."""
+    """The ask's caller gave it up: it was not run, or its batch was cut short (nobody read it)."""
 
 
 @dataclass
