@@ -157,6 +157,9 @@ def asking(progress=None):
             return
         if where["phase"] == "queued":
             progress(0.1, desc="Waiting for the model (another ask is running)")
+        elif where["phase"] == "reading" and "layer" in where:
+            k, n = where["layer"], where["layers"]
+            progress(0.1 + 0.1 * k / n, desc=f"Photon reads the scan and the question: layer {k} of {n}")
         elif where["phase"] == "reading":
             progress(0.2, desc="Photon reads the scan and the question")
         else:

@@ -1540,11 +1540,15 @@ def test_an_ask_shows_where_it_is_and_is_given_up_once_its_client_is_gone(engine
     shown = h.load_case(ABDOMEN, None, None, engine=engine, store=store, request=page)
     real_answer = engine.predictor.answer
 
-    def slow(rows, *a, on_step=None, **k):              # a slow model: 0.6 s a token
+    def slow(rows, *a, on_step=None, on_layer=None, **k):    # a slow model: 0.1 s a layer, 0.6 s a token
+        def layer(i, n):
+            time.sleep(0.1)
+            return on_layer(i, n)
+
         def step(n):
             time.sleep(0.6)
             return on_step(n)
-        return real_answer(rows, *a, on_step=step, **k)
+        return real_answer(rows, *a, on_step=step, on_layer=layer, **k)
 
     said = []
 
@@ -1560,7 +1564,9 @@ def test_an_ask_shows_where_it_is_and_is_given_up_once_its_client_is_gone(engine
                     0.5, *SLICE_CONTROLS, request=page, progress=progress, engine=engine)
         took = time.perf_counter() - t0
         time.sleep(1.0)                                  # the worker meets the given-up ask at its next step
-    assert "Photon writes the answer: 1 token" in said and took < 2.0
+    n = len(engine.predictor.model.model.layers)
+    assert any(f"Photon reads the scan and the question: layer {k} of {n}" in said for k in range(1, n + 1))
+    assert "Photon writes the answer: 1 token" in said and took < 0.1 * n + 2.0
     assert "Not asked" in out["card"] and shown["session"].answer is None
     assert "ask stopped" in caplog.text and "given up by every caller" in caplog.text
     event.alive = True

@@ -572,17 +572,22 @@ def test_an_ask_given_up_is_not_run_and_a_batch_given_up_by_all_stops(served, ca
     q2 = [Query("Is the spleen enlarged?", "auto", v2)]
     real_answer, ran = p.answer, []
 
-    def slow_answer(rows, *a, on_step=None, **k):      # 0.1 s a token: slow enough to be followed
+    def slow_answer(rows, *a, on_step=None, on_layer=None, **k):   # 0.1 s a token and a prefill layer
         ran.append([r.question for r in rows])
 
         def step(n):
             time.sleep(0.1)
             return on_step(n)
-        return real_answer(rows, *a, on_step=step, **k)
+
+        def layer(i, n):
+            time.sleep(0.1 if slow_prefill else 0.0)
+            return on_layer(i, n)
+        return real_answer(rows, *a, on_step=step, on_layer=layer, **k)
 
     class Leave(Exception):
         pass
 
+    slow_prefill = False
     p.answer = slow_answer
     try:
         batcher = AskBatcher(p, window_s=0.0)
@@ -607,14 +612,27 @@ def test_an_ask_given_up_is_not_run_and_a_batch_given_up_by_all_stops(served, ca
                 batcher.ask(q1, max_new_tokens=5, tick=lambda where: (_ for _ in ()).throw(Leave()))
             runner.join(timeout=120)
             time.sleep(0.3)
+            # given up while the prefill reads (0.1 s a layer): it stops at the next layer
+            slow_prefill, reading = True, []
+
+            def leave_when_reading(where):
+                reading.append(where)
+                if where["phase"] == "reading" and where.get("layer", 0) >= 2:
+                    raise Leave
+            with pytest.raises(Leave):
+                batcher.ask(q2, max_new_tokens=5, tick=leave_when_reading)
+            time.sleep(0.5)
         batcher.close()
     finally:
         p.answer = real_answer
+    n_layers = len(p.model.model.layers)
+    assert reading[-1]["layers"] == n_layers and 2 <= reading[-1]["layer"] < n_layers
+    assert caplog.text.count("given up by every caller") == 2
     phases = [w["phase"] for w in seen]
     assert "writing" in phases and "queued" not in phases[phases.index("writing"):]
     assert 0.3 < left < 2.0                          # left after ≈ 3 tokens of 0.1 s, not 30
     assert "given up by every caller" in caplog.text and "given up before it ran" in caplog.text
-    assert ran == [[q1[0].question], [q2[0].question]]      # the queued ask given up never ran
+    assert ran == [[q1[0].question], [q2[0].question], [q2[0].question]]   # the queued ask never ran
     _same(other["a"][0], p.answer(q2, max_new_tokens=12)[0])  # the other user's answer, whole
 
 
@@ -650,6 +668,33 @@ def test_encoding_reports_each_vision_block_of_its_own_thread_and_stops_where_to
             thread.join(timeout=120)
     p.encode(frames, start_the_other)
     assert seen == list(range(n)) and torch.equal(other[0], plain)
+
+
+def test_the_prefill_reports_each_decoder_layer_once_and_stops_where_told(served):
+    """An official model's prefill takes ≈ 22 s on a 2-core CPU, one step nobody could follow or cut:
+    ``on_layer(i, n)`` now comes before each decoder layer of the prefill (not of the decode steps,
+    which run the same layers), changes no answer, and what it raises stops the ask there."""
+    from photon_core.inference.predictor import Query
+
+    p, (v1, _, _) = served
+    q = [Query("Is there a lesion in the liver?", "auto", v1)]
+    plain = p.answer(q, max_new_tokens=6)[0]
+    n = len(p.model.model.layers)
+    seen = []
+    got = p.answer(q, max_new_tokens=6, on_layer=lambda i, total: seen.append((i, total)) or 1)[0]
+    assert seen == [(i, n) for i in range(n)]
+    _same(got, plain)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_1(i, total):
+        if i == 1:
+            raise Stop
+    with pytest.raises(Stop):
+        p.answer(q, max_new_tokens=6, on_layer=stop_at_1)
+    assert all(not layer._forward_pre_hooks for layer in p.model.model.layers)
+    _same(p.answer(q, max_new_tokens=6)[0], plain)
 
 
 def test_a_faulty_ask_fails_alone(served):

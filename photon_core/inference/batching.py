@@ -14,9 +14,10 @@ the faulty ask gets the error. Queue depth, wait and batch size are logged (logg
 ``photon_core.inference.batching``, INFO) and kept in `stats`.
 
 A caller may follow its ask (``tick``: called every ``TICK_S`` while it waits, with where the ask is:
-queued, reading — the prefill —, or writing its n-th token) and give it up by raising from ``tick``: a
-queued ask is then never run, and a batch whose every ask was given up stops at its next decode step
-(an official model's answer takes most of a minute on a CPU; nobody is left to read it).
+queued, reading — the prefill, with its decoder layer on a CPU —, or writing its n-th token) and give it
+up by raising from ``tick``: a queued ask is then never run, and a batch whose every ask was given up
+stops at its next decoder layer (CPU prefill) or decode step (an official model's answer takes most of
+a minute on a CPU; nobody is left to read it).
 """
 from __future__ import annotations
 
@@ -49,13 +50,15 @@ class _Ask:
     arrived: float = field(default_factory=time.perf_counter)
     given_up: bool = False                # the caller no longer waits for it
     tokens: int | None = None             # None: queued; 0: reading (prefill); n: writing the n-th token
+    layer: tuple | None = None            # reading: (decoder layer i, of n), where the CPU reports it
 
     def where(self) -> dict:
         """What a waiting caller is told: queued, reading, or writing (n of at most max_new_tokens)."""
         if self.tokens is None:
             return {"phase": "queued"}
         if self.tokens == 0:
-            return {"phase": "reading"}
+            return {"phase": "reading"} | ({"layer": self.layer[0] + 1, "layers": self.layer[1]}
+                                           if self.layer else {})
         return {"phase": "writing", "tokens": self.tokens, "max_new_tokens": self.settings[0]}
 
     @property
@@ -185,11 +188,20 @@ class AskBatcher:
                 it.tokens = n
             return all(it.given_up for it in batch)
 
+        def layer(i: int, n: int) -> None:      # the prefill's progress (CPU); stop once nobody waits
+            for it in batch:
+                it.layer = (i, n)
+            if all(it.given_up for it in batch):
+                raise GivenUp("the ask was given up while it ran")
+
         for it in batch:
             it.tokens = 0
         try:
             answers = self.predictor.answer(rows, max_new_tokens, do_sample, temperature, top_p, seed,
-                                            on_step=step)
+                                            on_step=step, on_layer=layer)
+        except GivenUp as e:
+            self._given_up(batch, e, time.perf_counter() - t0)
+            return
         except Exception as e:  # noqa: BLE001 - find the faulty ask: the others still get answers
             if len(batch) == 1:
                 batch[0].future.set_exception(e)
@@ -199,10 +211,7 @@ class AskBatcher:
             return
         run_s = time.perf_counter() - t0
         if all(it.given_up for it in batch):
-            for it in batch:
-                it.future.set_exception(GivenUp("the ask was given up while it ran"))
-            log.info("ask batch given up by every caller (%s) after %.0f ms",
-                     ", ".join(sorted({it.tag or "-" for it in batch})), 1000 * run_s)
+            self._given_up(batch, GivenUp("the ask was given up while it ran"), run_s)
             return
         i = 0
         for it, wait in zip(batch, waits):
@@ -218,3 +227,10 @@ class AskBatcher:
         log.info("ask batch: %d asks (%s), %d rows; %d still queued; waited %.1f ms max; forward %.0f ms",
                  len(batch), ", ".join(sorted({it.tag or "-" for it in batch})), len(rows), depth,
                  1000 * max(waits), 1000 * run_s)
+
+    @staticmethod
+    def _given_up(batch: list[_Ask], e: GivenUp, run_s: float) -> None:
+        for it in batch:
+            it.future.set_exception(e)
+        log.info("ask batch given up by every caller (%s) after %.0f ms",
+                 ", ".join(sorted({it.tag or "-" for it in batch})), 1000 * run_s)

@@ -246,13 +246,15 @@ class Predictor:
 
     def answer(self, queries: list[Query], max_new_tokens: int = 32, do_sample: bool | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int = 0,
-               on_step=None) -> list[Answer]:
+               on_step=None, on_layer=None) -> list[Answer]:
         """Rows of (question, budget, volume features, prior) — possibly of different volumes, e.g. the
         asks of several users (`batching.AskBatcher`) — answered in ONE batched forward. Every row
         must carry as many visual tokens as the others; each gives exactly what it gives alone.
         Decoding settings left None come from the checkpoint's generation config. ``on_step(n)``: called
         before each decode step with the tokens chosen so far; a true result ends the answers there
-        (cut short: for a caller that no longer wants them)."""
+        (cut short: for a caller that no longer wants them). ``on_layer(i, n)``: called before each of
+        the prefill's n decoder layers on the CPU (an official model's prefill takes ≈ 22 s there); it may
+        raise to stop."""
         if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
         n = len(queries)
@@ -274,7 +276,8 @@ class Predictor:
         t0 = time.perf_counter()
         with torch.inference_mode():
             timing = {}
-            res = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing, on_step)
+            res = self._generate(ids, mask, feats, grid, bs, max_new_tokens, sampling, gen, timing, on_step,
+                                 None if cuda else on_layer)
         total_s = time.perf_counter() - t0
         prefill_s = timing.get("prefill", total_s)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else peak_rss_mb()
@@ -337,28 +340,29 @@ class Predictor:
         return ids, mask, feats, grid, P, V
 
     def _generate(self, ids, mask, feats, grid, budgets, max_new_tokens, sampling: GenerationSettings, gen,
-                  timing, on_step=None) -> Generation:
+                  timing, on_step=None, on_layer=None) -> Generation:
         t0 = time.perf_counter()
+        with _each_block(self.model.model.layers, on_layer) as prefill_done:
+            def mark(_out):
+                prefill_done()                  # (the decode steps run the same layers: not reported)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timing["prefill"] = time.perf_counter() - t0
 
-        def mark(_out):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            timing["prefill"] = time.perf_counter() - t0
-
-        return generate(self.model, ids, mask, features=feats, grid_thw=grid, budget=budgets,
-                        max_new_tokens=max_new_tokens, eos_token_id=list(sampling.eos_token_ids),
-                        do_sample=sampling.do_sample, temperature=sampling.temperature,
-                        top_p=sampling.top_p, top_k=sampling.top_k,
-                        repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark,
-                        on_step=on_step)
+            return generate(self.model, ids, mask, features=feats, grid_thw=grid, budget=budgets,
+                            max_new_tokens=max_new_tokens, eos_token_id=list(sampling.eos_token_ids),
+                            do_sample=sampling.do_sample, temperature=sampling.temperature,
+                            top_p=sampling.top_p, top_k=sampling.top_k,
+                            repetition_penalty=sampling.repetition_penalty, generator=gen, on_prefill=mark,
+                            on_step=on_step)
 
 
 @contextlib.contextmanager
 def _each_block(blocks, step):
-    """``step(i, n)`` before each block's forward run by this thread (forward pre-hooks, removed after;
-    another thread's forward through the same blocks is not seen)."""
+    """``step(i, n)`` before each block's forward run by this thread (forward pre-hooks, removed after, or
+    earlier by calling what it yields; another thread's forward through the same blocks is not seen)."""
     if step is None:
-        yield
+        yield lambda: None
         return
     me, n = threading.get_ident(), len(blocks)
 
@@ -368,11 +372,14 @@ def _each_block(blocks, step):
                 step(i, n)
         return pre
     handles = [blk.register_forward_pre_hook(hook(i)) for i, blk in enumerate(blocks)]
-    try:
-        yield
-    finally:
+
+    def remove() -> None:
         for h in handles:
             h.remove()
+    try:
+        yield remove
+    finally:
+        remove()
 
 
 def peak_rss_mb() -> float:
