@@ -146,13 +146,21 @@ def watched(progress=None, request=None, since: float | None = None):
     return step
 
 
-def asking(progress=None):
+def asking(progress=None, request=None):
     """The ``tick`` of an ask (`AskBatcher.ask`, every quarter second while it waits): gives the ask up
-    (raises `Stopped`) once its client is gone — queued, it never runs; running alone, it stops at its
-    next token — and shows where it is: an official model's answer takes most of a minute on a CPU."""
+    (raises `Stopped`) once its client is gone or, given the page's ``request``, once its "Stop asking"
+    was pressed since the ask was asked for — queued, it never runs; running alone, it stops at its next
+    token (or decoder layer, on a CPU) — and shows where it is: an official model's answer takes most of
+    a minute on a CPU."""
+    key = _key(request) if request is not None else None
+    since = _ask_asked_at(request) if request is not None else None
+    since = time.monotonic() if since is None else since
+
     def tick(where: dict) -> None:
         if client_gone():
             raise Stopped
+        if key is not None and _ASK_STOPS.get(key, -1.0) >= since:
+            raise Stopped(by_user=True)
         if progress is None:
             return
         if where["phase"] == "queued":
@@ -187,6 +195,30 @@ def stop_loading(request: gr.Request = None) -> None:
     the scan it shows (the status line says so). A load past its last step lands as usual."""
     with _LOADS_LOCK:
         _remember(_STOPS, _key(request), time.monotonic())
+
+
+def show_ask_stop(request: gr.Request = None) -> dict:
+    """An ask (or Compare) was asked for: "Stop asking" is shown until it returns (`hide_ask_stop`); the
+    page's style keeps it invisible for its first second, so that a quick answer shows no button."""
+    with _LOADS_LOCK:
+        _remember(_ASKED_ASK, _key(request), time.monotonic())
+    return {"stop_ask": gr.update(visible=True)}
+
+
+def hide_ask_stop() -> dict:
+    return {"stop_ask": gr.update(visible=False)}
+
+
+def stop_asking(request: gr.Request = None) -> None:
+    """"Stop asking": the page's asks asked for until now are given up (`asking`); the card keeps the
+    answer it shows and says the ask was stopped."""
+    with _LOADS_LOCK:
+        _remember(_ASK_STOPS, _key(request), time.monotonic())
+
+
+def _ask_asked_at(request) -> float | None:
+    with _LOADS_LOCK:
+        return _ASKED_ASK.pop(_key(request), None)
 
 
 def _load_asked_at(request) -> float | None:
@@ -228,6 +260,8 @@ def slider_visibility(mode: str) -> dict:
 _LOADS_RUNNING: dict[str, int] = {}       # browser session -> loads in flight (asks wait for the new scan)
 _ASKED_LOAD: OrderedDict[str, float] = OrderedDict()   # browser -> when its upload's load was asked for
 _STOPS: OrderedDict[str, float] = OrderedDict()         # browser -> when its "Stop loading" was pressed
+_ASKED_ASK: OrderedDict[str, float] = OrderedDict()     # browser -> when its latest ask was asked for
+_ASK_STOPS: OrderedDict[str, float] = OrderedDict()     # browser -> when its "Stop asking" was pressed
 _LOADS_LOCK = threading.Lock()
 LOADING_MESSAGE = ("A new scan is loading: ask again when it has loaded (the answer would have been about "
                    "the previous scan).")
@@ -628,7 +662,7 @@ def _answer_and_draw(engine: Engine, s: Session, view: View, question: str, budg
     with s.lock:
         if _outdated(request, ticket):
             return {}
-        engine.answer(s, question, budget, tick=asking(progress))
+        engine.answer(s, question, budget, tick=asking(progress, request))
         if not _superseded(request, s):
             if progress is not None:
                 progress(0.7, desc="Drawing the kept blocks")
@@ -699,7 +733,7 @@ def review(s, view, question, tokens, percent, theta, width, level, opacity, req
         _check_not_loading(request)
         if s is None or view is None or s.volume is None:
             raise _no_scan(s)
-        auto = engine.ask(s, question, Budget("auto"))          # a probe: the session keeps its answer
+        auto = engine.ask(s, question, Budget("auto"), tick=asking(None, request))   # a probe: not kept
         k = int(min(auto.total, max(2 * auto.kept, 100, MIN_KEEP_TOKENS)))
         if k <= TOKENS_MAX:
             mode, budget, value = "Tokens", Budget("top_k", float(k)), k
@@ -771,7 +805,7 @@ def compare(s: Session | None, question: str, request: gr.Request = None, progre
             raise _no_scan(s)
         progress(0.1, desc="Asking at Auto, 10%, 25%, 50% and Full (one batch)")
         with s.lock:
-            rows = engine.compare_rows(s, question, asking(progress))
+            rows = engine.compare_rows(s, question, asking(progress, request))
             s.compared = clean_question(question)
             return {"cmp_table": compare_table(rows, s.compared, s.title), "cmp_plot": kept_vs_budget(rows)}
     except Exception as e:  # noqa: BLE001

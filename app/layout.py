@@ -24,7 +24,12 @@ UI = "undocumented"
 # A slider's number box commits on Enter as well as on blur (Gradio commits on blur only), a typed value
 # outside the slider's range is brought into it first, and an emptied box gets back the value it had when
 # it was entered (Gradio would refuse either with an error badge on every output, naming its component).
+# And the style that keeps "Stop asking" invisible during an ask's first second.
 JS = """() => {
+  const style = document.createElement('style');   // "Stop asking" appears only once an ask has run 1 s
+  style.textContent = '.appears-late { animation: appears-late 0s linear 1s both; } ' +
+    '@keyframes appears-late { from { visibility: hidden; } to { visibility: visible; } }';
+  document.head.appendChild(style);
   const ours = (t) => t && t.matches && t.matches('.commit-on-enter input[type=number]');
   const set = (t, v) => { t.value = v; t.dispatchEvent(new Event('input', {bubbles: true})); };
   const clamp = (t) => {
@@ -167,6 +172,8 @@ def _scan_and_question(c: dict, engine: Engine) -> None:
         c["triage"] = gr.Button("Triage (Auto)", elem_id="triage")
         c["review"] = gr.Button("Review (≥2× Auto)", elem_id="review")
     c["ask"] = gr.Button("Ask", variant="primary", elem_id="ask")
+    c["stop_ask"] = gr.Button("Stop asking", elem_id="stop_ask", variant="stop", size="sm", visible=False,
+                              elem_classes=["appears-late"])
 
 
 def _views(c: dict) -> None:
@@ -248,18 +255,29 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     c["prior"].change(fn, fields, outs, api_visibility=P)
     c["suggested"].input(lambda q: q or gr.skip(), c["suggested"], c["question"], api_visibility=P)
 
+    # "Stop asking" is shown while an ask runs (chained before it, hidden after it); the page's style keeps
+    # it invisible for its first second (a quick answer shows no button)
+    show_ask, stop_ask = wire(h.show_ask_stop, ["stop_ask"], c)
+    hide_ask, _ = wire(h.hide_ask_stop, ["stop_ask"], c)
+
+    def stoppable(trigger, fn, inputs, outputs, trigger_mode=None, **kw):
+        first = trigger(show_ask, None, stop_ask, queue=False, api_visibility=P,
+                        **({"trigger_mode": trigger_mode} if trigger_mode else {}))
+        first.then(fn, inputs, outputs, **kw).then(hide_ask, None, stop_ask, queue=False, api_visibility=P)
+
     fn, outs = wire(h.ask, answer_out + sliders_out, c, engine=engine)
-    c["ask"].click(fn, budget_in, outs, api_name="ui_ask", api_visibility=UI)
-    c["question"].submit(fn, budget_in, outs, api_visibility=P)
+    stoppable(c["ask"].click, fn, budget_in, outs, api_name="ui_ask", api_visibility=UI)
+    stoppable(c["question"].submit, fn, budget_in, outs, api_visibility=P)
     fn, outs = wire(h.reask, answer_out + sliders_out, c, engine=engine)
     for slider in sliders_out:
-        c[slider].release(fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
+        stoppable(c[slider].release, fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
     fn, outs = wire(h.mode_changed, answer_out + sliders_out, c, engine=engine)
-    c["mode"].input(fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
+    stoppable(c["mode"].input, fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
     fn, outs = wire(h.triage, answer_out + ["mode", *sliders_out], c, engine=engine)
-    c["triage"].click(fn, no_mode, outs, api_visibility=P)
+    stoppable(c["triage"].click, fn, no_mode, outs, api_visibility=P)
     fn, outs = wire(h.review, answer_out + ["mode", *sliders_out], c, engine=engine)
-    c["review"].click(fn, no_mode, outs, api_visibility=P)
+    stoppable(c["review"].click, fn, no_mode, outs, api_visibility=P)
+    c["stop_ask"].click(h.bind(h.stop_asking), None, None, queue=False, api_visibility=P)
 
     fn, outs = wire(h.redraw_slices, ["slices"], c)
     c["opacity"].release(fn, slices_in, outs, trigger_mode=LAST, api_visibility=P)
@@ -276,7 +294,7 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     c["slices"].select(fn, slices_in, outs, trigger_mode=LAST, api_visibility=P)
 
     fn, outs = wire(h.compare, ["cmp_table", "cmp_plot"], c, engine=engine)
-    c["compare"].click(fn, ins("session", "question"), outs, api_visibility=P)
+    stoppable(c["compare"].click, fn, ins("session", "question"), outs, api_visibility=P)
     fn, outs = wire(h.export, ["exp_files"], c, engine=engine)
     c["export"].click(fn, slices_in, outs, api_visibility=P)
     demo.load(None, js=JS)

@@ -1573,3 +1573,55 @@ def test_an_ask_shows_where_it_is_and_is_given_up_once_its_client_is_gone(engine
     monkeypatch.setattr(engine.predictor, "answer", real_answer)
     again = _ask(engine, shown)
     assert again["session"].answer is not None
+
+
+def test_stop_asking_gives_up_the_pages_ask_and_keeps_the_answer_shown(engine, store, monkeypatch):
+    """An official model's answer takes most of a minute on a CPU, and a wrong question could only be
+    waited out. "Stop asking" (shown while an ask or Compare runs) gives up the page's asks asked for
+    before it was pressed: the card keeps the answer it showed and says the ask was stopped. A Stop
+    pressed before an ask was asked for, or on another page, stops nothing."""
+    from types import SimpleNamespace
+
+    from app import handlers as h
+
+    page, other = SimpleNamespace(session_hash="stop-ask"), SimpleNamespace(session_hash="stop-ask-other")
+    shown = h.load_case(ABDOMEN, None, None, engine=engine, store=store, request=page)
+    first = _ask(engine, shown)
+    assert first["session"].answer is not None
+    real_answer, press = engine.predictor.answer, {"on": False}
+
+    def slow(rows, *a, on_step=None, on_layer=None, **k):       # 0.3 s a token
+        def step(n):
+            if press["on"]:
+                h.stop_asking(request=page)
+            time.sleep(0.3)
+            return on_step(n)
+        return real_answer(rows, *a, on_step=step, on_layer=on_layer, **k)
+
+    monkeypatch.setattr(engine.predictor, "answer", slow)
+
+    def ask(request=page, **kw):
+        assert h.show_ask_stop(request=request)["stop_ask"]["visible"] is True
+        return h.ask(first["session"], shown["view"], "Is the spleen enlarged?", "Auto", 300, 25, 0.5,
+                     *SLICE_CONTROLS, request=request, engine=engine)
+
+    before = first["session"].answer
+    press["on"] = True                                  # pressed while the answer is written
+    t0 = time.perf_counter()
+    out = ask()
+    assert time.perf_counter() - t0 < 3.0
+    assert "Stopped at your request" in out["card"] and "cyst" in html.unescape(out["card"]).lower()
+    assert first["session"].answer is before            # the answer shown stays the session's
+    press["on"] = False
+    h.stop_asking(request=page)                         # pressed before this ask was asked for
+    time.sleep(0.01)
+    assert "Stopped" not in ask()["card"]
+    h.show_ask_stop(request=other)
+    h.stop_asking(request=page)                         # another page's Stop
+    assert "Stopped" not in h.ask(first["session"], shown["view"], "Is the spleen enlarged?", "Auto", 300,
+                                  25, 0.5, *SLICE_CONTROLS, request=other, engine=engine)["card"]
+    press["on"] = True                                  # Compare, stopped the same way
+    h.show_ask_stop(request=page)
+    cmp = h.compare(first["session"], "Is the liver enlarged?", request=page, engine=engine)
+    assert "Not compared: Stopped at your request" in cmp["cmp_table"]
+    assert h.hide_ask_stop()["stop_ask"]["visible"] is False

@@ -175,6 +175,15 @@ def test_opens_with_anatomy_then_an_answer_belongs_to_its_scan(page):
     card = _text(page, "#answer-card")
     assert "Visual tokens kept" in card and "budget Photon's own θ" in card and "Abdomen/pelvis" in card
     assert "probability" in card
+    # "Stop asking" is shown during an ask but stays invisible for its first second (no flash on a quick
+    # answer), and is hidden once the answer is in
+    page.locator("#stop_ask").wait_for(state="hidden")
+    late = page.evaluate("""async () => {
+        const d = document.createElement('div'); d.className = 'appears-late'; document.body.appendChild(d);
+        const first = getComputedStyle(d).visibility;
+        await new Promise(r => setTimeout(r, 1300));
+        const then = getComputedStyle(d).visibility; d.remove(); return [first, then]; }""")
+    assert late == ["hidden", "visible"]
     page.screenshot(path=str(SHOTS / "01_answer_auto.png"), full_page=True)
     _load_case(page, CHEST, "Chest")
     page.wait_for_selector("#answer-card[data-empty]")
