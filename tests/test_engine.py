@@ -636,6 +636,18 @@ def test_an_ask_given_up_is_not_run_and_a_batch_given_up_by_all_stops(served, ca
     _same(other["a"][0], p.answer(q2, max_new_tokens=12)[0])  # the other user's answer, whole
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stop_at(k: int):
+    """A progress step ``step(i, n)`` that stops the work when it reaches block (or layer) k."""
+    def step(i, total):
+        if i == k:
+            raise _Stopped
+    return step
+
+
 def test_encoding_reports_each_vision_block_of_its_own_thread_and_stops_where_told(served):
     """The official tower takes ≈ 40 s on a 2-core CPU, as one step a load could neither report nor stop
     inside: ``step(i, n)`` now comes before each block (forward pre-hooks, this thread's forward only,
@@ -648,14 +660,8 @@ def test_encoding_reports_each_vision_block_of_its_own_thread_and_stops_where_to
     feats = p.encode(frames, lambda i, total: seen.append((i, total)) or 0.5)[0]
     assert seen == [(i, n) for i in range(n)] and torch.equal(feats, plain)
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_1(i, total):
-        if i == 1:
-            raise Stop
-    with pytest.raises(Stop):
-        p.encode(frames, stop_at_1)
+    with pytest.raises(_Stopped):
+        p.encode(frames, _stop_at(1))
     assert all(not blk._forward_pre_hooks for blk in p.model.visual.blocks)
     other: list = []                                     # another thread's encoding is not reported
     seen.clear()
@@ -685,14 +691,8 @@ def test_the_prefill_reports_each_decoder_layer_once_and_stops_where_told(served
     assert seen == [(i, n) for i in range(n)]
     _same(got, plain)
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_1(i, total):
-        if i == 1:
-            raise Stop
-    with pytest.raises(Stop):
-        p.answer(q, max_new_tokens=6, on_layer=stop_at_1)
+    with pytest.raises(_Stopped):
+        p.answer(q, max_new_tokens=6, on_layer=_stop_at(1))
     assert all(not layer._forward_pre_hooks for layer in p.model.model.layers)
     _same(p.answer(q, max_new_tokens=6)[0], plain)
 
