@@ -649,7 +649,7 @@ def _stop_at(k: int):
 
 
 def test_encoding_reports_each_vision_block_of_its_own_thread_and_stops_where_told(served):
-    """The official tower takes ≈ 40 s on a 2-core CPU, as one step a load could neither report nor stop
+    """The official tower takes ≈ 33 s on a 2-core CPU, as one step a load could neither report nor stop
     inside: ``step(i, n)`` now comes before each block (forward pre-hooks, this thread's forward only,
     removed after; what the step returns changes nothing), and what it raises stops the encoding."""
     p, _ = served
