@@ -200,13 +200,20 @@ def stop_loading(request: gr.Request = None) -> None:
 def show_ask_stop(request: gr.Request = None) -> dict:
     """An ask (or Compare) was asked for: "Stop asking" is shown until it returns (`hide_ask_stop`); the
     page's style keeps it invisible for its first second, so that a quick answer shows no button."""
+    key = _key(request)
     with _LOADS_LOCK:
-        _remember(_ASKED_ASK, _key(request), time.monotonic())
+        _remember(_ASKED_ASK, key, time.monotonic())
+        _remember(_ASKS_SHOWN, key, _ASKS_SHOWN.get(key, 0) + 1)
     return {"stop_ask": gr.update(visible=True)}
 
 
-def hide_ask_stop() -> dict:
-    return {"stop_ask": gr.update(visible=False)}
+def hide_ask_stop(request: gr.Request = None) -> dict:
+    """An ask returned: "Stop asking" hides once no other ask of the page still runs."""
+    key = _key(request)
+    with _LOADS_LOCK:
+        left = max(0, _ASKS_SHOWN.get(key, 0) - 1)
+        _remember(_ASKS_SHOWN, key, left)
+    return {"stop_ask": gr.update(visible=left > 0)}
 
 
 def stop_asking(request: gr.Request = None) -> None:
@@ -262,6 +269,7 @@ _ASKED_LOAD: OrderedDict[str, float] = OrderedDict()   # browser -> when its upl
 _STOPS: OrderedDict[str, float] = OrderedDict()         # browser -> when its "Stop loading" was pressed
 _ASKED_ASK: OrderedDict[str, float] = OrderedDict()     # browser -> when its latest ask was asked for
 _ASK_STOPS: OrderedDict[str, float] = OrderedDict()     # browser -> when its "Stop asking" was pressed
+_ASKS_SHOWN: OrderedDict[str, int] = OrderedDict()      # browser -> its asks asked for and not returned
 _LOADS_LOCK = threading.Lock()
 LOADING_MESSAGE = ("A new scan is loading: ask again when it has loaded (the answer would have been about "
                    "the previous scan).")

@@ -1624,4 +1624,8 @@ def test_stop_asking_gives_up_the_pages_ask_and_keeps_the_answer_shown(engine, s
     h.show_ask_stop(request=page)
     cmp = h.compare(first["session"], "Is the liver enlarged?", request=page, engine=engine)
     assert "Not compared: Stopped at your request" in cmp["cmp_table"]
-    assert h.hide_ask_stop()["stop_ask"]["visible"] is False
+    # two asks of a page at once: the button stays while the second still runs
+    two = SimpleNamespace(session_hash="stop-ask-two")
+    h.show_ask_stop(request=two), h.show_ask_stop(request=two)
+    assert h.hide_ask_stop(request=two)["stop_ask"]["visible"] is True
+    assert h.hide_ask_stop(request=two)["stop_ask"]["visible"] is False
