@@ -179,6 +179,23 @@ def _graph_equals_eager(gpu, fx, inputs):
         assert torch.equal(x.logprobs, e.logprobs)
 
 
+def test_a_graph_decode_told_each_step_gives_the_same_tokens_and_stops_where_told(gpu, fx, inputs):
+    """The served decode (compiled + captured) with the app's per-step callback (progress, give-up): the
+    callback runs on the host between replays, changes no token, and a true result ends the decoding."""
+    pv, g = inputs
+    f = _feats(gpu, pv, g)
+    ids, mask = _two_rows(fx, gpu.config.pad_token_id)
+    kw = dict(features=f.repeat(2, 1), grid_thw=g.cuda().repeat(2, 1), budget=["top_k:30", "auto"],
+              max_new_tokens=12)
+    plain = generate(gpu, ids, mask, **kw)
+    seen = []
+    told = generate(gpu, ids, mask, on_step=seen.append, **kw)
+    assert told.stats["path"] == plain.stats["path"] and torch.equal(told.tokens, plain.tokens)
+    assert seen == list(range(1, told.tokens.shape[1]))
+    cut = generate(gpu, ids, mask, on_step=lambda n: n == 4, **kw)
+    assert torch.equal(cut.tokens, plain.tokens[:, :4])
+
+
 def test_graph_captured_vision_tower_equals_eager(gpu, inputs):
     pv, g = inputs
     eng = vision_for(gpu, "graph")
