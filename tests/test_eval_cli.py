@@ -270,6 +270,15 @@ def test_an_interrupted_rank_0_merges_the_rows_the_other_ranks_wrote(tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md", "predictions.jsonl",
                                                     "predictions.rank2.jsonl"]
     assert "rank 2 wrote no rows" in capsys.readouterr().err
+    # interrupted before any rank answered: nothing written, and no empty rank file left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args.out = empty
+    for rank in (1, 0):
+        with pytest.raises(SystemExit):
+            evaluate._interrupted([], args, {}, rank, 2, time.time(), KeyboardInterrupt())
+    assert list(empty.iterdir()) == []
+    assert "nothing written" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["empty", "header_only", "scans_0", "scans_negative"])

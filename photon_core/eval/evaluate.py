@@ -321,12 +321,12 @@ def _interrupted(rows: list[dict] | None, args, about: dict, rank: int, world: i
             print(f"\ninterrupted: rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} wrote no "
                   f"rows within {MERGE_WAIT_S:.0f} s; the report holds ranks {', '.join(map(str, found))}",
                   file=sys.stderr)
+    if world > 1:
+        for r in about["ranks_merged"]:             # merged (or empty): the report holds what they held
+            _shard(args.out, r).unlink()
     if rows:
         write_report(rows, args.out, about | {"interrupted": True}, args.bertscore_model,
                      args.bertscore_layers, args.protocol)
-        if world > 1:
-            for r in about["ranks_merged"]:
-                _shard(args.out, r).unlink()
         print(f"\ninterrupted: the report of the {len(rows)} rows answered so far is in {args.out}",
               file=sys.stderr)
     else:
