@@ -99,11 +99,12 @@ def message(e: BaseException, where: str = "") -> str:
 
 # ---------------------------------------------------------------------------------------------- stopping
 class Stopped(Exception):
-    """A load stops at its next step: its page's "Stop loading" was pressed, or its client can no longer
-    receive the result — it cancelled the request (Gradio's /cancel, as an API client's ``job.cancel()``
-    sends it) or its page's connection closed (a tab closed, a client gone). The load ran on for seconds
+    """A load (or an ask) stops at its next step: its page's "Stop loading" (or "Stop asking") was
+    pressed, or its client can no longer receive the result — it cancelled the request (Gradio's /cancel,
+    as an API client's ``job.cancel()`` sends it) or its page's connection closed (a tab closed, a client
+    gone). The load ran on for seconds
     (a 512 × 512 × 300 scan: ≈ 1 s reading, 3 s preparing, 4 s drawing the anatomy), on a core of the
-    CPU and, while it prepared, the engine's lock, which every ask waits for. ``by_user``: "Stop loading"."""
+    CPU and, while it prepared, the engine's lock, which every ask waits for. ``by_user``: a Stop button."""
 
     def __init__(self, by_user: bool = False):
         super().__init__("Stopped at your request." if by_user else
@@ -129,18 +130,28 @@ def client_gone() -> bool:
     return True
 
 
+def _stop_check(presses: OrderedDict, request, since: float | None):
+    """A check that raises `Stopped` once the client is gone or, given the page's ``request``, once its
+    Stop button (whose presses ``presses`` records) was pressed ``since`` (default: now)."""
+    key = _key(request) if request is not None else None
+    since = time.monotonic() if since is None else since
+
+    def check() -> None:
+        if client_gone():
+            raise Stopped
+        if key is not None and presses.get(key, -1.0) >= since:
+            raise Stopped(by_user=True)
+    return check
+
+
 def watched(progress=None, request=None, since: float | None = None):
     """``progress`` (Gradio's tracker, or none) that first raises `Stopped` once the client is gone or,
     given the page's ``request``, once the page's "Stop loading" was pressed ``since`` (default: now, as
     the load begins): each step a load reports is also where it stops."""
-    key = _key(request) if request is not None else None
-    since = time.monotonic() if since is None else since
+    check = _stop_check(_STOPS, request, since)
 
     def step(*args, **kwargs):
-        if client_gone():
-            raise Stopped
-        if key is not None and _STOPS.get(key, -1.0) >= since:
-            raise Stopped(by_user=True)
+        check()
         if progress is not None:
             return progress(*args, **kwargs)
     return step
@@ -152,15 +163,10 @@ def asking(progress=None, request=None):
     was pressed since the ask was asked for — queued, it never runs; running alone, it stops at its next
     token (or decoder layer, on a CPU) — and shows where it is: an official model's answer takes most of
     a minute on a CPU."""
-    key = _key(request) if request is not None else None
-    since = _ask_asked_at(request) if request is not None else None
-    since = time.monotonic() if since is None else since
+    check = _stop_check(_ASK_STOPS, request, _ask_asked_at(request) if request is not None else None)
 
     def tick(where: dict) -> None:
-        if client_gone():
-            raise Stopped
-        if key is not None and _ASK_STOPS.get(key, -1.0) >= since:
-            raise Stopped(by_user=True)
+        check()
         if progress is None:
             return
         if where["phase"] == "queued":
