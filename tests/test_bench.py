@@ -108,8 +108,8 @@ def test_device_call_prepares_runs_both_parts_and_packs_them_into_what_comes_bac
     carried, out = tmp_path / "gpu", tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, GPU_DIR=str(carried),
                SHARED_PARITY=str(tmp_path / "no-parity-here"))
-    r = subprocess.run(["bash", "scripts/device_call.sh", "prepare"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(["bash", "scripts/device_call.sh", "prepare"], cwd=ROOT, env=dict(env, SMOKE="1"),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "no parity fixtures" in r.stderr and "of 64" in r.stdout
     assert '"bash scripts/device_call.sh run"' in r.stdout

@@ -225,7 +225,7 @@ def test_patch_detect(capsys):
             v[i, a:a + 4, b:b + 4, c:c + 4] += 1.5
         return v, y
     torch.manual_seed(0)
-    model = mod.train(mod.Cnn(), mod.draws(*blobs(512, 0)), steps=150)
+    model = mod.train(mod.Cnn(), mod.draws(*blobs(512, 0)), steps=60)
     v, y = blobs(256, 1)
     from photon_core.eval.metrics import auroc
     assert auroc(mod.score(model, v).tolist(), y.bool().tolist()) > 0.9

@@ -54,7 +54,7 @@ def voxels(mask: torch.Tensor) -> torch.Tensor:
 @per_mask
 def count(mask: torch.Tensor) -> int:
     """Voxels in ``mask``."""
-    return int(mask.sum())
+    return int(torch.count_nonzero(mask))
 
 
 def lesion_sites(organs) -> tuple[list[str], list[str]]:
