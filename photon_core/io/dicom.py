@@ -22,11 +22,13 @@ frame's position, orientation, pixel spacing and rescale live in its functional 
 shared). Its frames are read as the slices of a classic series, through the same sorting, duplicate and
 spacing checks, so one file and its classic export load to the same volume.
 
-Memory: a series whose every rescale is whole (a CT's are) is assembled straight into int16 HU, and each
-file's pixel data (its bytes and pydicom's decoded copy) is let go once its slices are copied: a load peaks
-at about twice the int16 volume (512 × 512 × 300: 764 → 312 MB traced). A fractional rescale, a gantry tilt
-or uneven slice gaps (both interpolated) take float32, compacted to int16 afterwards where every value is
-whole (`make_volume`).
+Memory: a series whose every rescale is whole (a CT's are) is assembled straight into int16 HU; each file's
+pixel data is read from it only when its slices are copied (`DEFER_BYTES`) and let go after (its bytes and
+pydicom's decoded copy): a load holds the volume and one file's pixels, not the series' pixel data besides
+(512 × 512 × 300, a 157 MB scan: 764 → 312 → 176 MB traced). Compressed files are read whole (their
+encapsulated data has no length to defer by) and decoded in a child process together. A fractional rescale, a
+gantry tilt or uneven slice gaps (both interpolated) take float32, compacted to int16 afterwards where every
+value is whole (`make_volume`).
 """
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ def _check_native_size(ds) -> None:
         return
     frame = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * \
         max(1, int(ds.get("BitsAllocated", 16) or 16) // 8)
-    held, needed = len(ds.PixelData), frame * _frame_count(ds)
+    held, needed = _value_length(ds, "PixelData"), frame * _frame_count(ds)
     if held >= needed + frame:
         raise VolumeError(f"A DICOM image holds {held:,} bytes of image data where its header "
                           f"({int(ds.Rows)}×{int(ds.Columns)}, {_frame_count(ds)} frame"
@@ -239,6 +241,11 @@ def _frames(ds, first_only: bool = False) -> list[_Frame]:
     return out
 
 
+# An element of the series being loaded longer than this (a slice's uncompressed pixel data: 512 KiB at
+# 512 × 512) is read from its file only when used, so a load holds one file's pixel bytes at a time.
+DEFER_BYTES = 4096
+
+
 def _read(path: Path, tags: Sequence[str], pixels: bool, limits: Limits):
     import pydicom
 
@@ -246,7 +253,15 @@ def _read(path: Path, tags: Sequence[str], pixels: bool, limits: Limits):
         head = f.read(4096)
     if DEFLATED_SYNTAX in head:
         _check_inflated(path, head, limits)
-    return pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=False, specific_tags=list(tags))
+    return pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=False, specific_tags=list(tags),
+                           defer_size=DEFER_BYTES if pixels else None)
+
+
+def _value_length(ds, name: str) -> int:
+    """Bytes of element ``name``'s value, without reading a deferred value from its file."""
+    elem = ds.get_item(name, keep_deferred=True)
+    value = elem.value
+    return len(value) if value is not None else int(elem.length)
 
 
 def _check_inflated(path: Path, head: bytes, limits: Limits) -> None:
