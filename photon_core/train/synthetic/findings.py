@@ -53,8 +53,8 @@ def voxels(mask: torch.Tensor) -> torch.Tensor:
 
 @per_mask
 def count(mask: torch.Tensor) -> int:
-    """Voxels in ``mask``."""
-    return int(torch.count_nonzero(mask))
+    """Voxels in ``mask`` (a tensor, or an array)."""
+    return int(torch.count_nonzero(mask)) if isinstance(mask, torch.Tensor) else int(mask.sum())
 
 
 def lesion_sites(organs) -> tuple[list[str], list[str]]:
