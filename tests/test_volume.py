@@ -878,6 +878,85 @@ def test_a_compressed_series_is_decoded_by_the_child_started_ahead(tmp_path):
     assert child.returncode == 0 and decode._spare is None
 
 
+def _jpeg_series(folder, frames, n, dup=()):
+    """A JPEG Lossless series of ``n`` slices 2 mm apart (and ``dup``: positions stored twice, as copies),
+    slice k storing ``frames[k % len(frames)]`` (stored values, rows × cols)."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    streams = [_jpeg_lossless(px) for px in frames]
+    rows, cols = frames[0].shape
+    for k, z in enumerate(list(range(n)) + list(dup)):
+        f = folder / f"s{k}.dcm"
+        _ct_slice(f, np.zeros((rows, cols), np.uint16), 2.0 * z, k + 1, 1, -1024)
+        ds = pydicom.dcmread(str(f))
+        ds.PixelData = encapsulate([streams[z % len(streams)]])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
+        ds.save_as(str(f))
+    return folder
+
+
+def test_a_compressed_series_is_decoded_as_its_slices_are_copied(tmp_path, monkeypatch):
+    """The child's arrays are read one file at a time as the copy asks for them (the child writes at most
+    about one ahead), not the whole decoded series at once beside the volume; the parent keeps no copy of
+    the encoded bytes either. So assembling a compressed series holds the volume and about a file's
+    pixels (it held the series decoded besides: ≥ 2× the volume)."""
+    import tracemalloc
+
+    from photon_core.io import dicom
+
+    base = np.add.outer(np.arange(256), np.arange(256)).astype(np.uint16) * 4 + 200   # smooth: small streams
+    frames = [base + k for k in range(4)]
+    series = _jpeg_series(tmp_path / "jpeg", frames, 64)
+    load_volume(_jpeg_series(tmp_path / "warm", [f[:32, :32] for f in frames], 16))  # imports done before
+    assembled = {}
+    real = dicom.make_volume
+
+    def make_volume(hu, *a, **kw):                      # the copy's peak, before the values are checked
+        assembled["peak"], assembled["bytes"] = tracemalloc.get_traced_memory()[1], hu.nbytes
+        return real(hu, *a, **kw)
+
+    monkeypatch.setattr(dicom, "make_volume", make_volume)
+    tracemalloc.start()
+    try:
+        vol = load_volume(series)
+    finally:
+        tracemalloc.stop()
+    want = np.stack([frames[k % 4].astype(np.int32) - 1024 for k in range(64)]).transpose(2, 1, 0)
+    assert np.array_equal(vol.hu, want)
+    extra = assembled["peak"] - assembled["bytes"]
+    assert extra < 0.5 * assembled["bytes"], f"{extra / assembled['bytes']:.2f}× the volume besides it"
+
+
+def test_a_compressed_series_with_copies_and_a_damaged_slice_midway(tmp_path, monkeypatch):
+    """A position stored twice is compared as before (each copy decoded alone, ahead of the copy) and the
+    rest stream in order; a slice that cannot be decoded halfway through the copy refuses the series in
+    words and ends its child there and then."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    from photon_core.io import decode
+
+    frames = [np.full((32, 32), 1024 + 40 + 10 * k, np.uint16) for k in range(20)]
+    vol = load_volume(_jpeg_series(tmp_path / "dup", frames, 20, dup=(5, 9)))
+    assert np.array_equal(vol.hu[0, 0, :], [40 + 10 * k for k in range(20)])
+    warned(tmp_path, vol, r"^2 duplicate slices \(identical copies")
+
+    series = _jpeg_series(tmp_path / "cut", frames, 20)
+    f = series / "s12.dcm"
+    ds = pydicom.dcmread(str(f))
+    ds.PixelData = encapsulate([_jpeg_lossless(frames[12])[:200]])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(f))
+    children = []
+    real = decode._take
+    monkeypatch.setattr(decode, "_take", lambda: children.append(real()) or children[-1])
+    refused(tmp_path, series, r"A DICOM slice stored as JPEG Lossless.* could not be decoded")
+    assert len(children) == 1 and children[0].poll() is not None        # ended, not left decoding
+
+
 def _one_jpeg_lossless_file(path, px):
     import pydicom
     from pydicom.encaps import encapsulate

@@ -7,7 +7,9 @@ Python binding does not catch, and the C++ runtime aborts the whole process: eve
 it. ``_check_encoded`` in ``dicom`` refuses the inconsistent headers that do this; what a header cannot
 show is caught here. The files of a compressed series are decoded by ``python -m photon_core.io.decode``:
 their paths go in on stdin (JSON), each file's array comes back on stdout as a JSON header and its raw
-bytes (never a pickle). A crash, a hang past the deadline or an error is a ``VolumeError`` in words.
+bytes (never a pickle), read by the loader one file at a time as it copies their slices (`decode_stream`:
+the pipe holds the child back, so the series is never held decoded whole). A crash, a hang past the
+deadline or an error is a ``VolumeError`` in words.
 Uncompressed and RLE series (pydicom's own numpy decoders) do not start a process.
 
 Starting the child and importing pydicom and its decoders costs about half a second, so one child is
@@ -20,9 +22,12 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,25 +43,94 @@ _HEADER = 4                # bytes of the length of each JSON header on stdout
 def decode_files(paths: list[Path], limits: Limits) -> list[np.ndarray | str]:
     """Each file's ``pixel_array`` decoded in a child process, or the reason it could not be decoded.
     Raises VolumeError when the decoder crashes or runs past its deadline."""
+    return list(decode_stream(paths, limits))
+
+
+def decode_stream(paths: list[Path], limits: Limits) -> Iterator[np.ndarray | str]:
+    """`decode_files` one file at a time, in the order of ``paths``: each array is read from the child as
+    it is asked for, and the child writes at most about one file ahead (the pipe holds the rest back), so a
+    series is never held decoded whole beside the volume it is copied into. The deadline counts from the
+    start; closing the iterator early ends the child."""
     request = json.dumps({"paths": [str(p) for p in paths], "limits": asdict(limits)}).encode()
-    deadline = START_S + PER_FILE_S * len(paths)
+    budget = START_S + PER_FILE_S * len(paths)
+    deadline = time.monotonic() + budget
     child = _take()
+    items: queue.Queue = queue.Queue(maxsize=1)
+    stop, done = threading.Event(), False
+
+    def hand_over(item) -> None:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read() -> None:                                 # the child's output, one file at a time
+        try:
+            for _ in paths:
+                item = _read_one(child.stdout)
+                if item is None:
+                    break
+                hand_over(item)
+        except (OSError, ValueError):                   # the pipe closed under it: the child was ended
+            pass
+        hand_over(None)
+
     try:
-        out, _ = child.communicate(request, timeout=deadline)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.communicate()
-        raise VolumeError(f"Decoding the compressed images of this DICOM series took over {deadline:.0f} "
-                          f"s and was stopped; the data is damaged, or export the series "
-                          f"uncompressed.") from None
+        try:
+            child.stdin.write(request)
+            child.stdin.close()
+        except OSError:                                 # the child is gone: it says how below
+            pass
+        reader = threading.Thread(target=read, daemon=True, name="dicom-decode-reader")
+        reader.start()
+        for _ in paths:
+            try:
+                item = items.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise VolumeError(f"Decoding the compressed images of this DICOM series took over "
+                                  f"{budget:.0f} s and was stopped; the data is damaged, or export the "
+                                  f"series uncompressed.") from None
+            if item is None:
+                try:
+                    code = child.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    code = child.wait()
+                died = f"signal {-code}" if code < 0 else f"exit status {code}"
+                raise VolumeError(f"The decoder of this DICOM series' compressed images crashed ({died}): "
+                                  f"the image data is damaged. Nothing else was affected; export the series "
+                                  f"again, or uncompressed.")
+            yield item
+        done = True
     finally:
+        stop.set()
+        if not done:                                    # stopped early, failed or past its deadline
+            child.kill()
+        try:
+            child.wait(timeout=2)                       # done: it ends by itself
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        child.stdout.close()
         prestart()                                      # the next series' child imports while this one ends
-    if child.returncode != 0:
-        died = f"signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
-        raise VolumeError(f"The decoder of this DICOM series' compressed images crashed ({died}): the image "
-                          f"data is damaged. Nothing else was affected; export the series again, or "
-                          f"uncompressed.")
-    return _parse(out, len(paths))
+
+
+def _read_one(stream) -> np.ndarray | str | None:
+    """One file's answer from the child: its array, the reason it was not decoded, or None at the end."""
+    size = stream.read(_HEADER)
+    if len(size) < _HEADER:
+        return None
+    blob = stream.read(int.from_bytes(size, "little"))
+    head = json.loads(blob)
+    if "error" in head:
+        return str(head["error"])
+    count = int(np.prod(head["shape"])) * np.dtype(head["dtype"]).itemsize
+    data = stream.read(count)
+    if len(data) < count:
+        return None
+    return np.frombuffer(data, dtype=head["dtype"]).reshape(head["shape"])
 
 
 _spare: subprocess.Popen | None = None                 # a started child waiting for its series
@@ -103,21 +177,6 @@ def _stop_spare() -> None:
             child.kill()
             child.wait()
         child.stdout.close()
-
-
-def _parse(out: bytes, n: int) -> list[np.ndarray | str]:
-    view, at, results = memoryview(out), 0, []
-    for _ in range(n):
-        size = int.from_bytes(view[at:at + _HEADER], "little")
-        head = json.loads(bytes(view[at + _HEADER:at + _HEADER + size]))
-        at += _HEADER + size
-        if "error" in head:
-            results.append(str(head["error"]))
-            continue
-        count = int(np.prod(head["shape"])) * np.dtype(head["dtype"]).itemsize
-        results.append(np.frombuffer(view[at:at + count], dtype=head["dtype"]).reshape(head["shape"]))
-        at += count
-    return results
 
 
 def _serve() -> None:

@@ -25,9 +25,10 @@ spacing checks, so one file and its classic export load to the same volume.
 Memory: a series whose every rescale is whole (a CT's are) is assembled straight into int16 HU; each file's
 pixel data is read from it only when its slices are copied (`DEFER_BYTES`) and let go after (its bytes and
 pydicom's decoded copy): a load holds the volume and one file's pixels, not the series' pixel data besides
-(512 × 512 × 300, a 157 MB scan: 764 → 312 → 176 MB traced). Compressed files are read whole (their
-encapsulated data has no length to defer by) and decoded in a child process together. A fractional rescale, a
-gantry tilt or uneven slice gaps (both interpolated) take float32, compacted to int16 afterwards where every
+(512 × 512 × 300, a 157 MB scan: 764 → 312 → 176 MB traced). Compressed files are read whole to check their
+frames (encapsulated data has no length to defer by), their bytes let go after, and decoded in a child process
+that hands them over one at a time as their slices are copied (`decode.decode_stream`). A fractional rescale,
+a gantry tilt or uneven slice gaps (both interpolated) take float32, compacted to int16 afterwards where every
 value is whole (`make_volume`).
 """
 from __future__ import annotations
@@ -97,6 +98,14 @@ class _Frame:
     def pixels(self) -> np.ndarray:
         """The stored values, (rows, columns); a damaged encoding is refused in words."""
         px = getattr(self.ds, "_decoded", None)         # decoded in a child process (``decode``)
+        if px is None and getattr(self.ds, "_coded", None) is not None:
+            from photon_core.io.decode import decode_files  # asked for before the copy (a duplicate's
+                                                            # comparison): this file alone
+            path, limits = self.ds._coded
+            (px,) = decode_files([path], limits)
+            if isinstance(px, str):
+                raise _undecodable(self.ds, px)
+            self.ds._decoded = px
         if px is None:
             try:
                 px = self.ds.pixel_array                    # pydicom caches the decoded array
@@ -464,14 +473,12 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
                               f"placed. The file is damaged, or not a CT volume.")
         _check_native_size(ds)
         _check_encoded(ds)
-    coded = [k for k, ds in enumerate(datasets) if _needs_codec(ds)]
-    if coded:                                           # a native decoder's crash must not be the server's
-        from photon_core.io.decode import decode_files
-
-        for k, px in zip(coded, decode_files([images[k].path for k in coded], limits)):
-            if isinstance(px, str):
-                raise _undecodable(datasets[k], px)
-            datasets[k]._decoded = px
+    # compressed files: decoded in a child process (a native decoder's crash must not be the server's) as
+    # their slices are copied below; the checked encoded bytes go now (the child reads the files itself)
+    for ds, im in zip(datasets, images):
+        if _needs_codec(ds):
+            ds._coded = (im.path, limits)
+            del ds.PixelData
     frames = [f for ds in datasets for f in _frames(ds)]
     if any(f.position is None or f.orientation is None for f in frames):
         raise VolumeError("A DICOM slice has no ImagePositionPatient/ImageOrientationPatient; "
@@ -497,30 +504,18 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     # NIfTI volumes come: each slice one contiguous block (its pixels transposed), copied in one pass
     hu = np.empty((cols, rows, len(frames)), order="F", dtype=np.float32 if irregular or tilt is not None
                   or not all(_whole(f.slope, f.intercept) for f in frames) else np.int16)
-    last = {id(f.ds): n for n, f in enumerate(frames)}          # after its last frame, a file's pixels go
-    bad_slope = bad_inter = 0
-    for n, f in enumerate(frames):
-        if "PixelData" not in f.ds:
-            raise VolumeError("A DICOM slice of the series holds no image data; the file may be truncated.")
-        px = f.pixels()
-        if px.shape != (rows, cols):
-            raise VolumeError(f"A DICOM image holds {px.shape} pixels where its header says {rows}×{cols}; "
-                              f"the file is damaged.")
-        slope, intercept = f.slope, f.intercept
-        if not np.isfinite(slope) or slope == 0:
-            slope, bad_slope = 1.0, bad_slope + 1
-        if not np.isfinite(intercept):
-            intercept, bad_inter = 0.0, bad_inter + 1
-        if hu.dtype == np.int16:
-            whole = rescaled_int16(px, slope, intercept)     # px is pydicom's: never scaled in place
-            if whole is not None:
-                hu[:, :, n] = whole.T
-            else:                                   # a value beyond int16 (or stored as floats): float32 on
-                hu = hu.astype(np.float32, order="F")
-        if hu.dtype == np.float32:
-            hu[:, :, n] = (px.astype(np.float32) * slope + intercept).T   # pixels (row, col): i along a row
-        if last[id(f.ds)] == n:
-            _release_pixels(f.ds)
+    pending = {id(f.ds): f.ds._coded[0] for f in frames          # compressed, in the order of their
+               if getattr(f.ds, "_coded", None) and getattr(f.ds, "_decoded", None) is None}   # first slices
+    if pending:
+        from photon_core.io.decode import decode_stream
+
+        decoded = decode_stream(list(pending.values()), limits)
+        try:
+            hu, bad_slope, bad_inter = _copy_frames(frames, hu, rows, cols, pending, decoded)
+        finally:
+            decoded.close()                             # a copy that failed ends the child
+    else:
+        hu, bad_slope, bad_inter = _copy_frames(frames, hu, rows, cols)
     if bad_slope:
         warnings.append(f"{bad_slope} slice{'s' * (bad_slope != 1)} had no usable rescale slope (NaN, zero "
                         f"or infinite); slope 1, the usual CT value, was assumed.")
@@ -545,6 +540,45 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
     thick = [f.thickness for f in frames if np.isfinite(f.thickness)]
     thickness = max(thick + ([float(gaps.max())] if irregular else []), default=None)   # the thickest section
     return make_volume(hu, affine, "dicom", meta, warnings, slice_thickness=thickness)
+
+
+def _copy_frames(frames: list[_Frame], hu: np.ndarray, rows: int, cols: int, pending: dict | None = None,
+                 decoded=None) -> tuple[np.ndarray, int, int]:
+    """Each frame's pixels, rescaled, into slice n of ``hu`` (int16 until a value needs float32); a file's
+    pixel data let go after its last frame. The files in ``pending`` (compressed, by id) take their arrays
+    from ``decoded``, in the order of their first frames. Returns ``hu`` and the counts of unusable slopes
+    and intercepts."""
+    pending = pending or {}
+    last = {id(f.ds): n for n, f in enumerate(frames)}          # after its last frame, a file's pixels go
+    bad_slope = bad_inter = 0
+    for n, f in enumerate(frames):
+        if id(f.ds) in pending and getattr(f.ds, "_decoded", None) is None:   # its first slice: the child's
+            px = next(decoded)                                                # next file
+            if isinstance(px, str):
+                raise _undecodable(f.ds, px)
+            f.ds._decoded = px
+        elif "PixelData" not in f.ds and getattr(f.ds, "_decoded", None) is None:
+            raise VolumeError("A DICOM slice of the series holds no image data; the file may be truncated.")
+        px = f.pixels()
+        if px.shape != (rows, cols):
+            raise VolumeError(f"A DICOM image holds {px.shape} pixels where its header says {rows}×{cols}; "
+                              f"the file is damaged.")
+        slope, intercept = f.slope, f.intercept
+        if not np.isfinite(slope) or slope == 0:
+            slope, bad_slope = 1.0, bad_slope + 1
+        if not np.isfinite(intercept):
+            intercept, bad_inter = 0.0, bad_inter + 1
+        if hu.dtype == np.int16:
+            whole = rescaled_int16(px, slope, intercept)     # px is pydicom's: never scaled in place
+            if whole is not None:
+                hu[:, :, n] = whole.T
+            else:                                   # a value beyond int16 (or stored as floats): float32 on
+                hu = hu.astype(np.float32, order="F")
+        if hu.dtype == np.float32:
+            hu[:, :, n] = (px.astype(np.float32) * slope + intercept).T   # pixels (row, col): i along a row
+        if last[id(f.ds)] == n:
+            _release_pixels(f.ds)
+    return hu, bad_slope, bad_inter
 
 
 def _grid_spacing(gaps: np.ndarray, k: int = 3) -> float:
