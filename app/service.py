@@ -358,13 +358,15 @@ class Engine:
         progress(0.05, desc="Reading the upload")
         listed = self.series(files)
         source = files if len(files) > 1 else files[0]
-        vol = load_volume(source, self.settings.limits, series=series or None)
+        vol = load_volume(source, self.settings.limits, series=series or None,
+                          step=lambda f, desc: progress(0.05 + 0.04 * f, desc=desc))
         prior, prior_listed = None, []
         if prior_file:
             progress(0.1, desc="Reading the prior scan")
             try:
                 prior_listed = self.series([prior_file])
-                prior = load_volume(prior_file, self.settings.limits, series=prior_series or None)
+                prior = load_volume(prior_file, self.settings.limits, series=prior_series or None,
+                                    step=lambda f, desc: progress(0.1 + 0.04 * f, desc=f"Prior scan: {desc}"))
             except VolumeError as e:
                 raise UploadPartError(f"The prior scan could not be read: {e}", prior_file) from None
             prior.warnings = [w.replace(CHOOSE_SERIES, PRIOR_SERIES) for w in prior.warnings]

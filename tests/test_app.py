@@ -297,8 +297,8 @@ def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine,
                                     ("1.3", "Abdomen 3.0 B70f", 112, "B70f", "axial"))]
     asked = []
     monkeypatch.setattr(service, "list_series", lambda files, limits: series)
-    monkeypatch.setattr(service, "load_volume", lambda src, limits, series=None: asked.append(series) or
-                        load_volume(SAMPLES / "abdomen_ct/ct.nii.gz"))
+    monkeypatch.setattr(service, "load_volume", lambda src, limits, series=None, step=None:
+                        asked.append(series) or load_volume(SAMPLES / "abdomen_ct/ct.nii.gz"))
     files = [str(tmp_path / f"im{i}.dcm") for i in range(3)]
     out = h.load_upload(files, None, None, None, None, None, None, engine=engine, store=store)
     assert asked == [None] and out["series"]["visible"] is True and out["series"]["value"] == "1.1"
@@ -317,7 +317,7 @@ def test_load_warnings_reach_the_status_line_and_the_api(engine, store, monkeypa
 
     said = ["12 voxels outside [-2000, 4000] HU were clipped", "slices are 50 mm thick (over 5 mm)"]
 
-    def with_warnings(src, limits, series=None):
+    def with_warnings(src, limits, series=None, step=None):
         vol = load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
         vol.warnings = list(said)
         return vol
@@ -897,7 +897,7 @@ def _study_with_a_localizer(monkeypatch, ct: str, localizer: str) -> None:
     series = [types.SimpleNamespace(uid=ct, label="Abdomen B31f"), types.SimpleNamespace(uid=localizer,
                                                                                       label="Topogram")]
 
-    def load(src, limits, series=None):
+    def load(src, limits, series=None, step=None):
         if series == localizer:
             raise VolumeError("This DICOM series holds a single image (512×512).")
         return load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
@@ -972,7 +972,7 @@ def test_two_kernels_of_one_acquisition_are_told_apart_on_the_card_and_in_the_ex
 
     series = [types.SimpleNamespace(uid=u, label=d) for u, d in (("s1", "Abdomen B31f"), ("s2", "Lung B70f"))]
 
-    def load(src, limits, series=None):
+    def load(src, limits, series=None, step=None):
         vol = load_volume(SAMPLES / "abdomen_ct/ct.nii.gz")
         vol.meta = {"format": "DICOM", "ConvolutionKernel": {"s2": "B70f"}.get(series, "B31f")}
         return vol
@@ -1056,7 +1056,7 @@ def test_a_series_picked_with_the_mouse_loads_once_and_says_a_failure_once(engin
                                                                  ("s3", "Topogram"))]
     loads, toasts = [], []
 
-    def load(src, limits, series=None):
+    def load(src, limits, series=None, step=None):
         loads.append(series)
         time.sleep(0.3)
         if series == "s3":
@@ -1451,6 +1451,36 @@ def test_a_load_whose_client_is_gone_stops_at_its_next_step(engine, store, gradi
         assert set(engine._cache) == cached
     else:
         assert calls["encode"] == 1 and calls["surfaces"] == 1   # the body drawn, not the bone
+
+
+def test_a_dicom_upload_says_which_slice_it_reads_and_stops_there(engine, store, gradio_event, monkeypatch):
+    """A DICOM series' reading (≈ 1 s for 300 files here, longer compressed or on a slow disk) showed one
+    "Reading the upload" and could not be stopped until it ended: the page now hears its headers and its
+    slices being read, and Stop loading (or a client gone) stops it at the next of them."""
+    from types import SimpleNamespace
+
+    from app import handlers as h
+    from photon_core.io import dicom
+
+    event, queue = gradio_event
+    monkeypatch.setattr(dicom, "STEP_EVERY_S", 0.0)
+    files = sorted(str(f) for f in (SAMPLES / "dicom_ct" / "series").iterdir())
+    shown = []
+
+    def set_progress(event_id, iterables):
+        shown.extend(it.desc for it in iterables or [] if it.desc)
+        if any(d and d.startswith("Reading the DICOM slices: 3 of") for d in shown):
+            event.alive = False                     # the page closes while its slices are read
+
+    queue.set_progress = set_progress
+    page = SimpleNamespace(session_hash="dicom-read-stopped")
+    out = h.bind(h.load_upload, engine=engine, store=store)(files, None, None, None, None, None, None,
+                                                             request=page)
+    assert "session" not in out and "Stopped" in out["status"]
+    n = sum(1 for d in shown if d.startswith("Reading the DICOM headers: file "))
+    assert n == len(files) and shown.index(f"Reading the DICOM headers: file {n} of {n}") < shown.index(
+        "Reading the DICOM slices: 1 of " + shown[-1].rsplit(" of ", 1)[1])
+    assert shown[-1].startswith("Reading the DICOM slices: 3 of")   # nothing read or shown after it
 
 
 def test_an_api_ask_whose_client_cancelled_stops_before_encoding(engine, gradio_event, monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ import gzip
 import json
 import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -955,6 +956,52 @@ def test_a_compressed_series_with_copies_and_a_damaged_slice_midway(tmp_path, mo
     monkeypatch.setattr(decode, "_take", lambda: children.append(real()) or children[-1])
     refused(tmp_path, series, r"A DICOM slice stored as JPEG Lossless.* could not be decoded")
     assert len(children) == 1 and children[0].poll() is not None        # ended, not left decoding
+
+
+def test_a_dicom_series_says_how_far_its_reading_is_and_stops_where_told(tmp_path, monkeypatch):
+    """``step`` hears the headers' and the slices' reading (a few times a second; here at every file), in
+    order; an exception it raises stops the load there — a compressed series' decoding child with it."""
+    from photon_core.io import decode, dicom
+
+    series = _dicom_series(tmp_path / "plain")
+    heard = []
+    t0 = time.monotonic()
+    vol = load_volume(series, step=lambda f, desc: heard.append((f, desc)))
+    took = time.monotonic() - t0
+    descs = [d for _, d in heard]
+    assert descs[0] == "Reading the DICOM headers: file 1 of 20"
+    assert "Reading the DICOM slices: 1 of 20" in descs
+    assert len(heard) <= 2 + took / dicom.STEP_EVERY_S                  # the first of each, then ≤ 4 a second
+    monkeypatch.setattr(dicom, "STEP_EVERY_S", 0.0)
+    heard.clear()
+    again = load_volume(series, step=lambda f, desc: heard.append((f, desc)))
+    assert np.array_equal(again.hu, vol.hu)
+    descs = [d for _, d in heard]
+    assert descs == ([f"Reading the DICOM headers: file {k} of 20" for k in range(1, 21)]
+                     + [f"Reading the DICOM slices: {k} of 20" for k in range(1, 21)])
+    fractions = [f for f, _ in heard]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] < 1
+
+    class Told(Exception):
+        pass
+
+    def stop_at(desc):
+        def step(f, d):
+            if d == desc:
+                raise Told
+        return step
+
+    children = []
+    real = decode._take
+    monkeypatch.setattr(decode, "_take", lambda: children.append(real()) or children[-1])
+    frames = [np.full((32, 32), 1024 + 10 * k, np.uint16) for k in range(20)]
+    packed = _jpeg_series(tmp_path / "jpeg", frames, 20)
+    with pytest.raises(Told):
+        load_volume(packed, step=stop_at("Reading the DICOM slices: 5 of 20"))
+    assert len(children) == 1 and children[0].poll() is not None         # its child ended there
+    with pytest.raises(Told):
+        load_volume(packed, step=stop_at("Reading the DICOM headers: file 3 of 20"))
+    assert len(children) == 1                                            # stopped before any decoding
 
 
 def _one_jpeg_lossless_file(path, px):

@@ -34,8 +34,9 @@ value is whole (`make_volume`).
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -290,12 +291,31 @@ def _check_inflated(path: Path, head: bytes, limits: Limits) -> None:
                           f"CT series).")
 
 
-def _scan(files: Sequence[Path], limits: Limits) -> dict[str, list[_Image]]:
+Step = Callable[[float, str], None]                 # (fraction of the reading done, what it reads)
+STEP_EVERY_S = 0.25      # a load's ``step`` (progress, and where it can be stopped) at most this often
+
+
+class _Steps:
+    """``step(fraction, desc)`` at most every `STEP_EVERY_S` (the first at once); none without a step."""
+
+    def __init__(self, step: Step | None):
+        self.step, self.last = step, None
+
+    def __call__(self, fraction: float, desc: str) -> None:
+        now = time.monotonic()
+        if self.step is not None and (self.last is None or now - self.last >= STEP_EVERY_S):
+            self.last = now
+            self.step(fraction, desc)
+
+
+def _scan(files: Sequence[Path], limits: Limits, step: Step | None = None) -> dict[str, list[_Image]]:
     """Header of every DICOM image among ``files``, grouped by series (non-DICOM files and DICOM objects
     without an image, such as DICOMDIR or reports, are skipped). A series is its SeriesInstanceUID and,
     in case an anonymiser blanked the UIDs, its description, kernel, orientation and image size."""
     groups: dict[str, list[_Image]] = {}
-    for f in files:
+    steps = _Steps(step)
+    for k, f in enumerate(files):
+        steps(0.3 * k / len(files), f"Reading the DICOM headers: file {k + 1} of {len(files)}")
         try:
             ds = _read(f, HEADER_TAGS, pixels=False, limits=limits)
         except VolumeError:
@@ -416,11 +436,13 @@ def list_series(files: Sequence[Path], limits: Limits) -> list[SeriesInfo]:
     return [info for info, _ in _ordered(_scan(files, limits), limits)]
 
 
-def load_series(files: Sequence[Path], limits: Limits, series: str | None = None) -> Volume:
+def load_series(files: Sequence[Path], limits: Limits, series: str | None = None,
+                step: Step | None = None) -> Volume:
     """One series of a DICOM upload as a Volume: ``series`` (a `SeriesInfo.uid`), or by default the
     first of `list_series` (the axial CT series with the most slices). The others are named in the
-    Volume's warnings."""
-    ordered = _ordered(_scan(files, limits), limits)
+    Volume's warnings. ``step(fraction, desc)``, if given, is told how far the reading is (headers, then
+    slices) a few times a second; an exception it raises stops the load there."""
+    ordered = _ordered(_scan(files, limits, step), limits)
     if not ordered:
         raise NoImages("No DICOM images were found; expected the files (or a .zip) of a CT series.")
     if series is not None:
@@ -444,10 +466,11 @@ def load_series(files: Sequence[Path], limits: Limits, series: str | None = None
     if others:
         warnings.append(f"This upload holds {len(ordered)} series; loaded: {info.label}. Not loaded: "
                         f"{'; '.join(others)}. {CHOOSE_SERIES}")
-    return _load_images(images, limits, warnings)
+    return _load_images(images, limits, warnings, step)
 
 
-def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> Volume:
+def _load_images(images: list[_Image], limits: Limits, warnings: list[str],
+                 step: Step | None = None) -> Volume:
     """One series' images (classic slices, or enhanced files' frames) as a Volume: geometry checked,
     duplicates dropped, rescale applied."""
     ds0 = images[0].ds
@@ -511,11 +534,11 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
 
         decoded = decode_stream(list(pending.values()), limits)
         try:
-            hu, bad_slope, bad_inter = _copy_frames(frames, hu, rows, cols, pending, decoded)
+            hu, bad_slope, bad_inter = _copy_frames(frames, hu, rows, cols, pending, decoded, step)
         finally:
-            decoded.close()                             # a copy that failed ends the child
+            decoded.close()                             # a copy that failed (or was stopped) ends the child
     else:
-        hu, bad_slope, bad_inter = _copy_frames(frames, hu, rows, cols)
+        hu, bad_slope, bad_inter = _copy_frames(frames, hu, rows, cols, step=step)
     if bad_slope:
         warnings.append(f"{bad_slope} slice{'s' * (bad_slope != 1)} had no usable rescale slope (NaN, zero "
                         f"or infinite); slope 1, the usual CT value, was assumed.")
@@ -543,7 +566,7 @@ def _load_images(images: list[_Image], limits: Limits, warnings: list[str]) -> V
 
 
 def _copy_frames(frames: list[_Frame], hu: np.ndarray, rows: int, cols: int, pending: dict | None = None,
-                 decoded=None) -> tuple[np.ndarray, int, int]:
+                 decoded=None, step: Step | None = None) -> tuple[np.ndarray, int, int]:
     """Each frame's pixels, rescaled, into slice n of ``hu`` (int16 until a value needs float32); a file's
     pixel data let go after its last frame. The files in ``pending`` (compressed, by id) take their arrays
     from ``decoded``, in the order of their first frames. Returns ``hu`` and the counts of unusable slopes
@@ -551,7 +574,9 @@ def _copy_frames(frames: list[_Frame], hu: np.ndarray, rows: int, cols: int, pen
     pending = pending or {}
     last = {id(f.ds): n for n, f in enumerate(frames)}          # after its last frame, a file's pixels go
     bad_slope = bad_inter = 0
+    steps = _Steps(step)
     for n, f in enumerate(frames):
+        steps(0.3 + 0.7 * n / len(frames), f"Reading the DICOM slices: {n + 1} of {len(frames)}")
         if id(f.ds) in pending and getattr(f.ds, "_decoded", None) is None:   # its first slice: the child's
             px = next(decoded)                                                # next file
             if isinstance(px, str):

@@ -786,13 +786,15 @@ def list_series(files_or_zip: str | os.PathLike | Sequence[str | os.PathLike],
 
 
 def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
-                limits: Limits = DEFAULT_LIMITS, series: str | None = None) -> Volume:
+                limits: Limits = DEFAULT_LIMITS, series: str | None = None, step=None) -> Volume:
     """Load a CT volume from a NIfTI/NRRD file (a detached header with its data file, two files), a
     DICOM folder, a DICOM .zip, or a list of DICOM files.
 
     ``series``: for a DICOM upload holding several series, the ``uid`` of the `SeriesInfo` to load
     (`list_series`); None loads the default (the axial CT series with the most slices) and names the
     others in ``Volume.warnings``. Ignored for NIfTI/NRRD files.
+    ``step(fraction, desc)``: told how far a DICOM series' reading is, a few times a second (an exception it
+    raises stops the load there: a page's Stop loading).
     Raises `VolumeError` with a user-readable message for anything that is not a usable CT volume.
     """
     from photon_core.io import dicom
@@ -805,7 +807,7 @@ def load_volume(source: str | os.PathLike | Sequence[str | os.PathLike],
         files = _dicom_files(source, limits, tmp)
         if files is not None:
             try:
-                return dicom.load_series(files, limits, series)
+                return dicom.load_series(files, limits, series, step)
             except dicom.NoImages:      # a .zip or folder of one NIfTI/NRRD scan is that scan
                 scans = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)
                          and not f.name.lower().endswith((".img", ".img.gz"))]   # a pair: its header
