@@ -712,8 +712,18 @@ def ask(s: Session | None, view: View | None, question: str, mode: str, tokens: 
 def reask(s: Session | None, view: View | None, question: str, mode: str, tokens: float, percent: float,
           theta: float, width: float, level: float, opacity: float, request: gr.Request = None, *,
           engine: Engine) -> dict:
-    """A budget control moved: re-ask only when there is an answer to update."""
+    """A budget control moved: re-ask only when there is an answer to update, under a budget it was not
+    given. A click into a slider's number box "releases" the slider at its value (Gradio): that asked again
+    for the answer shown (a minute of an official model's time on a CPU), and the typed value's ask, sent
+    next, could be answered first and then be dropped as the older of the two."""
     if s is None or s.answer is None or not (question or "").strip():
+        return {}
+    try:
+        same = (s.budget == budget_from(mode, tokens, percent, theta)
+                and s.question == clean_question(question))
+    except ValueError:                              # refused by the ask below, in words
+        same = False
+    if same:
         return {}
     return ask(s, view, question, mode, tokens, percent, theta, width, level, opacity, request, engine=engine)
 

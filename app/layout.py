@@ -63,7 +63,7 @@ def wire(fn, outputs: list[str], comps: dict, **deps):
     return call, [comps[n] for n in outputs]
 
 
-P, LAST, ENTER = "private", "always_last", "commit-on-enter"
+P, LAST, EVERY, ENTER = "private", "always_last", "multiple", "commit-on-enter"
 log = logging.getLogger("photon_ct")
 BAD_INPUTS = ("This request's inputs are not what the page's controls send (a number in a slider's range, "
               "one of a list's choices, a text, a file uploaded to this server); nothing was changed.")
@@ -260,19 +260,26 @@ def _wire(c: dict, demo: gr.Blocks, engine: Engine, store: FileStore) -> None:
     show_ask, stop_ask = wire(h.show_ask_stop, ["stop_ask"], c)
     hide_ask, _ = wire(h.hide_ask_stop, ["stop_ask"], c)
 
+    # A budget control's chain runs for every trigger ("multiple", on each step: Gradio applies a trigger
+    # mode to each step of a chain, and a step still pending from the previous trigger made the default,
+    # "once", drop the next one — "always_last" held it until the page's next event). A click into a
+    # slider's number box releases it before the typed value's release: that value was then not asked
+    # for, 1 try in 4 in Chromium. Each ask runs as asked; the page's newest is the one shown
+    # (`handlers._outdated`), and a release that changes nothing asks nothing (`handlers.reask`).
     def stoppable(trigger, fn, inputs, outputs, trigger_mode=None, **kw):
-        first = trigger(show_ask, None, stop_ask, queue=False, api_visibility=P,
-                        **({"trigger_mode": trigger_mode} if trigger_mode else {}))
-        first.then(fn, inputs, outputs, **kw).then(hide_ask, None, stop_ask, queue=False, api_visibility=P)
+        mode = {"trigger_mode": trigger_mode} if trigger_mode else {}
+        first = trigger(show_ask, None, stop_ask, queue=False, api_visibility=P, **mode)
+        first.then(fn, inputs, outputs, **mode, **kw).then(hide_ask, None, stop_ask, queue=False,
+                                                          api_visibility=P, **mode)
 
     fn, outs = wire(h.ask, answer_out + sliders_out, c, engine=engine)
     stoppable(c["ask"].click, fn, budget_in, outs, api_name="ui_ask", api_visibility=UI)
     stoppable(c["question"].submit, fn, budget_in, outs, api_visibility=P)
     fn, outs = wire(h.reask, answer_out + sliders_out, c, engine=engine)
     for slider in sliders_out:
-        stoppable(c[slider].release, fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
+        stoppable(c[slider].release, fn, budget_in, outs, trigger_mode=EVERY, api_visibility=P)
     fn, outs = wire(h.mode_changed, answer_out + sliders_out, c, engine=engine)
-    stoppable(c["mode"].input, fn, budget_in, outs, trigger_mode=LAST, api_visibility=P)
+    stoppable(c["mode"].input, fn, budget_in, outs, trigger_mode=EVERY, api_visibility=P)
     fn, outs = wire(h.triage, answer_out + ["mode", *sliders_out], c, engine=engine)
     stoppable(c["triage"].click, fn, no_mode, outs, api_visibility=P)
     fn, outs = wire(h.review, answer_out + ["mode", *sliders_out], c, engine=engine)

@@ -152,8 +152,9 @@ class Session:
     prior_key: str = ""
     prior_series: list = field(default_factory=list)       # DICOM series of the prior's upload (SeriesInfo)
     prior_series_uid: str | None = None    # the prior's series loaded (None: the loader's default)
-    answer: object = None                  # the last answer, its question and audit
+    answer: object = None                  # the last answer, its question, budget and audit
     question: str = ""
+    budget: Budget | None = None
     audit: Audit | None = None
     compared: str | None = None            # the question the Compare table holds (None: no table)
     serial: int = field(default_factory=lambda: next(_LOADS))   # which load this is (the page shows it)
@@ -407,7 +408,7 @@ class Engine:
         with s.lock:
             ans = self.ask(s, question, budget, max_new_tokens, tick)
             audit = self.audit(s, question, ans)
-            s.answer, s.question, s.audit = ans, question, audit
+            s.answer, s.question, s.budget, s.audit = ans, question, budget, audit
             return ans, audit
 
     def compare(self, s: Session, question: str, budgets: list[Budget], tick=None):

@@ -57,6 +57,33 @@ def test_a_new_case_resets_every_view_of_the_previous_one(engine, store):
     assert b["question"] == "Is there an abnormality of the aorta?"
 
 
+def test_a_budget_control_released_where_the_answer_stands_asks_nothing(engine, store, monkeypatch):
+    """Clicking into a slider's number box releases it at its value (Gradio): that re-asked the answer
+    shown, and the typed value's ask, sent just after, could be answered first and dropped as the older
+    (seen: the slider at 60 %, the card at 45 %). A release that changes neither budget nor question
+    asks nothing; one that changes the budget, or the question, asks."""
+    from app import handlers as h
+    from photon_core.model.budget import Budget
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    q = "Is there a cyst in the left kidney?"
+    first = _ask(engine, a, q, mode="Percent", percent=45)
+    answered = []
+    real = engine.answer
+    monkeypatch.setattr(engine, "answer", lambda *x, **k: answered.append(x[2]) or real(*x, **k))
+
+    def reask(question=q, percent=45.0, mode="Percent"):
+        return h.reask(first["session"], a["view"], question, mode, 300, percent, 0.5, *SLICE_CONTROLS,
+                       engine=engine)
+
+    assert reask() == {} and reask(question=f"  {q} ") == {} and answered == []
+    moved = reask(percent=60)
+    assert answered == [Budget("ratio", 0.6)] and "Visual tokens kept" in moved["card"]
+    assert reask(percent=60) == {} and len(answered) == 1
+    assert "Visual tokens kept" in reask(question="Is the spleen enlarged?", percent=60)["card"]
+    assert "Visual tokens kept" in reask(mode="Tokens")["card"] and len(answered) == 3
+
+
 def test_a_failed_load_keeps_the_previous_scan_and_says_so(engine, store, tmp_path):
     from app import handlers as h
 
