@@ -619,7 +619,8 @@ def _answer_outputs(engine: Engine, s: Session, view: View, width, level, opacit
     """Card, 3-D overlay, slices at the answer, charts — the audit computed once (s.audit)."""
     ans, audit = s.answer, s.audit
     t_views = time.perf_counter()
-    view.point = focus(view, s)
+    if view.focused != s.question:     # a new question opens at its structure; the same one under another
+        view.point, view.focused = focus(view, s), s.question   # budget keeps the crosshair where it is
     glb = scene_file(view, s)
     img = slices_file(view, s, width, level, opacity)
     hist = saliency_histogram(ans.rho, ans.theta, ans.keep_grid,

@@ -234,6 +234,7 @@ class View:
     token_ras: TokenMap | None = None      # the session's token map, reoriented (its lookups, not a copy)
     labels_ras: np.ndarray | None = None
     point: tuple = (0, 0, 0)               # crosshair: voxel (i, j, k) of the RAS-ordered scan
+    focused: str | None = None             # the question the crosshair last opened at (`focus`)
     layout: Layout | None = None           # of the last tri-planar image
     centres: dict = field(default_factory=dict)   # ("organ", ids) or ("token", index) -> where `focus` opens
     build_s: float = 0.0

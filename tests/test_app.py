@@ -84,6 +84,28 @@ def test_a_budget_control_released_where_the_answer_stands_asks_nothing(engine, 
     assert "Visual tokens kept" in reask(mode="Tokens")["card"] and len(answered) == 3
 
 
+def test_the_crosshair_stays_where_it_was_put_across_budgets_of_one_question(engine, store):
+    """Each answer reopened the slices at the asked structure: a crosshair moved to a spot, to see how its
+    coverage changes across budgets, jumped back at every re-ask. A re-ask of the same question keeps it;
+    a new question opens at its own structure."""
+    from app import handlers as h
+
+    a = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    first = _ask(engine, a, "Is there a lesion in the liver?", mode="Percent", percent=45)
+    opened = (first["pt_i"], first["pt_j"], first["pt_k"])
+    put = tuple(max(1, v // 2) for v in opened)
+    assert put != opened
+    h.move_point(first["session"], a["view"], *put, *SLICE_CONTROLS)
+    again = h.reask(first["session"], a["view"], "Is there a lesion in the liver?", "Percent", 300, 20, 0.5,
+                    *SLICE_CONTROLS, engine=engine)
+    assert "budget 20%" in re.sub("<[^>]+>", "", html.unescape(again["card"]))
+    assert (again["pt_i"], again["pt_j"], again["pt_k"]) == put
+    other = _ask(engine, a, "Is the spleen enlarged?", mode="Percent", percent=20)
+    assert (other["pt_i"], other["pt_j"], other["pt_k"]) != put               # opened at the spleen
+    back = _ask(engine, a, "Is there a lesion in the liver?", mode="Percent", percent=45)
+    assert (back["pt_i"], back["pt_j"], back["pt_k"]) == opened               # and at the liver again
+
+
 def test_a_failed_load_keeps_the_previous_scan_and_says_so(engine, store, tmp_path):
     from app import handlers as h
 
