@@ -126,6 +126,16 @@ def answer_card(s: Session, ans, audit: Audit | None, provenance: dict, timing: 
     if small_asked:
         warn += (f"<div id='small-note' style='{_WARN}'>{names(small_asked)}: smaller than a token block, so "
                  f"its retention counts every block it touches (any overlap).</div>")
+    if audit.unlabelled:
+        what = ", ".join(audit.unlabelled)
+        warn += (f"<div id='unlabelled-note' style='{_WARN}'>{esc(what)}: not in this scan's label map, so "
+                 f"whether the answer kept {'it' if len(audit.unlabelled) == 1 else 'them'} cannot be "
+                 f"checked (no retention figure, no outline); read the slices.</div>")
+    if s.warnings:                  # the load's warnings beside every answer (the status may be off-screen)
+        items = "".join(f"<li>{esc(w)}</li>" for w in s.warnings)
+        warn += (f"<details id='card-scan-warnings' style='{_WARN}'><summary>⚠ This scan was loaded with "
+                 f"{len(s.warnings)} warning{'s' * (len(s.warnings) != 1)}: check before reading the answer"
+                 f"</summary><ul style='margin:2px 0'>{items}</ul></details>")
     asked = f" · asked structure: {names(audit.asked)}" if audit.asked else ""
     return (f"<div id='answer-card' style='{_BOX}'>{note}"
             f"<div id='card-question' style='{_MUTED}'>Q: {esc(s.question)} — on <b>{esc(s.title)}</b>"

@@ -31,7 +31,7 @@ from photon_core.io.orientation import reorient
 from photon_core.io.preprocess import TokenMap, prepare
 from photon_core.io.volume import Limits, Volume, VolumeError, list_series, load_label_map, load_volume
 from photon_core.model.budget import SCAN_TOKENS, Budget, describe, floor_note
-from photon_core.organs import label_blocks, organs_in_question
+from photon_core.organs import ORGANS, PAIRED, TOTALSEG_CLASSES, label_blocks, organs_in_question
 from viz.scene import world_bounds
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,18 @@ class Audit:
     probability: float | None              # exp(mean token log-prob), when the model reports it
     untrained: bool = False                # the demo model never saw a question of this kind
     outside: int = 0                       # kept tokens wholly in the padding around the scan (not on it)
+    unlabelled: tuple = ()                 # structures the question names that the label map lacks
+
+
+def unlabelled(question: str) -> tuple[str, ...]:
+    """The structures a question names (the demo's organs, else TotalSegmentator's classes), a pair of
+    sides as one ("kidney"): called when the scan's label map holds none of them."""
+    found = organs_in_question(question, list(ORGANS)) or [
+        n.replace("_", " ") for n in organs_in_question(question, list(TOTALSEG_CLASSES.values()))]
+    for pair, sides in PAIRED.items():
+        if set(sides) <= set(found):
+            found = [pair] + [n for n in found if n not in sides]
+    return tuple(found)
 
 
 _LOADS = itertools.count(1)
@@ -444,7 +456,8 @@ class Engine:
                      small=tuple(n for n in s.small_structures if n in retention),
                      readable=readable(question, ans.text, list(s.blocks)), probability=probability(ans),
                      untrained=self.is_demo and question_type(question) == "open",
-                     outside=kept_outside(s.covered, keep) if s.covered is not None else 0)
+                     outside=kept_outside(s.covered, keep) if s.covered is not None else 0,
+                     unlabelled=unlabelled(question) if s.blocks and not asked else ())
 
     def export(self, s: Session, pngs: dict[str, bytes], folder: Path) -> list[Path]:
         """The audit of the session's last answer as files in ``folder`` (mask, report, PNG views)."""

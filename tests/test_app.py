@@ -358,7 +358,7 @@ def test_a_study_with_several_series_lists_them_and_loads_the_one_picked(engine,
     assert asked == [None, "1.3"] and out["series"]["value"] == "1.3" and out["session"].series_uid == "1.3"
 
 
-def test_load_warnings_reach_the_status_line_and_the_api(engine, store, monkeypatch):
+def test_load_warnings_reach_the_status_line_the_api_and_the_answer_card(engine, store, monkeypatch):
     from app import api, service
     from app import handlers as h
     from photon_core.io.volume import load_volume
@@ -378,6 +378,28 @@ def test_load_warnings_reach_the_status_line_and_the_api(engine, store, monkeypa
     s = out["session"]
     ans, audit = engine.answer(s, "Is there a lesion in the liver?", Budget("auto"))
     assert api.result(engine, s, ans, audit)["warnings"][:2] == said
+    card = _ask(engine, out, "Is there a lesion in the liver?")["card"]     # beside the answer too: the
+    assert "card-scan-warnings" in card and all(html.escape(w) in card for w in said)   # status may be
+    assert f"loaded with {len(s.warnings)} warnings" in card                           # off-screen
+    monkeypatch.undo()
+    clean = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    assert "card-scan-warnings" not in _ask(engine, clean, "Is there a lesion in the liver?")["card"]
+
+
+def test_a_question_about_a_structure_the_label_map_lacks_says_so(engine, store):
+    """The chest CTA's label map holds its vessels, not its lungs: "Is there a nodule in the lung?" gave
+    an answer with no asked structure and nothing said. The card says the lungs cannot be checked there;
+    a structure the map holds gets its retention instead, and a question naming none says nothing."""
+    from app import handlers as h
+
+    chest = h.load_case(CHEST, None, None, engine=engine, store=store)
+    card = _ask(engine, chest, "Is there a nodule in the lung?")["card"]
+    assert "unlabelled-note" in card and "lung: not in this scan's label map" in html.unescape(card)
+    card = _ask(engine, chest, "Is there an abnormality of the aorta?")["card"]
+    assert "unlabelled-note" not in card and "asked structure: aorta" in card
+    abdomen = h.load_case(ABDOMEN, None, None, engine=engine, store=store)
+    for q in ("Which side is the kidney lesion on?", "Describe the findings."):
+        assert "unlabelled-note" not in _ask(engine, abdomen, q)["card"]
 
 
 @pytest.mark.parametrize("make", [
