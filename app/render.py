@@ -11,7 +11,7 @@ from viz.scene import AXIS_COLOURS, HIGHLIGHT, rho_bins
 
 from .service import Audit, Session, prior_description
 
-_BOX = "border:1px solid #ccc;border-radius:6px;padding:10px"
+_BOX = "border:1px solid #ccc;border-radius:6px;padding:10px;overflow-wrap:anywhere"   # a long word wraps
 _WARN = "background:#fff4e0;border-left:4px solid #e08a00;padding:6px;margin-top:6px"
 _ERROR = "background:#fde2e1;border-left:4px solid #d62728;padding:6px;margin-top:6px"
 _MUTED = "color:#666"

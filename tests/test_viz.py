@@ -315,3 +315,26 @@ def test_an_organs_surface_is_the_one_of_its_whole_mask():
                                   values=lambda sub, lid=lid: sub == lid)
             assert whole.n_points > 0 and np.array_equal(np.asarray(whole.points), np.asarray(strided.points))
             assert np.array_equal(np.asarray(whole.faces), np.asarray(strided.faces))
+
+
+@pytest.mark.parametrize("k", [390, 137, 50])
+def test_the_saliency_histogram_cuts_where_the_budget_cut_and_its_labels_read_over_the_bars(k):
+    """Each trace binned on its own, a bin straddling the cut drew kept tokens left of the red line; and
+    the grey θ label lay on the bars unread. The bins are shared and the cut is one of their edges; the
+    labels have a white ground."""
+    from viz.charts import saliency_histogram
+
+    rho = np.random.default_rng(k).random(1000)
+    order = np.argsort(-rho)
+    keep = np.zeros(1000, bool)
+    keep[order[:k]] = True
+    cut = float(rho[order[k - 1]])
+    fig = saliency_histogram(rho, 0.4, keep, cut=cut)
+    bins = [t.xbins for t in fig.data]
+    assert all(b is not None and b.size == bins[0].size and b.start == bins[0].start for b in bins)
+    edge = (cut - bins[0].start) / bins[0].size
+    assert abs(edge - round(edge)) < 1e-6                                  # the cut is a bin edge
+    index = np.floor((rho - bins[0].start) / bins[0].size + 1e-9)
+    assert not set(index[keep]) & set(index[~keep])                       # no bin holds both
+    assert bins[0].start <= rho.min() and bins[0].end >= rho.max()
+    assert len(fig.layout.annotations) == 2 and all(a.bgcolor for a in fig.layout.annotations)

@@ -5,6 +5,8 @@ import html
 
 import numpy as np
 
+HIST_BINS = 40
+
 
 def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = None,
                        cut: float | None = None):
@@ -14,18 +16,25 @@ def saliency_histogram(rho: np.ndarray, theta: float, keep: np.ndarray | None = 
 
     rho = np.asarray(rho).ravel()
     fig = go.Figure()
+    # 40 bins over 0–1, shifted so that the cut is a bin edge: no bin holds kept and dropped tokens both
+    size = 1 / HIST_BINS
+    start = (float(cut) % size) - size if cut is not None and np.isfinite(cut) else 0.0
+    bins = dict(start=start, end=1 + size, size=size)
     if keep is not None:
         keep = np.asarray(keep).ravel().astype(bool)
-        fig.add_histogram(x=rho[~keep], nbinsx=40, name="dropped", marker_color="#9aa5b1")
-        fig.add_histogram(x=rho[keep], nbinsx=40, name="kept", marker_color="#2ca05a")
+        fig.add_histogram(x=rho[~keep], xbins=bins, name="dropped", marker_color="#9aa5b1")
+        fig.add_histogram(x=rho[keep], xbins=bins, name="kept", marker_color="#2ca05a")
     else:
-        fig.add_histogram(x=rho, nbinsx=40, name="ρ")
+        fig.add_histogram(x=rho, xbins=bins, name="ρ")
+
     def mark(x: float, dash: str, colour: str, text: str, top: bool) -> None:
-        """A vertical line with its label beside it, on the side with room (the axis stays 0–1)."""
+        """A vertical line with its label beside it, on the side with room (the axis stays 0–1), on a white
+        ground so that it reads over the bars."""
         side = "left" if x > 0.5 else "right"
         fig.add_vline(x=x, line_dash=dash, line_color=colour, annotation_text=text,
                       annotation_position=f"{'top' if top else 'bottom'} {side}",
-                      annotation=dict(xshift=-4 if side == "left" else 4, font_color=colour))
+                      annotation=dict(xshift=-4 if side == "left" else 4, font_color=colour,
+                                      bgcolor="rgba(255,255,255,0.85)"))
 
     own = cut is not None and np.isfinite(theta) and abs(cut - theta) < 1e-9
     if cut is not None:
