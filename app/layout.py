@@ -180,11 +180,13 @@ def _views(c: dict) -> None:
     c["card"] = gr.HTML("<div id='answer-card' data-empty='1'>Load a case and ask a question.</div>",
                         elem_id="card")
     with gr.Tab("Views"):
-        with gr.Row():
-            c["model3d"] = gr.Model3D(label="3-D: anatomy and the kept blocks (anterior view)", height=430,
-                                      clear_color=(*BACKGROUND, 1.0), camera_position=ANTERIOR_CAMERA,
-                                      scale=3, elem_id="model3d")
-            c["legend"] = gr.HTML("", elem_id="legend_box", min_height=100, scale=1)
+        with gr.Row():          # a narrow window puts the key under the view (one word a line beside it)
+            with gr.Column(scale=3, min_width=320):
+                c["model3d"] = gr.Model3D(label="3-D: anatomy and the kept blocks (anterior view)",
+                                          height=430, clear_color=(*BACKGROUND, 1.0),
+                                          camera_position=ANTERIOR_CAMERA, elem_id="model3d")
+            with gr.Column(scale=1, min_width=220):
+                c["legend"] = gr.HTML("", elem_id="legend_box", min_height=100)
         c["slices"] = gr.Image(label="Axial · coronal · sagittal (click to move the crosshair)",
                                type="filepath", interactive=False, elem_id="slices", buttons=["download"],
                                height=400)
@@ -201,7 +203,8 @@ def _views(c: dict) -> None:
         with gr.Row():
             for key, name in (("pt_k", "axial"), ("pt_j", "coronal"), ("pt_i", "sagittal")):
                 c[key] = gr.Slider(1, 2, value=1, step=1, label=f"{name.capitalize()} slice",
-                                   elem_id=f"pt_{name}", elem_classes=ENTER)
+                                   elem_id=f"pt_{name}", elem_classes=ENTER,
+                                   buttons=[])        # no ↺: it went to slice 1, not where the view opened
     with gr.Tab("Saliency"):
         c["hist"] = gr.Plot(label="ρ histogram")
         c["retention"] = gr.Plot(label="Per-structure retention", elem_id="retention")

@@ -348,6 +348,23 @@ def test_a_budget_typed_after_clicking_into_its_box_is_the_one_asked(page):
     assert "budget 46% of the tokens" in _text(page, "#token-count") and box.input_value() == "46"
 
 
+def test_a_narrow_window_puts_the_3d_key_under_the_view(page):
+    """At 800 px the 3-D view's key stayed beside it, ≈ 60 px wide, one word a line; it goes under the view
+    now, as wide as it. The slice sliders have no ↺ (it went to slice 1, not where the view opened)."""
+    box = lambda sel: page.locator(sel).bounding_box()      # noqa: E731
+    try:
+        page.set_viewport_size({"width": 800, "height": 1000})
+        page.wait_for_function("document.querySelector('#legend_box').getBoundingClientRect().top > "
+                               "document.querySelector('#model3d').getBoundingClientRect().bottom - 1")
+        view, key = box("#model3d"), box("#legend_box")
+        assert key["width"] >= 0.9 * view["width"] and key["width"] >= 220, (view, key)
+    finally:
+        page.set_viewport_size({"width": 1600, "height": 1200})
+    page.wait_for_function("document.querySelector('#legend_box').getBoundingClientRect().left > "
+                           "document.querySelector('#model3d').getBoundingClientRect().right - 1")
+    assert page.locator("#pt_axial button, #pt_coronal button, #pt_sagittal button").count() == 0
+
+
 def test_an_emptied_budget_box_gets_its_value_back(page):
     """Clearing a slider's number box and pressing Enter sent an empty value: Gradio refused it with an
     error toast naming its "slider component" and an error badge on every output. The box gets back the
