@@ -269,6 +269,7 @@ def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, l
         warnings.append(f"{n_bad:,} voxels held no number (NaN or infinite); they were set to "
                         f"{NONFINITE_HU:.0f} HU (air).")
     lo, hi = float(hu.min()), float(hu.max())
+    not_hu = False                                  # many values clipped: the warning says they are not HU
     if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
         # counted one mask at a time (each a byte a voxel, none kept)
         n_below, n_above = int(np.count_nonzero(hu < HU_RANGE[0])), int(np.count_nonzero(hu > HU_RANGE[1]))
@@ -276,6 +277,7 @@ def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, l
         padding = (n_above == 0 and lo >= np.iinfo(np.int16).min
                    and int(np.count_nonzero(hu == lo)) == n_below)
         np.clip(hu, *(np.asarray(HU_RANGE).astype(hu.dtype)), out=hu)
+        not_hu = not padding and n_below + n_above >= 0.01 * hu.size
         if not padding:
             warnings.append(f"{n_below + n_above:,} voxels lay outside {HU_RANGE[0]:.0f}…{HU_RANGE[1]:.0f} "
                             f"HU (from {_fmt(lo)} to {_fmt(hi)}) and were clipped to that range; values like "
@@ -285,8 +287,8 @@ def _check_values(hu: np.ndarray, was_bool: bool = False) -> tuple[np.ndarray, l
                         f"blank, and answers about it mean nothing.")
     elif mask:
         warnings.append(mask)
-    elif airless := _airless(hu):
-        warnings.append(airless)
+    elif not not_hu and (airless := _airless(hu)):   # (clipped values are no air: it would blame a
+        warnings.append(airless)                     # lost rescale intercept for what the clip says)
     return hu, warnings
 
 
