@@ -1019,6 +1019,33 @@ def test_a_dicom_series_says_how_far_its_reading_is_and_stops_where_told(tmp_pat
     assert len(children) == 1                                            # stopped before any decoding
 
 
+def test_a_decoding_child_past_its_deadline_is_ended_and_the_series_refused(tmp_path, monkeypatch):
+    """A child that hangs (a decoder stuck on damaged data) is ended at the series' deadline, counted from
+    its start, and the load is refused in words; nothing waits on it after."""
+    import subprocess
+    import sys
+
+    from photon_core.io import decode
+
+    hung = []
+
+    def take():
+        stuck = "import sys, time; sys.stdin.read(); time.sleep(60)"
+        hung.append(subprocess.Popen([sys.executable, "-c", stuck], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE))
+        return hung[-1]
+
+    monkeypatch.setattr(decode, "_take", take)
+    monkeypatch.setattr(decode, "prestart", lambda: None)
+    monkeypatch.setattr(decode, "START_S", 1.0)
+    monkeypatch.setattr(decode, "PER_FILE_S", 0.0)
+    frames = [np.full((32, 32), 1024 + 10 * k, np.uint16) for k in range(20)]
+    t0 = time.monotonic()
+    refused(tmp_path, _jpeg_series(tmp_path / "jpeg", frames, 20),
+            r"^Decoding the compressed images of this DICOM series took over 1 s and was stopped")
+    assert time.monotonic() - t0 < 15 and len(hung) == 1 and hung[0].poll() is not None
+
+
 def _one_jpeg_lossless_file(path, px):
     import pydicom
     from pydicom.encaps import encapsulate

@@ -22,11 +22,9 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import queue
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -50,48 +48,35 @@ def decode_stream(paths: list[Path], limits: Limits) -> Iterator[np.ndarray | st
     """`decode_files` one file at a time, in the order of ``paths``: each array is read from the child as
     it is asked for, and the child writes at most about one file ahead (the pipe holds the rest back), so a
     series is never held decoded whole beside the volume it is copied into. The deadline counts from the
-    start; closing the iterator early ends the child."""
+    start (a timer ends the child there, which ends the read); closing the iterator early ends the child."""
     request = json.dumps({"paths": [str(p) for p in paths], "limits": asdict(limits)}).encode()
     budget = START_S + PER_FILE_S * len(paths)
-    deadline = time.monotonic() + budget
     child = _take()
-    items: queue.Queue = queue.Queue(maxsize=1)
-    stop, done = threading.Event(), False
+    late = threading.Event()
 
-    def hand_over(item) -> None:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    def past_deadline() -> None:
+        late.set()
+        child.kill()
 
-    def read() -> None:                                 # the child's output, one file at a time
-        try:
-            for _ in paths:
-                item = _read_one(child.stdout)
-                if item is None:
-                    break
-                hand_over(item)
-        except (OSError, ValueError):                   # the pipe closed under it: the child was ended
-            pass
-        hand_over(None)
-
+    timer = threading.Timer(budget, past_deadline)
+    timer.daemon = True
+    done = False
     try:
         try:
             child.stdin.write(request)
             child.stdin.close()
-        except OSError:                                 # the child is gone: it says how below
+        except OSError:                                 # the child is gone: the read below says how
             pass
-        reader = threading.Thread(target=read, daemon=True, name="dicom-decode-reader")
-        reader.start()
+        timer.start()
         for _ in paths:
             try:
-                item = items.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+                item = _read_one(child.stdout)
+            except (OSError, ValueError):               # output cut off mid-file (the child ended)
+                item = None
+            if item is None and late.is_set():
                 raise VolumeError(f"Decoding the compressed images of this DICOM series took over "
                                   f"{budget:.0f} s and was stopped; the data is damaged, or export the "
-                                  f"series uncompressed.") from None
+                                  f"series uncompressed.")
             if item is None:
                 try:
                     code = child.wait(timeout=5)
@@ -105,7 +90,7 @@ def decode_stream(paths: list[Path], limits: Limits) -> Iterator[np.ndarray | st
             yield item
         done = True
     finally:
-        stop.set()
+        timer.cancel()
         if not done:                                    # stopped early, failed or past its deadline
             child.kill()
         try:
